@@ -1,0 +1,136 @@
+//! API keys: `Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant time. The owner of
+//! a session is a digest of the key that made it.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use ring::digest;
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::session::Owner;
+
+/// The configured keys, kept as SHA-256 digests so that comparison also hides their lengths.
+#[derive(Clone, Default)]
+pub struct Keys {
+    digests: Vec<[u8; 32]>,
+}
+
+impl Keys {
+    pub fn new(keys: &[String]) -> Self {
+        Keys {
+            digests: keys
+                .iter()
+                .filter(|k| !k.trim().is_empty())
+                .map(|k| sha256(k.trim()))
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// The owner the request speaks for, or why not.
+    pub fn owner(&self, headers: &HeaderMap) -> Result<Owner, ApiError> {
+        if self.digests.is_empty() {
+            return Ok(Owner("anonymous".into()));
+        }
+        let presented = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "an API key is required: `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+                )
+            })?;
+        let d = sha256(presented);
+        // Check every key, so timing does not tell which one matched.
+        let matched = self
+            .digests
+            .iter()
+            .fold(0u8, |acc, k| acc | k.ct_eq(&d).unwrap_u8());
+        if matched == 1 {
+            Ok(Owner(hex::encode(&d[..8])))
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the API key is not valid",
+            ))
+        }
+    }
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, s.as_bytes()).as_ref());
+    out
+}
+
+/// Middleware: puts the request's [`Owner`] into its extensions, or answers 401.
+pub async fn require_key(State(keys): State<Keys>, mut req: Request, next: Next) -> Response {
+    match keys.owner(req.headers()) {
+        Ok(owner) => {
+            req.extensions_mut().insert(owner);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: &'static str, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn without_keys_everyone_is_anonymous() {
+        assert_eq!(
+            Keys::new(&[]).owner(&HeaderMap::new()).unwrap(),
+            Owner("anonymous".into())
+        );
+    }
+
+    #[test]
+    fn either_header_carries_the_key_and_each_key_is_its_own_owner() {
+        let keys = Keys::new(&["alpha".into(), "beta".into()]);
+        let a = keys
+            .owner(&headers("authorization", "Bearer alpha"))
+            .unwrap();
+        let a2 = keys.owner(&headers("x-api-key", "alpha")).unwrap();
+        let b = keys.owner(&headers("x-api-key", "beta")).unwrap();
+        assert_eq!(a, a2);
+        assert_ne!(a, b);
+        assert!(!a.0.contains("alpha"));
+    }
+
+    #[test]
+    fn a_missing_or_wrong_key_is_refused() {
+        let keys = Keys::new(&["alpha".into()]);
+        assert_eq!(
+            keys.owner(&HeaderMap::new()).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            keys.owner(&headers("x-api-key", "alph"))
+                .unwrap_err()
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+}

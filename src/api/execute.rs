@@ -1,0 +1,85 @@
+//! `POST /v1/sessions/{id}/execute`: run code, as JSON or as server-sent events while it runs.
+
+use std::convert::Infallible;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream::Stream;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::AppState;
+use super::extract::ApiJson;
+use crate::error::{ApiError, ErrorBody};
+use crate::kernel::Event;
+use crate::session::{ExecuteResult, Owner, Pending, StreamEvent};
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteRequest {
+    pub code: String,
+    /// Seconds before the kernel is interrupted (default: the session's).
+    pub timeout_s: Option<u64>,
+}
+
+/// Run code in the session's kernel. With `Accept: text/event-stream` the outputs stream as events
+/// (`output`, `clear`, then one `result`) while the code runs.
+#[utoipa::path(post, path = "/v1/sessions/{id}/execute", request_body = ExecuteRequest, tag = "execute",
+    responses((status = 200, body = ExecuteResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn execute(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<ExecuteRequest>,
+) -> Result<Response, ApiError> {
+    let wants_stream = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !wants_stream {
+        let pending = state
+            .manager
+            .submit(&owner, &id, req.code, req.timeout_s, None)?;
+        return Ok(Json(pending.wait().await?).into_response());
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pending = state
+        .manager
+        .submit(&owner, &id, req.code, req.timeout_s, Some(tx))?;
+    Ok(Sse::new(events(rx, pending))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The SSE stream; holds `pending` so the session counts as in use while a client listens, and ends
+/// after the `result` event.
+fn events(
+    rx: mpsc::UnboundedReceiver<StreamEvent>,
+    pending: Pending,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    futures::stream::unfold((rx, Some(pending)), |(mut rx, pending)| async move {
+        let pending = pending?;
+        let event = rx.recv().await?;
+        let (sse, pending) = match event {
+            StreamEvent::Kernel(Event::Output(o)) => (
+                SseEvent::default().event("output").json_data(&o),
+                Some(pending),
+            ),
+            StreamEvent::Kernel(Event::Cleared) => (
+                Ok(SseEvent::default().event("clear").data("{}")),
+                Some(pending),
+            ),
+            StreamEvent::Done(result) => (
+                SseEvent::default().event("result").json_data(&*result),
+                None,
+            ),
+        };
+        let sse = sse.unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string()));
+        Some((Ok(sse), (rx, pending)))
+    })
+}

@@ -1,0 +1,106 @@
+//! The HTTP API. Handlers only translate: they parse a request, call the session manager, and turn its
+//! answer or error into a response.
+//!
+//! Architecture invariant: only `api/` (and `error.rs`) know about HTTP; nothing here talks to Docker or a
+//! kernel directly.
+
+pub mod auth;
+pub mod execute;
+pub mod extract;
+pub mod sessions;
+pub mod system;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Request, StatusCode};
+use axum::routing::{get, post};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::error::ApiError;
+use crate::session::SessionManager;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: Arc<SessionManager>,
+}
+
+/// The largest request body we read (code and uploads).
+const BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "kernelbox", description = "Run untrusted code in stateful Jupyter kernels, one sealed container per session."),
+    paths(
+        sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
+        execute::execute, system::healthz, system::readyz, system::languages, system::metrics_text,
+    ),
+    components(schemas(crate::error::ErrorBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
+    modifiers(&Security),
+)]
+pub struct ApiDoc;
+
+struct Security;
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+    }
+}
+
+pub fn router(state: AppState, keys: auth::Keys) -> Router {
+    let v1 = Router::new()
+        .route("/sessions", post(sessions::create).get(sessions::list))
+        .route(
+            "/sessions/{id}",
+            get(sessions::get).delete(sessions::delete),
+        )
+        .route("/sessions/{id}/execute", post(execute::execute))
+        .route("/sessions/{id}/interrupt", post(sessions::interrupt))
+        .route("/sessions/{id}/restart", post(sessions::restart))
+        .route("/languages", get(system::languages))
+        .layer(axum::middleware::from_fn_with_state(
+            keys,
+            auth::require_key,
+        ));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(system::healthz))
+        .route("/readyz", get(system::readyz))
+        .route("/metrics", get(system::metrics_text))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /docs") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this method is not allowed here; see /docs")
+        })
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(CatchPanicLayer::custom(|_| {
+            axum::response::IntoResponse::into_response(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error (a bug): see the server log"))
+        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                let session_id = req.uri().path().strip_prefix("/v1/sessions/").and_then(|p| p.split('/').next()).unwrap_or("");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id, session_id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}

@@ -1,0 +1,351 @@
+//! Command-line and environment configuration: every flag has a `KERNELBOX_*` twin and a default that
+//! works on a developer's Docker host. Values are checked here, once, into typed settings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kernelbox",
+    version,
+    about = "Run untrusted code in stateful Jupyter kernels, one sealed container per session"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, env = "KERNELBOX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (builds any missing kernel image first).
+    Serve(Box<ServeArgs>),
+    /// Exit 0 when a kernelbox server answers on /healthz (the container health check).
+    Health {
+        #[arg(long, env = "KERNELBOX_HEALTH_ADDR", default_value = "127.0.0.1:8080")]
+        addr: SocketAddr,
+    },
+    /// Build or list the kernel images.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+        #[command(flatten)]
+        images: ImageArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// Build kernel images whose build context changed (all languages unless named).
+    Build {
+        /// Languages to build (python, python_scientific, javascript, java, bash).
+        languages: Vec<String>,
+        /// Rebuild from scratch, ignoring Docker's layer cache and the content hash.
+        #[arg(long)]
+        no_cache: bool,
+    },
+    /// List the kernel images and whether they are up to date.
+    List,
+}
+
+/// Where kernel images come from.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// Base image for the kernel images; made with debootstrap when it can be neither found nor pulled.
+    #[arg(
+        long,
+        env = "KERNELBOX_BASE_IMAGE",
+        default_value = "debian:bookworm-slim"
+    )]
+    pub base_image: String,
+    /// Prefix of the kernel image names (`<prefix><language>:latest`).
+    #[arg(
+        long,
+        env = "KERNELBOX_IMAGE_PREFIX",
+        default_value = "kernelbox/kernel-"
+    )]
+    pub image_prefix: String,
+    /// Build contexts from this directory instead of the ones built into the binary.
+    #[arg(long, env = "KERNELBOX_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
+    /// Debian mirror for image builds (default: the host's configured Debian mirror, if any).
+    #[arg(long, env = "KERNELBOX_APT_MIRROR")]
+    pub apt_mirror: Option<String>,
+    /// Python package index for image builds (default: the host's pip setting, if any).
+    #[arg(long, env = "KERNELBOX_PIP_INDEX_URL")]
+    pub pip_index_url: Option<String>,
+    /// An extra CA bundle to trust during image builds, e.g. a TLS-intercepting proxy's
+    /// (default: the file named by PIP_CERT or SSL_CERT_FILE, if set).
+    #[arg(long, env = "KERNELBOX_EXTRA_CA_BUNDLE")]
+    pub extra_ca_bundle: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KERNELBOX_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// API keys (comma-separated). With none, the server refuses to listen beyond loopback.
+    #[arg(
+        long = "api-key",
+        env = "KERNELBOX_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// Allow listening beyond loopback without API keys (only behind something that restricts access,
+    /// e.g. a container port published on the host's loopback).
+    #[arg(long, env = "KERNELBOX_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// State directory: session sockets and connection files. Must be the same path for the service and
+    /// the Docker engine (bind-mounted at the same path when the service runs in a container).
+    #[arg(
+        long,
+        env = "KERNELBOX_STATE_DIR",
+        default_value = "/var/lib/kernelbox"
+    )]
+    pub state_dir: PathBuf,
+    /// Name of this service instance; containers carry it, so two services can share one engine.
+    #[arg(long, env = "KERNELBOX_INSTANCE", default_value = "default")]
+    pub instance: String,
+    /// Do not build missing kernel images at start-up (languages without an image are then unavailable).
+    #[arg(long, env = "KERNELBOX_NO_BUILD")]
+    pub no_build: bool,
+    /// Keep session containers when the service stops, to adopt them at the next start.
+    #[arg(long, env = "KERNELBOX_KEEP_SESSIONS")]
+    pub keep_sessions: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub images: ImageArgs,
+}
+
+/// Per-session defaults and the operator's maximums.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    #[arg(long, env = "KERNELBOX_DEFAULT_MEMORY_MB", default_value_t = 512)]
+    pub default_memory_mb: u64,
+    #[arg(long, env = "KERNELBOX_MAX_MEMORY_MB", default_value_t = 4096)]
+    pub max_memory_mb: u64,
+    #[arg(long, env = "KERNELBOX_DEFAULT_CPUS", default_value_t = 1.0)]
+    pub default_cpus: f64,
+    #[arg(long, env = "KERNELBOX_MAX_CPUS", default_value_t = 2.0)]
+    pub max_cpus: f64,
+    /// Processes and threads per session.
+    #[arg(long, env = "KERNELBOX_PIDS_LIMIT", default_value_t = 256)]
+    pub pids_limit: i64,
+    /// Size of each session's /tmp and of its working directory (both tmpfs, counted in its memory).
+    #[arg(long, env = "KERNELBOX_TMPFS_MB", default_value_t = 256)]
+    pub tmpfs_mb: u64,
+    /// Default execution timeout, seconds.
+    #[arg(long, env = "KERNELBOX_DEFAULT_TIMEOUT_S", default_value_t = 60)]
+    pub default_timeout_s: u64,
+    #[arg(long, env = "KERNELBOX_MAX_TIMEOUT_S", default_value_t = 3600)]
+    pub max_timeout_s: u64,
+    /// Sessions with no execution for this long are removed.
+    #[arg(long, env = "KERNELBOX_DEFAULT_IDLE_TIMEOUT_S", default_value_t = 3600)]
+    pub default_idle_timeout_s: u64,
+    #[arg(long, env = "KERNELBOX_MAX_IDLE_TIMEOUT_S", default_value_t = 86400)]
+    pub max_idle_timeout_s: u64,
+    /// Sessions older than this are removed, busy or not.
+    #[arg(long, env = "KERNELBOX_MAX_LIFETIME_S", default_value_t = 86400)]
+    pub max_lifetime_s: u64,
+    #[arg(long, env = "KERNELBOX_MAX_SESSIONS", default_value_t = 100)]
+    pub max_sessions: usize,
+    #[arg(long, env = "KERNELBOX_MAX_SESSIONS_PER_OWNER", default_value_t = 20)]
+    pub max_sessions_per_owner: usize,
+    /// Executions waiting per session before 429.
+    #[arg(long, env = "KERNELBOX_QUEUE_DEPTH", default_value_t = 8)]
+    pub queue_depth: usize,
+    /// Output kept per execution, bytes.
+    #[arg(long, env = "KERNELBOX_OUTPUT_LIMIT_BYTES", default_value_t = 1 << 20)]
+    pub output_limit_bytes: usize,
+    /// How long an interrupted kernel gets before it is restarted, seconds.
+    #[arg(long, env = "KERNELBOX_INTERRUPT_GRACE_S", default_value_t = 5)]
+    pub interrupt_grace_s: u64,
+    /// How long a kernel may take to boot, seconds.
+    #[arg(long, env = "KERNELBOX_START_TIMEOUT_S", default_value_t = 90)]
+    pub start_timeout_s: u64,
+    /// How often the idle reaper runs, seconds.
+    #[arg(long, env = "KERNELBOX_REAP_INTERVAL_S", default_value_t = 30)]
+    pub reap_interval_s: u64,
+}
+
+/// The checked session limits the service runs with.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub default_memory_mb: u64,
+    pub max_memory_mb: u64,
+    pub default_cpus: f64,
+    pub max_cpus: f64,
+    pub pids_limit: i64,
+    pub tmpfs_mb: u64,
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    pub default_idle_timeout: Duration,
+    pub max_idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub max_sessions: usize,
+    pub max_sessions_per_owner: usize,
+    pub queue_depth: usize,
+    pub output_limit_bytes: usize,
+    pub interrupt_grace: Duration,
+    pub start_timeout: Duration,
+    pub reap_interval: Duration,
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl LimitArgs {
+    pub fn validate(&self) -> Result<Limits, ConfigError> {
+        let check = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError(what.to_owned()))
+            }
+        };
+        check(
+            self.default_memory_mb >= 64,
+            "--default-memory-mb must be at least 64",
+        )?;
+        check(
+            self.default_memory_mb <= self.max_memory_mb,
+            "--default-memory-mb is above --max-memory-mb",
+        )?;
+        check(
+            self.default_cpus > 0.0 && self.default_cpus <= self.max_cpus,
+            "--default-cpus must be in (0, --max-cpus]",
+        )?;
+        check(self.pids_limit >= 16, "--pids-limit must be at least 16")?;
+        check(
+            self.default_timeout_s >= 1 && self.default_timeout_s <= self.max_timeout_s,
+            "--default-timeout-s must be in [1, --max-timeout-s]",
+        )?;
+        check(
+            self.default_idle_timeout_s >= 1
+                && self.default_idle_timeout_s <= self.max_idle_timeout_s,
+            "--default-idle-timeout-s must be in [1, --max-idle-timeout-s]",
+        )?;
+        check(
+            self.max_sessions >= 1 && self.max_sessions_per_owner >= 1,
+            "session maximums must be at least 1",
+        )?;
+        check(self.queue_depth >= 1, "--queue-depth must be at least 1")?;
+        check(
+            self.output_limit_bytes >= 1024,
+            "--output-limit-bytes must be at least 1024",
+        )?;
+        check(
+            self.reap_interval_s >= 1,
+            "--reap-interval-s must be at least 1",
+        )?;
+        let s = Duration::from_secs;
+        Ok(Limits {
+            default_memory_mb: self.default_memory_mb,
+            max_memory_mb: self.max_memory_mb,
+            default_cpus: self.default_cpus,
+            max_cpus: self.max_cpus,
+            pids_limit: self.pids_limit,
+            tmpfs_mb: self.tmpfs_mb,
+            default_timeout: s(self.default_timeout_s),
+            max_timeout: s(self.max_timeout_s),
+            default_idle_timeout: s(self.default_idle_timeout_s),
+            max_idle_timeout: s(self.max_idle_timeout_s),
+            max_lifetime: s(self.max_lifetime_s),
+            max_sessions: self.max_sessions,
+            max_sessions_per_owner: self.max_sessions_per_owner,
+            queue_depth: self.queue_depth,
+            output_limit_bytes: self.output_limit_bytes,
+            interrupt_grace: s(self.interrupt_grace_s),
+            start_timeout: s(self.start_timeout_s),
+            reap_interval: s(self.reap_interval_s),
+        })
+    }
+}
+
+impl ServeArgs {
+    /// Refuses to listen beyond loopback without API keys.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        if self.api_keys.iter().all(|k| k.trim().is_empty())
+            && !self.listen.ip().is_loopback()
+            && !self.insecure_no_auth
+        {
+            return Err(ConfigError(format!(
+                "refusing to listen on {} without API keys: set --api-key/KERNELBOX_API_KEYS, or listen on 127.0.0.1",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["kernelbox", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(s) => *s,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_work_with_no_flags() {
+        let s = serve(&[]);
+        assert!(s.listen.ip().is_loopback());
+        assert!(s.check_exposure().is_ok());
+        let l = s.limits.validate().unwrap();
+        assert_eq!(l.default_idle_timeout, Duration::from_secs(3600));
+        assert_eq!(l.output_limit_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_a_key() {
+        assert!(
+            serve(&["--listen", "0.0.0.0:8080"])
+                .check_exposure()
+                .is_err()
+        );
+        assert!(
+            serve(&["--listen", "0.0.0.0:8080", "--api-key", "k1,k2"])
+                .check_exposure()
+                .is_ok()
+        );
+        assert_eq!(serve(&["--api-key", "k1,k2"]).api_keys, vec!["k1", "k2"]);
+        assert!(
+            serve(&["--listen", "0.0.0.0:8080", "--insecure-no-auth"])
+                .check_exposure()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn contradictory_limits_are_refused() {
+        let s = serve(&["--default-memory-mb", "8192", "--max-memory-mb", "1024"]);
+        assert!(
+            s.limits
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-memory-mb")
+        );
+    }
+}

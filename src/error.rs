@@ -1,0 +1,83 @@
+//! The API's error type and its JSON shape: `{"error": {"code", "message"}}`. A client's mistake is a 4xx;
+//! a 5xx means a broken dependency (503, Docker down) or a bug (500), and is logged with its cause.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::runtime::RuntimeError;
+use crate::session::SessionError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code (`not_found`, `invalid_request`, `queue_full`, ...).
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, code = self.code, message = %self.message, "request failed");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.into(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        use SessionError as E;
+        let message = e.to_string();
+        let (status, code) = match &e {
+            E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            E::UnknownLanguage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_language"),
+            E::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            E::ImageMissing(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_missing"),
+            E::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
+            E::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            E::Dead(_) => (StatusCode::CONFLICT, "kernel_dead"),
+            E::Closing => (StatusCode::CONFLICT, "session_closing"),
+            E::KernelStart(_) => (StatusCode::SERVICE_UNAVAILABLE, "kernel_start_failed"),
+            E::Runtime(RuntimeError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "docker_unavailable")
+            }
+            E::Runtime(_) => (StatusCode::BAD_GATEWAY, "docker_error"),
+            E::Kernel(_) => (StatusCode::BAD_GATEWAY, "kernel_error"),
+            E::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError {
+            status,
+            code,
+            message,
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The languages kernelbox offers and the image each one runs in.
+
+/// Label keys on kernel images (set by the Dockerfiles, except the hash and base id set by the builder).
+pub const LABEL_LANGUAGE: &str = "kernelbox.image.language";
+pub const LABEL_DISPLAY_NAME: &str = "kernelbox.image.display_name";
+pub const LABEL_LANGUAGE_VERSION: &str = "kernelbox.image.language_version";
+pub const LABEL_INTERRUPT_MODE: &str = "kernelbox.image.interrupt_mode";
+pub const LABEL_CONTENT_HASH: &str = "kernelbox.image.content_hash";
+pub const LABEL_BASE_ID: &str = "kernelbox.image.base_id";
+
+/// The start contract: every image runs its kernel with `START_KERNEL <connection file>`.
+pub const START_KERNEL: &str = "/opt/kernelbox/start-kernel";
+/// The kernel user's home and working directory (a tmpfs owned by uid 1000 at run time).
+pub const HOME: &str = "/home/kernel";
+
+/// A language clients can ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Language {
+    pub name: String,
+    /// The image (folder under `images/`) it runs in; `typescript` shares `javascript`'s.
+    pub image: String,
+}
+
+/// An image kernelbox builds, and what it is built on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageDef {
+    pub name: &'static str,
+    /// The image it is `FROM`: `None` for the base, which starts from the configured base image.
+    pub parent: Option<&'static str>,
+    /// The build argument that names the parent.
+    pub parent_arg: &'static str,
+}
+
+/// Every image, parents before children.
+pub const IMAGES: &[ImageDef] = &[
+    ImageDef {
+        name: "base",
+        parent: None,
+        parent_arg: "BASE_IMAGE",
+    },
+    ImageDef {
+        name: "python",
+        parent: Some("base"),
+        parent_arg: "KERNELBOX_BASE",
+    },
+    ImageDef {
+        name: "python_scientific",
+        parent: Some("python"),
+        parent_arg: "KERNELBOX_PYTHON",
+    },
+    ImageDef {
+        name: "javascript",
+        parent: Some("base"),
+        parent_arg: "KERNELBOX_BASE",
+    },
+    ImageDef {
+        name: "java",
+        parent: Some("base"),
+        parent_arg: "KERNELBOX_BASE",
+    },
+    ImageDef {
+        name: "bash",
+        parent: Some("base"),
+        parent_arg: "KERNELBOX_BASE",
+    },
+];
+
+pub fn image_def(name: &str) -> Option<&'static ImageDef> {
+    IMAGES.iter().find(|d| d.name == name)
+}
+
+/// The languages and where their images are.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub prefix: String,
+    pub languages: Vec<Language>,
+}
+
+impl Catalog {
+    pub fn new(prefix: &str) -> Self {
+        let lang = |name: &str, image: &str| Language {
+            name: name.into(),
+            image: image.into(),
+        };
+        Catalog {
+            prefix: prefix.to_owned(),
+            languages: vec![
+                lang("python", "python"),
+                lang("python_scientific", "python_scientific"),
+                lang("javascript", "javascript"),
+                lang("typescript", "javascript"),
+                lang("java", "java"),
+                lang("bash", "bash"),
+            ],
+        }
+    }
+
+    pub fn language(&self, name: &str) -> Option<&Language> {
+        self.languages.iter().find(|l| l.name == name)
+    }
+
+    /// `<prefix><image>:latest`.
+    pub fn image_ref(&self, image: &str) -> String {
+        format!("{}{image}:latest", self.prefix)
+    }
+
+    /// The images the languages need (no duplicates, no base).
+    pub fn language_images(&self) -> Vec<String> {
+        let mut images: Vec<String> = Vec::new();
+        for l in &self.languages {
+            if !images.contains(&l.image) {
+                images.push(l.image.clone());
+            }
+        }
+        images
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typescript_runs_in_the_javascript_image() {
+        let c = Catalog::new("kernelbox/kernel-");
+        assert_eq!(c.language("typescript").unwrap().image, "javascript");
+        assert_eq!(
+            c.image_ref("javascript"),
+            "kernelbox/kernel-javascript:latest"
+        );
+        assert_eq!(c.language_images().len(), 5);
+        assert!(c.language("cobol").is_none());
+    }
+
+    #[test]
+    fn every_parent_comes_before_its_children() {
+        for (i, def) in IMAGES.iter().enumerate() {
+            if let Some(parent) = def.parent {
+                let p = IMAGES.iter().position(|d| d.name == parent).unwrap();
+                assert!(p < i, "{} before {}", parent, def.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Kernel images: which languages exist and which image each runs in ([`catalog`]), the build contexts and
+//! their content hashes ([`context`]), and building them through the runtime ([`builder`]), the
+//! `kernelbox images` subcommand and the build at `serve` start-up.
+//!
+//! Architecture invariant: images are built through [`crate::runtime::ContainerRuntime`], never by
+//! shelling out to the docker CLI.
+
+pub mod builder;
+pub mod catalog;
+pub mod context;
+
+pub use builder::{ImageBuilder, ImageError};
+pub use catalog::{Catalog, HOME, LABEL_INTERRUPT_MODE, START_KERNEL};

@@ -1,0 +1,162 @@
+//! kernelbox runs untrusted code in stateful Jupyter kernels, one hardened Docker container per session.
+//!
+//! The module map (ARCHITECTURE.md says more):
+//! - [`config`]: flags and environment → checked settings.
+//! - [`api`]: the axum HTTP API; handlers only translate requests ([`error`] is its error shape).
+//! - [`session`]: the session registry, lifecycle and per-session actors: the single owner of session state.
+//! - [`kernel`]: the Jupyter wire protocol over ZeroMQ; knows nothing of HTTP or Docker.
+//! - [`runtime`]: the container runtime trait, its Docker implementation (the only bollard user) and a fake.
+//! - [`images`]: the kernel images and their builder.
+//! - [`reaper`]: the scheduler job that removes idle sessions.
+//! - [`telemetry`]: logs.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod images;
+pub mod kernel;
+pub mod reaper;
+pub mod runtime;
+pub mod session;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AppState;
+use crate::session::{ManagerConfig, SessionManager};
+
+/// Why the service could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("could not prepare the state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("could not recover sessions from an earlier run: {0}")]
+    Recover(#[from] session::SessionError),
+    #[error("the reaper did not start: {0}")]
+    Reaper(#[from] tokio_cron_scheduler::JobSchedulerError),
+    #[error("the HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Everything [`run`] needs besides the listener and the runtime.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub manager: ManagerConfig,
+    pub api_keys: Vec<String>,
+    /// How long in-flight calls may finish after a shutdown signal before they are cut short.
+    pub shutdown_grace: Duration,
+}
+
+/// A built service: state recovered, reaper running, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    manager: Arc<SessionManager>,
+    scheduler: tokio_cron_scheduler::JobScheduler,
+    router: axum::Router,
+    shutdown_grace: Duration,
+}
+
+impl Application {
+    /// Prepares the state directory, adopts or removes what an earlier run left, starts the reaper.
+    pub async fn build(
+        listener: TcpListener,
+        settings: Settings,
+        runtime: Arc<dyn runtime::ContainerRuntime>,
+    ) -> Result<Self, ServeError> {
+        let state_dir = settings.manager.state_dir.clone();
+        std::fs::create_dir_all(state_dir.join("sessions")).map_err(|source| {
+            ServeError::StateDir {
+                path: state_dir.display().to_string(),
+                source,
+            }
+        })?;
+        api::system::prometheus();
+        let reap_every = settings.manager.limits.reap_interval;
+        let manager = SessionManager::new(runtime, settings.manager);
+        let (adopted, removed) = manager.recover().await?;
+        tracing::info!(adopted, removed, "recovered sessions from an earlier run");
+        let scheduler = reaper::start(manager.clone(), reap_every).await?;
+        let keys = api::auth::Keys::new(&settings.api_keys);
+        let router = api::router(
+            AppState {
+                manager: manager.clone(),
+            },
+            keys,
+        );
+        Ok(Application {
+            listener,
+            manager,
+            scheduler,
+            router,
+            shutdown_grace: settings.shutdown_grace,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The session manager (tests drive the reaper through it).
+    pub fn manager(&self) -> Arc<SessionManager> {
+        self.manager.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled; then stops accepting, gives in-flight calls a grace period,
+    /// cuts the rest short and stops every session (removing its container unless configured to keep it).
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ServeError> {
+        let Application {
+            listener,
+            manager,
+            mut scheduler,
+            router,
+            shutdown_grace,
+        } = self;
+        let stop_accepting = shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop_accepting.cancelled().await })
+                .await
+        });
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            result = &mut server => {
+                // The server stopped by itself: an I/O error on the listener.
+                let _ = scheduler.shutdown().await;
+                manager.shutdown().await;
+                return match result { Ok(r) => r.map_err(ServeError::Http), Err(e) => Err(ServeError::Http(std::io::Error::other(e))) };
+            }
+        }
+        tracing::info!("shutting down: no new requests; waiting for in-flight calls");
+        let finished_in_time = tokio::time::timeout(shutdown_grace, &mut server)
+            .await
+            .is_ok();
+        let _ = scheduler.shutdown().await;
+        manager.shutdown().await;
+        if !finished_in_time {
+            let _ = tokio::time::timeout(Duration::from_secs(10), &mut server).await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Builds and runs the service on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    runtime: Arc<dyn runtime::ContainerRuntime>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    Application::build(listener, settings, runtime)
+        .await?
+        .run_until_stopped(shutdown)
+        .await
+}

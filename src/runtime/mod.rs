@@ -1,0 +1,137 @@
+//! The container runtime seen from the session layer: a trait with the few operations kernelbox needs.
+//!
+//! [`docker::DockerRuntime`] implements it with bollard; [`fake::FakeRuntime`] is an in-memory stand-in for
+//! unit tests of session logic. Architecture invariant: only `runtime/docker.rs` speaks bollard. The trait
+//! carries no Jupyter or HTTP types.
+
+pub mod docker;
+pub mod fake;
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+/// Label keys every kernelbox container carries. Set at create time, never baked into images.
+pub mod labels {
+    /// The session id: the mark of a session container.
+    pub const SESSION: &str = "kernelbox.session";
+    /// Which service instance (state directory) made it.
+    pub const INSTANCE: &str = "kernelbox.instance";
+    /// A digest of the API key that owns the session ("anonymous" with no keys).
+    pub const OWNER: &str = "kernelbox.owner";
+    pub const LANGUAGE: &str = "kernelbox.language";
+    pub const CREATED: &str = "kernelbox.created";
+    /// The session's settings as JSON, so an adopted session keeps its limits.
+    pub const CONFIG: &str = "kernelbox.config";
+}
+
+/// What goes wrong in the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the Docker engine is unreachable: {0}")]
+    Unavailable(String),
+    #[error("no such container or image: {0}")]
+    NotFound(String),
+    #[error("the Docker engine refused the request ({status}): {message}")]
+    Api { status: u16, message: String },
+    #[error("image build failed: {0}")]
+    Build(String),
+}
+
+/// Everything needed to start a session container. The hardening that every container gets (no network,
+/// no capabilities, read-only root, init, ...) is not optional and so is not a field: the runtime always
+/// applies it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub labels: HashMap<String, String>,
+    /// Hard memory limit; swap is not allowed beyond it.
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub pids_limit: i64,
+    /// Mount point → tmpfs options (`size=...,uid=...`).
+    pub tmpfs: HashMap<String, String>,
+    /// `host_path:container_path:rw` bind mounts.
+    pub binds: Vec<String>,
+    pub user: String,
+    pub working_dir: String,
+}
+
+/// A container as listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSummary {
+    pub id: String,
+    pub labels: HashMap<String, String>,
+    pub running: bool,
+}
+
+/// How a container ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub exit_code: i64,
+    /// Docker saw the cgroup's OOM killer act.
+    pub oom_killed: bool,
+}
+
+/// An image as inspected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInfo {
+    pub id: String,
+    pub labels: HashMap<String, String>,
+    pub size_bytes: i64,
+    pub created: String,
+}
+
+/// A request to build an image from a tar build context.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    pub tag: String,
+    pub context_tar: Vec<u8>,
+    pub build_args: HashMap<String, String>,
+    pub labels: HashMap<String, String>,
+    pub no_cache: bool,
+}
+
+/// A progress line from a build, import or pull.
+pub type Progress<'a> = &'a mut (dyn FnMut(&str) + Send);
+
+#[async_trait]
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Succeeds when the engine answers.
+    async fn ping(&self) -> Result<(), RuntimeError>;
+    /// Creates and starts a container; returns its id. On a failed start the container is removed.
+    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
+    /// Removes a container, killing it if needed. A container that is already gone is not an error.
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Sends a signal (e.g. `SIGINT`) to the container's init, which passes it on.
+    async fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
+    /// Waits until the container stops, then tells how.
+    async fn wait_exit(&self, id: &str) -> Result<ExitInfo, RuntimeError>;
+    /// Containers (running or not) that carry label `key` (with `value`, when given).
+    async fn list(
+        &self,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<Vec<ContainerSummary>, RuntimeError>;
+    /// The image called `reference`, or `None`.
+    async fn image(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError>;
+    /// Builds an image, reporting each line of build output.
+    async fn build_image(
+        &self,
+        request: BuildRequest,
+        progress: Progress<'_>,
+    ) -> Result<(), RuntimeError>;
+    /// Pulls an image from a registry.
+    async fn pull_image(&self, reference: &str, progress: Progress<'_>)
+    -> Result<(), RuntimeError>;
+    /// Makes an image from a root filesystem tar stream (`docker import`).
+    async fn import_image(
+        &self,
+        rootfs_tar: BoxStream<'static, std::io::Result<bytes::Bytes>>,
+        reference: &str,
+    ) -> Result<(), RuntimeError>;
+}

@@ -1,0 +1,35 @@
+//! Why a session operation failed. The API maps each variant to a status code; the variants say which
+//! side is at fault.
+
+use crate::kernel::KernelError;
+use crate::runtime::RuntimeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("no session with id {0}")]
+    NotFound(String),
+    #[error("unknown language `{0}`; GET /v1/languages lists the languages this server offers")]
+    UnknownLanguage(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the image for `{0}` is not built yet; run `kernelbox images build {0}`")]
+    ImageMissing(String),
+    #[error("{0}")]
+    TooMany(String),
+    #[error(
+        "too many executions are waiting on this session (at most {0}); retry when one finishes"
+    )]
+    QueueFull(usize),
+    #[error("the session's kernel is dead ({0}); restart or delete the session")]
+    Dead(String),
+    #[error("the session is being removed")]
+    Closing,
+    #[error("the kernel did not start: {0}")]
+    KernelStart(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("kernel communication failed: {0}")]
+    Kernel(#[from] KernelError),
+    #[error("session state directory: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,257 @@
+//! One kernel in one container: booting it, connecting to it, restarting it, noticing its death.
+//!
+//! This is where the runtime (Docker) and the kernel client (ZeroMQ) meet; the actor decides when to
+//! call what. The start contract with the images: the service writes `connection.json` into the session
+//! directory (mounted at `/kernel`), `start-kernel` writes `ready` once the kernel's sockets accept
+//! connections, restarts the kernel on SIGHUP and passes SIGINT on; when the kernel dies, the container
+//! exits.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::kernel::connection::{self, ConnectionInfo};
+use crate::kernel::{Channel, KernelClient};
+use crate::runtime::{ContainerRuntime, ContainerSpec, ExitInfo, RuntimeError};
+
+use super::error::SessionError;
+
+/// How the kernel in an image wants to be interrupted (image label `kernelbox.image.interrupt_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptMode {
+    /// An `interrupt_request` on the control channel.
+    Message,
+    /// SIGINT, passed on by Docker's init and `start-kernel`.
+    Signal,
+}
+
+/// A running kernel container and our connection to it.
+pub struct KernelHost {
+    pub container_id: String,
+    pub client: KernelClient,
+    /// Becomes `Some` when the container stops.
+    pub exit: watch::Receiver<Option<ExitInfo>>,
+}
+
+/// What a boot needs; shared by all boots of one session.
+#[derive(Clone)]
+pub struct BootPlan {
+    pub runtime: Arc<dyn ContainerRuntime>,
+    pub spec: ContainerSpec,
+    pub dir: PathBuf,
+    pub start_timeout: Duration,
+    pub interrupt_mode: InterruptMode,
+    pub tracker: tokio_util::task::TaskTracker,
+}
+
+impl BootPlan {
+    /// Starts a fresh container and connects to its kernel. On failure nothing is left running.
+    pub async fn boot(&self) -> Result<KernelHost, SessionError> {
+        let info = ConnectionInfo::new_ipc();
+        prepare_dir(&self.dir, &info)?;
+        let container_id = self.runtime.create_and_start(&self.spec).await?;
+        metrics::counter!("kernelbox_container_starts_total").increment(1);
+        let exit = self.watch_exit(&container_id);
+        match self.connect(&info, exit.clone()).await {
+            Ok(client) => Ok(KernelHost {
+                container_id,
+                client,
+                exit,
+            }),
+            Err(e) => {
+                metrics::counter!("kernelbox_container_start_failures_total").increment(1);
+                let _ = self.runtime.remove(&container_id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reconnects to a container that is already running (adoption after a service restart).
+    pub async fn adopt(
+        &self,
+        container_id: String,
+        timeout: Duration,
+    ) -> Result<KernelHost, SessionError> {
+        let text = std::fs::read_to_string(connection::connection_file(&self.dir))?;
+        let info: ConnectionInfo = serde_json::from_str(&text)
+            .map_err(|e| SessionError::KernelStart(format!("unreadable connection file: {e}")))?;
+        let exit = self.watch_exit(&container_id);
+        let deadline = Instant::now() + timeout;
+        let client = connect_client(&info, &self.dir, deadline, exit.clone()).await?;
+        Ok(KernelHost {
+            container_id,
+            client,
+            exit,
+        })
+    }
+
+    /// Restarts the kernel process inside the same container (its files stay), or boots a new container
+    /// when the old one is gone.
+    pub async fn restart(&self, host: Option<KernelHost>) -> Result<KernelHost, SessionError> {
+        let Some(host) = host.filter(|h| h.exit.borrow().is_none()) else {
+            return self.boot().await;
+        };
+        let info: ConnectionInfo = {
+            let text = std::fs::read_to_string(connection::connection_file(&self.dir))?;
+            serde_json::from_str(&text).map_err(|e| SessionError::KernelStart(e.to_string()))?
+        };
+        let _ = std::fs::remove_file(connection::ready_file(&self.dir));
+        let KernelHost {
+            container_id,
+            client,
+            exit,
+        } = host;
+        drop(client);
+        self.runtime.signal(&container_id, "SIGHUP").await?;
+        match self.connect(&info, exit.clone()).await {
+            Ok(client) => Ok(KernelHost {
+                container_id,
+                client,
+                exit,
+            }),
+            Err(e) => {
+                let _ = self.runtime.remove(&container_id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Interrupts the running code the way the kernel wants.
+    pub async fn interrupt(&self, host: &mut KernelHost) -> Result<(), SessionError> {
+        match self.interrupt_mode {
+            InterruptMode::Message => {
+                host.client
+                    .send(Channel::Control, "interrupt_request", serde_json::json!({}))
+                    .await?;
+            }
+            InterruptMode::Signal => self.runtime.signal(&host.container_id, "SIGINT").await?,
+        }
+        Ok(())
+    }
+
+    async fn connect(
+        &self,
+        info: &ConnectionInfo,
+        exit: watch::Receiver<Option<ExitInfo>>,
+    ) -> Result<KernelClient, SessionError> {
+        let deadline = Instant::now() + self.start_timeout;
+        wait_for_ready_file(&self.dir, deadline, exit.clone()).await?;
+        connect_client(info, &self.dir, deadline, exit).await
+    }
+
+    /// A task that waits for the container to stop; tracked so shutdown can wait for it.
+    fn watch_exit(&self, container_id: &str) -> watch::Receiver<Option<ExitInfo>> {
+        let (tx, rx) = watch::channel(None);
+        let runtime = self.runtime.clone();
+        let id = container_id.to_owned();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    result = runtime.wait_exit(&id) => match result {
+                        Ok(info) => { let _ = tx.send(Some(info)); return; }
+                        Err(RuntimeError::NotFound(_)) => {
+                            let _ = tx.send(Some(ExitInfo { exit_code: -1, oom_killed: false }));
+                            return;
+                        }
+                        // The engine is unreachable for a moment: ask again.
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Why a container stopped, in the words the API uses.
+pub fn death_reason(exit: &ExitInfo) -> String {
+    if exit.oom_killed {
+        "out_of_memory".into()
+    } else {
+        format!("exited with code {}", exit.exit_code)
+    }
+}
+
+fn prepare_dir(dir: &Path, info: &ConnectionInfo) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    // Sockets and files of an earlier boot must not be mistaken for this one's.
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_file() || kind.is_socket() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    let file = connection::connection_file(dir);
+    std::fs::write(
+        &file,
+        serde_json::to_vec_pretty(info).expect("a connection file serializes"),
+    )?;
+    // The kernel runs as uid 1000 and must write here (sockets, ready file, ipykernel's rewrite of the
+    // connection file). Only this directory is mounted into the container; its parent stays private.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666))?;
+    Ok(())
+}
+
+async fn wait_for_ready_file(
+    dir: &Path,
+    deadline: Instant,
+    mut exit: watch::Receiver<Option<ExitInfo>>,
+) -> Result<(), SessionError> {
+    let ready = connection::ready_file(dir);
+    loop {
+        if ready.exists() {
+            return Ok(());
+        }
+        if let Some(info) = exit.borrow().as_ref() {
+            return Err(SessionError::KernelStart(format!(
+                "the container stopped while booting: {}",
+                death_reason(info)
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(SessionError::KernelStart(
+                "the kernel did not become ready in time".into(),
+            ));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = exit.changed() => {}
+        }
+    }
+}
+
+async fn connect_client(
+    info: &ConnectionInfo,
+    dir: &Path,
+    deadline: Instant,
+    mut exit: watch::Receiver<Option<ExitInfo>>,
+) -> Result<KernelClient, SessionError> {
+    let exit_now = exit.clone();
+    let endpoints = info.host_endpoints(dir);
+    let attempt = async {
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let mut client = KernelClient::connect(&endpoints, &info.key, remaining).await?;
+        client.wait_ready(deadline).await?;
+        Ok::<_, SessionError>(client)
+    };
+    tokio::select! {
+        result = attempt => result.map_err(|e| match e {
+            SessionError::Kernel(k) => SessionError::KernelStart(k.to_string()),
+            other => other,
+        }),
+        _ = exit.wait_for(Option::is_some) => {
+            let reason = exit_now.borrow().as_ref().map(death_reason).unwrap_or_default();
+            Err(SessionError::KernelStart(format!("the container stopped while connecting: {reason}")))
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The session's data: ids, settings, status, and what an execution returns. Plain types, shared by the
+//! manager, the actor and (as JSON) the HTTP API.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::kernel::{ErrorInfo, Output};
+
+/// A session id: 24 lowercase hex characters (short enough for unix socket paths).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SessionId(String);
+
+impl SessionId {
+    pub fn new() -> Self {
+        SessionId(uuid::Uuid::new_v4().simple().to_string()[..24].to_owned())
+    }
+
+    /// Parses a client-supplied id; anything else than 24 hex characters is no session of ours.
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == 24
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| SessionId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for SessionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who owns a session: a digest of the API key that made it, never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner(pub String);
+
+/// What a client may ask for when it starts a session (all optional but the language).
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    /// `python`, `python_scientific`, `javascript`, `typescript`, `java` or `bash`.
+    pub language: String,
+    pub memory_mb: Option<u64>,
+    pub cpus: Option<f64>,
+    /// Default execution timeout for this session, seconds.
+    pub timeout_s: Option<u64>,
+    /// Idle time after which the session is removed, seconds.
+    pub idle_timeout_s: Option<u64>,
+    /// Environment variables for the kernel.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Free-form labels for the client's own use (returned as given).
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// The settings a session runs with, after defaults and checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionSettings {
+    pub language: String,
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub timeout_s: u64,
+    pub idle_timeout_s: u64,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl SessionSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_s)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_s)
+    }
+}
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// The container is starting and the kernel booting.
+    Starting,
+    /// Ready for code.
+    Idle,
+    /// Running code.
+    Busy,
+    /// The kernel is restarting.
+    Restarting,
+    /// The kernel died; only a restart or delete helps.
+    Dead,
+}
+
+impl SessionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Starting => "starting",
+            SessionStatus::Idle => "idle",
+            SessionStatus::Busy => "busy",
+            SessionStatus::Restarting => "restarting",
+            SessionStatus::Dead => "dead",
+        }
+    }
+}
+
+/// The limits a session runs with, as the API shows them.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SessionLimits {
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub pids: i64,
+    pub timeout_s: u64,
+    pub idle_timeout_s: u64,
+    pub tmpfs_mb: u64,
+}
+
+/// A session as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SessionInfo {
+    #[schema(value_type = String)]
+    pub id: SessionId,
+    pub language: String,
+    pub status: SessionStatus,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: DateTime<Utc>,
+    pub limits: SessionLimits,
+    pub metadata: BTreeMap<String, String>,
+    /// Why the kernel died, when `status` is `dead`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_reason: Option<String>,
+    pub executions: u64,
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecStatus {
+    Ok,
+    Error,
+    /// The time limit passed; the kernel was interrupted (or restarted, see `kernel_restarted`).
+    Timeout,
+    /// The kernel died (see `killed_reason`).
+    Killed,
+}
+
+impl ExecStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecStatus::Ok => "ok",
+            ExecStatus::Error => "error",
+            ExecStatus::Timeout => "timeout",
+            ExecStatus::Killed => "killed",
+        }
+    }
+}
+
+/// What an execution returns.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ExecuteResult {
+    pub status: ExecStatus,
+    pub execution_count: Option<u64>,
+    pub outputs: Vec<Output>,
+    /// All stdout stream text, concatenated.
+    pub stdout: String,
+    pub stderr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    pub duration_ms: u64,
+    /// Output past the per-execution cap was cut.
+    pub truncated: bool,
+    /// `out_of_memory`, `exited` (with a code), `restarted` or `service_shutdown`, when `status` is `killed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub killed_reason: Option<String>,
+    /// The kernel ignored the interrupt and was restarted: its state is gone.
+    pub kernel_restarted: bool,
+}

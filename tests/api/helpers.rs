@@ -1,0 +1,333 @@
+//! The harness: builds the kernel images once per test process (from nothing if need be), spawns the
+//! service on a random loopback port with its own instance name and state directory, and removes every
+//! container of that instance when the app is dropped, even when the test failed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use kernelbox::config::{Cli, Command, LimitArgs};
+use kernelbox::images::Catalog;
+use kernelbox::images::builder::ImageBuilder;
+use kernelbox::images::context::{self, HostSettings, Source};
+use kernelbox::runtime::docker::DockerRuntime;
+use kernelbox::runtime::{ContainerRuntime, labels};
+use kernelbox::session::{ManagerConfig, SessionManager};
+use kernelbox::{Application, Settings};
+use serde_json::{Value, json};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+pub const PREFIX: &str = "kernelbox/kernel-";
+
+/// The Docker engine; the end-to-end tests are the point, so no engine is a loud failure, not a skip.
+pub async fn docker() -> Arc<DockerRuntime> {
+    let runtime = DockerRuntime::connect()
+        .expect("cannot reach the Docker engine: the end-to-end tests need Docker");
+    runtime
+        .ping()
+        .await
+        .expect("cannot reach the Docker engine: the end-to-end tests need Docker");
+    Arc::new(runtime)
+}
+
+pub fn image_builder(runtime: Arc<DockerRuntime>) -> ImageBuilder {
+    ImageBuilder {
+        runtime,
+        catalog: Catalog::new(PREFIX),
+        source: Source::Embedded,
+        settings: HostSettings {
+            apt_mirror: std::env::var("KERNELBOX_APT_MIRROR")
+                .ok()
+                .or_else(context::detect_apt_mirror),
+            pip_index_url: std::env::var("KERNELBOX_PIP_INDEX_URL")
+                .ok()
+                .or_else(context::detect_pip_index),
+            extra_ca: context::detect_extra_ca(
+                std::env::var_os("KERNELBOX_EXTRA_CA_BUNDLE")
+                    .as_deref()
+                    .map(std::path::Path::new),
+            )
+            .expect("reading the extra CA bundle"),
+        },
+        base_image: std::env::var("KERNELBOX_BASE_IMAGE")
+            .unwrap_or_else(|_| "debian:bookworm-slim".into()),
+    }
+}
+
+/// Builds (or finds up to date) every kernel image, once per test process. Progress goes straight to
+/// stderr so a first, slow build is visible.
+pub async fn ensure_images() {
+    static BUILT: OnceCell<()> = OnceCell::const_new();
+    BUILT
+        .get_or_init(|| async {
+            let builder = image_builder(docker().await);
+            let mut err = std::io::stderr();
+            builder
+                .build(&[], false, &mut err)
+                .await
+                .expect("building the kernel images");
+        })
+        .await;
+}
+
+/// Default limits, with the given `--flag value` overrides.
+pub fn limits(overrides: &[&str]) -> LimitArgs {
+    let mut argv = vec!["kernelbox", "serve"];
+    argv.extend_from_slice(overrides);
+    match Cli::try_parse_from(argv).expect("test flags parse").command {
+        Command::Serve(s) => s.limits,
+        _ => unreachable!(),
+    }
+}
+
+pub struct AppOptions {
+    pub limits: LimitArgs,
+    pub api_keys: Vec<String>,
+    pub keep_sessions: bool,
+    /// Reuse an instance name and state directory (adoption tests).
+    pub instance: Option<(String, std::path::PathBuf)>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions {
+            limits: limits(&[]),
+            api_keys: vec![],
+            keep_sessions: false,
+            instance: None,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub manager: Arc<SessionManager>,
+    pub instance: String,
+    pub state_dir: std::path::PathBuf,
+    shutdown: CancellationToken,
+    server: Option<tokio::task::JoinHandle<()>>,
+    /// Owned temp dir, removed with the app (None when the caller passed its own).
+    _tmp: Option<tempfile::TempDir>,
+    /// Remove this instance's containers on drop (off while an adoption test hands them on).
+    pub cleanup: bool,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(AppOptions::default()).await
+}
+
+pub async fn spawn_app_with(options: AppOptions) -> TestApp {
+    ensure_images().await;
+    let runtime = docker().await;
+    let (instance, state_dir, tmp) = match options.instance {
+        Some((instance, dir)) => (instance, dir, None),
+        None => {
+            let tmp = tempfile::Builder::new()
+                .prefix("kbt")
+                .tempdir_in("/tmp")
+                .expect("temp dir");
+            let instance = format!("test-{}", &uuid_like()[..12]);
+            (instance, tmp.path().to_path_buf(), Some(tmp))
+        }
+    };
+    let settings = Settings {
+        manager: ManagerConfig {
+            limits: options.limits.validate().expect("valid test limits"),
+            state_dir: state_dir.clone(),
+            instance: instance.clone(),
+            catalog: Catalog::new(PREFIX),
+            keep_sessions: options.keep_sessions,
+        },
+        api_keys: options.api_keys,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = Application::build(listener, settings, runtime)
+        .await
+        .expect("the app builds");
+    let addr = app.local_addr().unwrap();
+    let manager = app.manager();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let server = tokio::spawn(async move {
+        app.run_until_stopped(token).await.expect("the app runs");
+    });
+    TestApp {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        manager,
+        instance,
+        state_dir,
+        shutdown,
+        server: Some(server),
+        _tmp: tmp,
+        cleanup: true,
+    }
+}
+
+fn uuid_like() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        status_json(r).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        status_json(r).await
+    }
+
+    pub async fn delete(&self, path: &str) -> u16 {
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request")
+            .status()
+            .as_u16()
+    }
+
+    /// Starts a session and returns its id (panics with the server's answer otherwise).
+    pub async fn start(&self, language: &str) -> String {
+        self.start_with(json!({"language": language})).await
+    }
+
+    pub async fn start_with(&self, body: Value) -> String {
+        let (status, v) = self.post("/v1/sessions", body).await;
+        assert_eq!(status, 201, "start session: {v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn exec(&self, id: &str, code: &str) -> Value {
+        let (status, v) = self
+            .post(&format!("/v1/sessions/{id}/execute"), json!({"code": code}))
+            .await;
+        assert_eq!(status, 200, "execute: {v}");
+        v
+    }
+
+    pub async fn exec_with(&self, id: &str, body: Value) -> (u16, Value) {
+        self.post(&format!("/v1/sessions/{id}/execute"), body).await
+    }
+
+    /// This instance's containers, as Docker lists them.
+    pub async fn containers(&self) -> Vec<kernelbox::runtime::ContainerSummary> {
+        docker()
+            .await
+            .list(labels::INSTANCE, Some(&self.instance))
+            .await
+            .unwrap()
+    }
+
+    /// Stops the service as SIGTERM would, and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            server.await.expect("the app stopped cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if self.cleanup {
+            remove_instance(&self.instance);
+        }
+    }
+}
+
+/// Removes an instance's containers when dropped, whatever the test did.
+pub struct InstanceGuard(pub String);
+
+impl Drop for InstanceGuard {
+    fn drop(&mut self) {
+        remove_instance(&self.0);
+    }
+}
+
+/// Drop cannot await, so a thread with its own runtime does the removal.
+fn remove_instance(instance: &str) {
+    let instance = instance.to_owned();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let Ok(runtime) = DockerRuntime::connect() else {
+                return;
+            };
+            if let Ok(list) = runtime.list(labels::INSTANCE, Some(&instance)).await {
+                for c in list {
+                    let _ = runtime.remove(&c.id).await;
+                }
+            }
+        });
+    })
+    .join();
+}
+
+async fn status_json(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, v)
+}
+
+/// The text/plain of the first execute_result, if any.
+pub fn result_text(v: &Value) -> Option<String> {
+    v["outputs"]
+        .as_array()?
+        .iter()
+        .find(|o| o["output_type"] == "execute_result")
+        .and_then(|o| o["data"]["text/plain"].as_str().map(str::to_owned))
+}
+
+/// The MIME types of every display_data output.
+pub fn display_mimes(v: &Value) -> Vec<String> {
+    v["outputs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|o| o["output_type"] == "display_data")
+                .flat_map(|o| {
+                    o["data"]
+                        .as_object()
+                        .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn assert_error_shape(v: &Value, code: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: the real service, the real Docker engine, real kernel images, real ZeroMQ.
+//! One binary, one module per area; `helpers` has `spawn_app()`.
+
+mod helpers;
+
+mod api_surface;
+mod execute;
+mod languages;
+mod lifecycle;
+mod sandbox;
+mod sessions;
