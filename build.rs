@@ -24,21 +24,11 @@ fn main() {
     let mut files = Vec::new();
     walk(&root, &mut files);
     files.sort();
-    let mut code = String::from(
-        "/// Files of `images/`, relative path and content.\npub static FILES: &[(&str, &[u8])] = &[\n",
-    );
+    let mut code =
+        String::from("/// Files of `images/`, relative path and content.\npub static FILES: &[(&str, &[u8])] = &[\n");
     for f in files {
-        let rel = f
-            .strip_prefix(&root)
-            .unwrap()
-            .to_string_lossy()
-            .replace('\\', "/");
-        writeln!(
-            code,
-            "    ({rel:?}, include_bytes!({:?})),",
-            f.display().to_string()
-        )
-        .unwrap();
+        let rel = f.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+        writeln!(code, "    ({rel:?}, include_bytes!({:?})),", f.display().to_string()).unwrap();
     }
     code.push_str("];\n");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("embedded_images.rs");

@@ -63,18 +63,10 @@ pub enum ImagesCommand {
 #[derive(Debug, Clone, Args)]
 pub struct ImageArgs {
     /// Base image for the kernel images; made with debootstrap when it can be neither found nor pulled.
-    #[arg(
-        long,
-        env = "KERNELBOX_BASE_IMAGE",
-        default_value = "debian:bookworm-slim"
-    )]
+    #[arg(long, env = "KERNELBOX_BASE_IMAGE", default_value = "debian:bookworm-slim")]
     pub base_image: String,
     /// Prefix of the kernel image names (`<prefix><language>:latest`).
-    #[arg(
-        long,
-        env = "KERNELBOX_IMAGE_PREFIX",
-        default_value = "kernelbox/kernel-"
-    )]
+    #[arg(long, env = "KERNELBOX_IMAGE_PREFIX", default_value = "kernelbox/kernel-")]
     pub image_prefix: String,
     /// Build contexts from this directory instead of the ones built into the binary.
     #[arg(long, env = "KERNELBOX_IMAGES_DIR")]
@@ -97,12 +89,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KERNELBOX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// API keys (comma-separated). With none, the server refuses to listen beyond loopback.
-    #[arg(
-        long = "api-key",
-        env = "KERNELBOX_API_KEYS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
+    #[arg(long = "api-key", env = "KERNELBOX_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
     /// Allow listening beyond loopback without API keys (only behind something that restricts access,
     /// e.g. a container port published on the host's loopback).
@@ -110,11 +97,7 @@ pub struct ServeArgs {
     pub insecure_no_auth: bool,
     /// State directory: session sockets and connection files. Must be the same path for the service and
     /// the Docker engine (bind-mounted at the same path when the service runs in a container).
-    #[arg(
-        long,
-        env = "KERNELBOX_STATE_DIR",
-        default_value = "/var/lib/kernelbox"
-    )]
+    #[arg(long, env = "KERNELBOX_STATE_DIR", default_value = "/var/lib/kernelbox")]
     pub state_dir: PathBuf,
     /// Name of this service instance; containers carry it, so two services can share one engine.
     #[arg(long, env = "KERNELBOX_INSTANCE", default_value = "default")]
@@ -213,20 +196,10 @@ pub struct ConfigError(pub String);
 impl LimitArgs {
     pub fn validate(&self) -> Result<Limits, ConfigError> {
         let check = |ok: bool, what: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(ConfigError(what.to_owned()))
-            }
+            if ok { Ok(()) } else { Err(ConfigError(what.to_owned())) }
         };
-        check(
-            self.default_memory_mb >= 64,
-            "--default-memory-mb must be at least 64",
-        )?;
-        check(
-            self.default_memory_mb <= self.max_memory_mb,
-            "--default-memory-mb is above --max-memory-mb",
-        )?;
+        check(self.default_memory_mb >= 64, "--default-memory-mb must be at least 64")?;
+        check(self.default_memory_mb <= self.max_memory_mb, "--default-memory-mb is above --max-memory-mb")?;
         check(
             self.default_cpus > 0.0 && self.default_cpus <= self.max_cpus,
             "--default-cpus must be in (0, --max-cpus]",
@@ -237,23 +210,13 @@ impl LimitArgs {
             "--default-timeout-s must be in [1, --max-timeout-s]",
         )?;
         check(
-            self.default_idle_timeout_s >= 1
-                && self.default_idle_timeout_s <= self.max_idle_timeout_s,
+            self.default_idle_timeout_s >= 1 && self.default_idle_timeout_s <= self.max_idle_timeout_s,
             "--default-idle-timeout-s must be in [1, --max-idle-timeout-s]",
         )?;
-        check(
-            self.max_sessions >= 1 && self.max_sessions_per_owner >= 1,
-            "session maximums must be at least 1",
-        )?;
+        check(self.max_sessions >= 1 && self.max_sessions_per_owner >= 1, "session maximums must be at least 1")?;
         check(self.queue_depth >= 1, "--queue-depth must be at least 1")?;
-        check(
-            self.output_limit_bytes >= 1024,
-            "--output-limit-bytes must be at least 1024",
-        )?;
-        check(
-            self.reap_interval_s >= 1,
-            "--reap-interval-s must be at least 1",
-        )?;
+        check(self.output_limit_bytes >= 1024, "--output-limit-bytes must be at least 1024")?;
+        check(self.reap_interval_s >= 1, "--reap-interval-s must be at least 1")?;
         let s = Duration::from_secs;
         Ok(Limits {
             default_memory_mb: self.default_memory_mb,
@@ -319,33 +282,15 @@ mod tests {
 
     #[test]
     fn listening_beyond_loopback_needs_a_key() {
-        assert!(
-            serve(&["--listen", "0.0.0.0:8080"])
-                .check_exposure()
-                .is_err()
-        );
-        assert!(
-            serve(&["--listen", "0.0.0.0:8080", "--api-key", "k1,k2"])
-                .check_exposure()
-                .is_ok()
-        );
+        assert!(serve(&["--listen", "0.0.0.0:8080"]).check_exposure().is_err());
+        assert!(serve(&["--listen", "0.0.0.0:8080", "--api-key", "k1,k2"]).check_exposure().is_ok());
         assert_eq!(serve(&["--api-key", "k1,k2"]).api_keys, vec!["k1", "k2"]);
-        assert!(
-            serve(&["--listen", "0.0.0.0:8080", "--insecure-no-auth"])
-                .check_exposure()
-                .is_ok()
-        );
+        assert!(serve(&["--listen", "0.0.0.0:8080", "--insecure-no-auth"]).check_exposure().is_ok());
     }
 
     #[test]
     fn contradictory_limits_are_refused() {
         let s = serve(&["--default-memory-mb", "8192", "--max-memory-mb", "1024"]);
-        assert!(
-            s.limits
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("--max-memory-mb")
-        );
+        assert!(s.limits.validate().unwrap_err().to_string().contains("--max-memory-mb"));
     }
 }

@@ -30,11 +30,7 @@ pub struct ErrorDetail {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into() }
     }
 }
 
@@ -43,12 +39,7 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(status = %self.status, code = self.code, message = %self.message, "request failed");
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code.into(),
-                message: self.message,
-            },
-        };
+        let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
         (self.status, Json(body)).into_response()
     }
 }
@@ -67,17 +58,11 @@ impl From<SessionError> for ApiError {
             E::Dead(_) => (StatusCode::CONFLICT, "kernel_dead"),
             E::Closing => (StatusCode::CONFLICT, "session_closing"),
             E::KernelStart(_) => (StatusCode::SERVICE_UNAVAILABLE, "kernel_start_failed"),
-            E::Runtime(RuntimeError::Unavailable(_)) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "docker_unavailable")
-            }
+            E::Runtime(RuntimeError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "docker_unavailable"),
             E::Runtime(_) => (StatusCode::BAD_GATEWAY, "docker_error"),
             E::Kernel(_) => (StatusCode::BAD_GATEWAY, "kernel_error"),
             E::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        ApiError {
-            status,
-            code,
-            message,
-        }
+        ApiError { status, code, message }
     }
 }

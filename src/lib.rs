@@ -1,14 +1,14 @@
 //! kernelbox runs untrusted code in stateful Jupyter kernels, one hardened Docker container per session.
 //!
 //! The module map (ARCHITECTURE.md says more):
-//! - [`config`]: flags and environment → checked settings.
-//! - [`api`]: the axum HTTP API; handlers only translate requests ([`error`] is its error shape).
-//! - [`session`]: the session registry, lifecycle and per-session actors: the single owner of session state.
-//! - [`kernel`]: the Jupyter wire protocol over ZeroMQ; knows nothing of HTTP or Docker.
-//! - [`runtime`]: the container runtime trait, its Docker implementation (the only bollard user) and a fake.
-//! - [`images`]: the kernel images and their builder.
-//! - [`reaper`]: the scheduler job that removes idle sessions.
-//! - [`telemetry`]: logs.
+//! - [`config`] — flags and environment → checked settings.
+//! - [`api`] — the axum HTTP API; handlers only translate requests ([`error`] is its error shape).
+//! - [`session`] — the session registry, lifecycle and per-session actors: the single owner of session state.
+//! - [`kernel`] — the Jupyter wire protocol over ZeroMQ; knows nothing of HTTP or Docker.
+//! - [`runtime`] — the container runtime trait, its Docker implementation (the only bollard user) and a fake.
+//! - [`images`] — the kernel images and their builder.
+//! - [`reaper`] — the scheduler job that removes idle sessions.
+//! - [`telemetry`] — the log setup.
 
 pub mod api;
 pub mod config;
@@ -33,10 +33,7 @@ use crate::session::{ManagerConfig, SessionManager};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("could not prepare the state directory {path}: {source}")]
-    StateDir {
-        path: String,
-        source: std::io::Error,
-    },
+    StateDir { path: String, source: std::io::Error },
     #[error("could not recover sessions from an earlier run: {0}")]
     Recover(#[from] session::SessionError),
     #[error("the reaper did not start: {0}")]
@@ -71,12 +68,8 @@ impl Application {
         runtime: Arc<dyn runtime::ContainerRuntime>,
     ) -> Result<Self, ServeError> {
         let state_dir = settings.manager.state_dir.clone();
-        std::fs::create_dir_all(state_dir.join("sessions")).map_err(|source| {
-            ServeError::StateDir {
-                path: state_dir.display().to_string(),
-                source,
-            }
-        })?;
+        std::fs::create_dir_all(state_dir.join("sessions"))
+            .map_err(|source| ServeError::StateDir { path: state_dir.display().to_string(), source })?;
         api::system::prometheus();
         let reap_every = settings.manager.limits.reap_interval;
         let manager = SessionManager::new(runtime, settings.manager);
@@ -84,19 +77,8 @@ impl Application {
         tracing::info!(adopted, removed, "recovered sessions from an earlier run");
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
         let keys = api::auth::Keys::new(&settings.api_keys);
-        let router = api::router(
-            AppState {
-                manager: manager.clone(),
-            },
-            keys,
-        );
-        Ok(Application {
-            listener,
-            manager,
-            scheduler,
-            router,
-            shutdown_grace: settings.shutdown_grace,
-        })
+        let router = api::router(AppState { manager: manager.clone() }, keys);
+        Ok(Application { listener, manager, scheduler, router, shutdown_grace: settings.shutdown_grace })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -111,18 +93,10 @@ impl Application {
     /// Serves until `shutdown` is cancelled; then stops accepting, gives in-flight calls a grace period,
     /// cuts the rest short and stops every session (removing its container unless configured to keep it).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ServeError> {
-        let Application {
-            listener,
-            manager,
-            mut scheduler,
-            router,
-            shutdown_grace,
-        } = self;
+        let Application { listener, manager, mut scheduler, router, shutdown_grace } = self;
         let stop_accepting = shutdown.clone();
         let server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop_accepting.cancelled().await })
-                .await
+            axum::serve(listener, router).with_graceful_shutdown(async move { stop_accepting.cancelled().await }).await
         });
         let mut server = std::pin::pin!(server);
         tokio::select! {
@@ -135,9 +109,7 @@ impl Application {
             }
         }
         tracing::info!("shutting down: no new requests; waiting for in-flight calls");
-        let finished_in_time = tokio::time::timeout(shutdown_grace, &mut server)
-            .await
-            .is_ok();
+        let finished_in_time = tokio::time::timeout(shutdown_grace, &mut server).await.is_ok();
         let _ = scheduler.shutdown().await;
         manager.shutdown().await;
         if !finished_in_time {
@@ -155,8 +127,5 @@ pub async fn run(
     runtime: Arc<dyn runtime::ContainerRuntime>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    Application::build(listener, settings, runtime)
-        .await?
-        .run_until_stopped(shutdown)
-        .await
+    Application::build(listener, settings, runtime).await?.run_until_stopped(shutdown).await
 }

@@ -29,21 +29,14 @@ async fn main() -> anyhow::Result<()> {
             kernelbox::telemetry::init(LogFormat::Pretty);
             let builder = image_builder(&images).await?;
             match command {
-                ImagesCommand::Build {
-                    languages,
-                    no_cache,
-                } => {
+                ImagesCommand::Build { languages, no_cache } => {
                     let mut err = std::io::stderr();
                     let summaries = builder.build(&languages, no_cache, &mut err).await?;
                     print_summary(&summaries, &mut std::io::stdout());
                 }
                 ImagesCommand::List => {
                     let mut out = std::io::stdout();
-                    writeln!(
-                        out,
-                        "{:<18} {:<40} {:<11} {:>9}  BUILT",
-                        "LANGUAGE", "TAG", "STATE", "SIZE"
-                    )?;
+                    writeln!(out, "{:<18} {:<40} {:<11} {:>9}  BUILT", "LANGUAGE", "TAG", "STATE", "SIZE")?;
                     for row in builder.status().await? {
                         writeln!(
                             out,
@@ -67,16 +60,12 @@ async fn health(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let probe = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
         anyhow::Ok(response)
     };
-    let response = tokio::time::timeout(Duration::from_secs(5), probe)
-        .await
-        .context("no answer within 5 s")??;
+    let response = tokio::time::timeout(Duration::from_secs(5), probe).await.context("no answer within 5 s")??;
     let head = String::from_utf8_lossy(&response);
     anyhow::ensure!(
         head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
@@ -88,27 +77,16 @@ async fn health(addr: std::net::SocketAddr) -> anyhow::Result<()> {
 
 async fn image_builder(args: &ImageArgs) -> anyhow::Result<ImageBuilder> {
     let runtime = DockerRuntime::connect()?;
-    runtime
-        .ping()
-        .await
-        .context("is Docker running, and may this user use it?")?;
+    runtime.ping().await.context("is Docker running, and may this user use it?")?;
     let settings = HostSettings {
         apt_mirror: args.apt_mirror.clone().or_else(context::detect_apt_mirror),
-        pip_index_url: args
-            .pip_index_url
-            .clone()
-            .or_else(context::detect_pip_index),
-        extra_ca: context::detect_extra_ca(args.extra_ca_bundle.as_deref())
-            .context("reading the extra CA bundle")?,
+        pip_index_url: args.pip_index_url.clone().or_else(context::detect_pip_index),
+        extra_ca: context::detect_extra_ca(args.extra_ca_bundle.as_deref()).context("reading the extra CA bundle")?,
     };
     Ok(ImageBuilder {
         runtime: Arc::new(runtime),
         catalog: Catalog::new(&args.image_prefix),
-        source: args
-            .images_dir
-            .clone()
-            .map(Source::Dir)
-            .unwrap_or(Source::Embedded),
+        source: args.images_dir.clone().map(Source::Dir).unwrap_or(Source::Embedded),
         settings,
         base_image: args.base_image.clone(),
     })
@@ -117,37 +95,24 @@ async fn image_builder(args: &ImageArgs) -> anyhow::Result<ImageBuilder> {
 async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     args.check_exposure()?;
     let limits = args.limits.validate()?;
-    if args.instance.is_empty()
-        || !args
-            .instance
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if args.instance.is_empty() || !args.instance.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         anyhow::bail!("--instance may only contain letters, digits, '-' and '_'");
     }
     let builder = image_builder(&args.images).await?;
     if !args.no_build {
         eprintln!("Checking kernel images (a first build takes several minutes)...");
         let mut err = std::io::stderr();
-        let summaries = builder
-            .build(&[], false, &mut err)
-            .await
-            .context("building the kernel images")?;
+        let summaries = builder.build(&[], false, &mut err).await.context("building the kernel images")?;
         print_summary(&summaries, &mut err);
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     if args.api_keys.iter().all(|k| k.trim().is_empty()) {
         if addr.ip().is_loopback() {
-            tracing::warn!(
-                "no API keys configured: listening on loopback only, and every caller is the same owner"
-            );
+            tracing::warn!("no API keys configured: listening on loopback only, and every caller is the same owner");
         } else {
-            tracing::warn!(
-                "no API keys configured and --insecure-no-auth set: anyone who reaches {addr} can run code"
-            );
+            tracing::warn!("no API keys configured and --insecure-no-auth set: anyone who reaches {addr} can run code");
         }
     }
     tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "kernelbox is serving");
@@ -167,8 +132,8 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     let trigger = shutdown.clone();
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
         trigger.cancel();
     });

@@ -10,10 +10,7 @@ use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use crate::session::SessionManager;
 
 /// Starts the reaper; shut it down with [`JobScheduler::shutdown`].
-pub async fn start(
-    manager: Arc<SessionManager>,
-    every: Duration,
-) -> Result<JobScheduler, JobSchedulerError> {
+pub async fn start(manager: Arc<SessionManager>, every: Duration) -> Result<JobScheduler, JobSchedulerError> {
     let scheduler = JobScheduler::new().await?;
     let job = Job::new_repeated_async(every, move |_id, _scheduler| {
         let manager = manager.clone();

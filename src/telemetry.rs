@@ -7,8 +7,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("KERNELBOX_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,zeromq=warn"));
+    let filter = EnvFilter::try_from_env("KERNELBOX_LOG").unwrap_or_else(|_| EnvFilter::new("info,zeromq=warn"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Json => registry
@@ -20,9 +19,7 @@ pub fn init(format: LogFormat) {
                     .with_span_list(false),
             )
             .try_init(),
-        LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
     };
     // Already initialised (tests spawn several apps): keep the first.
     let _ = result;

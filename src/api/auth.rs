@@ -19,13 +19,7 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(keys: &[String]) -> Self {
-        Keys {
-            digests: keys
-                .iter()
-                .filter(|k| !k.trim().is_empty())
-                .map(|k| sha256(k.trim()))
-                .collect(),
-        }
+        Keys { digests: keys.iter().filter(|k| !k.trim().is_empty()).map(|k| sha256(k.trim())).collect() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -40,10 +34,7 @@ impl Keys {
         let presented = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim)
             .ok_or_else(|| {
@@ -55,18 +46,11 @@ impl Keys {
             })?;
         let d = sha256(presented);
         // Check every key, so timing does not tell which one matched.
-        let matched = self
-            .digests
-            .iter()
-            .fold(0u8, |acc, k| acc | k.ct_eq(&d).unwrap_u8());
+        let matched = self.digests.iter().fold(0u8, |acc, k| acc | k.ct_eq(&d).unwrap_u8());
         if matched == 1 {
             Ok(Owner(hex::encode(&d[..8])))
         } else {
-            Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "the API key is not valid",
-            ))
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the API key is not valid"))
         }
     }
 }
@@ -100,18 +84,13 @@ mod tests {
 
     #[test]
     fn without_keys_everyone_is_anonymous() {
-        assert_eq!(
-            Keys::new(&[]).owner(&HeaderMap::new()).unwrap(),
-            Owner("anonymous".into())
-        );
+        assert_eq!(Keys::new(&[]).owner(&HeaderMap::new()).unwrap(), Owner("anonymous".into()));
     }
 
     #[test]
     fn either_header_carries_the_key_and_each_key_is_its_own_owner() {
         let keys = Keys::new(&["alpha".into(), "beta".into()]);
-        let a = keys
-            .owner(&headers("authorization", "Bearer alpha"))
-            .unwrap();
+        let a = keys.owner(&headers("authorization", "Bearer alpha")).unwrap();
         let a2 = keys.owner(&headers("x-api-key", "alpha")).unwrap();
         let b = keys.owner(&headers("x-api-key", "beta")).unwrap();
         assert_eq!(a, a2);
@@ -122,15 +101,7 @@ mod tests {
     #[test]
     fn a_missing_or_wrong_key_is_refused() {
         let keys = Keys::new(&["alpha".into()]);
-        assert_eq!(
-            keys.owner(&HeaderMap::new()).unwrap_err().status,
-            StatusCode::UNAUTHORIZED
-        );
-        assert_eq!(
-            keys.owner(&headers("x-api-key", "alph"))
-                .unwrap_err()
-                .status,
-            StatusCode::UNAUTHORIZED
-        );
+        assert_eq!(keys.owner(&HeaderMap::new()).unwrap_err().status, StatusCode::UNAUTHORIZED);
+        assert_eq!(keys.owner(&headers("x-api-key", "alph")).unwrap_err().status, StatusCode::UNAUTHORIZED);
     }
 }

@@ -37,23 +37,15 @@ pub async fn execute(
     headers: HeaderMap,
     ApiJson(req): ApiJson<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
-    let wants_stream = headers
-        .get("accept")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
+    let wants_stream =
+        headers.get("accept").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     if !wants_stream {
-        let pending = state
-            .manager
-            .submit(&owner, &id, req.code, req.timeout_s, None)?;
+        let pending = state.manager.submit(&owner, &id, req.code, req.timeout_s, None)?;
         return Ok(Json(pending.wait().await?).into_response());
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let pending = state
-        .manager
-        .submit(&owner, &id, req.code, req.timeout_s, Some(tx))?;
-    Ok(Sse::new(events(rx, pending))
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    let pending = state.manager.submit(&owner, &id, req.code, req.timeout_s, Some(tx))?;
+    Ok(Sse::new(events(rx, pending)).keep_alive(KeepAlive::default()).into_response())
 }
 
 /// The SSE stream; holds `pending` so the session counts as in use while a client listens, and ends
@@ -66,18 +58,9 @@ fn events(
         let pending = pending?;
         let event = rx.recv().await?;
         let (sse, pending) = match event {
-            StreamEvent::Kernel(Event::Output(o)) => (
-                SseEvent::default().event("output").json_data(&o),
-                Some(pending),
-            ),
-            StreamEvent::Kernel(Event::Cleared) => (
-                Ok(SseEvent::default().event("clear").data("{}")),
-                Some(pending),
-            ),
-            StreamEvent::Done(result) => (
-                SseEvent::default().event("result").json_data(&*result),
-                None,
-            ),
+            StreamEvent::Kernel(Event::Output(o)) => (SseEvent::default().event("output").json_data(&o), Some(pending)),
+            StreamEvent::Kernel(Event::Cleared) => (Ok(SseEvent::default().event("clear").data("{}")), Some(pending)),
+            StreamEvent::Done(result) => (SseEvent::default().event("result").json_data(&*result), None),
         };
         let sse = sse.unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string()));
         Some((Ok(sse), (rx, pending)))

@@ -26,11 +26,7 @@ where
                     StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
                     _ => "invalid_json",
                 };
-                let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
-                    StatusCode::BAD_REQUEST
-                } else {
-                    status
-                };
+                let status = if status == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::BAD_REQUEST } else { status };
                 Err(ApiError::new(status, code, rejection.body_text()))
             }
         }

@@ -49,36 +49,26 @@ pub struct ApiDoc;
 struct Security;
 impl utoipa::Modify for Security {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{
-            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
-        };
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
-        components.add_security_scheme(
-            "api_key",
-            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
-        );
+        components
+            .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))));
     }
 }
 
 pub fn router(state: AppState, keys: auth::Keys) -> Router {
     let v1 = Router::new()
         .route("/sessions", post(sessions::create).get(sessions::list))
-        .route(
-            "/sessions/{id}",
-            get(sessions::get).delete(sessions::delete),
-        )
+        .route("/sessions/{id}", get(sessions::get).delete(sessions::delete))
         .route("/sessions/{id}/execute", post(execute::execute))
         .route("/sessions/{id}/interrupt", post(sessions::interrupt))
         .route("/sessions/{id}/restart", post(sessions::restart))
         .route("/languages", get(system::languages))
-        .layer(axum::middleware::from_fn_with_state(
-            keys,
-            auth::require_key,
-        ));
+        .layer(axum::middleware::from_fn_with_state(keys, auth::require_key));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(system::healthz))
@@ -87,20 +77,27 @@ pub fn router(state: AppState, keys: auth::Keys) -> Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /docs") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this method is not allowed here; see /docs")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this method is not allowed here; see /docs",
+            )
         })
         .with_state(state)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(CatchPanicLayer::custom(|_| {
-            axum::response::IntoResponse::into_response(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error (a bug): see the server log"))
+            axum::response::IntoResponse::into_response(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error (a bug): see the server log",
+            ))
         }))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-                let session_id = req.uri().path().strip_prefix("/v1/sessions/").and_then(|p| p.split('/').next()).unwrap_or("");
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id, session_id)
-            }),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+            let session_id =
+                req.uri().path().strip_prefix("/v1/sessions/").and_then(|p| p.split('/').next()).unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id, session_id)
+        }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }

@@ -24,10 +24,7 @@ pub async fn create(
 
 /// The caller's sessions.
 #[utoipa::path(get, path = "/v1/sessions", tag = "sessions", responses((status = 200, body = Vec<SessionInfo>)))]
-pub async fn list(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-) -> Json<Vec<SessionInfo>> {
+pub async fn list(State(state): State<AppState>, Extension(owner): Extension<Owner>) -> Json<Vec<SessionInfo>> {
     Json(state.manager.list(&owner))
 }
 

@@ -39,12 +39,7 @@ pub struct Readiness {
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let runtime = state.manager.runtime();
     if let Err(e) = runtime.ping().await {
-        let body = Readiness {
-            ready: false,
-            docker: false,
-            missing_images: vec![],
-            message: Some(e.to_string()),
-        };
+        let body = Readiness { ready: false, docker: false, missing_images: vec![], message: Some(e.to_string()) };
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
     }
     let catalog = state.manager.catalog();
@@ -55,22 +50,9 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         }
     }
     let ready = missing.is_empty();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let message =
-        (!ready).then(|| "some kernel images are missing: run `kernelbox images build`".to_owned());
-    (
-        status,
-        Json(Readiness {
-            ready,
-            docker: true,
-            missing_images: missing,
-            message,
-        }),
-    )
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let message = (!ready).then(|| "some kernel images are missing: run `kernelbox images build`".to_owned());
+    (status, Json(Readiness { ready, docker: true, missing_images: missing, message }))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -90,13 +72,7 @@ pub async fn languages(State(state): State<AppState>) -> Json<Vec<LanguageInfo>>
     let mut out = Vec::new();
     for lang in &catalog.languages {
         let image_ref = catalog.image_ref(&lang.image);
-        let image = state
-            .manager
-            .runtime()
-            .image(&image_ref)
-            .await
-            .ok()
-            .flatten();
+        let image = state.manager.runtime().image(&image_ref).await.ok().flatten();
         let label = |k: &str| image.as_ref().and_then(|i| i.labels.get(k).cloned());
         out.push(LanguageInfo {
             name: lang.name.clone(),
@@ -133,15 +109,10 @@ pub async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
             SessionStatus::Restarting,
             SessionStatus::Dead,
         ] {
-            let n = census
-                .get(&(lang.name.clone(), status.as_str()))
-                .copied()
-                .unwrap_or(0);
-            metrics::gauge!("kernelbox_sessions", "language" => lang.name.clone(), "state" => status.as_str()).set(n as f64);
+            let n = census.get(&(lang.name.clone(), status.as_str())).copied().unwrap_or(0);
+            metrics::gauge!("kernelbox_sessions", "language" => lang.name.clone(), "state" => status.as_str())
+                .set(n as f64);
         }
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        prometheus().render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())
 }

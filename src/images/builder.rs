@@ -105,15 +105,9 @@ impl ImageBuilder {
 
     fn build_args(&self, def: &ImageDef, parent_ref: &str) -> HashMap<String, String> {
         let mut args = HashMap::from([(def.parent_arg.to_owned(), parent_ref.to_owned())]);
-        args.insert(
-            "PIP_INDEX_URL".into(),
-            self.settings.pip_index_url.clone().unwrap_or_default(),
-        );
+        args.insert("PIP_INDEX_URL".into(), self.settings.pip_index_url.clone().unwrap_or_default());
         if def.parent.is_none() {
-            args.insert(
-                "APT_MIRROR".into(),
-                self.settings.apt_mirror.clone().unwrap_or_default(),
-            );
+            args.insert("APT_MIRROR".into(), self.settings.apt_mirror.clone().unwrap_or_default());
         }
         args
     }
@@ -133,23 +127,16 @@ impl ImageBuilder {
                 None => self.resolve_base(out).await?,
                 Some(parent) => self.tag(parent),
             };
-            let parent =
-                self.runtime
-                    .image(&parent_ref)
-                    .await?
-                    .ok_or_else(|| ImageError::Build {
-                        image: def.name.into(),
-                        message: format!("its parent image {parent_ref} is missing"),
-                    })?;
+            let parent = self.runtime.image(&parent_ref).await?.ok_or_else(|| ImageError::Build {
+                image: def.name.into(),
+                message: format!("its parent image {parent_ref} is missing"),
+            })?;
             let args = self.build_args(def, &parent_ref);
             let context = self.source.context(def.name, &self.settings.extra_ca)?;
             let hash = context.content_hash(&args, &parent.id);
             let tag = self.tag(def.name);
             let existing = self.runtime.image(&tag).await?;
-            let current = existing
-                .as_ref()
-                .and_then(|i| i.labels.get(LABEL_CONTENT_HASH))
-                == Some(&hash);
+            let current = existing.as_ref().and_then(|i| i.labels.get(LABEL_CONTENT_HASH)) == Some(&hash);
             if current && !no_cache {
                 let size = existing.map(|i| i.size_bytes).unwrap_or(0);
                 let _ = writeln!(out, "[{}] up to date ({tag})", def.name);
@@ -157,21 +144,10 @@ impl ImageBuilder {
                 continue;
             }
             let _ = writeln!(out, "[{}] building {tag} from {parent_ref}", def.name);
-            self.build_one(def, &tag, context, args, &hash, &parent.id, no_cache, out)
-                .await?;
-            let size = self
-                .runtime
-                .image(&tag)
-                .await?
-                .map(|i| i.size_bytes)
-                .unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "[{}] built in {:.0} s, {}",
-                def.name,
-                started.elapsed().as_secs_f64(),
-                human_size(size)
-            );
+            self.build_one(def, &tag, context, args, &hash, &parent.id, no_cache, out).await?;
+            let size = self.runtime.image(&tag).await?.map(|i| i.size_bytes).unwrap_or(0);
+            let _ =
+                writeln!(out, "[{}] built in {:.0} s, {}", def.name, started.elapsed().as_secs_f64(), human_size(size));
             summaries.push(summary(def, tag, Outcome::Built, started, size));
         }
         Ok(summaries)
@@ -193,13 +169,7 @@ impl ImageBuilder {
             (LABEL_CONTENT_HASH.to_owned(), hash.to_owned()),
             (LABEL_BASE_ID.to_owned(), parent_id.to_owned()),
         ]);
-        let request = BuildRequest {
-            tag: tag.to_owned(),
-            context_tar: context.tar(),
-            build_args,
-            labels,
-            no_cache,
-        };
+        let request = BuildRequest { tag: tag.to_owned(), context_tar: context.tar(), build_args, labels, no_cache };
         let name = def.name;
         let mut progress = |line: &str| {
             // One line per build step; the steps' own output is too much for a person to follow.
@@ -210,10 +180,7 @@ impl ImageBuilder {
         self.runtime
             .build_image(request, &mut progress)
             .await
-            .map_err(|e| ImageError::Build {
-                image: name.into(),
-                message: e.to_string(),
-            })
+            .map_err(|e| ImageError::Build { image: name.into(), message: e.to_string() })
     }
 
     /// The configured base image if it is here or can be pulled; else the debootstrap image, made if
@@ -222,11 +189,7 @@ impl ImageBuilder {
         if self.runtime.image(&self.base_image).await?.is_some() {
             return Ok(self.base_image.clone());
         }
-        let _ = writeln!(
-            out,
-            "[base] {} is not here; trying to pull it",
-            self.base_image
-        );
+        let _ = writeln!(out, "[base] {} is not here; trying to pull it", self.base_image);
         let mut pulled = |_: &str| {};
         match self.runtime.pull_image(&self.base_image, &mut pulled).await {
             Ok(()) if self.runtime.image(&self.base_image).await?.is_some() => {
@@ -238,10 +201,7 @@ impl ImageBuilder {
             }
         }
         if self.runtime.image(ROOTFS_IMAGE).await?.is_some() {
-            let _ = writeln!(
-                out,
-                "[base] using {ROOTFS_IMAGE}, made earlier with debootstrap"
-            );
+            let _ = writeln!(out, "[base] using {ROOTFS_IMAGE}, made earlier with debootstrap");
             return Ok(ROOTFS_IMAGE.to_owned());
         }
         self.debootstrap(out).await?;
@@ -255,39 +215,24 @@ impl ImageBuilder {
              (apt-get install debootstrap) and a Debian mirror (--apt-mirror)",
             self.base_image
         );
-        let debootstrap = which("debootstrap").ok_or_else(|| {
-            ImageError::NoBase(format!("debootstrap is not installed; {remedies}"))
-        })?;
+        let debootstrap = which("debootstrap")
+            .ok_or_else(|| ImageError::NoBase(format!("debootstrap is not installed; {remedies}")))?;
         // SAFETY-free check: geteuid via /proc, to avoid a libc dependency for one call.
         let root = std::fs::read_to_string("/proc/self/status")
             .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("Uid:"))
-                    .map(|l| l.split_whitespace().nth(2) == Some("0"))
-            })
+            .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
             .unwrap_or(false);
         if !root {
-            return Err(ImageError::NoBase(format!(
-                "debootstrap needs root; {remedies}"
-            )));
+            return Err(ImageError::NoBase(format!("debootstrap needs root; {remedies}")));
         }
-        let mirror = self.settings.apt_mirror.clone().ok_or_else(|| {
-            ImageError::NoBase(format!(
-                "no Debian mirror is configured on this host; {remedies}"
-            ))
-        })?;
+        let mirror =
+            self.settings.apt_mirror.clone().ok_or_else(|| {
+                ImageError::NoBase(format!("no Debian mirror is configured on this host; {remedies}"))
+            })?;
         let dir = tempdir("kernelbox-rootfs")?;
-        let _ = writeln!(
-            out,
-            "[base] debootstrap {ROOTFS_SUITE} from {mirror} (a few minutes)"
-        );
+        let _ = writeln!(out, "[base] debootstrap {ROOTFS_SUITE} from {mirror} (a few minutes)");
         let mut child = tokio::process::Command::new(debootstrap)
-            .args([
-                "--variant=minbase",
-                "--include=python3,python3-venv,ca-certificates",
-                ROOTFS_SUITE,
-            ])
+            .args(["--variant=minbase", "--include=python3,python3-venv,ca-certificates", ROOTFS_SUITE])
             .arg(&dir)
             .arg(&mirror)
             .stdout(std::process::Stdio::piped())
@@ -307,7 +252,7 @@ impl ImageBuilder {
             count += 1;
             if line.starts_with("I: Retrieving Release")
                 || line.starts_with("I: Base system installed")
-                || count % 40 == 0
+                || count.is_multiple_of(40)
             {
                 let _ = writeln!(out, "[base] {}", truncate(&line, 110));
             }
@@ -316,15 +261,9 @@ impl ImageBuilder {
         let err_text = errors.await.unwrap_or_default();
         if !status.success() {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(ImageError::NoBase(format!(
-                "debootstrap failed ({status}): {}",
-                err_text.trim()
-            )));
+            return Err(ImageError::NoBase(format!("debootstrap failed ({status}): {}", err_text.trim())));
         }
-        let _ = writeln!(
-            out,
-            "[base] importing the root filesystem as {ROOTFS_IMAGE}"
-        );
+        let _ = writeln!(out, "[base] importing the root filesystem as {ROOTFS_IMAGE}");
         let mut tar = tokio::process::Command::new("tar")
             .arg("-C")
             .arg(&dir)
@@ -366,11 +305,7 @@ impl ImageBuilder {
                 (Some(img), Some(parent), Some(parent_ref)) => {
                     let ctx = self.source.context(def.name, &self.settings.extra_ca)?;
                     let hash = ctx.content_hash(&self.build_args(def, &parent_ref), &parent.id);
-                    if img.labels.get(LABEL_CONTENT_HASH) == Some(&hash) {
-                        "up to date"
-                    } else {
-                        "stale"
-                    }
+                    if img.labels.get(LABEL_CONTENT_HASH) == Some(&hash) { "up to date" } else { "stale" }
                 }
                 _ => "stale",
             };
@@ -386,29 +321,13 @@ impl ImageBuilder {
     }
 }
 
-fn summary(
-    def: &ImageDef,
-    tag: String,
-    outcome: Outcome,
-    started: Instant,
-    size_bytes: i64,
-) -> BuildSummary {
-    BuildSummary {
-        image: def.name.into(),
-        tag,
-        outcome,
-        seconds: started.elapsed().as_secs_f64(),
-        size_bytes,
-    }
+fn summary(def: &ImageDef, tag: String, outcome: Outcome, started: Instant, size_bytes: i64) -> BuildSummary {
+    BuildSummary { image: def.name.into(), tag, outcome, seconds: started.elapsed().as_secs_f64(), size_bytes }
 }
 
 /// Prints the table at the end of a build.
 pub fn print_summary(summaries: &[BuildSummary], out: Out<'_>) {
-    let _ = writeln!(
-        out,
-        "\n{:<18} {:<40} {:<10} {:>9} {:>8}",
-        "IMAGE", "TAG", "RESULT", "SIZE", "TIME"
-    );
+    let _ = writeln!(out, "\n{:<18} {:<40} {:<10} {:>9} {:>8}", "IMAGE", "TAG", "RESULT", "SIZE", "TIME");
     for s in summaries {
         let result = match s.outcome {
             Outcome::Built => "built",
@@ -428,19 +347,11 @@ pub fn print_summary(summaries: &[BuildSummary], out: Out<'_>) {
 
 pub fn human_size(bytes: i64) -> String {
     let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else {
-        format!("{:.0} MB", b / 1e6)
-    }
+    if b >= 1e9 { format!("{:.2} GB", b / 1e9) } else { format!("{:.0} MB", b / 1e6) }
 }
 
 fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_owned()
-    } else {
-        format!("{}…", s.chars().take(max).collect::<String>())
-    }
+    if s.chars().count() <= max { s.to_owned() } else { format!("{}…", s.chars().take(max).collect::<String>()) }
 }
 
 fn which(cmd: &str) -> Option<PathBuf> {
@@ -474,24 +385,11 @@ mod tests {
 
     #[test]
     fn a_language_brings_its_ancestors_in_build_order() {
-        let names: Vec<&str> = builder()
-            .plan(&["python_scientific".into()])
-            .unwrap()
-            .iter()
-            .map(|d| d.name)
-            .collect();
+        let names: Vec<&str> = builder().plan(&["python_scientific".into()]).unwrap().iter().map(|d| d.name).collect();
         assert_eq!(names, ["base", "python", "python_scientific"]);
-        let ts: Vec<&str> = builder()
-            .plan(&["typescript".into()])
-            .unwrap()
-            .iter()
-            .map(|d| d.name)
-            .collect();
+        let ts: Vec<&str> = builder().plan(&["typescript".into()]).unwrap().iter().map(|d| d.name).collect();
         assert_eq!(ts, ["base", "javascript"]);
         assert_eq!(builder().plan(&[]).unwrap().len(), 6);
-        assert!(matches!(
-            builder().plan(&["cobol".into()]),
-            Err(ImageError::Unknown(_))
-        ));
+        assert!(matches!(builder().plan(&["cobol".into()]), Err(ImageError::Unknown(_))));
     }
 }

@@ -33,36 +33,12 @@ pub struct ImageDef {
 
 /// Every image, parents before children.
 pub const IMAGES: &[ImageDef] = &[
-    ImageDef {
-        name: "base",
-        parent: None,
-        parent_arg: "BASE_IMAGE",
-    },
-    ImageDef {
-        name: "python",
-        parent: Some("base"),
-        parent_arg: "KERNELBOX_BASE",
-    },
-    ImageDef {
-        name: "python_scientific",
-        parent: Some("python"),
-        parent_arg: "KERNELBOX_PYTHON",
-    },
-    ImageDef {
-        name: "javascript",
-        parent: Some("base"),
-        parent_arg: "KERNELBOX_BASE",
-    },
-    ImageDef {
-        name: "java",
-        parent: Some("base"),
-        parent_arg: "KERNELBOX_BASE",
-    },
-    ImageDef {
-        name: "bash",
-        parent: Some("base"),
-        parent_arg: "KERNELBOX_BASE",
-    },
+    ImageDef { name: "base", parent: None, parent_arg: "BASE_IMAGE" },
+    ImageDef { name: "python", parent: Some("base"), parent_arg: "KERNELBOX_BASE" },
+    ImageDef { name: "python_scientific", parent: Some("python"), parent_arg: "KERNELBOX_PYTHON" },
+    ImageDef { name: "javascript", parent: Some("base"), parent_arg: "KERNELBOX_BASE" },
+    ImageDef { name: "java", parent: Some("base"), parent_arg: "KERNELBOX_BASE" },
+    ImageDef { name: "bash", parent: Some("base"), parent_arg: "KERNELBOX_BASE" },
 ];
 
 pub fn image_def(name: &str) -> Option<&'static ImageDef> {
@@ -78,10 +54,7 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn new(prefix: &str) -> Self {
-        let lang = |name: &str, image: &str| Language {
-            name: name.into(),
-            image: image.into(),
-        };
+        let lang = |name: &str, image: &str| Language { name: name.into(), image: image.into() };
         Catalog {
             prefix: prefix.to_owned(),
             languages: vec![
@@ -124,10 +97,7 @@ mod tests {
     fn typescript_runs_in_the_javascript_image() {
         let c = Catalog::new("kernelbox/kernel-");
         assert_eq!(c.language("typescript").unwrap().image, "javascript");
-        assert_eq!(
-            c.image_ref("javascript"),
-            "kernelbox/kernel-javascript:latest"
-        );
+        assert_eq!(c.image_ref("javascript"), "kernelbox/kernel-javascript:latest");
         assert_eq!(c.language_images().len(), 5);
         assert!(c.language("cobol").is_none());
     }

@@ -58,21 +58,14 @@ impl Source {
     }
 }
 
-fn read_dir_into(
-    dir: &Path,
-    rel: &Path,
-    files: &mut BTreeMap<String, Vec<u8>>,
-) -> std::io::Result<()> {
+fn read_dir_into(dir: &Path, rel: &Path, files: &mut BTreeMap<String, Vec<u8>>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let rel_path = rel.join(entry.file_name());
         if entry.file_type()?.is_dir() {
             read_dir_into(&entry.path(), &rel_path, files)?;
         } else {
-            files.insert(
-                rel_path.to_string_lossy().into_owned(),
-                std::fs::read(entry.path())?,
-            );
+            files.insert(rel_path.to_string_lossy().into_owned(), std::fs::read(entry.path())?);
         }
     }
     Ok(())
@@ -89,9 +82,7 @@ impl Context {
             header.set_mode(if executable { 0o755 } else { 0o644 });
             header.set_mtime(0);
             header.set_cksum();
-            builder
-                .append_data(&mut header, path, bytes.as_slice())
-                .expect("writing a tar to memory");
+            builder.append_data(&mut header, path, bytes.as_slice()).expect("writing a tar to memory");
         }
         builder.into_inner().expect("writing a tar to memory")
     }
@@ -142,13 +133,7 @@ pub fn detect_apt_mirror() -> Option<String> {
             }
         }
     }
-    texts.iter().find_map(|(deb822, t)| {
-        if *deb822 {
-            mirror_from_deb822(t)
-        } else {
-            mirror_from_list(t)
-        }
-    })
+    texts.iter().find_map(|(deb822, t)| if *deb822 { mirror_from_deb822(t) } else { mirror_from_list(t) })
 }
 
 fn is_debian_release_suite(suite: &str) -> bool {
@@ -157,14 +142,9 @@ fn is_debian_release_suite(suite: &str) -> bool {
 
 fn mirror_from_list(text: &str) -> Option<String> {
     text.lines().find_map(|line| {
-        let words: Vec<&str> = line
-            .split_whitespace()
-            .filter(|w| !w.starts_with('['))
-            .collect();
+        let words: Vec<&str> = line.split_whitespace().filter(|w| !w.starts_with('[')).collect();
         match words.as_slice() {
-            ["deb", uri, suite, components @ ..]
-                if is_debian_release_suite(suite) && components.contains(&"main") =>
-            {
+            ["deb", uri, suite, components @ ..] if is_debian_release_suite(suite) && components.contains(&"main") => {
                 Some(uri.to_string())
             }
             _ => None,
@@ -174,11 +154,7 @@ fn mirror_from_list(text: &str) -> Option<String> {
 
 fn mirror_from_deb822(text: &str) -> Option<String> {
     text.split("\n\n").find_map(|stanza| {
-        let field = |name: &str| {
-            stanza
-                .lines()
-                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
-        };
+        let field = |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()));
         let types = field("Types:")?;
         let suites = field("Suites:")?;
         let components = field("Components:")?;
@@ -201,16 +177,8 @@ pub fn detect_pip_index() -> Option<String> {
         return Some(v);
     }
     let home = std::env::var("HOME").unwrap_or_default();
-    let files = [
-        "/etc/pip.conf".to_owned(),
-        format!("{home}/.config/pip/pip.conf"),
-        format!("{home}/.pip/pip.conf"),
-    ];
-    files.iter().rev().find_map(|f| {
-        std::fs::read_to_string(f)
-            .ok()
-            .and_then(|t| ini_value(&t, "global", "index-url"))
-    })
+    let files = ["/etc/pip.conf".to_owned(), format!("{home}/.config/pip/pip.conf"), format!("{home}/.pip/pip.conf")];
+    files.iter().rev().find_map(|f| std::fs::read_to_string(f).ok().and_then(|t| ini_value(&t, "global", "index-url")))
 }
 
 fn ini_value(text: &str, section: &str, key: &str) -> Option<String> {
@@ -252,47 +220,31 @@ mod tests {
     fn the_mirror_is_read_from_deb822_sources() {
         let text = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
                     Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\nComponents: main\n";
-        assert_eq!(
-            mirror_from_deb822(text).as_deref(),
-            Some("http://mirror.example/debian")
-        );
-        assert_eq!(
-            mirror_from_deb822("Types: deb\nURIs: http://x\nSuites: nodistro\nComponents: main\n"),
-            None
-        );
+        assert_eq!(mirror_from_deb822(text).as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(mirror_from_deb822("Types: deb\nURIs: http://x\nSuites: nodistro\nComponents: main\n"), None);
     }
 
     #[test]
     fn the_mirror_is_read_from_a_sources_list() {
         let text = "# comment\ndeb [arch=amd64] http://m.example/debian bookworm main contrib\n";
-        assert_eq!(
-            mirror_from_list(text).as_deref(),
-            Some("http://m.example/debian")
-        );
+        assert_eq!(mirror_from_list(text).as_deref(), Some("http://m.example/debian"));
     }
 
     #[test]
     fn the_pip_index_is_read_from_the_global_section() {
         let text = "[install]\nindex-url = http://wrong\n[global]\ncert = /x\nindex-url = http://right/simple\n";
-        assert_eq!(
-            ini_value(text, "global", "index-url").as_deref(),
-            Some("http://right/simple")
-        );
+        assert_eq!(ini_value(text, "global", "index-url").as_deref(), Some("http://right/simple"));
     }
 
     #[test]
     fn the_content_hash_changes_with_files_args_and_parent() {
-        let ctx = Context {
-            files: BTreeMap::from([("Dockerfile".to_owned(), b"FROM x".to_vec())]),
-        };
+        let ctx = Context { files: BTreeMap::from([("Dockerfile".to_owned(), b"FROM x".to_vec())]) };
         let args = HashMap::from([("A".to_owned(), "1".to_owned())]);
         let h = ctx.content_hash(&args, "sha256:p");
         assert_eq!(h, ctx.content_hash(&args, "sha256:p"), "stable");
         assert_ne!(h, ctx.content_hash(&args, "sha256:q"), "parent");
         assert_ne!(h, ctx.content_hash(&HashMap::new(), "sha256:p"), "args");
-        let other = Context {
-            files: BTreeMap::from([("Dockerfile".to_owned(), b"FROM y".to_vec())]),
-        };
+        let other = Context { files: BTreeMap::from([("Dockerfile".to_owned(), b"FROM y".to_vec())]) };
         assert_ne!(h, other.content_hash(&args, "sha256:p"), "files");
     }
 
@@ -311,18 +263,9 @@ mod tests {
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (
-                    e.path().unwrap().display().to_string(),
-                    e.header().mode().unwrap(),
-                )
+                (e.path().unwrap().display().to_string(), e.header().mode().unwrap())
             })
             .collect();
-        assert_eq!(
-            entries,
-            vec![
-                ("Dockerfile".to_owned(), 0o644),
-                ("start".to_owned(), 0o755)
-            ]
-        );
+        assert_eq!(entries, vec![("Dockerfile".to_owned(), 0o644), ("start".to_owned(), 0o755)]);
     }
 }

@@ -51,11 +51,7 @@ pub struct KernelClient {
 
 impl KernelClient {
     /// Connects all sockets. `connect_timeout` bounds each connect: zmq.rs waits for the peer to listen.
-    pub async fn connect(
-        endpoints: &Endpoints,
-        key: &str,
-        connect_timeout: Duration,
-    ) -> Result<Self, KernelError> {
+    pub async fn connect(endpoints: &Endpoints, key: &str, connect_timeout: Duration) -> Result<Self, KernelError> {
         let options = || {
             let mut o = SocketOptions::default();
             o.connect_timeout(connect_timeout);
@@ -78,16 +74,10 @@ impl KernelClient {
     }
 
     /// Sends a new request of `msg_type` on `channel` and returns its `msg_id`.
-    pub async fn send(
-        &mut self,
-        channel: Channel,
-        msg_type: &str,
-        content: Value,
-    ) -> Result<String, KernelError> {
+    pub async fn send(&mut self, channel: Channel, msg_type: &str, content: Value) -> Result<String, KernelError> {
         let msg = Message::request(msg_type, &self.session, content);
         let id = msg.header.msg_id.clone();
-        let frames =
-            ZmqMessage::try_from(self.signer.encode(&msg)).expect("an encoded message has frames");
+        let frames = ZmqMessage::try_from(self.signer.encode(&msg)).expect("an encoded message has frames");
         match channel {
             Channel::Shell => self.shell.send(frames).await?,
             Channel::Control => self.control.send(frames).await?,
@@ -148,9 +138,7 @@ impl KernelClient {
                 return Ok(info.clone());
             }
             if Instant::now() >= next_send {
-                pending = self
-                    .send(Channel::Shell, "kernel_info_request", json!({}))
-                    .await?;
+                pending = self.send(Channel::Shell, "kernel_info_request", json!({})).await?;
                 next_send = Instant::now() + Duration::from_millis(500);
             }
             let wait_until = next_send.min(deadline);
@@ -173,13 +161,7 @@ impl KernelClient {
 }
 
 async fn connect<S: Socket>(socket: &mut S, endpoint: &str) -> Result<(), KernelError> {
-    socket
-        .connect(endpoint)
-        .await
-        .map_err(|source| KernelError::Connect {
-            endpoint: endpoint.to_owned(),
-            source,
-        })
+    socket.connect(endpoint).await.map_err(|source| KernelError::Connect { endpoint: endpoint.to_owned(), source })
 }
 
 fn log_bad_message(channel: Channel, error: &WireError) {

@@ -37,9 +37,7 @@ impl ConnectionInfo {
     /// A new ipc connection with a fresh random 256-bit key.
     pub fn new_ipc() -> Self {
         let mut key = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut key)
-            .expect("the system random source is available");
+        SystemRandom::new().fill(&mut key).expect("the system random source is available");
         let [shell, iopub, stdin, control, hb] = PORTS;
         ConnectionInfo {
             transport: "ipc".into(),
@@ -58,11 +56,7 @@ impl ConnectionInfo {
     /// The endpoints as the service sees them, with the session directory at `host_dir`.
     pub fn host_endpoints(&self, host_dir: &Path) -> Endpoints {
         let at = |port: u16| format!("ipc://{}", host_dir.join(format!("k-{port}")).display());
-        Endpoints {
-            shell: at(self.shell_port),
-            iopub: at(self.iopub_port),
-            control: at(self.control_port),
-        }
+        Endpoints { shell: at(self.shell_port), iopub: at(self.iopub_port), control: at(self.control_port) }
     }
 }
 
@@ -107,10 +101,7 @@ mod tests {
         let ends = info.host_endpoints(Path::new("/var/lib/kernelbox/sessions/abc"));
         assert_eq!(ends.shell, "ipc:///var/lib/kernelbox/sessions/abc/k-50001");
         assert_eq!(ends.iopub, "ipc:///var/lib/kernelbox/sessions/abc/k-50002");
-        assert_eq!(
-            ends.control,
-            "ipc:///var/lib/kernelbox/sessions/abc/k-50004"
-        );
+        assert_eq!(ends.control, "ipc:///var/lib/kernelbox/sessions/abc/k-50004");
     }
 
     #[test]

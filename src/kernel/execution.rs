@@ -113,11 +113,7 @@ impl ExecutionTracker {
                     _ => ReplyStatus::Error,
                 };
                 let error = (status == ReplyStatus::Error).then(|| error_info(c));
-                self.reply = Some((
-                    status,
-                    c.get("execution_count").and_then(Value::as_u64),
-                    error,
-                ));
+                self.reply = Some((status, c.get("execution_count").and_then(Value::as_u64), error));
                 Vec::new()
             }
             (Channel::IOPub, "status") => {
@@ -143,18 +139,9 @@ impl ExecutionTracker {
                     return Vec::new();
                 };
                 let (data, metadata) = (map_field(c, "data"), map_field(c, "metadata"));
-                let targets: Vec<usize> = self
-                    .displays
-                    .iter()
-                    .filter(|(d, _)| d == id)
-                    .map(|(_, i)| *i)
-                    .collect();
+                let targets: Vec<usize> = self.displays.iter().filter(|(d, _)| d == id).map(|(_, i)| *i).collect();
                 for i in targets {
-                    if let Some(Output::DisplayData {
-                        data: d,
-                        metadata: m,
-                    }) = self.outputs.get_mut(i)
-                    {
+                    if let Some(Output::DisplayData { data: d, metadata: m }) = self.outputs.get_mut(i) {
                         *d = data.clone();
                         *m = metadata.clone();
                     }
@@ -164,19 +151,11 @@ impl ExecutionTracker {
             (Channel::IOPub, "execute_result") => {
                 let execution_count = c.get("execution_count").and_then(Value::as_u64);
                 let (data, metadata) = (map_field(c, "data"), map_field(c, "metadata"));
-                self.push(Output::ExecuteResult {
-                    execution_count,
-                    data,
-                    metadata,
-                })
+                self.push(Output::ExecuteResult { execution_count, data, metadata })
             }
             (Channel::IOPub, "error") => {
                 let e = error_info(c);
-                self.push(Output::Error {
-                    ename: e.ename,
-                    evalue: e.evalue,
-                    traceback: e.traceback,
-                })
+                self.push(Output::Error { ename: e.ename, evalue: e.evalue, traceback: e.traceback })
             }
             (Channel::IOPub, "clear_output") => {
                 if c.get("wait").and_then(Value::as_bool) == Some(true) {
@@ -198,22 +177,13 @@ impl ExecutionTracker {
     }
 
     fn push(&mut self, output: Output) -> Vec<Event> {
-        let mut events = if self.clear_pending {
-            self.clear()
-        } else {
-            Vec::new()
-        };
+        let mut events = if self.clear_pending { self.clear() } else { Vec::new() };
         let Some(output) = self.cap_output(output) else {
             return events;
         };
         // Consecutive stream output of one name is one output, as a notebook shows it.
-        if let (
-            Output::Stream { name, text },
-            Some(Output::Stream {
-                name: last_name,
-                text: last_text,
-            }),
-        ) = (&output, self.outputs.last_mut())
+        if let (Output::Stream { name, text }, Some(Output::Stream { name: last_name, text: last_text })) =
+            (&output, self.outputs.last_mut())
             && name == last_name
         {
             last_text.push_str(text);
@@ -231,8 +201,7 @@ impl ExecutionTracker {
             self.truncated = true;
             return None;
         }
-        let marker =
-            |cap: usize| format!("\n[kernelbox: output truncated, limit of {cap} bytes reached]\n");
+        let marker = |cap: usize| format!("\n[kernelbox: output truncated, limit of {cap} bytes reached]\n");
         let capped = match output {
             Output::Stream { name, mut text } => {
                 if text.len() > self.budget {
@@ -249,36 +218,19 @@ impl ExecutionTracker {
                 let (data, metadata) = self.cap_bundle(data, metadata);
                 Output::DisplayData { data, metadata }
             }
-            Output::ExecuteResult {
-                execution_count,
-                data,
-                metadata,
-            } => {
+            Output::ExecuteResult { execution_count, data, metadata } => {
                 let (data, metadata) = self.cap_bundle(data, metadata);
-                Output::ExecuteResult {
-                    execution_count,
-                    data,
-                    metadata,
-                }
+                Output::ExecuteResult { execution_count, data, metadata }
             }
-            Output::Error {
-                ename,
-                evalue,
-                mut traceback,
-            } => {
-                let size: usize =
-                    ename.len() + evalue.len() + traceback.iter().map(String::len).sum::<usize>();
+            Output::Error { ename, evalue, mut traceback } => {
+                let size: usize = ename.len() + evalue.len() + traceback.iter().map(String::len).sum::<usize>();
                 if size > self.budget {
                     traceback.truncate(1);
                     traceback.push(marker(self.cap));
                     self.truncated = true;
                 }
                 self.budget = self.budget.saturating_sub(size);
-                Output::Error {
-                    ename,
-                    evalue,
-                    traceback,
-                }
+                Output::Error { ename, evalue, traceback }
             }
         };
         Some(capped)
@@ -304,17 +256,10 @@ impl ExecutionTracker {
         }
         if !omitted.is_empty() {
             self.truncated = true;
-            let note = format!(
-                "[kernelbox: output omitted ({}), limit of {} bytes reached]",
-                omitted.join(", "),
-                self.cap
-            );
-            data.entry("text/plain")
-                .or_insert_with(|| Value::String(note.clone()));
-            metadata.insert(
-                "kernelbox".into(),
-                json!({"truncated": true, "omitted": omitted, "message": note}),
-            );
+            let note =
+                format!("[kernelbox: output omitted ({}), limit of {} bytes reached]", omitted.join(", "), self.cap);
+            data.entry("text/plain").or_insert_with(|| Value::String(note.clone()));
+            metadata.insert("kernelbox".into(), json!({"truncated": true, "omitted": omitted, "message": note}));
         }
         (data, metadata)
     }
@@ -357,15 +302,9 @@ pub fn stream_text(outputs: &[Output], which: &str) -> String {
 /// The first error output, if any.
 pub fn first_error(outputs: &[Output]) -> Option<ErrorInfo> {
     outputs.iter().find_map(|o| match o {
-        Output::Error {
-            ename,
-            evalue,
-            traceback,
-        } => Some(ErrorInfo {
-            ename: ename.clone(),
-            evalue: evalue.clone(),
-            traceback: traceback.clone(),
-        }),
+        Output::Error { ename, evalue, traceback } => {
+            Some(ErrorInfo { ename: ename.clone(), evalue: evalue.clone(), traceback: traceback.clone() })
+        }
         _ => None,
     })
 }
@@ -395,10 +334,7 @@ fn str_field(c: &Value, key: &str) -> String {
 }
 
 fn map_field(c: &Value, key: &str) -> Map<String, Value> {
-    c.get(key)
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default()
+    c.get(key).and_then(Value::as_object).cloned().unwrap_or_default()
 }
 
 fn error_info(c: &Value) -> ErrorInfo {
@@ -408,12 +344,7 @@ fn error_info(c: &Value) -> ErrorInfo {
         traceback: c
             .get("traceback")
             .and_then(Value::as_array)
-            .map(|t| {
-                t.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
+            .map(|t| t.iter().filter_map(Value::as_str).map(str::to_owned).collect())
             .unwrap_or_default(),
     }
 }
@@ -430,12 +361,7 @@ mod tests {
         m
     }
 
-    fn feed(
-        t: &mut ExecutionTracker,
-        channel: Channel,
-        msg_type: &str,
-        content: Value,
-    ) -> Vec<Event> {
+    fn feed(t: &mut ExecutionTracker, channel: Channel, msg_type: &str, content: Value) -> Vec<Event> {
         t.handle(channel, &msg(msg_type, ID, content))
     }
 
@@ -446,25 +372,10 @@ mod tests {
     #[test]
     fn an_execution_is_complete_only_after_reply_and_idle() {
         let mut t = tracker();
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "status",
-            json!({"execution_state": "busy"}),
-        );
-        feed(
-            &mut t,
-            Channel::Shell,
-            "execute_reply",
-            json!({"status": "ok", "execution_count": 3}),
-        );
+        feed(&mut t, Channel::IOPub, "status", json!({"execution_state": "busy"}));
+        feed(&mut t, Channel::Shell, "execute_reply", json!({"status": "ok", "execution_count": 3}));
         assert!(!t.is_complete());
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "status",
-            json!({"execution_state": "idle"}),
-        );
+        feed(&mut t, Channel::IOPub, "status", json!({"execution_state": "idle"}));
         assert!(t.is_complete());
         assert_eq!(t.reply().unwrap().0, ReplyStatus::Ok);
         assert_eq!(t.reply().unwrap().1, Some(3));
@@ -473,11 +384,7 @@ mod tests {
     #[test]
     fn messages_for_other_requests_are_ignored() {
         let mut t = tracker();
-        let other = msg(
-            "stream",
-            "someone-else",
-            json!({"name": "stdout", "text": "x"}),
-        );
+        let other = msg("stream", "someone-else", json!({"name": "stdout", "text": "x"}));
         assert!(t.handle(Channel::IOPub, &other).is_empty());
         assert!(t.outputs().is_empty());
     }
@@ -485,24 +392,9 @@ mod tests {
     #[test]
     fn consecutive_stream_text_is_merged_and_split_by_name() {
         let mut t = tracker();
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "stream",
-            json!({"name": "stdout", "text": "4"}),
-        );
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "stream",
-            json!({"name": "stdout", "text": "2\n"}),
-        );
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "stream",
-            json!({"name": "stderr", "text": "warn\n"}),
-        );
+        feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "4"}));
+        feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "2\n"}));
+        feed(&mut t, Channel::IOPub, "stream", json!({"name": "stderr", "text": "warn\n"}));
         let out = t.into_outputs();
         assert_eq!(out.len(), 2);
         assert_eq!(stream_text(&out, "stdout"), "42\n");
@@ -512,20 +404,10 @@ mod tests {
     #[test]
     fn rich_results_keep_their_whole_mime_bundle() {
         let mut t = tracker();
-        let data =
-            json!({"text/plain": "2", "text/html": "<b>2</b>", "application/json": {"v": 2}});
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "execute_result",
-            json!({"execution_count": 1, "data": data, "metadata": {}}),
-        );
+        let data = json!({"text/plain": "2", "text/html": "<b>2</b>", "application/json": {"v": 2}});
+        feed(&mut t, Channel::IOPub, "execute_result", json!({"execution_count": 1, "data": data, "metadata": {}}));
         match &t.outputs()[0] {
-            Output::ExecuteResult {
-                execution_count,
-                data: d,
-                ..
-            } => {
+            Output::ExecuteResult { execution_count, data: d, .. } => {
                 assert_eq!(*execution_count, Some(1));
                 assert_eq!(Value::Object(d.clone()), data);
             }
@@ -536,7 +418,8 @@ mod tests {
     #[test]
     fn an_error_reply_carries_the_error() {
         let mut t = tracker();
-        let err = json!({"status": "error", "ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["tb"]});
+        let err =
+            json!({"status": "error", "ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["tb"]});
         feed(&mut t, Channel::Shell, "execute_reply", err);
         let (status, _, error) = t.reply().unwrap();
         assert_eq!(*status, ReplyStatus::Error);
@@ -546,37 +429,19 @@ mod tests {
     #[test]
     fn stream_text_past_the_cap_is_cut_with_a_marker_and_then_dropped() {
         let mut t = ExecutionTracker::new(ID.into(), 10);
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "stream",
-            json!({"name": "stdout", "text": "0123456789abcdef"}),
-        );
-        let more = feed(
-            &mut t,
-            Channel::IOPub,
-            "stream",
-            json!({"name": "stdout", "text": "more"}),
-        );
+        feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "0123456789abcdef"}));
+        let more = feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "more"}));
         assert!(more.is_empty());
         assert!(t.truncated());
         let text = stream_text(t.outputs(), "stdout");
-        assert!(
-            text.starts_with("0123456789\n[kernelbox: output truncated"),
-            "{text}"
-        );
+        assert!(text.starts_with("0123456789\n[kernelbox: output truncated"), "{text}");
         assert!(!text.contains("more"));
     }
 
     #[test]
     fn the_cap_never_splits_a_character() {
         let mut t = ExecutionTracker::new(ID.into(), 5);
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "stream",
-            json!({"name": "stdout", "text": "ééé"}),
-        );
+        feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "ééé"}));
         assert!(stream_text(t.outputs(), "stdout").starts_with("éé\n"));
     }
 
@@ -604,41 +469,13 @@ mod tests {
     #[test]
     fn clear_output_clears_now_or_at_the_next_output() {
         let mut t = tracker();
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "stream",
-            json!({"name": "stdout", "text": "a"}),
-        );
-        assert_eq!(
-            feed(
-                &mut t,
-                Channel::IOPub,
-                "clear_output",
-                json!({"wait": false})
-            ),
-            vec![Event::Cleared]
-        );
+        feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "a"}));
+        assert_eq!(feed(&mut t, Channel::IOPub, "clear_output", json!({"wait": false})), vec![Event::Cleared]);
         assert!(t.outputs().is_empty());
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "stream",
-            json!({"name": "stdout", "text": "b"}),
-        );
-        feed(
-            &mut t,
-            Channel::IOPub,
-            "clear_output",
-            json!({"wait": true}),
-        );
+        feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "b"}));
+        feed(&mut t, Channel::IOPub, "clear_output", json!({"wait": true}));
         assert_eq!(t.outputs().len(), 1);
-        let events = feed(
-            &mut t,
-            Channel::IOPub,
-            "stream",
-            json!({"name": "stdout", "text": "c"}),
-        );
+        let events = feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "c"}));
         assert_eq!(events[0], Event::Cleared);
         assert_eq!(stream_text(t.outputs(), "stdout"), "c");
     }
@@ -646,8 +483,7 @@ mod tests {
     #[test]
     fn update_display_data_replaces_the_display_it_names() {
         let mut t = tracker();
-        let first =
-            json!({"data": {"text/plain": "0%"}, "metadata": {}, "transient": {"display_id": "p"}});
+        let first = json!({"data": {"text/plain": "0%"}, "metadata": {}, "transient": {"display_id": "p"}});
         feed(&mut t, Channel::IOPub, "display_data", first);
         let update = json!({"data": {"text/plain": "100%"}, "metadata": {}, "transient": {"display_id": "p"}});
         feed(&mut t, Channel::IOPub, "update_display_data", update);
@@ -659,13 +495,7 @@ mod tests {
 
     #[test]
     fn outputs_serialize_in_nbformat_shape() {
-        let o = Output::Stream {
-            name: "stdout".into(),
-            text: "hi".into(),
-        };
-        assert_eq!(
-            serde_json::to_value(&o).unwrap(),
-            json!({"output_type": "stream", "name": "stdout", "text": "hi"})
-        );
+        let o = Output::Stream { name: "stdout".into(), text: "hi".into() };
+        assert_eq!(serde_json::to_value(&o).unwrap(), json!({"output_type": "stream", "name": "stdout", "text": "hi"}));
     }
 }

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod connection;
 pub mod execution;
+pub mod fake;
 pub mod wire;
 
 pub use client::{Channel, KernelClient, KernelError};

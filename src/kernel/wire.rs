@@ -22,9 +22,7 @@ pub const PROTOCOL_VERSION: &str = "5.3";
 pub enum WireError {
     #[error("message has no <IDS|MSG> delimiter frame")]
     NoDelimiter,
-    #[error(
-        "message has {0} frames after the delimiter; a signature and four JSON frames are needed"
-    )]
+    #[error("message has {0} frames after the delimiter; a signature and four JSON frames are needed")]
     Truncated(usize),
     #[error("message signature does not match its content")]
     BadSignature,
@@ -107,9 +105,7 @@ pub struct Signer {
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer")
-            .field("signed", &self.key.is_some())
-            .finish()
+        f.debug_struct("Signer").field("signed", &self.key.is_some()).finish()
     }
 }
 
@@ -161,10 +157,7 @@ impl Signer {
 
     /// Reads a message from its frames, checking the signature before parsing any JSON.
     pub fn decode(&self, frames: Vec<Bytes>) -> Result<Message, WireError> {
-        let split = frames
-            .iter()
-            .position(|f| f.as_ref() == DELIMITER)
-            .ok_or(WireError::NoDelimiter)?;
+        let split = frames.iter().position(|f| f.as_ref() == DELIMITER).ok_or(WireError::NoDelimiter)?;
         let mut frames = frames.into_iter();
         let identities: Vec<Bytes> = frames.by_ref().take(split).collect();
         frames.next(); // the delimiter
@@ -186,10 +179,7 @@ impl Signer {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(frame: &[u8], name: &'static str) -> Result<T, WireError> {
-    serde_json::from_slice(frame).map_err(|e| WireError::BadJson {
-        frame: name,
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(frame).map_err(|e| WireError::BadJson { frame: name, reason: e.to_string() })
 }
 
 #[cfg(test)]
@@ -202,11 +192,7 @@ mod tests {
     }
 
     fn sample() -> Message {
-        let mut msg = Message::request(
-            "execute_request",
-            "s1",
-            json!({"code": "1+1", "silent": false}),
-        );
+        let mut msg = Message::request("execute_request", "s1", json!({"code": "1+1", "silent": false}));
         msg.identities = vec![Bytes::from_static(b"peer")];
         msg.buffers = vec![Bytes::from_static(b"\x00binary")];
         msg
@@ -227,10 +213,7 @@ mod tests {
         for f in &frames[3..7] {
             data.extend_from_slice(f);
         }
-        assert_eq!(
-            frames[2].as_ref(),
-            hex::encode(hmac::sign(&key, &data).as_ref()).as_bytes()
-        );
+        assert_eq!(frames[2].as_ref(), hex::encode(hmac::sign(&key, &data).as_ref()).as_bytes());
     }
 
     #[test]
@@ -246,10 +229,7 @@ mod tests {
         frames.truncate(5); // identity, delimiter, signature, header, parent
         assert_eq!(signer().decode(frames), Err(WireError::Truncated(3)));
         let only_delimiter = vec![Bytes::from_static(DELIMITER)];
-        assert_eq!(
-            signer().decode(only_delimiter),
-            Err(WireError::Truncated(0))
-        );
+        assert_eq!(signer().decode(only_delimiter), Err(WireError::Truncated(0)));
     }
 
     #[test]
@@ -286,17 +266,10 @@ mod tests {
         let mut msg_frames = signer().encode(&sample());
         msg_frames[6] = Bytes::from_static(b"{not json");
         // Re-sign so that only the JSON is wrong.
-        let sig = signer().sign(&[
-            &msg_frames[3],
-            &msg_frames[4],
-            &msg_frames[5],
-            &msg_frames[6],
-        ]);
+        let sig = signer().sign(&[&msg_frames[3], &msg_frames[4], &msg_frames[5], &msg_frames[6]]);
         msg_frames[2] = Bytes::from(sig);
         match signer().decode(msg_frames) {
-            Err(WireError::BadJson {
-                frame: "content", ..
-            }) => {}
+            Err(WireError::BadJson { frame: "content", .. }) => {}
             other => panic!("expected a content JSON error, got {other:?}"),
         }
     }
@@ -307,13 +280,7 @@ mod tests {
         frames[3] = Bytes::from_static(br#"{"msg_id":"x"}"#);
         let sig = signer().sign(&[&frames[3], &frames[4], &frames[5], &frames[6]]);
         frames[2] = Bytes::from(sig);
-        assert!(matches!(
-            signer().decode(frames),
-            Err(WireError::BadJson {
-                frame: "header",
-                ..
-            })
-        ));
+        assert!(matches!(signer().decode(frames), Err(WireError::BadJson { frame: "header", .. })));
     }
 
     #[test]

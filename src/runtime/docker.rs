@@ -10,16 +10,14 @@ use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
-    WaitContainerOptionsBuilder,
+    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
 use super::{
-    BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExitInfo, ImageInfo, Progress,
-    RuntimeError,
+    BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExitInfo, ImageInfo, Progress, RuntimeError,
 };
 
 /// A Docker engine reached through its API socket.
@@ -32,8 +30,7 @@ impl DockerRuntime {
     /// Connects as the docker CLI would (`DOCKER_HOST`, else the local socket). Does not contact the
     /// engine yet: see [`ContainerRuntime::ping`].
     pub fn connect() -> Result<Self, RuntimeError> {
-        let docker = Docker::connect_with_defaults()
-            .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
+        let docker = Docker::connect_with_defaults().map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
         Ok(DockerRuntime { docker })
     }
 }
@@ -57,10 +54,7 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
         // A kernel that floods its own stderr must not fill the host's disk.
         log_config: Some(HostConfigLogConfig {
             typ: Some("json-file".into()),
-            config: Some(HashMap::from([
-                ("max-size".into(), "1m".into()),
-                ("max-file".into(), "1".into()),
-            ])),
+            config: Some(HashMap::from([("max-size".into(), "1m".into()), ("max-file".into(), "1".into())])),
         }),
         ..Default::default()
     }
@@ -68,17 +62,10 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
 
 fn map_err(e: BollardError) -> RuntimeError {
     match e {
-        BollardError::DockerResponseServerError {
-            status_code: 404,
-            message,
-        } => RuntimeError::NotFound(message),
-        BollardError::DockerResponseServerError {
-            status_code,
-            message,
-        } => RuntimeError::Api {
-            status: status_code,
-            message,
-        },
+        BollardError::DockerResponseServerError { status_code: 404, message } => RuntimeError::NotFound(message),
+        BollardError::DockerResponseServerError { status_code, message } => {
+            RuntimeError::Api { status: status_code, message }
+        }
         BollardError::DockerStreamError { error } => RuntimeError::Build(error),
         other => RuntimeError::Unavailable(other.to_string()),
     }
@@ -87,11 +74,7 @@ fn map_err(e: BollardError) -> RuntimeError {
 #[async_trait]
 impl ContainerRuntime for DockerRuntime {
     async fn ping(&self) -> Result<(), RuntimeError> {
-        self.docker
-            .ping()
-            .await
-            .map(|_| ())
-            .map_err(|e| RuntimeError::Unavailable(e.to_string()))
+        self.docker.ping().await.map(|_| ()).map_err(|e| RuntimeError::Unavailable(e.to_string()))
     }
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
@@ -106,14 +89,8 @@ impl ContainerRuntime for DockerRuntime {
             host_config: Some(host_config(spec)),
             ..Default::default()
         };
-        let options = CreateContainerOptionsBuilder::default()
-            .name(&spec.name)
-            .build();
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(map_err)?;
+        let options = CreateContainerOptionsBuilder::default().name(&spec.name).build();
+        let created = self.docker.create_container(Some(options), body).await.map_err(map_err)?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
             let _ = self.remove(&created.id).await;
             return Err(map_err(e));
@@ -122,74 +99,42 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        let options = RemoveContainerOptionsBuilder::default()
-            .force(true)
-            .v(true)
-            .build();
+        let options = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
         match self.docker.remove_container(id, Some(options)).await {
             Ok(()) => Ok(()),
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
             // 409: removal already in progress, which is what we want.
-            Err(BollardError::DockerResponseServerError {
-                status_code: 409, ..
-            }) => Ok(()),
+            Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
             Err(e) => Err(map_err(e)),
         }
     }
 
     async fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
-        let options = KillContainerOptionsBuilder::default()
-            .signal(signal)
-            .build();
-        self.docker
-            .kill_container(id, Some(options))
-            .await
-            .map_err(map_err)
+        let options = KillContainerOptionsBuilder::default().signal(signal).build();
+        self.docker.kill_container(id, Some(options)).await.map_err(map_err)
     }
 
     async fn wait_exit(&self, id: &str) -> Result<ExitInfo, RuntimeError> {
-        let options = WaitContainerOptionsBuilder::default()
-            .condition("not-running")
-            .build();
+        let options = WaitContainerOptionsBuilder::default().condition("not-running").build();
         let mut wait = self.docker.wait_container(id, Some(options));
         // bollard reports a non-zero exit as an error; either way the container has stopped.
         let waited = wait.next().await;
         if let Some(Err(e @ BollardError::DockerResponseServerError { .. })) = waited {
             return Err(map_err(e));
         }
-        let inspect = self
-            .docker
-            .inspect_container(id, None)
-            .await
-            .map_err(map_err)?;
+        let inspect = self.docker.inspect_container(id, None).await.map_err(map_err)?;
         let state = inspect.state.unwrap_or_default();
-        Ok(ExitInfo {
-            exit_code: state.exit_code.unwrap_or(-1),
-            oom_killed: state.oom_killed.unwrap_or(false),
-        })
+        Ok(ExitInfo { exit_code: state.exit_code.unwrap_or(-1), oom_killed: state.oom_killed.unwrap_or(false) })
     }
 
-    async fn list(
-        &self,
-        key: &str,
-        value: Option<&str>,
-    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
+    async fn list(&self, key: &str, value: Option<&str>) -> Result<Vec<ContainerSummary>, RuntimeError> {
         let label = match value {
             Some(v) => format!("{key}={v}"),
             None => key.to_owned(),
         };
         let filters = HashMap::from([("label", vec![label.as_str()])]);
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let list = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(map_err)?;
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let list = self.docker.list_containers(Some(options)).await.map_err(map_err)?;
         Ok(list
             .into_iter()
             .filter_map(|c| {
@@ -210,18 +155,12 @@ impl ContainerRuntime for DockerRuntime {
                 size_bytes: image.size.unwrap_or(0),
                 created: image.created.unwrap_or_default(),
             })),
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(e) => Err(map_err(e)),
         }
     }
 
-    async fn build_image(
-        &self,
-        request: BuildRequest,
-        progress: Progress<'_>,
-    ) -> Result<(), RuntimeError> {
+    async fn build_image(&self, request: BuildRequest, progress: Progress<'_>) -> Result<(), RuntimeError> {
         let options = BuildImageOptionsBuilder::default()
             .t(&request.tag)
             .rm(true)
@@ -257,21 +196,13 @@ impl ContainerRuntime for DockerRuntime {
         match self.image(&request.tag).await? {
             Some(_) => Ok(()),
             None => Err(RuntimeError::Build(
-                stream_error
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "the build produced no image".into()),
+                stream_error.map(|e| e.to_string()).unwrap_or_else(|| "the build produced no image".into()),
             )),
         }
     }
 
-    async fn pull_image(
-        &self,
-        reference: &str,
-        progress: Progress<'_>,
-    ) -> Result<(), RuntimeError> {
-        let options = CreateImageOptionsBuilder::default()
-            .from_image(reference)
-            .build();
+    async fn pull_image(&self, reference: &str, progress: Progress<'_>) -> Result<(), RuntimeError> {
+        let options = CreateImageOptionsBuilder::default().from_image(reference).build();
         let mut stream = self.docker.create_image(Some(options), None, None);
         while let Some(item) = stream.next().await {
             let info = item.map_err(map_err)?;
@@ -288,11 +219,7 @@ impl ContainerRuntime for DockerRuntime {
         reference: &str,
     ) -> Result<(), RuntimeError> {
         let (repo, tag) = reference.rsplit_once(':').unwrap_or((reference, "latest"));
-        let options = CreateImageOptionsBuilder::default()
-            .from_src("-")
-            .repo(repo)
-            .tag(tag)
-            .build();
+        let options = CreateImageOptionsBuilder::default().from_src("-").repo(repo).tag(tag).build();
         let body = bollard::body_try_stream(rootfs_tar);
         let mut stream = self.docker.create_image(Some(options), Some(body), None);
         while let Some(item) = stream.next().await {
@@ -300,9 +227,7 @@ impl ContainerRuntime for DockerRuntime {
         }
         match self.image(reference).await? {
             Some(_) => Ok(()),
-            None => Err(RuntimeError::Build(format!(
-                "docker import produced no image {reference}"
-            ))),
+            None => Err(RuntimeError::Build(format!("docker import produced no image {reference}"))),
         }
     }
 }
@@ -313,19 +238,12 @@ mod tests {
 
     #[test]
     fn every_container_is_sealed_whatever_the_spec_says() {
-        let spec = ContainerSpec {
-            memory_bytes: 256 << 20,
-            nano_cpus: 1_000_000_000,
-            pids_limit: 64,
-            ..Default::default()
-        };
+        let spec =
+            ContainerSpec { memory_bytes: 256 << 20, nano_cpus: 1_000_000_000, pids_limit: 64, ..Default::default() };
         let hc = host_config(&spec);
         assert_eq!(hc.network_mode.as_deref(), Some("none"));
         assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()]));
-        assert_eq!(
-            hc.security_opt,
-            Some(vec!["no-new-privileges:true".to_string()])
-        );
+        assert_eq!(hc.security_opt, Some(vec!["no-new-privileges:true".to_string()]));
         assert_eq!(hc.readonly_rootfs, Some(true));
         assert_eq!(hc.init, Some(true));
         assert_eq!(hc.memory_swap, hc.memory, "no swap beyond the memory limit");

@@ -1,5 +1,7 @@
-//! An in-memory [`ContainerRuntime`] for unit tests of session and reaper logic. It starts nothing: a
-//! "container" is a map entry, and `kill` makes it exit. Never used instead of the end-to-end tests.
+//! An in-memory [`ContainerRuntime`] for unit tests of session and reaper logic. A "container" is a map
+//! entry; when its spec mounts a session directory at `/kernel`, a [`FakeKernel`] serves it there, so the
+//! session layer runs for real against a fake peer. `kill` makes a container exit. Never used instead of
+//! the end-to-end tests.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,9 +10,10 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use tokio::sync::watch;
 
+use crate::kernel::fake::FakeKernel;
+
 use super::{
-    BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExitInfo, ImageInfo, Progress,
-    RuntimeError,
+    BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExitInfo, ImageInfo, Progress, RuntimeError,
 };
 
 #[derive(Default)]
@@ -29,6 +32,9 @@ struct State {
 
 struct FakeContainer {
     spec: ContainerSpec,
+    /// The session directory mounted at `/kernel`, if any.
+    dir: Option<std::path::PathBuf>,
+    kernel: Option<FakeKernel>,
     exit: watch::Sender<Option<ExitInfo>>,
     signals: Vec<String>,
 }
@@ -40,12 +46,10 @@ impl FakeRuntime {
 
     /// Makes a container stop as if its kernel died.
     pub fn kill(&self, id: &str, oom_killed: bool) {
-        let state = self.state.lock().unwrap();
-        if let Some(c) = state.containers.get(id) {
-            let _ = c.exit.send(Some(ExitInfo {
-                exit_code: 137,
-                oom_killed,
-            }));
+        let mut state = self.state.lock().unwrap();
+        if let Some(c) = state.containers.get_mut(id) {
+            c.kernel = None;
+            let _ = c.exit.send(Some(ExitInfo { exit_code: 137, oom_killed }));
         }
     }
 
@@ -54,47 +58,21 @@ impl FakeRuntime {
     }
 
     pub fn add_image(&self, reference: &str, labels: HashMap<String, String>) {
-        let info = ImageInfo {
-            id: format!("sha256:{reference}"),
-            labels,
-            size_bytes: 1,
-            created: String::new(),
-        };
-        self.state
-            .lock()
-            .unwrap()
-            .images
-            .insert(reference.to_owned(), info);
+        let info = ImageInfo { id: format!("sha256:{reference}"), labels, size_bytes: 1, created: String::new() };
+        self.state.lock().unwrap().images.insert(reference.to_owned(), info);
     }
 
     /// Ids of the containers that exist.
     pub fn container_ids(&self) -> Vec<String> {
-        self.state
-            .lock()
-            .unwrap()
-            .containers
-            .keys()
-            .cloned()
-            .collect()
+        self.state.lock().unwrap().containers.keys().cloned().collect()
     }
 
     pub fn spec(&self, id: &str) -> Option<ContainerSpec> {
-        self.state
-            .lock()
-            .unwrap()
-            .containers
-            .get(id)
-            .map(|c| c.spec.clone())
+        self.state.lock().unwrap().containers.get(id).map(|c| c.spec.clone())
     }
 
     pub fn signals(&self, id: &str) -> Vec<String> {
-        self.state
-            .lock()
-            .unwrap()
-            .containers
-            .get(id)
-            .map(|c| c.signals.clone())
-            .unwrap_or_default()
+        self.state.lock().unwrap().containers.get(id).map(|c| c.signals.clone()).unwrap_or_default()
     }
 
     fn check_up(&self) -> Result<(), RuntimeError> {
@@ -113,64 +91,74 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         self.check_up()?;
+        let dir = kernel_dir(spec);
+        let kernel = match &dir {
+            Some(dir) => Some(
+                FakeKernel::start(dir).await.map_err(|e| RuntimeError::Api { status: 500, message: e.to_string() })?,
+            ),
+            None => None,
+        };
         let mut state = self.state.lock().unwrap();
         state.next_id += 1;
         let id = format!("fake-{}", state.next_id);
         let (exit, _) = watch::channel(None);
-        state.containers.insert(
-            id.clone(),
-            FakeContainer {
-                spec: spec.clone(),
-                exit,
-                signals: Vec::new(),
-            },
-        );
+        state
+            .containers
+            .insert(id.clone(), FakeContainer { spec: spec.clone(), dir, kernel, exit, signals: Vec::new() });
         Ok(id)
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.check_up()?;
-        if let Some(c) = self.state.lock().unwrap().containers.remove(id) {
-            let _ = c.exit.send(Some(ExitInfo {
-                exit_code: 137,
-                oom_killed: false,
-            }));
+        let removed = self.state.lock().unwrap().containers.remove(id);
+        if let Some(c) = removed {
+            let _ = c.exit.send(Some(ExitInfo { exit_code: 137, oom_killed: false }));
         }
         Ok(())
     }
 
     async fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
         self.check_up()?;
-        let mut state = self.state.lock().unwrap();
-        let c = state
-            .containers
-            .get_mut(id)
-            .ok_or_else(|| RuntimeError::NotFound(id.into()))?;
-        c.signals.push(signal.to_owned());
+        let (old_kernel, restart_dir) = {
+            let mut state = self.state.lock().unwrap();
+            let c = state.containers.get_mut(id).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+            c.signals.push(signal.to_owned());
+            match signal {
+                "SIGINT" => {
+                    if let Some(k) = &c.kernel {
+                        k.interrupt();
+                    }
+                    (None, None)
+                }
+                "SIGHUP" => (c.kernel.take(), c.dir.clone()),
+                _ => (None, None),
+            }
+        };
+        if let Some(old) = old_kernel {
+            old.stop().await;
+        }
+        // SIGHUP restarts the kernel, as `start-kernel` does.
+        if let Some(dir) = restart_dir {
+            let kernel =
+                FakeKernel::start(&dir).await.map_err(|e| RuntimeError::Api { status: 500, message: e.to_string() })?;
+            if let Some(c) = self.state.lock().unwrap().containers.get_mut(id) {
+                c.kernel = Some(kernel);
+            }
+        }
         Ok(())
     }
 
     async fn wait_exit(&self, id: &str) -> Result<ExitInfo, RuntimeError> {
         let mut rx = {
             let state = self.state.lock().unwrap();
-            let c = state
-                .containers
-                .get(id)
-                .ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+            let c = state.containers.get(id).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
             c.exit.subscribe()
         };
-        let info = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| RuntimeError::NotFound(id.into()))?;
+        let info = rx.wait_for(Option::is_some).await.map_err(|_| RuntimeError::NotFound(id.into()))?;
         Ok(info.clone().expect("waited for Some"))
     }
 
-    async fn list(
-        &self,
-        key: &str,
-        value: Option<&str>,
-    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
+    async fn list(&self, key: &str, value: Option<&str>) -> Result<Vec<ContainerSummary>, RuntimeError> {
         self.check_up()?;
         let state = self.state.lock().unwrap();
         Ok(state
@@ -194,25 +182,15 @@ impl ContainerRuntime for FakeRuntime {
         Ok(self.state.lock().unwrap().images.get(reference).cloned())
     }
 
-    async fn build_image(
-        &self,
-        request: BuildRequest,
-        progress: Progress<'_>,
-    ) -> Result<(), RuntimeError> {
+    async fn build_image(&self, request: BuildRequest, progress: Progress<'_>) -> Result<(), RuntimeError> {
         self.check_up()?;
         progress("Step 1/1 : fake build");
         self.add_image(&request.tag, request.labels);
         Ok(())
     }
 
-    async fn pull_image(
-        &self,
-        reference: &str,
-        _progress: Progress<'_>,
-    ) -> Result<(), RuntimeError> {
-        Err(RuntimeError::NotFound(format!(
-            "no registry in the fake runtime: {reference}"
-        )))
+    async fn pull_image(&self, reference: &str, _progress: Progress<'_>) -> Result<(), RuntimeError> {
+        Err(RuntimeError::NotFound(format!("no registry in the fake runtime: {reference}")))
     }
 
     async fn import_image(
@@ -223,4 +201,12 @@ impl ContainerRuntime for FakeRuntime {
         self.add_image(reference, HashMap::new());
         Ok(())
     }
+}
+
+fn kernel_dir(spec: &ContainerSpec) -> Option<std::path::PathBuf> {
+    spec.binds.iter().find_map(|b| {
+        let mut parts = b.split(':');
+        let host = parts.next()?;
+        (parts.next()? == crate::kernel::connection::CONTAINER_DIR).then(|| host.into())
+    })
 }

@@ -112,22 +112,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Waits until the container stops, then tells how.
     async fn wait_exit(&self, id: &str) -> Result<ExitInfo, RuntimeError>;
     /// Containers (running or not) that carry label `key` (with `value`, when given).
-    async fn list(
-        &self,
-        key: &str,
-        value: Option<&str>,
-    ) -> Result<Vec<ContainerSummary>, RuntimeError>;
+    async fn list(&self, key: &str, value: Option<&str>) -> Result<Vec<ContainerSummary>, RuntimeError>;
     /// The image called `reference`, or `None`.
     async fn image(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError>;
     /// Builds an image, reporting each line of build output.
-    async fn build_image(
-        &self,
-        request: BuildRequest,
-        progress: Progress<'_>,
-    ) -> Result<(), RuntimeError>;
+    async fn build_image(&self, request: BuildRequest, progress: Progress<'_>) -> Result<(), RuntimeError>;
     /// Pulls an image from a registry.
-    async fn pull_image(&self, reference: &str, progress: Progress<'_>)
-    -> Result<(), RuntimeError>;
+    async fn pull_image(&self, reference: &str, progress: Progress<'_>) -> Result<(), RuntimeError>;
     /// Makes an image from a root filesystem tar stream (`docker import`).
     async fn import_image(
         &self,

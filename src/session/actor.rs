@@ -65,10 +65,7 @@ impl Actor {
     pub async fn run(mut self) {
         let cancel = self.session.cancel.clone();
         loop {
-            let alive = self
-                .host
-                .as_ref()
-                .is_some_and(|h| h.exit.borrow().is_none());
+            let alive = self.host.as_ref().is_some_and(|h| h.exit.borrow().is_none());
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -112,15 +109,12 @@ impl Actor {
         // A dead container is of no use; remove it now so nothing lingers.
         if let Some(host) = self.host.take() {
             let runtime = self.plan.runtime.clone();
-            self.plan
-                .tracker
-                .spawn(async move { runtime.remove(&host.container_id).await });
+            self.plan.tracker.spawn(async move { runtime.remove(&host.container_id).await });
         }
     }
 
     async fn restart(&mut self) -> Result<(), SessionError> {
-        self.session
-            .update(|s| s.status = SessionStatus::Restarting);
+        self.session.update(|s| s.status = SessionStatus::Restarting);
         let result = self.plan.restart(self.host.take()).await;
         match result {
             Ok(host) => {
@@ -157,11 +151,7 @@ impl Actor {
         });
         let (ending, tracker) = match self.host.as_mut() {
             None => {
-                let reason = self
-                    .session
-                    .snapshot()
-                    .dead_reason
-                    .unwrap_or_else(|| "unknown".into());
+                let reason = self.session.snapshot().dead_reason.unwrap_or_else(|| "unknown".into());
                 (Ending::Killed(reason), None)
             }
             Some(_) => self.run_code(code, started + timeout, events).await,
@@ -175,8 +165,7 @@ impl Actor {
             }
         });
         metrics::counter!("kernelbox_executions_total", "language" => self.session.settings.language.clone(), "status" => result.status.as_str()).increment(1);
-        metrics::histogram!("kernelbox_execution_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("kernelbox_execution_duration_seconds").record(started.elapsed().as_secs_f64());
         result
     }
 
@@ -191,18 +180,10 @@ impl Actor {
             "user_expressions": {}, "allow_stdin": false, "stop_on_error": true,
         });
         let host = self.host.as_mut().expect("checked by the caller");
-        let msg_id = match host
-            .client
-            .send(Channel::Shell, "execute_request", content)
-            .await
-        {
+        let msg_id = match host.client.send(Channel::Shell, "execute_request", content).await {
             Ok(id) => id,
             Err(e) => {
-                return (
-                    self.killed_or(format!("could not reach the kernel: {e}"))
-                        .await,
-                    None,
-                );
+                return (self.killed_or(format!("could not reach the kernel: {e}")).await, None);
             }
         };
         let mut tracker = ExecutionTracker::new(msg_id, self.output_limit);
@@ -217,7 +198,7 @@ impl Actor {
                     biased;
                     _ = cancel.cancelled() => Wake::Cancelled,
                     _ = host.exit.wait_for(Option::is_some) => Wake::Died,
-                    received = host.client.recv() => Wake::Message(received),
+                    received = host.client.recv() => Wake::Message(Box::new(received)),
                     _ = sleep_until(deadline), if grace.is_none() => Wake::Deadline,
                     _ = sleep_until(grace.unwrap_or(far)), if grace.is_some() => Wake::GraceOver,
                     Some(control) = self.control.recv() => Wake::Control(control),
@@ -232,28 +213,23 @@ impl Actor {
                     self.on_death();
                     return (Ending::Killed(reason), Some(tracker));
                 }
-                Wake::Message(Ok((channel, msg))) => {
-                    for event in tracker.handle(channel, &msg) {
-                        if let Some(tx) = events {
-                            let _ = tx.send(StreamEvent::Kernel(event));
+                Wake::Message(received) => match *received {
+                    Ok((channel, msg)) => {
+                        for event in tracker.handle(channel, &msg) {
+                            if let Some(tx) = events {
+                                let _ = tx.send(StreamEvent::Kernel(event));
+                            }
+                        }
+                        if tracker.is_complete() {
+                            let ending =
+                                if grace.is_some() { Ending::TimedOut { restarted: false } } else { Ending::Complete };
+                            return (ending, Some(tracker));
                         }
                     }
-                    if tracker.is_complete() {
-                        let ending = if grace.is_some() {
-                            Ending::TimedOut { restarted: false }
-                        } else {
-                            Ending::Complete
-                        };
-                        return (ending, Some(tracker));
+                    Err(e) => {
+                        return (self.killed_or(format!("lost the kernel connection: {e}")).await, Some(tracker));
                     }
-                }
-                Wake::Message(Err(e)) => {
-                    return (
-                        self.killed_or(format!("lost the kernel connection: {e}"))
-                            .await,
-                        Some(tracker),
-                    );
-                }
+                },
                 Wake::Deadline => {
                     tracing::info!(session_id = %self.session.id, "execution timed out; interrupting the kernel");
                     self.interrupt().await;
@@ -284,18 +260,14 @@ impl Actor {
 
     /// Why the container stopped, once it has.
     fn exit_reason(&self) -> String {
-        self.host
-            .as_ref()
-            .and_then(|h| h.exit.borrow().as_ref().map(death_reason))
-            .unwrap_or_else(|| "unknown".into())
+        self.host.as_ref().and_then(|h| h.exit.borrow().as_ref().map(death_reason)).unwrap_or_else(|| "unknown".into())
     }
 
     /// After a socket error: if the container is dying, say why; otherwise report the error.
     async fn killed_or(&mut self, otherwise: String) -> Ending {
         let exit = self.host.as_ref().map(|h| h.exit.clone());
         if let Some(mut exit) = exit {
-            let died =
-                tokio::time::timeout(Duration::from_secs(2), exit.wait_for(Option::is_some)).await;
+            let died = tokio::time::timeout(Duration::from_secs(2), exit.wait_for(Option::is_some)).await;
             if matches!(died, Ok(Ok(_))) {
                 let reason = self.exit_reason();
                 self.on_death();
@@ -310,7 +282,7 @@ impl Actor {
 enum Wake {
     Cancelled,
     Died,
-    Message(Result<(Channel, crate::kernel::wire::Message), crate::kernel::KernelError>),
+    Message(Box<Result<(Channel, crate::kernel::wire::Message), crate::kernel::KernelError>>),
     Deadline,
     GraceOver,
     Control(Control),

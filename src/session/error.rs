@@ -16,9 +16,7 @@ pub enum SessionError {
     ImageMissing(String),
     #[error("{0}")]
     TooMany(String),
-    #[error(
-        "too many executions are waiting on this session (at most {0}); retry when one finishes"
-    )]
+    #[error("too many executions are waiting on this session (at most {0}); retry when one finishes")]
     QueueFull(usize),
     #[error("the session's kernel is dead ({0}); restart or delete the session")]
     Dead(String),

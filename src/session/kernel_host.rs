@@ -57,11 +57,7 @@ impl BootPlan {
         metrics::counter!("kernelbox_container_starts_total").increment(1);
         let exit = self.watch_exit(&container_id);
         match self.connect(&info, exit.clone()).await {
-            Ok(client) => Ok(KernelHost {
-                container_id,
-                client,
-                exit,
-            }),
+            Ok(client) => Ok(KernelHost { container_id, client, exit }),
             Err(e) => {
                 metrics::counter!("kernelbox_container_start_failures_total").increment(1);
                 let _ = self.runtime.remove(&container_id).await;
@@ -71,22 +67,14 @@ impl BootPlan {
     }
 
     /// Reconnects to a container that is already running (adoption after a service restart).
-    pub async fn adopt(
-        &self,
-        container_id: String,
-        timeout: Duration,
-    ) -> Result<KernelHost, SessionError> {
+    pub async fn adopt(&self, container_id: String, timeout: Duration) -> Result<KernelHost, SessionError> {
         let text = std::fs::read_to_string(connection::connection_file(&self.dir))?;
         let info: ConnectionInfo = serde_json::from_str(&text)
             .map_err(|e| SessionError::KernelStart(format!("unreadable connection file: {e}")))?;
         let exit = self.watch_exit(&container_id);
         let deadline = Instant::now() + timeout;
         let client = connect_client(&info, &self.dir, deadline, exit.clone()).await?;
-        Ok(KernelHost {
-            container_id,
-            client,
-            exit,
-        })
+        Ok(KernelHost { container_id, client, exit })
     }
 
     /// Restarts the kernel process inside the same container (its files stay), or boots a new container
@@ -100,19 +88,11 @@ impl BootPlan {
             serde_json::from_str(&text).map_err(|e| SessionError::KernelStart(e.to_string()))?
         };
         let _ = std::fs::remove_file(connection::ready_file(&self.dir));
-        let KernelHost {
-            container_id,
-            client,
-            exit,
-        } = host;
+        let KernelHost { container_id, client, exit } = host;
         drop(client);
         self.runtime.signal(&container_id, "SIGHUP").await?;
         match self.connect(&info, exit.clone()).await {
-            Ok(client) => Ok(KernelHost {
-                container_id,
-                client,
-                exit,
-            }),
+            Ok(client) => Ok(KernelHost { container_id, client, exit }),
             Err(e) => {
                 let _ = self.runtime.remove(&container_id).await;
                 Err(e)
@@ -124,9 +104,7 @@ impl BootPlan {
     pub async fn interrupt(&self, host: &mut KernelHost) -> Result<(), SessionError> {
         match self.interrupt_mode {
             InterruptMode::Message => {
-                host.client
-                    .send(Channel::Control, "interrupt_request", serde_json::json!({}))
-                    .await?;
+                host.client.send(Channel::Control, "interrupt_request", serde_json::json!({})).await?;
             }
             InterruptMode::Signal => self.runtime.signal(&host.container_id, "SIGINT").await?,
         }
@@ -170,11 +148,7 @@ impl BootPlan {
 
 /// Why a container stopped, in the words the API uses.
 pub fn death_reason(exit: &ExitInfo) -> String {
-    if exit.oom_killed {
-        "out_of_memory".into()
-    } else {
-        format!("exited with code {}", exit.exit_code)
-    }
+    if exit.oom_killed { "out_of_memory".into() } else { format!("exited with code {}", exit.exit_code) }
 }
 
 fn prepare_dir(dir: &Path, info: &ConnectionInfo) -> std::io::Result<()> {
@@ -188,10 +162,7 @@ fn prepare_dir(dir: &Path, info: &ConnectionInfo) -> std::io::Result<()> {
         }
     }
     let file = connection::connection_file(dir);
-    std::fs::write(
-        &file,
-        serde_json::to_vec_pretty(info).expect("a connection file serializes"),
-    )?;
+    std::fs::write(&file, serde_json::to_vec_pretty(info).expect("a connection file serializes"))?;
     // The kernel runs as uid 1000 and must write here (sockets, ready file, ipykernel's rewrite of the
     // connection file). Only this directory is mounted into the container; its parent stays private.
     use std::os::unix::fs::PermissionsExt;
@@ -217,9 +188,7 @@ async fn wait_for_ready_file(
             )));
         }
         if Instant::now() >= deadline {
-            return Err(SessionError::KernelStart(
-                "the kernel did not become ready in time".into(),
-            ));
+            return Err(SessionError::KernelStart("the kernel did not become ready in time".into()));
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
@@ -237,9 +206,7 @@ async fn connect_client(
     let exit_now = exit.clone();
     let endpoints = info.host_endpoints(dir);
     let attempt = async {
-        let remaining = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(100));
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
         let mut client = KernelClient::connect(&endpoints, &info.key, remaining).await?;
         client.wait_ready(deadline).await?;
         Ok::<_, SessionError>(client)

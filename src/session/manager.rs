@@ -24,8 +24,7 @@ use super::actor::{Actor, Control, ExecuteCommand, StreamEvent};
 use super::error::SessionError;
 use super::kernel_host::{BootPlan, InterruptMode, KernelHost};
 use super::model::{
-    ExecuteResult, Owner, SessionId, SessionInfo, SessionLimits, SessionRequest, SessionSettings,
-    SessionStatus,
+    ExecuteResult, Owner, SessionId, SessionInfo, SessionLimits, SessionRequest, SessionSettings, SessionStatus,
 };
 
 /// The mutable part of a session, shared between the actor and the API.
@@ -189,28 +188,17 @@ impl SessionManager {
         }
         let memory_mb = req.memory_mb.unwrap_or(l.default_memory_mb);
         if !(64..=l.max_memory_mb).contains(&memory_mb) {
-            return Err(SessionError::Invalid(format!(
-                "memory_mb must be between 64 and {}",
-                l.max_memory_mb
-            )));
+            return Err(SessionError::Invalid(format!("memory_mb must be between 64 and {}", l.max_memory_mb)));
         }
         let cpus = req.cpus.unwrap_or(l.default_cpus);
         if !(cpus >= 0.01 && cpus <= l.max_cpus) {
-            return Err(SessionError::Invalid(format!(
-                "cpus must be between 0.01 and {}",
-                l.max_cpus
-            )));
+            return Err(SessionError::Invalid(format!("cpus must be between 0.01 and {}", l.max_cpus)));
         }
         let timeout_s = req.timeout_s.unwrap_or(l.default_timeout.as_secs());
         if !(1..=l.max_timeout.as_secs()).contains(&timeout_s) {
-            return Err(SessionError::Invalid(format!(
-                "timeout_s must be between 1 and {}",
-                l.max_timeout.as_secs()
-            )));
+            return Err(SessionError::Invalid(format!("timeout_s must be between 1 and {}", l.max_timeout.as_secs())));
         }
-        let idle_timeout_s = req
-            .idle_timeout_s
-            .unwrap_or(l.default_idle_timeout.as_secs());
+        let idle_timeout_s = req.idle_timeout_s.unwrap_or(l.default_idle_timeout.as_secs());
         if !(1..=l.max_idle_timeout.as_secs()).contains(&idle_timeout_s) {
             return Err(SessionError::Invalid(format!(
                 "idle_timeout_s must be between 1 and {}",
@@ -220,51 +208,26 @@ impl SessionManager {
         let env = req.env.unwrap_or_default();
         check_env(&env)?;
         let metadata = req.metadata.unwrap_or_default();
-        if metadata.len() > 64
-            || metadata
-                .iter()
-                .any(|(k, v)| k.len() > 256 || v.len() > 4096)
-        {
+        if metadata.len() > 64 || metadata.iter().any(|(k, v)| k.len() > 256 || v.len() > 4096) {
             return Err(SessionError::Invalid(
                 "metadata: at most 64 entries, keys up to 256 and values up to 4096 bytes".into(),
             ));
         }
-        Ok(SessionSettings {
-            language: req.language,
-            memory_mb,
-            cpus,
-            timeout_s,
-            idle_timeout_s,
-            env,
-            metadata,
-        })
+        Ok(SessionSettings { language: req.language, memory_mb, cpus, timeout_s, idle_timeout_s, env, metadata })
     }
 
     /// Starts a session: a container, a booted kernel, an actor. Returns once the kernel answers.
-    pub async fn create(
-        self: &Arc<Self>,
-        owner: Owner,
-        req: SessionRequest,
-    ) -> Result<SessionInfo, SessionError> {
+    pub async fn create(self: &Arc<Self>, owner: Owner, req: SessionRequest) -> Result<SessionInfo, SessionError> {
         let settings = self.settle(req)?;
-        let language = self
-            .config
-            .catalog
-            .language(&settings.language)
-            .expect("checked by settle")
-            .clone();
+        let language = self.config.catalog.language(&settings.language).expect("checked by settle").clone();
         let image_ref = self.config.catalog.image_ref(&language.image);
-        let image = self
-            .runtime
-            .image(&image_ref)
-            .await?
-            .ok_or_else(|| SessionError::ImageMissing(language.image.clone()))?;
+        let image =
+            self.runtime.image(&image_ref).await?.ok_or_else(|| SessionError::ImageMissing(language.image.clone()))?;
         let interrupt_mode = interrupt_mode(&image.labels);
 
         let id = SessionId::new();
         let created_at = Utc::now();
-        let (session, commands, control) =
-            self.new_session(id.clone(), owner, settings, created_at, String::new());
+        let (session, commands, control) = self.new_session(id.clone(), owner, settings, created_at, String::new());
         self.reserve(&session)?;
 
         let plan = self.boot_plan(&session, &image_ref, interrupt_mode);
@@ -281,7 +244,8 @@ impl SessionManager {
                 return Err(e);
             }
         };
-        metrics::counter!("kernelbox_sessions_created_total", "language" => session.settings.language.clone()).increment(1);
+        metrics::counter!("kernelbox_sessions_created_total", "language" => session.settings.language.clone())
+            .increment(1);
         tracing::info!(session_id = %id, language = %session.settings.language, container = %host.container_id, "session started");
         self.start_actor(&session, plan, host, commands, control);
         Ok(session.info())
@@ -294,11 +258,7 @@ impl SessionManager {
         settings: SessionSettings,
         created_at: DateTime<Utc>,
         container_id: String,
-    ) -> (
-        Arc<Session>,
-        mpsc::Receiver<ExecuteCommand>,
-        mpsc::UnboundedReceiver<Control>,
-    ) {
+    ) -> (Arc<Session>, mpsc::Receiver<ExecuteCommand>, mpsc::UnboundedReceiver<Control>) {
         let (commands_tx, commands) = mpsc::channel(self.config.limits.queue_depth);
         let (control_tx, control) = mpsc::unbounded_channel();
         let session = Arc::new(Session {
@@ -339,10 +299,7 @@ impl SessionManager {
                 l.max_sessions
             )));
         }
-        let owned = sessions
-            .values()
-            .filter(|s| s.owner == session.owner)
-            .count();
+        let owned = sessions.values().filter(|s| s.owner == session.owner).count();
         if owned >= l.max_sessions_per_owner {
             return Err(SessionError::TooMany(format!(
                 "this API key has its maximum of {} sessions; end one first",
@@ -353,12 +310,7 @@ impl SessionManager {
         Ok(())
     }
 
-    fn boot_plan(
-        &self,
-        session: &Session,
-        image_ref: &str,
-        interrupt_mode: InterruptMode,
-    ) -> BootPlan {
+    fn boot_plan(&self, session: &Session, image_ref: &str, interrupt_mode: InterruptMode) -> BootPlan {
         let dir = self.sessions_dir().join(session.id.as_str());
         let l = &self.config.limits;
         let s = &session.settings;
@@ -368,19 +320,13 @@ impl SessionManager {
             (labels::OWNER.to_owned(), session.owner.0.clone()),
             (labels::LANGUAGE.to_owned(), s.language.clone()),
             (labels::CREATED.to_owned(), session.created_at.to_rfc3339()),
-            (
-                labels::CONFIG.to_owned(),
-                serde_json::to_string(s).expect("settings serialize"),
-            ),
+            (labels::CONFIG.to_owned(), serde_json::to_string(s).expect("settings serialize")),
         ]);
         let tmpfs = |extra: &str| format!("rw,nosuid,nodev,size={}m{extra}", l.tmpfs_mb);
         let spec = ContainerSpec {
             name: format!("kernelbox-{}", session.id),
             image: image_ref.to_owned(),
-            cmd: vec![
-                images::START_KERNEL.to_owned(),
-                crate::kernel::connection::container_connection_file(),
-            ],
+            cmd: vec![images::START_KERNEL.to_owned(), crate::kernel::connection::container_connection_file()],
             env: s.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
             labels,
             memory_bytes: (s.memory_mb * 1024 * 1024) as i64,
@@ -388,16 +334,9 @@ impl SessionManager {
             pids_limit: l.pids_limit,
             tmpfs: HashMap::from([
                 ("/tmp".to_owned(), tmpfs("")),
-                (
-                    images::HOME.to_owned(),
-                    tmpfs(",uid=1000,gid=1000,mode=0700"),
-                ),
+                (images::HOME.to_owned(), tmpfs(",uid=1000,gid=1000,mode=0700")),
             ]),
-            binds: vec![format!(
-                "{}:{}:rw",
-                dir.display(),
-                crate::kernel::connection::CONTAINER_DIR
-            )],
+            binds: vec![format!("{}:{}:rw", dir.display(), crate::kernel::connection::CONTAINER_DIR)],
             user: "1000:1000".into(),
             working_dir: images::HOME.into(),
         };
@@ -441,22 +380,12 @@ impl SessionManager {
         let not_found = || SessionError::NotFound(id.to_owned());
         let id = SessionId::parse(id).ok_or_else(not_found)?;
         let sessions = self.sessions.lock().unwrap();
-        sessions
-            .get(&id)
-            .filter(|s| &s.owner == owner)
-            .cloned()
-            .ok_or_else(not_found)
+        sessions.get(&id).filter(|s| &s.owner == owner).cloned().ok_or_else(not_found)
     }
 
     pub fn list(&self, owner: &Owner) -> Vec<SessionInfo> {
-        let sessions: Vec<Arc<Session>> = self
-            .sessions
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|s| &s.owner == owner)
-            .cloned()
-            .collect();
+        let sessions: Vec<Arc<Session>> =
+            self.sessions.lock().unwrap().values().filter(|s| &s.owner == owner).cloned().collect();
         let mut infos: Vec<SessionInfo> = sessions.iter().map(|s| s.info()).collect();
         infos.sort_by_key(|i| i.created_at);
         infos
@@ -467,9 +396,7 @@ impl SessionManager {
         let sessions: Vec<Arc<Session>> = self.sessions.lock().unwrap().values().cloned().collect();
         let mut counts = BTreeMap::new();
         for s in sessions {
-            *counts
-                .entry((s.settings.language.clone(), s.snapshot().status.as_str()))
-                .or_insert(0) += 1;
+            *counts.entry((s.settings.language.clone(), s.snapshot().status.as_str())).or_insert(0) += 1;
         }
         counts
     }
@@ -488,9 +415,7 @@ impl SessionManager {
         let session = self.get(owner, id)?;
         let timeout = match timeout_s {
             None => session.settings.timeout(),
-            Some(t) if (1..=self.config.limits.max_timeout.as_secs()).contains(&t) => {
-                Duration::from_secs(t)
-            }
+            Some(t) if (1..=self.config.limits.max_timeout.as_secs()).contains(&t) => Duration::from_secs(t),
             Some(_) => {
                 return Err(SessionError::Invalid(format!(
                     "timeout_s must be between 1 and {}",
@@ -501,22 +426,12 @@ impl SessionManager {
         session.in_use.fetch_add(1, Ordering::SeqCst);
         let in_use = InUse(session.clone());
         let (reply, result) = oneshot::channel();
-        let command = ExecuteCommand {
-            code,
-            timeout,
-            events,
-            reply,
-        };
+        let command = ExecuteCommand { code, timeout, events, reply };
         session.commands.try_send(command).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                SessionError::QueueFull(self.config.limits.queue_depth)
-            }
+            mpsc::error::TrySendError::Full(_) => SessionError::QueueFull(self.config.limits.queue_depth),
             mpsc::error::TrySendError::Closed(_) => SessionError::Closing,
         })?;
-        Ok(Pending {
-            _in_use: in_use,
-            result,
-        })
+        Ok(Pending { _in_use: in_use, result })
     }
 
     /// Runs code and waits for its result.
@@ -532,10 +447,7 @@ impl SessionManager {
 
     pub fn interrupt(&self, owner: &Owner, id: &str) -> Result<(), SessionError> {
         let session = self.get(owner, id)?;
-        session
-            .control
-            .send(Control::Interrupt)
-            .map_err(|_| SessionError::Closing)
+        session.control.send(Control::Interrupt).map_err(|_| SessionError::Closing)
     }
 
     /// A fresh kernel (state gone, files kept); a dead session gets a new container.
@@ -544,10 +456,7 @@ impl SessionManager {
         session.in_use.fetch_add(1, Ordering::SeqCst);
         let _in_use = InUse(session.clone());
         let (tx, rx) = oneshot::channel();
-        session
-            .control
-            .send(Control::Restart(tx))
-            .map_err(|_| SessionError::Closing)?;
+        session.control.send(Control::Restart(tx)).map_err(|_| SessionError::Closing)?;
         rx.await.map_err(|_| SessionError::Closing)??;
         Ok(session.info())
     }
@@ -574,21 +483,12 @@ impl SessionManager {
                 .values()
                 .filter_map(|s| {
                     let in_use = s.in_use.load(Ordering::SeqCst) > 0;
-                    let why = reap_reason(
-                        now,
-                        &s.snapshot(),
-                        s.created_at,
-                        s.settings.idle_timeout(),
-                        max_lifetime,
-                        in_use,
-                    );
+                    let why =
+                        reap_reason(now, &s.snapshot(), s.created_at, s.settings.idle_timeout(), max_lifetime, in_use);
                     why.map(|why| (s.id.clone(), why))
                 })
                 .collect();
-            picked
-                .into_iter()
-                .filter_map(|(id, why)| sessions.remove(&id).map(|s| (s, why)))
-                .collect()
+            picked.into_iter().filter_map(|(id, why)| sessions.remove(&id).map(|s| (s, why))).collect()
         };
         let mut report = ReapReport::default();
         for (session, why) in doomed {
@@ -603,10 +503,7 @@ impl SessionManager {
     /// Finds containers an earlier run of this instance left: adopts those whose kernel answers, removes
     /// the rest, and clears session directories that belong to no container.
     pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), SessionError> {
-        let found = self
-            .runtime
-            .list(labels::INSTANCE, Some(&self.config.instance))
-            .await?;
+        let found = self.runtime.list(labels::INSTANCE, Some(&self.config.instance)).await?;
         let (mut adopted, mut removed) = (0, 0);
         let mut live_dirs = Vec::new();
         for container in found {
@@ -618,11 +515,7 @@ impl SessionManager {
                 Err(e) => {
                     tracing::info!(container = %container.id, error = %e, "removing a container left by an earlier run");
                     self.runtime.remove(&container.id).await?;
-                    if let Some(id) = container
-                        .labels
-                        .get(labels::SESSION)
-                        .and_then(|s| SessionId::parse(s))
-                    {
+                    if let Some(id) = container.labels.get(labels::SESSION).and_then(|s| SessionId::parse(s)) {
                         let _ = std::fs::remove_dir_all(self.sessions_dir().join(id.as_str()));
                     }
                     removed += 1;
@@ -632,14 +525,7 @@ impl SessionManager {
         if let Ok(entries) = std::fs::read_dir(self.sessions_dir()) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !live_dirs.contains(&name)
-                    && !self
-                        .sessions
-                        .lock()
-                        .unwrap()
-                        .keys()
-                        .any(|k| k.as_str() == name)
-                {
+                if !live_dirs.contains(&name) && !self.sessions.lock().unwrap().keys().any(|k| k.as_str() == name) {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
@@ -647,25 +533,13 @@ impl SessionManager {
         Ok((adopted, removed))
     }
 
-    async fn try_adopt(
-        self: &Arc<Self>,
-        c: &crate::runtime::ContainerSummary,
-    ) -> Result<SessionId, SessionError> {
+    async fn try_adopt(self: &Arc<Self>, c: &crate::runtime::ContainerSummary) -> Result<SessionId, SessionError> {
         let bad = |what: &str| SessionError::KernelStart(format!("cannot adopt: {what}"));
         if !c.running {
             return Err(bad("not running"));
         }
-        let id = c
-            .labels
-            .get(labels::SESSION)
-            .and_then(|s| SessionId::parse(s))
-            .ok_or_else(|| bad("no session id"))?;
-        let owner = Owner(
-            c.labels
-                .get(labels::OWNER)
-                .cloned()
-                .ok_or_else(|| bad("no owner"))?,
-        );
+        let id = c.labels.get(labels::SESSION).and_then(|s| SessionId::parse(s)).ok_or_else(|| bad("no session id"))?;
+        let owner = Owner(c.labels.get(labels::OWNER).cloned().ok_or_else(|| bad("no owner"))?);
         let settings: SessionSettings = c
             .labels
             .get(labels::CONFIG)
@@ -677,27 +551,13 @@ impl SessionManager {
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc))
             .ok_or_else(|| bad("no creation time"))?;
-        let language = self
-            .config
-            .catalog
-            .language(&settings.language)
-            .ok_or_else(|| bad("unknown language"))?
-            .clone();
+        let language = self.config.catalog.language(&settings.language).ok_or_else(|| bad("unknown language"))?.clone();
         let image_ref = self.config.catalog.image_ref(&language.image);
-        let image_labels = self
-            .runtime
-            .image(&image_ref)
-            .await?
-            .map(|i| i.labels)
-            .unwrap_or_default();
-        let (session, commands, control) =
-            self.new_session(id.clone(), owner, settings, created_at, c.id.clone());
+        let image_labels = self.runtime.image(&image_ref).await?.map(|i| i.labels).unwrap_or_default();
+        let (session, commands, control) = self.new_session(id.clone(), owner, settings, created_at, c.id.clone());
         let plan = self.boot_plan(&session, &image_ref, interrupt_mode(&image_labels));
         let host = plan.adopt(c.id.clone(), Duration::from_secs(10)).await?;
-        self.sessions
-            .lock()
-            .unwrap()
-            .insert(id.clone(), session.clone());
+        self.sessions.lock().unwrap().insert(id.clone(), session.clone());
         self.start_actor(&session, plan, host, commands, control);
         tracing::info!(session_id = %id, container = %c.id, "adopted a session from an earlier run");
         Ok(id)
@@ -706,13 +566,7 @@ impl SessionManager {
     /// Stops all sessions: removes their containers, or keeps them for the next run to adopt.
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        let sessions: Vec<Arc<Session>> = self
-            .sessions
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, s)| s)
-            .collect();
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().unwrap().drain().map(|(_, s)| s).collect();
         for s in &sessions {
             s.keep.store(self.config.keep_sessions, Ordering::SeqCst);
         }
@@ -733,12 +587,7 @@ pub fn reap_reason(
     max_lifetime: Duration,
     in_use: bool,
 ) -> Option<&'static str> {
-    if in_use
-        || matches!(
-            state.status,
-            SessionStatus::Busy | SessionStatus::Starting | SessionStatus::Restarting
-        )
-    {
+    if in_use || matches!(state.status, SessionStatus::Busy | SessionStatus::Starting | SessionStatus::Restarting) {
         return None;
     }
     let delta = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::TimeDelta::MAX);
@@ -762,10 +611,7 @@ async fn close(session: &Session, reason: &str) {
 }
 
 fn interrupt_mode(image_labels: &HashMap<String, String>) -> InterruptMode {
-    match image_labels
-        .get(images::LABEL_INTERRUPT_MODE)
-        .map(String::as_str)
-    {
+    match image_labels.get(images::LABEL_INTERRUPT_MODE).map(String::as_str) {
         Some("signal") => InterruptMode::Signal,
         _ => InterruptMode::Message,
     }
@@ -781,14 +627,10 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), SessionError> {
             && !k.as_bytes()[0].is_ascii_digit()
             && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid_name {
-            return Err(SessionError::Invalid(format!(
-                "env: `{k}` is not a valid variable name"
-            )));
+            return Err(SessionError::Invalid(format!("env: `{k}` is not a valid variable name")));
         }
         if v.len() > 32 * 1024 || v.contains('\0') {
-            return Err(SessionError::Invalid(format!(
-                "env: the value of `{k}` is too long or contains NUL"
-            )));
+            return Err(SessionError::Invalid(format!("env: the value of `{k}` is too long or contains NUL")));
         }
     }
     Ok(())
@@ -799,13 +641,7 @@ mod tests {
     use super::*;
 
     fn state(status: SessionStatus, last_used: DateTime<Utc>) -> SessionState {
-        SessionState {
-            status,
-            last_used,
-            container_id: "c".into(),
-            dead_reason: None,
-            executions: 0,
-        }
+        SessionState { status, last_used, container_id: "c".into(), dead_reason: None, executions: 0 }
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -815,85 +651,33 @@ mod tests {
     fn a_session_idle_past_its_timeout_is_reaped() {
         let now = Utc::now();
         let idle = state(SessionStatus::Idle, now - chrono::Duration::minutes(61));
-        assert_eq!(
-            reap_reason(
-                now,
-                &idle,
-                now - chrono::Duration::hours(2),
-                HOUR,
-                DAY,
-                false
-            ),
-            Some("idle")
-        );
+        assert_eq!(reap_reason(now, &idle, now - chrono::Duration::hours(2), HOUR, DAY, false), Some("idle"));
         let recent = state(SessionStatus::Idle, now - chrono::Duration::minutes(59));
-        assert_eq!(
-            reap_reason(
-                now,
-                &recent,
-                now - chrono::Duration::hours(2),
-                HOUR,
-                DAY,
-                false
-            ),
-            None
-        );
+        assert_eq!(reap_reason(now, &recent, now - chrono::Duration::hours(2), HOUR, DAY, false), None);
     }
 
     #[test]
     fn a_session_past_its_lifetime_is_reaped_even_if_recently_used() {
         let now = Utc::now();
         let st = state(SessionStatus::Idle, now);
-        assert_eq!(
-            reap_reason(
-                now,
-                &st,
-                now - chrono::Duration::hours(25),
-                HOUR,
-                DAY,
-                false
-            ),
-            Some("lifetime")
-        );
+        assert_eq!(reap_reason(now, &st, now - chrono::Duration::hours(25), HOUR, DAY, false), Some("lifetime"));
     }
 
     #[test]
     fn a_session_in_use_is_never_reaped() {
         let now = Utc::now();
         let long_ago = now - chrono::Duration::days(30);
-        for status in [
-            SessionStatus::Busy,
-            SessionStatus::Starting,
-            SessionStatus::Restarting,
-        ] {
-            assert_eq!(
-                reap_reason(now, &state(status, long_ago), long_ago, HOUR, DAY, false),
-                None,
-                "{status:?}"
-            );
+        for status in [SessionStatus::Busy, SessionStatus::Starting, SessionStatus::Restarting] {
+            assert_eq!(reap_reason(now, &state(status, long_ago), long_ago, HOUR, DAY, false), None, "{status:?}");
         }
         let queued = state(SessionStatus::Idle, long_ago);
-        assert_eq!(
-            reap_reason(now, &queued, long_ago, HOUR, DAY, true),
-            None,
-            "an execution is queued"
-        );
+        assert_eq!(reap_reason(now, &queued, long_ago, HOUR, DAY, true), None, "an execution is queued");
     }
 
     #[test]
     fn a_dead_session_is_reaped_like_an_idle_one() {
         let now = Utc::now();
         let dead = state(SessionStatus::Dead, now - chrono::Duration::hours(2));
-        assert_eq!(
-            reap_reason(
-                now,
-                &dead,
-                now - chrono::Duration::hours(2),
-                HOUR,
-                DAY,
-                false
-            ),
-            Some("idle")
-        );
+        assert_eq!(reap_reason(now, &dead, now - chrono::Duration::hours(2), HOUR, DAY, false), Some("idle"));
     }
 }

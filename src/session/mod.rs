@@ -14,6 +14,7 @@ pub mod model;
 pub use actor::StreamEvent;
 pub use error::SessionError;
 pub use manager::{ManagerConfig, Pending, ReapReport, SessionManager};
-pub use model::{
-    ExecStatus, ExecuteResult, Owner, SessionId, SessionInfo, SessionRequest, SessionStatus,
-};
+pub use model::{ExecStatus, ExecuteResult, Owner, SessionId, SessionInfo, SessionRequest, SessionStatus};
+
+#[cfg(test)]
+mod tests;

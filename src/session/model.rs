@@ -20,10 +20,8 @@ impl SessionId {
 
     /// Parses a client-supplied id; anything else than 24 hex characters is no session of ours.
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == 24
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-        .then(|| SessionId(s.to_owned()))
+        (s.len() == 24 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .then(|| SessionId(s.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {

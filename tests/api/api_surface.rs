@@ -14,41 +14,19 @@ async fn health_readiness_docs_and_metrics_answer() {
 
     let (status, spec) = app.get("/openapi.json").await;
     assert_eq!(status, 200);
-    for path in [
-        "/v1/sessions",
-        "/v1/sessions/{id}/execute",
-        "/v1/sessions/{id}/restart",
-        "/v1/languages",
-    ] {
-        assert!(
-            spec["paths"][path].is_object(),
-            "the OpenAPI document describes {path}"
-        );
+    for path in ["/v1/sessions", "/v1/sessions/{id}/execute", "/v1/sessions/{id}/restart", "/v1/languages"] {
+        assert!(spec["paths"][path].is_object(), "the OpenAPI document describes {path}");
     }
     let docs = app.client.get(app.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
-    assert!(
-        docs.text().await.unwrap().contains("swagger"),
-        "the docs page is served from the binary"
-    );
+    assert!(docs.text().await.unwrap().contains("swagger"), "the docs page is served from the binary");
 
     let id = app.start("python").await;
     app.exec(&id, "1+1").await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("kernelbox_executions_total"), "{metrics}");
     assert!(metrics.contains("kernelbox_sessions{"), "{metrics}");
-    assert!(
-        metrics.contains("kernelbox_container_starts_total"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("kernelbox_container_starts_total"), "{metrics}");
     assert_eq!(app.delete(&format!("/v1/sessions/{id}")).await, 204);
 }
 
@@ -59,28 +37,13 @@ async fn client_mistakes_get_a_4xx_with_a_json_error() {
     assert_eq!(status, 422);
     assert_error_shape(&v, "unknown_language");
 
-    let (status, v) = app
-        .post(
-            "/v1/sessions",
-            json!({"language": "python", "memory_mb": 1_000_000}),
-        )
-        .await;
-    assert_eq!(
-        status, 422,
-        "more memory than the operator allows is refused, not lowered"
-    );
+    let (status, v) = app.post("/v1/sessions", json!({"language": "python", "memory_mb": 1_000_000})).await;
+    assert_eq!(status, 422, "more memory than the operator allows is refused, not lowered");
     assert_error_shape(&v, "invalid_request");
-    let (status, v) = app
-        .post("/v1/sessions", json!({"language": "python", "cpus": 64}))
-        .await;
+    let (status, v) = app.post("/v1/sessions", json!({"language": "python", "cpus": 64})).await;
     assert_eq!(status, 422);
     assert_error_shape(&v, "invalid_request");
-    let (status, v) = app
-        .post(
-            "/v1/sessions",
-            json!({"language": "python", "env": {"1BAD": "x"}}),
-        )
-        .await;
+    let (status, v) = app.post("/v1/sessions", json!({"language": "python", "env": {"1BAD": "x"}})).await;
     assert_eq!(status, 422);
     assert_error_shape(&v, "invalid_request");
 
@@ -97,60 +60,30 @@ async fn client_mistakes_get_a_4xx_with_a_json_error() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_error_shape(&r.json().await.unwrap(), "invalid_json");
-    let r = app
-        .client
-        .post(app.url("/v1/sessions"))
-        .body("language=python")
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.post(app.url("/v1/sessions")).body("language=python").send().await.unwrap();
     assert_eq!(r.status(), 415);
     assert_error_shape(&r.json().await.unwrap(), "unsupported_media_type");
 
-    for path in [
-        "/v1/sessions/nope",
-        "/v1/sessions/0123456789abcdef01234567",
-        "/v1/nothing-here",
-    ] {
+    for path in ["/v1/sessions/nope", "/v1/sessions/0123456789abcdef01234567", "/v1/nothing-here"] {
         let (status, v) = app.get(path).await;
         assert_eq!(status, 404, "{path}");
         assert_error_shape(&v, "not_found");
     }
-    let (status, v) = app
-        .post(
-            "/v1/sessions/0123456789abcdef01234567/execute",
-            json!({"code": "1"}),
-        )
-        .await;
+    let (status, v) = app.post("/v1/sessions/0123456789abcdef01234567/execute", json!({"code": "1"})).await;
     assert_eq!(status, 404);
     assert_error_shape(&v, "not_found");
-    let r = app
-        .client
-        .put(app.url("/v1/sessions"))
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.put(app.url("/v1/sessions")).send().await.unwrap();
     assert_eq!(r.status(), 405);
     assert_error_shape(&r.json().await.unwrap(), "method_not_allowed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_keys_guard_the_api_and_sessions_belong_to_their_key() {
-    let app = spawn_app_with(AppOptions {
-        api_keys: vec!["key-a".into(), "key-b".into()],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with(AppOptions { api_keys: vec!["key-a".into(), "key-b".into()], ..Default::default() }).await;
     let (status, v) = app.get("/v1/sessions").await;
     assert_eq!(status, 401);
     assert_error_shape(&v, "unauthorized");
-    let wrong = app
-        .client
-        .get(app.url("/v1/sessions"))
-        .bearer_auth("key-c")
-        .send()
-        .await
-        .unwrap();
+    let wrong = app.client.get(app.url("/v1/sessions")).bearer_auth("key-c").send().await.unwrap();
     assert_eq!(wrong.status(), 401);
     assert_eq!(app.get("/healthz").await.0, 200, "health needs no key");
 
@@ -163,31 +96,13 @@ async fn api_keys_guard_the_api_and_sessions_belong_to_their_key() {
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
-    let id = created.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = created.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
 
-    let mine = app
-        .client
-        .get(app.url(&format!("/v1/sessions/{id}")))
-        .header("x-api-key", "key-a")
-        .send()
-        .await
-        .unwrap();
+    let mine =
+        app.client.get(app.url(&format!("/v1/sessions/{id}"))).header("x-api-key", "key-a").send().await.unwrap();
     assert_eq!(mine.status(), 200);
-    let theirs = app
-        .client
-        .get(app.url(&format!("/v1/sessions/{id}")))
-        .bearer_auth("key-b")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        theirs.status(),
-        404,
-        "another key's session does not exist for you"
-    );
+    let theirs = app.client.get(app.url(&format!("/v1/sessions/{id}"))).bearer_auth("key-b").send().await.unwrap();
+    assert_eq!(theirs.status(), 404, "another key's session does not exist for you");
     let run = app
         .client
         .post(app.url(&format!("/v1/sessions/{id}/execute")))
@@ -197,23 +112,9 @@ async fn api_keys_guard_the_api_and_sessions_belong_to_their_key() {
         .await
         .unwrap();
     assert_eq!(run.status(), 404);
-    let list_b: serde_json::Value = app
-        .client
-        .get(app.url("/v1/sessions"))
-        .bearer_auth("key-b")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list_b: serde_json::Value =
+        app.client.get(app.url("/v1/sessions")).bearer_auth("key-b").send().await.unwrap().json().await.unwrap();
     assert_eq!(list_b, json!([]));
-    let del = app
-        .client
-        .delete(app.url(&format!("/v1/sessions/{id}")))
-        .bearer_auth("key-a")
-        .send()
-        .await
-        .unwrap();
+    let del = app.client.delete(app.url(&format!("/v1/sessions/{id}"))).bearer_auth("key-a").send().await.unwrap();
     assert_eq!(del.status(), 204);
 }

@@ -16,75 +16,33 @@ async fn python_outputs_keep_their_jupyter_shapes_and_state_persists() {
     let r = app.exec(&id, "print(6*7)").await;
     assert_eq!(r["status"], "ok");
     assert_eq!(r["stdout"], "42\n");
-    assert_eq!(
-        r["outputs"][0],
-        json!({"output_type": "stream", "name": "stdout", "text": "42\n"})
-    );
+    assert_eq!(r["outputs"][0], json!({"output_type": "stream", "name": "stdout", "text": "42\n"}));
     assert!(r["duration_ms"].is_u64());
 
     app.exec(&id, "x = 41").await;
     let r = app.exec(&id, "x + 1").await;
-    assert_eq!(
-        result_text(&r).as_deref(),
-        Some("42"),
-        "state persists: {r}"
-    );
+    assert_eq!(result_text(&r).as_deref(), Some("42"), "state persists: {r}");
     assert_eq!(r["execution_count"], 3);
 
-    let r = app
-        .exec(&id, "import sys; print('warn', file=sys.stderr)")
-        .await;
+    let r = app.exec(&id, "import sys; print('warn', file=sys.stderr)").await;
     assert_eq!(r["stderr"], "warn\n");
 
     let r = app.exec(&id, "1/0").await;
     assert_eq!(r["status"], "error");
     assert_eq!(r["error"]["ename"], "ZeroDivisionError");
-    assert!(
-        r["error"]["traceback"]
-            .as_array()
-            .is_some_and(|t| !t.is_empty())
-    );
-    assert!(
-        r["outputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|o| o["output_type"] == "error")
-    );
+    assert!(r["error"]["traceback"].as_array().is_some_and(|t| !t.is_empty()));
+    assert!(r["outputs"].as_array().unwrap().iter().any(|o| o["output_type"] == "error"));
 
-    let r = app
-        .exec(
-            &id,
-            "from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))",
-        )
-        .await;
+    let r = app.exec(&id, "from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))").await;
     assert!(display_mimes(&r).contains(&"text/html".to_string()), "{r}");
 
-    let r = app
-        .exec(
-            &id,
-            "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
-        )
-        .await;
+    let r = app.exec(&id, "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()").await;
     assert_eq!(r["status"], "ok", "{r}");
-    assert!(
-        display_mimes(&r).contains(&"image/png".to_string()),
-        "a plot is an image/png display: {r}"
-    );
+    assert!(display_mimes(&r).contains(&"image/png".to_string()), "a plot is an image/png display: {r}");
 
-    let r = app
-        .exec(
-            &id,
-            "import json\nfrom IPython.display import JSON\nJSON({'a': 1})",
-        )
-        .await;
-    let data = r["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["output_type"] == "execute_result")
-        .unwrap()["data"]
-        .clone();
+    let r = app.exec(&id, "import json\nfrom IPython.display import JSON\nJSON({'a': 1})").await;
+    let data =
+        r["outputs"].as_array().unwrap().iter().find(|o| o["output_type"] == "execute_result").unwrap()["data"].clone();
     assert_eq!(data["application/json"], json!({"a": 1}));
 }
 
@@ -96,17 +54,14 @@ async fn outputs_stream_as_server_sent_events_while_code_runs() {
         .client
         .post(app.url(&format!("/v1/sessions/{id}/execute")))
         .header("accept", "text/event-stream")
-        .json(&json!({"code": "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.3)\n'done'"}))
+        .json(
+            &json!({"code": "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.3)\n'done'"}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let mut body = response.bytes_stream();
     let mut text = String::new();
     let mut outputs_before_result = 0;
@@ -119,17 +74,9 @@ async fn outputs_stream_as_server_sent_events_while_code_runs() {
             break;
         }
     }
-    assert!(
-        outputs_before_result >= 3,
-        "each print arrived as its own event before the result: {text}"
-    );
-    let result_line = text
-        .lines()
-        .skip_while(|l| *l != "event: result")
-        .nth(1)
-        .unwrap();
-    let result: serde_json::Value =
-        serde_json::from_str(result_line.strip_prefix("data: ").unwrap()).unwrap();
+    assert!(outputs_before_result >= 3, "each print arrived as its own event before the result: {text}");
+    let result_line = text.lines().skip_while(|l| *l != "event: result").nth(1).unwrap();
+    let result: serde_json::Value = serde_json::from_str(result_line.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(result["status"], "ok");
     assert_eq!(result["stdout"], "0\n1\n2\n");
     assert_eq!(result_text(&result).as_deref(), Some("'done'"));
@@ -137,33 +84,16 @@ async fn outputs_stream_as_server_sent_events_while_code_runs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn executions_run_one_at_a_time_in_order_and_a_full_queue_is_429() {
-    let app = spawn_app_with(AppOptions {
-        limits: limits(&["--queue-depth", "2"]),
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with(AppOptions { limits: limits(&["--queue-depth", "2"]), ..Default::default() }).await;
     let id = app.start("python").await;
     app.exec(&id, "log = []").await;
     let mut calls = Vec::new();
     for i in 0..3 {
         // The first blocks the kernel; two more fill the queue of two.
-        let code = format!(
-            "import time\nlog.append({i})\ntime.sleep({})",
-            if i == 0 { 1.5 } else { 0.1 }
-        );
-        let (client, url) = (
-            app.client.clone(),
-            app.url(&format!("/v1/sessions/{id}/execute")),
-        );
+        let code = format!("import time\nlog.append({i})\ntime.sleep({})", if i == 0 { 1.5 } else { 0.1 });
+        let (client, url) = (app.client.clone(), app.url(&format!("/v1/sessions/{id}/execute")));
         calls.push(tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&json!({"code": code}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
+            client.post(url).json(&json!({"code": code})).send().await.unwrap().status().as_u16()
         }));
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
@@ -174,28 +104,18 @@ async fn executions_run_one_at_a_time_in_order_and_a_full_queue_is_429() {
         assert_eq!(call.await.unwrap(), 200);
     }
     let r = app.exec(&id, "log").await;
-    assert_eq!(
-        result_text(&r).as_deref(),
-        Some("[0, 1, 2]"),
-        "in arrival order, the refused one never ran"
-    );
+    assert_eq!(result_text(&r).as_deref(), Some("[0, 1, 2]"), "in arrival order, the refused one never ran");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn output_past_the_cap_is_cut_with_a_marker() {
     let app = spawn_app().await;
     let id = app.start("python").await;
-    let r = app
-        .exec(&id, "for _ in range(40):\n    print('x' * 100_000)")
-        .await;
+    let r = app.exec(&id, "for _ in range(40):\n    print('x' * 100_000)").await;
     assert_eq!(r["status"], "ok");
     assert_eq!(r["truncated"], true);
     let stdout = r["stdout"].as_str().unwrap();
-    assert!(
-        stdout.len() < (1 << 20) + 200,
-        "about the 1 MiB cap: {}",
-        stdout.len()
-    );
+    assert!(stdout.len() < (1 << 20) + 200, "about the 1 MiB cap: {}", stdout.len());
     assert!(stdout.contains("[kernelbox: output truncated"));
     let r = app.exec(&id, "import numpy\n'still fine'").await;
     assert_eq!(r["truncated"], false, "the cap is per execution");
@@ -206,7 +126,9 @@ async fn a_timeout_interrupts_the_kernel_and_the_session_keeps_its_state() {
     let app = spawn_app().await;
     let id = app.start("python").await;
     app.exec(&id, "kept = 'yes'").await;
-    let (status, r) = app.exec_with(&id, json!({"code": "import time\nprint('before', flush=True)\ntime.sleep(60)", "timeout_s": 2})).await;
+    let (status, r) = app
+        .exec_with(&id, json!({"code": "import time\nprint('before', flush=True)\ntime.sleep(60)", "timeout_s": 2}))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(r["status"], "timeout", "{r}");
     assert_eq!(r["stdout"], "before\n", "the output so far is returned");
@@ -218,35 +140,24 @@ async fn a_timeout_interrupts_the_kernel_and_the_session_keeps_its_state() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kernel_that_ignores_the_interrupt_is_restarted_and_the_response_says_so() {
-    let app = spawn_app_with(AppOptions {
-        limits: limits(&["--interrupt-grace-s", "2"]),
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with(AppOptions { limits: limits(&["--interrupt-grace-s", "2"]), ..Default::default() }).await;
     let id = app.start("python").await;
     app.exec(&id, "lost = 1").await;
-    let stubborn = "import time\nwhile True:\n    try:\n        time.sleep(0.1)\n    except KeyboardInterrupt:\n        pass";
-    let (_, r) = app
-        .exec_with(&id, json!({"code": stubborn, "timeout_s": 1}))
-        .await;
+    let stubborn =
+        "import time\nwhile True:\n    try:\n        time.sleep(0.1)\n    except KeyboardInterrupt:\n        pass";
+    let (_, r) = app.exec_with(&id, json!({"code": stubborn, "timeout_s": 1})).await;
     assert_eq!(r["status"], "timeout", "{r}");
     assert_eq!(r["kernel_restarted"], true);
     let r = app.exec(&id, "lost").await;
     assert_eq!(r["status"], "error");
-    assert_eq!(
-        r["error"]["ename"], "NameError",
-        "a restarted kernel has fresh state"
-    );
+    assert_eq!(r["error"]["ename"], "NameError", "a restarted kernel has fresh state");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn interrupt_stops_the_running_code() {
     let app = spawn_app().await;
     let id = app.start("python").await;
-    let (client, url) = (
-        app.client.clone(),
-        app.url(&format!("/v1/sessions/{id}/execute")),
-    );
+    let (client, url) = (app.client.clone(), app.url(&format!("/v1/sessions/{id}/execute")));
     let running = tokio::spawn(async move {
         client
             .post(url)
@@ -259,18 +170,10 @@ async fn interrupt_stops_the_running_code() {
             .unwrap()
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (status, _) = app
-        .post(&format!("/v1/sessions/{id}/interrupt"), json!({}))
-        .await;
+    let (status, _) = app.post(&format!("/v1/sessions/{id}/interrupt"), json!({})).await;
     assert_eq!(status, 202);
-    let r = tokio::time::timeout(Duration::from_secs(20), running)
-        .await
-        .expect("interrupted promptly")
-        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(20), running).await.expect("interrupted promptly").unwrap();
     assert_eq!(r["status"], "error", "{r}");
     assert_eq!(r["error"]["ename"], "KeyboardInterrupt");
-    assert_eq!(
-        result_text(&app.exec(&id, "2*21").await).as_deref(),
-        Some("42")
-    );
+    assert_eq!(result_text(&app.exec(&id, "2*21").await).as_deref(), Some("42"));
 }

@@ -22,12 +22,8 @@ pub const PREFIX: &str = "kernelbox/kernel-";
 
 /// The Docker engine; the end-to-end tests are the point, so no engine is a loud failure, not a skip.
 pub async fn docker() -> Arc<DockerRuntime> {
-    let runtime = DockerRuntime::connect()
-        .expect("cannot reach the Docker engine: the end-to-end tests need Docker");
-    runtime
-        .ping()
-        .await
-        .expect("cannot reach the Docker engine: the end-to-end tests need Docker");
+    let runtime = DockerRuntime::connect().expect("cannot reach the Docker engine: the end-to-end tests need Docker");
+    runtime.ping().await.expect("cannot reach the Docker engine: the end-to-end tests need Docker");
     Arc::new(runtime)
 }
 
@@ -37,21 +33,14 @@ pub fn image_builder(runtime: Arc<DockerRuntime>) -> ImageBuilder {
         catalog: Catalog::new(PREFIX),
         source: Source::Embedded,
         settings: HostSettings {
-            apt_mirror: std::env::var("KERNELBOX_APT_MIRROR")
-                .ok()
-                .or_else(context::detect_apt_mirror),
-            pip_index_url: std::env::var("KERNELBOX_PIP_INDEX_URL")
-                .ok()
-                .or_else(context::detect_pip_index),
+            apt_mirror: std::env::var("KERNELBOX_APT_MIRROR").ok().or_else(context::detect_apt_mirror),
+            pip_index_url: std::env::var("KERNELBOX_PIP_INDEX_URL").ok().or_else(context::detect_pip_index),
             extra_ca: context::detect_extra_ca(
-                std::env::var_os("KERNELBOX_EXTRA_CA_BUNDLE")
-                    .as_deref()
-                    .map(std::path::Path::new),
+                std::env::var_os("KERNELBOX_EXTRA_CA_BUNDLE").as_deref().map(std::path::Path::new),
             )
             .expect("reading the extra CA bundle"),
         },
-        base_image: std::env::var("KERNELBOX_BASE_IMAGE")
-            .unwrap_or_else(|_| "debian:bookworm-slim".into()),
+        base_image: std::env::var("KERNELBOX_BASE_IMAGE").unwrap_or_else(|_| "debian:bookworm-slim".into()),
     }
 }
 
@@ -63,10 +52,7 @@ pub async fn ensure_images() {
         .get_or_init(|| async {
             let builder = image_builder(docker().await);
             let mut err = std::io::stderr();
-            builder
-                .build(&[], false, &mut err)
-                .await
-                .expect("building the kernel images");
+            builder.build(&[], false, &mut err).await.expect("building the kernel images");
         })
         .await;
 }
@@ -91,12 +77,7 @@ pub struct AppOptions {
 
 impl Default for AppOptions {
     fn default() -> Self {
-        AppOptions {
-            limits: limits(&[]),
-            api_keys: vec![],
-            keep_sessions: false,
-            instance: None,
-        }
+        AppOptions { limits: limits(&[]), api_keys: vec![], keep_sessions: false, instance: None }
     }
 }
 
@@ -124,10 +105,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     let (instance, state_dir, tmp) = match options.instance {
         Some((instance, dir)) => (instance, dir, None),
         None => {
-            let tmp = tempfile::Builder::new()
-                .prefix("kbt")
-                .tempdir_in("/tmp")
-                .expect("temp dir");
+            let tmp = tempfile::Builder::new().prefix("kbt").tempdir_in("/tmp").expect("temp dir");
             let instance = format!("test-{}", &uuid_like()[..12]);
             (instance, tmp.path().to_path_buf(), Some(tmp))
         }
@@ -144,9 +122,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         shutdown_grace: Duration::from_secs(5),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = Application::build(listener, settings, runtime)
-        .await
-        .expect("the app builds");
+    let app = Application::build(listener, settings, runtime).await.expect("the app builds");
     let addr = app.local_addr().unwrap();
     let manager = app.manager();
     let shutdown = CancellationToken::new();
@@ -177,34 +153,17 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
+        let r = self.client.post(self.url(path)).json(&body).send().await.expect("request");
         status_json(r).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request");
+        let r = self.client.get(self.url(path)).send().await.expect("request");
         status_json(r).await
     }
 
     pub async fn delete(&self, path: &str) -> u16 {
-        self.client
-            .delete(self.url(path))
-            .send()
-            .await
-            .expect("request")
-            .status()
-            .as_u16()
+        self.client.delete(self.url(path)).send().await.expect("request").status().as_u16()
     }
 
     /// Starts a session and returns its id (panics with the server's answer otherwise).
@@ -219,9 +178,7 @@ impl TestApp {
     }
 
     pub async fn exec(&self, id: &str, code: &str) -> Value {
-        let (status, v) = self
-            .post(&format!("/v1/sessions/{id}/execute"), json!({"code": code}))
-            .await;
+        let (status, v) = self.post(&format!("/v1/sessions/{id}/execute"), json!({"code": code})).await;
         assert_eq!(status, 200, "execute: {v}");
         v
     }
@@ -232,11 +189,7 @@ impl TestApp {
 
     /// This instance's containers, as Docker lists them.
     pub async fn containers(&self) -> Vec<kernelbox::runtime::ContainerSummary> {
-        docker()
-            .await
-            .list(labels::INSTANCE, Some(&self.instance))
-            .await
-            .unwrap()
+        docker().await.list(labels::INSTANCE, Some(&self.instance)).await.unwrap()
     }
 
     /// Stops the service as SIGTERM would, and waits for it.
@@ -270,10 +223,7 @@ impl Drop for InstanceGuard {
 fn remove_instance(instance: &str) {
     let instance = instance.to_owned();
     let _ = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let Ok(runtime) = DockerRuntime::connect() else {
                 return;
@@ -311,12 +261,7 @@ pub fn display_mimes(v: &Value) -> Vec<String> {
         .map(|a| {
             a.iter()
                 .filter(|o| o["output_type"] == "display_data")
-                .flat_map(|o| {
-                    o["data"]
-                        .as_object()
-                        .map(|m| m.keys().cloned().collect::<Vec<_>>())
-                        .unwrap_or_default()
-                })
+                .flat_map(|o| o["data"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default())
                 .collect()
         })
         .unwrap_or_default()
@@ -324,10 +269,5 @@ pub fn display_mimes(v: &Value) -> Vec<String> {
 
 pub fn assert_error_shape(v: &Value, code: &str) {
     assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{v}"
-    );
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
 }

@@ -9,9 +9,7 @@ use crate::helpers::*;
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_has_no_network_no_privileges_and_its_limits() {
     let app = spawn_app().await;
-    let id = app
-        .start_with(json!({"language": "python", "memory_mb": 300, "env": {"GREETING": "hi"}}))
-        .await;
+    let id = app.start_with(json!({"language": "python", "memory_mb": 300, "env": {"GREETING": "hi"}})).await;
     let probe = r#"
 import os, socket, json
 def cg(*paths):
@@ -40,14 +38,9 @@ print(json.dumps({
 "#;
     let r = app.exec(&id, probe).await;
     assert_eq!(r["status"], "ok", "{r}");
-    let facts: serde_json::Value =
-        serde_json::from_str(r["stdout"].as_str().unwrap().trim()).unwrap();
+    let facts: serde_json::Value = serde_json::from_str(r["stdout"].as_str().unwrap().trim()).unwrap();
     assert_eq!(facts["uid"], 1000, "non-root");
-    assert_eq!(
-        facts["interfaces"],
-        json!(["lo"]),
-        "no network interface but loopback"
-    );
+    assert_eq!(facts["interfaces"], json!(["lo"]), "no network interface but loopback");
     assert_eq!(facts["network"], false);
     assert_eq!(facts["cap_eff"], "0000000000000000", "no capabilities");
     assert_eq!(facts["no_new_privs"], "1");
@@ -62,9 +55,7 @@ print(json.dumps({
 #[tokio::test(flavor = "multi_thread")]
 async fn a_memory_bomb_is_killed_as_out_of_memory_and_the_session_can_restart() {
     let app = spawn_app().await;
-    let id = app
-        .start_with(json!({"language": "python", "memory_mb": 128}))
-        .await;
+    let id = app.start_with(json!({"language": "python", "memory_mb": 128})).await;
     let r = app.exec(&id, "x = bytearray(1024 * 1024 * 1024)").await;
     assert_eq!(r["status"], "killed", "{r}");
     assert_eq!(r["killed_reason"], "out_of_memory");
@@ -73,20 +64,11 @@ async fn a_memory_bomb_is_killed_as_out_of_memory_and_the_session_can_restart() 
     let r = app.exec(&id, "1").await;
     assert_eq!(r["status"], "killed", "a dead kernel answers at once");
 
-    let (status, s) = app
-        .post(&format!("/v1/sessions/{id}/restart"), json!({}))
-        .await;
+    let (status, s) = app.post(&format!("/v1/sessions/{id}/restart"), json!({})).await;
     assert_eq!(status, 200, "{s}");
     assert_eq!(s["status"], "idle");
-    assert_eq!(
-        result_text(&app.exec(&id, "6*7").await).as_deref(),
-        Some("42")
-    );
-    assert_eq!(
-        app.containers().await.len(),
-        1,
-        "the dead container was replaced, not kept"
-    );
+    assert_eq!(result_text(&app.exec(&id, "6*7").await).as_deref(), Some("42"));
+    assert_eq!(app.containers().await.len(), 1, "the dead container was replaced, not kept");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -94,10 +76,7 @@ async fn a_container_killed_from_outside_is_noticed_at_once() {
     let app = spawn_app().await;
     let id = app.start("python").await;
     let container = app.containers().await.pop().unwrap().id;
-    let status = std::process::Command::new("docker")
-        .args(["kill", &container])
-        .output()
-        .unwrap();
+    let status = std::process::Command::new("docker").args(["kill", &container]).output().unwrap();
     assert!(status.status.success());
     // Noticed by the container watcher, not at the next timeout.
     let mut dead = false;
@@ -111,25 +90,14 @@ async fn a_container_killed_from_outside_is_noticed_at_once() {
     assert!(dead, "the session is marked dead within 5 s");
     let r = app.exec(&id, "1").await;
     assert_eq!(r["status"], "killed");
-    assert!(
-        r["killed_reason"].as_str().unwrap().contains("exited"),
-        "{r}"
-    );
+    assert!(r["killed_reason"].as_str().unwrap().contains("exited"), "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kernel_that_dies_mid_execution_returns_killed() {
     let app = spawn_app().await;
     let id = app.start("python").await;
-    let r = app
-        .exec(
-            &id,
-            "import os, signal\nprint('bye', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)",
-        )
-        .await;
+    let r = app.exec(&id, "import os, signal\nprint('bye', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)").await;
     assert_eq!(r["status"], "killed", "{r}");
-    assert!(
-        r["duration_ms"].as_u64().unwrap() < 10_000,
-        "detected at once, not after the timeout"
-    );
+    assert!(r["duration_ms"].as_u64().unwrap() < 10_000, "detected at once, not after the timeout");
 }

@@ -31,14 +31,8 @@ async fn a_session_is_created_listed_inspected_and_deleted() {
     assert_eq!(app.delete(&format!("/v1/sessions/{id}")).await, 204);
     assert_eq!(app.get(&format!("/v1/sessions/{id}")).await.0, 404);
     assert_eq!(app.delete(&format!("/v1/sessions/{id}")).await, 404);
-    assert!(
-        app.containers().await.is_empty(),
-        "deleting a session removes its container"
-    );
-    assert!(
-        !app.state_dir.join("sessions").join(id).exists(),
-        "and its socket directory"
-    );
+    assert!(app.containers().await.is_empty(), "deleting a session removes its container");
+    assert!(!app.state_dir.join("sessions").join(id).exists(), "and its socket directory");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -60,10 +54,7 @@ async fn the_session_maximums_are_enforced_with_429() {
                 .send()
                 .await
                 .unwrap();
-            (
-                r.status().as_u16(),
-                r.json::<serde_json::Value>().await.unwrap(),
-            )
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
         }
     };
     assert_eq!(start("a").await.0, 201);

@@ -1,0 +1,222 @@
+//! The session state machine against the in-memory runtime and a fake kernel peer: no Docker, real
+//! ZeroMQ over unix sockets, the real actor and manager.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::*;
+use crate::config::{Cli, Command};
+use crate::images::Catalog;
+use crate::runtime::fake::FakeRuntime;
+
+struct Harness {
+    runtime: Arc<FakeRuntime>,
+    manager: Arc<SessionManager>,
+    _dir: tempfile::TempDir,
+}
+
+fn config(flags: &[&str], dir: &std::path::Path) -> ManagerConfig {
+    let mut argv = vec!["kernelbox", "serve"];
+    argv.extend_from_slice(flags);
+    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+    ManagerConfig {
+        limits: args.limits.validate().unwrap(),
+        state_dir: dir.to_path_buf(),
+        instance: "unit".into(),
+        catalog: Catalog::new("fake/"),
+        keep_sessions: false,
+    }
+}
+
+fn harness(flags: &[&str]) -> Harness {
+    harness_keeping(flags, false)
+}
+
+fn harness_keeping(flags: &[&str], keep_sessions: bool) -> Harness {
+    let dir = tempfile::Builder::new().prefix("kbu").tempdir_in("/tmp").unwrap();
+    let runtime = Arc::new(FakeRuntime::new());
+    for image in Catalog::new("fake/").language_images() {
+        runtime.add_image(&format!("fake/{image}:latest"), HashMap::new());
+    }
+    let manager = SessionManager::new(runtime.clone(), ManagerConfig { keep_sessions, ..config(flags, dir.path()) });
+    Harness { runtime, manager, _dir: dir }
+}
+
+fn owner() -> Owner {
+    Owner("me".into())
+}
+
+fn python() -> SessionRequest {
+    SessionRequest { language: "python".into(), ..Default::default() }
+}
+
+impl Harness {
+    async fn start(&self) -> String {
+        self.manager.create(owner(), python()).await.expect("session starts").id.to_string()
+    }
+    async fn run(&self, id: &str, code: &str) -> ExecuteResult {
+        self.manager.execute(&owner(), id, code.into(), None).await.expect("execute")
+    }
+    fn container(&self, id: &str) -> String {
+        self.manager.get(&owner(), id).unwrap().snapshot().container_id
+    }
+}
+
+#[tokio::test]
+async fn a_session_boots_runs_code_and_keeps_counting() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    assert_eq!(h.manager.get(&owner(), &id).unwrap().info().status, SessionStatus::Idle);
+    let r = h.run(&id, "print:hello").await;
+    assert_eq!(r.status, ExecStatus::Ok);
+    assert_eq!(r.stdout, "hello\n");
+    let r = h.run(&id, "2").await;
+    assert_eq!(r.execution_count, Some(2));
+    let r = h.run(&id, "error").await;
+    assert_eq!(r.status, ExecStatus::Error);
+    assert_eq!(r.error.unwrap().ename, "ValueError");
+    assert_eq!(h.manager.get(&owner(), &id).unwrap().info().executions, 3);
+}
+
+#[tokio::test]
+async fn settings_above_the_maximums_are_refused() {
+    let h = harness(&["--max-memory-mb", "1024"]);
+    let big = SessionRequest { memory_mb: Some(2048), ..python() };
+    assert!(matches!(h.manager.create(owner(), big).await, Err(SessionError::Invalid(_))));
+    let unknown = SessionRequest { language: "cobol".into(), ..Default::default() };
+    assert!(matches!(h.manager.create(owner(), unknown).await, Err(SessionError::UnknownLanguage(_))));
+    assert!(h.runtime.container_ids().is_empty(), "nothing was started");
+}
+
+#[tokio::test]
+async fn another_owner_cannot_see_a_session() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let stranger = Owner("them".into());
+    assert!(matches!(h.manager.get(&stranger, &id), Err(SessionError::NotFound(_))));
+    assert!(h.manager.list(&stranger).is_empty());
+    assert!(matches!(h.manager.delete(&stranger, &id).await, Err(SessionError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn a_timeout_interrupts_and_the_session_goes_on() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let r = h.manager.execute(&owner(), &id, "sleep:30".into(), Some(1)).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Timeout);
+    assert!(!r.kernel_restarted);
+    assert_eq!(h.run(&id, "print:after").await.stdout, "after\n");
+}
+
+#[tokio::test]
+async fn a_kernel_that_ignores_the_interrupt_is_restarted() {
+    let h = harness(&["--interrupt-grace-s", "1"]);
+    let id = h.start().await;
+    let container = h.container(&id);
+    let r = h.manager.execute(&owner(), &id, "hang".into(), Some(1)).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Timeout);
+    assert!(r.kernel_restarted);
+    assert_eq!(h.runtime.signals(&container), vec!["SIGHUP"], "restarted in place");
+    assert_eq!(h.run(&id, "1").await.execution_count, Some(1), "a fresh kernel counts from one");
+}
+
+#[tokio::test]
+async fn executions_queue_in_order_and_a_full_queue_is_refused() {
+    let h = harness(&["--queue-depth", "1"]);
+    let id = h.start().await;
+    let m = h.manager.clone();
+    let first = m.submit(&owner(), &id, "sleep:0.5".into(), None, None).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await; // the actor has taken the first
+    let second = m.submit(&owner(), &id, "second".into(), None, None).unwrap();
+    assert!(matches!(m.submit(&owner(), &id, "third".into(), None, None), Err(SessionError::QueueFull(1))));
+    assert_eq!(first.wait().await.unwrap().execution_count, Some(1));
+    assert_eq!(second.wait().await.unwrap().execution_count, Some(2));
+}
+
+#[tokio::test]
+async fn a_dead_container_is_noticed_and_restart_replaces_it() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let container = h.container(&id);
+    let running = {
+        let m = h.manager.clone();
+        let id = id.clone();
+        tokio::spawn(async move { m.execute(&owner(), &id, "sleep:30".into(), None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.runtime.kill(&container, true);
+    let r = tokio::time::timeout(Duration::from_secs(5), running).await.expect("noticed at once").unwrap().unwrap();
+    assert_eq!(r.status, ExecStatus::Killed);
+    assert_eq!(r.killed_reason.as_deref(), Some("out_of_memory"));
+    let info = h.manager.get(&owner(), &id).unwrap().info();
+    assert_eq!(info.status, SessionStatus::Dead);
+    assert_eq!(h.run(&id, "1").await.status, ExecStatus::Killed, "a dead kernel answers at once");
+
+    let info = h.manager.restart(&owner(), &id).await.unwrap();
+    assert_eq!(info.status, SessionStatus::Idle);
+    assert_ne!(h.container(&id), container, "a new container");
+    assert_eq!(h.run(&id, "1").await.status, ExecStatus::Ok);
+}
+
+#[tokio::test]
+async fn delete_removes_the_container_and_the_directory() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    h.manager.delete(&owner(), &id).await.unwrap();
+    assert!(h.runtime.container_ids().is_empty());
+    assert!(!h._dir.path().join("sessions").join(&id).exists());
+    assert!(matches!(h.manager.get(&owner(), &id), Err(SessionError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn reap_once_removes_idle_sessions_and_spares_busy_ones() {
+    let h = harness(&[]);
+    let idle = h.start().await;
+    let busy = h.start().await;
+    let pending = h.manager.submit(&owner(), &busy, "sleep:1".into(), None, None).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = h.manager.reap_once(chrono::Utc::now() + chrono::Duration::hours(2)).await;
+    assert_eq!(report.removed, vec![(SessionId::parse(&idle).unwrap(), "idle")]);
+    assert_eq!(pending.wait().await.unwrap().status, ExecStatus::Ok);
+    assert_eq!(h.runtime.container_ids().len(), 1);
+}
+
+#[tokio::test]
+async fn the_engine_being_down_is_an_unavailable_runtime() {
+    let h = harness(&[]);
+    h.runtime.set_down(true);
+    let err = h.manager.create(owner(), python()).await.unwrap_err();
+    assert!(matches!(err, SessionError::Runtime(crate::runtime::RuntimeError::Unavailable(_))), "{err:?}");
+}
+
+#[tokio::test]
+async fn per_owner_and_total_maximums_hold() {
+    let h = harness(&["--max-sessions-per-owner", "1", "--max-sessions", "2"]);
+    h.start().await;
+    assert!(matches!(h.manager.create(owner(), python()).await, Err(SessionError::TooMany(_))));
+    h.manager.create(Owner("b".into()), python()).await.unwrap();
+    assert!(matches!(h.manager.create(Owner("c".into()), python()).await, Err(SessionError::TooMany(_))));
+}
+
+#[tokio::test]
+async fn a_new_manager_adopts_running_containers_and_removes_dead_ones() {
+    let h = harness_keeping(&[], true);
+    let live = h.start().await;
+    let dead = h.start().await;
+    let dead_container = h.container(&dead);
+    // Stopped with --keep-sessions: the containers stay.
+    h.manager.shutdown().await;
+    assert_eq!(h.runtime.container_ids().len(), 2);
+    h.runtime.kill(&dead_container, false);
+
+    let again = SessionManager::new(h.runtime.clone(), config(&[], h._dir.path()));
+    let (adopted, removed) = again.recover().await.unwrap();
+    assert_eq!((adopted, removed), (1, 1));
+    let r = again.execute(&owner(), &live, "print:back".into(), None).await.unwrap();
+    assert_eq!(r.stdout, "back\n");
+    assert!(matches!(again.get(&owner(), &dead), Err(SessionError::NotFound(_))));
+    assert_eq!(h.runtime.container_ids().len(), 1);
+}
