@@ -55,7 +55,6 @@ impl From<SessionError> for ApiError {
             E::ImageMissing(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_missing"),
             E::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
             E::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
-            E::Dead(_) => (StatusCode::CONFLICT, "kernel_dead"),
             E::Closing => (StatusCode::CONFLICT, "session_closing"),
             E::KernelStart(_) => (StatusCode::SERVICE_UNAVAILABLE, "kernel_start_failed"),
             E::Runtime(RuntimeError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "docker_unavailable"),

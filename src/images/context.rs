@@ -17,6 +17,9 @@ mod embedded {
 /// The file every context gets: an extra CA bundle to trust while building (empty when none).
 pub const EXTRA_CA_FILE: &str = "extra-ca.pem";
 
+/// Build arguments that only say where packages come from.
+pub const TRANSPORT_ARGS: &[&str] = &["APT_MIRROR", "PIP_INDEX_URL"];
+
 /// Where the image folders come from.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -88,16 +91,18 @@ impl Context {
     }
 
     /// A digest of everything that decides the image: the files, the build arguments and the parent
-    /// image's id.
+    /// image's id. How packages are fetched (mirror, index, the extra CA) is left out: the same image
+    /// built through another mirror or proxy is the same image, so a service in a container (which sees
+    /// no host settings) finds the host-built images up to date.
     pub fn content_hash(&self, build_args: &HashMap<String, String>, parent_id: &str) -> String {
         let mut ctx = digest::Context::new(&digest::SHA256);
-        for (path, bytes) in &self.files {
+        for (path, bytes) in self.files.iter().filter(|(p, _)| *p != EXTRA_CA_FILE) {
             ctx.update(path.as_bytes());
             ctx.update(&[0]);
             ctx.update(&(bytes.len() as u64).to_le_bytes());
             ctx.update(bytes);
         }
-        let args: BTreeMap<_, _> = build_args.iter().collect();
+        let args: BTreeMap<_, _> = build_args.iter().filter(|(k, _)| !TRANSPORT_ARGS.contains(&k.as_str())).collect();
         for (k, v) in args {
             ctx.update(format!("arg:{k}={v}\0").as_bytes());
         }
@@ -244,6 +249,11 @@ mod tests {
         assert_eq!(h, ctx.content_hash(&args, "sha256:p"), "stable");
         assert_ne!(h, ctx.content_hash(&args, "sha256:q"), "parent");
         assert_ne!(h, ctx.content_hash(&HashMap::new(), "sha256:p"), "args");
+        let mirror = HashMap::from([("A".to_owned(), "1".to_owned()), ("APT_MIRROR".to_owned(), "http://m".to_owned())]);
+        assert_eq!(h, ctx.content_hash(&mirror, "sha256:p"), "where packages come from is not content");
+        let mut with_ca = ctx.clone();
+        with_ca.files.insert(EXTRA_CA_FILE.into(), b"-----BEGIN CERTIFICATE-----".to_vec());
+        assert_eq!(h, with_ca.content_hash(&args, "sha256:p"), "nor is the proxy's CA");
         let other = Context { files: BTreeMap::from([("Dockerfile".to_owned(), b"FROM y".to_vec())]) };
         assert_ne!(h, other.content_hash(&args, "sha256:p"), "files");
     }

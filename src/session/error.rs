@@ -18,8 +18,6 @@ pub enum SessionError {
     TooMany(String),
     #[error("too many executions are waiting on this session (at most {0}); retry when one finishes")]
     QueueFull(usize),
-    #[error("the session's kernel is dead ({0}); restart or delete the session")]
-    Dead(String),
     #[error("the session is being removed")]
     Closing,
     #[error("the kernel did not start: {0}")]

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod api_surface;
+mod compose;
 mod execute;
 mod languages;
 mod lifecycle;
