@@ -249,7 +249,8 @@ mod tests {
         assert_eq!(h, ctx.content_hash(&args, "sha256:p"), "stable");
         assert_ne!(h, ctx.content_hash(&args, "sha256:q"), "parent");
         assert_ne!(h, ctx.content_hash(&HashMap::new(), "sha256:p"), "args");
-        let mirror = HashMap::from([("A".to_owned(), "1".to_owned()), ("APT_MIRROR".to_owned(), "http://m".to_owned())]);
+        let mirror =
+            HashMap::from([("A".to_owned(), "1".to_owned()), ("APT_MIRROR".to_owned(), "http://m".to_owned())]);
         assert_eq!(h, ctx.content_hash(&mirror, "sha256:p"), "where packages come from is not content");
         let mut with_ca = ctx.clone();
         with_ca.files.insert(EXTRA_CA_FILE.into(), b"-----BEGIN CERTIFICATE-----".to_vec());

@@ -22,6 +22,7 @@ use super::wire::{Header, Message, Signer};
 pub struct FakeKernel {
     task: JoinHandle<()>,
     interrupt: Arc<Notify>,
+    stop: Arc<Notify>,
 }
 
 impl Drop for FakeKernel {
@@ -53,14 +54,15 @@ impl FakeKernel {
         iopub.bind(&ends.iopub).await.map_err(to_io)?;
         std::fs::write(connection::ready_file(dir), b"fake")?;
         let interrupt = Arc::new(Notify::new());
-        let task = tokio::spawn(serve(Signer::new(&info.key), shell, control, iopub, interrupt.clone()));
-        Ok(FakeKernel { task, interrupt })
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(serve(Signer::new(&info.key), shell, control, iopub, interrupt.clone(), stop.clone()));
+        Ok(FakeKernel { task, interrupt, stop })
     }
 
     /// Stops the kernel and waits until its sockets are closed (a closing ipc socket removes its file,
     /// which must not happen after a successor has bound the same path).
     pub async fn stop(mut self) {
-        self.task.abort();
+        self.stop.notify_one();
         let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
         let _ = task.await;
     }
@@ -77,6 +79,7 @@ async fn serve(
     mut control: RouterSocket,
     mut iopub: PubSocket,
     interrupt: Arc<Notify>,
+    stop: Arc<Notify>,
 ) {
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Out>();
     let (exec_tx, mut exec_rx) = mpsc::unbounded_channel::<Message>();
@@ -93,6 +96,7 @@ async fn serve(
     let _runner = AbortOnDrop(runner);
     loop {
         tokio::select! {
+            _ = stop.notified() => break,
             m = shell.recv() => match m.ok().and_then(|m| signer.decode(m.into_vec()).ok()) {
                 Some(msg) => { let _ = exec_tx.send(msg); }
                 None => break,
@@ -118,6 +122,10 @@ async fn serve(
             }
         }
     }
+    // Close the binds before returning, so their socket files are gone before a successor binds.
+    shell.close().await;
+    control.close().await;
+    iopub.close().await;
 }
 
 struct AbortOnDrop(JoinHandle<()>);

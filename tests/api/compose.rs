@@ -70,7 +70,8 @@ async fn compose_up_serves_the_api_and_down_leaves_nothing() {
     // image can be pulled on a host without a registry).
     let binary = Path::new(env!("CARGO_BIN_EXE_kernelbox"));
     let binary = binary.strip_prefix(root).expect("the binary is inside the repository").display().to_string();
-    let base = if image_exists("debian:bookworm-slim") { "debian:bookworm-slim" } else { "kernelbox/debian-rootfs:bookworm" };
+    let base =
+        if image_exists("debian:bookworm-slim") { "debian:bookworm-slim" } else { "kernelbox/debian-rootfs:bookworm" };
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let state = tempfile::Builder::new().prefix("kbc").tempdir_in("/tmp").unwrap();
     let port = free_port();
@@ -99,7 +100,8 @@ async fn compose_up_serves_the_api_and_down_leaves_nothing() {
     assert!(!container.is_empty(), "the service container exists");
     let mut health = String::new();
     for _ in 0..120 {
-        let out = Command::new("docker").args(["inspect", "-f", "{{.State.Health.Status}}", &container]).output().unwrap();
+        let out =
+            Command::new("docker").args(["inspect", "-f", "{{.State.Health.Status}}", &container]).output().unwrap();
         health = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if health == "healthy" {
             break;
@@ -113,7 +115,8 @@ async fn compose_up_serves_the_api_and_down_leaves_nothing() {
 
     let http = reqwest::Client::new();
     let base_url = format!("http://127.0.0.1:{port}");
-    let created = http.post(format!("{base_url}/v1/sessions")).json(&json!({"language": "python"})).send().await.unwrap();
+    let created =
+        http.post(format!("{base_url}/v1/sessions")).json(&json!({"language": "python"})).send().await.unwrap();
     assert_eq!(created.status(), 201);
     let id = created.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
     let r: serde_json::Value = http
@@ -131,6 +134,9 @@ async fn compose_up_serves_the_api_and_down_leaves_nothing() {
     use kernelbox::runtime::ContainerRuntime;
     let left = docker().await.list(kernelbox::runtime::labels::INSTANCE, Some(&instance)).await.unwrap();
     assert!(left.is_empty(), "compose down left session containers: {left:?}");
-    let service_left = Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=com.docker.compose.project={}", project.name)]).output().unwrap();
+    let service_left = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=com.docker.compose.project={}", project.name)])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&service_left.stdout).trim().is_empty(), "compose down left the service container");
 }
