@@ -53,7 +53,10 @@ impl BootPlan {
     pub async fn boot(&self) -> Result<KernelHost, SessionError> {
         let info = ConnectionInfo::new_ipc();
         prepare_dir(&self.dir, &info)?;
-        let container_id = self.runtime.create_and_start(&self.spec).await?;
+        // A fresh name per boot: the container of a dead kernel may still be on its way out.
+        let mut spec = self.spec.clone();
+        spec.name = format!("{}-{}", self.spec.name, &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        let container_id = self.runtime.create_and_start(&spec).await?;
         metrics::counter!("kernelbox_container_starts_total").increment(1);
         let exit = self.watch_exit(&container_id);
         match self.connect(&info, exit.clone()).await {
