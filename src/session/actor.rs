@@ -122,6 +122,7 @@ impl Actor {
                     s.status = SessionStatus::Idle;
                     s.dead_reason = None;
                     s.container_id = host.container_id.clone();
+                    s.kernel = Some(host.info.clone());
                 });
                 self.host = Some(host);
                 Ok(())

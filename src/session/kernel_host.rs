@@ -19,6 +19,7 @@ use crate::kernel::{Channel, KernelClient};
 use crate::runtime::{ContainerRuntime, ContainerSpec, ExitInfo, RuntimeError};
 
 use super::error::SessionError;
+use super::model::KernelInfo;
 
 /// How the kernel in an image wants to be interrupted (image label `kernelbox.image.interrupt_mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,8 @@ pub enum InterruptMode {
 pub struct KernelHost {
     pub container_id: String,
     pub client: KernelClient,
+    /// What the kernel said of itself in its `kernel_info_reply`.
+    pub info: KernelInfo,
     /// Becomes `Some` when the container stops.
     pub exit: watch::Receiver<Option<ExitInfo>>,
 }
@@ -60,7 +63,7 @@ impl BootPlan {
         metrics::counter!("kernelbox_container_starts_total").increment(1);
         let exit = self.watch_exit(&container_id);
         match self.connect(&info, exit.clone()).await {
-            Ok(client) => Ok(KernelHost { container_id, client, exit }),
+            Ok((client, info)) => Ok(KernelHost { container_id, client, info, exit }),
             Err(e) => {
                 metrics::counter!("kernelbox_container_start_failures_total").increment(1);
                 let _ = self.runtime.remove(&container_id).await;
@@ -76,8 +79,8 @@ impl BootPlan {
             .map_err(|e| SessionError::KernelStart(format!("unreadable connection file: {e}")))?;
         let exit = self.watch_exit(&container_id);
         let deadline = Instant::now() + timeout;
-        let client = connect_client(&info, &self.dir, deadline, exit.clone()).await?;
-        Ok(KernelHost { container_id, client, exit })
+        let (client, info) = connect_client(&info, &self.dir, deadline, exit.clone()).await?;
+        Ok(KernelHost { container_id, client, info, exit })
     }
 
     /// Restarts the kernel process inside the same container (its files stay), or boots a new container
@@ -91,11 +94,11 @@ impl BootPlan {
             serde_json::from_str(&text).map_err(|e| SessionError::KernelStart(e.to_string()))?
         };
         let _ = std::fs::remove_file(connection::ready_file(&self.dir));
-        let KernelHost { container_id, client, exit } = host;
+        let KernelHost { container_id, client, exit, .. } = host;
         drop(client);
         self.runtime.signal(&container_id, "SIGHUP").await?;
         match self.connect(&info, exit.clone()).await {
-            Ok(client) => Ok(KernelHost { container_id, client, exit }),
+            Ok((client, info)) => Ok(KernelHost { container_id, client, info, exit }),
             Err(e) => {
                 let _ = self.runtime.remove(&container_id).await;
                 Err(e)
@@ -118,7 +121,7 @@ impl BootPlan {
         &self,
         info: &ConnectionInfo,
         exit: watch::Receiver<Option<ExitInfo>>,
-    ) -> Result<KernelClient, SessionError> {
+    ) -> Result<(KernelClient, KernelInfo), SessionError> {
         let deadline = Instant::now() + self.start_timeout;
         wait_for_ready_file(&self.dir, deadline, exit.clone()).await?;
         connect_client(info, &self.dir, deadline, exit).await
@@ -205,14 +208,14 @@ async fn connect_client(
     dir: &Path,
     deadline: Instant,
     mut exit: watch::Receiver<Option<ExitInfo>>,
-) -> Result<KernelClient, SessionError> {
+) -> Result<(KernelClient, KernelInfo), SessionError> {
     let exit_now = exit.clone();
     let endpoints = info.host_endpoints(dir);
     let attempt = async {
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
         let mut client = KernelClient::connect(&endpoints, &info.key, remaining).await?;
-        client.wait_ready(deadline).await?;
-        Ok::<_, SessionError>(client)
+        let reply = client.wait_ready(deadline).await?;
+        Ok::<_, SessionError>((client, KernelInfo::from_reply(&reply)))
     };
     tokio::select! {
         result = attempt => result.map_err(|e| match e {

@@ -24,7 +24,8 @@ use super::actor::{Actor, Control, ExecuteCommand, StreamEvent};
 use super::error::SessionError;
 use super::kernel_host::{BootPlan, InterruptMode, KernelHost};
 use super::model::{
-    ExecuteResult, Owner, SessionId, SessionInfo, SessionLimits, SessionRequest, SessionSettings, SessionStatus,
+    ExecuteResult, KernelInfo, Owner, SessionId, SessionInfo, SessionLimits, SessionRequest, SessionSettings,
+    SessionStatus,
 };
 
 /// The mutable part of a session, shared between the actor and the API.
@@ -35,6 +36,7 @@ pub struct SessionState {
     pub container_id: String,
     pub dead_reason: Option<String>,
     pub executions: u64,
+    pub kernel: Option<KernelInfo>,
 }
 
 /// One session, as the registry holds it.
@@ -94,6 +96,7 @@ impl Session {
                 tmpfs_mb: self.tmpfs_mb,
             },
             metadata: self.settings.metadata.clone(),
+            kernel: s.kernel,
             dead_reason: s.dead_reason,
             executions: s.executions,
         }
@@ -274,6 +277,7 @@ impl SessionManager {
                 container_id,
                 dead_reason: None,
                 executions: 0,
+                kernel: None,
             }),
             in_use: AtomicUsize::new(0),
             commands: commands_tx,
@@ -361,6 +365,7 @@ impl SessionManager {
         session.update(|s| {
             s.status = SessionStatus::Idle;
             s.container_id = host.container_id.clone();
+            s.kernel = Some(host.info.clone());
         });
         let actor = Actor {
             session: session.clone(),
@@ -641,7 +646,7 @@ mod tests {
     use super::*;
 
     fn state(status: SessionStatus, last_used: DateTime<Utc>) -> SessionState {
-        SessionState { status, last_used, container_id: "c".into(), dead_reason: None, executions: 0 }
+        SessionState { status, last_used, container_id: "c".into(), dead_reason: None, executions: 0, kernel: None }
     }
 
     const HOUR: Duration = Duration::from_secs(3600);

@@ -123,6 +123,26 @@ pub struct SessionLimits {
     pub tmpfs_mb: u64,
 }
 
+/// What a kernel says of itself (`kernel_info_reply`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct KernelInfo {
+    pub implementation: String,
+    /// `language_info.name`, e.g. `python`, `typescript`, `Java`, `bash`.
+    pub language: String,
+    pub language_version: String,
+}
+
+impl KernelInfo {
+    pub fn from_reply(reply: &serde_json::Value) -> Self {
+        let text = |p: &str| reply.pointer(p).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        KernelInfo {
+            implementation: text("/implementation"),
+            language: text("/language_info/name"),
+            language_version: text("/language_info/version"),
+        }
+    }
+}
+
 /// A session as the API shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SessionInfo {
@@ -134,6 +154,9 @@ pub struct SessionInfo {
     pub last_used_at: DateTime<Utc>,
     pub limits: SessionLimits,
     pub metadata: BTreeMap<String, String>,
+    /// The running kernel, as it describes itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelInfo>,
     /// Why the kernel died, when `status` is `dead`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_reason: Option<String>,

@@ -5,10 +5,16 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-/// Runs the language's "print 6*7" and checks for 42, then ends the session.
-async fn check(app: &TestApp, language: &str, code: &str) {
+/// Starts a session, checks the language its kernel reports over ZeroMQ (`kernel_info`), runs the
+/// language's "print 6*7" and checks for 42, then ends the session.
+async fn check(app: &TestApp, language: &str, kernel_language: &str, code: &str) {
     let (status, s) = app.post("/v1/sessions", json!({"language": language})).await;
     assert_eq!(status, 201, "{language}: {s}");
+    assert_eq!(
+        s["kernel"]["language"].as_str().map(str::to_lowercase).as_deref(),
+        Some(kernel_language),
+        "{language}: {s}"
+    );
     let id = s["id"].as_str().unwrap();
     let r = app.exec(id, code).await;
     assert_eq!(r["status"], "ok", "{language}: {r}");
@@ -25,17 +31,14 @@ async fn check(app: &TestApp, language: &str, code: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_language_starts_runs_and_ends() {
     let app = spawn_app().await;
-    check(&app, "python", "print(6*7)").await;
-    check(
-        &app,
-        "python_scientific",
-        "import numpy as np, pandas as pd, scipy, sklearn, sympy, seaborn, statsmodels\nprint(int(np.int64(6) * 7))",
-    )
-    .await;
-    check(&app, "javascript", "console.log(6*7)").await;
-    check(&app, "typescript", "const n: number = 6 * 7;\nconsole.log(n)").await;
-    check(&app, "java", "System.out.println(6*7);").await;
-    check(&app, "bash", "echo $((6*7))").await;
+    let scientific =
+        "import numpy as np, pandas as pd, scipy, sklearn, sympy, seaborn, statsmodels\nprint(int(np.int64(6) * 7))";
+    check(&app, "python", "python", "print(6*7)").await;
+    check(&app, "python_scientific", "python", scientific).await;
+    check(&app, "javascript", "typescript", "console.log(6*7)").await;
+    check(&app, "typescript", "typescript", "const n: number = 6 * 7;\nconsole.log(n)").await;
+    check(&app, "java", "java", "System.out.println(6*7);").await;
+    check(&app, "bash", "bash", "echo $((6*7))").await;
     assert!(app.containers().await.is_empty());
 }
 
