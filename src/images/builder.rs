@@ -263,6 +263,16 @@ impl ImageBuilder {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(ImageError::NoBase(format!("debootstrap failed ({status}): {}", err_text.trim())));
         }
+        // Downloaded packages and package lists are of no use in the image (~90 MB).
+        for cache in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+            if let Ok(entries) = std::fs::read_dir(dir.join(cache)) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_file()) {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
         let _ = writeln!(out, "[base] importing the root filesystem as {ROOTFS_IMAGE}");
         let mut tar = tokio::process::Command::new("tar")
             .arg("-C")

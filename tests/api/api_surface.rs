@@ -118,3 +118,48 @@ async fn api_keys_guard_the_api_and_sessions_belong_to_their_key() {
     let del = app.client.delete(app.url(&format!("/v1/sessions/{id}"))).bearer_auth("key-a").send().await.unwrap();
     assert_eq!(del.status(), 204);
 }
+
+/// Docker going away mid-run is a 503 that says so, not a 500 or a hang. (An in-memory runtime stands in
+/// for the engine here: stopping the real one would take every other test down with it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_unreachable_is_a_503_that_says_so() {
+    use kernelbox::runtime::fake::FakeRuntime;
+    use std::sync::Arc;
+    let runtime = Arc::new(FakeRuntime::new());
+    let tmp = tempfile::Builder::new().prefix("kbf").tempdir_in("/tmp").unwrap();
+    let settings = kernelbox::Settings {
+        manager: kernelbox::session::ManagerConfig {
+            limits: limits(&[]).validate().unwrap(),
+            state_dir: tmp.path().to_path_buf(),
+            instance: "fake".into(),
+            catalog: kernelbox::images::Catalog::new(PREFIX),
+            keep_sessions: false,
+        },
+        api_keys: vec![],
+        shutdown_grace: std::time::Duration::from_secs(1),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = kernelbox::Application::build(listener, settings, runtime.clone()).await.unwrap();
+    let base = format!("http://{}", app.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let http = reqwest::Client::new();
+
+    runtime.set_down(true);
+    let r = http.post(format!("{base}/v1/sessions")).json(&json!({"language": "python"})).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_error_shape(&body, "docker_unavailable");
+    assert!(body["error"]["message"].as_str().unwrap().contains("Docker"), "{body}");
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["docker"], false);
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200, "the process is alive");
+
+    runtime.set_down(false);
+    let r = http.post(format!("{base}/v1/sessions")).json(&json!({"language": "python"})).send().await.unwrap();
+    assert_eq!(r.status(), 503, "no image built in this runtime");
+    assert_error_shape(&r.json().await.unwrap(), "image_missing");
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
