@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 ImagesCommand::List => {
                     let mut out = std::io::stdout();
-                    writeln!(out, "{:<18} {:<40} {:<11} {:>9}  BUILT", "LANGUAGE", "TAG", "STATE", "SIZE")?;
+                    writeln!(out, "{:<18} {:<40} {:<11} {:>9}  BUILT", "IMAGE", "TAG", "STATE", "SIZE")?;
                     for row in builder.status().await? {
                         writeln!(
                             out,

@@ -101,3 +101,24 @@ pub fn router(state: AppState, keys: auth::Keys) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The OpenAPI document is generated from the code and kept in `docs/openapi.json`, so that every API
+    /// change is a visible diff. After an intended change: `KERNELBOX_UPDATE_OPENAPI=1 cargo test openapi`.
+    #[test]
+    fn the_openapi_document_matches_its_snapshot() {
+        let current = ApiDoc::openapi().to_pretty_json().expect("the document serializes") + "\n";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
+        if std::env::var_os("KERNELBOX_UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, &current).expect("writing the snapshot");
+        }
+        let snapshot = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            snapshot == current,
+            "the API changed: review it, then run `KERNELBOX_UPDATE_OPENAPI=1 cargo test openapi` to accept it"
+        );
+    }
+}
