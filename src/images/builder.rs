@@ -112,6 +112,19 @@ impl ImageBuilder {
         args
     }
 
+    /// The build context, build arguments and content hash `def` has when built on `parent_ref`.
+    fn expected(
+        &self,
+        def: &ImageDef,
+        parent_ref: &str,
+        parent_id: &str,
+    ) -> Result<(Context, HashMap<String, String>, String), ImageError> {
+        let args = self.build_args(def, parent_ref);
+        let context = self.source.context(def.name, &self.settings.extra_ca)?;
+        let hash = context.content_hash(&args, parent_id);
+        Ok((context, args, hash))
+    }
+
     /// Builds what `wanted` needs; images whose content hash is unchanged are skipped unless `no_cache`.
     pub async fn build(
         &self,
@@ -131,9 +144,7 @@ impl ImageBuilder {
                 image: def.name.into(),
                 message: format!("its parent image {parent_ref} is missing"),
             })?;
-            let args = self.build_args(def, &parent_ref);
-            let context = self.source.context(def.name, &self.settings.extra_ca)?;
-            let hash = context.content_hash(&args, &parent.id);
+            let (context, args, hash) = self.expected(def, &parent_ref, &parent.id)?;
             let tag = self.tag(def.name);
             let existing = self.runtime.image(&tag).await?;
             let current = existing.as_ref().and_then(|i| i.labels.get(LABEL_CONTENT_HASH)) == Some(&hash);
@@ -313,8 +324,7 @@ impl ImageBuilder {
             let state = match (&existing, parent, parent_ref) {
                 (None, _, _) => "missing",
                 (Some(img), Some(parent), Some(parent_ref)) => {
-                    let ctx = self.source.context(def.name, &self.settings.extra_ca)?;
-                    let hash = ctx.content_hash(&self.build_args(def, &parent_ref), &parent.id);
+                    let (_, _, hash) = self.expected(def, &parent_ref, &parent.id)?;
                     if img.labels.get(LABEL_CONTENT_HASH) == Some(&hash) { "up to date" } else { "stale" }
                 }
                 _ => "stale",

@@ -104,27 +104,6 @@ impl KernelClient {
         }
     }
 
-    /// Sends a request and waits until `deadline` for its reply on the same channel, skipping everything
-    /// else (IOPub included).
-    pub async fn request(
-        &mut self,
-        channel: Channel,
-        msg_type: &str,
-        content: Value,
-        deadline: Instant,
-    ) -> Result<Message, KernelError> {
-        let id = self.send(channel, msg_type, content).await?;
-        let start = Instant::now();
-        loop {
-            let (ch, msg) = timeout_at(deadline, self.recv())
-                .await
-                .map_err(|_| KernelError::Timeout(deadline.saturating_duration_since(start)))??;
-            if ch == channel && msg.parent_msg_id() == Some(id.as_str()) {
-                return Ok(msg);
-            }
-        }
-    }
-
     /// Waits until the kernel answers `kernel_info` *and* we have seen a message on IOPub, so that no output
     /// of the first execution can be lost to the subscription race (jupyter_client #593). Returns the
     /// `kernel_info_reply` content.

@@ -67,10 +67,6 @@ impl FakeRuntime {
         self.state.lock().unwrap().containers.keys().cloned().collect()
     }
 
-    pub fn spec(&self, id: &str) -> Option<ContainerSpec> {
-        self.state.lock().unwrap().containers.get(id).map(|c| c.spec.clone())
-    }
-
     pub fn signals(&self, id: &str) -> Vec<String> {
         self.state.lock().unwrap().containers.get(id).map(|c| c.signals.clone()).unwrap_or_default()
     }

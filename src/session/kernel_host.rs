@@ -74,9 +74,7 @@ impl BootPlan {
 
     /// Reconnects to a container that is already running (adoption after a service restart).
     pub async fn adopt(&self, container_id: String, timeout: Duration) -> Result<KernelHost, SessionError> {
-        let text = std::fs::read_to_string(connection::connection_file(&self.dir))?;
-        let info: ConnectionInfo = serde_json::from_str(&text)
-            .map_err(|e| SessionError::KernelStart(format!("unreadable connection file: {e}")))?;
+        let info = read_connection(&self.dir)?;
         let exit = self.watch_exit(&container_id);
         let deadline = Instant::now() + timeout;
         let (client, info) = connect_client(&info, &self.dir, deadline, exit.clone()).await?;
@@ -89,10 +87,7 @@ impl BootPlan {
         let Some(host) = host.filter(|h| h.exit.borrow().is_none()) else {
             return self.boot().await;
         };
-        let info: ConnectionInfo = {
-            let text = std::fs::read_to_string(connection::connection_file(&self.dir))?;
-            serde_json::from_str(&text).map_err(|e| SessionError::KernelStart(e.to_string()))?
-        };
+        let info = read_connection(&self.dir)?;
         let _ = std::fs::remove_file(connection::ready_file(&self.dir));
         let KernelHost { container_id, client, exit, .. } = host;
         drop(client);
@@ -155,6 +150,12 @@ impl BootPlan {
 /// Why a container stopped, in the words the API uses.
 pub fn death_reason(exit: &ExitInfo) -> String {
     if exit.oom_killed { "out_of_memory".into() } else { format!("exited with code {}", exit.exit_code) }
+}
+
+/// The connection file the current container was started with.
+fn read_connection(dir: &Path) -> Result<ConnectionInfo, SessionError> {
+    let text = std::fs::read_to_string(connection::connection_file(dir))?;
+    serde_json::from_str(&text).map_err(|e| SessionError::KernelStart(format!("unreadable connection file: {e}")))
 }
 
 fn prepare_dir(dir: &Path, info: &ConnectionInfo) -> std::io::Result<()> {

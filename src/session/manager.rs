@@ -105,6 +105,12 @@ impl Session {
 
 /// Marks a session in use while alive.
 struct InUse(Arc<Session>);
+impl InUse {
+    fn mark(session: &Arc<Session>) -> Self {
+        session.in_use.fetch_add(1, Ordering::SeqCst);
+        InUse(session.clone())
+    }
+}
 impl Drop for InUse {
     fn drop(&mut self) {
         self.0.in_use.fetch_sub(1, Ordering::SeqCst);
@@ -428,8 +434,7 @@ impl SessionManager {
                 )));
             }
         };
-        session.in_use.fetch_add(1, Ordering::SeqCst);
-        let in_use = InUse(session.clone());
+        let in_use = InUse::mark(&session);
         let (reply, result) = oneshot::channel();
         let command = ExecuteCommand { code, timeout, events, reply };
         session.commands.try_send(command).map_err(|e| match e {
@@ -458,8 +463,7 @@ impl SessionManager {
     /// A fresh kernel (state gone, files kept); a dead session gets a new container.
     pub async fn restart(&self, owner: &Owner, id: &str) -> Result<SessionInfo, SessionError> {
         let session = self.get(owner, id)?;
-        session.in_use.fetch_add(1, Ordering::SeqCst);
-        let _in_use = InUse(session.clone());
+        let _in_use = InUse::mark(&session);
         let (tx, rx) = oneshot::channel();
         session.control.send(Control::Restart(tx)).map_err(|_| SessionError::Closing)?;
         rx.await.map_err(|_| SessionError::Closing)??;

@@ -131,8 +131,7 @@ async fn compose_up_serves_the_api_and_down_leaves_nothing() {
     assert_eq!(r["stdout"], "42\n", "{r}");
 
     check(project.run(&["down", "--timeout", "30"]), "compose down");
-    use kernelbox::runtime::ContainerRuntime;
-    let left = docker().await.list(kernelbox::runtime::labels::INSTANCE, Some(&instance)).await.unwrap();
+    let left = instance_containers(&instance).await;
     assert!(left.is_empty(), "compose down left session containers: {left:?}");
     let service_left = Command::new("docker")
         .args(["ps", "-aq", "--filter", &format!("label=com.docker.compose.project={}", project.name)])

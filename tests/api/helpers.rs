@@ -189,7 +189,7 @@ impl TestApp {
 
     /// This instance's containers, as Docker lists them.
     pub async fn containers(&self) -> Vec<kernelbox::runtime::ContainerSummary> {
-        docker().await.list(labels::INSTANCE, Some(&self.instance)).await.unwrap()
+        instance_containers(&self.instance).await
     }
 
     /// Stops the service as SIGTERM would, and waits for it.
@@ -207,6 +207,30 @@ impl Drop for TestApp {
         if self.cleanup {
             remove_instance(&self.instance);
         }
+    }
+}
+
+/// The containers of service instance `instance`, as Docker lists them.
+pub async fn instance_containers(instance: &str) -> Vec<kernelbox::runtime::ContainerSummary> {
+    docker().await.list(labels::INSTANCE, Some(instance)).await.unwrap()
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` has passed; says whether it held. For things
+/// that happen in the background (the reaper, the container watcher), never for timing assertions.
+pub async fn eventually<F, Fut>(limit: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

@@ -35,7 +35,7 @@ async fn a_restarted_service_adopts_live_sessions_and_removes_the_rest() {
     first.cleanup = false;
     first.stop().await;
 
-    let list = kernelbox_list(&instance).await;
+    let list = instance_containers(&instance).await;
     assert_eq!(list.len(), 2, "sessions were kept running through the stop");
     let doomed_container = list.into_iter().find(|c| c.labels["kernelbox.session"] == doomed).unwrap().id;
     // Kill one kernel while no service runs: the next start must remove it, not adopt it.
@@ -47,12 +47,7 @@ async fn a_restarted_service_adopts_live_sessions_and_removes_the_rest() {
     assert_eq!(second.get(&format!("/v1/sessions/{doomed}")).await.0, 404);
     assert_eq!(second.containers().await.len(), 1, "the dead one was removed");
     second.stop().await;
-    assert!(kernelbox_list(&instance).await.is_empty(), "a normal stop removes every session container");
-}
-
-async fn kernelbox_list(instance: &str) -> Vec<kernelbox::runtime::ContainerSummary> {
-    use kernelbox::runtime::ContainerRuntime;
-    docker().await.list(kernelbox::runtime::labels::INSTANCE, Some(instance)).await.unwrap()
+    assert!(instance_containers(&instance).await.is_empty(), "a normal stop removes every session container");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,24 +81,11 @@ async fn the_reaper_removes_idle_sessions_but_never_a_busy_one() {
 async fn the_scheduled_reaper_runs_by_itself() {
     let app = spawn_app_with(AppOptions { limits: limits(&["--reap-interval-s", "1"]), ..Default::default() }).await;
     let id = app.start_with(json!({"language": "bash", "idle_timeout_s": 1})).await;
-    let mut gone = false;
     // Generous: the scheduler polls every 0.5 s, but a loaded machine may start the next pass late.
-    for _ in 0..300 {
-        if app.get(&format!("/v1/sessions/{id}")).await.0 == 404 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gone =
+        eventually(Duration::from_secs(30), || async { app.get(&format!("/v1/sessions/{id}")).await.0 == 404 }).await;
     assert!(gone, "the scheduler reaped the idle session within 30 s");
     // The session leaves the registry first; its container is removed right after.
-    let mut removed = false;
-    for _ in 0..100 {
-        if app.containers().await.is_empty() {
-            removed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let removed = eventually(Duration::from_secs(10), || async { app.containers().await.is_empty() }).await;
     assert!(removed, "the reaped session's container is removed");
 }

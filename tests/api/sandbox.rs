@@ -79,14 +79,10 @@ async fn a_container_killed_from_outside_is_noticed_at_once() {
     let status = std::process::Command::new("docker").args(["kill", &container]).output().unwrap();
     assert!(status.status.success());
     // Noticed by the container watcher, not at the next timeout.
-    let mut dead = false;
-    for _ in 0..50 {
-        if app.get(&format!("/v1/sessions/{id}")).await.1["status"] == "dead" {
-            dead = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = eventually(Duration::from_secs(5), || async {
+        app.get(&format!("/v1/sessions/{id}")).await.1["status"] == "dead"
+    })
+    .await;
     assert!(dead, "the session is marked dead within 5 s");
     let r = app.exec(&id, "1").await;
     assert_eq!(r["status"], "killed");
