@@ -9,6 +9,7 @@ pub mod connection;
 pub mod execution;
 pub mod fake;
 pub mod wire;
+pub mod zmtp;
 
 pub use client::{Channel, KernelClient, KernelError};
 pub use connection::{ConnectionInfo, Endpoints};

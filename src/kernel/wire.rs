@@ -1,21 +1,76 @@
-//! The Jupyter wire format: one message as ZeroMQ frames, signed with HMAC-SHA256.
+//! The Jupyter wire format: one message as ZMTP frames, signed with HMAC-SHA256, read with bounded memory.
 //!
 //! A message on the wire is `[identities..., "<IDS|MSG>", signature, header, parent_header, metadata,
 //! content, buffers...]`. The signature is the hex HMAC of the four JSON frames, in that order; buffers are
-//! not signed (Jupyter messaging spec, "The Wire Protocol"). This module only turns frames into a
-//! [`Message`] and back: it knows nothing of sockets, HTTP or Docker, so every malformed-frame case is a
-//! plain unit test.
+//! not signed (Jupyter messaging spec, "The Wire Protocol").
+//!
+//! Everything a kernel sends is attacker input: the kernel runs the user's code and knows the key. So a
+//! message is assembled by [`MessageReader`] from the frame events of `zmtp.rs` as they stream past, and
+//! nothing is buffered beyond [`WireLimits`]: the HMAC is computed incrementally over every byte, while
+//! only a bounded prefix of each frame is kept. An oversize content frame keeps its first
+//! `max_message` bytes (for `stream` messages the cut `text` is salvaged) and the message says how much was
+//! dropped ([`Message::dropped_bytes`]), so the caller can report truncation; a message with a bad
+//! signature is dropped whatever its size. This module knows nothing of sockets, HTTP or Docker, so every
+//! malformed-frame case is a plain unit test.
 
 use bytes::Bytes;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
+use subtle::ConstantTimeEq;
+
+use super::zmtp::Event;
 
 /// The frame that separates routing identities from the message proper.
 pub const DELIMITER: &[u8] = b"<IDS|MSG>";
 
 /// The Jupyter protocol version we speak.
 pub const PROTOCOL_VERSION: &str = "5.3";
+
+/// A hex HMAC-SHA256 is 64 bytes; longer signature frames are not read.
+const MAX_SIGNATURE: usize = 128;
+
+/// How much of a kernel's message is kept. Every limit bounds memory before anything is buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireLimits {
+    /// Bytes kept of `content` plus `buffers`: a longer content frame keeps its prefix, buffers past the
+    /// budget are dropped. Counted in [`Message::dropped_bytes`].
+    pub max_message: usize,
+    /// `header` and `parent_header` each; a longer one drops the message (they are small in every kernel).
+    pub max_header: usize,
+    /// A longer `metadata` frame is replaced by `{}` and counted as dropped.
+    pub max_metadata: usize,
+    /// Routing identities (IOPub topics) before the delimiter; more drops the message.
+    pub max_identities: usize,
+    /// The size of one identity frame; a longer one drops the message.
+    pub max_identity_len: usize,
+    /// Buffer frames after content; more drops the message.
+    pub max_buffers: usize,
+}
+
+impl Default for WireLimits {
+    fn default() -> Self {
+        WireLimits {
+            max_message: 1024 * 1024,
+            max_header: 64 * 1024,
+            max_metadata: 64 * 1024,
+            max_identities: 64,
+            max_identity_len: 1024,
+            max_buffers: 1024,
+        }
+    }
+}
+
+impl WireLimits {
+    /// The smallest `max_message` [`WireLimits::for_output_cap`] gives.
+    pub const MIN_MESSAGE: usize = 64 * 1024;
+
+    /// Limits for a session whose outputs are capped at `output_cap` bytes: a message may carry all of the
+    /// output shown plus room for its JSON.
+    pub fn for_output_cap(output_cap: usize) -> Self {
+        WireLimits { max_message: output_cap.saturating_add(256 * 1024).max(Self::MIN_MESSAGE), ..Self::default() }
+    }
+}
 
 /// Why a multipart message could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,6 +83,10 @@ pub enum WireError {
     BadSignature,
     #[error("message frame `{frame}` is not valid JSON: {reason}")]
     BadJson { frame: &'static str, reason: String },
+    #[error("message has more than {max} {what} frames")]
+    TooManyFrames { what: &'static str, max: usize },
+    #[error("message frame `{frame}` has {len} bytes, more than the {max} allowed")]
+    FrameTooLarge { frame: &'static str, len: u64, max: usize },
 }
 
 /// A message header (the fields every kernel sends; unknown ones are ignored).
@@ -60,7 +119,7 @@ impl Header {
 }
 
 /// One Jupyter message. `parent_header`, `metadata` and `content` stay raw JSON so nothing a kernel
-/// sends is lost on the way through.
+/// sends is lost on the way through (unless it is over the [`WireLimits`]: see `dropped_bytes`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     /// Routing identities before the delimiter (a topic on IOPub).
@@ -71,6 +130,9 @@ pub struct Message {
     pub metadata: Value,
     pub content: Value,
     pub buffers: Vec<Bytes>,
+    /// Bytes the kernel sent that are not in this message because they were over the limits (a cut
+    /// content frame, dropped metadata or buffers); 0 when the message is whole.
+    pub dropped_bytes: u64,
 }
 
 impl Message {
@@ -83,6 +145,7 @@ impl Message {
             metadata: Value::Object(Default::default()),
             content,
             buffers: Vec::new(),
+            dropped_bytes: 0,
         }
     }
 
@@ -128,17 +191,6 @@ impl Signer {
         }
     }
 
-    fn verify(&self, signature: &[u8], parts: &[&[u8]]) -> Result<(), WireError> {
-        let Some(key) = &self.key else { return Ok(()) };
-        let tag = hex::decode(signature).map_err(|_| WireError::BadSignature)?;
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
-        for part in parts {
-            data.extend_from_slice(part);
-        }
-        // `hmac::verify` compares in constant time.
-        hmac::verify(key, &data, &tag).map_err(|_| WireError::BadSignature)
-    }
-
     /// The frames of `msg`, signed.
     pub fn encode(&self, msg: &Message) -> Vec<Bytes> {
         let header = serde_json::to_vec(&msg.header).expect("a header always serializes");
@@ -155,31 +207,404 @@ impl Signer {
         frames
     }
 
-    /// Reads a message from its frames, checking the signature before parsing any JSON.
+    /// Reads a message from whole frames with the default limits (the fake kernel and tests; the client
+    /// streams frames through a [`MessageReader`] instead).
     pub fn decode(&self, frames: Vec<Bytes>) -> Result<Message, WireError> {
-        let split = frames.iter().position(|f| f.as_ref() == DELIMITER).ok_or(WireError::NoDelimiter)?;
-        let mut frames = frames.into_iter();
-        let identities: Vec<Bytes> = frames.by_ref().take(split).collect();
-        frames.next(); // the delimiter
-        let rest: Vec<Bytes> = frames.collect();
-        if rest.len() < 5 {
-            return Err(WireError::Truncated(rest.len()));
+        MessageReader::new(self.clone(), WireLimits::default()).decode_frames(&frames)
+    }
+}
+
+/// Where the current frame goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Before the delimiter: an identity, or the delimiter itself.
+    Identity,
+    Signature,
+    /// header, parent_header, metadata, content: signed.
+    Json(usize),
+    /// A buffer, kept whole (`true`) or dropped.
+    Buffer(bool),
+    /// The message is already rejected: skip to its end.
+    Discard,
+}
+
+const JSON_FRAMES: [&str; 4] = ["header", "parent_header", "metadata", "content"];
+
+/// Assembles messages from ZMTP frame events with bounded memory, verifying the signature as the bytes
+/// stream past. Holds the partial message between events, so a reader that is cancelled between reads
+/// loses nothing.
+pub struct MessageReader {
+    signer: Signer,
+    limits: WireLimits,
+    partial: Partial,
+}
+
+/// The message being read.
+#[derive(Default)]
+struct Partial {
+    /// Frames after the delimiter so far; `None` until the delimiter.
+    after_delimiter: Option<usize>,
+    identities: Vec<Bytes>,
+    slot: Option<Slot>,
+    /// What is kept of the current frame (at most `keep` bytes).
+    current: Vec<u8>,
+    keep: usize,
+    /// The HMAC of the JSON frames so far (when the connection is signed).
+    mac: Option<hmac::Context>,
+    signature: Vec<u8>,
+    /// The signature frame was longer than any valid one.
+    signature_too_long: bool,
+    json: [Vec<u8>; 4],
+    metadata_dropped: bool,
+    content_cut: bool,
+    buffers: Vec<Bytes>,
+    /// Bytes of content and buffers kept, against `max_message`.
+    kept: usize,
+    dropped: u64,
+    /// The first reason to reject the message; the rest of it is read and discarded.
+    error: Option<WireError>,
+}
+
+impl MessageReader {
+    pub fn new(signer: Signer, limits: WireLimits) -> Self {
+        MessageReader { signer, limits, partial: Partial::default() }
+    }
+
+    /// Takes one frame event; returns the message (or why it is rejected) when its last frame ends.
+    pub fn feed(&mut self, event: Event<'_>) -> Option<Result<Message, WireError>> {
+        match event {
+            Event::Start { len, .. } => {
+                self.start_frame(len);
+                None
+            }
+            Event::Data(chunk) => {
+                let p = &mut self.partial;
+                if let (Some(Slot::Json(_)), Some(mac)) = (p.slot, p.mac.as_mut()) {
+                    mac.update(chunk);
+                }
+                let room = p.keep - p.current.len();
+                p.current.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                None
+            }
+            Event::End { more } => {
+                self.end_frame();
+                (!more).then(|| self.finish())
+            }
         }
-        self.verify(&rest[0], &[&rest[1], &rest[2], &rest[3], &rest[4]])?;
-        let header: Header = parse(&rest[1], "header")?;
+    }
+
+    /// Reads a message given as whole frames.
+    pub fn decode_frames(&mut self, frames: &[Bytes]) -> Result<Message, WireError> {
+        for (i, frame) in frames.iter().enumerate() {
+            let more = i + 1 < frames.len();
+            self.feed(Event::Start { len: frame.len() as u64, more });
+            if !frame.is_empty() {
+                self.feed(Event::Data(frame));
+            }
+            if let Some(result) = self.feed(Event::End { more }) {
+                return result;
+            }
+        }
+        self.partial = Partial::default();
+        Err(WireError::NoDelimiter)
+    }
+
+    fn start_frame(&mut self, len: u64) {
+        let limits = self.limits;
+        let p = &mut self.partial;
+        let fits = |max: usize| len <= max as u64;
+        let (slot, keep) = if p.error.is_some() {
+            (Slot::Discard, 0)
+        } else {
+            match p.after_delimiter {
+                None if !fits(limits.max_identity_len) => {
+                    p.error = Some(WireError::FrameTooLarge { frame: "identity", len, max: limits.max_identity_len });
+                    (Slot::Discard, 0)
+                }
+                None => (Slot::Identity, len as usize),
+                Some(0) => {
+                    p.signature_too_long = !fits(MAX_SIGNATURE);
+                    (Slot::Signature, (len as usize).min(MAX_SIGNATURE))
+                }
+                Some(n @ 1..=2) if !fits(limits.max_header) => {
+                    let frame = JSON_FRAMES[n - 1];
+                    p.error = Some(WireError::FrameTooLarge { frame, len, max: limits.max_header });
+                    (Slot::Discard, 0)
+                }
+                Some(n @ 1..=2) => (Slot::Json(n - 1), len as usize),
+                Some(3) if !fits(limits.max_metadata) => {
+                    p.metadata_dropped = true;
+                    p.dropped = p.dropped.saturating_add(len);
+                    (Slot::Json(2), 0)
+                }
+                Some(3) => (Slot::Json(2), len as usize),
+                Some(4) => {
+                    let keep = len.min(limits.max_message as u64) as usize;
+                    p.content_cut = len > keep as u64;
+                    p.dropped = p.dropped.saturating_add(len - keep as u64);
+                    p.kept = keep;
+                    (Slot::Json(3), keep)
+                }
+                Some(_) if p.buffers.len() >= limits.max_buffers => {
+                    p.error = Some(WireError::TooManyFrames { what: "buffer", max: limits.max_buffers });
+                    (Slot::Discard, 0)
+                }
+                Some(_) if fits(limits.max_message - p.kept) => (Slot::Buffer(true), len as usize),
+                Some(_) => {
+                    p.dropped = p.dropped.saturating_add(len);
+                    (Slot::Buffer(false), 0)
+                }
+            }
+        };
+        p.slot = Some(slot);
+        p.keep = keep;
+        // `keep` is bounded by the limits above, never by what the peer announced alone.
+        p.current = Vec::with_capacity(keep);
+    }
+
+    fn end_frame(&mut self) {
+        let p = &mut self.partial;
+        let data = std::mem::take(&mut p.current);
+        let slot = p.slot.take().unwrap_or(Slot::Discard);
+        match slot {
+            Slot::Identity if data == DELIMITER => {
+                p.after_delimiter = Some(0);
+                p.mac = self.signer.key.as_ref().map(hmac::Context::with_key);
+                return;
+            }
+            Slot::Identity if p.identities.len() >= self.limits.max_identities => {
+                p.error = Some(WireError::TooManyFrames { what: "identity", max: self.limits.max_identities });
+            }
+            Slot::Identity => p.identities.push(Bytes::from(data)),
+            Slot::Signature => p.signature = data,
+            Slot::Json(i) => p.json[i] = data,
+            Slot::Buffer(true) => {
+                p.kept += data.len();
+                p.buffers.push(Bytes::from(data));
+            }
+            Slot::Buffer(false) | Slot::Discard => {}
+        }
+        if let Some(n) = p.after_delimiter.as_mut() {
+            *n += 1;
+        }
+    }
+
+    fn finish(&mut self) -> Result<Message, WireError> {
+        let p = std::mem::take(&mut self.partial);
+        if let Some(error) = p.error {
+            return Err(error);
+        }
+        let frames = p.after_delimiter.ok_or(WireError::NoDelimiter)?;
+        if frames < 5 {
+            return Err(WireError::Truncated(frames));
+        }
+        if let Some(mac) = p.mac {
+            let tag = mac.sign();
+            let signature = hex::decode(&p.signature).map_err(|_| WireError::BadSignature)?;
+            // Constant-time: a kernel must not learn the tag byte by byte.
+            if p.signature_too_long || !bool::from(tag.as_ref().ct_eq(&signature)) {
+                return Err(WireError::BadSignature);
+            }
+        }
+        let [header, parent, metadata, content] = p.json;
+        let header: Header = parse(&header, "header")?;
+        let parent_header = parse(&parent, "parent_header")?;
+        let metadata = if p.metadata_dropped { Value::Object(Map::new()) } else { parse(&metadata, "metadata")? };
+        let content = if p.content_cut { salvage(&header.msg_type, &content) } else { parse(&content, "content")? };
         Ok(Message {
-            identities,
+            identities: p.identities,
             header,
-            parent_header: parse(&rest[2], "parent_header")?,
-            metadata: parse(&rest[3], "metadata")?,
-            content: parse(&rest[4], "content")?,
-            buffers: rest[5..].to_vec(),
+            parent_header,
+            metadata,
+            content,
+            buffers: p.buffers,
+            dropped_bytes: p.dropped,
         })
     }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(frame: &[u8], name: &'static str) -> Result<T, WireError> {
     serde_json::from_slice(frame).map_err(|e| WireError::BadJson { frame: name, reason: e.to_string() })
+}
+
+/// What can be kept of a content frame cut after `prefix`: every top-level member whose value is complete
+/// in the prefix (so an `execute_reply` keeps its `status`, an `error` its `ename`), and for a `stream`
+/// message the `text` as far as it goes. Anything unreadable ends the salvage; the result is an object.
+fn salvage(msg_type: &str, prefix: &[u8]) -> Value {
+    let mut out = Map::new();
+    let mut scan = Scan { s: prefix, i: 0 };
+    scan.ws();
+    if scan.peek() != Some(b'{') {
+        return Value::Object(out);
+    }
+    scan.i += 1;
+    loop {
+        scan.ws();
+        let Some(key_end) = scan.value_end().filter(|_| scan.peek() == Some(b'"')) else { break };
+        let Ok(key) = serde_json::from_slice::<String>(&prefix[scan.i..key_end]) else { break };
+        scan.i = key_end;
+        scan.ws();
+        if scan.peek() != Some(b':') {
+            break;
+        }
+        scan.i += 1;
+        scan.ws();
+        match scan.value_end() {
+            Some(end) => {
+                let Ok(value) = serde_json::from_slice::<Value>(&prefix[scan.i..end]) else { break };
+                out.insert(key, value);
+                scan.i = end;
+            }
+            None => {
+                if msg_type == "stream" && key == "text" && scan.peek() == Some(b'"') {
+                    out.insert(key, Value::String(partial_string(&prefix[scan.i + 1..])));
+                }
+                break;
+            }
+        }
+        scan.ws();
+        if scan.peek() != Some(b',') {
+            break;
+        }
+        scan.i += 1;
+    }
+    Value::Object(out)
+}
+
+/// A cursor over a JSON prefix that finds where complete values end, without recursion.
+struct Scan<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Scan<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.i += 1;
+        }
+    }
+
+    /// Where the value starting at the cursor ends, if it is complete in the prefix (its syntax is left to
+    /// serde_json).
+    fn value_end(&self) -> Option<usize> {
+        let s = self.s;
+        let mut i = self.i;
+        let mut depth = 0usize;
+        loop {
+            match *s.get(i)? {
+                b'"' => i = string_end(s, i + 1)?,
+                b'{' | b'[' => {
+                    depth += 1;
+                    i += 1;
+                }
+                b'}' | b']' => {
+                    depth = depth.checked_sub(1)?;
+                    i += 1;
+                }
+                _ if depth == 0 => {
+                    // A scalar: it ends at a delimiter, which must be in the prefix (a cut number is not).
+                    let len =
+                        s[i..].iter().position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))?;
+                    return Some(i + len);
+                }
+                _ => i += 1,
+            }
+            if depth == 0 {
+                return Some(i);
+            }
+        }
+    }
+}
+
+/// The index after the closing quote of a string whose body starts at `i`.
+fn string_end(s: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        match *s.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+}
+
+/// The text of a JSON string body that is cut: escapes decoded, stopping before a cut escape or a cut
+/// UTF-8 character.
+fn partial_string(body: &[u8]) -> String {
+    let mut out: Vec<u8> = Vec::with_capacity(body.len());
+    let mut i = 0;
+    let hex4 = |at: usize| -> Option<u32> {
+        let digits = std::str::from_utf8(body.get(at..at + 4)?).ok()?;
+        u32::from_str_radix(digits, 16).ok()
+    };
+    while i < body.len() {
+        let b = body[i];
+        if b == b'"' {
+            break;
+        }
+        if b != b'\\' {
+            // Copy a run of plain bytes at once.
+            let run = body[i..].iter().position(|&c| c == b'"' || c == b'\\').unwrap_or(body.len() - i);
+            out.extend_from_slice(&body[i..i + run]);
+            i += run;
+            continue;
+        }
+        let Some(&escape) = body.get(i + 1) else { break };
+        let ch = match escape {
+            b'n' => '\n',
+            b't' => '\t',
+            b'r' => '\r',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'u' => {
+                let Some(unit) = hex4(i + 2) else { break };
+                if (0xD800..0xDC00).contains(&unit) {
+                    // A surrogate pair: both halves must be in the prefix.
+                    if i + 12 > body.len() {
+                        break;
+                    }
+                    let low = (&body[i + 6..i + 8] == b"\\u").then(|| hex4(i + 8)).flatten();
+                    match low {
+                        Some(low @ 0xDC00..0xE000) => {
+                            let code = 0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00);
+                            push_char(&mut out, char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER));
+                            i += 12;
+                        }
+                        // A lone high surrogate; what follows is read on its own.
+                        _ => {
+                            push_char(&mut out, char::REPLACEMENT_CHARACTER);
+                            i += 6;
+                        }
+                    }
+                    continue;
+                }
+                i += 6;
+                push_char(&mut out, char::from_u32(unit).unwrap_or(char::REPLACEMENT_CHARACTER));
+                continue;
+            }
+            other => other as char,
+        };
+        push_char(&mut out, ch);
+        i += 2;
+    }
+    match String::from_utf8(out) {
+        Ok(text) => text,
+        // A character cut at the end of the prefix is left out; anything else invalid is replaced.
+        Err(e) if e.utf8_error().error_len().is_none() => {
+            let valid = e.utf8_error().valid_up_to();
+            let mut bytes = e.into_bytes();
+            bytes.truncate(valid);
+            String::from_utf8(bytes).expect("valid up to here")
+        }
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }
+}
+
+fn push_char(out: &mut Vec<u8>, c: char) {
+    out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
 }
 
 #[cfg(test)]
@@ -297,5 +722,172 @@ mod tests {
         msg.parent_header = json!({"msg_id": "abc", "msg_type": "execute_request"});
         assert_eq!(msg.parent_msg_id(), Some("abc"));
         assert_eq!(sample().parent_msg_id(), None);
+    }
+
+    fn limits(max_message: usize) -> WireLimits {
+        WireLimits { max_message, ..WireLimits::default() }
+    }
+
+    fn read_with(limits: WireLimits, frames: &[Bytes]) -> Result<Message, WireError> {
+        MessageReader::new(signer(), limits).decode_frames(frames)
+    }
+
+    /// Frames of a message with `content` given as raw bytes, signed with `signer`.
+    fn raw_frames(signer: &Signer, msg_type: &str, content: &[u8]) -> Vec<Bytes> {
+        let mut frames = signer.encode(&Message::request(msg_type, "k", json!({})));
+        frames[5] = Bytes::copy_from_slice(content);
+        frames[1] = Bytes::from(signer.sign(&[&frames[2], &frames[3], &frames[4], &frames[5]]));
+        frames
+    }
+
+    #[test]
+    fn limits_follow_the_output_cap_with_a_floor() {
+        assert_eq!(WireLimits::for_output_cap(1024 * 1024).max_message, 1024 * 1024 + 256 * 1024);
+        assert_eq!(WireLimits::for_output_cap(0).max_message, 256 * 1024);
+        assert_eq!(WireLimits::for_output_cap(usize::MAX).max_message, usize::MAX);
+        assert!(WireLimits::MIN_MESSAGE <= WireLimits::for_output_cap(0).max_message);
+    }
+
+    #[test]
+    fn an_oversize_stream_keeps_a_prefix_of_its_text_and_counts_the_rest() {
+        let text = "x".repeat(10_000);
+        let content = serde_json::to_vec(&json!({"name": "stdout", "text": text})).unwrap();
+        let msg = read_with(limits(1000), &raw_frames(&signer(), "stream", &content)).unwrap();
+        let kept = msg.content["text"].as_str().unwrap();
+        assert_eq!(msg.content["name"], "stdout");
+        assert_eq!(kept.len(), 1000 - r#"{"name":"stdout","text":""#.len());
+        assert_eq!(msg.dropped_bytes, content.len() as u64 - 1000);
+        // A message within the limits is whole.
+        let small = read_with(limits(1000), &raw_frames(&signer(), "stream", br#"{"name":"stdout","text":"hi"}"#));
+        assert_eq!(small.unwrap().dropped_bytes, 0);
+    }
+
+    #[test]
+    fn an_oversize_message_with_a_bad_signature_is_rejected() {
+        let content = serde_json::to_vec(&json!({"name": "stdout", "text": "y".repeat(10_000)})).unwrap();
+        let mut frames = raw_frames(&signer(), "stream", &content);
+        let mut tampered = content.clone();
+        *tampered.last_mut().unwrap() = b' '; // past the kept prefix
+        frames[5] = Bytes::from(tampered);
+        assert_eq!(read_with(limits(1000), &frames), Err(WireError::BadSignature));
+        let frames = raw_frames(&Signer::new("other"), "stream", &content);
+        assert_eq!(read_with(limits(1000), &frames), Err(WireError::BadSignature));
+    }
+
+    #[test]
+    fn an_oversize_reply_keeps_its_complete_top_level_fields() {
+        let content =
+            format!(r#"{{"status": "ok", "execution_count": 7, "payload": [{{"data": "{}"}}]}}"#, "z".repeat(5000));
+        let frames = raw_frames(&signer(), "execute_reply", content.as_bytes());
+        let msg = read_with(limits(1000), &frames).unwrap();
+        assert_eq!(msg.content, json!({"status": "ok", "execution_count": 7}));
+        assert!(msg.dropped_bytes > 4000);
+        // Other message types do not get a cut string.
+        let frames = raw_frames(&signer(), "display_data", br#"{"data": {"text/plain": "aaaaaaaaaaaaaaaaaaaaaaa"}}"#);
+        assert_eq!(read_with(limits(20), &frames).unwrap().content, json!({}));
+    }
+
+    #[test]
+    fn a_huge_header_drops_the_message_and_huge_metadata_is_replaced() {
+        let mut frames = signer().encode(&sample());
+        frames[4] = Bytes::from(serde_json::to_vec(&json!({"pad": "p".repeat(70_000)})).unwrap());
+        frames[2] = Bytes::from(signer().sign(&[&frames[3], &frames[4], &frames[5], &frames[6]]));
+        assert!(matches!(signer().decode(frames), Err(WireError::FrameTooLarge { frame: "parent_header", .. })));
+
+        let mut frames = signer().encode(&sample());
+        frames[5] = Bytes::from(serde_json::to_vec(&json!({"pad": "p".repeat(70_000)})).unwrap());
+        frames[2] = Bytes::from(signer().sign(&[&frames[3], &frames[4], &frames[5], &frames[6]]));
+        let metadata_len = frames[5].len() as u64;
+        let msg = signer().decode(frames).unwrap();
+        assert_eq!(msg.metadata, json!({}));
+        assert_eq!(msg.content, sample().content);
+        assert_eq!(msg.dropped_bytes, metadata_len);
+    }
+
+    #[test]
+    fn buffers_past_the_budget_are_dropped_and_counted() {
+        let mut msg = sample();
+        msg.content = json!({});
+        msg.buffers = vec![Bytes::from(vec![1u8; 40]), Bytes::from(vec![2u8; 100]), Bytes::from(vec![3u8; 30])];
+        let read = read_with(limits(80), &signer().encode(&msg)).unwrap();
+        assert_eq!(read.buffers, vec![Bytes::from(vec![1u8; 40]), Bytes::from(vec![3u8; 30])]);
+        assert_eq!(read.dropped_bytes, 100);
+    }
+
+    #[test]
+    fn absurd_frame_counts_drop_the_message() {
+        let mut msg = sample();
+        msg.buffers = vec![Bytes::new(); 2000];
+        assert_eq!(signer().decode(signer().encode(&msg)), Err(WireError::TooManyFrames { what: "buffer", max: 1024 }));
+        let mut msg = sample();
+        msg.identities = vec![Bytes::from_static(b"id"); 65];
+        assert_eq!(signer().decode(signer().encode(&msg)), Err(WireError::TooManyFrames { what: "identity", max: 64 }));
+        let mut msg = sample();
+        msg.identities = vec![Bytes::from(vec![b'i'; 2000])];
+        assert!(matches!(signer().decode(signer().encode(&msg)), Err(WireError::FrameTooLarge { .. })));
+        // And the reader is ready for the next message.
+        let mut reader = MessageReader::new(signer(), WireLimits::default());
+        let mut msg = sample();
+        msg.buffers = vec![Bytes::new(); 2000];
+        assert!(reader.decode_frames(&signer().encode(&msg)).is_err());
+        let msg = sample();
+        assert_eq!(reader.decode_frames(&signer().encode(&msg)), Ok(msg));
+    }
+
+    #[test]
+    fn a_message_fed_one_byte_at_a_time_is_the_same_message() {
+        let msg = sample();
+        let frames = signer().encode(&msg);
+        let mut reader = MessageReader::new(signer(), WireLimits::default());
+        let mut result = None;
+        for (i, frame) in frames.iter().enumerate() {
+            let more = i + 1 < frames.len();
+            assert!(reader.feed(Event::Start { len: frame.len() as u64, more }).is_none());
+            for byte in frame.chunks(1) {
+                assert!(reader.feed(Event::Data(byte)).is_none());
+            }
+            result = reader.feed(Event::End { more });
+        }
+        assert_eq!(result, Some(Ok(msg)));
+    }
+
+    #[test]
+    fn an_announced_size_of_u64_max_keeps_at_most_the_limit() {
+        let frames = signer().encode(&sample());
+        let mut reader = MessageReader::new(signer(), limits(4096));
+        for frame in &frames[..6] {
+            reader.feed(Event::Start { len: frame.len() as u64, more: true });
+            reader.feed(Event::Data(frame));
+            reader.feed(Event::End { more: true });
+        }
+        reader.feed(Event::Start { len: u64::MAX, more: false });
+        for _ in 0..100 {
+            reader.feed(Event::Data(&[b'b'; 1000]));
+        }
+        assert!(reader.partial.current.capacity() <= 4096);
+        assert_eq!(reader.partial.current.len(), 4096);
+        assert_eq!(reader.partial.dropped, u64::MAX - 4096);
+    }
+
+    #[test]
+    fn salvage_decodes_escapes_and_never_splits_a_character() {
+        let cut = |raw: &str| salvage("stream", raw.as_bytes());
+        assert_eq!(
+            cut(r#"{"name":"stderr","text":"a\nb\"c\u00e9\ud83d\ude00d"#)["text"],
+            "a\nb\"céd".replace("d", "😀d")
+        );
+        assert_eq!(cut(r#"{"name":"stdout","text":"ab\"#)["text"], "ab");
+        assert_eq!(cut(r#"{"name":"stdout","text":"ab\u00"#)["text"], "ab");
+        assert_eq!(cut(r#"{"name":"stdout","text":"ab\ud83d"#)["text"], "ab");
+        assert_eq!(cut(r#"{"name": "stdout" , "text" : "x"#), json!({"name": "stdout", "text": "x"}));
+        let e_acute = "{\"text\":\"\u{e9}";
+        assert_eq!(salvage("stream", &e_acute.as_bytes()[..e_acute.len() - 1])["text"], "");
+        assert_eq!(cut(r#"{"name":"std"#), json!({}));
+        assert_eq!(cut(r#"{"n":12"#), json!({}), "a cut number is not kept");
+        assert_eq!(cut(r#"{"n":12,"a":[1,{"b":"]"}],"text":"#), json!({"n": 12, "a": [1, {"b": "]"}]}));
+        assert_eq!(cut("not json"), json!({}));
+        assert_eq!(cut(""), json!({}));
+        assert_eq!(cut("{}}}}"), json!({}));
+        assert_eq!(cut(&format!("{{\"x\":{}", "[".repeat(10_000))), json!({}));
     }
 }
