@@ -1,105 +1,266 @@
-//! A client for one kernel: the shell, control and IOPub sockets, with timeouts the `zeromq` crate does not
-//! give by itself.
+//! The service's end of one kernel: it binds the four unix sockets of a session directory, accepts the
+//! kernel side's connections (start-kernel's relay), and speaks Jupyter over them with our own ZMTP
+//! (`zmtp.rs`, `wire.rs`): DEALER on shell, control and stdin (one shared identity, so the kernel routes
+//! `input_request` to us), SUB on IOPub.
 //!
-//! zmq.rs DEALER sockets do not reconnect: after a kernel restart the caller builds a new client
-//! ([`KernelClient::connect`]) rather than reusing this one. `recv` is cancel-safe, so callers can `select!`
-//! on it against deadlines.
+//! The service binds and the kernel connects (start contract v2): the sockets live in a directory only the
+//! service can write, mounted read-only into the container. What the kernel sends is read with bounded
+//! memory: [`KernelClient::recv`] only reads while it is called, so a kernel that publishes faster than we
+//! consume is held back by the socket buffers (flow control), never by our memory.
+//!
+//! Timeouts are the caller's: `accept`, `send` (a peer that never reads blocks a write) and `recv` are all
+//! cancel-safe, so wrap them in `tokio::time::timeout` or `select!`.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde_json::{Value, json};
-use tokio::time::{Instant, timeout_at};
-use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::time::{Instant, timeout, timeout_at};
 
-use super::connection::Endpoints;
-use super::wire::{Message, Signer, WireError};
+use super::connection::{ConnectionInfo, socket_path};
+use super::wire::{Message, MessageReader, Signer, WireError, WireLimits};
+use super::zmtp::{SocketType, ZmtpError, ZmtpStream};
+
+/// How long one accepted connection may take to complete its ZMTP handshake before we give up on it and
+/// accept the next (a stray or stuck peer must not block the kernel's real connection).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often `wait_ready` asks again: a `kernel_info_request` sent before IOPub was subscribed still gets
+/// its reply, but its IOPub status may be lost.
+const KERNEL_INFO_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What went wrong talking to a kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("could not connect to the kernel at {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
+    #[error("could not bind the kernel socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
         #[source]
-        source: zeromq::ZmqError,
+        source: std::io::Error,
     },
-    #[error("the kernel socket failed: {0}")]
-    Socket(#[from] zeromq::ZmqError),
-    #[error("the kernel did not answer within {0:?}")]
-    Timeout(Duration),
+    #[error("could not accept the kernel's {channel:?} connection: {source}")]
+    Accept {
+        channel: Channel,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the kernel's {channel:?} connection failed: {source}")]
+    Connection {
+        channel: Channel,
+        #[source]
+        source: ZmtpError,
+    },
+    #[error("messages cannot be sent on {0:?}")]
+    NotSendable(Channel),
+    #[error("the kernel did not answer in time")]
+    Timeout,
 }
 
-/// Which socket a message came from.
+/// Which connection a message came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel {
     Shell,
     Control,
     IOPub,
+    Stdin,
 }
 
-/// Connected sockets to one kernel.
-pub struct KernelClient {
-    /// Signs what we send and checks what we read.
-    signer: Signer,
-    /// The `session` field of our headers: identifies this client to the kernel.
-    session: String,
-    shell: DealerSocket,
-    control: DealerSocket,
-    iopub: SubSocket,
+impl Channel {
+    fn socket_type(self) -> SocketType {
+        match self {
+            Channel::IOPub => SocketType::Sub,
+            Channel::Shell | Channel::Control | Channel::Stdin => SocketType::Dealer,
+        }
+    }
 }
 
-impl KernelClient {
-    /// Connects all sockets. `connect_timeout` bounds each connect: zmq.rs waits for the peer to listen.
-    pub async fn connect(endpoints: &Endpoints, key: &str, connect_timeout: Duration) -> Result<Self, KernelError> {
-        let options = || {
-            let mut o = SocketOptions::default();
-            o.connect_timeout(connect_timeout);
-            o
+/// The four listening sockets of one session directory. Lives as long as the session: a kernel restart
+/// accepts new connections on the same listener. Dropping it closes the sockets but leaves their files
+/// (the next `bind` removes them): removing a path on drop could remove a successor's socket.
+#[derive(Debug)]
+pub struct KernelListener {
+    shell: UnixListener,
+    iopub: UnixListener,
+    stdin: UnixListener,
+    control: UnixListener,
+}
+
+impl KernelListener {
+    /// Binds `dir/k-<port>` for the shell, IOPub, stdin and control ports of `info`, replacing stale
+    /// socket files of an earlier boot or service run. `dir` must be the service's own directory (the
+    /// sandbox cannot write it). The sockets are made mode 0666: the container's user must connect.
+    pub fn bind(dir: &Path, info: &ConnectionInfo) -> Result<KernelListener, KernelError> {
+        let bind = |port: u16| -> Result<UnixListener, KernelError> {
+            let path = socket_path(dir, port);
+            let failed = |source| KernelError::Bind { path: path.clone(), source };
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(failed(e)),
+            }
+            let listener = UnixListener::bind(&path).map_err(failed)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(failed)?;
+            Ok(listener)
         };
-        let mut iopub = SubSocket::with_options(options());
-        iopub.subscribe("").await?;
-        connect(&mut iopub, &endpoints.iopub).await?;
-        let mut shell = DealerSocket::with_options(options());
-        connect(&mut shell, &endpoints.shell).await?;
-        let mut control = DealerSocket::with_options(options());
-        connect(&mut control, &endpoints.control).await?;
-        Ok(KernelClient {
-            signer: Signer::new(key),
-            session: uuid::Uuid::new_v4().simple().to_string(),
-            shell,
-            control,
-            iopub,
+        Ok(KernelListener {
+            shell: bind(info.shell_port)?,
+            iopub: bind(info.iopub_port)?,
+            stdin: bind(info.stdin_port)?,
+            control: bind(info.control_port)?,
         })
     }
 
-    /// Sends a new request of `msg_type` on `channel` and returns its `msg_id`.
-    pub async fn send(&mut self, channel: Channel, msg_type: &str, content: Value) -> Result<String, KernelError> {
-        let msg = Message::request(msg_type, &self.session, content);
-        let id = msg.header.msg_id.clone();
-        let frames = ZmqMessage::try_from(self.signer.encode(&msg)).expect("an encoded message has frames");
-        match channel {
-            Channel::Shell => self.shell.send(frames).await?,
-            Channel::Control => self.control.send(frames).await?,
-            Channel::IOPub => unreachable!("clients never send on IOPub"),
+    /// Accepts one connection per channel, handshakes each, and returns the client. Connections that fail
+    /// their handshake (within [`HANDSHAKE_TIMEOUT`]) are closed and the next one is accepted. Never
+    /// returns on its own while no kernel connects: bound it with a timeout. Dropping it closes whatever
+    /// it had accepted; connections beyond one per channel stay in the listen backlog, costing us nothing.
+    pub async fn accept(&self, key: &str, limits: WireLimits) -> Result<KernelClient, KernelError> {
+        let session = uuid::Uuid::new_v4().simple().to_string();
+        // shell and stdin must share the identity: the kernel sends `input_request` to the identity of the
+        // shell request that asked for input.
+        let identity = session.as_bytes();
+        let (shell, iopub, stdin, control) = tokio::try_join!(
+            accept_one(&self.shell, Channel::Shell, Some(identity)),
+            accept_one(&self.iopub, Channel::IOPub, None),
+            accept_one(&self.stdin, Channel::Stdin, Some(identity)),
+            accept_one(&self.control, Channel::Control, Some(identity)),
+        )?;
+        let signer = Signer::new(key);
+        let link = |channel, stream| Link { channel, stream, reader: MessageReader::new(signer.clone(), limits) };
+        Ok(KernelClient {
+            shell: link(Channel::Shell, shell),
+            iopub: link(Channel::IOPub, iopub),
+            stdin: link(Channel::Stdin, stdin),
+            control: link(Channel::Control, control),
+            signer,
+            session,
+        })
+    }
+}
+
+async fn accept_one(
+    listener: &UnixListener,
+    channel: Channel,
+    identity: Option<&[u8]>,
+) -> Result<ZmtpStream<UnixStream>, KernelError> {
+    loop {
+        let (stream, _) = listener.accept().await.map_err(|source| KernelError::Accept { channel, source })?;
+        match timeout(HANDSHAKE_TIMEOUT, ZmtpStream::handshake(stream, channel.socket_type(), identity)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(error)) => tracing::warn!(?channel, %error, "refused a kernel connection"),
+            Err(_) => tracing::warn!(?channel, "a kernel connection did not complete its handshake in time"),
         }
-        Ok(id)
+    }
+}
+
+/// One accepted connection and the message being read from it.
+struct Link {
+    channel: Channel,
+    stream: ZmtpStream<UnixStream>,
+    reader: MessageReader,
+}
+
+impl Link {
+    /// The next message, or why it was rejected; an `Err` ends the connection. Cancel-safe: the only
+    /// await is one read into the stream's own buffer, and the partial message lives in `reader`.
+    async fn next(&mut self) -> Result<Result<Message, WireError>, KernelError> {
+        let channel = self.channel;
+        let failed = |source| KernelError::Connection { channel, source };
+        loop {
+            while let Some(event) = self.stream.next_event().map_err(failed)? {
+                if let Some(result) = self.reader.feed(event) {
+                    return Ok(result);
+                }
+            }
+            self.stream.fill().await.map_err(failed)?;
+        }
     }
 
-    /// The next valid message from any socket. Messages that fail their signature or do not parse are
-    /// logged and skipped: a kernel cannot make us act on a message it could not have signed.
-    /// Cancel-safe.
+    async fn send(&mut self, frames: &[bytes::Bytes]) -> Result<(), KernelError> {
+        let parts: Vec<&[u8]> = frames.iter().map(|f| f.as_ref()).collect();
+        self.stream.queue_message(&parts);
+        self.stream.flush().await.map_err(|source| KernelError::Connection { channel: self.channel, source })
+    }
+}
+
+/// Connected, handshaken connections to one kernel.
+pub struct KernelClient {
+    /// Signs what we send and checks what we read.
+    signer: Signer,
+    /// The `session` field of our headers, and our ZMTP identity: identifies this client to the kernel.
+    session: String,
+    shell: Link,
+    control: Link,
+    iopub: Link,
+    stdin: Link,
+}
+
+impl std::fmt::Debug for KernelClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelClient").field("session", &self.session).finish_non_exhaustive()
+    }
+}
+
+impl KernelClient {
+    /// Sends a new request of `msg_type` on `channel` (not IOPub) and returns its `msg_id`. Waits until
+    /// the bytes are in the socket, which a kernel that does not read can delay forever: bound it with a
+    /// timeout. If a send is cancelled, the next send on that channel completes it first (frames are never
+    /// torn).
+    pub async fn send(&mut self, channel: Channel, msg_type: &str, content: Value) -> Result<String, KernelError> {
+        let link = match channel {
+            Channel::Shell => &mut self.shell,
+            Channel::Control => &mut self.control,
+            Channel::Stdin => &mut self.stdin,
+            Channel::IOPub => return Err(KernelError::NotSendable(channel)),
+        };
+        let msg = Message::request(msg_type, &self.session, content);
+        link.send(&self.signer.encode(&msg)).await?;
+        Ok(msg.header.msg_id)
+    }
+
+    /// Sends an `execute_request` for `code` and returns its `msg_id`.
+    pub async fn execute(&mut self, code: &str, allow_stdin: bool) -> Result<String, KernelError> {
+        let content = json!({
+            "code": code, "silent": false, "store_history": true,
+            "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": true,
+        });
+        self.send(Channel::Shell, "execute_request", content).await
+    }
+
+    /// Sends an `interrupt_request` on the control channel (for kernels whose interrupt mode is
+    /// `message`) and returns its `msg_id`.
+    pub async fn interrupt(&mut self) -> Result<String, KernelError> {
+        self.send(Channel::Control, "interrupt_request", json!({})).await
+    }
+
+    /// The next valid message from any connection. Messages that fail their signature, do not parse or
+    /// break the [`WireLimits`] are logged and skipped: a kernel cannot make us act on a message it could
+    /// not have signed. A message cut to the limits has `dropped_bytes > 0`. An error means a connection
+    /// ended (the kernel closed it, died or broke the protocol). Cancel-safe.
     pub async fn recv(&mut self) -> Result<(Channel, Message), KernelError> {
         loop {
-            let (channel, frames) = tokio::select! {
-                m = self.shell.recv() => (Channel::Shell, m?),
-                m = self.control.recv() => (Channel::Control, m?),
-                m = self.iopub.recv() => (Channel::IOPub, m?),
+            let (channel, result) = tokio::select! {
+                r = self.shell.next() => (Channel::Shell, r?),
+                r = self.control.next() => (Channel::Control, r?),
+                r = self.iopub.next() => (Channel::IOPub, r?),
+                r = self.stdin.next() => (Channel::Stdin, r?),
             };
-            let frames: Vec<Bytes> = frames.into_vec();
-            match self.signer.decode(frames) {
-                Ok(msg) => return Ok((channel, msg)),
-                Err(error) => log_bad_message(channel, &error),
+            match result {
+                Ok(msg) => {
+                    if msg.dropped_bytes > 0 {
+                        tracing::debug!(
+                            ?channel,
+                            msg_type = msg.msg_type(),
+                            dropped_bytes = msg.dropped_bytes,
+                            "cut a kernel message to the limits"
+                        );
+                    }
+                    return Ok((channel, msg));
+                }
+                Err(error) => {
+                    tracing::warn!(?channel, %error, "dropped a malformed, oversize or badly signed message from the kernel")
+                }
             }
         }
     }
@@ -117,11 +278,12 @@ impl KernelClient {
                 return Ok(info.clone());
             }
             if Instant::now() >= next_send {
-                pending = self.send(Channel::Shell, "kernel_info_request", json!({})).await?;
-                next_send = Instant::now() + Duration::from_millis(500);
+                pending = timeout_at(deadline, self.send(Channel::Shell, "kernel_info_request", json!({})))
+                    .await
+                    .map_err(|_| KernelError::Timeout)??;
+                next_send = Instant::now() + KERNEL_INFO_INTERVAL;
             }
-            let wait_until = next_send.min(deadline);
-            match timeout_at(wait_until, self.recv()).await {
+            match timeout_at(next_send.min(deadline), self.recv()).await {
                 Ok(Ok((Channel::IOPub, _))) => iopub_seen = true,
                 Ok(Ok((Channel::Shell, msg))) if msg.msg_type() == "kernel_info_reply" => {
                     if info.is_none() || msg.parent_msg_id() == Some(pending.as_str()) {
@@ -130,19 +292,25 @@ impl KernelClient {
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
-                Err(_) if Instant::now() >= deadline => {
-                    return Err(KernelError::Timeout(Duration::ZERO));
-                }
+                Err(_) if Instant::now() >= deadline => return Err(KernelError::Timeout),
                 Err(_) => {}
             }
         }
     }
+
+    /// Waits until the kernel side has closed all four connections, reading and discarding what it still
+    /// sends (with bounded memory). At a kernel restart this tells the old kernel from the new one: accept
+    /// the new connections only after this returned. Cancel-safe and resumable.
+    pub async fn closed(&mut self, deadline: Instant) -> Result<(), KernelError> {
+        let KernelClient { shell, control, iopub, stdin, .. } = self;
+        let all = async {
+            // Any end counts: EOF, a reset, an error.
+            let _ =
+                tokio::join!(shell.stream.drain(), control.stream.drain(), iopub.stream.drain(), stdin.stream.drain());
+        };
+        timeout_at(deadline, all).await.map_err(|_| KernelError::Timeout)
+    }
 }
 
-async fn connect<S: Socket>(socket: &mut S, endpoint: &str) -> Result<(), KernelError> {
-    socket.connect(endpoint).await.map_err(|source| KernelError::Connect { endpoint: endpoint.to_owned(), source })
-}
-
-fn log_bad_message(channel: Channel, error: &WireError) {
-    tracing::warn!(?channel, %error, "dropped a malformed or badly signed message from the kernel");
-}
+#[cfg(test)]
+mod tests;

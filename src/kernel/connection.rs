@@ -1,9 +1,14 @@
-//! The connection file: how a kernel and the service find each other and share the signing key.
+//! The connection file and the socket paths of a session directory (start contract v2, ARCHITECTURE.md).
 //!
-//! The service always writes an `ipc` connection file whose sockets live in a directory bind-mounted into
-//! the session container at [`CONTAINER_DIR`]; the image's `start-kernel` hides whether the kernel itself
-//! speaks ipc or needs a TCP relay inside the container (ARCHITECTURE.md, "The start contract").
+//! The service owns the session directory: it writes `connection.json` there and binds the four unix
+//! sockets `k-<port>` ([`socket_path`]); the directory is mounted read-only into the container at
+//! [`CONTAINER_DIR`], where `start-kernel` reads the file and connects its relay to the sockets. Files here
+//! are opened without following symlinks, so even a directory that somehow became writable by the sandbox
+//! cannot make the service write or read elsewhere.
 
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -13,9 +18,11 @@ use serde::{Deserialize, Serialize};
 pub const CONTAINER_DIR: &str = "/kernel";
 /// The socket-path prefix inside the container; sockets are `<prefix>-<port>`.
 const CONTAINER_PREFIX: &str = "/kernel/k";
-/// Fixed "ports": with ipc they only name socket files; a TCP relay binds them on the container's own
-/// loopback, so they must be unprivileged.
+/// Fixed "ports": with ipc they only name socket files; a TCP kernel behind start-kernel gets its own
+/// ports on the container's loopback.
 const PORTS: [u16; 5] = [50001, 50002, 50003, 50004, 50005];
+/// A connection file is a few hundred bytes; anything longer is not one.
+const MAX_CONNECTION_FILE: u64 = 64 * 1024;
 
 /// A Jupyter connection file (the fields kernels read).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -26,6 +33,7 @@ pub struct ConnectionInfo {
     pub iopub_port: u16,
     pub stdin_port: u16,
     pub control_port: u16,
+    /// Named for kernels that expect it; never bound (no heartbeat socket in contract v2).
     pub hb_port: u16,
     pub signature_scheme: String,
     pub key: String,
@@ -52,31 +60,11 @@ impl ConnectionInfo {
             kernel_name: String::new(),
         }
     }
-
-    /// The endpoints as the service sees them, with the session directory at `host_dir`.
-    pub fn host_endpoints(&self, host_dir: &Path) -> Endpoints {
-        let at = |port: u16| format!("ipc://{}", host_dir.join(format!("k-{port}")).display());
-        Endpoints { shell: at(self.shell_port), iopub: at(self.iopub_port), control: at(self.control_port) }
-    }
 }
 
-/// The ZeroMQ endpoints the client connects to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoints {
-    pub shell: String,
-    pub iopub: String,
-    pub control: String,
-}
-
-/// Paths of the files in a session directory, shared with `start-kernel` in the images.
+/// The connection file's path in a session directory.
 pub fn connection_file(dir: &Path) -> PathBuf {
     dir.join("connection.json")
-}
-
-/// `start-kernel` writes this file once the kernel's sockets accept connections, and again after every
-/// restart; the service removes it before asking for a restart.
-pub fn ready_file(dir: &Path) -> PathBuf {
-    dir.join("ready")
 }
 
 /// The connection file's path inside the container.
@@ -84,9 +72,45 @@ pub fn container_connection_file() -> String {
     format!("{CONTAINER_DIR}/connection.json")
 }
 
+/// The unix socket the service binds for `port` in the session directory `dir`.
+pub fn socket_path(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!("k-{port}"))
+}
+
+/// Writes `dir/connection.json` (mode 0644, readable by the container's user). Fails if the file exists
+/// (`O_EXCL`) or is a symlink (`O_NOFOLLOW`): a boot writes into a fresh directory.
+pub fn write_connection_file(dir: &Path, info: &ConnectionInfo) -> std::io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(connection_file(dir))?;
+    file.write_all(&serde_json::to_vec_pretty(info).expect("a connection file serializes"))?;
+    file.sync_all()
+}
+
+/// Reads `dir/connection.json`: never through a symlink, only a regular file, at most 64 KiB.
+pub fn read_connection_file(dir: &Path) -> std::io::Result<ConnectionInfo> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    // O_NONBLOCK: opening a FIFO planted here must not hang the service (no effect on regular files).
+    let file =
+        OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(connection_file(dir))?;
+    if !file.metadata()?.is_file() {
+        return Err(invalid("the connection file is not a regular file".into()));
+    }
+    let mut text = Vec::new();
+    file.take(MAX_CONNECTION_FILE + 1).read_to_end(&mut text)?;
+    if text.len() as u64 > MAX_CONNECTION_FILE {
+        return Err(invalid(format!("the connection file is larger than {MAX_CONNECTION_FILE} bytes")));
+    }
+    serde_json::from_slice(&text).map_err(|e| invalid(format!("unreadable connection file: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn every_connection_gets_its_own_key() {
@@ -96,12 +120,12 @@ mod tests {
     }
 
     #[test]
-    fn host_endpoints_are_unix_sockets_in_the_session_directory() {
+    fn sockets_are_named_by_port_in_the_session_directory() {
+        let dir = Path::new("/var/lib/kernelbox/sessions/abc");
+        assert_eq!(socket_path(dir, 50001), Path::new("/var/lib/kernelbox/sessions/abc/k-50001"));
         let info = ConnectionInfo::new_ipc();
-        let ends = info.host_endpoints(Path::new("/var/lib/kernelbox/sessions/abc"));
-        assert_eq!(ends.shell, "ipc:///var/lib/kernelbox/sessions/abc/k-50001");
-        assert_eq!(ends.iopub, "ipc:///var/lib/kernelbox/sessions/abc/k-50002");
-        assert_eq!(ends.control, "ipc:///var/lib/kernelbox/sessions/abc/k-50004");
+        assert_eq!(format!("{}-{}", info.ip, info.shell_port), "/kernel/k-50001");
+        assert_eq!(container_connection_file(), "/kernel/connection.json");
     }
 
     #[test]
@@ -109,6 +133,51 @@ mod tests {
         let info = ConnectionInfo::new_ipc();
         let json = serde_json::to_string(&info).unwrap();
         assert!(json.contains(r#""transport":"ipc""#));
+        assert!(json.contains(r#""stdin_port":50003"#));
         assert_eq!(serde_json::from_str::<ConnectionInfo>(&json).unwrap(), info);
+    }
+
+    #[test]
+    fn the_file_is_written_once_world_readable_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = ConnectionInfo::new_ipc();
+        write_connection_file(dir.path(), &info).unwrap();
+        let mode = std::fs::metadata(connection_file(dir.path())).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+        assert_eq!(read_connection_file(dir.path()).unwrap(), info);
+        let again = write_connection_file(dir.path(), &ConnectionInfo::new_ipc()).unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(read_connection_file(dir.path()).unwrap(), info, "the first file is untouched");
+    }
+
+    #[test]
+    fn a_planted_symlink_is_neither_written_through_nor_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, serde_json::to_vec(&ConnectionInfo::new_ipc()).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&target, connection_file(dir.path())).unwrap();
+        let before = std::fs::read(&target).unwrap();
+        assert!(write_connection_file(dir.path(), &ConnectionInfo::new_ipc()).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), before, "the symlink target is untouched");
+        assert!(read_connection_file(dir.path()).is_err());
+    }
+
+    #[test]
+    fn only_a_small_regular_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(connection_file(dir.path())).unwrap();
+        assert!(read_connection_file(dir.path()).is_err(), "a directory");
+
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = std::ffi::CString::new(connection_file(dir.path()).to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        assert!(read_connection_file(dir.path()).is_err(), "a FIFO, without hanging");
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut big = serde_json::to_vec(&ConnectionInfo::new_ipc()).unwrap();
+        big.extend(std::iter::repeat_n(b' ', 70_000));
+        std::fs::write(connection_file(dir.path()), big).unwrap();
+        let err = read_connection_file(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("larger"), "{err}");
     }
 }

@@ -1,19 +1,24 @@
-//! A fake kernel peer for unit tests: binds the shell, control and IOPub sockets of a connection file over
-//! ipc and answers like a tiny kernel. Never used instead of the end-to-end tests with real kernels.
+//! A fake kernel peer for unit tests: like start-kernel's relay, it reads a session directory's connection
+//! file and *connects* to the service's sockets `k-<port>`, then answers like a tiny kernel. It speaks
+//! through the `zeromq` crate (ROUTER for shell, control and stdin, PUB for IOPub), so our own ZMTP is
+//! tested against an independent implementation. Never used instead of the end-to-end tests with real
+//! kernels.
 //!
 //! Code it understands: `sleep:<seconds>` (interruptible; an interrupt ends it with `KeyboardInterrupt`),
-//! `hang` (ignores interrupts), `error` (raises), `print:<text>` (stdout); anything else is echoed back as
-//! the execution's result.
+//! `hang` (ignores interrupts), `error` (raises), `print:<text>` (stdout), `input:<prompt>` (asks on stdin
+//! and prints the answer), `big:<bytes>` (one stdout message of that many bytes); anything else is echoed
+//! back as the execution's result.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
-use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{PubSocket, RouterSocket, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 
 use super::connection::{self, ConnectionInfo};
 use super::wire::{Header, Message, Signer};
@@ -34,33 +39,32 @@ impl Drop for FakeKernel {
 enum Out {
     Shell(Message),
     IOPub(Message),
+    Stdin(Message),
+}
+
+/// The fake's four sockets, connected, and their event streams (to notice the service going away).
+struct Sockets {
+    shell: RouterSocket,
+    control: RouterSocket,
+    stdin: RouterSocket,
+    iopub: PubSocket,
+    monitors: [futures::channel::mpsc::Receiver<SocketEvent>; 4],
 }
 
 impl FakeKernel {
-    /// Binds the sockets named by `dir/connection.json`, then writes `dir/ready`.
+    /// Reads `dir/connection.json` and starts connecting to the service's sockets in the background (the
+    /// connections complete when the service accepts them), then serves. Like start-kernel's relay, it
+    /// connects again whenever the service drops a connection (a new service process adopting the
+    /// session), keeping the kernel's state.
     pub async fn start(dir: &Path) -> std::io::Result<FakeKernel> {
-        let info: ConnectionInfo = serde_json::from_slice(&std::fs::read(connection::connection_file(dir))?)?;
-        let ends = info.host_endpoints(dir);
-        // A restarted kernel binds where its predecessor did.
-        for end in [&ends.shell, &ends.control, &ends.iopub] {
-            let _ = std::fs::remove_file(end.trim_start_matches("ipc://"));
-        }
-        let to_io = |e: zeromq::ZmqError| std::io::Error::other(e.to_string());
-        let mut shell = RouterSocket::new();
-        shell.bind(&ends.shell).await.map_err(to_io)?;
-        let mut control = RouterSocket::new();
-        control.bind(&ends.control).await.map_err(to_io)?;
-        let mut iopub = PubSocket::new();
-        iopub.bind(&ends.iopub).await.map_err(to_io)?;
-        std::fs::write(connection::ready_file(dir), b"fake")?;
+        let info = connection::read_connection_file(dir)?;
         let interrupt = Arc::new(Notify::new());
         let stop = Arc::new(Notify::new());
-        let task = tokio::spawn(serve(Signer::new(&info.key), shell, control, iopub, interrupt.clone(), stop.clone()));
+        let task = tokio::spawn(run(dir.to_owned(), info, interrupt.clone(), stop.clone()));
         Ok(FakeKernel { task, interrupt, stop })
     }
 
-    /// Stops the kernel and waits until its sockets are closed (a closing ipc socket removes its file,
-    /// which must not happen after a successor has bound the same path).
+    /// Stops the kernel and waits until its connections are closed, as start-kernel does on SIGHUP.
     pub async fn stop(mut self) {
         self.stop.notify_one();
         let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
@@ -73,33 +77,90 @@ impl FakeKernel {
     }
 }
 
-async fn serve(
-    signer: Signer,
-    mut shell: RouterSocket,
-    mut control: RouterSocket,
-    mut iopub: PubSocket,
-    interrupt: Arc<Notify>,
-    stop: Arc<Notify>,
-) {
+/// The kernel: a runner (its main thread) that lives as long as the kernel, and connections that come and go.
+async fn run(dir: PathBuf, info: ConnectionInfo, interrupt: Arc<Notify>, stop: Arc<Notify>) {
+    let signer = Signer::new(&info.key);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Out>();
     let (exec_tx, mut exec_rx) = mpsc::unbounded_channel::<Message>();
+    let (input_tx, input_rx) = mpsc::unbounded_channel::<Message>();
     // Shell requests run one at a time, like a kernel's main thread; control stays responsive.
-    let runner_out = out_tx.clone();
-    let runner_interrupt = interrupt.clone();
+    let mut runner = Runner { count: 0, out: out_tx, interrupt: interrupt.clone(), input: input_rx };
     let runner = tokio::spawn(async move {
-        let mut count = 0u64;
         while let Some(request) = exec_rx.recv().await {
-            handle_shell(&request, &mut count, &runner_out, &runner_interrupt).await;
+            runner.handle_shell(&request).await;
         }
     });
-    // Aborting `serve` must stop the runner too, even one stuck in `hang`.
+    // Aborting the kernel must stop the runner too, even one stuck in `hang`.
     let _runner = AbortOnDrop(runner);
+    let channels = Channels { exec: exec_tx, input: input_tx };
+    loop {
+        let connected = tokio::select! {
+            s = connect(&dir, &info) => s,
+            _ = stop.notified() => return,
+        };
+        let sockets = match connected {
+            Ok(sockets) => sockets,
+            Err(error) => {
+                tracing::warn!(%error, "the fake kernel could not connect");
+                return;
+            }
+        };
+        if !serve(&signer, sockets, &channels, &mut out_rx, &interrupt, &stop).await {
+            return;
+        }
+    }
+}
+
+/// Where the connections hand requests to the runner.
+struct Channels {
+    exec: mpsc::UnboundedSender<Message>,
+    input: mpsc::UnboundedSender<Message>,
+}
+
+async fn connect(dir: &Path, info: &ConnectionInfo) -> Result<Sockets, zeromq::ZmqError> {
+    let at = |port: u16| format!("ipc://{}", connection::socket_path(dir, port).display());
+    let (mut shell, mut control, mut stdin, mut iopub) =
+        (RouterSocket::new(), RouterSocket::new(), RouterSocket::new(), PubSocket::new());
+    let monitors = [shell.monitor(), control.monitor(), stdin.monitor(), iopub.monitor()];
+    let ends = [at(info.shell_port), at(info.control_port), at(info.stdin_port), at(info.iopub_port)];
+    // All at once: the service accepts the four together.
+    tokio::try_join!(
+        shell.connect(&ends[0]),
+        control.connect(&ends[1]),
+        stdin.connect(&ends[2]),
+        iopub.connect(&ends[3])
+    )?;
+    Ok(Sockets { shell, control, stdin, iopub, monitors })
+}
+
+/// Serves one set of connections; `true` when the service dropped them (connect again), `false` when the
+/// kernel stops. Dropping the sockets closes the connections: what the service's `closed()` waits for.
+async fn serve(
+    signer: &Signer,
+    sockets: Sockets,
+    channels: &Channels,
+    out_rx: &mut mpsc::UnboundedReceiver<Out>,
+    interrupt: &Notify,
+    stop: &Notify,
+) -> bool {
+    let Sockets { mut shell, mut control, mut stdin, mut iopub, monitors } = sockets;
+    let mut monitors = futures::stream::select_all(monitors);
+    let encode = |m: &Message| ZmqMessage::try_from(signer.encode(m)).expect("frames");
     loop {
         tokio::select! {
-            _ = stop.notified() => break,
+            _ = stop.notified() => return false,
+            event = monitors.next() => {
+                if matches!(event, None | Some(SocketEvent::Disconnected(_))) {
+                    return true;
+                }
+            }
             m = shell.recv() => match m.ok().and_then(|m| signer.decode(m.into_vec()).ok()) {
-                Some(msg) => { let _ = exec_tx.send(msg); }
-                None => break,
+                Some(msg) => { let _ = channels.exec.send(msg); }
+                None => return true,
+            },
+            m = stdin.recv() => match m.ok().and_then(|m| signer.decode(m.into_vec()).ok()) {
+                Some(msg) => { let _ = channels.input.send(msg); }
+                None => return true,
             },
             m = control.recv() => match m.ok().and_then(|m| signer.decode(m.into_vec()).ok()) {
                 Some(msg) => {
@@ -108,24 +169,20 @@ async fn serve(
                         interrupt.notify_one();
                     }
                     let reply = reply_to(&msg, &reply_type, json!({"status": "ok"}));
-                    let frames = ZmqMessage::try_from(signer.encode(&reply)).expect("frames");
-                    if control.send(frames).await.is_err() { break; }
+                    if control.send(encode(&reply)).await.is_err() { return true; }
                 }
-                None => break,
+                None => return true,
             },
             Some(out) = out_rx.recv() => {
                 let result = match out {
-                    Out::Shell(m) => shell.send(ZmqMessage::try_from(signer.encode(&m)).expect("frames")).await,
-                    Out::IOPub(m) => iopub.send(ZmqMessage::try_from(signer.encode(&m)).expect("frames")).await,
+                    Out::Shell(m) => shell.send(encode(&m)).await,
+                    Out::Stdin(m) => stdin.send(encode(&m)).await,
+                    Out::IOPub(m) => iopub.send(encode(&m)).await,
                 };
-                if result.is_err() { break; }
+                if result.is_err() { return true; }
             }
         }
     }
-    // Close the binds before returning, so their socket files are gone before a successor binds.
-    shell.close().await;
-    control.close().await;
-    iopub.close().await;
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -153,58 +210,91 @@ fn publish(request: &Message, msg_type: &str, content: Value) -> Out {
     Out::IOPub(m)
 }
 
-async fn handle_shell(request: &Message, count: &mut u64, out: &mpsc::UnboundedSender<Out>, interrupt: &Notify) {
-    let send = |o: Out| {
-        let _ = out.send(o);
-    };
-    send(publish(request, "status", json!({"execution_state": "busy"})));
-    match request.msg_type() {
-        "kernel_info_request" => send(Out::Shell(reply_to(
-            request,
-            "kernel_info_reply",
-            json!({"status": "ok", "protocol_version": "5.3", "implementation": "fake", "language_info": {"name": "fake"}}),
-        ))),
-        "execute_request" => {
-            *count += 1;
-            let code = request.content["code"].as_str().unwrap_or_default().to_owned();
-            let error = |ename: &str| json!({"ename": ename, "evalue": "", "traceback": [format!("{ename}!")]});
-            let reply = if let Some(secs) = code.strip_prefix("sleep:") {
-                let secs: f64 = secs.parse().unwrap_or(1.0);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs_f64(secs)) => json!({"status": "ok"}),
-                    _ = interrupt.notified() => {
-                        send(publish(request, "error", error("KeyboardInterrupt")));
-                        let mut reply = error("KeyboardInterrupt");
-                        reply["status"] = json!("error");
-                        reply
-                    }
-                }
-            } else if code == "hang" {
-                std::future::pending::<()>().await;
-                unreachable!()
-            } else if code == "error" {
-                send(publish(request, "error", error("ValueError")));
-                json!({"status": "error", "ename": "ValueError", "evalue": "", "traceback": []})
-            } else if let Some(text) = code.strip_prefix("print:") {
-                send(publish(request, "stream", json!({"name": "stdout", "text": format!("{text}\n")})));
-                json!({"status": "ok"})
-            } else {
-                let data = json!({"text/plain": code});
-                send(publish(
-                    request,
-                    "execute_result",
-                    json!({"execution_count": *count, "data": data, "metadata": {}}),
-                ));
-                json!({"status": "ok"})
-            };
-            let mut reply = reply;
-            reply["execution_count"] = json!(*count);
-            send(Out::Shell(reply_to(request, "execute_reply", reply)));
+/// The kernel's main thread.
+struct Runner {
+    count: u64,
+    out: mpsc::UnboundedSender<Out>,
+    interrupt: Arc<Notify>,
+    /// `input_reply`s from stdin.
+    input: mpsc::UnboundedReceiver<Message>,
+}
+
+impl Runner {
+    fn send(&self, o: Out) {
+        let _ = self.out.send(o);
+    }
+
+    async fn handle_shell(&mut self, request: &Message) {
+        self.send(publish(request, "status", json!({"execution_state": "busy"})));
+        match request.msg_type() {
+            "kernel_info_request" => self.send(Out::Shell(reply_to(
+                request,
+                "kernel_info_reply",
+                json!({"status": "ok", "protocol_version": "5.3", "implementation": "fake", "language_info": {"name": "fake"}}),
+            ))),
+            "execute_request" => {
+                self.count += 1;
+                let code = request.content["code"].as_str().unwrap_or_default().to_owned();
+                let mut reply = self.execute(request, &code).await;
+                reply["execution_count"] = json!(self.count);
+                self.send(Out::Shell(reply_to(request, "execute_reply", reply)));
+            }
+            other => {
+                let reply_type = other.replace("_request", "_reply");
+                self.send(Out::Shell(reply_to(request, &reply_type, json!({"status": "ok"}))));
+            }
         }
-        other => {
-            let reply_type = other.replace("_request", "_reply");
-            send(Out::Shell(reply_to(request, &reply_type, json!({"status": "ok"}))));
+        self.send(publish(request, "status", json!({"execution_state": "idle"})));
+    }
+
+    /// Runs `code`; returns the `execute_reply` content.
+    async fn execute(&mut self, request: &Message, code: &str) -> Value {
+        let error = |ename: &str| json!({"ename": ename, "evalue": "", "traceback": [format!("{ename}!")]});
+        let stdout = |text: String| publish(request, "stream", json!({"name": "stdout", "text": text}));
+        if let Some(secs) = code.strip_prefix("sleep:") {
+            let secs: f64 = secs.parse().unwrap_or(1.0);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs_f64(secs)) => json!({"status": "ok"}),
+                _ = self.interrupt.notified() => {
+                    self.send(publish(request, "error", error("KeyboardInterrupt")));
+                    let mut reply = error("KeyboardInterrupt");
+                    reply["status"] = json!("error");
+                    reply
+                }
+            }
+        } else if code == "hang" {
+            std::future::pending::<()>().await;
+            unreachable!()
+        } else if code == "error" {
+            self.send(publish(request, "error", error("ValueError")));
+            json!({"status": "error", "ename": "ValueError", "evalue": "", "traceback": []})
+        } else if let Some(text) = code.strip_prefix("print:") {
+            self.send(stdout(format!("{text}\n")));
+            json!({"status": "ok"})
+        } else if let Some(prompt) = code.strip_prefix("input:") {
+            // Like ipykernel: the request goes to the identity of the shell request, on stdin.
+            let mut ask = reply_to(request, "input_request", json!({"prompt": prompt, "password": false}));
+            ask.identities = request.identities.clone();
+            self.send(Out::Stdin(ask));
+            match self.input.recv().await {
+                Some(answer) => {
+                    let value = answer.content["value"].as_str().unwrap_or_default().to_owned();
+                    self.send(stdout(format!("{value}\n")));
+                    json!({"status": "ok"})
+                }
+                None => json!({"status": "error", "ename": "EOFError", "evalue": "", "traceback": []}),
+            }
+        } else if let Some(size) = code.strip_prefix("big:") {
+            self.send(stdout("x".repeat(size.parse().unwrap_or(0))));
+            json!({"status": "ok"})
+        } else {
+            let data = json!({"text/plain": code});
+            self.send(publish(
+                request,
+                "execute_result",
+                json!({"execution_count": self.count, "data": data, "metadata": {}}),
+            ));
+            json!({"status": "ok"})
         }
     }
-    send(publish(request, "status", json!({"execution_state": "idle"})));
 }

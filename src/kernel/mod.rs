@@ -1,8 +1,9 @@
-//! The Jupyter side: the wire format, the connection file, a ZeroMQ client for one kernel, and the logic
-//! that follows one execution.
+//! The Jupyter side: our own ZMTP framing, the wire format, the connection file, the service's end of one
+//! kernel's connections, and the logic that follows one execution.
 //!
 //! Architecture invariant: nothing here knows about HTTP or Docker. The session layer decides *when* to
-//! talk to a kernel; this module only knows *how*.
+//! talk to a kernel; this module only knows *how*. Everything read from a kernel is bounded before it is
+//! buffered (`zmtp.rs`, `wire.rs`).
 
 pub mod client;
 pub mod connection;
@@ -11,6 +12,7 @@ pub mod fake;
 pub mod wire;
 pub mod zmtp;
 
-pub use client::{Channel, KernelClient, KernelError};
-pub use connection::{ConnectionInfo, Endpoints};
+pub use client::{Channel, KernelClient, KernelError, KernelListener};
+pub use connection::ConnectionInfo;
 pub use execution::{ErrorInfo, Event, ExecutionTracker, Output, ReplyStatus};
+pub use wire::{Message, WireLimits};

@@ -1,13 +1,13 @@
 //! One kernel in one container: booting it, connecting to it, restarting it, noticing its death.
 //!
-//! This is where the runtime (Docker) and the kernel client (ZeroMQ) meet; the actor decides when to
-//! call what. The start contract with the images: the service writes `connection.json` into the session
-//! directory (mounted at `/kernel`), `start-kernel` writes `ready` once the kernel's sockets accept
-//! connections, restarts the kernel on SIGHUP and passes SIGINT on; when the kernel dies, the container
-//! exits.
+//! This is where the runtime (Docker) and the kernel client (ZMTP) meet; the actor decides when to
+//! call what. The start contract with the images (v2): the service writes `connection.json` into the
+//! session directory (mounted at `/kernel`) and binds the kernel sockets there; `start-kernel` connects
+//! its relay to them once the kernel is up, restarts the kernel on SIGHUP (dropping the connections first)
+//! and passes SIGINT on; when the kernel dies, the container exits.
 
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::kernel::connection::{self, ConnectionInfo};
-use crate::kernel::{Channel, KernelClient};
+use crate::kernel::{KernelClient, KernelListener, WireLimits};
 use crate::runtime::{ContainerRuntime, ContainerSpec, ExitInfo, RuntimeError};
 
 use super::error::SessionError;
@@ -34,6 +34,8 @@ pub enum InterruptMode {
 pub struct KernelHost {
     pub container_id: String,
     pub client: KernelClient,
+    /// The session directory's sockets; a restart accepts the new kernel's connections here.
+    pub listener: KernelListener,
     /// What the kernel said of itself in its `kernel_info_reply`.
     pub info: KernelInfo,
     /// Becomes `Some` when the container stops.
@@ -49,6 +51,8 @@ pub struct BootPlan {
     pub start_timeout: Duration,
     pub interrupt_mode: InterruptMode,
     pub tracker: tokio_util::task::TaskTracker,
+    /// How much of a kernel message is kept.
+    pub wire_limits: WireLimits,
 }
 
 impl BootPlan {
@@ -56,14 +60,15 @@ impl BootPlan {
     pub async fn boot(&self) -> Result<KernelHost, SessionError> {
         let info = ConnectionInfo::new_ipc();
         prepare_dir(&self.dir, &info)?;
+        let listener = KernelListener::bind(&self.dir, &info)?;
         // A fresh name per boot: the container of a dead kernel may still be on its way out.
         let mut spec = self.spec.clone();
         spec.name = format!("{}-{}", self.spec.name, &uuid::Uuid::new_v4().simple().to_string()[..6]);
         let container_id = self.runtime.create_and_start(&spec).await?;
         metrics::counter!("kernelbox_container_starts_total").increment(1);
         let exit = self.watch_exit(&container_id);
-        match self.connect(&info, exit.clone()).await {
-            Ok((client, info)) => Ok(KernelHost { container_id, client, info, exit }),
+        match self.connect(&listener, &info, exit.clone()).await {
+            Ok((client, info)) => Ok(KernelHost { container_id, client, listener, info, exit }),
             Err(e) => {
                 metrics::counter!("kernelbox_container_start_failures_total").increment(1);
                 let _ = self.runtime.remove(&container_id).await;
@@ -75,10 +80,12 @@ impl BootPlan {
     /// Reconnects to a container that is already running (adoption after a service restart).
     pub async fn adopt(&self, container_id: String, timeout: Duration) -> Result<KernelHost, SessionError> {
         let info = read_connection(&self.dir)?;
+        // The relay in the container retries its connects: it finds the new sockets.
+        let listener = KernelListener::bind(&self.dir, &info)?;
         let exit = self.watch_exit(&container_id);
         let deadline = Instant::now() + timeout;
-        let (client, info) = connect_client(&info, &self.dir, deadline, exit.clone()).await?;
-        Ok(KernelHost { container_id, client, info, exit })
+        let (client, info) = connect_client(&listener, &info, self.wire_limits, deadline, exit.clone()).await?;
+        Ok(KernelHost { container_id, client, listener, info, exit })
     }
 
     /// Restarts the kernel process inside the same container (its files stay), or boots a new container
@@ -88,12 +95,17 @@ impl BootPlan {
             return self.boot().await;
         };
         let info = read_connection(&self.dir)?;
-        let _ = std::fs::remove_file(connection::ready_file(&self.dir));
-        let KernelHost { container_id, client, exit, .. } = host;
-        drop(client);
+        let KernelHost { container_id, mut client, listener, exit, .. } = host;
         self.runtime.signal(&container_id, "SIGHUP").await?;
-        match self.connect(&info, exit.clone()).await {
-            Ok((client, info)) => Ok(KernelHost { container_id, client, info, exit }),
+        // The old kernel's connections must end before new ones are accepted, or we would talk to it.
+        let closed = client.closed(Instant::now() + self.start_timeout).await;
+        drop(client);
+        if closed.is_err() {
+            let _ = self.runtime.remove(&container_id).await;
+            return Err(SessionError::KernelStart("the old kernel did not let go of its connections".into()));
+        }
+        match self.connect(&listener, &info, exit.clone()).await {
+            Ok((client, info)) => Ok(KernelHost { container_id, client, listener, info, exit }),
             Err(e) => {
                 let _ = self.runtime.remove(&container_id).await;
                 Err(e)
@@ -105,7 +117,7 @@ impl BootPlan {
     pub async fn interrupt(&self, host: &mut KernelHost) -> Result<(), SessionError> {
         match self.interrupt_mode {
             InterruptMode::Message => {
-                host.client.send(Channel::Control, "interrupt_request", serde_json::json!({})).await?;
+                host.client.interrupt().await?;
             }
             InterruptMode::Signal => self.runtime.signal(&host.container_id, "SIGINT").await?,
         }
@@ -114,12 +126,12 @@ impl BootPlan {
 
     async fn connect(
         &self,
+        listener: &KernelListener,
         info: &ConnectionInfo,
         exit: watch::Receiver<Option<ExitInfo>>,
     ) -> Result<(KernelClient, KernelInfo), SessionError> {
         let deadline = Instant::now() + self.start_timeout;
-        wait_for_ready_file(&self.dir, deadline, exit.clone()).await?;
-        connect_client(info, &self.dir, deadline, exit).await
+        connect_client(listener, info, self.wire_limits, deadline, exit).await
     }
 
     /// A task that waits for the container to stop; tracked so shutdown can wait for it.
@@ -153,68 +165,37 @@ pub fn death_reason(exit: &ExitInfo) -> String {
 }
 
 /// The connection file the current container was started with.
-fn read_connection(dir: &Path) -> Result<ConnectionInfo, SessionError> {
-    let text = std::fs::read_to_string(connection::connection_file(dir))?;
-    serde_json::from_str(&text).map_err(|e| SessionError::KernelStart(format!("unreadable connection file: {e}")))
+fn read_connection(dir: &std::path::Path) -> Result<ConnectionInfo, SessionError> {
+    connection::read_connection_file(dir).map_err(|e| SessionError::KernelStart(format!("connection file: {e}")))
 }
 
-fn prepare_dir(dir: &Path, info: &ConnectionInfo) -> std::io::Result<()> {
+fn prepare_dir(dir: &std::path::Path, info: &ConnectionInfo) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     // Sockets and files of an earlier boot must not be mistaken for this one's.
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let kind = entry.file_type()?;
-        if kind.is_file() || kind.is_socket() {
+        if kind.is_file() || kind.is_socket() || kind.is_symlink() {
             std::fs::remove_file(entry.path())?;
         }
     }
-    let file = connection::connection_file(dir);
-    std::fs::write(&file, serde_json::to_vec_pretty(info).expect("a connection file serializes"))?;
-    // The kernel runs as uid 1000 and must write here (sockets, ready file, ipykernel's rewrite of the
-    // connection file). Only this directory is mounted into the container; its parent stays private.
+    // Only the service writes here (contract v2): the kernel gets it read-only.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666))?;
-    Ok(())
-}
-
-async fn wait_for_ready_file(
-    dir: &Path,
-    deadline: Instant,
-    mut exit: watch::Receiver<Option<ExitInfo>>,
-) -> Result<(), SessionError> {
-    let ready = connection::ready_file(dir);
-    loop {
-        if ready.exists() {
-            return Ok(());
-        }
-        if let Some(info) = exit.borrow().as_ref() {
-            return Err(SessionError::KernelStart(format!(
-                "the container stopped while booting: {}",
-                death_reason(info)
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(SessionError::KernelStart("the kernel did not become ready in time".into()));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            _ = exit.changed() => {}
-        }
-    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    connection::write_connection_file(dir, info)
 }
 
 async fn connect_client(
+    listener: &KernelListener,
     info: &ConnectionInfo,
-    dir: &Path,
+    limits: WireLimits,
     deadline: Instant,
     mut exit: watch::Receiver<Option<ExitInfo>>,
 ) -> Result<(KernelClient, KernelInfo), SessionError> {
     let exit_now = exit.clone();
-    let endpoints = info.host_endpoints(dir);
     let attempt = async {
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
-        let mut client = KernelClient::connect(&endpoints, &info.key, remaining).await?;
+        let accepted = tokio::time::timeout_at(deadline, listener.accept(&info.key, limits)).await;
+        let mut client = accepted.map_err(|_| crate::kernel::KernelError::Timeout)??;
         let reply = client.wait_ready(deadline).await?;
         Ok::<_, SessionError>((client, KernelInfo::from_reply(&reply)))
     };

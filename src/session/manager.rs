@@ -357,6 +357,7 @@ impl SessionManager {
             start_timeout: l.start_timeout,
             interrupt_mode,
             tracker: self.tracker.clone(),
+            wire_limits: crate::kernel::WireLimits::for_output_cap(l.output_limit_bytes),
         }
     }
 
