@@ -128,7 +128,9 @@ pub struct LimitArgs {
     /// Processes and threads per session.
     #[arg(long, env = "KERNELBOX_PIDS_LIMIT", default_value_t = 256)]
     pub pids_limit: i64,
-    /// Size of each session's /tmp and of its working directory (both tmpfs, counted in its memory).
+    /// Largest size of each session's /tmp and of its working directory (both tmpfs, counted in its
+    /// memory): each gets at most a quarter of the session's memory, so a full disk is ENOSPC, not an
+    /// out-of-memory kill.
     #[arg(long, env = "KERNELBOX_TMPFS_MB", default_value_t = 256)]
     pub tmpfs_mb: u64,
     /// Default execution timeout, seconds.

@@ -68,7 +68,7 @@ impl Application {
         runtime: Arc<dyn runtime::ContainerRuntime>,
     ) -> Result<Self, ServeError> {
         let state_dir = settings.manager.state_dir.clone();
-        std::fs::create_dir_all(state_dir.join("sessions"))
+        prepare_state_dir(&state_dir)
             .map_err(|source| ServeError::StateDir { path: state_dir.display().to_string(), source })?;
         api::system::prometheus();
         let reap_every = settings.manager.limits.reap_interval;
@@ -118,6 +118,18 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The state directory (made 0700 if missing) and its `sessions` folder, private to the service (0700):
+/// containers reach their own run directory through its read-only mount, never through these paths.
+fn prepare_state_dir(state_dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let runs = state_dir.join("sessions");
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&runs)?;
+    if !std::fs::symlink_metadata(&runs)?.is_dir() {
+        return Err(std::io::Error::other(format!("{} is not a directory", runs.display())));
+    }
+    std::fs::set_permissions(&runs, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Builds and runs the service on `listener` until `shutdown` is cancelled.

@@ -10,13 +10,12 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::Stream;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
 use super::AppState;
 use super::extract::ApiJson;
 use crate::error::{ApiError, ErrorBody};
 use crate::kernel::Event;
-use crate::session::{ExecuteResult, Owner, Pending, StreamEvent};
+use crate::session::{ExecuteResult, Owner, Pending};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -39,30 +38,30 @@ pub async fn execute(
 ) -> Result<Response, ApiError> {
     let wants_stream =
         headers.get("accept").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
+    let pending = state.manager.submit(&owner, &id, req.code, req.timeout_s, wants_stream)?;
     if !wants_stream {
-        let pending = state.manager.submit(&owner, &id, req.code, req.timeout_s, None)?;
         return Ok(Json(pending.wait().await?).into_response());
     }
-    let (tx, rx) = mpsc::unbounded_channel();
-    let pending = state.manager.submit(&owner, &id, req.code, req.timeout_s, Some(tx))?;
-    Ok(Sse::new(events(rx, pending)).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(events(pending)).keep_alive(KeepAlive::default()).into_response())
 }
 
-/// The SSE stream; holds `pending` so the session counts as in use while a client listens, and ends
-/// after the `result` event.
-fn events(
-    rx: mpsc::UnboundedReceiver<StreamEvent>,
-    pending: Pending,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    futures::stream::unfold((rx, Some(pending)), |(mut rx, pending)| async move {
-        let pending = pending?;
-        let event = rx.recv().await?;
-        let (sse, pending) = match event {
-            StreamEvent::Kernel(Event::Output(o)) => (SseEvent::default().event("output").json_data(&o), Some(pending)),
-            StreamEvent::Kernel(Event::Cleared) => (Ok(SseEvent::default().event("clear").data("{}")), Some(pending)),
-            StreamEvent::Done(result) => (SseEvent::default().event("result").json_data(&*result), None),
+/// The SSE stream: outputs as they come, then always one `result` event (also when the session was
+/// deleted, reaped or restarted under the execution: its status says why). Holds `pending`, so the
+/// session counts as in use while a client listens; a client that disconnects drops it, which
+/// interrupts the execution.
+fn events(pending: Pending) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    futures::stream::unfold(Some(pending), |pending| async move {
+        let mut pending = pending?;
+        let sse = match pending.next_event().await {
+            Some(Event::Output(o)) => {
+                let sse = SseEvent::default().event("output").json_data(&o);
+                (sse, Some(pending))
+            }
+            Some(Event::Cleared) => (Ok(SseEvent::default().event("clear").data("{}")), Some(pending)),
+            None => (SseEvent::default().event("result").json_data(&pending.finish().await), None),
         };
+        let (sse, next) = sse;
         let sse = sse.unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string()));
-        Some((Ok(sse), (rx, pending)))
+        Some((Ok(sse), next))
     })
 }

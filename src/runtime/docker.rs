@@ -50,7 +50,8 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
         init: Some(true),
         ipc_mode: Some("private".into()),
         tmpfs: Some(spec.tmpfs.clone()),
-        binds: Some(spec.binds.clone()),
+        // Read-only whatever the caller wrote: a session never gets a writable host path.
+        binds: Some(spec.binds.iter().map(|b| read_only(b)).collect()),
         // A kernel that floods its own stderr must not fill the host's disk.
         log_config: Some(HostConfigLogConfig {
             typ: Some("json-file".into()),
@@ -58,6 +59,13 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
         }),
         ..Default::default()
     }
+}
+
+/// `host:container[:mode]` → `host:container:ro`.
+fn read_only(bind: &str) -> String {
+    let mut parts: Vec<&str> = bind.splitn(3, ':').collect();
+    parts.truncate(2);
+    format!("{}:ro", parts.join(":"))
 }
 
 fn map_err(e: BollardError) -> RuntimeError {
@@ -238,8 +246,13 @@ mod tests {
 
     #[test]
     fn every_container_is_sealed_whatever_the_spec_says() {
-        let spec =
-            ContainerSpec { memory_bytes: 256 << 20, nano_cpus: 1_000_000_000, pids_limit: 64, ..Default::default() };
+        let spec = ContainerSpec {
+            memory_bytes: 256 << 20,
+            nano_cpus: 1_000_000_000,
+            pids_limit: 64,
+            binds: vec!["/srv/run/a:/kernel:rw".into(), "/srv/data:/mnt/data".into()],
+            ..Default::default()
+        };
         let hc = host_config(&spec);
         assert_eq!(hc.network_mode.as_deref(), Some("none"));
         assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()]));
@@ -248,5 +261,6 @@ mod tests {
         assert_eq!(hc.init, Some(true));
         assert_eq!(hc.memory_swap, hc.memory, "no swap beyond the memory limit");
         assert_eq!(hc.pids_limit, Some(64));
+        assert_eq!(hc.binds, Some(vec!["/srv/run/a:/kernel:ro".to_string(), "/srv/data:/mnt/data:ro".to_string()]));
     }
 }

@@ -1,10 +1,12 @@
 //! An in-memory [`ContainerRuntime`] for unit tests of session and reaper logic. A "container" is a map
-//! entry; when its spec mounts a session directory at `/kernel`, a [`FakeKernel`] serves it there, so the
-//! session layer runs for real against a fake peer. `kill` makes a container exit. Never used instead of
-//! the end-to-end tests.
+//! entry; when its spec mounts a run directory at `/kernel`, a [`FakeKernel`] connects to the service's
+//! sockets there (as `start-kernel` does), so the session layer runs for real against a fake peer. `kill`
+//! makes a container exit; a boot delay makes kernels slow to come up. Never used instead of the
+//! end-to-end tests.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -18,7 +20,7 @@ use super::{
 
 #[derive(Default)]
 pub struct FakeRuntime {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
 #[derive(Default)]
@@ -28,6 +30,8 @@ struct State {
     images: HashMap<String, ImageInfo>,
     /// When set, `ping` and every call fail as if the engine were down.
     down: bool,
+    /// How long a new container's kernel takes before it connects.
+    boot_delay: Duration,
 }
 
 struct FakeContainer {
@@ -51,6 +55,36 @@ impl FakeRuntime {
             c.kernel = None;
             let _ = c.exit.send(Some(ExitInfo { exit_code: 137, oom_killed }));
         }
+    }
+
+    /// Kernels of containers created from now on connect only after `delay`.
+    pub fn set_boot_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().boot_delay = delay;
+    }
+
+    /// Starts the fake kernel of container `id`, now or (with a boot delay) in the background.
+    async fn start_kernel_in(&self, id: String, dir: std::path::PathBuf) -> Result<(), RuntimeError> {
+        let delay = self.state.lock().unwrap().boot_delay;
+        if delay.is_zero() {
+            let kernel = start_kernel(&dir).await?;
+            if let Some(c) = self.state.lock().unwrap().containers.get_mut(&id) {
+                c.kernel = Some(kernel);
+            }
+            return Ok(());
+        }
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if !state.lock().unwrap().containers.contains_key(&id) {
+                return;
+            }
+            if let Ok(kernel) = start_kernel(&dir).await
+                && let Some(c) = state.lock().unwrap().containers.get_mut(&id)
+            {
+                c.kernel = Some(kernel);
+            }
+        });
+        Ok(())
     }
 
     pub fn set_down(&self, down: bool) {
@@ -88,19 +122,19 @@ impl ContainerRuntime for FakeRuntime {
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         self.check_up()?;
         let dir = kernel_dir(spec);
-        let kernel = match &dir {
-            Some(dir) => Some(
-                FakeKernel::start(dir).await.map_err(|e| RuntimeError::Api { status: 500, message: e.to_string() })?,
-            ),
-            None => None,
+        let id = {
+            let mut state = self.state.lock().unwrap();
+            state.next_id += 1;
+            let id = format!("fake-{}", state.next_id);
+            let (exit, _) = watch::channel(None);
+            let container =
+                FakeContainer { spec: spec.clone(), dir: dir.clone(), kernel: None, exit, signals: Vec::new() };
+            state.containers.insert(id.clone(), container);
+            id
         };
-        let mut state = self.state.lock().unwrap();
-        state.next_id += 1;
-        let id = format!("fake-{}", state.next_id);
-        let (exit, _) = watch::channel(None);
-        state
-            .containers
-            .insert(id.clone(), FakeContainer { spec: spec.clone(), dir, kernel, exit, signals: Vec::new() });
+        if let Some(dir) = dir {
+            self.start_kernel_in(id.clone(), dir).await?;
+        }
         Ok(id)
     }
 
@@ -133,13 +167,9 @@ impl ContainerRuntime for FakeRuntime {
         if let Some(old) = old_kernel {
             old.stop().await;
         }
-        // SIGHUP restarts the kernel, as `start-kernel` does.
+        // SIGHUP restarts the kernel, as `start-kernel` does (after the boot delay, if any).
         if let Some(dir) = restart_dir {
-            let kernel =
-                FakeKernel::start(&dir).await.map_err(|e| RuntimeError::Api { status: 500, message: e.to_string() })?;
-            if let Some(c) = self.state.lock().unwrap().containers.get_mut(id) {
-                c.kernel = Some(kernel);
-            }
+            self.start_kernel_in(id.to_owned(), dir).await?;
         }
         Ok(())
     }
@@ -197,6 +227,10 @@ impl ContainerRuntime for FakeRuntime {
         self.add_image(reference, HashMap::new());
         Ok(())
     }
+}
+
+async fn start_kernel(dir: &std::path::Path) -> Result<FakeKernel, RuntimeError> {
+    FakeKernel::start(dir).await.map_err(|e| RuntimeError::Api { status: 500, message: e.to_string() })
 }
 
 fn kernel_dir(spec: &ContainerSpec) -> Option<std::path::PathBuf> {

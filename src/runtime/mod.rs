@@ -24,6 +24,8 @@ pub mod labels {
     pub const CREATED: &str = "kernelbox.created";
     /// The session's settings as JSON, so an adopted session keeps its limits.
     pub const CONFIG: &str = "kernelbox.config";
+    /// Which boot of the session: names the run directory the container mounts.
+    pub const BOOT: &str = "kernelbox.boot";
 }
 
 /// What goes wrong in the runtime.
@@ -55,7 +57,7 @@ pub struct ContainerSpec {
     pub pids_limit: i64,
     /// Mount point → tmpfs options (`size=...,uid=...`).
     pub tmpfs: HashMap<String, String>,
-    /// `host_path:container_path:rw` bind mounts.
+    /// `host_path:container_path:ro` bind mounts (a session never gets a writable host path).
     pub binds: Vec<String>,
     pub user: String,
     pub working_dir: String,

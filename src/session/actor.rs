@@ -1,57 +1,43 @@
-//! The session actor: one task per session that owns its kernel connection and runs executions one at a
-//! time, in arrival order.
+//! The session's task: it boots (or adopts) the kernel, runs executions one at a time in arrival order,
+//! and on the way out removes everything the session made. It is the single owner of the session's
+//! container: whatever ends the session (DELETE, the reaper, shutdown, a client that left mid-create, a
+//! failed boot), the container is gone when this task ends.
 //!
-//! Executions arrive on a bounded queue (full → 429); interrupts and restarts arrive on a separate control
-//! channel so they reach a busy kernel at once. The actor also watches the container: a kernel that dies
-//! is noticed when it happens, not at the next timeout. No lock is held across an `.await`: the only
-//! shared state ([`Session::state`]) is a std mutex touched briefly.
+//! Executions arrive on a bounded queue (full → 429); interrupts and restarts on a bounded control queue
+//! that is also watched while code runs. Work whose caller has gone is skipped (queued) or interrupted
+//! (running, `/v1`). In every wait, cancellation, the container's death, control requests and deadlines
+//! come before the kernel's messages, so a kernel that always has a message ready cannot starve them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
 use crate::kernel::execution::{first_error, stream_text};
-use crate::kernel::{Channel, Event, ExecutionTracker, ReplyStatus};
+use crate::kernel::{Event, ExecutionTracker, KernelError, ReplyStatus};
 
 use super::error::SessionError;
+use super::handle::{Control, ExecuteCommand, Inbox, Session};
 use super::kernel_host::{BootPlan, KernelHost, death_reason};
-use super::manager::Session;
 use super::model::{ExecStatus, ExecuteResult, SessionStatus};
 
-/// What a streaming client receives while code runs.
-#[derive(Debug, Clone)]
-pub enum StreamEvent {
-    Kernel(Event),
-    Done(Box<ExecuteResult>),
-}
-
-/// A queued execution.
-pub struct ExecuteCommand {
-    pub code: String,
-    pub timeout: Duration,
-    /// Receives outputs as they come, for server-sent events.
-    pub events: Option<mpsc::UnboundedSender<StreamEvent>>,
-    pub reply: oneshot::Sender<ExecuteResult>,
-}
-
-/// Requests that must not wait behind queued executions.
-pub enum Control {
-    Interrupt,
-    Restart(oneshot::Sender<Result<(), SessionError>>),
+/// How the session's task begins.
+pub enum Start {
+    /// A new container.
+    Fresh,
+    /// A container an earlier run of the service left running.
+    Adopt { container_id: String, boot: String },
 }
 
 pub struct Actor {
     pub session: Arc<Session>,
     pub plan: BootPlan,
     pub host: Option<KernelHost>,
+    pub inbox: Inbox,
     pub output_limit: usize,
     pub interrupt_grace: Duration,
-    pub commands: mpsc::Receiver<ExecuteCommand>,
-    pub control: mpsc::UnboundedReceiver<Control>,
 }
 
 /// How an execution loop ended, before it becomes an [`ExecuteResult`].
@@ -61,110 +47,167 @@ enum Ending {
     Killed(String),
 }
 
+/// What woke the execution loop.
+enum Wake {
+    Cancelled,
+    Died,
+    Control(Control),
+    Deadline,
+    GraceOver,
+    Abandoned,
+    Message(Box<Result<(crate::kernel::Channel, crate::kernel::wire::Message), KernelError>>),
+}
+
 impl Actor {
-    pub async fn run(mut self) {
+    /// The whole life of the session. `ready` hears once whether the kernel came up.
+    pub async fn run(mut self, start: Start, ready: oneshot::Sender<Result<(), SessionError>>) {
         let cancel = self.session.cancel.clone();
-        loop {
-            let alive = self.host.as_ref().is_some_and(|h| h.exit.borrow().is_none());
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                _ = wait_exit(&mut self.host), if alive => self.on_death(),
-                Some(control) = self.control.recv() => match control {
-                    Control::Interrupt => self.interrupt().await,
-                    Control::Restart(reply) => { let _ = reply.send(self.restart().await); }
-                },
-                Some(cmd) = self.commands.recv() => {
-                    let events = cmd.events.clone();
-                    let result = self.execute(&cmd.code, cmd.timeout, events.as_ref()).await;
-                    if let Some(events) = events {
-                        let _ = events.send(StreamEvent::Done(Box::new(result.clone())));
-                    }
-                    let _ = cmd.reply.send(result);
-                }
+        let booted = match start {
+            Start::Fresh => self.plan.boot(&cancel).await,
+            Start::Adopt { container_id, boot } => self.plan.adopt(container_id, &boot, &cancel).await,
+        };
+        match booted {
+            Ok(host) => {
+                self.took(&host);
+                self.host = Some(host);
+                let _ = ready.send(Ok(()));
+                self.serve().await;
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
             }
         }
         self.shut_down().await;
     }
 
-    /// Removes the container and the session directory, unless the service keeps sessions for adoption.
-    async fn shut_down(&mut self) {
-        if !self.session.keep_on_exit() {
-            if let Some(host) = self.host.take()
-                && let Err(e) = self.plan.runtime.remove(&host.container_id).await
-            {
-                tracing::error!(session_id = %self.session.id, error = %e, "could not remove the session container");
+    async fn serve(&mut self) {
+        let cancel = self.session.cancel.clone();
+        loop {
+            let alive = self.host.as_ref().is_some_and(KernelHost::is_alive);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = wait_exit(&mut self.host), if alive => self.on_death(),
+                Some(control) = self.inbox.control.recv() => match control {
+                    Control::Interrupt => self.interrupt().await,
+                    Control::Restart(reply) => {
+                        // A restart whose caller left never runs.
+                        if !reply.is_closed() {
+                            let result = self.restart().await;
+                            let _ = reply.send(result);
+                        }
+                    }
+                },
+                Some(cmd) = self.inbox.commands.recv() => self.run_command(cmd).await,
             }
-            let _ = std::fs::remove_dir_all(&self.plan.dir);
         }
+    }
+
+    /// Answers what is still queued, then removes the container and the run directory, unless the
+    /// service keeps sessions for adoption.
+    async fn shut_down(&mut self) {
+        let reason = self.session.closing_reason();
+        self.inbox.commands.close();
+        while let Ok(cmd) = self.inbox.commands.try_recv() {
+            let _ = cmd.reply.send(ExecuteResult::killed(reason, 0));
+        }
+        self.inbox.control.close();
+        while let Ok(control) = self.inbox.control.try_recv() {
+            if let Control::Restart(reply) = control {
+                let _ = reply.send(Err(SessionError::Closing));
+            }
+        }
+        if let Some(host) = self.host.take() {
+            if self.session.keep_on_exit() && host.is_alive() {
+                host.keep();
+            } else {
+                self.plan.remove(&host.container_id).await;
+            }
+        }
+    }
+
+    fn took(&self, host: &KernelHost) {
+        self.session.update(|s| {
+            s.dead_reason = None;
+            s.container_id = host.container_id.clone();
+            s.kernel = Some(host.info.clone());
+        });
+        self.session.set_status(SessionStatus::Idle);
     }
 
     fn on_death(&mut self) {
         let reason = self.exit_reason();
         tracing::warn!(session_id = %self.session.id, %reason, "the kernel died");
-        self.session.update(|s| {
-            s.status = SessionStatus::Dead;
-            s.dead_reason = Some(reason.clone());
-        });
+        self.session.update(|s| s.dead_reason = Some(reason.clone()));
+        self.session.set_status(SessionStatus::Dead);
         // A dead container is of no use; remove it now so nothing lingers.
         if let Some(host) = self.host.take() {
-            let runtime = self.plan.runtime.clone();
-            self.plan.tracker.spawn(async move { runtime.remove(&host.container_id).await });
+            let plan = self.plan.clone();
+            self.plan.tracker.spawn(async move { plan.remove(&host.container_id).await });
         }
     }
 
     async fn restart(&mut self) -> Result<(), SessionError> {
-        self.session.update(|s| s.status = SessionStatus::Restarting);
-        let result = self.plan.restart(self.host.take()).await;
+        self.session.set_status(SessionStatus::Restarting);
+        let cancel = self.session.cancel.clone();
+        let result = match self.host.take() {
+            Some(host) => self.plan.restart(host, &cancel).await,
+            None => self.plan.boot(&cancel).await,
+        };
         match result {
             Ok(host) => {
-                self.session.update(|s| {
-                    s.status = SessionStatus::Idle;
-                    s.dead_reason = None;
-                    s.container_id = host.container_id.clone();
-                    s.kernel = Some(host.info.clone());
-                });
+                self.took(&host);
                 self.host = Some(host);
                 Ok(())
             }
             Err(e) => {
-                self.session.update(|s| {
-                    s.status = SessionStatus::Dead;
-                    s.dead_reason = Some(format!("restart failed: {e}"));
-                });
+                self.session.update(|s| s.dead_reason = Some(format!("restart failed: {e}")));
+                self.session.set_status(SessionStatus::Dead);
                 Err(e)
             }
         }
+    }
+
+    async fn run_command(&mut self, cmd: ExecuteCommand) {
+        if cmd.abandoned() {
+            metrics::counter!("kernelbox_executions_abandoned_total", "when" => "queued").increment(1);
+            return;
+        }
+        let ExecuteCommand { code, timeout, events, interrupt_when_abandoned, mut reply } = cmd;
+        let result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned).await;
+        let _ = reply.send(result);
     }
 
     async fn execute(
         &mut self,
         code: &str,
         timeout: Duration,
-        events: Option<&mpsc::UnboundedSender<StreamEvent>>,
+        events: Option<mpsc::Sender<Event>>,
+        reply: &mut oneshot::Sender<ExecuteResult>,
+        interrupt_when_abandoned: bool,
     ) -> ExecuteResult {
         let started = Instant::now();
-        self.session.update(|s| {
-            s.last_used = Utc::now();
-            if s.status == SessionStatus::Idle {
-                s.status = SessionStatus::Busy;
-            }
-        });
+        self.session.update(|s| s.last_used = Utc::now());
+        if self.session.snapshot().status == SessionStatus::Idle {
+            self.session.set_status(SessionStatus::Busy);
+        }
+        let mut stream = EventSink { events, dropped: 0 };
         let (ending, tracker) = match self.host.as_mut() {
             None => {
                 let reason = self.session.snapshot().dead_reason.unwrap_or_else(|| "unknown".into());
                 (Ending::Killed(reason), None)
             }
-            Some(_) => self.run_code(code, started + timeout, events).await,
+            Some(_) => self.run_code(code, started + timeout, &mut stream, reply, interrupt_when_abandoned).await,
         };
-        let result = finish(ending, tracker, started.elapsed());
+        let mut result = finish(ending, tracker, started.elapsed());
+        result.stream_events_dropped = stream.dropped;
         self.session.update(|s| {
             s.last_used = Utc::now();
             s.executions += 1;
-            if s.status == SessionStatus::Busy {
-                s.status = SessionStatus::Idle;
-            }
         });
+        if self.session.snapshot().status == SessionStatus::Busy {
+            self.session.set_status(SessionStatus::Idle);
+        }
         metrics::counter!("kernelbox_executions_total", "language" => self.session.settings.language.clone(), "status" => result.status.as_str()).increment(1);
         metrics::histogram!("kernelbox_execution_duration_seconds").record(started.elapsed().as_secs_f64());
         result
@@ -174,23 +217,20 @@ impl Actor {
         &mut self,
         code: &str,
         deadline: Instant,
-        events: Option<&mpsc::UnboundedSender<StreamEvent>>,
+        stream: &mut EventSink,
+        reply: &mut oneshot::Sender<ExecuteResult>,
+        interrupt_when_abandoned: bool,
     ) -> (Ending, Option<ExecutionTracker>) {
-        let content = json!({
-            "code": code, "silent": false, "store_history": true,
-            "user_expressions": {}, "allow_stdin": false, "stop_on_error": true,
-        });
         let host = self.host.as_mut().expect("checked by the caller");
-        let msg_id = match host.client.send(Channel::Shell, "execute_request", content).await {
+        let msg_id = match host.client.execute(code, false).await {
             Ok(id) => id,
-            Err(e) => {
-                return (self.killed_or(format!("could not reach the kernel: {e}")).await, None);
-            }
+            Err(e) => return (self.killed_or(format!("could not reach the kernel: {e}")).await, None),
         };
         let mut tracker = ExecutionTracker::new(msg_id, self.output_limit);
         let cancel = self.session.cancel.clone();
         // Set once the time limit passed and the kernel was interrupted: the restart deadline.
         let mut grace: Option<Instant> = None;
+        let mut abandoned = false;
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         loop {
             let wake = {
@@ -199,15 +239,16 @@ impl Actor {
                     biased;
                     _ = cancel.cancelled() => Wake::Cancelled,
                     _ = host.exit.wait_for(Option::is_some) => Wake::Died,
-                    received = host.client.recv() => Wake::Message(Box::new(received)),
+                    Some(control) = self.inbox.control.recv() => Wake::Control(control),
                     _ = sleep_until(deadline), if grace.is_none() => Wake::Deadline,
                     _ = sleep_until(grace.unwrap_or(far)), if grace.is_some() => Wake::GraceOver,
-                    Some(control) = self.control.recv() => Wake::Control(control),
+                    _ = reply.closed(), if interrupt_when_abandoned && !abandoned => Wake::Abandoned,
+                    received = host.client.recv() => Wake::Message(Box::new(received)),
                 }
             };
             match wake {
                 Wake::Cancelled => {
-                    return (Ending::Killed(self.session.closing_reason()), Some(tracker));
+                    return (Ending::Killed(self.session.closing_reason().to_owned()), Some(tracker));
                 }
                 Wake::Died => {
                     let reason = self.exit_reason();
@@ -217,9 +258,7 @@ impl Actor {
                 Wake::Message(received) => match *received {
                     Ok((channel, msg)) => {
                         for event in tracker.handle(channel, &msg) {
-                            if let Some(tx) = events {
-                                let _ = tx.send(StreamEvent::Kernel(event));
-                            }
+                            stream.send(event);
                         }
                         if tracker.is_complete() {
                             let ending =
@@ -241,10 +280,20 @@ impl Actor {
                     let restarted = self.restart().await.is_ok();
                     return (Ending::TimedOut { restarted }, Some(tracker));
                 }
+                Wake::Abandoned => {
+                    // The caller left: stop the code like Ctrl-C; the session keeps its state.
+                    tracing::info!(session_id = %self.session.id, "the caller left; interrupting the kernel");
+                    metrics::counter!("kernelbox_executions_abandoned_total", "when" => "running").increment(1);
+                    abandoned = true;
+                    self.interrupt().await;
+                }
                 Wake::Control(Control::Interrupt) => self.interrupt().await,
-                Wake::Control(Control::Restart(reply)) => {
+                Wake::Control(Control::Restart(restart_reply)) => {
+                    if restart_reply.is_closed() {
+                        continue;
+                    }
                     let result = self.restart().await;
-                    let _ = reply.send(result);
+                    let _ = restart_reply.send(result);
                     return (Ending::Killed("restarted".into()), Some(tracker));
                 }
             }
@@ -252,10 +301,12 @@ impl Actor {
     }
 
     async fn interrupt(&mut self) {
-        if let Some(host) = self.host.as_mut()
-            && let Err(e) = self.plan.interrupt(host).await
-        {
-            tracing::warn!(session_id = %self.session.id, error = %e, "could not interrupt the kernel");
+        let Some(host) = self.host.as_mut() else { return };
+        // Bounded: a kernel that stops reading its control socket must not hold the session.
+        match tokio::time::timeout(Duration::from_secs(2), host.client.interrupt()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(session_id = %self.session.id, error = %e, "could not interrupt the kernel"),
+            Err(_) => tracing::warn!(session_id = %self.session.id, "the kernel did not take the interrupt in time"),
         }
     }
 
@@ -279,15 +330,24 @@ impl Actor {
     }
 }
 
-/// What woke the execution loop.
-enum Wake {
-    Cancelled,
-    Died,
-    Message(Box<Result<(Channel, crate::kernel::wire::Message), crate::kernel::KernelError>>),
-    Deadline,
-    GraceOver,
-    Control(Control),
+/// Output events for a streaming client. Never waits: a client that does not keep up loses events (the
+/// final result still carries every output within the cap), and the count is reported.
+struct EventSink {
+    events: Option<mpsc::Sender<Event>>,
+    dropped: u64,
 }
+
+impl EventSink {
+    fn send(&mut self, event: Event) {
+        let Some(tx) = &self.events else { return };
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.dropped += 1,
+            Err(mpsc::error::TrySendError::Closed(_)) => self.events = None,
+        }
+    }
+}
+
 /// Resolves when the host's container has stopped (never, when there is none).
 async fn wait_exit(host: &mut Option<KernelHost>) {
     match host {
@@ -327,5 +387,6 @@ fn finish(ending: Ending, tracker: Option<ExecutionTracker>, elapsed: Duration) 
         truncated,
         killed_reason,
         kernel_restarted,
+        stream_events_dropped: 0,
     }
 }

@@ -1,137 +1,169 @@
-//! One kernel in one container: booting it, connecting to it, restarting it, noticing its death.
+//! One kernel in one container: booting it, adopting it, restarting it, noticing its death.
 //!
-//! This is where the runtime (Docker) and the kernel client (ZMTP) meet; the actor decides when to
-//! call what. The start contract with the images (v2): the service writes `connection.json` into the
-//! session directory (mounted at `/kernel`) and binds the kernel sockets there; `start-kernel` connects
-//! its relay to them once the kernel is up, restarts the kernel on SIGHUP (dropping the connections first)
-//! and passes SIGINT on; when the kernel dies, the container exits.
+//! This is where the runtime (Docker) and the kernel client (the Jupyter wire) meet; the actor decides
+//! when to call what. The start contract (ARCHITECTURE.md): per boot the service creates a run directory
+//! ([`RunDir`]) with the connection file, **listens** on the kernel's unix sockets there, and mounts it
+//! read-only at `/kernel`; the image's `start-kernel` connects out to those sockets and relays to the
+//! kernel. The kernel is ready when all its channels have connected and it answers `kernel_info`.
+//!
+//! Every call that fails leaves no container behind: `boot`, `adopt` and `restart` remove the container
+//! they were working on before they return an error. Docker calls are never dropped half-way (a create
+//! cut short could leave a container nobody knows); cancellation is checked between them.
 
-use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
 
 use crate::kernel::connection::{self, ConnectionInfo};
 use crate::kernel::{KernelClient, KernelListener, WireLimits};
-use crate::runtime::{ContainerRuntime, ContainerSpec, ExitInfo, RuntimeError};
+use crate::runtime::{ContainerRuntime, ContainerSpec, ExitInfo, RuntimeError, labels};
 
 use super::error::SessionError;
 use super::model::KernelInfo;
-
-/// How the kernel in an image wants to be interrupted (image label `kernelbox.image.interrupt_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InterruptMode {
-    /// An `interrupt_request` on the control channel.
-    Message,
-    /// SIGINT, passed on by Docker's init and `start-kernel`.
-    Signal,
-}
+use super::rundir::{self, RunDir};
 
 /// A running kernel container and our connection to it.
 pub struct KernelHost {
     pub container_id: String,
     pub client: KernelClient,
-    /// The session directory's sockets; a restart accepts the new kernel's connections here.
-    pub listener: KernelListener,
+    /// The sockets the kernel's relays connect to; kept across kernel restarts in the same container.
+    listener: KernelListener,
+    /// Kept alive as long as the container: removed when the host is dropped.
+    dir: RunDir,
     /// What the kernel said of itself in its `kernel_info_reply`.
     pub info: KernelInfo,
     /// Becomes `Some` when the container stops.
     pub exit: watch::Receiver<Option<ExitInfo>>,
 }
 
+impl KernelHost {
+    /// Leaves the run directory on disk (the container stays for the next run of the service).
+    pub fn keep(mut self) {
+        self.dir.keep();
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+}
+
 /// What a boot needs; shared by all boots of one session.
 #[derive(Clone)]
 pub struct BootPlan {
     pub runtime: Arc<dyn ContainerRuntime>,
+    /// The container to create; [`BootPlan::boot`] adds the name, the boot label and the mount.
     pub spec: ContainerSpec,
-    pub dir: PathBuf,
+    /// Where run directories live (`<state>/sessions`).
+    pub runs_dir: std::path::PathBuf,
+    pub session_id: String,
     pub start_timeout: Duration,
-    pub interrupt_mode: InterruptMode,
+    pub wire: WireLimits,
     pub tracker: tokio_util::task::TaskTracker,
-    /// How much of a kernel message is kept.
-    pub wire_limits: WireLimits,
 }
 
 impl BootPlan {
-    /// Starts a fresh container and connects to its kernel. On failure nothing is left running.
-    pub async fn boot(&self) -> Result<KernelHost, SessionError> {
+    /// Starts a fresh container and connects to its kernel.
+    pub async fn boot(&self, cancel: &CancellationToken) -> Result<KernelHost, SessionError> {
+        if cancel.is_cancelled() {
+            return Err(SessionError::Closing);
+        }
+        let boot = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let info = ConnectionInfo::new_ipc();
-        prepare_dir(&self.dir, &info)?;
-        let listener = KernelListener::bind(&self.dir, &info)?;
-        // A fresh name per boot: the container of a dead kernel may still be on its way out.
+        let dir = RunDir::create(&self.runs_dir, &rundir::dir_name(&self.session_id, &boot), &info)?;
+        let listener = KernelListener::bind(dir.path(), &info)?;
         let mut spec = self.spec.clone();
-        spec.name = format!("{}-{}", self.spec.name, &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        // A fresh name per boot: the container of a dead kernel may still be on its way out.
+        spec.name = format!("kernelbox-{}-{boot}", self.session_id);
+        spec.labels.insert(labels::BOOT.to_owned(), boot);
+        spec.binds = vec![format!("{}:{}:ro", dir.path().display(), connection::CONTAINER_DIR)];
+        // Not raced against `cancel`: it runs to its end, and what it made is removed below if need be.
         let container_id = self.runtime.create_and_start(&spec).await?;
         metrics::counter!("kernelbox_container_starts_total").increment(1);
         let exit = self.watch_exit(&container_id);
-        match self.connect(&listener, &info, exit.clone()).await {
-            Ok((client, info)) => Ok(KernelHost { container_id, client, listener, info, exit }),
+        let deadline = Instant::now() + self.start_timeout;
+        match connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await {
+            Ok((client, kinfo)) => Ok(KernelHost { container_id, client, listener, dir, info: kinfo, exit }),
             Err(e) => {
-                metrics::counter!("kernelbox_container_start_failures_total").increment(1);
-                let _ = self.runtime.remove(&container_id).await;
+                if !matches!(e, SessionError::Closing) {
+                    metrics::counter!("kernelbox_container_start_failures_total").increment(1);
+                }
+                self.remove(&container_id).await;
                 Err(e)
             }
         }
     }
 
-    /// Reconnects to a container that is already running (adoption after a service restart).
-    pub async fn adopt(&self, container_id: String, timeout: Duration) -> Result<KernelHost, SessionError> {
-        let info = read_connection(&self.dir)?;
-        // The relay in the container retries its connects: it finds the new sockets.
-        let listener = KernelListener::bind(&self.dir, &info)?;
-        let exit = self.watch_exit(&container_id);
-        let deadline = Instant::now() + timeout;
-        let (client, info) = connect_client(&listener, &info, self.wire_limits, deadline, exit.clone()).await?;
-        Ok(KernelHost { container_id, client, listener, info, exit })
+    /// Reconnects to a container an earlier run of the service left running. Its run directory was
+    /// written by that service, never by the sandbox; the service binds its sockets anew and the
+    /// container's relays connect to them again.
+    pub async fn adopt(
+        &self,
+        container_id: String,
+        boot: &str,
+        cancel: &CancellationToken,
+    ) -> Result<KernelHost, SessionError> {
+        let attempt = async {
+            let (dir, info) = RunDir::open(&self.runs_dir, &rundir::dir_name(&self.session_id, boot))?;
+            let listener = KernelListener::bind(dir.path(), &info)?;
+            let exit = self.watch_exit(&container_id);
+            // start-kernel retries its connections every few hundred milliseconds.
+            let deadline = Instant::now() + Duration::from_secs(15).min(self.start_timeout);
+            let (client, kinfo) = connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await?;
+            Ok::<_, SessionError>(KernelHost {
+                container_id: container_id.clone(),
+                client,
+                listener,
+                dir,
+                info: kinfo,
+                exit,
+            })
+        };
+        match attempt.await {
+            Ok(host) => Ok(host),
+            Err(e) => {
+                self.remove(&container_id).await;
+                Err(e)
+            }
+        }
     }
 
     /// Restarts the kernel process inside the same container (its files stay), or boots a new container
-    /// when the old one is gone.
-    pub async fn restart(&self, host: Option<KernelHost>) -> Result<KernelHost, SessionError> {
-        let Some(host) = host.filter(|h| h.exit.borrow().is_none()) else {
-            return self.boot().await;
-        };
-        let info = read_connection(&self.dir)?;
-        let KernelHost { container_id, mut client, listener, exit, .. } = host;
-        self.runtime.signal(&container_id, "SIGHUP").await?;
-        // The old kernel's connections must end before new ones are accepted, or we would talk to it.
-        let closed = client.closed(Instant::now() + self.start_timeout).await;
-        drop(client);
-        if closed.is_err() {
-            let _ = self.runtime.remove(&container_id).await;
-            return Err(SessionError::KernelStart("the old kernel did not let go of its connections".into()));
+    /// when the old one is gone. On failure or cancellation the container is removed.
+    pub async fn restart(&self, host: KernelHost, cancel: &CancellationToken) -> Result<KernelHost, SessionError> {
+        if !host.is_alive() {
+            self.remove(&host.container_id).await;
+            drop(host);
+            return self.boot(cancel).await;
         }
-        match self.connect(&listener, &info, exit.clone()).await {
-            Ok((client, info)) => Ok(KernelHost { container_id, client, listener, info, exit }),
+        let KernelHost { container_id, mut client, listener, dir, exit, .. } = host;
+        let deadline = Instant::now() + self.start_timeout;
+        let attempt = async {
+            self.runtime.signal(&container_id, "SIGHUP").await?;
+            // The old kernel's connections end first, so the new ones cannot be the old kernel's.
+            tokio::select! {
+                _ = client.closed(deadline) => {}
+                _ = cancel.cancelled() => return Err(SessionError::Closing),
+            }
+            let info = connection::read_connection_file(dir.path())?;
+            connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await
+        };
+        match attempt.await {
+            Ok((client, info)) => Ok(KernelHost { container_id, client, listener, dir, info, exit }),
             Err(e) => {
-                let _ = self.runtime.remove(&container_id).await;
+                self.remove(&container_id).await;
                 Err(e)
             }
         }
     }
 
-    /// Interrupts the running code the way the kernel wants.
-    pub async fn interrupt(&self, host: &mut KernelHost) -> Result<(), SessionError> {
-        match self.interrupt_mode {
-            InterruptMode::Message => {
-                host.client.interrupt().await?;
-            }
-            InterruptMode::Signal => self.runtime.signal(&host.container_id, "SIGINT").await?,
+    /// Removes a container; an engine that does not answer is logged (the orphan sweep retries).
+    pub async fn remove(&self, container_id: &str) {
+        if let Err(e) = self.runtime.remove(container_id).await {
+            tracing::error!(session_id = %self.session_id, container = %container_id, error = %e, "could not remove the session container");
         }
-        Ok(())
-    }
-
-    async fn connect(
-        &self,
-        listener: &KernelListener,
-        info: &ConnectionInfo,
-        exit: watch::Receiver<Option<ExitInfo>>,
-    ) -> Result<(KernelClient, KernelInfo), SessionError> {
-        let deadline = Instant::now() + self.start_timeout;
-        connect_client(listener, info, self.wire_limits, deadline, exit).await
     }
 
     /// A task that waits for the container to stop; tracked so shutdown can wait for it.
@@ -164,38 +196,21 @@ pub fn death_reason(exit: &ExitInfo) -> String {
     if exit.oom_killed { "out_of_memory".into() } else { format!("exited with code {}", exit.exit_code) }
 }
 
-/// The connection file the current container was started with.
-fn read_connection(dir: &std::path::Path) -> Result<ConnectionInfo, SessionError> {
-    connection::read_connection_file(dir).map_err(|e| SessionError::KernelStart(format!("connection file: {e}")))
-}
-
-fn prepare_dir(dir: &std::path::Path, info: &ConnectionInfo) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    // Sockets and files of an earlier boot must not be mistaken for this one's.
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_file() || kind.is_socket() || kind.is_symlink() {
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    // Only the service writes here (contract v2): the kernel gets it read-only.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    connection::write_connection_file(dir, info)
-}
-
-async fn connect_client(
+/// Accepts the kernel's four connections and waits until it answers, whichever comes first of that, the
+/// deadline, the container's death and `cancel`.
+async fn connect(
     listener: &KernelListener,
     info: &ConnectionInfo,
-    limits: WireLimits,
+    wire: &WireLimits,
     deadline: Instant,
     mut exit: watch::Receiver<Option<ExitInfo>>,
+    cancel: &CancellationToken,
 ) -> Result<(KernelClient, KernelInfo), SessionError> {
     let exit_now = exit.clone();
     let attempt = async {
-        let accepted = tokio::time::timeout_at(deadline, listener.accept(&info.key, limits)).await;
-        let mut client = accepted.map_err(|_| crate::kernel::KernelError::Timeout)??;
+        let mut client = timeout_at(deadline, listener.accept(&info.key, *wire))
+            .await
+            .map_err(|_| SessionError::KernelStart("the kernel did not connect in time".into()))??;
         let reply = client.wait_ready(deadline).await?;
         Ok::<_, SessionError>((client, KernelInfo::from_reply(&reply)))
     };
@@ -206,7 +221,8 @@ async fn connect_client(
         }),
         _ = exit.wait_for(Option::is_some) => {
             let reason = exit_now.borrow().as_ref().map(death_reason).unwrap_or_default();
-            Err(SessionError::KernelStart(format!("the container stopped while connecting: {reason}")))
+            Err(SessionError::KernelStart(format!("the container stopped while the kernel was starting: {reason}")))
         }
+        _ = cancel.cancelled() => Err(SessionError::Closing),
     }
 }

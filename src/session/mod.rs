@@ -1,19 +1,26 @@
-//! Sessions: the registry and lifecycle ([`manager`]), the per-session actor that runs code ([`actor`]),
-//! the bridge between a container and its kernel ([`kernel_host`]), and the plain data they share
-//! ([`model`]).
+//! Sessions: the lifecycle ([`manager`]), the registry of who exists ([`registry`]), the handle each
+//! session is known by ([`handle`]), the task that runs its kernel ([`actor`]), the bridge between a
+//! container and its kernel ([`kernel_host`]) and the run directory the service owns for it
+//! ([`rundir`]), the operator's rules as pure functions ([`policy`]), what an earlier run left behind
+//! ([`recovery`]), and the plain data they share ([`model`]).
 //!
 //! Architecture invariant: this module never speaks HTTP and never calls bollard; it reaches Docker only
 //! through [`crate::runtime::ContainerRuntime`] and kernels only through [`crate::kernel`].
 
 pub mod actor;
 pub mod error;
+pub mod handle;
 pub mod kernel_host;
 pub mod manager;
 pub mod model;
+pub mod policy;
+pub mod recovery;
+pub mod registry;
+pub mod rundir;
 
-pub use actor::StreamEvent;
 pub use error::SessionError;
-pub use manager::{ManagerConfig, Pending, ReapReport, SessionManager};
+pub use handle::{Pending, Session};
+pub use manager::{ManagerConfig, ReapReport, SessionManager};
 pub use model::{ExecStatus, ExecuteResult, Owner, SessionId, SessionInfo, SessionRequest, SessionStatus};
 
 #[cfg(test)]

@@ -200,9 +200,18 @@ pub struct ExecuteResult {
     pub duration_ms: u64,
     /// Output past the per-execution cap was cut.
     pub truncated: bool,
-    /// `out_of_memory`, `exited` (with a code), `restarted` or `service_shutdown`, when `status` is `killed`.
+    /// Why, when `status` is `killed`: `out_of_memory`, `exited with code N`, `restarted`, `session_deleted`,
+    /// `reaped`, `service_shutdown` or `client_gone`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub killed_reason: Option<String>,
     /// The kernel ignored the interrupt and was restarted: its state is gone.
     pub kernel_restarted: bool,
+    /// Output events a streaming client did not read in time and so did not get as events (the result
+    /// still carries every output within the cap). Always 0 for a plain JSON call.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub stream_events_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

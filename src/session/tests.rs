@@ -63,6 +63,24 @@ impl Harness {
     fn container(&self, id: &str) -> String {
         self.manager.get(&owner(), id).unwrap().snapshot().container_id
     }
+    fn run_dirs(&self) -> usize {
+        std::fs::read_dir(self._dir.path().join("sessions")).map(|d| d.count()).unwrap_or(0)
+    }
+    /// Waits until no container and no session is left (the session tasks clean up after they are told).
+    async fn settles_empty(&self) {
+        for _ in 0..100 {
+            if self.runtime.container_ids().is_empty() && self.manager.census().is_empty() && self.run_dirs() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "left behind: containers {:?}, sessions {:?}, run dirs {}",
+            self.runtime.container_ids(),
+            self.manager.census(),
+            self.run_dirs()
+        );
+    }
 }
 
 #[tokio::test]
@@ -128,10 +146,10 @@ async fn executions_queue_in_order_and_a_full_queue_is_refused() {
     let h = harness(&["--queue-depth", "1"]);
     let id = h.start().await;
     let m = h.manager.clone();
-    let first = m.submit(&owner(), &id, "sleep:0.5".into(), None, None).unwrap();
+    let first = m.submit(&owner(), &id, "sleep:0.5".into(), None, false).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await; // the actor has taken the first
-    let second = m.submit(&owner(), &id, "second".into(), None, None).unwrap();
-    assert!(matches!(m.submit(&owner(), &id, "third".into(), None, None), Err(SessionError::QueueFull(1))));
+    let second = m.submit(&owner(), &id, "second".into(), None, false).unwrap();
+    assert!(matches!(m.submit(&owner(), &id, "third".into(), None, false), Err(SessionError::QueueFull(1))));
     assert_eq!(first.wait().await.unwrap().execution_count, Some(1));
     assert_eq!(second.wait().await.unwrap().execution_count, Some(2));
 }
@@ -167,7 +185,7 @@ async fn delete_removes_the_container_and_the_directory() {
     let id = h.start().await;
     h.manager.delete(&owner(), &id).await.unwrap();
     assert!(h.runtime.container_ids().is_empty());
-    assert!(!h._dir.path().join("sessions").join(&id).exists());
+    assert_eq!(h.run_dirs(), 0, "the run directory is gone");
     assert!(matches!(h.manager.get(&owner(), &id), Err(SessionError::NotFound(_))));
 }
 
@@ -176,7 +194,7 @@ async fn reap_once_removes_idle_sessions_and_spares_busy_ones() {
     let h = harness(&[]);
     let idle = h.start().await;
     let busy = h.start().await;
-    let pending = h.manager.submit(&owner(), &busy, "sleep:1".into(), None, None).unwrap();
+    let pending = h.manager.submit(&owner(), &busy, "sleep:1".into(), None, false).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let report = h.manager.reap_once(chrono::Utc::now() + chrono::Duration::hours(2)).await;
     assert_eq!(report.removed, vec![(SessionId::parse(&idle).unwrap(), "idle")]);
@@ -219,4 +237,170 @@ async fn a_new_manager_adopts_running_containers_and_removes_dead_ones() {
     assert_eq!(r.stdout, "back\n");
     assert!(matches!(again.get(&owner(), &dead), Err(SessionError::NotFound(_))));
     assert_eq!(h.runtime.container_ids().len(), 1);
+}
+
+#[tokio::test]
+async fn a_create_whose_caller_leaves_mid_boot_leaves_nothing() {
+    let h = harness(&[]);
+    h.runtime.set_boot_delay(Duration::from_millis(500));
+    for cut_after_ms in [0, 20, 200] {
+        let m = h.manager.clone();
+        let create = m.create(owner(), python());
+        assert!(tokio::time::timeout(Duration::from_millis(cut_after_ms), create).await.is_err(), "still booting");
+        h.settles_empty().await;
+    }
+    h.runtime.set_boot_delay(Duration::ZERO);
+    h.start().await; // the quota slots came back
+}
+
+#[tokio::test]
+async fn delete_during_boot_removes_the_container_promptly() {
+    let h = harness(&[]);
+    h.runtime.set_boot_delay(Duration::from_secs(30));
+    let m = h.manager.clone();
+    let create = tokio::spawn(async move { m.create(owner(), python()).await });
+    let id = loop {
+        if let Some(info) = h.manager.list(&owner()).first() {
+            break info.id.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let started = std::time::Instant::now();
+    h.manager.delete(&owner(), &id).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(matches!(create.await.unwrap(), Err(SessionError::Closing)));
+    h.settles_empty().await;
+}
+
+#[tokio::test]
+async fn shutdown_during_boot_removes_the_container_and_refuses_new_sessions() {
+    let h = harness(&[]);
+    h.runtime.set_boot_delay(Duration::from_secs(30));
+    let m = h.manager.clone();
+    let create = tokio::spawn(async move { m.create(owner(), python()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.manager.shutdown().await;
+    assert!(create.await.unwrap().is_err());
+    assert!(matches!(h.manager.create(owner(), python()).await, Err(SessionError::Closing)));
+    h.settles_empty().await;
+}
+
+#[tokio::test]
+async fn a_queued_execution_of_a_deleted_session_gets_a_result_that_says_why() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let m = h.manager.clone();
+    let running = m.submit(&owner(), &id, "sleep:30".into(), None, true).unwrap();
+    let mut queued = m.submit(&owner(), &id, "print:never".into(), None, true).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.manager.delete(&owner(), &id).await.unwrap();
+    assert!(queued.next_event().await.is_none(), "no output: it never ran");
+    let r = queued.finish().await;
+    assert_eq!((r.status, r.killed_reason.as_deref()), (ExecStatus::Killed, Some("session_deleted")));
+    let r = running.wait().await.unwrap();
+    assert_eq!((r.status, r.killed_reason.as_deref()), (ExecStatus::Killed, Some("session_deleted")));
+    h.settles_empty().await;
+}
+
+#[tokio::test]
+async fn a_queued_execution_whose_caller_left_never_runs() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let m = h.manager.clone();
+    let first = m.submit(&owner(), &id, "sleep:0.3".into(), None, false).unwrap();
+    drop(m.submit(&owner(), &id, "print:abandoned".into(), None, false).unwrap());
+    let third = m.submit(&owner(), &id, "3".into(), None, false).unwrap();
+    assert_eq!(first.wait().await.unwrap().execution_count, Some(1));
+    assert_eq!(third.wait().await.unwrap().execution_count, Some(2), "the abandoned one did not run");
+}
+
+#[tokio::test]
+async fn a_running_execution_whose_caller_left_is_interrupted_and_state_kept() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let container = h.container(&id);
+    let m = h.manager.clone();
+    let abandoned = m.submit(&owner(), &id, "sleep:30".into(), None, false).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(abandoned);
+    let started = std::time::Instant::now();
+    let r = h.run(&id, "next").await;
+    assert!(started.elapsed() < Duration::from_secs(5), "the next execution waited {:?}", started.elapsed());
+    assert_eq!(r.execution_count, Some(2), "same kernel, state kept");
+    assert!(h.runtime.signals(&container).is_empty(), "interrupted by message, not restarted");
+}
+
+#[tokio::test]
+async fn restarts_whose_callers_left_never_run() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let container = h.container(&id);
+    h.runtime.set_boot_delay(Duration::from_millis(500));
+    let m = h.manager.clone();
+    let first = {
+        let (m, id) = (m.clone(), id.clone());
+        tokio::spawn(async move { m.restart(&owner(), &id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Queued behind the slow first restart, then abandoned by their callers.
+    for _ in 0..3 {
+        let (m, id) = (m.clone(), id.clone());
+        let restart = tokio::spawn(async move { m.restart(&owner(), &id).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        restart.abort();
+    }
+    first.await.unwrap().unwrap();
+    h.runtime.set_boot_delay(Duration::ZERO);
+    assert_eq!(h.run(&id, "x").await.execution_count, Some(1));
+    assert_eq!(h.runtime.signals(&container), vec!["SIGHUP"], "only the restart whose caller waited ran");
+}
+
+#[tokio::test]
+async fn the_reaper_never_takes_a_session_marked_in_use_and_a_reaped_one_cannot_be_used() {
+    let h = harness(&[]);
+    let a = h.start().await;
+    let b = h.start().await;
+    let later = chrono::Utc::now() + chrono::Duration::hours(2);
+    // Marked first: the reaper passes it by.
+    let pending = h.manager.submit(&owner(), &a, "sleep:0.2".into(), None, false).unwrap();
+    let report = h.manager.reap_once(later).await;
+    assert_eq!(report.removed, vec![(SessionId::parse(&b).unwrap(), "idle")]);
+    assert_eq!(pending.wait().await.unwrap().status, ExecStatus::Ok);
+    // Reaped first: the request finds nothing.
+    let report = h.manager.reap_once(later).await;
+    assert_eq!(report.removed.len(), 1);
+    assert!(matches!(h.manager.submit(&owner(), &a, "1".into(), None, false), Err(SessionError::NotFound(_))));
+    h.settles_empty().await;
+}
+
+#[tokio::test]
+async fn a_session_stuck_starting_is_reaped() {
+    let h = harness(&[]);
+    h.runtime.set_boot_delay(Duration::from_secs(600));
+    let m = h.manager.clone();
+    let create = tokio::spawn(async move { m.create(owner(), python()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = h.manager.reap_once(chrono::Utc::now() + chrono::Duration::hours(1)).await;
+    assert_eq!(report.removed.len(), 1);
+    assert_eq!(report.removed[0].1, "stuck");
+    assert!(create.await.unwrap().is_err());
+    h.settles_empty().await;
+}
+
+#[tokio::test]
+async fn the_reaper_removes_containers_no_session_owns() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let spec = crate::runtime::ContainerSpec {
+        labels: HashMap::from([
+            (crate::runtime::labels::INSTANCE.to_owned(), "unit".to_owned()),
+            (crate::runtime::labels::SESSION.to_owned(), SessionId::new().to_string()),
+        ]),
+        ..Default::default()
+    };
+    let orphan = crate::runtime::ContainerRuntime::create_and_start(&*h.runtime, &spec).await.unwrap();
+    let report = h.manager.reap_once(chrono::Utc::now()).await;
+    assert_eq!(report.orphans, 1);
+    assert!(!h.runtime.container_ids().contains(&orphan));
+    assert_eq!(h.run(&id, "print:alive").await.stdout, "alive\n", "the owned one is untouched");
 }

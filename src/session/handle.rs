@@ -1,0 +1,302 @@
+//! The session handle: what the registry holds for one session, shared by the manager, the API and the
+//! session's own task. It owns the session's mutable state (a std mutex, never held across `.await`), the
+//! senders of its task's inbox, and the marks that decide its life (in use, closing, finished).
+//!
+//! The types a caller gets back from queueing work ([`Pending`]) live here too, so that the manager and
+//! the actor depend on this module and not on each other.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::kernel::Event;
+
+use super::error::SessionError;
+use super::model::{
+    ExecStatus, ExecuteResult, KernelInfo, Owner, SessionId, SessionInfo, SessionLimits, SessionSettings, SessionStatus,
+};
+
+/// The mutable part of a session.
+#[derive(Debug, Clone)]
+pub struct SessionState {
+    pub status: SessionStatus,
+    /// When `status` last changed: a session stuck starting or restarting is found by it.
+    pub status_since: DateTime<Utc>,
+    pub last_used: DateTime<Utc>,
+    pub container_id: String,
+    pub dead_reason: Option<String>,
+    pub executions: u64,
+    pub kernel: Option<KernelInfo>,
+}
+
+/// How long output events wait for a streaming client: beyond this many, events are dropped from the
+/// stream (the final result still carries every output within the cap).
+pub const STREAM_EVENTS: usize = 64;
+/// Control requests (interrupt, restart) waiting for the session's task.
+pub const CONTROL_DEPTH: usize = 4;
+
+/// A queued execution, as the session's task receives it.
+pub struct ExecuteCommand {
+    pub code: String,
+    pub timeout: Duration,
+    /// Outputs as they come, for streaming clients. Bounded; the task never waits on it.
+    pub events: Option<mpsc::Sender<Event>>,
+    /// Interrupt the kernel when the caller goes away mid-run (the `/v1` rule; a Jupyter client that
+    /// disconnects may come back, so its adapter sets this to false).
+    pub interrupt_when_abandoned: bool,
+    pub reply: oneshot::Sender<ExecuteResult>,
+}
+
+impl ExecuteCommand {
+    /// The caller is gone: nobody will read the result.
+    pub fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// Requests that must not wait behind queued executions.
+pub enum Control {
+    Interrupt,
+    Restart(oneshot::Sender<Result<(), SessionError>>),
+}
+
+/// The receiving ends of a session's inbox, owned by its task.
+pub struct Inbox {
+    pub commands: mpsc::Receiver<ExecuteCommand>,
+    pub control: mpsc::Receiver<Control>,
+}
+
+/// One session, as the registry holds it.
+pub struct Session {
+    pub id: SessionId,
+    pub owner: Owner,
+    pub settings: SessionSettings,
+    pub created_at: DateTime<Utc>,
+    /// Kept for the API's view of the limits.
+    pub limits: SessionLimits,
+    state: Mutex<SessionState>,
+    /// Executions and restarts queued or running: a session in use is never reaped. Only changed under
+    /// the registry's lock (see `Registry::get_in_use`), so the reaper and a new request agree.
+    in_use: AtomicUsize,
+    /// Set when the session is being removed: it is gone for clients, but still counts against the
+    /// quotas until its task has removed its container.
+    closing: AtomicBool,
+    commands: mpsc::Sender<ExecuteCommand>,
+    control: mpsc::Sender<Control>,
+    /// Stops the session's task, in any state.
+    pub cancel: CancellationToken,
+    /// Cancelled by the task when it has ended and its container is gone.
+    pub finished: CancellationToken,
+    /// When set, the task leaves its container running on exit (for adoption by the next run).
+    keep: AtomicBool,
+    /// Why the session is closing, for the executions it cuts short.
+    closing_reason: Mutex<&'static str>,
+}
+
+impl Session {
+    pub fn new(
+        id: SessionId,
+        owner: Owner,
+        settings: SessionSettings,
+        created_at: DateTime<Utc>,
+        limits: SessionLimits,
+        queue_depth: usize,
+    ) -> (Arc<Session>, Inbox) {
+        let (commands_tx, commands) = mpsc::channel(queue_depth.max(1));
+        let (control_tx, control) = mpsc::channel(CONTROL_DEPTH);
+        let now = Utc::now();
+        let session = Arc::new(Session {
+            id,
+            owner,
+            settings,
+            created_at,
+            limits,
+            state: Mutex::new(SessionState {
+                status: SessionStatus::Starting,
+                status_since: now,
+                last_used: now,
+                container_id: String::new(),
+                dead_reason: None,
+                executions: 0,
+                kernel: None,
+            }),
+            in_use: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            commands: commands_tx,
+            control: control_tx,
+            cancel: CancellationToken::new(),
+            finished: CancellationToken::new(),
+            keep: AtomicBool::new(false),
+            closing_reason: Mutex::new("session_deleted"),
+        });
+        (session, Inbox { commands, control })
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut SessionState)) {
+        f(&mut self.state.lock().unwrap());
+    }
+
+    /// Changes the status (and when it changed).
+    pub fn set_status(&self, status: SessionStatus) {
+        self.update(|s| {
+            if s.status != status {
+                s.status = status;
+                s.status_since = Utc::now();
+            }
+        });
+    }
+
+    pub fn snapshot(&self) -> SessionState {
+        self.state.lock().unwrap().clone()
+    }
+
+    pub fn in_use(&self) -> bool {
+        self.in_use.load(Ordering::SeqCst) > 0
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    pub fn keep_on_exit(&self) -> bool {
+        self.keep.load(Ordering::SeqCst)
+    }
+
+    pub fn closing_reason(&self) -> &'static str {
+        *self.closing_reason.lock().unwrap()
+    }
+
+    /// Marks the session closing (gone for clients) and stops its task. Returns false if it was closing
+    /// already. Never waits: the task removes the container, then the registry entry.
+    pub fn close(&self, reason: &'static str, keep: bool) -> bool {
+        if self.closing.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        *self.closing_reason.lock().unwrap() = reason;
+        self.keep.store(keep, Ordering::SeqCst);
+        self.cancel.cancel();
+        true
+    }
+
+    /// Waits until the task has ended (its container removed), at most `limit`.
+    pub async fn wait_finished(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.finished.cancelled()).await.is_ok()
+    }
+
+    /// Marks one use. Call only under the registry's lock (see `Registry::get_in_use`).
+    pub(super) fn mark_in_use(self: &Arc<Self>) -> InUse {
+        self.in_use.fetch_add(1, Ordering::SeqCst);
+        InUse(self.clone())
+    }
+
+    /// Queues an execution; a full queue is the caller's problem (429).
+    pub fn queue(&self, command: ExecuteCommand, depth: usize) -> Result<(), SessionError> {
+        self.commands.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SessionError::QueueFull(depth),
+            mpsc::error::TrySendError::Closed(_) => SessionError::Closing,
+        })
+    }
+
+    /// Asks for an interrupt. Interrupts coalesce: when the control queue is full, one is pending anyway.
+    pub fn request_interrupt(&self) -> Result<(), SessionError> {
+        match self.control.try_send(Control::Interrupt) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SessionError::Closing),
+        }
+    }
+
+    /// Asks for a restart; the control queue is bounded, so a burst of restarts is refused (429).
+    pub fn request_restart(&self) -> Result<oneshot::Receiver<Result<(), SessionError>>, SessionError> {
+        let (tx, rx) = oneshot::channel();
+        self.control.try_send(Control::Restart(tx)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SessionError::TooMany(
+                "too many control requests are waiting on this session; retry when they are done".into(),
+            ),
+            mpsc::error::TrySendError::Closed(_) => SessionError::Closing,
+        })?;
+        Ok(rx)
+    }
+
+    pub fn info(&self) -> SessionInfo {
+        let s = self.snapshot();
+        SessionInfo {
+            id: self.id.clone(),
+            language: self.settings.language.clone(),
+            status: s.status,
+            created_at: self.created_at,
+            last_used_at: s.last_used,
+            limits: self.limits.clone(),
+            metadata: self.settings.metadata.clone(),
+            kernel: s.kernel,
+            dead_reason: s.dead_reason,
+            executions: s.executions,
+        }
+    }
+}
+
+/// Marks a session in use while alive.
+pub struct InUse(Arc<Session>);
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A queued execution. Keeps its session in use until dropped; dropping it before the result means the
+/// caller left: a queued execution then never runs, a running one is interrupted (`/v1`).
+pub struct Pending {
+    _in_use: InUse,
+    result: oneshot::Receiver<ExecuteResult>,
+    events: Option<mpsc::Receiver<Event>>,
+}
+
+impl Pending {
+    pub(super) fn new(
+        in_use: InUse,
+        result: oneshot::Receiver<ExecuteResult>,
+        events: Option<mpsc::Receiver<Event>>,
+    ) -> Self {
+        Pending { _in_use: in_use, result, events }
+    }
+
+    /// The result. A session removed under a queued execution answers it with `killed`, so an error here
+    /// means the session's task ended without a word (a bug): reported as closing.
+    pub async fn wait(self) -> Result<ExecuteResult, SessionError> {
+        self.result.await.map_err(|_| SessionError::Closing)
+    }
+
+    /// For streaming: the next output event, then (once the outputs end) `None`. Call [`Pending::wait`]
+    /// after it for the result, which always comes.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.as_mut()?.recv().await
+    }
+
+    /// The result of a stream: like [`Pending::wait`], but never fails: a stream always ends with a result.
+    pub async fn finish(self) -> ExecuteResult {
+        self.result.await.unwrap_or_else(|_| ExecuteResult::killed("session_closed", 0))
+    }
+}
+
+impl ExecuteResult {
+    /// The result of an execution that never ran or was cut short by the session's end.
+    pub fn killed(reason: &str, duration_ms: u64) -> Self {
+        ExecuteResult {
+            status: ExecStatus::Killed,
+            execution_count: None,
+            outputs: Vec::new(),
+            stdout: String::new(),
+            stderr: String::new(),
+            error: None,
+            duration_ms,
+            truncated: false,
+            killed_reason: Some(reason.to_owned()),
+            kernel_restarted: false,
+            stream_events_dropped: 0,
+        }
+    }
+}

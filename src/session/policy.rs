@@ -1,0 +1,222 @@
+//! The operator's rules as pure functions: what a session may ask for ([`settle`]), whether one more fits
+//! ([`admit`]), and when the reaper removes one ([`reap_reason`]). No I/O, no state: table tests below.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::Limits;
+use crate::images::Catalog;
+
+use super::error::SessionError;
+use super::model::{SessionRequest, SessionSettings, SessionStatus};
+
+/// Checks a request against the limits and fills in defaults. Asking for more than the operator allows
+/// is refused, never silently lowered.
+pub fn settle(catalog: &Catalog, l: &Limits, req: SessionRequest) -> Result<SessionSettings, SessionError> {
+    if catalog.language(&req.language).is_none() {
+        return Err(SessionError::UnknownLanguage(req.language));
+    }
+    let memory_mb = req.memory_mb.unwrap_or(l.default_memory_mb);
+    if !(64..=l.max_memory_mb).contains(&memory_mb) {
+        return Err(SessionError::Invalid(format!("memory_mb must be between 64 and {}", l.max_memory_mb)));
+    }
+    let cpus = req.cpus.unwrap_or(l.default_cpus);
+    if !(cpus >= 0.01 && cpus <= l.max_cpus) {
+        return Err(SessionError::Invalid(format!("cpus must be between 0.01 and {}", l.max_cpus)));
+    }
+    let timeout_s = req.timeout_s.unwrap_or(l.default_timeout.as_secs());
+    check_timeout("timeout_s", timeout_s, l.max_timeout)?;
+    let idle_timeout_s = req.idle_timeout_s.unwrap_or(l.default_idle_timeout.as_secs());
+    check_timeout("idle_timeout_s", idle_timeout_s, l.max_idle_timeout)?;
+    let env = req.env.unwrap_or_default();
+    check_env(&env)?;
+    let metadata = req.metadata.unwrap_or_default();
+    if metadata.len() > 64 || metadata.iter().any(|(k, v)| k.len() > 256 || v.len() > 4096) {
+        return Err(SessionError::Invalid(
+            "metadata: at most 64 entries, keys up to 256 and values up to 4096 bytes".into(),
+        ));
+    }
+    Ok(SessionSettings { language: req.language, memory_mb, cpus, timeout_s, idle_timeout_s, env, metadata })
+}
+
+/// A per-request timeout in seconds, between 1 and `max`.
+pub fn check_timeout(name: &str, seconds: u64, max: Duration) -> Result<Duration, SessionError> {
+    if (1..=max.as_secs()).contains(&seconds) {
+        Ok(Duration::from_secs(seconds))
+    } else {
+        Err(SessionError::Invalid(format!("{name} must be between 1 and {}", max.as_secs())))
+    }
+}
+
+/// Environment variables a session may set: names of letters, digits and `_`, bounded sizes, no NUL.
+/// Names the service itself sets for the kernel are refused.
+pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), SessionError> {
+    if env.len() > 64 {
+        return Err(SessionError::Invalid("env: at most 64 variables".into()));
+    }
+    for (k, v) in env {
+        let valid_name = !k.is_empty()
+            && k.len() <= 128
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid_name {
+            return Err(SessionError::Invalid(format!("env: `{k}` is not a valid variable name")));
+        }
+        if k.starts_with("KERNELBOX_") {
+            return Err(SessionError::Invalid(format!("env: `{k}` is reserved for kernelbox")));
+        }
+        if v.len() > 32 * 1024 || v.contains('\0') {
+            return Err(SessionError::Invalid(format!("env: the value of `{k}` is too long or contains NUL")));
+        }
+    }
+    Ok(())
+}
+
+/// Whether one more session fits: `total` sessions on the server, `owned` of them by the asking key.
+pub fn admit(total: usize, owned: usize, l: &Limits) -> Result<(), SessionError> {
+    if total >= l.max_sessions {
+        return Err(SessionError::TooMany(format!(
+            "the server runs its maximum of {} sessions; end one first",
+            l.max_sessions
+        )));
+    }
+    if owned >= l.max_sessions_per_owner {
+        return Err(SessionError::TooMany(format!(
+            "this API key has its maximum of {} sessions; end one first",
+            l.max_sessions_per_owner
+        )));
+    }
+    Ok(())
+}
+
+/// What the reaper looks at for one session.
+#[derive(Debug, Clone)]
+pub struct ReapView {
+    pub status: SessionStatus,
+    pub status_since: DateTime<Utc>,
+    pub last_used: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub idle_timeout: Duration,
+    /// An execution or restart is queued or running.
+    pub in_use: bool,
+}
+
+/// The reaper's deadlines.
+#[derive(Debug, Clone, Copy)]
+pub struct ReapRules {
+    pub max_lifetime: Duration,
+    /// How long a session may stay starting or restarting before it is deemed stuck (the boot's own
+    /// deadline plus a margin: this is a safety net, the boot normally fails first).
+    pub stuck_after: Duration,
+}
+
+/// Whether the reaper removes a session now, and why: stuck starting or restarting, idle past its idle
+/// timeout, or older than the maximum lifetime. A session with work queued or running is never removed.
+pub fn reap_reason(now: DateTime<Utc>, v: &ReapView, rules: ReapRules) -> Option<&'static str> {
+    let delta = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::TimeDelta::MAX);
+    if matches!(v.status, SessionStatus::Starting | SessionStatus::Restarting) {
+        return (now - v.status_since >= delta(rules.stuck_after)).then_some("stuck");
+    }
+    if v.in_use || v.status == SessionStatus::Busy {
+        return None;
+    }
+    if now - v.last_used >= delta(v.idle_timeout) {
+        Some("idle")
+    } else if now - v.created_at >= delta(rules.max_lifetime) {
+        Some("lifetime")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const RULES: ReapRules =
+        ReapRules { max_lifetime: Duration::from_secs(86400), stuck_after: Duration::from_secs(120) };
+
+    fn view(status: SessionStatus, minutes_since_use: i64, hours_old: i64, in_use: bool) -> (DateTime<Utc>, ReapView) {
+        let now = Utc::now();
+        let v = ReapView {
+            status,
+            status_since: now - chrono::Duration::minutes(minutes_since_use),
+            last_used: now - chrono::Duration::minutes(minutes_since_use),
+            created_at: now - chrono::Duration::hours(hours_old),
+            idle_timeout: HOUR,
+            in_use,
+        };
+        (now, v)
+    }
+
+    #[test]
+    fn reap_reasons_by_state_age_and_use() {
+        use SessionStatus::*;
+        // (status, minutes since last use / status change, hours since creation, in use) → reason
+        let table: &[(SessionStatus, i64, i64, bool, Option<&str>)] = &[
+            (Idle, 61, 2, false, Some("idle")),
+            (Idle, 59, 2, false, None),
+            (Dead, 120, 2, false, Some("idle")),
+            (Idle, 0, 25, false, Some("lifetime")),
+            (Idle, 600, 25, true, None),
+            (Busy, 600, 25, false, None),
+            (Starting, 1, 0, false, None),
+            (Starting, 3, 0, false, Some("stuck")),
+            (Restarting, 3, 5, true, Some("stuck")),
+            (Restarting, 1, 5, true, None),
+        ];
+        for &(status, minutes, hours, in_use, want) in table {
+            let (now, v) = view(status, minutes, hours, in_use);
+            assert_eq!(reap_reason(now, &v, RULES), want, "{status:?} {minutes} min, {hours} h, in use {in_use}");
+        }
+    }
+
+    fn limits() -> Limits {
+        use clap::Parser;
+        let cli = crate::config::Cli::try_parse_from([
+            "kernelbox",
+            "serve",
+            "--max-sessions",
+            "3",
+            "--max-sessions-per-owner",
+            "2",
+        ]);
+        let crate::config::Command::Serve(args) = cli.unwrap().command else { unreachable!() };
+        args.limits.validate().unwrap()
+    }
+
+    #[test]
+    fn admission_counts_the_server_and_the_key() {
+        let l = limits();
+        assert!(admit(0, 0, &l).is_ok());
+        assert!(admit(2, 1, &l).is_ok());
+        assert!(matches!(admit(3, 0, &l), Err(SessionError::TooMany(m)) if m.contains("server")));
+        assert!(matches!(admit(2, 2, &l), Err(SessionError::TooMany(m)) if m.contains("API key")));
+    }
+
+    #[test]
+    fn requests_beyond_the_limits_are_refused_not_lowered() {
+        let l = limits();
+        let catalog = Catalog::new("x/");
+        let req = |f: fn(&mut SessionRequest)| {
+            let mut r = SessionRequest { language: "python".into(), ..Default::default() };
+            f(&mut r);
+            settle(&catalog, &l, r)
+        };
+        assert!(req(|_| {}).is_ok());
+        assert!(matches!(req(|r| r.language = "cobol".into()), Err(SessionError::UnknownLanguage(_))));
+        assert!(req(|r| r.memory_mb = Some(1 << 40)).is_err());
+        assert!(req(|r| r.memory_mb = Some(10)).is_err());
+        assert!(req(|r| r.cpus = Some(f64::NAN)).is_err());
+        assert!(req(|r| r.timeout_s = Some(0)).is_err());
+        assert!(req(|r| r.idle_timeout_s = Some(u64::MAX)).is_err());
+        assert!(req(|r| r.env = Some(BTreeMap::from([("1X".into(), "v".into())]))).is_err());
+        assert!(req(|r| r.env = Some(BTreeMap::from([("A=B".into(), "v".into())]))).is_err());
+        assert!(req(|r| r.env = Some(BTreeMap::from([("X".into(), "a\0b".into())]))).is_err());
+        assert!(req(|r| r.env = Some(BTreeMap::from([("KERNELBOX_OUTPUT_LIMIT_BYTES".into(), "9".into())]))).is_err());
+        assert!(req(|r| r.env = Some(BTreeMap::from([("GOOD_NAME".into(), "ok".into())]))).is_ok());
+    }
+}

@@ -1,0 +1,120 @@
+//! The registry: which sessions exist. A std mutex over a map, never held across `.await`.
+//!
+//! An entry is added before a session's container is created and removed only by the session's own task
+//! after the container is gone, so the registry and the engine agree: every container of this instance
+//! belongs to an entry (the reaper's orphan sweep removes any that does not), and a quota slot is freed
+//! only when its container is gone. Lookups that mark a session in use do so under the same lock as the
+//! reaper's pick, so a session with work queued is never reaped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::error::SessionError;
+use super::handle::{InUse, Session};
+use super::model::{Owner, SessionId};
+use super::policy;
+use crate::config::Limits;
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<SessionId, Arc<Session>>,
+    /// Set at shutdown: no new entries.
+    closed: bool,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+}
+
+impl Registry {
+    /// Adds a starting session if the service is open and the quotas allow it. Closing sessions still
+    /// count: their containers are not gone yet.
+    pub fn reserve(&self, session: &Arc<Session>, limits: &Limits) -> Result<(), SessionError> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.closed {
+            return Err(SessionError::Closing);
+        }
+        let owned = inner.sessions.values().filter(|s| s.owner == session.owner).count();
+        policy::admit(inner.sessions.len(), owned, limits)?;
+        inner.sessions.insert(session.id.clone(), session.clone());
+        Ok(())
+    }
+
+    /// Adds an adopted session (start-up only; quotas do not apply to what already runs).
+    pub fn insert(&self, session: &Arc<Session>) {
+        self.inner.lock().unwrap().sessions.insert(session.id.clone(), session.clone());
+    }
+
+    /// Called by a session's task once its container is gone.
+    pub fn remove(&self, id: &SessionId) {
+        self.inner.lock().unwrap().sessions.remove(id);
+    }
+
+    /// The session `id` if `owner` owns it and it is not closing (another owner's session is "not
+    /// found", not "forbidden").
+    pub fn get(&self, owner: &Owner, id: &str) -> Result<Arc<Session>, SessionError> {
+        let not_found = || SessionError::NotFound(id.to_owned());
+        let id = SessionId::parse(id).ok_or_else(not_found)?;
+        let inner = self.inner.lock().unwrap();
+        inner.sessions.get(&id).filter(|s| &s.owner == owner && !s.is_closing()).cloned().ok_or_else(not_found)
+    }
+
+    /// Like [`Registry::get`], and marks the session in use under the same lock, so the reaper (which
+    /// picks under this lock too) either sees the mark or has already made the session unfindable.
+    pub fn get_in_use(&self, owner: &Owner, id: &str) -> Result<(Arc<Session>, InUse), SessionError> {
+        let not_found = || SessionError::NotFound(id.to_owned());
+        let id = SessionId::parse(id).ok_or_else(not_found)?;
+        let inner = self.inner.lock().unwrap();
+        let session =
+            inner.sessions.get(&id).filter(|s| &s.owner == owner && !s.is_closing()).cloned().ok_or_else(not_found)?;
+        let in_use = session.mark_in_use();
+        Ok((session, in_use))
+    }
+
+    /// Whether an entry (in any state, closing included) exists for `id`.
+    pub fn knows(&self, id: &str) -> bool {
+        SessionId::parse(id).is_some_and(|id| self.inner.lock().unwrap().sessions.contains_key(&id))
+    }
+
+    /// The sessions clients can see.
+    pub fn visible(&self) -> Vec<Arc<Session>> {
+        self.inner.lock().unwrap().sessions.values().filter(|s| !s.is_closing()).cloned().collect()
+    }
+
+    /// Every entry, closing ones included.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.inner.lock().unwrap().sessions.values().cloned().collect()
+    }
+
+    /// Picks the sessions `why` says to remove and marks them closing, all under the lock.
+    pub fn pick_and_close(
+        &self,
+        mut why: impl FnMut(&Session) -> Option<&'static str>,
+    ) -> Vec<(Arc<Session>, &'static str)> {
+        let inner = self.inner.lock().unwrap();
+        let mut picked = Vec::new();
+        for session in inner.sessions.values() {
+            if session.is_closing() {
+                continue;
+            }
+            if let Some(reason) = why(session)
+                && session.close("reaped", false)
+            {
+                picked.push((session.clone(), reason));
+            }
+        }
+        picked
+    }
+
+    /// Closes the registry to new sessions and returns every live one.
+    pub fn close_all(&self) -> Vec<Arc<Session>> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.closed = true;
+        inner.sessions.values().cloned().collect()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().unwrap().closed
+    }
+}
