@@ -135,6 +135,7 @@ impl KernelListener {
             control: link(Channel::Control, control),
             signer,
             session,
+            skipped: 0,
         })
     }
 }
@@ -194,6 +195,9 @@ pub struct KernelClient {
     control: Link,
     iopub: Link,
     stdin: Link,
+    /// Messages skipped so far; logged at powers of two, so a kernel flooding bad messages cannot flood
+    /// the log.
+    skipped: u64,
 }
 
 impl std::fmt::Debug for KernelClient {
@@ -259,7 +263,15 @@ impl KernelClient {
                     return Ok((channel, msg));
                 }
                 Err(error) => {
-                    tracing::warn!(?channel, %error, "dropped a malformed, oversize or badly signed message from the kernel")
+                    self.skipped += 1;
+                    if self.skipped.is_power_of_two() {
+                        tracing::warn!(
+                            ?channel,
+                            %error,
+                            skipped = self.skipped,
+                            "dropped a malformed, oversize or badly signed message from the kernel"
+                        );
+                    }
                 }
             }
         }

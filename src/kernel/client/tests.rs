@@ -171,8 +171,8 @@ async fn accept_can_be_cancelled_and_retried() {
     assert!(!run(&mut client, &id).await.is_empty());
 }
 
-/// A hand-written IOPub peer: handshakes as PUB, then sends `bytes`.
-async fn raw_iopub_peer(s: &Setup, bytes: Vec<u8>) -> tokio::task::JoinHandle<()> {
+/// A hand-written IOPub peer: handshakes as PUB, then sends `bytes` (one byte per write if `drip`).
+async fn raw_iopub_peer(s: &Setup, bytes: Vec<u8>, drip: bool) -> tokio::task::JoinHandle<()> {
     use crate::kernel::zmtp::tests::peer_handshake_bytes;
     let (shell, control, stdin, iopub) = (
         socket_path(s.dir.path(), s.info.shell_port),
@@ -188,8 +188,16 @@ async fn raw_iopub_peer(s: &Setup, bytes: Vec<u8>) -> tokio::task::JoinHandle<()
             peers.push(stream);
         }
         let iopub = peers.last_mut().unwrap();
-        // Written concurrently with the reads of the handshake: a full duplex peer.
-        let _ = iopub.write_all(&bytes).await;
+        if drip {
+            for byte in bytes {
+                if iopub.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        } else {
+            let _ = iopub.write_all(&bytes).await;
+        }
         std::future::pending::<()>().await;
     })
 }
@@ -197,27 +205,29 @@ async fn raw_iopub_peer(s: &Setup, bytes: Vec<u8>) -> tokio::task::JoinHandle<()
 #[tokio::test]
 async fn bad_messages_are_skipped_and_a_protocol_error_ends_recv() {
     use crate::kernel::zmtp::tests::frame;
-    let s = setup();
-    let signer = Signer::new(&s.info.key);
-    let good = signer.encode(&Message::request("stream", "k", json!({"name": "stdout", "text": "ok"})));
-    let forged = Signer::new("not-the-key").encode(&Message::request("stream", "k", json!({"text": "forged"})));
-    let mut bytes = Vec::new();
-    for frames in [&forged, &good] {
-        for (i, f) in frames.iter().enumerate() {
-            bytes.extend(frame(f, i + 1 < frames.len()));
+    for drip in [false, true] {
+        let s = setup();
+        let signer = Signer::new(&s.info.key);
+        let good = signer.encode(&Message::request("stream", "k", json!({"name": "stdout", "text": "ok"})));
+        let forged = Signer::new("not-the-key").encode(&Message::request("stream", "k", json!({"text": "forged"})));
+        let mut bytes = Vec::new();
+        for frames in [&forged, &good] {
+            for (i, f) in frames.iter().enumerate() {
+                bytes.extend(frame(f, i + 1 < frames.len()));
+            }
         }
+        bytes.extend([0xF0, 0]); // reserved flag bits: not ZMTP
+        let peer = raw_iopub_peer(&s, bytes, drip).await;
+        let mut client = s.accept(WireLimits::default()).await;
+        let (channel, msg) = timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap();
+        assert_eq!((channel, msg.content["text"].as_str()), (Channel::IOPub, Some("ok")), "drip: {drip}");
+        let err = timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, KernelError::Connection { channel: Channel::IOPub, source: ZmtpError::BadFrame(_) }),
+            "{err}"
+        );
+        peer.abort();
     }
-    bytes.extend([0xF0, 0]); // reserved flag bits: not ZMTP
-    let peer = raw_iopub_peer(&s, bytes).await;
-    let mut client = s.accept(WireLimits::default()).await;
-    let (channel, msg) = timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap();
-    assert_eq!((channel, msg.content["text"].as_str()), (Channel::IOPub, Some("ok")));
-    let err = timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap_err();
-    assert!(
-        matches!(err, KernelError::Connection { channel: Channel::IOPub, source: ZmtpError::BadFrame(_) }),
-        "{err}"
-    );
-    peer.abort();
 }
 
 // Memory: a counting allocator that records, per thread and only while asked, the live bytes, their peak
