@@ -89,6 +89,7 @@ impl KernelListener {
     /// Binds `dir/k-<port>` for the shell, IOPub, stdin and control ports of `info`, replacing stale
     /// socket files of an earlier boot or service run. `dir` must be the service's own directory (the
     /// sandbox cannot write it). The sockets are made mode 0666: the container's user must connect.
+    /// Call it inside a tokio runtime (the listeners register with its reactor).
     pub fn bind(dir: &Path, info: &ConnectionInfo) -> Result<KernelListener, KernelError> {
         let bind = |port: u16| -> Result<UnixListener, KernelError> {
             let path = socket_path(dir, port);
