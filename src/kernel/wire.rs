@@ -11,8 +11,8 @@
 //! `max_message` bytes (for `stream` messages the cut `text` is salvaged) and the message says how much was
 //! dropped ([`Message::dropped_bytes`]), so the caller can report truncation; a message with a bad
 //! signature is dropped whatever its size. What parsing allocates is bounded too: a content with more JSON
-//! values than `max_content_values` keeps only the top-level members that fit. This module knows nothing of sockets, HTTP or Docker, so every
-//! malformed-frame case is a plain unit test.
+//! values than `max_content_values` keeps only the top-level members that fit. This module knows nothing
+//! of sockets, HTTP or Docker, so every malformed-frame case is a plain unit test.
 
 use bytes::Bytes;
 use ring::hmac;
