@@ -89,6 +89,7 @@ impl KernelListener {
     /// Binds `dir/k-<port>` for the shell, IOPub, stdin and control ports of `info`, replacing stale
     /// socket files of an earlier boot or service run. `dir` must be the service's own directory (the
     /// sandbox cannot write it). The sockets are made mode 0666: the container's user must connect.
+    /// Call it inside a tokio runtime (the listeners register with its reactor).
     pub fn bind(dir: &Path, info: &ConnectionInfo) -> Result<KernelListener, KernelError> {
         let bind = |port: u16| -> Result<UnixListener, KernelError> {
             let path = socket_path(dir, port);
@@ -135,6 +136,7 @@ impl KernelListener {
             control: link(Channel::Control, control),
             signer,
             session,
+            skipped: 0,
         })
     }
 }
@@ -194,6 +196,9 @@ pub struct KernelClient {
     control: Link,
     iopub: Link,
     stdin: Link,
+    /// Messages skipped so far; logged at powers of two, so a kernel flooding bad messages cannot flood
+    /// the log.
+    skipped: u64,
 }
 
 impl std::fmt::Debug for KernelClient {
@@ -259,7 +264,15 @@ impl KernelClient {
                     return Ok((channel, msg));
                 }
                 Err(error) => {
-                    tracing::warn!(?channel, %error, "dropped a malformed, oversize or badly signed message from the kernel")
+                    self.skipped += 1;
+                    if self.skipped.is_power_of_two() {
+                        tracing::warn!(
+                            ?channel,
+                            %error,
+                            skipped = self.skipped,
+                            "dropped a malformed, oversize or badly signed message from the kernel"
+                        );
+                    }
                 }
             }
         }

@@ -8,7 +8,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -77,7 +77,7 @@ pub fn socket_path(dir: &Path, port: u16) -> PathBuf {
     dir.join(format!("k-{port}"))
 }
 
-/// Writes `dir/connection.json` (mode 0644, readable by the container's user). Fails if the file exists
+/// Writes `dir/connection.json` (mode 0644 whatever the umask: the container's user reads it). Fails if the file exists
 /// (`O_EXCL`) or is a symlink (`O_NOFOLLOW`): a boot writes into a fresh directory.
 pub fn write_connection_file(dir: &Path, info: &ConnectionInfo) -> std::io::Result<()> {
     let mut file = OpenOptions::new()
@@ -86,6 +86,8 @@ pub fn write_connection_file(dir: &Path, info: &ConnectionInfo) -> std::io::Resu
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
         .open(connection_file(dir))?;
+    // The mode above is filtered by the umask; the container's user must read the file whatever it is.
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
     file.write_all(&serde_json::to_vec_pretty(info).expect("a connection file serializes"))?;
     file.sync_all()
 }
@@ -110,7 +112,6 @@ pub fn read_connection_file(dir: &Path) -> std::io::Result<ConnectionInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn every_connection_gets_its_own_key() {

@@ -10,8 +10,9 @@
 //! only a bounded prefix of each frame is kept. An oversize content frame keeps its first
 //! `max_message` bytes (for `stream` messages the cut `text` is salvaged) and the message says how much was
 //! dropped ([`Message::dropped_bytes`]), so the caller can report truncation; a message with a bad
-//! signature is dropped whatever its size. This module knows nothing of sockets, HTTP or Docker, so every
-//! malformed-frame case is a plain unit test.
+//! signature is dropped whatever its size. What parsing allocates is bounded too: a content with more JSON
+//! values than `max_content_values` keeps only the top-level members that fit. This module knows nothing
+//! of sockets, HTTP or Docker, so every malformed-frame case is a plain unit test.
 
 use bytes::Bytes;
 use ring::hmac;
@@ -46,6 +47,10 @@ pub struct WireLimits {
     pub max_identity_len: usize,
     /// Buffer frames after content; more drops the message.
     pub max_buffers: usize,
+    /// JSON values in `content` (counted as its commas, colons and brackets outside strings): parsed JSON
+    /// takes 32 to 64 bytes a value, so `[0,0,0,…]` would take 32 times its size. A content with more is
+    /// treated like a cut one: only its top-level members that fit the count are kept.
+    pub max_content_values: usize,
 }
 
 impl Default for WireLimits {
@@ -57,6 +62,7 @@ impl Default for WireLimits {
             max_identities: 64,
             max_identity_len: 1024,
             max_buffers: 1024,
+            max_content_values: 128 * 1024,
         }
     }
 }
@@ -68,7 +74,9 @@ impl WireLimits {
     /// Limits for a session whose outputs are capped at `output_cap` bytes: a message may carry all of the
     /// output shown plus room for its JSON.
     pub fn for_output_cap(output_cap: usize) -> Self {
-        WireLimits { max_message: output_cap.saturating_add(256 * 1024).max(Self::MIN_MESSAGE), ..Self::default() }
+        let max_message = output_cap.saturating_add(256 * 1024).max(Self::MIN_MESSAGE);
+        // At most ~8 parsed bytes for each byte kept, even for a pathological content.
+        WireLimits { max_message, max_content_values: max_message / 8, ..Self::default() }
     }
 }
 
@@ -410,7 +418,16 @@ impl MessageReader {
         let header: Header = parse(&header, "header")?;
         let parent_header = parse(&parent, "parent_header")?;
         let metadata = if p.metadata_dropped { Value::Object(Map::new()) } else { parse(&metadata, "metadata")? };
-        let content = if p.content_cut { salvage(&header.msg_type, &content) } else { parse(&content, "content")? };
+        let max_values = self.limits.max_content_values;
+        let mut dropped = p.dropped;
+        let content = if p.content_cut {
+            salvage(&header.msg_type, &content, max_values)
+        } else if json_values(&content) > max_values {
+            dropped = dropped.saturating_add(content.len() as u64);
+            salvage(&header.msg_type, &content, max_values)
+        } else {
+            parse(&content, "content")?
+        };
         Ok(Message {
             identities: p.identities,
             header,
@@ -418,7 +435,7 @@ impl MessageReader {
             metadata,
             content,
             buffers: p.buffers,
-            dropped_bytes: p.dropped,
+            dropped_bytes: dropped,
         })
     }
 }
@@ -427,11 +444,37 @@ fn parse<T: serde::de::DeserializeOwned>(frame: &[u8], name: &'static str) -> Re
     serde_json::from_slice(frame).map_err(|e| WireError::BadJson { frame: name, reason: e.to_string() })
 }
 
-/// What can be kept of a content frame cut after `prefix`: every top-level member whose value is complete
-/// in the prefix (so an `execute_reply` keeps its `status`, an `error` its `ename`), and for a `stream`
-/// message the `text` as far as it goes. Anything unreadable ends the salvage; the result is an object.
-fn salvage(msg_type: &str, prefix: &[u8]) -> Value {
+/// How many JSON values `json` holds at most: one, plus one per comma, colon and opening bracket outside
+/// strings. A cheap bound on what parsing it would allocate.
+fn json_values(json: &[u8]) -> usize {
+    let (mut count, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b',' | b':' | b'[' | b'{' => count += 1,
+                _ => {}
+            }
+        }
+    }
+    count
+}
+
+/// What can be kept of a content frame cut after `prefix` (or too rich to parse whole): every top-level
+/// member whose value is complete in the prefix and fits in `max_values` JSON values altogether (so an
+/// `execute_reply` keeps its `status`, an `error` its `ename`), and for a `stream` message the `text` as
+/// far as it goes. Anything unreadable ends the salvage; the result is an object.
+fn salvage(msg_type: &str, prefix: &[u8], max_values: usize) -> Value {
     let mut out = Map::new();
+    let mut budget = max_values;
     let mut scan = Scan { s: prefix, i: 0 };
     scan.ws();
     if scan.peek() != Some(b'{') {
@@ -451,8 +494,13 @@ fn salvage(msg_type: &str, prefix: &[u8]) -> Value {
         scan.ws();
         match scan.value_end() {
             Some(end) => {
-                let Ok(value) = serde_json::from_slice::<Value>(&prefix[scan.i..end]) else { break };
-                out.insert(key, value);
+                let span = &prefix[scan.i..end];
+                let values = json_values(span);
+                if values <= budget {
+                    let Ok(value) = serde_json::from_slice::<Value>(span) else { break };
+                    budget -= values;
+                    out.insert(key, value);
+                }
                 scan.i = end;
             }
             None => {
@@ -871,7 +919,7 @@ mod tests {
 
     #[test]
     fn salvage_decodes_escapes_and_never_splits_a_character() {
-        let cut = |raw: &str| salvage("stream", raw.as_bytes());
+        let cut = |raw: &str| salvage("stream", raw.as_bytes(), 1000);
         assert_eq!(
             cut(r#"{"name":"stderr","text":"a\nb\"c\u00e9\ud83d\ude00d"#)["text"],
             "a\nb\"céd".replace("d", "😀d")
@@ -881,7 +929,7 @@ mod tests {
         assert_eq!(cut(r#"{"name":"stdout","text":"ab\ud83d"#)["text"], "ab");
         assert_eq!(cut(r#"{"name": "stdout" , "text" : "x"#), json!({"name": "stdout", "text": "x"}));
         let e_acute = "{\"text\":\"\u{e9}";
-        assert_eq!(salvage("stream", &e_acute.as_bytes()[..e_acute.len() - 1])["text"], "");
+        assert_eq!(salvage("stream", &e_acute.as_bytes()[..e_acute.len() - 1], 1000)["text"], "");
         assert_eq!(cut(r#"{"name":"std"#), json!({}));
         assert_eq!(cut(r#"{"n":12"#), json!({}), "a cut number is not kept");
         assert_eq!(cut(r#"{"n":12,"a":[1,{"b":"]"}],"text":"#), json!({"n": 12, "a": [1, {"b": "]"}]}));
@@ -889,5 +937,20 @@ mod tests {
         assert_eq!(cut(""), json!({}));
         assert_eq!(cut("{}}}}"), json!({}));
         assert_eq!(cut(&format!("{{\"x\":{}", "[".repeat(10_000))), json!({}));
+    }
+
+    #[test]
+    fn a_content_with_too_many_values_keeps_only_what_fits() {
+        let limits = WireLimits { max_content_values: 1000, ..WireLimits::default() };
+        let zeros = format!("[{}0]", "0,".repeat(100_000));
+        let content = format!(r#"{{"status": "ok", "execution_count": 3, "payload": {zeros}, "name": "x"}}"#);
+        let msg = read_with(limits, &raw_frames(&signer(), "execute_reply", content.as_bytes())).unwrap();
+        assert_eq!(msg.content, json!({"status": "ok", "execution_count": 3, "name": "x"}));
+        assert_eq!(msg.dropped_bytes, content.len() as u64);
+        let small = format!(r#"{{"data": [{}0]}}"#, "0,".repeat(900));
+        let msg = read_with(limits, &raw_frames(&signer(), "display_data", small.as_bytes())).unwrap();
+        assert_eq!((msg.content["data"].as_array().unwrap().len(), msg.dropped_bytes), (901, 0));
+        // Brackets and commas inside strings are not values.
+        assert_eq!(json_values(br#"{"a": "[,{:]", "b\\\"[": [1, 2]}"#), 7, "1 + brace + 2 colons + 2 commas + bracket");
     }
 }

@@ -288,11 +288,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
         Ok(())
     }
 
-    /// The underlying stream.
-    pub fn get_ref(&self) -> &S {
-        &self.io
-    }
-
     fn queue_frame(&mut self, body: &[u8], flags: u8) {
         if body.len() > 255 {
             self.out.push(flags | FLAG_LONG);

@@ -171,8 +171,8 @@ async fn accept_can_be_cancelled_and_retried() {
     assert!(!run(&mut client, &id).await.is_empty());
 }
 
-/// A hand-written IOPub peer: handshakes as PUB, then sends `bytes`.
-async fn raw_iopub_peer(s: &Setup, bytes: Vec<u8>) -> tokio::task::JoinHandle<()> {
+/// A hand-written IOPub peer: handshakes as PUB, then sends `bytes` (one byte per write if `drip`).
+async fn raw_iopub_peer(s: &Setup, bytes: Vec<u8>, drip: bool) -> tokio::task::JoinHandle<()> {
     use crate::kernel::zmtp::tests::peer_handshake_bytes;
     let (shell, control, stdin, iopub) = (
         socket_path(s.dir.path(), s.info.shell_port),
@@ -188,8 +188,16 @@ async fn raw_iopub_peer(s: &Setup, bytes: Vec<u8>) -> tokio::task::JoinHandle<()
             peers.push(stream);
         }
         let iopub = peers.last_mut().unwrap();
-        // Written concurrently with the reads of the handshake: a full duplex peer.
-        let _ = iopub.write_all(&bytes).await;
+        if drip {
+            for byte in bytes {
+                if iopub.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        } else {
+            let _ = iopub.write_all(&bytes).await;
+        }
         std::future::pending::<()>().await;
     })
 }
@@ -197,27 +205,29 @@ async fn raw_iopub_peer(s: &Setup, bytes: Vec<u8>) -> tokio::task::JoinHandle<()
 #[tokio::test]
 async fn bad_messages_are_skipped_and_a_protocol_error_ends_recv() {
     use crate::kernel::zmtp::tests::frame;
-    let s = setup();
-    let signer = Signer::new(&s.info.key);
-    let good = signer.encode(&Message::request("stream", "k", json!({"name": "stdout", "text": "ok"})));
-    let forged = Signer::new("not-the-key").encode(&Message::request("stream", "k", json!({"text": "forged"})));
-    let mut bytes = Vec::new();
-    for frames in [&forged, &good] {
-        for (i, f) in frames.iter().enumerate() {
-            bytes.extend(frame(f, i + 1 < frames.len()));
+    for drip in [false, true] {
+        let s = setup();
+        let signer = Signer::new(&s.info.key);
+        let good = signer.encode(&Message::request("stream", "k", json!({"name": "stdout", "text": "ok"})));
+        let forged = Signer::new("not-the-key").encode(&Message::request("stream", "k", json!({"text": "forged"})));
+        let mut bytes = Vec::new();
+        for frames in [&forged, &good] {
+            for (i, f) in frames.iter().enumerate() {
+                bytes.extend(frame(f, i + 1 < frames.len()));
+            }
         }
+        bytes.extend([0xF0, 0]); // reserved flag bits: not ZMTP
+        let peer = raw_iopub_peer(&s, bytes, drip).await;
+        let mut client = s.accept(WireLimits::default()).await;
+        let (channel, msg) = timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap();
+        assert_eq!((channel, msg.content["text"].as_str()), (Channel::IOPub, Some("ok")), "drip: {drip}");
+        let err = timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, KernelError::Connection { channel: Channel::IOPub, source: ZmtpError::BadFrame(_) }),
+            "{err}"
+        );
+        peer.abort();
     }
-    bytes.extend([0xF0, 0]); // reserved flag bits: not ZMTP
-    let peer = raw_iopub_peer(&s, bytes).await;
-    let mut client = s.accept(WireLimits::default()).await;
-    let (channel, msg) = timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap();
-    assert_eq!((channel, msg.content["text"].as_str()), (Channel::IOPub, Some("ok")));
-    let err = timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap_err();
-    assert!(
-        matches!(err, KernelError::Connection { channel: Channel::IOPub, source: ZmtpError::BadFrame(_) }),
-        "{err}"
-    );
-    peer.abort();
 }
 
 // Memory: a counting allocator that records, per thread and only while asked, the live bytes, their peak
@@ -325,4 +335,60 @@ async fn a_50_mb_stream_message_is_cut_to_the_limit_without_being_buffered() {
 
     let _ = stop.send(());
     thread.join().unwrap();
+}
+
+/// A figure of /proc/self/status, in bytes.
+fn proc_status(field: &str) -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 1024
+}
+
+/// The memory target of the wire reader: four kernels each publish one 600 MB stream message and print
+/// 150 MB in 100 KB messages, and the process's peak RSS stays within 64 MiB of idle. The peers are
+/// `bench/flood-kernel.py` (stdlib Python, ZMTP by hand, the big frame streamed). Ignored: it measures the
+/// whole process, so run it alone: `cargo test --lib memory_four -- --ignored --test-threads=1`
+/// (`KERNELBOX_PYTHON` picks the interpreter, `FLOOD_BYTES` the big message's size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn memory_four_kernels_flooding_stay_within_64_mib() {
+    use crate::kernel::ExecutionTracker;
+    use crate::kernel::execution::stream_text;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/flood-kernel.py");
+    let python = std::env::var("KERNELBOX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let big = std::env::var("FLOOD_BYTES").unwrap_or_else(|_| "600000000".into());
+    let cap = 1 << 20;
+    let (mut setups, mut peers, mut clients) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let s = setup();
+        let dir = s.dir.path().to_str().unwrap();
+        let args = [script, dir, &s.info.key, &big, "150000000"];
+        peers.push(tokio::process::Command::new(&python).args(args).kill_on_drop(true).spawn().unwrap());
+        clients.push(s.listener.accept(&s.info.key, WireLimits::for_output_cap(cap)).await.unwrap());
+        setups.push(s);
+    }
+    let idle = proc_status("VmRSS:");
+    let sessions: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let mut tracker = ExecutionTracker::new("run".into(), cap);
+                let mut dropped = 0u64;
+                while !tracker.is_complete() {
+                    let (channel, msg) = client.recv().await.unwrap();
+                    dropped += msg.dropped_bytes;
+                    tracker.handle(channel, &msg);
+                }
+                (dropped, stream_text(tracker.outputs(), "stdout").len())
+            })
+        })
+        .collect();
+    for session in sessions {
+        let (dropped, shown) = session.await.unwrap();
+        assert!(dropped > 0 && shown <= cap + 100, "dropped {dropped}, shown {shown}");
+    }
+    let peak = proc_status("VmHWM:");
+    eprintln!("idle RSS {} MiB, peak RSS {} MiB", idle >> 20, peak >> 20);
+    assert!(peak.saturating_sub(idle) <= 64 << 20);
+    drop(peers);
 }
