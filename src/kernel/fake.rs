@@ -143,6 +143,7 @@ fn reply_to(request: &Message, msg_type: &str, content: Value) -> Message {
         metadata: json!({}),
         content,
         buffers: Vec::new(),
+        dropped_bytes: 0,
     }
 }
 

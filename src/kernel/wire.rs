@@ -71,6 +71,9 @@ pub struct Message {
     pub metadata: Value,
     pub content: Value,
     pub buffers: Vec<Bytes>,
+    /// Bytes the wire layer dropped from an oversize message (0 when it arrived whole), e.g. a stream
+    /// message whose text was cut to a prefix. An execution that sees one reports `truncated`.
+    pub dropped_bytes: u64,
 }
 
 impl Message {
@@ -83,6 +86,7 @@ impl Message {
             metadata: Value::Object(Default::default()),
             content,
             buffers: Vec::new(),
+            dropped_bytes: 0,
         }
     }
 
@@ -174,6 +178,7 @@ impl Signer {
             metadata: parse(&rest[3], "metadata")?,
             content: parse(&rest[4], "content")?,
             buffers: rest[5..].to_vec(),
+            dropped_bytes: 0,
         })
     }
 }
