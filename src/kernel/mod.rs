@@ -12,4 +12,4 @@ pub mod wire;
 
 pub use client::{Channel, KernelClient, KernelError};
 pub use connection::{ConnectionInfo, Endpoints};
-pub use execution::{ErrorInfo, Event, ExecutionTracker, Output, ReplyStatus};
+pub use execution::{ErrorInfo, Event, ExecutionTracker, Output, ReplyStatus, Report};

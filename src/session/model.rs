@@ -198,7 +198,7 @@ pub struct ExecuteResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     pub duration_ms: u64,
-    /// Output past the per-execution cap was cut.
+    /// Something was cut or dropped to keep the response within the output cap.
     pub truncated: bool,
     /// `out_of_memory`, `exited` (with a code), `restarted` or `service_shutdown`, when `status` is `killed`.
     #[serde(skip_serializing_if = "Option::is_none")]
