@@ -9,12 +9,12 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::Stream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::extract::ApiJson;
 use crate::error::{ApiError, ErrorBody};
-use crate::kernel::Event;
+use crate::kernel::{Event, Output};
 use crate::session::{ExecuteResult, Owner, Pending};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -26,7 +26,8 @@ pub struct ExecuteRequest {
 }
 
 /// Run code in the session's kernel. With `Accept: text/event-stream` the outputs stream as events
-/// (`output`, `clear`, then one `result`) while the code runs.
+/// (`output`, `update`, `clear`, then one `result`) while the code runs. A display that can be updated
+/// carries `transient.display_id`, as in Jupyter; an `update` replaces every display with its id.
 #[utoipa::path(post, path = "/v1/sessions/{id}/execute", request_body = ExecuteRequest, tag = "execute",
     responses((status = 200, body = ExecuteResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn execute(
@@ -53,9 +54,12 @@ fn events(pending: Pending) -> impl Stream<Item = Result<SseEvent, Infallible>> 
     futures::stream::unfold(Some(pending), |pending| async move {
         let mut pending = pending?;
         let sse = match pending.next_event().await {
-            Some(Event::Output(o)) => {
-                let sse = SseEvent::default().event("output").json_data(&o);
+            Some(Event::Output { output, display_id }) => {
+                let sse = SseEvent::default().event("output").json_data(Shown::new(&output, display_id.as_deref()));
                 (sse, Some(pending))
+            }
+            Some(Event::Updated { output, display_id }) => {
+                (SseEvent::default().event("update").json_data(Shown::new(&output, Some(&display_id))), Some(pending))
             }
             Some(Event::Cleared) => (Ok(SseEvent::default().event("clear").data("{}")), Some(pending)),
             None => (SseEvent::default().event("result").json_data(&pending.finish().await), None),
@@ -64,4 +68,44 @@ fn events(pending: Pending) -> impl Stream<Item = Result<SseEvent, Infallible>> 
         let sse = sse.unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string()));
         Some((Ok(sse), next))
     })
+}
+
+/// An output as SSE data: its nbformat shape, and Jupyter's `transient.display_id` for a display that
+/// `update` events may replace.
+#[derive(Serialize)]
+struct Shown<'a> {
+    #[serde(flatten)]
+    output: &'a Output,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transient: Option<Transient<'a>>,
+}
+
+#[derive(Serialize)]
+struct Transient<'a> {
+    display_id: &'a str,
+}
+
+impl<'a> Shown<'a> {
+    fn new(output: &'a Output, display_id: Option<&'a str>) -> Self {
+        Shown { output, transient: display_id.map(|display_id| Transient { display_id }) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_display_that_can_be_updated_carries_its_id_as_jupyter_does() {
+        let output = Output::DisplayData {
+            data: json!({"text/plain": "1"}).as_object().unwrap().clone(),
+            metadata: Default::default(),
+        };
+        let shown = serde_json::to_value(Shown::new(&output, Some("p"))).unwrap();
+        let expected = json!({"output_type": "display_data", "data": {"text/plain": "1"}, "metadata": {}, "transient": {"display_id": "p"}});
+        assert_eq!(shown, expected);
+        let plain = serde_json::to_value(Shown::new(&output, None)).unwrap();
+        assert_eq!(plain, serde_json::to_value(&output).unwrap());
+    }
 }

@@ -3,12 +3,65 @@
 //!
 //! Pure logic over [`Message`]s, so it is tested without a kernel. An execution is complete when both its
 //! `execute_reply` (shell) and its `status: idle` (IOPub) have arrived: output may follow the reply.
+//!
+//! # The output cap
+//!
+//! The cap bounds what the response carries, measured as compact JSON (strings with their escapes, as
+//! `serde_json` writes them). Every byte kept is charged when it is kept:
+//!
+//! - each new output is charged its whole serialized size plus one byte (the separator in the array), so
+//!   even an empty bundle costs its skeleton (about 50 bytes) and the number of outputs is bounded;
+//! - stream text and error outputs are charged twice, because the response carries them twice (stream text
+//!   also in `stdout`/`stderr`, the first error also as `error`);
+//! - `display_data` and `execute_result` are charged data *and* metadata; a bundle that does not fit keeps
+//!   the MIME types that do (`text/plain` first, then the metadata, then the others) and gets a short note,
+//!   reserved within the budget;
+//! - a display id is charged its length once, when first seen (the tracker holds it);
+//! - `update_display_data` is all or nothing: it is charged what it adds to the response, that is the new
+//!   size times the number of displays showing that id, minus what those displays showed (it may be
+//!   negative: a smaller update gives bytes back). If that does not fit, the displays keep their content;
+//! - `clear_output` gives back everything it removes;
+//! - the reply's error, reported only when no error output was kept, uses what is left of the budget, or
+//!   is cut to [`ERROR_RESERVE`] bytes, so a failure is always reported, briefly.
+//!
+//! Stream text and errors that do not fit are cut with a marker, and then the output is *closed*: no new
+//! output is kept until a `clear_output` (updates still are, within the budget). An output that does not
+//! fit even cut (not its skeleton, or not a bundle's note) is dropped. So the response (outputs, `stdout`,
+//! `stderr`, `error`) stays within `cap + `[`CAP_SLACK`]: the slack covers one closing marker (twice) and
+//! the reply's brief error. `truncated` is set whenever anything was cut or dropped, including by the wire
+//! layer (`Message::dropped_bytes`). Events carry only what was kept; over time an SSE stream can carry
+//! more than the cap (updates and clears give bytes back), but never more than the cap at once.
+//!
+//! # Displays sharing an id
+//!
+//! A display shown with a `display_id` keeps its own content until an update for that id arrives (as
+//! JupyterLab does); the update then makes every display of that id point to ONE shared entry. An update
+//! is O(its size): each display moves from its own content to the shared entry once, so the work over an
+//! execution is O(displays + update bytes), never O(displays × updates). The outputs returned repeat the
+//! shared entry in every display that shows it; that is what the update was charged for, so the
+//! materialized outputs stay within the cap.
+
+use std::collections::HashMap;
 
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::client::Channel;
 use super::wire::Message;
+
+/// How many times the response carries stream text (`outputs` and `stdout`/`stderr`) and an error output
+/// (`outputs` and `error`).
+const COPIES: usize = 2;
+
+/// The reply's error, when it is reported and the budget is spent, is cut to this many bytes of JSON.
+pub const ERROR_RESERVE: usize = 1024;
+
+/// An upper bound on the note added to a bundle that lost MIME types (see [`omission_note`]).
+const NOTE_MAX: usize = 1024;
+
+/// How far past the cap a response may go: one closing marker, carried twice, and the reply's error in its
+/// brief form ([`ERROR_RESERVE`] and a marker), and the outputs array's brackets.
+pub const CAP_SLACK: usize = 2048;
 
 /// A notebook output, in nbformat's shapes.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -56,13 +109,82 @@ pub enum ReplyStatus {
     Aborted,
 }
 
-/// What an incoming message changed, for streaming to a client.
+/// What an incoming message changed, for streaming to a client. Every event carries only content that
+/// was kept within the cap.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A new output (already capped).
-    Output(Output),
+    /// A new output, or more text for the last output when it is a stream of the same name.
+    /// `display_id` names a display that [`Event::Updated`] may later replace.
+    Output { output: Output, display_id: Option<String> },
+    /// Every display shown with `display_id` now shows `output` (a `display_data`).
+    Updated { display_id: String, output: Output },
     /// Outputs so far were cleared (`clear_output`).
     Cleared,
+}
+
+/// What an execution leaves for its response; every part was counted against the cap.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Status and execution count of the `execute_reply`, once it came.
+    pub reply: Option<(ReplyStatus, Option<u64>)>,
+    pub outputs: Vec<Output>,
+    /// The first error output, or else the reply's error (see [`ERROR_RESERVE`]).
+    pub error: Option<ErrorInfo>,
+    /// Something was cut or dropped.
+    pub truncated: bool,
+}
+
+/// The data and metadata of a display, with their serialized size (the two maps' JSON).
+#[derive(Debug)]
+struct Bundle {
+    data: Map<String, Value>,
+    metadata: Map<String, Value>,
+    size: usize,
+}
+
+impl Bundle {
+    fn new(data: Map<String, Value>, metadata: Map<String, Value>) -> Self {
+        let size = json_len(&data).saturating_add(json_len(&metadata));
+        Bundle { data, metadata, size }
+    }
+
+    fn to_output(&self) -> Output {
+        Output::DisplayData { data: self.data.clone(), metadata: self.metadata.clone() }
+    }
+}
+
+/// One output, as the tracker keeps it.
+#[derive(Debug)]
+enum Slot {
+    /// Anything but a display with a `display_id`.
+    Output(Output),
+    /// A display with a `display_id`, still showing its own content.
+    Own(Bundle),
+    /// A display whose id was updated: index into [`ExecutionTracker::entries`].
+    Shared(usize),
+}
+
+/// The displays shown with one `display_id`.
+#[derive(Debug, Default)]
+struct DisplayGroup {
+    /// The content of the last accepted update: index into [`ExecutionTracker::entries`].
+    shared: Option<usize>,
+    /// How many displays show `shared`.
+    shared_refs: usize,
+    /// Displays shown since the last update, still with their own content (slot indices): the next
+    /// update moves them to `shared`, so each display is moved once.
+    own: Vec<usize>,
+    /// Sum of their bundles' sizes.
+    own_size: usize,
+}
+
+/// The `execute_reply`, kept until the report.
+#[derive(Debug)]
+struct Reply {
+    status: ReplyStatus,
+    execution_count: Option<u64>,
+    /// Already cut to the cap (it is one message; what is reported is decided at the end).
+    error: Option<ErrorInfo>,
 }
 
 /// Follows one execution.
@@ -70,17 +192,21 @@ pub enum Event {
 pub struct ExecutionTracker {
     /// The `msg_id` of our `execute_request`; messages with another parent are not ours.
     msg_id: String,
-    outputs: Vec<Output>,
-    /// Bytes of output still allowed.
-    budget: usize,
-    /// The cap, kept for the truncation marker.
+    slots: Vec<Slot>,
+    /// Contents shared by the displays of one id, once updated; one entry per updated id.
+    entries: Vec<Bundle>,
+    /// `display_id` → the displays an update replaces.
+    displays: HashMap<String, DisplayGroup>,
+    /// The output cap, in bytes of JSON.
     cap: usize,
+    /// Bytes charged for what is kept now (see the module doc); never above `cap`.
+    used: usize,
+    /// A stream or error was cut with a marker: nothing more is kept until a clear.
+    closed: bool,
     truncated: bool,
     /// `clear_output(wait=True)` clears on the next output, not now.
     clear_pending: bool,
-    /// `display_id` → indices of the outputs `update_display_data` may replace.
-    displays: Vec<(String, usize)>,
-    reply: Option<(ReplyStatus, Option<u64>, Option<ErrorInfo>)>,
+    reply: Option<Reply>,
     idle_seen: bool,
 }
 
@@ -88,12 +214,14 @@ impl ExecutionTracker {
     pub fn new(msg_id: String, output_cap: usize) -> Self {
         ExecutionTracker {
             msg_id,
-            outputs: Vec::new(),
-            budget: output_cap,
+            slots: Vec::new(),
+            entries: Vec::new(),
+            displays: HashMap::new(),
             cap: output_cap,
+            used: 0,
+            closed: false,
             truncated: false,
             clear_pending: false,
-            displays: Vec::new(),
             reply: None,
             idle_seen: false,
         }
@@ -104,7 +232,11 @@ impl ExecutionTracker {
         if msg.parent_msg_id() != Some(self.msg_id.as_str()) {
             return Vec::new();
         }
+        if msg.dropped_bytes > 0 {
+            self.truncated = true;
+        }
         let c = &msg.content;
+        let display_id = c.pointer("/transient/display_id").and_then(Value::as_str);
         match (channel, msg.msg_type()) {
             (Channel::Shell, "execute_reply") => {
                 let status = match c.get("status").and_then(Value::as_str) {
@@ -112,8 +244,17 @@ impl ExecutionTracker {
                     Some("aborted") => ReplyStatus::Aborted,
                     _ => ReplyStatus::Error,
                 };
-                let error = (status == ReplyStatus::Error).then(|| error_info(c));
-                self.reply = Some((status, c.get("execution_count").and_then(Value::as_u64), error));
+                // Cut to the cap now, so no more than that is held; how much is reported is decided at the end.
+                let error = (status == ReplyStatus::Error).then(|| {
+                    let error = error_info(c);
+                    if json_len(&error) <= self.cap {
+                        return error;
+                    }
+                    self.truncated = true;
+                    cut_error(error, self.cap, &self.marker())
+                });
+                let execution_count = c.get("execution_count").and_then(Value::as_u64);
+                self.reply = Some(Reply { status, execution_count, error });
                 Vec::new()
             }
             (Channel::IOPub, "status") => {
@@ -122,41 +263,19 @@ impl ExecutionTracker {
                 }
                 Vec::new()
             }
-            (Channel::IOPub, "stream") => {
-                let name = str_field(c, "name");
-                let text = str_field(c, "text");
-                self.push(Output::Stream { name, text })
-            }
+            (Channel::IOPub, "stream") => self.push_stream(str_field(c, "name"), str_field(c, "text")),
             (Channel::IOPub, "display_data") => {
-                let (data, metadata) = (map_field(c, "data"), map_field(c, "metadata"));
-                if let Some(id) = c.pointer("/transient/display_id").and_then(Value::as_str) {
-                    self.displays.push((id.to_owned(), self.outputs.len()));
-                }
-                self.push(Output::DisplayData { data, metadata })
+                self.push_bundle(display_id, None, map_field(c, "data"), map_field(c, "metadata"))
             }
-            (Channel::IOPub, "update_display_data") => {
-                let Some(id) = c.pointer("/transient/display_id").and_then(Value::as_str) else {
-                    return Vec::new();
-                };
-                let (data, metadata) = (map_field(c, "data"), map_field(c, "metadata"));
-                let targets: Vec<usize> = self.displays.iter().filter(|(d, _)| d == id).map(|(_, i)| *i).collect();
-                for i in targets {
-                    if let Some(Output::DisplayData { data: d, metadata: m }) = self.outputs.get_mut(i) {
-                        *d = data.clone();
-                        *m = metadata.clone();
-                    }
-                }
-                Vec::new()
-            }
+            (Channel::IOPub, "update_display_data") => match display_id {
+                Some(id) => self.update(id, map_field(c, "data"), map_field(c, "metadata")),
+                None => Vec::new(),
+            },
             (Channel::IOPub, "execute_result") => {
-                let execution_count = c.get("execution_count").and_then(Value::as_u64);
-                let (data, metadata) = (map_field(c, "data"), map_field(c, "metadata"));
-                self.push(Output::ExecuteResult { execution_count, data, metadata })
+                let count = c.get("execution_count").and_then(Value::as_u64);
+                self.push_bundle(None, Some(count), map_field(c, "data"), map_field(c, "metadata"))
             }
-            (Channel::IOPub, "error") => {
-                let e = error_info(c);
-                self.push(Output::Error { ename: e.ename, evalue: e.evalue, traceback: e.traceback })
-            }
+            (Channel::IOPub, "error") => self.push_error(error_info(c)),
             (Channel::IOPub, "clear_output") => {
                 if c.get("wait").and_then(Value::as_bool) == Some(true) {
                     self.clear_pending = true;
@@ -170,98 +289,223 @@ impl ExecutionTracker {
     }
 
     fn clear(&mut self) -> Vec<Event> {
-        self.outputs.clear();
+        self.slots.clear();
+        self.entries.clear();
         self.displays.clear();
+        self.used = 0;
+        self.closed = false;
         self.clear_pending = false;
         vec![Event::Cleared]
     }
 
-    fn push(&mut self, output: Output) -> Vec<Event> {
-        let mut events = if self.clear_pending { self.clear() } else { Vec::new() };
-        let Some(output) = self.cap_output(output) else {
-            return events;
-        };
-        // Consecutive stream output of one name is one output, as a notebook shows it.
-        if let (Output::Stream { name, text }, Some(Output::Stream { name: last_name, text: last_text })) =
-            (&output, self.outputs.last_mut())
-            && name == last_name
-        {
-            last_text.push_str(text);
-        } else {
-            self.outputs.push(output.clone());
-        }
-        events.push(Event::Output(output));
+    /// A new output first carries out a pending `clear_output(wait=True)`.
+    fn start_output(&mut self) -> Vec<Event> {
+        if self.clear_pending { self.clear() } else { Vec::new() }
+    }
+
+    /// Bytes of budget left.
+    fn room(&self) -> usize {
+        self.cap.saturating_sub(self.used)
+    }
+
+    fn marker(&self) -> String {
+        format!("\n[kernelbox: output truncated, limit of {} bytes reached]\n", self.cap)
+    }
+
+    /// Dropped whole: it did not fit, or the output is closed.
+    fn drop_output(&mut self, events: Vec<Event>) -> Vec<Event> {
+        self.truncated = true;
         events
     }
 
-    /// Fits `output` into what is left of the budget: text is cut at the cap with a marker, rich data that
-    /// does not fit is dropped (its MIME types named in the marker). `None` once nothing more is shown.
-    fn cap_output(&mut self, output: Output) -> Option<Output> {
-        if self.budget == 0 {
-            self.truncated = true;
-            return None;
+    fn push_stream(&mut self, name: String, text: String) -> Vec<Event> {
+        let mut events = self.start_output();
+        if self.closed {
+            return self.drop_output(events);
         }
-        let marker = |cap: usize| format!("\n[kernelbox: output truncated, limit of {cap} bytes reached]\n");
-        let capped = match output {
-            Output::Stream { name, mut text } => {
-                if text.len() > self.budget {
-                    truncate_at_char(&mut text, self.budget);
-                    text.push_str(&marker(self.cap));
-                    self.budget = 0;
-                    self.truncated = true;
-                } else {
-                    self.budget -= text.len();
-                }
-                Output::Stream { name, text }
-            }
-            Output::DisplayData { data, metadata } => {
-                let (data, metadata) = self.cap_bundle(data, metadata);
-                Output::DisplayData { data, metadata }
-            }
-            Output::ExecuteResult { execution_count, data, metadata } => {
-                let (data, metadata) = self.cap_bundle(data, metadata);
-                Output::ExecuteResult { execution_count, data, metadata }
-            }
-            Output::Error { ename, evalue, mut traceback } => {
-                let size: usize = ename.len() + evalue.len() + traceback.iter().map(String::len).sum::<usize>();
-                if size > self.budget {
-                    traceback.truncate(1);
-                    traceback.push(marker(self.cap));
-                    self.truncated = true;
-                }
-                self.budget = self.budget.saturating_sub(size);
-                Output::Error { ename, evalue, traceback }
-            }
+        // Consecutive stream output of one name is one output, as a notebook shows it.
+        let merge = matches!(self.slots.last(), Some(Slot::Output(Output::Stream { name: last, .. })) if *last == name);
+        let skeleton = if merge { 0 } else { output_len(&Output::Stream { name: name.clone(), text: String::new() }) };
+        let cost = skeleton.saturating_add(json_str_len(&text).saturating_mul(COPIES));
+        let text = if cost <= self.room() {
+            self.used += cost;
+            text
+        } else if skeleton <= self.room() {
+            let fits = json_prefix(&text, (self.room() - skeleton) / COPIES);
+            self.used += skeleton + json_str_len(fits) * COPIES;
+            let cut = fits.to_owned() + &self.marker();
+            self.closed = true;
+            self.truncated = true;
+            cut
+        } else {
+            return self.drop_output(events);
         };
-        Some(capped)
+        match self.slots.last_mut() {
+            Some(Slot::Output(Output::Stream { text: last, .. })) if merge => last.push_str(&text),
+            _ => self.slots.push(Slot::Output(Output::Stream { name: name.clone(), text: text.clone() })),
+        }
+        events.push(Event::Output { output: Output::Stream { name, text }, display_id: None });
+        events
     }
 
-    fn cap_bundle(
+    /// A `display_data` (`count` is `None`) or an `execute_result`.
+    fn push_bundle(
         &mut self,
-        mut data: Map<String, Value>,
-        mut metadata: Map<String, Value>,
-    ) -> (Map<String, Value>, Map<String, Value>) {
+        display_id: Option<&str>,
+        count: Option<Option<u64>>,
+        data: Map<String, Value>,
+        metadata: Map<String, Value>,
+    ) -> Vec<Event> {
+        let mut events = self.start_output();
+        if self.closed {
+            return self.drop_output(events);
+        }
+        let (empty, new_id) = (Map::new(), display_id.filter(|id| !self.displays.contains_key(*id)));
+        let skeleton = match count {
+            Some(execution_count) => {
+                output_len(&Output::ExecuteResult { execution_count, data: empty.clone(), metadata: empty })
+            }
+            None => output_len(&Output::DisplayData { data: empty.clone(), metadata: empty }),
+        } - 4; // the two `{}` are counted with the bundle
+        let fixed = skeleton + new_id.map_or(0, str::len);
+        let Some(bundle) = self.fit_bundle(fixed, data, metadata) else {
+            return self.drop_output(events);
+        };
+        self.used += fixed + bundle.size;
+        let output = match (display_id, count) {
+            (Some(id), None) => {
+                let group = self.displays.entry(id.to_owned()).or_default();
+                group.own.push(self.slots.len());
+                group.own_size += bundle.size;
+                let output = bundle.to_output();
+                self.slots.push(Slot::Own(bundle));
+                output
+            }
+            (_, count) => {
+                let Bundle { data, metadata, .. } = bundle;
+                let output = match count {
+                    Some(execution_count) => Output::ExecuteResult { execution_count, data, metadata },
+                    None => Output::DisplayData { data, metadata },
+                };
+                self.slots.push(Slot::Output(output.clone()));
+                output
+            }
+        };
+        events.push(Event::Output { output, display_id: display_id.map(str::to_owned) });
+        events
+    }
+
+    /// Fits a bundle into what is left after `fixed` bytes. Whole if it fits; otherwise the MIME types that
+    /// fit (`text/plain` first, then the metadata, then the others) and a note. `None` when not even
+    /// the note fits.
+    fn fit_bundle(&mut self, fixed: usize, data: Map<String, Value>, metadata: Map<String, Value>) -> Option<Bundle> {
+        let bundle = Bundle::new(data, metadata);
+        if fixed.saturating_add(bundle.size) <= self.room() {
+            return Some(bundle);
+        }
+        self.truncated = true;
+        // Two pairs of braces, then each kept entry: key, colon, value, comma.
+        let mut room = self.room().checked_sub(fixed.saturating_add(NOTE_MAX + 4))?;
+        let Bundle { mut data, mut metadata, .. } = bundle;
         let mut omitted = Vec::new();
-        let mut mimes: Vec<String> = data.keys().cloned().collect();
-        // Keep text/plain first so a dropped image still leaves its textual form.
-        mimes.sort_by_key(|m| m != "text/plain");
-        for mime in mimes {
-            let size = value_size(&data[&mime]);
-            if size <= self.budget {
-                self.budget -= size;
-            } else {
-                data.remove(&mime);
-                omitted.push(mime);
+        let mut keys: Vec<String> = data.keys().cloned().collect();
+        keys.sort_by_key(|k| k != "text/plain");
+        let plain = usize::from(keys.first().is_some_and(|k| k == "text/plain"));
+        let fit = |room: &mut usize, size: usize| {
+            let fits = size <= *room;
+            if fits {
+                *room -= size;
+            }
+            fits
+        };
+        for key in &keys[..plain] {
+            let size = json_str_len(key) + 4 + json_len(&data[key]);
+            if !fit(&mut room, size) {
+                data.remove(key);
+                omitted.push(key.clone());
             }
         }
-        if !omitted.is_empty() {
-            self.truncated = true;
-            let note =
-                format!("[kernelbox: output omitted ({}), limit of {} bytes reached]", omitted.join(", "), self.cap);
-            data.entry("text/plain").or_insert_with(|| Value::String(note.clone()));
-            metadata.insert("kernelbox".into(), json!({"truncated": true, "omitted": omitted, "message": note}));
+        if !fit(&mut room, json_len(&metadata)) {
+            metadata = Map::new();
+            omitted.push("metadata".to_owned());
         }
-        (data, metadata)
+        for key in &keys[plain..] {
+            let size = json_str_len(key) + 4 + json_len(&data[key]);
+            if !fit(&mut room, size) {
+                data.remove(key);
+                omitted.push(key.clone());
+            }
+        }
+        let (note, kernelbox) = omission_note(&omitted, self.cap);
+        data.entry("text/plain").or_insert_with(|| Value::String(note));
+        metadata.insert("kernelbox".into(), kernelbox);
+        let bundle = Bundle::new(data, metadata);
+        // The note's reserve makes this always true; checked so that a wrong bound cannot break the cap.
+        (fixed.saturating_add(bundle.size) <= self.room()).then_some(bundle)
+    }
+
+    fn push_error(&mut self, error: ErrorInfo) -> Vec<Event> {
+        let mut events = self.start_output();
+        if self.closed {
+            return self.drop_output(events);
+        }
+        let empty = ErrorInfo { ename: String::new(), evalue: String::new(), traceback: Vec::new() };
+        // What the output adds to the `error` field's shape: `"output_type":"error",` and a separator.
+        let extra = output_len(&error_output(empty.clone())) - json_len(&empty);
+        let cost = json_len(&error).saturating_mul(COPIES).saturating_add(extra);
+        let error = if cost <= self.room() {
+            self.used += cost;
+            error
+        } else if extra + json_len(&empty) * COPIES <= self.room() {
+            let cut = cut_error(error, (self.room() - extra) / COPIES, &self.marker());
+            self.used = (self.used + extra + json_len(&cut) * COPIES).min(self.cap);
+            self.closed = true;
+            self.truncated = true;
+            cut
+        } else {
+            return self.drop_output(events);
+        };
+        let output = error_output(error);
+        self.slots.push(Slot::Output(output.clone()));
+        events.push(Event::Output { output, display_id: None });
+        events
+    }
+
+    /// `update_display_data`: every display of `id` shows the new content, if the response can carry it.
+    fn update(&mut self, id: &str, data: Map<String, Value>, metadata: Map<String, Value>) -> Vec<Event> {
+        // Displays that were never shown (or were cleared) cannot be updated, as in a notebook.
+        let Some(group) = self.displays.get_mut(id) else {
+            return Vec::new();
+        };
+        let bundle = Bundle::new(data, metadata);
+        let shown = group.shared_refs + group.own.len();
+        let shared_size = group.shared.map_or(0, |i| self.entries[i].size);
+        let before = group.shared_refs.saturating_mul(shared_size).saturating_add(group.own_size);
+        let after = shown.saturating_mul(bundle.size);
+        let used = self.used.saturating_sub(before).saturating_add(after);
+        if used > self.cap {
+            self.truncated = true;
+            return Vec::new();
+        }
+        self.used = used;
+        let output = bundle.to_output();
+        let entry = match group.shared {
+            Some(i) => {
+                self.entries[i] = bundle;
+                i
+            }
+            None => {
+                self.entries.push(bundle);
+                group.shared = Some(self.entries.len() - 1);
+                self.entries.len() - 1
+            }
+        };
+        for slot in group.own.drain(..) {
+            self.slots[slot] = Slot::Shared(entry);
+        }
+        group.shared_refs = shown;
+        group.own_size = 0;
+        vec![Event::Updated { display_id: id.to_owned(), output }]
     }
 
     /// Both the reply and the idle status have arrived.
@@ -269,22 +513,44 @@ impl ExecutionTracker {
         self.reply.is_some() && self.idle_seen
     }
 
-    /// The reply, once it came: status, execution count, error.
-    pub fn reply(&self) -> Option<&(ReplyStatus, Option<u64>, Option<ErrorInfo>)> {
-        self.reply.as_ref()
+    /// The reply's status and execution count, once it came. Its error is in [`Self::into_report`].
+    pub fn reply(&self) -> Option<(ReplyStatus, Option<u64>)> {
+        self.reply.as_ref().map(|r| (r.status, r.execution_count))
     }
 
     pub fn truncated(&self) -> bool {
         self.truncated
     }
 
-    /// The outputs so far, and whether any were cut.
-    pub fn into_outputs(self) -> Vec<Output> {
-        self.outputs
+    /// The outputs so far, as the response shows them.
+    pub fn outputs(&self) -> Vec<Output> {
+        self.slots
+            .iter()
+            .map(|slot| match slot {
+                Slot::Output(output) => output.clone(),
+                Slot::Own(bundle) => bundle.to_output(),
+                Slot::Shared(entry) => self.entries[*entry].to_output(),
+            })
+            .collect()
     }
 
-    pub fn outputs(&self) -> &[Output] {
-        &self.outputs
+    pub fn into_outputs(self) -> Vec<Output> {
+        self.outputs()
+    }
+
+    /// Everything the response carries: the outputs, and the error to report (the first error output, or
+    /// the reply's error within what is left of the budget, or else cut to [`ERROR_RESERVE`]).
+    pub fn into_report(mut self) -> Report {
+        let outputs = self.outputs();
+        let error = first_error(&outputs).or_else(|| {
+            let error = self.reply.as_mut()?.error.take()?;
+            if json_len(&error) <= self.room() {
+                return Some(error);
+            }
+            self.truncated = true;
+            Some(cut_error(error, self.room().max(ERROR_RESERVE), &self.marker()))
+        });
+        Report { reply: self.reply(), outputs, error, truncated: self.truncated }
     }
 }
 
@@ -309,19 +575,120 @@ pub fn first_error(outputs: &[Output]) -> Option<ErrorInfo> {
     })
 }
 
-fn truncate_at_char(text: &mut String, max: usize) {
-    let mut cut = max.min(text.len());
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    text.truncate(cut);
+fn error_output(e: ErrorInfo) -> Output {
+    Output::Error { ename: e.ename, evalue: e.evalue, traceback: e.traceback }
 }
 
-fn value_size(v: &Value) -> usize {
-    match v {
-        Value::String(s) => s.len(),
-        other => other.to_string().len(),
+/// `error` cut so that its JSON is at most `max` bytes, plus `marker` as a last traceback line: the
+/// name, then the value, then the traceback lines that fit.
+fn cut_error(error: ErrorInfo, max: usize, marker: &str) -> ErrorInfo {
+    let empty = ErrorInfo { ename: String::new(), evalue: String::new(), traceback: Vec::new() };
+    let mut room = max.saturating_sub(json_len(&empty));
+    let ename = take_prefix(&error.ename, &mut room);
+    let evalue = take_prefix(&error.evalue, &mut room);
+    let mut traceback = Vec::new();
+    // Each line also costs its quotes and a separator.
+    for line in &error.traceback {
+        let Some(mut line_room) = room.checked_sub(3) else { break };
+        let part = take_prefix(line, &mut line_room);
+        room = line_room;
+        let whole = part.len() == line.len();
+        traceback.push(part);
+        if !whole {
+            break;
+        }
     }
+    traceback.push(marker.to_owned());
+    ErrorInfo { ename, evalue, traceback }
+}
+
+/// The longest prefix of `s` that fits in `room` bytes of JSON, taken out of `room`.
+fn take_prefix(s: &str, room: &mut usize) -> String {
+    let part = json_prefix(s, *room);
+    *room -= json_str_len(part);
+    part.to_owned()
+}
+
+/// The note on a bundle that lost MIME types: a `text/plain` stand-in and the `kernelbox` metadata. Its
+/// size is bounded ([`NOTE_MAX`]) whatever the names: a few are listed, cut and reduced to MIME-ish
+/// characters.
+fn omission_note(omitted: &[String], cap: usize) -> (String, Value) {
+    const LISTED: usize = 4;
+    const NAME_MAX: usize = 40;
+    let names: Vec<String> = omitted
+        .iter()
+        .take(LISTED)
+        .map(|m| m.chars().filter(|c| c.is_ascii_alphanumeric() || "+-./_".contains(*c)).take(NAME_MAX).collect())
+        .collect();
+    let more = match omitted.len().saturating_sub(LISTED) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    let note = format!("[kernelbox: output omitted ({}{more}), limit of {cap} bytes reached]", names.join(", "));
+    let meta = json!({"truncated": true, "omitted": names, "message": note});
+    (note, meta)
+}
+
+/// Counts the bytes serialized into it.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The size of `value` as compact JSON, as the response serializes it (without building the text).
+fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    let mut counter = Counter(0);
+    // These types always serialize; if one ever did not, it counts as too big to keep.
+    match serde_json::to_writer(&mut counter, value) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    }
+}
+
+/// What one more output costs: its JSON and a separator in the outputs array.
+fn output_len(output: &Output) -> usize {
+    json_len(output).saturating_add(1)
+}
+
+/// The size of `c` inside a JSON string, as `serde_json` escapes it.
+fn json_char_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// The size of `s` as a JSON string, without its quotes.
+fn json_str_len(s: &str) -> usize {
+    // Byte by byte: a UTF-8 sequence is never escaped, and each of its bytes counts one.
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..0x20 => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
+/// The longest prefix of `s`, cut between characters, whose JSON (without quotes) is at most `max` bytes.
+fn json_prefix(s: &str, max: usize) -> &str {
+    let mut size = 0;
+    for (i, c) in s.char_indices() {
+        size += json_char_len(c);
+        if size > max {
+            return &s[..i];
+        }
+    }
+    s
 }
 
 fn str_field(c: &Value, key: &str) -> String {
@@ -369,6 +736,472 @@ mod tests {
         ExecutionTracker::new(ID.into(), 1024)
     }
 
+    /// One message for a table: channel, type, content.
+    type Msg = (Channel, &'static str, Value);
+
+    fn stream(name: &str, text: String) -> Msg {
+        (Channel::IOPub, "stream", json!({"name": name, "text": text}))
+    }
+
+    fn display(id: Option<&str>, data: Value, metadata: Value) -> Msg {
+        let transient = id.map_or(json!({}), |id| json!({"display_id": id}));
+        (Channel::IOPub, "display_data", json!({"data": data, "metadata": metadata, "transient": transient}))
+    }
+
+    fn update(id: &str, data: Value) -> Msg {
+        (Channel::IOPub, "update_display_data", json!({"data": data, "metadata": {}, "transient": {"display_id": id}}))
+    }
+
+    fn result(data: Value, metadata: Value) -> Msg {
+        (Channel::IOPub, "execute_result", json!({"execution_count": 7, "data": data, "metadata": metadata}))
+    }
+
+    fn error(msg_type: &'static str, ename: String, evalue: String, traceback: Vec<String>) -> Msg {
+        let channel = if msg_type == "error" { Channel::IOPub } else { Channel::Shell };
+        (channel, msg_type, json!({"status": "error", "ename": ename, "evalue": evalue, "traceback": traceback}))
+    }
+
+    fn text(s: &str) -> Value {
+        json!({"text/plain": s})
+    }
+
+    fn x(n: usize) -> String {
+        "x".repeat(n)
+    }
+
+    /// What the tracker bounds: the response's outputs, `stdout`, `stderr` and `error`, as the actor
+    /// builds them.
+    fn response_len(report: &Report) -> usize {
+        json_len(&report.outputs)
+            + json_len(&stream_text(&report.outputs, "stdout"))
+            + json_len(&stream_text(&report.outputs, "stderr"))
+            + json_len(&report.error)
+    }
+
+    /// A table row: messages in, whether the report says `truncated`, and a check of the report.
+    struct Case {
+        name: &'static str,
+        messages: Vec<Msg>,
+        truncated: bool,
+        check: fn(&Report),
+    }
+
+    fn case(name: &'static str, messages: Vec<Msg>, truncated: bool) -> Case {
+        Case { name, messages, truncated, check: |_| {} }
+    }
+
+    /// Runs every case with `cap`: the response and every streamed event stay within `cap + CAP_SLACK`,
+    /// and `truncated` is as expected.
+    fn check(cap: usize, cases: Vec<Case>) {
+        for Case { name, messages, truncated, check } in cases {
+            let mut t = ExecutionTracker::new(ID.into(), cap);
+            for (channel, msg_type, content) in messages {
+                for event in t.handle(channel, &msg(msg_type, ID, content)) {
+                    let size = match &event {
+                        Event::Output { output, .. } | Event::Updated { output, .. } => json_len(output),
+                        Event::Cleared => 0,
+                    };
+                    assert!(size <= cap + CAP_SLACK, "{name}: an event of {size} bytes for a cap of {cap}");
+                }
+            }
+            let report = t.into_report();
+            let size = response_len(&report);
+            assert!(size <= cap + CAP_SLACK, "{name}: a response of {size} bytes for a cap of {cap}");
+            assert_eq!(report.truncated, truncated, "{name}: truncated");
+            check(&report);
+        }
+    }
+
+    /// The cap in the tables: 64 KiB, with payloads sized as multiples of it (as measured against 1 MiB).
+    const CAP: usize = 64 * 1024;
+
+    fn shown_text(output: &Output) -> &str {
+        match output {
+            Output::DisplayData { data, .. } => data["text/plain"].as_str().unwrap_or_default(),
+            other => panic!("not a display: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn updates_are_counted() {
+        check(
+            CAP,
+            vec![
+                Case {
+                    name: "five updates of 3× the cap are refused",
+                    messages: std::iter::once(display(Some("p"), text("0%"), json!({})))
+                        .chain((0..5).map(|_| update("p", text(&x(3 * CAP)))))
+                        .collect(),
+                    truncated: true,
+                    check: |r| assert_eq!(shown_text(&r.outputs[0]), "0%"),
+                },
+                Case {
+                    name: "updates that fit replace the display, whatever their number",
+                    messages: std::iter::once(display(Some("p"), text("0%"), json!({})))
+                        .chain((0..50).map(|i| update("p", text(&format!("{i}{}", x(CAP / 4))))))
+                        .collect(),
+                    truncated: false,
+                    check: |r| assert!(shown_text(&r.outputs[0]).starts_with("49x")),
+                },
+                Case {
+                    name: "growing updates stop at the last one that fits",
+                    messages: std::iter::once(display(Some("p"), text(""), json!({})))
+                        .chain((1..=10).map(|k| update("p", text(&x(k * CAP / 8)))))
+                        .collect(),
+                    truncated: true,
+                    check: |r| assert_eq!(shown_text(&r.outputs[0]).len(), 7 * CAP / 8),
+                },
+                Case {
+                    name: "an update's metadata counts",
+                    messages: vec![
+                        display(Some("p"), text("0%"), json!({})),
+                        (
+                            Channel::IOPub,
+                            "update_display_data",
+                            json!({"data": text("1%"), "metadata": {"m": x(2 * CAP)}, "transient": {"display_id": "p"}}),
+                        ),
+                    ],
+                    truncated: true,
+                    check: |r| assert_eq!(shown_text(&r.outputs[0]), "0%"),
+                },
+            ],
+        );
+    }
+
+    #[test]
+    fn an_update_is_charged_once_per_display_that_shows_it() {
+        let forty = |update_size: usize| -> Vec<Msg> {
+            (0..40)
+                .map(|_| display(Some("q"), text("."), json!({})))
+                .chain(std::iter::once(update("q", text(&x(update_size)))))
+                .collect()
+        };
+        check(
+            CAP,
+            vec![
+                Case {
+                    name: "40 displays, an update of 2× the cap",
+                    messages: forty(2 * CAP),
+                    truncated: true,
+                    check: |r| assert!(r.outputs.iter().all(|o| shown_text(o) == ".")),
+                },
+                Case {
+                    name: "40 displays, an update of 1/20 of the cap (2× the cap shown)",
+                    messages: forty(CAP / 20),
+                    truncated: true,
+                    check: |r| assert!(r.outputs.iter().all(|o| shown_text(o) == ".")),
+                },
+                Case {
+                    name: "40 displays, an update of 1/100 of the cap",
+                    messages: forty(CAP / 100),
+                    truncated: false,
+                    check: |r| {
+                        assert_eq!(r.outputs.len(), 40);
+                        assert!(r.outputs.iter().all(|o| shown_text(o).len() == CAP / 100));
+                    },
+                },
+            ],
+        );
+    }
+
+    #[test]
+    fn display_metadata_is_counted() {
+        check(
+            CAP,
+            vec![
+                Case {
+                    name: "50 displays with metadata of the cap's size",
+                    messages: (0..50).map(|_| display(None, text("fig"), json!({"m": x(CAP)}))).collect(),
+                    truncated: true,
+                    check: |r| match &r.outputs[0] {
+                        Output::DisplayData { data, metadata } => {
+                            assert_eq!(data["text/plain"], "fig");
+                            assert_eq!(metadata["kernelbox"]["omitted"], json!(["metadata"]));
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    },
+                },
+                case(
+                    "50 results with metadata of 1/10 of the cap",
+                    (0..50).map(|_| result(text("1"), json!({"m": x(CAP / 10)}))).collect(),
+                    true,
+                ),
+                case("small metadata is kept", vec![display(None, text("fig"), json!({"width": 640}))], false),
+            ],
+        );
+    }
+
+    #[test]
+    fn error_outputs_are_cut() {
+        let huge = || x(20 * CAP);
+        check(
+            CAP,
+            vec![
+                Case {
+                    name: "an evalue of 20× the cap, in the output and the reply",
+                    messages: vec![
+                        error("error", "ValueError".into(), huge(), vec!["tb".into()]),
+                        error("execute_reply", "ValueError".into(), huge(), vec!["tb".into()]),
+                    ],
+                    truncated: true,
+                    check: |r| {
+                        let e = r.error.as_ref().unwrap();
+                        assert_eq!(e.ename, "ValueError");
+                        assert!(e.evalue.len() < CAP / 2);
+                        assert!(e.traceback.last().unwrap().contains("[kernelbox: output truncated"));
+                    },
+                },
+                case(
+                    "a traceback of 1,000 lines of 1/100 of the cap",
+                    vec![error("error", "E".into(), "v".into(), vec![x(CAP / 100); 1000])],
+                    true,
+                ),
+                case("an ename of 20× the cap", vec![error("error", huge(), "v".into(), vec![])], true),
+                case(
+                    "control characters count as their escapes",
+                    vec![error("error", "E".into(), "\u{1}".repeat(CAP), vec![])],
+                    true,
+                ),
+                Case {
+                    name: "a small error is whole",
+                    messages: vec![error("error", "E".into(), "v".into(), vec!["tb".into()])],
+                    truncated: false,
+                    check: |r| assert_eq!(r.error.as_ref().unwrap().traceback, vec!["tb".to_owned()]),
+                },
+            ],
+        );
+    }
+
+    #[test]
+    fn the_replys_error_is_capped() {
+        check(
+            CAP,
+            vec![
+                Case {
+                    name: "budget spent by stdout, then a reply error of 10× the cap",
+                    messages: vec![
+                        stream("stdout", x(2 * CAP)),
+                        error("execute_reply", "E".into(), x(10 * CAP), vec![x(100); 100]),
+                    ],
+                    truncated: true,
+                    check: |r| {
+                        let e = r.error.as_ref().unwrap();
+                        assert_eq!(e.ename, "E");
+                        assert!(json_len(e) <= ERROR_RESERVE + 100, "{}", json_len(e));
+                    },
+                },
+                case(
+                    "no output, a reply error of 10× the cap",
+                    vec![error("execute_reply", "E".into(), x(10 * CAP), vec![])],
+                    true,
+                ),
+                Case {
+                    name: "a reply error that fits is whole",
+                    messages: vec![
+                        stream("stdout", x(CAP / 4)),
+                        error("execute_reply", "E".into(), x(CAP / 4), vec![]),
+                    ],
+                    truncated: false,
+                    check: |r| assert_eq!(r.error.as_ref().unwrap().evalue.len(), CAP / 4),
+                },
+            ],
+        );
+    }
+
+    #[test]
+    fn every_output_costs_at_least_its_skeleton() {
+        check(
+            CAP,
+            vec![
+                Case {
+                    name: "5,000 empty displays (4× the cap in skeletons)",
+                    messages: (0..5_000).map(|_| display(None, json!({}), json!({}))).collect(),
+                    truncated: true,
+                    check: |r| assert!(r.outputs.len() < CAP / 40, "{}", r.outputs.len()),
+                },
+                case("5,000 empty results", (0..5_000).map(|_| result(json!({}), json!({}))).collect(), true),
+                case(
+                    "5,000 empty stream messages",
+                    (0..5_000).map(|i| stream(["a", "b"][i % 2], String::new())).collect(),
+                    true,
+                ),
+                case(
+                    "5,000 empty errors",
+                    (0..5_000).map(|_| error("error", String::new(), String::new(), vec![])).collect(),
+                    true,
+                ),
+                case("10 empty displays", (0..10).map(|_| display(None, json!({}), json!({}))).collect(), false),
+            ],
+        );
+    }
+
+    #[test]
+    fn stream_text_is_counted_for_both_places_the_response_carries_it() {
+        check(
+            CAP,
+            vec![
+                case("stdout of 2× the cap", vec![stream("stdout", x(2 * CAP))], true),
+                case(
+                    "stdout and stderr of 1/5 of the cap each",
+                    vec![stream("stdout", x(CAP / 5)), stream("stderr", x(CAP / 5))],
+                    false,
+                ),
+                case(
+                    "stdout and stderr of 1/3 of the cap each: 4/3 of the cap in the response",
+                    vec![stream("stdout", x(CAP / 3)), stream("stderr", x(CAP / 3))],
+                    true,
+                ),
+                case("newlines count as their escapes", vec![stream("stdout", "\n".repeat(CAP))], true),
+                case(
+                    "10,000 displays with long ids of their own (ids are held, so charged)",
+                    (0..10_000).map(|i| display(Some(&format!("{i:0>100}")), json!({}), json!({}))).collect(),
+                    true,
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_message_the_wire_layer_cut_makes_the_execution_truncated() {
+        let mut t = tracker();
+        let mut m = msg("stream", ID, json!({"name": "stdout", "text": "the first part"}));
+        m.dropped_bytes = 4096;
+        t.handle(Channel::IOPub, &m);
+        assert_eq!(stream_text(&t.outputs(), "stdout"), "the first part");
+        assert!(t.truncated());
+        assert!(t.into_report().truncated);
+
+        // Only our messages count.
+        let mut t = tracker();
+        let mut other = msg("stream", "someone-else", json!({"name": "stdout", "text": "x"}));
+        other.dropped_bytes = 1;
+        t.handle(Channel::IOPub, &other);
+        assert!(!t.truncated());
+    }
+
+    #[test]
+    fn displays_sharing_an_id_share_one_entry() {
+        let mut t = ExecutionTracker::new(ID.into(), 4 << 20);
+        for _ in 0..10_000 {
+            feed(
+                &mut t,
+                Channel::IOPub,
+                "display_data",
+                json!({"data": text("0%"), "transient": {"display_id": "bar"}}),
+            );
+        }
+        for i in 0..10_000 {
+            let events = feed(
+                &mut t,
+                Channel::IOPub,
+                "update_display_data",
+                json!({"data": text(&format!("{i}%")), "transient": {"display_id": "bar"}}),
+            );
+            assert!(matches!(&events[..], [Event::Updated { display_id, .. }] if display_id == "bar"));
+        }
+        // The work is bounded by structure: one entry, and no display left to move.
+        assert_eq!(t.entries.len(), 1);
+        let group = &t.displays["bar"];
+        assert_eq!((group.shared_refs, group.own.len()), (10_000, 0));
+        assert!(!t.truncated());
+        let outputs = t.into_outputs();
+        assert_eq!(outputs.len(), 10_000);
+        assert!(outputs.iter().all(|o| shown_text(o) == "9999%"));
+    }
+
+    #[test]
+    fn a_display_keeps_its_own_content_until_its_id_is_updated() {
+        let mut t = tracker();
+        let show = |t: &mut ExecutionTracker, s: &str| {
+            feed(t, Channel::IOPub, "display_data", json!({"data": text(s), "transient": {"display_id": "d"}}))
+        };
+        show(&mut t, "a");
+        show(&mut t, "b");
+        let shown = |t: &ExecutionTracker| t.outputs().iter().map(|o| shown_text(o).to_owned()).collect::<Vec<_>>();
+        assert_eq!(shown(&t), ["a", "b"]);
+        feed(
+            &mut t,
+            Channel::IOPub,
+            "update_display_data",
+            json!({"data": text("c"), "transient": {"display_id": "d"}}),
+        );
+        show(&mut t, "e");
+        assert_eq!(shown(&t), ["c", "c", "e"]);
+        feed(
+            &mut t,
+            Channel::IOPub,
+            "update_display_data",
+            json!({"data": text("f"), "transient": {"display_id": "d"}}),
+        );
+        assert_eq!(shown(&t), ["f", "f", "f"]);
+        assert_eq!(t.entries.len(), 1);
+    }
+
+    #[test]
+    fn a_display_shown_after_clear_output_wait_keeps_its_id() {
+        let mut t = tracker();
+        let content = |s: &str| json!({"data": text(s), "metadata": {}, "transient": {"display_id": "x"}});
+        feed(&mut t, Channel::IOPub, "display_data", content("a"));
+        feed(&mut t, Channel::IOPub, "clear_output", json!({"wait": true}));
+        let events = feed(&mut t, Channel::IOPub, "display_data", content("b"));
+        assert_eq!(events[0], Event::Cleared);
+        assert!(matches!(&events[1], Event::Output { display_id: Some(id), .. } if id == "x"));
+        let events = feed(&mut t, Channel::IOPub, "update_display_data", content("c"));
+        assert_eq!(events.len(), 1);
+        let outputs = t.outputs();
+        assert_eq!(outputs.len(), 1);
+        assert_eq!(shown_text(&outputs[0]), "c");
+    }
+
+    #[test]
+    fn clear_output_gives_the_budget_back() {
+        let mut t = ExecutionTracker::new(ID.into(), 1000);
+        for i in 0..100 {
+            feed(&mut t, Channel::IOPub, "clear_output", json!({"wait": true}));
+            feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": format!("{i}: {}", x(300))}));
+        }
+        assert!(!t.truncated());
+        assert!(stream_text(&t.outputs(), "stdout").starts_with("99: "));
+    }
+
+    #[test]
+    fn an_update_for_an_unknown_id_is_ignored() {
+        let mut t = tracker();
+        let events = feed(
+            &mut t,
+            Channel::IOPub,
+            "update_display_data",
+            json!({"data": text("1"), "transient": {"display_id": "nope"}}),
+        );
+        assert!(events.is_empty());
+        assert!(t.outputs().is_empty());
+    }
+
+    #[test]
+    fn json_sizes_match_what_serde_json_writes() {
+        for s in
+            ["", "plain", "é ü 漢字 🦀", "\"quoted\" \\ back", "\n\r\t\u{8}\u{c}", "\u{0}\u{1f}\u{7f}", "</script>"]
+        {
+            assert_eq!(json_str_len(s) + 2, serde_json::to_string(s).unwrap().len(), "{s:?}");
+            assert_eq!(json_str_len(s), s.chars().map(json_char_len).sum::<usize>(), "{s:?}");
+            for max in 0..=json_str_len(s) {
+                let prefix = json_prefix(s, max);
+                assert!(json_str_len(prefix) <= max && s.starts_with(prefix));
+            }
+        }
+        let v = json!({"a": [1, 2.5, null, true], "b": {"c": "d\n"}});
+        assert_eq!(json_len(&v), serde_json::to_string(&v).unwrap().len());
+    }
+
+    #[test]
+    fn the_omission_note_is_bounded_whatever_the_names() {
+        let names: Vec<String> = (0..1000).map(|i| format!("{i}{}", "\u{1}\"é".repeat(10_000))).collect();
+        let (note, meta) = omission_note(&names, usize::MAX);
+        // The note may stand in for text/plain and always goes in the metadata.
+        let added = json_len(&json!({"text/plain": note, "kernelbox": meta}));
+        assert!(added <= NOTE_MAX, "{added}");
+    }
+
     #[test]
     fn an_execution_is_complete_only_after_reply_and_idle() {
         let mut t = tracker();
@@ -377,8 +1210,7 @@ mod tests {
         assert!(!t.is_complete());
         feed(&mut t, Channel::IOPub, "status", json!({"execution_state": "idle"}));
         assert!(t.is_complete());
-        assert_eq!(t.reply().unwrap().0, ReplyStatus::Ok);
-        assert_eq!(t.reply().unwrap().1, Some(3));
+        assert_eq!(t.reply(), Some((ReplyStatus::Ok, Some(3))));
     }
 
     #[test]
@@ -421,34 +1253,37 @@ mod tests {
         let err =
             json!({"status": "error", "ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["tb"]});
         feed(&mut t, Channel::Shell, "execute_reply", err);
-        let (status, _, error) = t.reply().unwrap();
-        assert_eq!(*status, ReplyStatus::Error);
-        assert_eq!(error.as_ref().unwrap().ename, "ZeroDivisionError");
+        assert_eq!(t.reply().unwrap().0, ReplyStatus::Error);
+        let report = t.into_report();
+        assert_eq!(report.error.unwrap().ename, "ZeroDivisionError");
+        assert!(!report.truncated);
     }
 
     #[test]
     fn stream_text_past_the_cap_is_cut_with_a_marker_and_then_dropped() {
-        let mut t = ExecutionTracker::new(ID.into(), 10);
+        let skeleton = output_len(&Output::Stream { name: "stdout".into(), text: String::new() });
+        let mut t = ExecutionTracker::new(ID.into(), skeleton + 2 * 10);
         feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "0123456789abcdef"}));
         let more = feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "more"}));
         assert!(more.is_empty());
         assert!(t.truncated());
-        let text = stream_text(t.outputs(), "stdout");
+        let text = stream_text(&t.outputs(), "stdout");
         assert!(text.starts_with("0123456789\n[kernelbox: output truncated"), "{text}");
         assert!(!text.contains("more"));
     }
 
     #[test]
     fn the_cap_never_splits_a_character() {
-        let mut t = ExecutionTracker::new(ID.into(), 5);
+        let skeleton = output_len(&Output::Stream { name: "stdout".into(), text: String::new() });
+        let mut t = ExecutionTracker::new(ID.into(), skeleton + 2 * 5);
         feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "ééé"}));
-        assert!(stream_text(t.outputs(), "stdout").starts_with("éé\n"));
+        assert!(stream_text(&t.outputs(), "stdout").starts_with("éé\n"));
     }
 
     #[test]
     fn an_image_past_the_cap_is_omitted_and_its_text_kept() {
-        let mut t = ExecutionTracker::new(ID.into(), 100);
-        let png = "A".repeat(500);
+        let mut t = ExecutionTracker::new(ID.into(), 2000);
+        let png = "A".repeat(5000);
         feed(
             &mut t,
             Channel::IOPub,
@@ -477,7 +1312,7 @@ mod tests {
         assert_eq!(t.outputs().len(), 1);
         let events = feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "c"}));
         assert_eq!(events[0], Event::Cleared);
-        assert_eq!(stream_text(t.outputs(), "stdout"), "c");
+        assert_eq!(stream_text(&t.outputs(), "stdout"), "c");
     }
 
     #[test]
@@ -487,10 +1322,7 @@ mod tests {
         feed(&mut t, Channel::IOPub, "display_data", first);
         let update = json!({"data": {"text/plain": "100%"}, "metadata": {}, "transient": {"display_id": "p"}});
         feed(&mut t, Channel::IOPub, "update_display_data", update);
-        match &t.outputs()[0] {
-            Output::DisplayData { data, .. } => assert_eq!(data["text/plain"], "100%"),
-            other => panic!("unexpected {other:?}"),
-        }
+        assert_eq!(shown_text(&t.outputs()[0]), "100%");
     }
 
     #[test]

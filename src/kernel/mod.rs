@@ -14,5 +14,5 @@ pub mod zmtp;
 
 pub use client::{Channel, KernelClient, KernelError, KernelListener};
 pub use connection::ConnectionInfo;
-pub use execution::{ErrorInfo, Event, ExecutionTracker, Output, ReplyStatus};
+pub use execution::{ErrorInfo, Event, ExecutionTracker, Output, ReplyStatus, Report};
 pub use wire::{Message, WireLimits};

@@ -15,8 +15,8 @@ use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
-use crate::kernel::execution::{first_error, stream_text};
-use crate::kernel::{Event, ExecutionTracker, KernelError, ReplyStatus};
+use crate::kernel::execution::stream_text;
+use crate::kernel::{Event, ExecutionTracker, KernelError, ReplyStatus, Report};
 
 use super::error::SessionError;
 use super::handle::{Control, ExecuteCommand, Inbox, Session};
@@ -359,13 +359,10 @@ async fn wait_exit(host: &mut Option<KernelHost>) {
 }
 
 fn finish(ending: Ending, tracker: Option<ExecutionTracker>, elapsed: Duration) -> ExecuteResult {
-    let (reply, truncated, outputs) = match tracker {
-        Some(t) => (t.reply().cloned(), t.truncated(), t.into_outputs()),
-        None => (None, false, Vec::new()),
-    };
-    let execution_count = reply.as_ref().and_then(|r| r.1);
+    let Report { reply, outputs, error, truncated } = tracker.map(ExecutionTracker::into_report).unwrap_or_default();
+    let execution_count = reply.and_then(|r| r.1);
     let (status, killed_reason, kernel_restarted) = match ending {
-        Ending::Complete => match reply.as_ref().map(|r| r.0) {
+        Ending::Complete => match reply.map(|r| r.0) {
             Some(ReplyStatus::Ok) => (ExecStatus::Ok, None, false),
             _ => (ExecStatus::Error, None, false),
         },
@@ -373,7 +370,7 @@ fn finish(ending: Ending, tracker: Option<ExecutionTracker>, elapsed: Duration) 
         Ending::Killed(reason) => (ExecStatus::Killed, Some(reason), false),
     };
     let error = match status {
-        ExecStatus::Error => first_error(&outputs).or_else(|| reply.and_then(|r| r.2)),
+        ExecStatus::Error => error,
         _ => None,
     };
     ExecuteResult {

@@ -198,7 +198,7 @@ pub struct ExecuteResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     pub duration_ms: u64,
-    /// Output past the per-execution cap was cut.
+    /// Something was cut or dropped to keep the response within the output cap.
     pub truncated: bool,
     /// Why, when `status` is `killed`: `out_of_memory`, `exited with code N`, `restarted`, `session_deleted`,
     /// `reaped`, `service_shutdown` or `client_gone`.

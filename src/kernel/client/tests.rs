@@ -379,7 +379,7 @@ async fn memory_four_kernels_flooding_stay_within_64_mib() {
                     dropped += msg.dropped_bytes;
                     tracker.handle(channel, &msg);
                 }
-                (dropped, stream_text(tracker.outputs(), "stdout").len())
+                (dropped, stream_text(&tracker.outputs(), "stdout").len())
             })
         })
         .collect();
