@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod abuse;
 mod api_surface;
 mod compose;
 mod execute;
