@@ -63,6 +63,19 @@ impl utoipa::Modify for Security {
         components
             .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))));
         guarded_responses(openapi);
+        known_languages(openapi);
+    }
+}
+
+/// `language` is one of the catalog's names: saying so lets clients (and the fuzzer) know the valid
+/// values instead of guessing.
+fn known_languages(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, Schema};
+    let Some(components) = openapi.components.as_mut() else { return };
+    let Some(RefOr::T(Schema::Object(request))) = components.schemas.get_mut("SessionRequest") else { return };
+    if let Some(RefOr::T(Schema::Object(language))) = request.properties.get_mut("language") {
+        let names = crate::images::Catalog::new("").languages.into_iter().map(|l| serde_json::Value::from(l.name));
+        language.enum_values = Some(names.collect());
     }
 }
 
@@ -95,6 +108,7 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
                 add("408", "the body did not arrive in time");
                 add("413", "the body is larger than 16 MiB");
                 add("415", "the body is not `application/json`");
+                add("422", "the request is well-formed but asks for something not allowed");
             }
         }
     }

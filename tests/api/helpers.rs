@@ -20,6 +20,13 @@ use tokio_util::sync::CancellationToken;
 
 pub const PREFIX: &str = "kernelbox/kernel-";
 
+/// The kernel images' name prefix: [`PREFIX`], or `KERNELBOX_TEST_IMAGE_PREFIX`, so that a branch with
+/// other build contexts can test against images of its own without rebuilding everyone else's.
+pub fn image_prefix() -> &'static str {
+    static PREFIX_IN_USE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX_IN_USE.get_or_init(|| std::env::var("KERNELBOX_TEST_IMAGE_PREFIX").unwrap_or_else(|_| PREFIX.to_owned()))
+}
+
 /// The Docker engine; the end-to-end tests are the point, so no engine is a loud failure, not a skip.
 pub async fn docker() -> Arc<DockerRuntime> {
     let runtime = DockerRuntime::connect().expect("cannot reach the Docker engine: the end-to-end tests need Docker");
@@ -30,7 +37,7 @@ pub async fn docker() -> Arc<DockerRuntime> {
 pub fn image_builder(runtime: Arc<DockerRuntime>) -> ImageBuilder {
     ImageBuilder {
         runtime,
-        catalog: Catalog::new(PREFIX),
+        catalog: Catalog::new(image_prefix()),
         source: Source::Embedded,
         settings: HostSettings {
             apt_mirror: std::env::var("KERNELBOX_APT_MIRROR").ok().or_else(context::detect_apt_mirror),
@@ -139,7 +146,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
             limits: options.limits.validate().expect("valid test limits"),
             state_dir: state_dir.clone(),
             instance: instance.clone(),
-            catalog: Catalog::new(PREFIX),
+            catalog: Catalog::new(image_prefix()),
             keep_sessions: options.keep_sessions,
         },
         api_keys: options.api_keys,

@@ -7,6 +7,7 @@ mod abuse;
 mod api_surface;
 mod compose;
 mod execute;
+mod fuzz;
 mod languages;
 mod lifecycle;
 mod sandbox;
