@@ -138,11 +138,7 @@ async fn a_20_mb_body_is_a_413_in_json() {
     for path in ["/v1/sessions".to_owned(), format!("/v1/sessions/{SOME_ID}/execute")] {
         // With a Content-Length: refused before a byte of the body is read.
         let r = app
-            .client
-            .post(app.url(&path))
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
+            .post_bytes(&path, body.clone())
             .await
             .unwrap_or_else(|e| panic!("{path}: no answer to a 20 MB body: {e:?}"));
         assert_eq!(r.status(), 413, "{path}");
@@ -192,14 +188,7 @@ async fn malformed_json_is_a_400_in_json() {
     ];
     for (what, body) in bodies {
         for path in ["/v1/sessions".to_owned(), format!("/v1/sessions/{SOME_ID}/execute")] {
-            let r = app
-                .client
-                .post(app.url(&path))
-                .header("content-type", "application/json")
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap();
+            let r = app.post_bytes(&path, body.clone()).await.unwrap();
             let status = r.status().as_u16();
             let v: Value = r.json().await.unwrap_or(Value::Null);
             assert_client_error(status, &v, &format!("{what} to {path}"));

@@ -338,6 +338,11 @@ pub struct RawResponse {
 }
 
 impl TestApp {
+    /// POSTs `body` as it is, labelled `application/json`.
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> reqwest::Result<reqwest::Response> {
+        self.client.post(self.url(path)).header("content-type", "application/json").body(body).send().await
+    }
+
     /// The service's `host:port`.
     pub fn addr(&self) -> String {
         self.base.trim_start_matches("http://").to_owned()
