@@ -45,6 +45,8 @@ async fn main() -> anyhow::Result<()> {
     let state = tempfile::Builder::new().prefix("kbbench").tempdir_in("/tmp")?;
     let child = Command::new("target/release/kernelbox")
         .args(["serve", "--no-build", "--listen", ADDR, "--instance", "bench", "--max-sessions-per-owner", "40"])
+        // The benchmark is one client measuring latency, not an abuser.
+        .args(["--rate-limit-per-minute", "0"])
         .arg("--state-dir")
         .arg(state.path())
         .env("KERNELBOX_LOG", "warn")

@@ -111,7 +111,63 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
     pub images: ImageArgs,
+}
+
+/// How the HTTP API defends itself against abusive clients.
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Requests per minute per API key (per client IP when no keys are configured); 0 disables the limit.
+    #[arg(long, env = "KERNELBOX_RATE_LIMIT_PER_MINUTE", default_value_t = 600)]
+    pub rate_limit_per_minute: u32,
+    /// Requests a key may make at once, above its per-minute rate, before it is slowed down.
+    #[arg(long, env = "KERNELBOX_RATE_LIMIT_BURST", default_value_t = 60)]
+    pub rate_limit_burst: u32,
+    /// Seconds a client has to send a request's headers; idle keep-alive connections close after it too.
+    #[arg(long, env = "KERNELBOX_HEADER_READ_TIMEOUT_S", default_value_t = 15)]
+    pub header_read_timeout_s: u64,
+    /// Seconds a client has to send a whole request body (then 408).
+    #[arg(long, env = "KERNELBOX_BODY_READ_TIMEOUT_S", default_value_t = 60)]
+    pub body_read_timeout_s: u64,
+}
+
+/// The checked HTTP settings.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// `None`: no rate limit.
+    pub rate_limit: Option<RateLimit>,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_minute`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl HttpArgs {
+    pub fn validate(&self) -> Result<HttpLimits, ConfigError> {
+        if self.header_read_timeout_s == 0 || self.body_read_timeout_s == 0 {
+            return Err(ConfigError(
+                "--header-read-timeout-s and --body-read-timeout-s must be at least 1 (slow clients would hold \
+                 connections forever)"
+                    .into(),
+            ));
+        }
+        if self.rate_limit_per_minute > 0 && self.rate_limit_burst == 0 {
+            return Err(ConfigError("--rate-limit-burst must be at least 1 when a rate limit is set".into()));
+        }
+        Ok(HttpLimits {
+            rate_limit: (self.rate_limit_per_minute > 0)
+                .then_some(RateLimit { per_minute: self.rate_limit_per_minute, burst: self.rate_limit_burst }),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_s),
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_s),
+        })
+    }
 }
 
 /// Per-session defaults and the operator's maximums.
@@ -288,6 +344,15 @@ mod tests {
         assert!(serve(&["--listen", "0.0.0.0:8080", "--api-key", "k1,k2"]).check_exposure().is_ok());
         assert_eq!(serve(&["--api-key", "k1,k2"]).api_keys, vec!["k1", "k2"]);
         assert!(serve(&["--listen", "0.0.0.0:8080", "--insecure-no-auth"]).check_exposure().is_ok());
+    }
+
+    #[test]
+    fn the_rate_limit_is_on_by_default_and_zero_turns_it_off() {
+        let http = serve(&[]).http.validate().unwrap();
+        assert_eq!(http.rate_limit, Some(RateLimit { per_minute: 600, burst: 60 }));
+        assert_eq!(serve(&["--rate-limit-per-minute", "0"]).http.validate().unwrap().rate_limit, None);
+        assert!(serve(&["--rate-limit-burst", "0"]).http.validate().is_err());
+        assert!(serve(&["--header-read-timeout-s", "0"]).http.validate().is_err());
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub enum ServeError {
 pub struct Settings {
     pub manager: ManagerConfig,
     pub api_keys: Vec<String>,
+    /// Rate limit and slow-client timeouts.
+    pub http: config::HttpLimits,
     /// How long in-flight calls may finish after a shutdown signal before they are cut short.
     pub shutdown_grace: Duration,
 }
@@ -57,6 +59,7 @@ pub struct Application {
     manager: Arc<SessionManager>,
     scheduler: tokio_cron_scheduler::JobScheduler,
     router: axum::Router,
+    header_read_timeout: Duration,
     shutdown_grace: Duration,
 }
 
@@ -77,8 +80,15 @@ impl Application {
         tracing::info!(adopted, removed, "recovered sessions from an earlier run");
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
         let keys = api::auth::Keys::new(&settings.api_keys);
-        let router = api::router(AppState { manager: manager.clone() }, keys);
-        Ok(Application { listener, manager, scheduler, router, shutdown_grace: settings.shutdown_grace })
+        let router = api::router(AppState { manager: manager.clone() }, keys, &settings.http);
+        Ok(Application {
+            listener,
+            manager,
+            scheduler,
+            router,
+            header_read_timeout: settings.http.header_read_timeout,
+            shutdown_grace: settings.shutdown_grace,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -93,27 +103,25 @@ impl Application {
     /// Serves until `shutdown` is cancelled; then stops accepting, gives in-flight calls a grace period,
     /// cuts the rest short and stops every session (removing its container unless configured to keep it).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ServeError> {
-        let Application { listener, manager, mut scheduler, router, shutdown_grace } = self;
-        let stop_accepting = shutdown.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router).with_graceful_shutdown(async move { stop_accepting.cancelled().await }).await
-        });
+        let Application { listener, manager, mut scheduler, router, header_read_timeout, shutdown_grace } = self;
+        let server = tokio::spawn(api::serve::serve(listener, router, header_read_timeout, shutdown.clone()));
         let mut server = std::pin::pin!(server);
         tokio::select! {
             _ = shutdown.cancelled() => {}
             result = &mut server => {
-                // The server stopped by itself: an I/O error on the listener.
+                // The server stopped by itself: it panicked (it retries listener errors).
                 let _ = scheduler.shutdown().await;
                 manager.shutdown().await;
-                return match result { Ok(r) => r.map_err(ServeError::Http), Err(e) => Err(ServeError::Http(std::io::Error::other(e))) };
+                return result.map_err(|e| ServeError::Http(std::io::Error::other(e)));
             }
         }
         tracing::info!("shutting down: no new requests; waiting for in-flight calls");
         let finished_in_time = tokio::time::timeout(shutdown_grace, &mut server).await.is_ok();
         let _ = scheduler.shutdown().await;
         manager.shutdown().await;
-        if !finished_in_time {
-            let _ = tokio::time::timeout(Duration::from_secs(10), &mut server).await;
+        if !finished_in_time && tokio::time::timeout(Duration::from_secs(10), &mut server).await.is_err() {
+            // Connections still open (a client that never finishes its request): cut them.
+            server.abort();
         }
         tracing::info!("stopped");
         Ok(())

@@ -95,6 +95,7 @@ async fn image_builder(args: &ImageArgs) -> anyhow::Result<ImageBuilder> {
 async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     args.check_exposure()?;
     let limits = args.limits.validate()?;
+    let http = args.http.validate()?;
     if args.instance.is_empty() || !args.instance.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         anyhow::bail!("--instance may only contain letters, digits, '-' and '_'");
     }
@@ -126,6 +127,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
             keep_sessions: args.keep_sessions,
         },
         api_keys: args.api_keys.clone(),
+        http,
         shutdown_grace: Duration::from_secs(10),
     };
     let shutdown = CancellationToken::new();

@@ -1,13 +1,19 @@
 //! API keys: `Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant time. The owner of
-//! a session is a digest of the key that made it.
+//! a session is a digest of the key that made it. The rate limit is applied here, once the key is known
+//! to be valid.
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ring::digest;
 use subtle::ConstantTimeEq;
 
+use super::rate_limit::{RateLimiter, client_key};
 use crate::error::ApiError;
 use crate::session::Owner;
 
@@ -61,15 +67,53 @@ fn sha256(s: &str) -> [u8; 32] {
     out
 }
 
-/// Middleware: puts the request's [`Owner`] into its extensions, or answers 401.
-pub async fn require_key(State(keys): State<Keys>, mut req: Request, next: Next) -> Response {
-    match keys.owner(req.headers()) {
-        Ok(owner) => {
-            req.extensions_mut().insert(owner);
-            next.run(req).await
+/// Who may call the API, and how often.
+#[derive(Clone)]
+pub struct Access {
+    pub keys: Keys,
+    /// `None`: no rate limit.
+    pub limiter: Option<Arc<RateLimiter>>,
+}
+
+/// Middleware: puts the request's [`Owner`] into its extensions, or answers 401; then spends a token of
+/// the caller's bucket (the key's, or the client address's without keys), or answers 429.
+pub async fn require_key(State(access): State<Access>, mut req: Request, next: Next) -> Response {
+    let owner = match access.keys.owner(req.headers()) {
+        Ok(owner) => owner,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(limiter) = &access.limiter {
+        let bucket = if access.keys.is_empty() {
+            match req.extensions().get::<ConnectInfo<SocketAddr>>() {
+                Some(ConnectInfo(addr)) => client_key(addr.ip()),
+                None => "ip:unknown".to_owned(),
+            }
+        } else {
+            format!("key:{}", owner.0)
+        };
+        if let Err(wait) = limiter.check(&bucket, Instant::now()) {
+            let who = if access.keys.is_empty() { "client address" } else { "API key" };
+            return too_many_requests(limiter, wait, who);
         }
-        Err(e) => e.into_response(),
     }
+    req.extensions_mut().insert(owner);
+    next.run(req).await
+}
+
+fn too_many_requests(limiter: &RateLimiter, wait: std::time::Duration, who: &str) -> Response {
+    let limit = limiter.limit();
+    let retry_after = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!(
+            "too many requests: at most {} a minute (bursts of {}) per {who}; retry after {retry_after} s",
+            limit.per_minute, limit.burst
+        ),
+    )
+    .into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    response
 }
 
 #[cfg(test)]

@@ -5,8 +5,12 @@
 //! kernel directly.
 
 pub mod auth;
+pub mod body;
 pub mod execute;
 pub mod extract;
+pub mod json_errors;
+pub mod rate_limit;
+pub mod serve;
 pub mod sessions;
 pub mod system;
 
@@ -22,6 +26,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::config::HttpLimits;
 use crate::error::ApiError;
 use crate::session::SessionManager;
 
@@ -57,10 +62,63 @@ impl utoipa::Modify for Security {
         );
         components
             .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))));
+        guarded_responses(openapi);
+        known_languages(openapi);
     }
 }
 
-pub fn router(state: AppState, keys: auth::Keys) -> Router {
+/// `language` is one of the catalog's names: saying so lets clients (and the fuzzer) know the valid
+/// values instead of guessing.
+fn known_languages(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, Schema};
+    let Some(components) = openapi.components.as_mut() else { return };
+    let Some(RefOr::T(Schema::Object(request))) = components.schemas.get_mut("SessionRequest") else { return };
+    if let Some(RefOr::T(Schema::Object(language))) = request.properties.get_mut("language") {
+        let names = crate::images::Catalog::new("").languages.into_iter().map(|l| serde_json::Value::from(l.name));
+        language.enum_values = Some(names.collect());
+    }
+}
+
+/// What the middleware in front of every `/v1` operation may answer, written once here rather than on
+/// each handler: the key (401), the rate limit (429 with `Retry-After`) and, with a body, the body limits.
+fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::SecurityRequirement;
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
+            .build()
+    };
+    for item in openapi.paths.paths.iter_mut().filter_map(|(path, item)| path.starts_with("/v1/").then_some(item)) {
+        for op in
+            [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
+        {
+            op.security = Some(vec![
+                SecurityRequirement::new("bearer", Vec::<String>::new()),
+                SecurityRequirement::new("api_key", Vec::<String>::new()),
+            ]);
+            let mut add = |status: &str, description: &str| {
+                op.responses.responses.entry(status.to_owned()).or_insert_with(|| error(description).into());
+            };
+            add("401", "no API key, or not a valid one (when the server has keys)");
+            add("429", "too many requests for this API key (see `Retry-After`), or a limit of the server");
+            if op.request_body.is_some() {
+                add("400", "the body is not valid JSON for this operation");
+                add("408", "the body did not arrive in time");
+                add("413", "the body is larger than 16 MiB");
+                add("415", "the body is not `application/json`");
+                add("422", "the request is well-formed but asks for something not allowed");
+            }
+        }
+    }
+}
+
+/// The API: `/v1` behind the API key, the rate limit and the body limits (in that order, so a stranger
+/// neither spends a key's budget nor gets a body read), the rest open; every error in the JSON shape.
+pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
+    let access = auth::Access { keys, limiter: http.rate_limit.map(|l| Arc::new(rate_limit::RateLimiter::new(l))) };
+    let body_limits = body::BodyLimits { max_bytes: BODY_LIMIT, deadline: http.body_read_timeout };
     let v1 = Router::new()
         .route("/sessions", post(sessions::create).get(sessions::list))
         .route("/sessions/{id}", get(sessions::get).delete(sessions::delete))
@@ -68,7 +126,8 @@ pub fn router(state: AppState, keys: auth::Keys) -> Router {
         .route("/sessions/{id}/interrupt", post(sessions::interrupt))
         .route("/sessions/{id}/restart", post(sessions::restart))
         .route("/languages", get(system::languages))
-        .layer(axum::middleware::from_fn_with_state(keys, auth::require_key));
+        .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
+        .layer(axum::middleware::from_fn_with_state(access, auth::require_key));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(system::healthz))
@@ -85,6 +144,7 @@ pub fn router(state: AppState, keys: auth::Keys) -> Router {
         })
         .with_state(state)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::map_response(json_errors::json_errors))
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use kernelbox::config::{Cli, Command, LimitArgs};
+use kernelbox::config::{Cli, Command, HttpArgs, LimitArgs};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::ImageBuilder;
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -20,6 +20,13 @@ use tokio_util::sync::CancellationToken;
 
 pub const PREFIX: &str = "kernelbox/kernel-";
 
+/// The kernel images' name prefix: [`PREFIX`], or `KERNELBOX_TEST_IMAGE_PREFIX`, so that a branch with
+/// other build contexts can test against images of its own without rebuilding everyone else's.
+pub fn image_prefix() -> &'static str {
+    static PREFIX_IN_USE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX_IN_USE.get_or_init(|| std::env::var("KERNELBOX_TEST_IMAGE_PREFIX").unwrap_or_else(|_| PREFIX.to_owned()))
+}
+
 /// The Docker engine; the end-to-end tests are the point, so no engine is a loud failure, not a skip.
 pub async fn docker() -> Arc<DockerRuntime> {
     let runtime = DockerRuntime::connect().expect("cannot reach the Docker engine: the end-to-end tests need Docker");
@@ -30,7 +37,7 @@ pub async fn docker() -> Arc<DockerRuntime> {
 pub fn image_builder(runtime: Arc<DockerRuntime>) -> ImageBuilder {
     ImageBuilder {
         runtime,
-        catalog: Catalog::new(PREFIX),
+        catalog: Catalog::new(image_prefix()),
         source: Source::Embedded,
         settings: HostSettings {
             apt_mirror: std::env::var("KERNELBOX_APT_MIRROR").ok().or_else(context::detect_apt_mirror),
@@ -57,27 +64,49 @@ pub async fn ensure_images() {
         .await;
 }
 
-/// Default limits, with the given `--flag value` overrides.
-pub fn limits(overrides: &[&str]) -> LimitArgs {
+/// `kernelbox serve` with the given `--flag value` overrides.
+fn serve_args(overrides: &[&str]) -> kernelbox::config::ServeArgs {
     let mut argv = vec!["kernelbox", "serve"];
     argv.extend_from_slice(overrides);
     match Cli::try_parse_from(argv).expect("test flags parse").command {
-        Command::Serve(s) => s.limits,
+        Command::Serve(s) => *s,
         _ => unreachable!(),
     }
 }
 
+/// Default limits, with the given `--flag value` overrides.
+pub fn limits(overrides: &[&str]) -> LimitArgs {
+    serve_args(overrides).limits
+}
+
+/// Default HTTP settings (rate limit, slow-client timeouts), with the given `--flag value` overrides.
+pub fn http(overrides: &[&str]) -> HttpArgs {
+    serve_args(overrides).http
+}
+
 pub struct AppOptions {
     pub limits: LimitArgs,
+    pub http: HttpArgs,
     pub api_keys: Vec<String>,
     pub keep_sessions: bool,
     /// Reuse an instance name and state directory (adoption tests).
     pub instance: Option<(String, std::path::PathBuf)>,
+    /// Build the kernel images first (tests that never start a kernel can say no, and then do not wait
+    /// for a build).
+    pub images: bool,
 }
 
 impl Default for AppOptions {
     fn default() -> Self {
-        AppOptions { limits: limits(&[]), api_keys: vec![], keep_sessions: false, instance: None }
+        AppOptions {
+            limits: limits(&[]),
+            // Tests are quick clients, not abusers; the rate limit has its own tests.
+            http: http(&["--rate-limit-per-minute", "0"]),
+            api_keys: vec![],
+            keep_sessions: false,
+            instance: None,
+            images: true,
+        }
     }
 }
 
@@ -100,7 +129,9 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(options: AppOptions) -> TestApp {
-    ensure_images().await;
+    if options.images {
+        ensure_images().await;
+    }
     let runtime = docker().await;
     let (instance, state_dir, tmp) = match options.instance {
         Some((instance, dir)) => (instance, dir, None),
@@ -115,10 +146,11 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
             limits: options.limits.validate().expect("valid test limits"),
             state_dir: state_dir.clone(),
             instance: instance.clone(),
-            catalog: Catalog::new(PREFIX),
+            catalog: Catalog::new(image_prefix()),
             keep_sessions: options.keep_sessions,
         },
         api_keys: options.api_keys,
+        http: options.http.validate().expect("valid test HTTP settings"),
         shutdown_grace: Duration::from_secs(5),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -294,4 +326,67 @@ pub fn display_mimes(v: &Value) -> Vec<String> {
 pub fn assert_error_shape(v: &Value, code: &str) {
     assert_eq!(v["error"]["code"], code, "{v}");
     assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+}
+
+/// What came back on a raw connection: the status (None if the server closed without answering), the
+/// head, and the body as JSON (or a string).
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: Option<u16>,
+    pub head: String,
+    pub body: Value,
+}
+
+impl TestApp {
+    /// POSTs `body` as it is, labelled `application/json`.
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> reqwest::Result<reqwest::Response> {
+        self.client.post(self.url(path)).header("content-type", "application/json").body(body).send().await
+    }
+
+    /// The service's `host:port`.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_owned()
+    }
+
+    /// Sends `request` byte for byte (no client-side normalisation of `..` or percent-escapes) on a
+    /// fresh connection and reads until the server closes it or 30 s pass.
+    pub async fn raw(&self, request: &[u8]) -> RawResponse {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.addr()).await.expect("connect");
+        // The server may answer and close before it has read everything (e.g. a 414): not an error.
+        let _ = stream.write_all(request).await;
+        let mut bytes = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut buf = [0u8; 8192];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the server neither answered nor closed within 30 s");
+        parse_raw(&bytes)
+    }
+}
+
+/// Splits an HTTP/1.1 response into status, head and body (the body is all that follows the head: these
+/// connections carry one request).
+pub fn parse_raw(bytes: &[u8]) -> RawResponse {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.strip_prefix("HTTP/1.1 ").and_then(|rest| rest.get(..3)).and_then(|s| s.parse().ok());
+    let body = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()));
+    RawResponse { status, head: head.to_owned(), body }
+}
+
+/// Asserts a client's mistake: a 4xx, never a 5xx, in the JSON error shape.
+pub fn assert_client_error(status: u16, body: &Value, what: &str) {
+    assert!((400..500).contains(&status), "{what}: expected a 4xx, got {status}: {body}");
+    assert!(
+        body["error"]["code"].as_str().is_some_and(|c| !c.is_empty())
+            && body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {status} without the JSON error shape: {body}"
+    );
 }

@@ -3,9 +3,11 @@
 
 mod helpers;
 
+mod abuse;
 mod api_surface;
 mod compose;
 mod execute;
+mod fuzz;
 mod languages;
 mod lifecycle;
 mod sandbox;
