@@ -120,7 +120,7 @@ impl ImageBuilder {
         parent_id: &str,
     ) -> Result<(Context, HashMap<String, String>, String), ImageError> {
         let args = self.build_args(def, parent_ref);
-        let context = self.source.context(def.name, &self.settings.extra_ca)?;
+        let context = self.source.context(def.name, def.shared, &self.settings.extra_ca)?;
         let hash = context.content_hash(&args, parent_id);
         Ok((context, args, hash))
     }

@@ -29,16 +29,19 @@ pub struct ImageDef {
     pub parent: Option<&'static str>,
     /// The build argument that names the parent.
     pub parent_arg: &'static str,
+    /// Whether the files of `images/shared/` (`start-kernel`) join its build context. Language images
+    /// copy them in their last layer, so changing `start-kernel` rebuilds only that layer.
+    pub shared: bool,
 }
 
 /// Every image, parents before children.
 pub const IMAGES: &[ImageDef] = &[
-    ImageDef { name: "base", parent: None, parent_arg: "BASE_IMAGE" },
-    ImageDef { name: "python", parent: Some("base"), parent_arg: "KERNELBOX_BASE" },
-    ImageDef { name: "python_scientific", parent: Some("python"), parent_arg: "KERNELBOX_PYTHON" },
-    ImageDef { name: "javascript", parent: Some("base"), parent_arg: "KERNELBOX_BASE" },
-    ImageDef { name: "java", parent: Some("base"), parent_arg: "KERNELBOX_BASE" },
-    ImageDef { name: "bash", parent: Some("base"), parent_arg: "KERNELBOX_BASE" },
+    ImageDef { name: "base", parent: None, parent_arg: "BASE_IMAGE", shared: false },
+    ImageDef { name: "python", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
+    ImageDef { name: "python_scientific", parent: Some("python"), parent_arg: "KERNELBOX_PYTHON", shared: true },
+    ImageDef { name: "javascript", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
+    ImageDef { name: "java", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
+    ImageDef { name: "bash", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
 ];
 
 pub fn image_def(name: &str) -> Option<&'static ImageDef> {

@@ -17,6 +17,9 @@ mod embedded {
 /// The file every context gets: an extra CA bundle to trust while building (empty when none).
 pub const EXTRA_CA_FILE: &str = "extra-ca.pem";
 
+/// The folder of `images/` whose files join every language image's context (not an image itself).
+pub const SHARED_DIR: &str = "shared";
+
 /// Build arguments that only say where packages come from.
 pub const TRANSPORT_ARGS: &[&str] = &["APT_MIRROR", "PIP_INDEX_URL"];
 
@@ -37,27 +40,39 @@ pub struct Context {
 }
 
 impl Source {
-    pub fn context(&self, image: &str, extra_ca: &[u8]) -> std::io::Result<Context> {
+    /// The context of `image`: its own folder, plus the folder [`SHARED_DIR`] when `shared` (an image's
+    /// own file of the same name wins), plus [`EXTRA_CA_FILE`].
+    pub fn context(&self, image: &str, shared: bool, extra_ca: &[u8]) -> std::io::Result<Context> {
         let mut files = BTreeMap::new();
-        match self {
-            Source::Embedded => {
-                let prefix = format!("{image}/");
-                for (path, bytes) in embedded::FILES {
-                    if let Some(rel) = path.strip_prefix(&prefix) {
-                        files.insert(rel.to_owned(), bytes.to_vec());
-                    }
-                }
-            }
-            Source::Dir(root) => read_dir_into(&root.join(image), Path::new(""), &mut files)?,
+        if shared {
+            self.read_folder(SHARED_DIR, &mut files)?;
         }
-        if files.is_empty() {
+        let mut own = BTreeMap::new();
+        self.read_folder(image, &mut own)?;
+        if own.is_empty() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("no build context for image `{image}`"),
             ));
         }
+        files.extend(own);
         files.insert(EXTRA_CA_FILE.to_owned(), extra_ca.to_vec());
         Ok(Context { files })
+    }
+
+    fn read_folder(&self, folder: &str, files: &mut BTreeMap<String, Vec<u8>>) -> std::io::Result<()> {
+        match self {
+            Source::Embedded => {
+                let prefix = format!("{folder}/");
+                for (path, bytes) in embedded::FILES {
+                    if let Some(rel) = path.strip_prefix(&prefix) {
+                        files.insert(rel.to_owned(), bytes.to_vec());
+                    }
+                }
+                Ok(())
+            }
+            Source::Dir(root) => read_dir_into(&root.join(folder), Path::new(""), files),
+        }
     }
 }
 
@@ -257,6 +272,33 @@ mod tests {
         assert_eq!(h, with_ca.content_hash(&args, "sha256:p"), "nor is the proxy's CA");
         let other = Context { files: BTreeMap::from([("Dockerfile".to_owned(), b"FROM y".to_vec())]) };
         assert_ne!(h, other.content_hash(&args, "sha256:p"), "files");
+    }
+
+    #[test]
+    fn start_kernel_is_the_last_layer_of_every_language_image_and_not_in_base() {
+        use crate::images::catalog::IMAGES;
+        for def in IMAGES {
+            let ctx = Source::Embedded.context(def.name, def.shared, b"").unwrap();
+            let dockerfile = String::from_utf8(ctx.files["Dockerfile"].clone()).unwrap();
+            if def.parent.is_none() {
+                assert!(!def.shared && !ctx.files.contains_key("start-kernel"), "base has no start-kernel");
+                assert!(!dockerfile.contains("start-kernel /opt"), "base copies no start-kernel");
+                continue;
+            }
+            assert!(def.shared, "{} gets the shared files", def.name);
+            assert!(ctx.files["start-kernel"].starts_with(b"#!"), "{} has start-kernel", def.name);
+            let steps: Vec<&str> = dockerfile
+                .lines()
+                .map(str::trim)
+                .filter(|l| ["COPY ", "RUN ", "ADD "].iter().any(|k| l.starts_with(k)))
+                .collect();
+            assert_eq!(
+                steps[steps.len() - 2..],
+                ["COPY start-kernel /opt/kernelbox/start-kernel", "RUN chmod 0755 /opt/kernelbox/start-kernel"],
+                "{}: start-kernel is the last layer",
+                def.name
+            );
+        }
     }
 
     #[test]
