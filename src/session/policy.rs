@@ -64,14 +64,37 @@ pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), SessionError> {
         if !valid_name {
             return Err(SessionError::Invalid(format!("env: `{k}` is not a valid variable name")));
         }
-        if k.starts_with("KERNELBOX_") {
-            return Err(SessionError::Invalid(format!("env: `{k}` is reserved for kernelbox")));
+        if reserved_env(k) {
+            return Err(SessionError::Invalid(format!(
+                "env: `{k}` is reserved: it changes how the kernel itself starts (kernelbox sets it)"
+            )));
         }
         if v.len() > 32 * 1024 || v.contains('\0') {
             return Err(SessionError::Invalid(format!("env: the value of `{k}` is too long or contains NUL")));
         }
     }
     Ok(())
+}
+
+/// Variables that decide how the kernel's runtime starts: a session may not set them, so a bad value is a
+/// clear 422 instead of a kernel that fails to boot.
+fn reserved_env(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "PATH",
+        "HOME",
+        "IPYTHONDIR",
+        "MPLCONFIGDIR",
+        "JAVA_TOOL_OPTIONS",
+        "_JAVA_OPTIONS",
+        "JDK_JAVA_OPTIONS",
+        "CLASSPATH",
+        "BASH_ENV",
+        "ENV",
+        "SHELL",
+        "TMPDIR",
+    ];
+    const PREFIXES: &[&str] = &["KERNELBOX_", "LD_", "PYTHON", "JUPYTER_", "DENO_", "NODE_"];
+    EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 /// Whether one more session fits: `total` sessions on the server, `owned` of them by the asking key.
@@ -217,6 +240,9 @@ mod tests {
         assert!(req(|r| r.env = Some(BTreeMap::from([("A=B".into(), "v".into())]))).is_err());
         assert!(req(|r| r.env = Some(BTreeMap::from([("X".into(), "a\0b".into())]))).is_err());
         assert!(req(|r| r.env = Some(BTreeMap::from([("KERNELBOX_OUTPUT_LIMIT_BYTES".into(), "9".into())]))).is_err());
+        for reserved in ["PYTHONHOME", "LD_PRELOAD", "JAVA_TOOL_OPTIONS", "PATH", "DENO_DIR"] {
+            assert!(req(|r| r.env = Some(BTreeMap::from([(reserved.into(), "/nope".into())]))).is_err(), "{reserved}");
+        }
         assert!(req(|r| r.env = Some(BTreeMap::from([("GOOD_NAME".into(), "ok".into())]))).is_ok());
     }
 }
