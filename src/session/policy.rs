@@ -241,7 +241,9 @@ mod tests {
         assert!(req(|r| r.env = Some(BTreeMap::from([("X".into(), "a\0b".into())]))).is_err());
         assert!(req(|r| r.env = Some(BTreeMap::from([("KERNELBOX_OUTPUT_LIMIT_BYTES".into(), "9".into())]))).is_err());
         for reserved in ["PYTHONHOME", "LD_PRELOAD", "JAVA_TOOL_OPTIONS", "PATH", "DENO_DIR"] {
-            assert!(req(|r| r.env = Some(BTreeMap::from([(reserved.into(), "/nope".into())]))).is_err(), "{reserved}");
+            let env = Some(BTreeMap::from([(reserved.to_owned(), "/nope".to_owned())]));
+            let r = SessionRequest { language: "python".into(), env, ..Default::default() };
+            assert!(settle(&catalog, &l, r).is_err(), "{reserved}");
         }
         assert!(req(|r| r.env = Some(BTreeMap::from([("GOOD_NAME".into(), "ok".into())]))).is_ok());
     }
