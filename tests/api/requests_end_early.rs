@@ -50,10 +50,8 @@ fn figure(name: &str, value: impl std::fmt::Display) {
 }
 
 // 1.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_client_that_leaves_mid_create_leaves_nothing_and_frees_its_slot() {
-    let app =
-        spawn_app_with(AppOptions { limits: limits(&["--max-sessions-per-owner", "2"]), ..Default::default() }).await;
+async fn clients_leave_mid_create(limit_args: &[&str]) {
+    let app = spawn_app_with(AppOptions { limits: limits(limit_args), ..Default::default() }).await;
     for delay in [50u64, 300, 800] {
         for _ in 0..5 {
             let mut stream = tokio::net::TcpStream::connect(app.addr()).await.unwrap();
@@ -63,13 +61,23 @@ async fn a_client_that_leaves_mid_create_leaves_nothing_and_frees_its_slot() {
         }
         assert_clean(&app, 0).await;
     }
-    // The quota slots came back: the owner may have its two sessions.
+    // The quota slots came back: the owner may have two sessions (its whole quota with the limit of 2).
     let a = app.start("python").await;
     let b = app.start("python").await;
     assert_eq!(result_text(&app.exec(&a, "1 + 1").await).as_deref(), Some("2"));
     assert_eq!(app.delete(&format!("/v1/sessions/{a}")).await, 204);
     assert_eq!(app.delete(&format!("/v1/sessions/{b}")).await, 204);
     assert_clean(&app, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_mid_create_leaves_nothing() {
+    clients_leave_mid_create(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_mid_create_frees_its_quota_slot() {
+    clients_leave_mid_create(&["--max-sessions-per-owner", "2"]).await;
 }
 
 /// Polls the session list (every 10 ms, at most 30 s) until a session shows up; returns it.
@@ -105,6 +113,7 @@ async fn delete_during_boot_removes_the_container_before_it_returns() {
     assert!(app.containers().await.is_empty(), "the container is gone when DELETE returns");
     let (status, body) =
         tokio::time::timeout(Duration::from_secs(30), create).await.expect("the create hangs").unwrap();
+    eprintln!("create of a session deleted during its boot: {status} {body}");
     assert!(status >= 400, "the create of a deleted session fails: {status} {body}");
     assert_error_shape(&body, body["error"]["code"].as_str().unwrap_or("?"));
     assert_clean(&app, 0).await;
@@ -171,6 +180,7 @@ async fn delete_during_a_slow_restart_is_prompt_and_the_restart_fails() {
     assert!(app.containers().await.is_empty(), "the container is gone when DELETE returns");
     let (status, body) =
         tokio::time::timeout(Duration::from_secs(30), restart).await.expect("the restart hangs").unwrap();
+    eprintln!("restart cut short by DELETE: {status} {body}");
     assert_ne!(status, 200, "a restart cut short by DELETE does not succeed: {body}");
     assert!(body["error"]["code"].is_string(), "a JSON error: {status} {body}");
     assert_clean(&app, 0).await;
