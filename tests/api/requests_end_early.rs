@@ -119,14 +119,16 @@ async fn delete_during_boot_removes_the_container_before_it_returns() {
     assert_clean(&app, 0).await;
 }
 
-// 3.
-#[tokio::test(flavor = "multi_thread")]
-async fn shutdown_during_boot_leaves_no_container() {
+// 3. Two creates booting when the app stops: with the usual grace the in-flight creates may finish
+// (their sessions are then removed by the stop); with no grace the stop closes the booting sessions
+// under them. Either way nothing is left.
+async fn shutdown_during_boot(grace: Duration) -> Vec<Result<u16, String>> {
     let dir = tempfile::Builder::new().prefix("kbt").tempdir_in("/tmp").unwrap();
     let instance = format!("test-sdb-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let _guard = InstanceGuard(instance.clone());
     let mut app = spawn_app_with(AppOptions {
         instance: Some((instance.clone(), dir.path().to_path_buf())),
+        shutdown_grace: grace,
         ..Default::default()
     })
     .await;
@@ -136,7 +138,13 @@ async fn shutdown_during_boot_leaves_no_container() {
         .map(|_| {
             let (client, url) = (app.client.clone(), app.url("/v1/sessions"));
             tokio::spawn(async move {
-                client.post(url).json(&json!({"language": "python"})).send().await.map(|r| r.status().as_u16())
+                client
+                    .post(url)
+                    .json(&json!({"language": "python"}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .map_err(|e| e.to_string())
             })
         })
         .collect();
@@ -147,14 +155,28 @@ async fn shutdown_during_boot_leaves_no_container() {
     assert!(booting, "both sessions are listed while they boot");
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(30), app.stop()).await.expect("the stop finishes");
-    figure("shutdown_during_boot_ms", started.elapsed().as_millis());
+    figure(&format!("shutdown_during_boot_grace{}s_ms", grace.as_secs()), started.elapsed().as_millis());
+    let mut answers = Vec::new();
     for create in creates {
         // A create answers (an error, or 201 if its kernel was up before the stop) or loses its connection.
         let answer = tokio::time::timeout(Duration::from_secs(10), create).await.expect("the create hangs").unwrap();
-        eprintln!("create during shutdown: {answer:?}");
+        eprintln!("create during shutdown (grace {grace:?}): {answer:?}");
+        answers.push(answer);
     }
     assert!(instance_containers(&instance).await.is_empty(), "no container left after the stop");
     assert!(run_dirs(dir.path()).is_empty(), "run dirs left: {:?}", run_dirs(dir.path()));
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_during_boot_leaves_no_container() {
+    shutdown_during_boot(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_with_no_grace_cuts_booting_creates_and_leaves_no_container() {
+    let answers = shutdown_during_boot(Duration::ZERO).await;
+    assert!(answers.iter().all(|a| a != &Ok(201)), "the stop closed the boots under their creates: {answers:?}");
 }
 
 // 4.
