@@ -94,6 +94,8 @@ pub struct AppOptions {
     /// Build the kernel images first (tests that never start a kernel can say no, and then do not wait
     /// for a build).
     pub images: bool,
+    /// How long in-flight calls may finish after a stop before the sessions are closed under them.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for AppOptions {
@@ -106,6 +108,7 @@ impl Default for AppOptions {
             keep_sessions: false,
             instance: None,
             images: true,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -151,7 +154,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         },
         api_keys: options.api_keys,
         http: options.http.validate().expect("valid test HTTP settings"),
-        shutdown_grace: Duration::from_secs(5),
+        shutdown_grace: options.shutdown_grace,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = Application::build(listener, settings, runtime).await.expect("the app builds");

@@ -10,5 +10,8 @@ mod execute;
 mod fuzz;
 mod languages;
 mod lifecycle;
+#[allow(dead_code)]
+mod process;
+mod requests_end_early;
 mod sandbox;
 mod sessions;
