@@ -406,10 +406,10 @@ mod tests {
     #[test]
     fn a_language_brings_its_ancestors_in_build_order() {
         let names: Vec<&str> = builder().plan(&["python_scientific".into()]).unwrap().iter().map(|d| d.name).collect();
-        assert_eq!(names, ["base", "python", "python_scientific"]);
+        assert_eq!(names, ["base", "python_core", "python_scientific"]);
         let ts: Vec<&str> = builder().plan(&["typescript".into()]).unwrap().iter().map(|d| d.name).collect();
         assert_eq!(ts, ["base", "javascript"]);
-        assert_eq!(builder().plan(&[]).unwrap().len(), 6);
+        assert_eq!(builder().plan(&[]).unwrap().len(), 7);
         assert!(matches!(builder().plan(&["cobol".into()]), Err(ImageError::Unknown(_))));
     }
 }

@@ -37,8 +37,16 @@ pub struct ImageDef {
 /// Every image, parents before children.
 pub const IMAGES: &[ImageDef] = &[
     ImageDef { name: "base", parent: None, parent_arg: "BASE_IMAGE", shared: false },
-    ImageDef { name: "python", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
-    ImageDef { name: "python_scientific", parent: Some("python"), parent_arg: "KERNELBOX_PYTHON", shared: true },
+    // The python images' common layers, without start-kernel: a change to start-kernel then rebuilds only
+    // the last layer of python_scientific too, not its scientific stack.
+    ImageDef { name: "python_core", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: false },
+    ImageDef { name: "python", parent: Some("python_core"), parent_arg: "KERNELBOX_PYTHON_CORE", shared: true },
+    ImageDef {
+        name: "python_scientific",
+        parent: Some("python_core"),
+        parent_arg: "KERNELBOX_PYTHON_CORE",
+        shared: true,
+    },
     ImageDef { name: "javascript", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
     ImageDef { name: "java", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
     ImageDef { name: "bash", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
