@@ -53,7 +53,11 @@ impl ServiceProcess {
             p.client.get(p.url("/readyz")).send().await.is_ok_and(|r| r.status() == 200)
         })
         .await;
-        assert!(ready, "the service did not become ready; log: {}", std::fs::read_to_string(&o.log).unwrap_or_default());
+        assert!(
+            ready,
+            "the service did not become ready; log: {}",
+            std::fs::read_to_string(&o.log).unwrap_or_default()
+        );
         p
     }
 
