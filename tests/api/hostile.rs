@@ -722,10 +722,12 @@ async fn hostile_filling_tmp_and_home_is_enospc_not_a_kill() {
             assert!(f["written"].as_u64().unwrap() >= size / 2, "{d}: it filled up: {facts}");
         }
         let r = api.exec(&attacker, "print(state)").await;
-        assert_eq!(r["stdout"], "alive\n", "the session is alive with full disks: {r}");
+        // (IPython may add that its history database could not be written: the disk is full.)
+        assert!(r["stdout"].as_str().unwrap().contains("alive"), "the session is alive with full disks: {r}");
         let r =
             api.exec(&attacker, "import os\nos.remove('/tmp/fill'); os.remove('/home/kernel/fill')\nprint(6*7)").await;
-        assert_eq!(r["stdout"], "42\n", "{r}");
+        assert_eq!(r["status"], "ok", "{r}");
+        assert!(r["stdout"].as_str().unwrap().contains("42\n"), "{r}");
         api.assert_alive(&neighbour, "after the disk fill").await;
     }
 }
@@ -783,7 +785,8 @@ for top in ['/']:
                 pass
 res['sockets'] = sorted(found)
 for p in found:
-    if not p.startswith('/kernel/'):
+    # /kernel is the session's own run directory, /tmp its private tmpfs (start-kernel's own sockets).
+    if not p.startswith('/kernel/') and not p.startswith('/tmp/'):
         attempt('unix ' + p, unix(p))
 print(json.dumps(res))
 "#;
