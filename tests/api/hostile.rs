@@ -1139,4 +1139,25 @@ async fn hostile_docker_unreachable_is_503_and_recovers_by_itself() {
     let id = api.start(json!({"language": "python"})).await;
     assert_eq!(api.exec(&id, "print(6*7)").await["stdout"], "42\n");
     api.assert_alive(&neighbour, "after the Docker outage").await;
+
+    // The outage cut the neighbour's container watch (a live connection to the engine): the service must
+    // still notice when the container dies.
+    let container = instance_containers(&instance)
+        .await
+        .into_iter()
+        .find(|c| c.labels["kernelbox.session"] == neighbour)
+        .expect("the neighbour's container")
+        .id;
+    let killed = std::process::Command::new("docker").args(["kill", &container]).output().unwrap();
+    assert!(killed.status.success());
+    let started = Instant::now();
+    let noticed = eventually(Duration::from_secs(30), || async {
+        api.get(&format!("/v1/sessions/{neighbour}")).await.1["status"] == "dead"
+    })
+    .await;
+    eprintln!(
+        "FIGURE docker restored: a container killed after the outage noticed: {noticed} after {:?}",
+        started.elapsed()
+    );
+    assert!(noticed, "the death of a container whose watch was cut by the outage is noticed");
 }
