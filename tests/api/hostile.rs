@@ -1161,3 +1161,58 @@ async fn hostile_docker_unreachable_is_503_and_recovers_by_itself() {
     );
     assert!(noticed, "the death of a container whose watch was cut by the outage is noticed");
 }
+
+/// A process outside the kernel's process group (so a restart does not kill it) that queues 100
+/// connections with garbage on each of /kernel/k-5000x and holds them.
+const SQUATTER: &str = r#"
+import subprocess, sys
+squat = subprocess.Popen([sys.executable, '-c', '''
+import socket, time, os
+held = []
+for i in range(400):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        s.connect('/kernel/k-5000%d' % (1 + i % 4))
+        s.send(b'\\xff' + os.urandom(200))
+        held.append(s)
+    except OSError:
+        s.close()
+print(len(held), flush=True)
+time.sleep(600)
+'''], start_new_session=True, stdout=subprocess.PIPE, text=True)
+print(squat.stdout.readline().strip())
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_garbage_connections_queued_before_a_restart() {
+    let app = spawn_app().await;
+    let api = Api::of(&app);
+    let neighbour = api.start(json!({"language": "python"})).await;
+    api.assert_alive(&neighbour, "before").await;
+    let attacker = api.start(json!({"language": "python"})).await;
+    let r = api.exec(&attacker, SQUATTER).await;
+    eprintln!("FIGURE squatter: connections queued and held by a process that survives restarts: {}", r["stdout"]);
+    assert_eq!(r["status"], "ok", "{r}");
+    let held: u64 = r["stdout"].as_str().unwrap().trim().parse().unwrap_or(0);
+    assert!(held > 0, "the squatter holds connections: {r}");
+    // The restart accepts four new connections: the squatter's are first in the queue.
+    let started = Instant::now();
+    let (status, s) = api.post(&format!("/v1/sessions/{attacker}/restart"), json!({})).await;
+    eprintln!(
+        "FIGURE squatter: restart with 400 garbage connections queued -> {status} after {:?}: {s}",
+        started.elapsed()
+    );
+    api.assert_alive(&neighbour, "after the squatted restart").await;
+    if status == 200 {
+        let r = api.exec_t(&attacker, "print(6*7)", 30).await;
+        assert_eq!(r["stdout"], "42\n", "the restarted kernel answers: {r}");
+    } else {
+        // A failed restart must leave a session that can be deleted cleanly.
+        eprintln!("FIGURE squatter: the restart failed: {status} {s}");
+        assert_eq!(api.delete(&attacker).await, 204);
+        let gone = eventually(Duration::from_secs(30), || async { app.containers().await.len() == 1 }).await;
+        assert!(gone, "the attacker's container is removed");
+        panic!("a session's own garbage connections break its restart: {status} {s}");
+    }
+}
