@@ -1168,13 +1168,15 @@ const SQUATTER: &str = r#"
 import subprocess, sys
 squat = subprocess.Popen([sys.executable, '-c', '''
 import socket, time, os
+GARBAGE = PAYLOAD
 held = []
 for i in range(400):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(1)
     try:
         s.connect('/kernel/k-5000%d' % (1 + i % 4))
-        s.send(b'\\xff' + os.urandom(200))
+        if GARBAGE:
+            s.send(b'\\xff' + os.urandom(200))
         held.append(s)
     except OSError:
         s.close()
@@ -1186,13 +1188,38 @@ print(squat.stdout.readline().strip())
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_garbage_connections_queued_before_a_restart() {
+    squatted_restart(true, true).await;
+}
+
+/// What holds today: 100 silent connections per channel queued ahead of the relay make the restart fail
+/// (each accepted connection gets `HANDSHAKE_TIMEOUT`, 5 s, one after the other: ~18 exhaust the 90 s
+/// start timeout), but only for the attacker's own session; the neighbour is untouched and the broken
+/// session is deleted cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_silent_connections_queued_before_a_restart_hurt_only_their_own_session() {
+    squatted_restart(false, false).await;
+}
+
+/// DEFECT (ignored until fixed): the same, but the restart should succeed, as it does with garbage
+/// connections: accepted connections' handshakes are timed one after the other, so silent peers queued
+/// ahead of start-kernel's relay starve it.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "defect: silent connections queued on a session's own kernel sockets make its restart fail"]
+async fn hostile_silent_connections_queued_before_a_restart() {
+    squatted_restart(false, true).await;
+}
+
+async fn squatted_restart(garbage: bool, strict: bool) {
     let app = spawn_app().await;
     let api = Api::of(&app);
     let neighbour = api.start(json!({"language": "python"})).await;
     api.assert_alive(&neighbour, "before").await;
     let attacker = api.start(json!({"language": "python"})).await;
-    let r = api.exec(&attacker, SQUATTER).await;
-    eprintln!("FIGURE squatter: connections queued and held by a process that survives restarts: {}", r["stdout"]);
+    let r = api.exec(&attacker, &SQUATTER.replace("PAYLOAD", if garbage { "True" } else { "False" })).await;
+    eprintln!(
+        "FIGURE squatter (garbage {garbage}): connections queued and held by a process that survives restarts: {}",
+        r["stdout"]
+    );
     assert_eq!(r["status"], "ok", "{r}");
     let held: u64 = r["stdout"].as_str().unwrap().trim().parse().unwrap_or(0);
     assert!(held > 0, "the squatter holds connections: {r}");
@@ -1200,7 +1227,7 @@ async fn hostile_garbage_connections_queued_before_a_restart() {
     let started = Instant::now();
     let (status, s) = api.post(&format!("/v1/sessions/{attacker}/restart"), json!({})).await;
     eprintln!(
-        "FIGURE squatter: restart with 400 garbage connections queued -> {status} after {:?}: {s}",
+        "FIGURE squatter (garbage {garbage}): restart with 400 connections queued -> {status} after {:?}: {s}",
         started.elapsed()
     );
     api.assert_alive(&neighbour, "after the squatted restart").await;
@@ -1209,10 +1236,12 @@ async fn hostile_garbage_connections_queued_before_a_restart() {
         assert_eq!(r["stdout"], "42\n", "the restarted kernel answers: {r}");
     } else {
         // A failed restart must leave a session that can be deleted cleanly.
-        eprintln!("FIGURE squatter: the restart failed: {status} {s}");
+        eprintln!("FIGURE squatter (garbage {garbage}): the restart failed: {status} {s}");
         assert_eq!(api.delete(&attacker).await, 204);
         let gone = eventually(Duration::from_secs(30), || async { app.containers().await.len() == 1 }).await;
         assert!(gone, "the attacker's container is removed");
-        panic!("a session's own garbage connections break its restart: {status} {s}");
+        assert!(status >= 500 && s["error"]["code"].as_str().is_some(), "a failed restart is a JSON 5xx: {status} {s}");
+        api.assert_alive(&neighbour, "after the attacker was deleted").await;
+        assert!(!strict, "queued connections (garbage {garbage}) break the session's restart: {status} {s}");
     }
 }
