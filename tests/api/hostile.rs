@@ -466,17 +466,22 @@ async fn hostile_kernel_protocol_abuse_garbage_bad_signatures_forged_parents_flo
     assert_eq!(r["stdout"], "42\n", "nothing forged leaks into the next execution: {r}");
     api.assert_alive(&neighbour, "after forged messages").await;
 
-    // (d) 100k small messages in one execution: the answer comes, capped.
+    // (d) 100k small messages in one execution: the answer comes, capped. (Observed: now and then the
+    // kernel's own IOPub queue drops the final `status: idle` under this flood, and the execution then
+    // ends only at its timeout, status `timeout`: hence a bounded timeout here and no status assertion.)
     let started = Instant::now();
     let (status, body) =
-        api.post_raw(&format!("/v1/sessions/{attacker}/execute"), json!({"code": FLOOD, "timeout_s": 600})).await;
+        api.post_raw(&format!("/v1/sessions/{attacker}/execute"), json!({"code": FLOOD, "timeout_s": 180})).await;
+    let r: Value = serde_json::from_str(&body).unwrap_or_default();
     eprintln!(
-        "FIGURE iopub flood: 100k messages of 101 B answered in {:?}, {} B response",
+        "FIGURE iopub flood: 100k messages of 101 B answered in {:?}, {} B response, status {}, kernel_restarted {}, duration_ms {}",
         started.elapsed(),
-        body.len()
+        body.len(),
+        r["status"],
+        r["kernel_restarted"],
+        r["duration_ms"]
     );
     assert_eq!(status, 200, "{}", &body[..body.len().min(2000)]);
-    let r: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(r["truncated"], true, "the flood was capped: {}", &body[..body.len().min(2000)]);
     assert!(body.len() <= 1_153_434, "the response stays within ~1.1 MiB: {} B", body.len());
     assert_eq!(api.exec(&attacker, "print(6*7)").await["stdout"], "42\n", "the session works after the flood");
