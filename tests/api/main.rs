@@ -8,9 +8,9 @@ mod api_surface;
 mod compose;
 mod execute;
 mod fuzz;
+mod hostile;
 mod languages;
 mod lifecycle;
-#[allow(dead_code)]
 mod process;
 mod requests_end_early;
 mod sandbox;
