@@ -25,6 +25,9 @@ use super::zmtp::{SocketType, ZmtpError, ZmtpStream};
 /// How long one accepted connection may take to complete its ZMTP handshake before we give up on it and
 /// accept the next (a stray or stuck peer must not block the kernel's real connection).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes run side by side, so connections that never speak (the sandbox can open them) cannot delay
+/// the real kernel's by 5 s each; bounded, so they cannot cost unbounded memory either.
+const MAX_PENDING_HANDSHAKES: usize = 64;
 /// How often `wait_ready` asks again: a `kernel_info_request` sent before IOPub was subscribed still gets
 /// its reply, but its IOPub status may be lost.
 const KERNEL_INFO_INTERVAL: Duration = Duration::from_millis(500);
@@ -146,12 +149,19 @@ async fn accept_one(
     channel: Channel,
     identity: Option<&[u8]>,
 ) -> Result<ZmtpStream<UnixStream>, KernelError> {
+    use futures::StreamExt;
+    let mut pending = futures::stream::FuturesUnordered::new();
     loop {
-        let (stream, _) = listener.accept().await.map_err(|source| KernelError::Accept { channel, source })?;
-        match timeout(HANDSHAKE_TIMEOUT, ZmtpStream::handshake(stream, channel.socket_type(), identity)).await {
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(error)) => tracing::warn!(?channel, %error, "refused a kernel connection"),
-            Err(_) => tracing::warn!(?channel, "a kernel connection did not complete its handshake in time"),
+        tokio::select! {
+            accepted = listener.accept(), if pending.len() < MAX_PENDING_HANDSHAKES => {
+                let (stream, _) = accepted.map_err(|source| KernelError::Accept { channel, source })?;
+                pending.push(timeout(HANDSHAKE_TIMEOUT, ZmtpStream::handshake(stream, channel.socket_type(), identity)));
+            }
+            Some(done) = pending.next(), if !pending.is_empty() => match done {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(error)) => tracing::warn!(?channel, %error, "refused a kernel connection"),
+                Err(_) => tracing::warn!(?channel, "a kernel connection did not complete its handshake in time"),
+            },
         }
     }
 }
