@@ -292,7 +292,7 @@ mod tests {
                 assert!(!dockerfile.contains("start-kernel /opt"), "{} copies no start-kernel", def.name);
                 continue;
             }
-            let last = dockerfile.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).last();
+            let last = dockerfile.lines().map(str::trim).rfind(|l| !l.is_empty() && !l.starts_with('#'));
             assert_eq!(last, Some("COPY start-kernel /opt/kernelbox/start-kernel"), "{}: the last step", def.name);
             // No `RUN chmod` after the COPY: the mode comes from the context's tar.
             let tar_bytes = ctx.tar();
