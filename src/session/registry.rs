@@ -54,22 +54,22 @@ impl Registry {
     /// The session `id` if `owner` owns it and it is not closing (another owner's session is "not
     /// found", not "forbidden").
     pub fn get(&self, owner: &Owner, id: &str) -> Result<Arc<Session>, SessionError> {
-        let not_found = || SessionError::NotFound(id.to_owned());
-        let id = SessionId::parse(id).ok_or_else(not_found)?;
-        let inner = self.inner.lock().unwrap();
-        inner.sessions.get(&id).filter(|s| &s.owner == owner && !s.is_closing()).cloned().ok_or_else(not_found)
+        Self::find(&self.inner.lock().unwrap(), owner, id)
     }
 
     /// Like [`Registry::get`], and marks the session in use under the same lock, so the reaper (which
     /// picks under this lock too) either sees the mark or has already made the session unfindable.
     pub fn get_in_use(&self, owner: &Owner, id: &str) -> Result<(Arc<Session>, InUse), SessionError> {
-        let not_found = || SessionError::NotFound(id.to_owned());
-        let id = SessionId::parse(id).ok_or_else(not_found)?;
         let inner = self.inner.lock().unwrap();
-        let session =
-            inner.sessions.get(&id).filter(|s| &s.owner == owner && !s.is_closing()).cloned().ok_or_else(not_found)?;
+        let session = Self::find(&inner, owner, id)?;
         let in_use = session.mark_in_use();
         Ok((session, in_use))
+    }
+
+    fn find(inner: &Inner, owner: &Owner, id: &str) -> Result<Arc<Session>, SessionError> {
+        let not_found = || SessionError::NotFound(id.to_owned());
+        let id = SessionId::parse(id).ok_or_else(not_found)?;
+        inner.sessions.get(&id).filter(|s| &s.owner == owner && !s.is_closing()).cloned().ok_or_else(not_found)
     }
 
     /// Whether an entry (in any state, closing included) exists for `id`.

@@ -66,6 +66,12 @@ impl Harness {
     fn run_dirs(&self) -> usize {
         std::fs::read_dir(self._dir.path().join("sessions")).map(|d| d.count()).unwrap_or(0)
     }
+    /// Starts a create whose kernel takes `boot` to come up, without waiting for it.
+    fn create_in_background(&self, boot: Duration) -> tokio::task::JoinHandle<Result<SessionInfo, SessionError>> {
+        self.runtime.set_boot_delay(boot);
+        let m = self.manager.clone();
+        tokio::spawn(async move { m.create(owner(), python()).await })
+    }
     /// Waits until no container and no session is left (the session tasks clean up after they are told).
     async fn settles_empty(&self) {
         for _ in 0..100 {
@@ -256,9 +262,7 @@ async fn a_create_whose_caller_leaves_mid_boot_leaves_nothing() {
 #[tokio::test]
 async fn delete_during_boot_removes_the_container_promptly() {
     let h = harness(&[]);
-    h.runtime.set_boot_delay(Duration::from_secs(30));
-    let m = h.manager.clone();
-    let create = tokio::spawn(async move { m.create(owner(), python()).await });
+    let create = h.create_in_background(Duration::from_secs(30));
     let id = loop {
         if let Some(info) = h.manager.list(&owner()).first() {
             break info.id.to_string();
@@ -275,9 +279,7 @@ async fn delete_during_boot_removes_the_container_promptly() {
 #[tokio::test]
 async fn shutdown_during_boot_removes_the_container_and_refuses_new_sessions() {
     let h = harness(&[]);
-    h.runtime.set_boot_delay(Duration::from_secs(30));
-    let m = h.manager.clone();
-    let create = tokio::spawn(async move { m.create(owner(), python()).await });
+    let create = h.create_in_background(Duration::from_secs(30));
     tokio::time::sleep(Duration::from_millis(100)).await;
     h.manager.shutdown().await;
     assert!(create.await.unwrap().is_err());
@@ -376,9 +378,7 @@ async fn the_reaper_never_takes_a_session_marked_in_use_and_a_reaped_one_cannot_
 #[tokio::test]
 async fn a_session_stuck_starting_is_reaped() {
     let h = harness(&[]);
-    h.runtime.set_boot_delay(Duration::from_secs(600));
-    let m = h.manager.clone();
-    let create = tokio::spawn(async move { m.create(owner(), python()).await });
+    let create = h.create_in_background(Duration::from_secs(600));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let report = h.manager.reap_once(chrono::Utc::now() + chrono::Duration::hours(1)).await;
     assert_eq!(report.removed.len(), 1);
