@@ -212,6 +212,9 @@ pub struct LimitArgs {
     /// Output kept per execution, bytes.
     #[arg(long, env = "KERNELBOX_OUTPUT_LIMIT_BYTES", default_value_t = 1 << 20)]
     pub output_limit_bytes: usize,
+    /// Largest file a client may upload into a session, MiB (then 413). The session's disk limit holds too.
+    #[arg(long, env = "KERNELBOX_MAX_UPLOAD_MB", default_value_t = 100)]
+    pub max_upload_mb: u64,
     /// How long an interrupted kernel gets before it is restarted, seconds.
     #[arg(long, env = "KERNELBOX_INTERRUPT_GRACE_S", default_value_t = 5)]
     pub interrupt_grace_s: u64,
@@ -241,6 +244,7 @@ pub struct Limits {
     pub max_sessions_per_owner: usize,
     pub queue_depth: usize,
     pub output_limit_bytes: usize,
+    pub max_upload_bytes: u64,
     pub interrupt_grace: Duration,
     pub start_timeout: Duration,
     pub reap_interval: Duration,
@@ -274,6 +278,7 @@ impl LimitArgs {
         check(self.max_sessions >= 1 && self.max_sessions_per_owner >= 1, "session maximums must be at least 1")?;
         check(self.queue_depth >= 1, "--queue-depth must be at least 1")?;
         check(self.output_limit_bytes >= 1024, "--output-limit-bytes must be at least 1024")?;
+        check(self.max_upload_mb >= 1, "--max-upload-mb must be at least 1")?;
         check(self.reap_interval_s >= 1, "--reap-interval-s must be at least 1")?;
         let s = Duration::from_secs;
         Ok(Limits {
@@ -292,6 +297,7 @@ impl LimitArgs {
             max_sessions_per_owner: self.max_sessions_per_owner,
             queue_depth: self.queue_depth,
             output_limit_bytes: self.output_limit_bytes,
+            max_upload_bytes: self.max_upload_mb << 20,
             interrupt_grace: s(self.interrupt_grace_s),
             start_timeout: s(self.start_timeout_s),
             reap_interval: s(self.reap_interval_s),

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::runtime::RuntimeError;
 use crate::session::SessionError;
+use crate::session::files::FileError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -44,6 +45,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+fn file_status(e: &FileError) -> (StatusCode, &'static str) {
+    match e {
+        FileError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_path"),
+        FileError::NotFound(_) => (StatusCode::NOT_FOUND, "file_not_found"),
+        FileError::Outside(_) => (StatusCode::FORBIDDEN, "outside_working_directory"),
+        FileError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        FileError::Conflict(_) => (StatusCode::CONFLICT, "wrong_kind"),
+        FileError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        FileError::NoSpace(_) => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
+        FileError::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_transfers"),
+        FileError::NotRunning(_) => (StatusCode::CONFLICT, "session_not_running"),
+        FileError::Stalled => (StatusCode::REQUEST_TIMEOUT, "transfer_stalled"),
+        FileError::Tool(_) => (StatusCode::BAD_GATEWAY, "file_tool_failed"),
+        FileError::Runtime(RuntimeError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "docker_unavailable"),
+        FileError::Runtime(_) => (StatusCode::BAD_GATEWAY, "docker_error"),
+    }
+}
+
 impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         use SessionError as E;
@@ -60,6 +79,7 @@ impl From<SessionError> for ApiError {
             E::Runtime(RuntimeError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "docker_unavailable"),
             E::Runtime(_) => (StatusCode::BAD_GATEWAY, "docker_error"),
             E::Kernel(_) => (StatusCode::BAD_GATEWAY, "kernel_error"),
+            E::File(f) => file_status(f),
             E::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError { status, code, message }

@@ -96,6 +96,27 @@ async fn drain(mut body: Body, deadline: Instant) {
     .await;
 }
 
+/// Reads and discards what is left of a streamed body that was refused mid-way (an upload over its
+/// limit), so that its client sees the answer; in the background, within `limit` and [`DRAIN_LIMIT`].
+pub fn discard_rest<S, E>(mut stream: S, limit: Duration)
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+{
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(limit, async {
+            let mut drained = 0usize;
+            while let Some(Ok(chunk)) = stream.next().await {
+                drained += chunk.len();
+                if drained > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
+
 /// The rest of the body is not read, so the connection cannot carry another request.
 fn closing(error: ApiError) -> Response {
     let mut response = error.into_response();

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod body;
 pub mod execute;
 pub mod extract;
+pub mod files;
 pub mod json_errors;
 pub mod rate_limit;
 pub mod serve;
@@ -44,7 +45,7 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
     info(title = "kernelbox", description = "Run untrusted code in stateful Jupyter kernels, one sealed container per session."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
-        execute::execute, system::healthz, system::readyz, system::languages, system::metrics_text,
+        execute::execute, files::list, files::download, files::upload, files::delete, system::healthz, system::readyz, system::languages, system::metrics_text,
     ),
     components(schemas(crate::error::ErrorBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
     modifiers(&Security),
@@ -127,6 +128,13 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/sessions/{id}/restart", post(sessions::restart))
         .route("/languages", get(system::languages))
         .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
+        // Files stream through, under the upload limit and an idle limit, instead of arriving whole.
+        .merge(
+            Router::new()
+                .route("/sessions/{id}/files", get(files::list))
+                .route("/sessions/{id}/files/{*path}", get(files::download).put(files::upload).delete(files::delete))
+                .layer(DefaultBodyLimit::disable()),
+        )
         .layer(axum::middleware::from_fn_with_state(access, auth::require_key));
     Router::new()
         .nest("/v1", v1)

@@ -10,6 +10,8 @@ pub const LABEL_BASE_ID: &str = "kernelbox.image.base_id";
 
 /// The start contract: every image runs its kernel with `START_KERNEL <connection file>`.
 pub const START_KERNEL: &str = "/opt/kernelbox/start-kernel";
+/// The start contract: the file tool (`images/shared/files`) the service runs through Docker's exec API.
+pub const FILES_TOOL: &str = "/opt/kernelbox/files";
 /// The kernel user's home and working directory (a tmpfs owned by uid 1000 at run time).
 pub const HOME: &str = "/home/kernel";
 

@@ -293,7 +293,7 @@ mod tests {
                 continue;
             }
             let last = dockerfile.lines().map(str::trim).rfind(|l| !l.is_empty() && !l.starts_with('#'));
-            assert_eq!(last, Some("COPY start-kernel /opt/kernelbox/start-kernel"), "{}: the last step", def.name);
+            assert_eq!(last, Some("COPY start-kernel files /opt/kernelbox/"), "{}: the last step", def.name);
             // No `RUN chmod` after the COPY: the mode comes from the context's tar.
             let tar_bytes = ctx.tar();
             let mut archive = tar::Archive::new(tar_bytes.as_slice());

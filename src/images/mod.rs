@@ -10,4 +10,4 @@ pub mod catalog;
 pub mod context;
 
 pub use builder::{ImageBuilder, ImageError};
-pub use catalog::{Catalog, HOME, LABEL_INTERRUPT_MODE, START_KERNEL};
+pub use catalog::{Catalog, FILES_TOOL, HOME, LABEL_INTERRUPT_MODE, START_KERNEL};

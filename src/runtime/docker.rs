@@ -17,7 +17,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 
 use super::{
-    BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExitInfo, ImageInfo, Progress, RuntimeError,
+    BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExecOutput, ExecProcess, ExecRequest, ExitInfo,
+    ImageInfo, Progress, RuntimeError,
 };
 
 /// A Docker engine reached through its API socket.
@@ -207,6 +208,53 @@ impl ContainerRuntime for DockerRuntime {
                 stream_error.map(|e| e.to_string()).unwrap_or_else(|| "the build produced no image".into()),
             )),
         }
+    }
+
+    async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecProcess, RuntimeError> {
+        let config = bollard::models::ExecConfig {
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            cmd: Some(request.cmd.clone()),
+            env: Some(request.env.clone()),
+            user: Some(request.user.clone()),
+            working_dir: Some(request.working_dir.clone()),
+            privileged: Some(false),
+            ..Default::default()
+        };
+        let created = self.docker.create_exec(id, config).await.map_err(map_err)?;
+        let options = bollard::exec::StartExecOptions { detach: false, tty: false, output_capacity: Some(64 * 1024) };
+        match self.docker.start_exec(&created.id, Some(options)).await.map_err(map_err)? {
+            bollard::exec::StartExecResults::Attached { output, input } => {
+                let output = output
+                    .filter_map(|item| async move {
+                        match item {
+                            Ok(bollard::container::LogOutput::StdOut { message }) => {
+                                Some(Ok(ExecOutput::Stdout(message)))
+                            }
+                            Ok(bollard::container::LogOutput::StdErr { message }) => {
+                                Some(Ok(ExecOutput::Stderr(message)))
+                            }
+                            Ok(_) => None,
+                            Err(e) => Some(Err(map_err(e))),
+                        }
+                    })
+                    .boxed();
+                Ok(ExecProcess { id: created.id, stdin: input, output })
+            }
+            bollard::exec::StartExecResults::Detached => {
+                Err(RuntimeError::Api { status: 500, message: "the exec started detached".into() })
+            }
+        }
+    }
+
+    async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError> {
+        let inspect = self.docker.inspect_exec(exec_id).await.map_err(map_err)?;
+        Ok(match inspect.running {
+            Some(true) => None,
+            _ => inspect.exit_code,
+        })
     }
 
     async fn pull_image(&self, reference: &str, progress: Progress<'_>) -> Result<(), RuntimeError> {

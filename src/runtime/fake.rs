@@ -15,7 +15,8 @@ use tokio::sync::watch;
 use crate::kernel::fake::FakeKernel;
 
 use super::{
-    BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExitInfo, ImageInfo, Progress, RuntimeError,
+    BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExecProcess, ExecRequest, ExitInfo, ImageInfo,
+    Progress, RuntimeError,
 };
 
 #[derive(Default)]
@@ -213,6 +214,15 @@ impl ContainerRuntime for FakeRuntime {
         progress("Step 1/1 : fake build");
         self.add_image(&request.tag, request.labels);
         Ok(())
+    }
+
+    async fn exec(&self, id: &str, _request: &ExecRequest) -> Result<ExecProcess, RuntimeError> {
+        // File transfer runs a tool inside the real image: the end-to-end tests cover it.
+        Err(RuntimeError::Api { status: 501, message: format!("the fake runtime cannot exec in {id}") })
+    }
+
+    async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError> {
+        Err(RuntimeError::NotFound(exec_id.to_owned()))
     }
 
     async fn pull_image(&self, reference: &str, _progress: Progress<'_>) -> Result<(), RuntimeError> {

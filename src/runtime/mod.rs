@@ -98,6 +98,32 @@ pub struct BuildRequest {
     pub no_cache: bool,
 }
 
+/// A command to run inside a running container (Docker's exec API), with stdin, stdout and stderr
+/// attached. It runs in the container's namespaces and cgroup, as `user`: what it can touch is what the
+/// sandbox itself can.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecRequest {
+    pub cmd: Vec<String>,
+    pub user: String,
+    pub working_dir: String,
+    pub env: Vec<String>,
+}
+
+/// A chunk of a running exec's output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecOutput {
+    Stdout(bytes::Bytes),
+    Stderr(bytes::Bytes),
+}
+
+/// A running exec: write its stdin, read its output until the stream ends, then ask for its exit code.
+/// Dropping it closes both streams; the process then sees EOF and a broken pipe.
+pub struct ExecProcess {
+    pub id: String,
+    pub stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    pub output: BoxStream<'static, Result<ExecOutput, RuntimeError>>,
+}
+
 /// A progress line from a build, import or pull.
 pub type Progress<'a> = &'a mut (dyn FnMut(&str) + Send);
 
@@ -119,6 +145,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn image(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError>;
     /// Builds an image, reporting each line of build output.
     async fn build_image(&self, request: BuildRequest, progress: Progress<'_>) -> Result<(), RuntimeError>;
+    /// Starts `request` inside the running container `id`.
+    async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecProcess, RuntimeError>;
+    /// The exit code of a finished exec, `None` while it runs.
+    async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError>;
     /// Pulls an image from a registry.
     async fn pull_image(&self, reference: &str, progress: Progress<'_>) -> Result<(), RuntimeError>;
     /// Makes an image from a root filesystem tar stream (`docker import`).

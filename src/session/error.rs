@@ -26,6 +26,8 @@ pub enum SessionError {
     Runtime(#[from] RuntimeError),
     #[error("kernel communication failed: {0}")]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    File(#[from] super::files::FileError),
     #[error("session state directory: {0}")]
     Io(#[from] std::io::Error),
 }

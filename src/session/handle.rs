@@ -36,6 +36,8 @@ pub struct SessionState {
 /// How long output events wait for a streaming client: beyond this many, events are dropped from the
 /// stream (the final result still carries every output within the cap).
 pub const STREAM_EVENTS: usize = 64;
+/// File transfers running at once on one session (each is a process in its container).
+pub const MAX_TRANSFERS: usize = 4;
 /// Control requests (interrupt, restart) waiting for the session's task.
 pub const CONTROL_DEPTH: usize = 4;
 
@@ -95,6 +97,8 @@ pub struct Session {
     keep: AtomicBool,
     /// Why the session is closing, for the executions it cuts short.
     closing_reason: Mutex<&'static str>,
+    /// File transfers under way (at most [`MAX_TRANSFERS`]).
+    pub transfers: Arc<tokio::sync::Semaphore>,
 }
 
 impl Session {
@@ -132,6 +136,7 @@ impl Session {
             finished: CancellationToken::new(),
             keep: AtomicBool::new(false),
             closing_reason: Mutex::new("session_deleted"),
+            transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
         });
         (session, Inbox { commands, control })
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
@@ -21,7 +22,8 @@ use crate::runtime::{ContainerRuntime, ContainerSpec, labels};
 
 use super::actor::{Actor, Start};
 use super::error::SessionError;
-use super::handle::{ExecuteCommand, Inbox, STREAM_EVENTS, Session};
+use super::files::{self, Download, FileError, FilePath, Listing, Written};
+use super::handle::{ExecuteCommand, InUse, Inbox, MAX_TRANSFERS, STREAM_EVENTS, Session};
 use super::kernel_host::BootPlan;
 use super::model::{ExecuteResult, Owner, SessionId, SessionInfo, SessionLimits, SessionRequest, SessionSettings};
 use super::policy::{self, ReapRules, ReapView};
@@ -34,6 +36,12 @@ const DELETE_WAIT: Duration = Duration::from_secs(30);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// The reaper's margin over the boot deadline before a starting or restarting session counts as stuck.
 const STUCK_MARGIN: Duration = Duration::from_secs(30);
+
+/// Held while a file transfer runs.
+struct TransferGuard {
+    _in_use: InUse,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
 
 /// What one reaper pass did.
 #[derive(Debug, Default, PartialEq)]
@@ -290,6 +298,57 @@ impl SessionManager {
         timeout_s: Option<u64>,
     ) -> Result<ExecuteResult, SessionError> {
         self.submit(owner, id, code, timeout_s, false)?.wait().await
+    }
+
+    /// The session's container for a file transfer. The guard keeps the session in use (never reaped
+    /// mid-transfer) and holds one of its [`MAX_TRANSFERS`] slots.
+    fn transfer(&self, owner: &Owner, id: &str) -> Result<(String, TransferGuard), SessionError> {
+        let (session, in_use) = self.registry.get_in_use(owner, id)?;
+        let permit = session.transfers.clone().try_acquire_owned().map_err(|_| FileError::Busy(MAX_TRANSFERS))?;
+        session.update(|s| s.last_used = Utc::now());
+        let container = session.snapshot().container_id;
+        Ok((container, TransferGuard { _in_use: in_use, _permit: permit }))
+    }
+
+    /// Lists a directory of the session's working directory.
+    pub async fn list_files(&self, owner: &Owner, id: &str, path: &str) -> Result<Listing, SessionError> {
+        let path = FilePath::parse(path)?;
+        let (container, _guard) = self.transfer(owner, id)?;
+        Ok(files::list(self.runtime.as_ref(), &container, &path).await?)
+    }
+
+    /// Starts a download; the session stays in use until the body is consumed or dropped.
+    pub async fn download(&self, owner: &Owner, id: &str, path: &str) -> Result<Download, SessionError> {
+        let path = FilePath::parse(path)?;
+        let (container, guard) = self.transfer(owner, id)?;
+        let mut download = files::download(self.runtime.as_ref(), &container, &path).await?;
+        download.body = download
+            .body
+            .map(move |chunk| {
+                let _held = &guard;
+                chunk
+            })
+            .boxed();
+        Ok(download)
+    }
+
+    /// Writes a file into the session's working directory (at most the operator's upload limit).
+    pub async fn upload<S, E>(&self, owner: &Owner, id: &str, path: &str, body: S) -> Result<Written, SessionError>
+    where
+        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let path = FilePath::parse(path)?;
+        let (container, _guard) = self.transfer(owner, id)?;
+        let max = self.config.limits.max_upload_bytes;
+        Ok(files::upload(self.runtime.as_ref(), &container, &path, max, body).await?)
+    }
+
+    /// Removes a file or a directory (with its contents) from the session's working directory.
+    pub async fn delete_file(&self, owner: &Owner, id: &str, path: &str) -> Result<(), SessionError> {
+        let path = FilePath::parse(path)?;
+        let (container, _guard) = self.transfer(owner, id)?;
+        Ok(files::delete(self.runtime.as_ref(), &container, &path).await?)
     }
 
     pub fn interrupt(&self, owner: &Owner, id: &str) -> Result<(), SessionError> {

@@ -9,6 +9,7 @@
 
 pub mod actor;
 pub mod error;
+pub mod files;
 pub mod handle;
 pub mod kernel_host;
 pub mod manager;

@@ -7,6 +7,7 @@ mod abuse;
 mod api_surface;
 mod compose;
 mod execute;
+mod files;
 mod fuzz;
 mod hostile;
 mod languages;

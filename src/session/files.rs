@@ -1,0 +1,505 @@
+//! Files in and out of a session's working directory, through the image's file tool (`images/shared/files`)
+//! run by Docker's exec API inside the session's container, as the session's user.
+//!
+//! The service never opens a path in the sandbox: every path resolves in the sandbox's own view, with the
+//! sandbox's own rights. Paths are checked here first ([`FilePath`]) so that bad input is a clear 4xx
+//! before anything runs, and again by the tool (symlinks that lead out of the working directory are
+//! refused there). What the tool sends back is attacker input: its header is bounded before it is
+//! buffered, and a body is exactly the size the header announced or the transfer fails.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use crate::images::{FILES_TOOL, HOME};
+use crate::runtime::{ContainerRuntime, ExecOutput, ExecProcess, ExecRequest, RuntimeError};
+
+/// The longest path a client may name, in bytes.
+pub const MAX_PATH: usize = 1024;
+/// The longest name of one path component, in bytes (Linux's NAME_MAX).
+pub const MAX_NAME: usize = 255;
+/// How long a transfer may go without progress.
+pub const IDLE_LIMIT: Duration = Duration::from_secs(30);
+/// The largest header the tool may send (a listing of 10,000 entries fits).
+const MAX_HEADER: usize = 4 << 20;
+/// What of the tool's stderr is kept for an error message.
+const MAX_STDERR: usize = 4096;
+
+/// Why a file operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Outside(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("the session's disk is full: {0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("too many file transfers on this session at once (at most {0}); retry when one finishes")]
+    Busy(usize),
+    #[error("the session's container is not running: {0}")]
+    NotRunning(String),
+    #[error("the transfer stalled for {} s", IDLE_LIMIT.as_secs())]
+    Stalled,
+    #[error("the file tool failed: {0}")]
+    Tool(String),
+    #[error(transparent)]
+    Runtime(RuntimeError),
+}
+
+impl From<RuntimeError> for FileError {
+    fn from(e: RuntimeError) -> Self {
+        match e {
+            RuntimeError::NotFound(m) => FileError::NotRunning(m),
+            // 409: the container exists but is not running.
+            RuntimeError::Api { status: 409, message } => FileError::NotRunning(message),
+            other => FileError::Runtime(other),
+        }
+    }
+}
+
+/// A path relative to the session's working directory, checked: no `..`, not absolute, no NUL or other
+/// control character, no component over [`MAX_NAME`] bytes, at most [`MAX_PATH`] bytes. `.` and empty
+/// components are dropped; the empty path is the working directory itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilePath(String);
+
+impl FilePath {
+    pub fn parse(raw: &str) -> Result<FilePath, FileError> {
+        let invalid = |why: &str| Err(FileError::Invalid(format!("path {:?}: {why}", truncate(raw, 80))));
+        if raw.len() > MAX_PATH {
+            return invalid(&format!("longer than {MAX_PATH} bytes"));
+        }
+        if raw.starts_with('/') {
+            return invalid("absolute paths are refused; paths are relative to the working directory");
+        }
+        if raw.chars().any(|c| c.is_control()) {
+            return invalid("NUL and control characters are refused");
+        }
+        let mut parts = Vec::new();
+        for part in raw.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => return invalid("`..` is refused"),
+                p if p.len() > MAX_NAME => return invalid(&format!("a name is longer than {MAX_NAME} bytes")),
+                p => parts.push(p),
+            }
+        }
+        Ok(FilePath(parts.join("/")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The last component (the file's name), or "" for the working directory.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or("")
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    /// `file`, `directory`, `symlink` or `other` (symlinks are listed, never followed).
+    pub kind: String,
+    /// Modification time, seconds since the epoch.
+    pub mtime: f64,
+}
+
+/// A directory listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Listing {
+    pub path: String,
+    pub entries: Vec<FileEntry>,
+    /// More than 10,000 entries: the rest are not listed.
+    pub truncated: bool,
+}
+
+/// A file on its way out: its size and its bytes, exactly `size` of them or an error.
+pub struct Download {
+    pub size: u64,
+    pub mtime: f64,
+    pub body: BoxStream<'static, std::io::Result<Bytes>>,
+}
+
+/// A file written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Written {
+    pub path: String,
+    pub size: u64,
+    pub mtime: f64,
+}
+
+/// A file collected from a session (the `/jupyter` API's files written by the code).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Collected {
+    pub path: String,
+    pub content: Bytes,
+}
+
+/// The tool's header line.
+#[derive(Deserialize)]
+struct Header {
+    ok: bool,
+    code: Option<String>,
+    message: Option<String>,
+    size: Option<u64>,
+    mtime: Option<f64>,
+    entries: Option<Vec<FileEntry>>,
+    truncated: Option<bool>,
+}
+
+impl Header {
+    fn into_result(self) -> Result<Header, FileError> {
+        if self.ok {
+            return Ok(self);
+        }
+        let message = self.message.clone().unwrap_or_default();
+        Err(match self.code.as_deref().unwrap_or("") {
+            "invalid" => FileError::Invalid(message),
+            "not_found" => FileError::NotFound(message),
+            "outside" => FileError::Outside(message),
+            "not_a_file" | "not_a_directory" | "is_directory" => FileError::Conflict(message),
+            "too_large" => FileError::TooLarge(message),
+            "no_space" => FileError::NoSpace(message),
+            "forbidden" => FileError::Forbidden(message),
+            _ => FileError::Tool(message),
+        })
+    }
+}
+
+/// The tool's output as it comes: stdout bytes (stderr is kept, bounded, for error messages).
+struct ToolOutput {
+    output: BoxStream<'static, Result<ExecOutput, RuntimeError>>,
+    buffered: BytesMut,
+    stderr: Vec<u8>,
+}
+
+impl ToolOutput {
+    fn new(output: BoxStream<'static, Result<ExecOutput, RuntimeError>>) -> Self {
+        ToolOutput { output, buffered: BytesMut::new(), stderr: Vec::new() }
+    }
+
+    /// The next stdout bytes, `None` at the end.
+    async fn next_stdout(&mut self) -> Result<Option<Bytes>, FileError> {
+        if !self.buffered.is_empty() {
+            return Ok(Some(self.buffered.split().freeze()));
+        }
+        loop {
+            let item = tokio::time::timeout(IDLE_LIMIT, self.output.next()).await.map_err(|_| FileError::Stalled)?;
+            match item {
+                None => return Ok(None),
+                Some(Ok(ExecOutput::Stdout(b))) => return Ok(Some(b)),
+                Some(Ok(ExecOutput::Stderr(b))) => {
+                    let room = MAX_STDERR.saturating_sub(self.stderr.len());
+                    self.stderr.extend_from_slice(&b[..b.len().min(room)]);
+                }
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reads one line (at most `max` bytes), keeping what follows it.
+    async fn line(&mut self, max: usize) -> Result<Bytes, FileError> {
+        let mut line = BytesMut::new();
+        loop {
+            if let Some(i) = line.iter().position(|&b| b == b'\n') {
+                let rest = line.split_off(i + 1);
+                self.buffered = rest;
+                line.truncate(i);
+                return Ok(line.freeze());
+            }
+            if line.len() > max {
+                return Err(FileError::Tool(format!("the tool's header is longer than {max} bytes")));
+            }
+            match self.next_stdout().await? {
+                Some(b) => line.extend_from_slice(&b),
+                None => return Err(FileError::Tool(self.broke("the tool ended without a header"))),
+            }
+        }
+    }
+
+    async fn header(&mut self, max: usize) -> Result<Header, FileError> {
+        let line = self.line(max).await?;
+        let header: Header = serde_json::from_slice(&line)
+            .map_err(|e| FileError::Tool(self.broke(&format!("unreadable header ({e})"))))?;
+        header.into_result()
+    }
+
+    fn broke(&self, what: &str) -> String {
+        let stderr = String::from_utf8_lossy(&self.stderr);
+        let last = stderr.trim().lines().last().unwrap_or("").to_owned();
+        if last.is_empty() { what.to_owned() } else { format!("{what}: {last}") }
+    }
+}
+
+async fn start(runtime: &dyn ContainerRuntime, container: &str, args: &[&str]) -> Result<ExecProcess, FileError> {
+    if container.is_empty() {
+        return Err(FileError::NotRunning("the session has no container yet".into()));
+    }
+    let mut cmd = vec![FILES_TOOL.to_owned()];
+    cmd.extend(args.iter().map(|a| a.to_string()));
+    let request = ExecRequest { cmd, user: "1000:1000".into(), working_dir: HOME.into(), env: Vec::new() };
+    Ok(runtime.exec(container, &request).await?)
+}
+
+/// Lists a directory.
+pub async fn list(runtime: &dyn ContainerRuntime, container: &str, path: &FilePath) -> Result<Listing, FileError> {
+    let exec = start(runtime, container, &["list", HOME, path.as_str()]).await?;
+    let mut out = ToolOutput::new(exec.output);
+    let header = out.header(MAX_HEADER).await?;
+    Ok(Listing {
+        path: path.as_str().to_owned(),
+        entries: header.entries.unwrap_or_default(),
+        truncated: header.truncated.unwrap_or(false),
+    })
+}
+
+/// Removes a file, a symlink (not what it points to) or a directory with everything in it.
+pub async fn delete(runtime: &dyn ContainerRuntime, container: &str, path: &FilePath) -> Result<(), FileError> {
+    if path.is_root() {
+        return Err(FileError::Invalid("the working directory itself cannot be deleted".into()));
+    }
+    let exec = start(runtime, container, &["delete", HOME, path.as_str()]).await?;
+    ToolOutput::new(exec.output).header(64 << 10).await.map(|_| ())
+}
+
+/// Starts a download: the header is read here (so a missing file is an error before any byte is sent);
+/// the body follows as a stream of exactly `size` bytes, or ends with an error.
+pub async fn download(runtime: &dyn ContainerRuntime, container: &str, path: &FilePath) -> Result<Download, FileError> {
+    let exec = start(runtime, container, &["get", HOME, path.as_str()]).await?;
+    let mut out = ToolOutput::new(exec.output);
+    let header = out.header(64 << 10).await?;
+    let size = header.size.ok_or_else(|| FileError::Tool("the header has no size".into()))?;
+    let mtime = header.mtime.unwrap_or(0.0);
+    // The exec's stdin stays open until the body is done: dropping it early would not stop the tool.
+    let stdin = exec.stdin;
+    let body = futures::stream::unfold((out, size, stdin), |(mut out, left, stdin)| async move {
+        if left == 0 {
+            return None;
+        }
+        match out.next_stdout().await {
+            Ok(Some(mut chunk)) => {
+                if chunk.len() as u64 > left {
+                    chunk.truncate(left as usize);
+                }
+                let left = left - chunk.len() as u64;
+                Some((Ok(chunk), (out, left, stdin)))
+            }
+            Ok(None) => {
+                Some((Err(std::io::Error::other("the file ended early (changed while read?)")), (out, 0, stdin)))
+            }
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), (out, 0, stdin))),
+        }
+    })
+    .boxed();
+    Ok(Download { size, mtime, body })
+}
+
+/// Writes a file from `body`, creating the directories on the way; the file appears whole or not at all
+/// (the tool writes a hidden temporary file and renames it). More than `max_size` bytes → `TooLarge`.
+pub async fn upload<S, E>(
+    runtime: &dyn ContainerRuntime,
+    container: &str,
+    path: &FilePath,
+    max_size: u64,
+    body: S,
+) -> Result<Written, FileError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send,
+    E: std::fmt::Display,
+{
+    if path.is_root() {
+        return Err(FileError::Invalid("a file needs a name".into()));
+    }
+    let max = max_size.to_string();
+    let exec = start(runtime, container, &["put", HOME, path.as_str(), &max]).await?;
+    let mut stdin = exec.stdin;
+    let mut out = ToolOutput::new(exec.output);
+    let mut body = std::pin::pin!(body);
+    let mut total: u64 = 0;
+    let mut tool_stopped = false;
+    loop {
+        let chunk = match tokio::time::timeout(IDLE_LIMIT, body.next()).await {
+            Err(_) => return Err(FileError::Stalled),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(FileError::Invalid(format!("the upload was cut short: {e}"))),
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        total += chunk.len() as u64;
+        if total > max_size {
+            // Dropping the exec mid-frame makes the tool discard its temporary file.
+            return Err(FileError::TooLarge(format!("the file is larger than the upload limit of {max_size} bytes")));
+        }
+        for piece in chunk.chunks(1 << 20) {
+            let mut frame = Vec::with_capacity(piece.len() + 4);
+            frame.extend_from_slice(&(piece.len() as u32).to_be_bytes());
+            frame.extend_from_slice(piece);
+            let written = tokio::time::timeout(IDLE_LIMIT, stdin.write_all(&frame)).await;
+            match written {
+                Err(_) => return Err(FileError::Stalled),
+                // The tool stopped reading: its header says why.
+                Ok(Err(_)) => {
+                    tool_stopped = true;
+                    break;
+                }
+                Ok(Ok(())) => {}
+            }
+        }
+        if tool_stopped {
+            break;
+        }
+    }
+    if !tool_stopped {
+        let end = async {
+            stdin.write_all(&0u32.to_be_bytes()).await?;
+            stdin.flush().await
+        };
+        let _ = tokio::time::timeout(IDLE_LIMIT, end).await;
+    }
+    let header = out.header(64 << 10).await?;
+    drop(stdin);
+    Ok(Written {
+        path: path.as_str().to_owned(),
+        size: header.size.unwrap_or(total),
+        mtime: header.mtime.unwrap_or(0.0),
+    })
+}
+
+/// The regular files under the working directory modified at or after `since` (seconds since the epoch),
+/// hidden ones excepted: at most `max_files` of them and `max_bytes` in all, held in memory. Returns the
+/// files and how many were skipped over the limits.
+pub async fn collect(
+    runtime: &dyn ContainerRuntime,
+    container: &str,
+    max_files: usize,
+    max_bytes: u64,
+    since: f64,
+) -> Result<(Vec<Collected>, u64), FileError> {
+    let args = [max_files.to_string(), max_bytes.to_string(), format!("{since:.3}")];
+    let exec = start(runtime, container, &["collect", HOME, &args[0], &args[1], &args[2]]).await?;
+    let mut out = ToolOutput::new(exec.output);
+    let mut files = Vec::new();
+    let mut total: u64 = 0;
+    loop {
+        let line = out.line(64 << 10).await?;
+        #[derive(Deserialize)]
+        struct Item {
+            path: Option<String>,
+            size: Option<u64>,
+            end: Option<bool>,
+            skipped: Option<u64>,
+            ok: Option<bool>,
+            message: Option<String>,
+        }
+        let item: Item = serde_json::from_slice(&line).map_err(|e| FileError::Tool(format!("collect: {e}")))?;
+        if item.ok == Some(false) {
+            return Err(FileError::Tool(item.message.unwrap_or_default()));
+        }
+        if item.end == Some(true) {
+            return Ok((files, item.skipped.unwrap_or(0)));
+        }
+        let (Some(path), Some(size)) = (item.path, item.size) else {
+            return Err(FileError::Tool("collect: an entry without path or size".into()));
+        };
+        total += size;
+        if files.len() >= max_files || total > max_bytes {
+            return Err(FileError::Tool("collect: the tool went over its limits".into()));
+        }
+        let mut content = BytesMut::with_capacity(size as usize);
+        while (content.len() as u64) < size {
+            let want = size as usize - content.len();
+            let chunk = match out.next_stdout().await? {
+                Some(c) => c,
+                None => return Err(FileError::Tool("collect: a file ended early".into())),
+            };
+            if chunk.len() > want {
+                content.extend_from_slice(&chunk[..want]);
+                out.buffered = BytesMut::from(&chunk[want..]);
+            } else {
+                content.extend_from_slice(&chunk);
+            }
+        }
+        files.push(Collected { path, content: content.freeze() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(raw: &str) -> String {
+        FilePath::parse(raw).unwrap().as_str().to_owned()
+    }
+
+    fn refused(raw: &str) -> bool {
+        matches!(FilePath::parse(raw), Err(FileError::Invalid(_)))
+    }
+
+    #[test]
+    fn paths_inside_the_working_directory_are_kept_and_tidied() {
+        assert_eq!(ok("a.txt"), "a.txt");
+        assert_eq!(ok("dir/sub/a.txt"), "dir/sub/a.txt");
+        assert_eq!(ok("./dir//a.txt/"), "dir/a.txt");
+        assert_eq!(ok(""), "");
+        assert_eq!(ok("."), "");
+        assert_eq!(ok("..."), "...");
+        assert_eq!(ok("a..b"), "a..b");
+        assert_eq!(ok("données/été.csv"), "données/été.csv");
+        assert!(FilePath::parse("").unwrap().is_root());
+        assert_eq!(FilePath::parse("a/b/c.png").unwrap().file_name(), "c.png");
+    }
+
+    #[test]
+    fn paths_that_could_leave_it_are_refused() {
+        for raw in ["..", "../etc/passwd", "a/../../b", "a/..", "/etc/passwd", "/", "a\0b", "a\nb", "a\rb", "\x7f"] {
+            assert!(refused(raw), "{raw:?} must be refused");
+        }
+        assert!(refused(&"a".repeat(MAX_NAME + 1)));
+        assert!(!refused(&"a".repeat(MAX_NAME)));
+        assert!(refused(&"a/".repeat(MAX_PATH / 2 + 1)));
+    }
+
+    #[test]
+    fn the_tools_refusals_become_typed_errors() {
+        let refusal = |code: &str| Header {
+            ok: false,
+            code: Some(code.into()),
+            message: Some("m".into()),
+            size: None,
+            mtime: None,
+            entries: None,
+            truncated: None,
+        };
+        assert!(matches!(refusal("not_found").into_result(), Err(FileError::NotFound(_))));
+        assert!(matches!(refusal("outside").into_result(), Err(FileError::Outside(_))));
+        assert!(matches!(refusal("is_directory").into_result(), Err(FileError::Conflict(_))));
+        assert!(matches!(refusal("no_space").into_result(), Err(FileError::NoSpace(_))));
+        assert!(matches!(refusal("something new").into_result(), Err(FileError::Tool(_))));
+    }
+}
