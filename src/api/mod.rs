@@ -104,7 +104,8 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
             };
             add("401", "no API key, or not a valid one (when the server has keys)");
             add("429", "too many requests for this API key (see `Retry-After`), or a limit of the server");
-            if op.request_body.is_some() {
+            let json_body = matches!(&op.request_body, Some(utoipa::openapi::RefOr::T(b)) if b.content.contains_key("application/json"));
+            if json_body {
                 add("400", "the body is not valid JSON for this operation");
                 add("408", "the body did not arrive in time");
                 add("413", "the body is larger than 16 MiB");
