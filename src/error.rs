@@ -75,6 +75,7 @@ impl From<SessionError> for ApiError {
             E::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
             E::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
             E::Closing => (StatusCode::CONFLICT, "session_closing"),
+            E::NoInputWaiting => (StatusCode::CONFLICT, "no_input_waiting"),
             E::KernelStart(_) => (StatusCode::SERVICE_UNAVAILABLE, "kernel_start_failed"),
             E::Runtime(RuntimeError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "docker_unavailable"),
             E::Runtime(_) => (StatusCode::BAD_GATEWAY, "docker_error"),

@@ -16,7 +16,7 @@ use super::extract::ApiJson;
 use crate::error::{ApiError, ErrorBody};
 use crate::kernel::{Event, Output};
 use crate::session::manager::SavedImage;
-use crate::session::{ExecuteResult, Owner, Pending};
+use crate::session::{ExecuteResult, Owner, Pending, Submission};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +29,20 @@ pub struct ExecuteRequest {
     /// the outputs and listed in `files` with a download URL.
     #[serde(default)]
     pub images: ImageMode,
+    /// Answers to the code's prompts (`input()`, `getpass()`, bash's `read`), in order: at most 1024,
+    /// each at most 64 KiB. When they run out, a streamed execution emits an `input_request` event
+    /// (answer it with `POST /v1/sessions/{id}/input`); a plain JSON call is refused instead: the
+    /// kernel is interrupted and the result is an `InputRequired` error.
+    #[serde(default)]
+    pub stdin: Vec<String>,
+}
+
+/// The answer to the prompt a streamed execution waits on.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputAnswer {
+    /// What the user typed (at most 64 KiB; no trailing newline needed).
+    pub value: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
@@ -88,7 +102,9 @@ async fn respond(
 }
 
 /// Run code in the session's kernel. With `Accept: text/event-stream` the outputs stream as events
-/// (`output`, `update`, `clear`, then one `result`) while the code runs. A display that can be updated
+/// (`output`, `update`, `clear`, `input_request`, then one `result`) while the code runs. An
+/// `input_request` event (`{prompt, password}`) means the code waits for input: answer it with
+/// `POST /v1/sessions/{id}/input`; unanswered, the execution ends at its timeout. A display that can be updated
 /// carries `transient.display_id`, as in Jupyter; an `update` replaces every display with its id.
 #[utoipa::path(post, path = "/v1/sessions/{id}/execute", request_body = ExecuteRequest, tag = "execute",
     responses((status = 200, body = ExecuteResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
@@ -101,13 +117,28 @@ pub async fn execute(
 ) -> Result<Response, ApiError> {
     let wants_stream =
         headers.get("accept").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
-    let pending = state.manager.submit(&owner, &id, req.code, req.timeout_s, wants_stream)?;
+    let submission = Submission { code: req.code, timeout_s: req.timeout_s, stream: wants_stream, stdin: req.stdin };
+    let pending = state.manager.submit_with(&owner, &id, submission)?;
     if !wants_stream {
         let result = pending.wait().await?;
         return Ok(Json(respond(&state, &owner, &id, result, req.images).await).into_response());
     }
     let finish = Finish { state, owner, id, images: req.images };
     Ok(Sse::new(events(pending, finish)).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// Answer the prompt a streamed execution waits on (its `input_request` event). 409 when no execution
+/// of the session waits for input.
+#[utoipa::path(post, path = "/v1/sessions/{id}/input", request_body = InputAnswer, tag = "execute",
+    responses((status = 204, description = "the kernel has the answer"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn input(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<InputAnswer>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    state.manager.answer_input(&owner, &id, req.value)?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 /// What the stream's last event needs.
@@ -138,6 +169,9 @@ fn events(pending: Pending, finish: Finish) -> impl Stream<Item = Result<SseEven
                     Some(pending),
                 ),
                 Some(Event::Cleared) => (Ok(SseEvent::default().event("clear").data("{}")), Some(pending)),
+                Some(Event::InputRequested(asked)) => {
+                    (SseEvent::default().event("input_request").json_data(&asked), Some(pending))
+                }
                 None => {
                     let result = pending.finish().await;
                     let response = respond(&finish.state, &finish.owner, &finish.id, result, finish.images).await;

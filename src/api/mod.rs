@@ -45,7 +45,7 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
     info(title = "kernelbox", description = "Run untrusted code in stateful Jupyter kernels, one sealed container per session."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
-        execute::execute, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
+        execute::execute, execute::input, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
     ),
     components(schemas(crate::error::ErrorBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
     modifiers(&Security),
@@ -125,6 +125,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/sessions", post(sessions::create).get(sessions::list))
         .route("/sessions/{id}", get(sessions::get).delete(sessions::delete))
         .route("/sessions/{id}/execute", post(execute::execute))
+        .route("/sessions/{id}/input", post(execute::input))
         .route("/sessions/{id}/interrupt", post(sessions::interrupt))
         .route("/sessions/{id}/restart", post(sessions::restart))
         .route("/sessions/{id}/notebook", get(files::notebook))

@@ -243,6 +243,14 @@ impl KernelClient {
         self.send(Channel::Shell, "execute_request", content).await
     }
 
+    /// Answers the kernel's `input_request` on stdin: the reply's parent is the request, so the kernel
+    /// knows which prompt it answers. Bound it with a timeout, like [`KernelClient::send`].
+    pub async fn input_reply(&mut self, request: &Message, value: &str) -> Result<(), KernelError> {
+        let mut msg = Message::request("input_reply", &self.session, json!({"value": value}));
+        msg.parent_header = serde_json::to_value(&request.header).unwrap_or_else(|_| json!({}));
+        self.stdin.send(&self.signer.encode(&msg)).await
+    }
+
     /// Sends an `interrupt_request` on the control channel (for kernels whose interrupt mode is
     /// `message`) and returns its `msg_id`.
     pub async fn interrupt(&mut self) -> Result<String, KernelError> {

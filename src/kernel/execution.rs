@@ -120,6 +120,8 @@ pub enum Event {
     Updated { display_id: String, output: Output },
     /// Outputs so far were cleared (`clear_output`).
     Cleared,
+    /// The code waits for input (made by the session's task, not by the tracker; see `stdin.rs`).
+    InputRequested(super::stdin::InputRequest),
 }
 
 /// What an execution leaves for its response; every part was counted against the cap.
@@ -225,6 +227,11 @@ impl ExecutionTracker {
             reply: None,
             idle_seen: false,
         }
+    }
+
+    /// The `msg_id` of the `execute_request` this tracker follows.
+    pub fn msg_id(&self) -> &str {
+        &self.msg_id
     }
 
     /// Takes one message; returns what it changed. Messages for other requests are ignored.
@@ -799,7 +806,7 @@ mod tests {
                 for event in t.handle(channel, &msg(msg_type, ID, content)) {
                     let size = match &event {
                         Event::Output { output, .. } | Event::Updated { output, .. } => json_len(output),
-                        Event::Cleared => 0,
+                        Event::Cleared | Event::InputRequested(_) => 0,
                     };
                     assert!(size <= cap + CAP_SLACK, "{name}: an event of {size} bytes for a cap of {cap}");
                 }

@@ -6,7 +6,7 @@
 //!
 //! Code it understands: `sleep:<seconds>` (interruptible; an interrupt ends it with `KeyboardInterrupt`),
 //! `hang` (ignores interrupts), `error` (raises), `print:<text>` (stdout), `input:<prompt>` (asks on stdin
-//! and prints the answer), `big:<bytes>` (one stdout message of that many bytes); anything else is echoed
+//! and prints the answer; an interrupt ends the wait with `KeyboardInterrupt`), `big:<bytes>` (one stdout message of that many bytes); anything else is echoed
 //! back as the execution's result.
 
 use std::path::{Path, PathBuf};
@@ -276,7 +276,17 @@ impl Runner {
             let mut ask = reply_to(request, "input_request", json!({"prompt": prompt, "password": false}));
             ask.identities = request.identities.clone();
             self.send(Out::Stdin(ask));
-            match self.input.recv().await {
+            // Like ipykernel, an interrupt while waiting for input raises KeyboardInterrupt.
+            let answer = tokio::select! {
+                answer = self.input.recv() => answer,
+                _ = self.interrupt.notified() => {
+                    self.send(publish(request, "error", error("KeyboardInterrupt")));
+                    let mut reply = error("KeyboardInterrupt");
+                    reply["status"] = json!("error");
+                    return reply;
+                }
+            };
+            match answer {
                 Some(answer) => {
                     let value = answer.content["value"].as_str().unwrap_or_default().to_owned();
                     self.send(stdout(format!("{value}\n")));

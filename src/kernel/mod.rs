@@ -9,10 +9,12 @@ pub mod client;
 pub mod connection;
 pub mod execution;
 pub mod fake;
+pub mod stdin;
 pub mod wire;
 pub mod zmtp;
 
 pub use client::{Channel, KernelClient, KernelError, KernelListener};
 pub use connection::ConnectionInfo;
 pub use execution::{ErrorInfo, Event, ExecutionTracker, Output, ReplyStatus, Report};
+pub use stdin::InputRequest;
 pub use wire::{Message, WireLimits};

@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
 use crate::kernel::execution::stream_text;
-use crate::kernel::{Event, ExecutionTracker, KernelError, ReplyStatus, Report};
+use crate::kernel::stdin::{self, Answer, Answers};
+use crate::kernel::wire::Message;
+use crate::kernel::{ErrorInfo, Event, ExecutionTracker, InputRequest, KernelError, ReplyStatus, Report};
 
 use super::error::SessionError;
 use super::handle::{Control, ExecuteCommand, Inbox, Session};
@@ -63,6 +65,8 @@ enum Wake {
     Deadline,
     GraceOver,
     Abandoned,
+    /// The caller answered the prompt (or the slot was closed: `Err`).
+    Input(Result<String, oneshot::error::RecvError>),
     Message(Box<Result<(crate::kernel::Channel, crate::kernel::wire::Message), KernelError>>),
 }
 
@@ -203,8 +207,11 @@ impl Actor {
             metrics::counter!("kernelbox_executions_abandoned_total", "when" => "queued").increment(1);
             return;
         }
-        let ExecuteCommand { code, timeout, events, interrupt_when_abandoned, mut reply } = cmd;
-        let result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned).await;
+        let ExecuteCommand { code, timeout, events, interrupt_when_abandoned, stdin, mut reply } = cmd;
+        // Checked by the manager; a command that bypassed it gets no answers rather than unbounded ones.
+        let answers = Answers::new(stdin, events.is_some()).unwrap_or_default();
+        let mut input = InputState { answers, waiting: None, refused: None };
+        let result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned, &mut input).await;
         self.record(&code, &result);
         let _ = reply.send(result);
     }
@@ -216,6 +223,7 @@ impl Actor {
         events: Option<mpsc::Sender<Event>>,
         reply: &mut oneshot::Sender<ExecuteResult>,
         interrupt_when_abandoned: bool,
+        input: &mut InputState,
     ) -> ExecuteResult {
         let started = Instant::now();
         self.session.update(|s| s.last_used = Utc::now());
@@ -228,10 +236,23 @@ impl Actor {
                 let reason = self.session.snapshot().dead_reason.unwrap_or_else(|| "unknown".into());
                 (Ending::Killed(reason), None)
             }
-            Some(_) => self.run_code(code, started + timeout, &mut stream, reply, interrupt_when_abandoned).await,
+            Some(_) => {
+                self.run_code(code, started + timeout, &mut stream, reply, interrupt_when_abandoned, input).await
+            }
         };
+        self.session.stop_waiting_for_input();
         let mut result = finish(ending, tracker, started.elapsed());
         result.stream_events_dropped = stream.dropped;
+        if let Some(prompt) = input.refused.take()
+            && matches!(result.status, ExecStatus::Ok | ExecStatus::Error)
+        {
+            result.status = ExecStatus::Error;
+            result.error = Some(ErrorInfo {
+                ename: "InputRequired".into(),
+                evalue: stdin::refusal(&prompt),
+                traceback: Vec::new(),
+            });
+        }
         self.session.update(|s| {
             s.last_used = Utc::now();
             s.executions += 1;
@@ -251,9 +272,10 @@ impl Actor {
         stream: &mut EventSink,
         reply: &mut oneshot::Sender<ExecuteResult>,
         interrupt_when_abandoned: bool,
+        input: &mut InputState,
     ) -> (Ending, Option<ExecutionTracker>) {
         let host = self.host.as_mut().expect("checked by the caller");
-        let msg_id = match host.client.execute(code, false).await {
+        let msg_id = match host.client.execute(code, true).await {
             Ok(id) => id,
             Err(e) => return (self.killed_or(format!("could not reach the kernel: {e}")).await, None),
         };
@@ -274,6 +296,7 @@ impl Actor {
                     _ = sleep_until(deadline), if grace.is_none() => Wake::Deadline,
                     _ = sleep_until(grace.unwrap_or(far)), if grace.is_some() => Wake::GraceOver,
                     _ = reply.closed(), if interrupt_when_abandoned && !abandoned => Wake::Abandoned,
+                    answer = wait_answer(&mut input.waiting), if input.waiting.is_some() => Wake::Input(answer),
                     received = host.client.recv() => Wake::Message(Box::new(received)),
                 }
             };
@@ -288,6 +311,12 @@ impl Actor {
                 }
                 Wake::Message(received) => match *received {
                     Ok((channel, msg)) => {
+                        if channel == crate::kernel::Channel::Stdin
+                            && let Some(asked) = InputRequest::from_message(&msg, tracker.msg_id())
+                        {
+                            self.on_input_request(msg, asked, stream, input).await;
+                            continue;
+                        }
                         for event in tracker.handle(channel, &msg) {
                             stream.send(event);
                         }
@@ -318,6 +347,12 @@ impl Actor {
                     abandoned = true;
                     self.interrupt().await;
                 }
+                Wake::Input(Ok(value)) => {
+                    if let Some((_, asked)) = input.waiting.take() {
+                        self.input_reply(&asked, &value).await;
+                    }
+                }
+                Wake::Input(Err(_)) => input.waiting = None,
                 Wake::Control(Control::Interrupt) => self.interrupt().await,
                 Wake::Control(Control::Restart(restart_reply)) => {
                     if restart_reply.is_closed() {
@@ -328,6 +363,44 @@ impl Actor {
                     return (Ending::Killed("restarted".into()), Some(tracker));
                 }
             }
+        }
+    }
+
+    /// The code asks for input: answer from the request's list, ask the streaming caller, or refuse
+    /// (interrupt the kernel, so it does not wait forever; the result says how to answer).
+    async fn on_input_request(
+        &mut self,
+        msg: Message,
+        asked: InputRequest,
+        stream: &mut EventSink,
+        input: &mut InputState,
+    ) {
+        if stream.events.is_none() {
+            input.answers.stop_asking();
+        }
+        match input.answers.next() {
+            Answer::Given(value) => self.input_reply(&msg, &value).await,
+            Answer::Ask => {
+                input.waiting = Some((self.session.wait_for_input(), msg));
+                stream.send_always(Event::InputRequested(asked), &self.plan.tracker);
+            }
+            Answer::Refuse => {
+                tracing::info!(session_id = %self.session.id, "the code asked for input nobody can give; interrupting");
+                input.refused.get_or_insert(asked.prompt);
+                self.interrupt().await;
+            }
+        }
+    }
+
+    async fn input_reply(&mut self, asked: &Message, value: &str) {
+        let Some(host) = self.host.as_mut() else { return };
+        // Bounded like an interrupt: a kernel that stops reading stdin must not hold the session.
+        match tokio::time::timeout(Duration::from_secs(2), host.client.input_reply(asked, value)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(session_id = %self.session.id, error = %e, "could not answer the kernel's prompt")
+            }
+            Err(_) => tracing::warn!(session_id = %self.session.id, "the kernel did not take the answer in time"),
         }
     }
 
@@ -361,6 +434,24 @@ impl Actor {
     }
 }
 
+/// The prompts of one execution: where answers come from, the prompt waiting on the caller (its answer
+/// slot and the `input_request` to reply to), and the first prompt refused.
+struct InputState {
+    answers: Answers,
+    waiting: Option<(oneshot::Receiver<String>, Message)>,
+    refused: Option<String>,
+}
+
+/// Resolves with the caller's answer (never, when nothing waits).
+async fn wait_answer(
+    waiting: &mut Option<(oneshot::Receiver<String>, Message)>,
+) -> Result<String, oneshot::error::RecvError> {
+    match waiting {
+        Some((rx, _)) => rx.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Output events for a streaming client. Never waits: a client that does not keep up loses events (the
 /// final result still carries every output within the cap), and the count is reported.
 struct EventSink {
@@ -374,6 +465,23 @@ impl EventSink {
         match tx.try_send(event) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.dropped += 1,
+            Err(mpsc::error::TrySendError::Closed(_)) => self.events = None,
+        }
+    }
+
+    /// An event the client must see to go on (a prompt): when the queue is full, the oldest events are
+    /// not droppable from here, so the prompt waits in a task until there is room (one per prompt, and a
+    /// session has at most one prompt waiting), or the client is gone.
+    fn send_always(&mut self, event: Event, tasks: &tokio_util::task::TaskTracker) {
+        let Some(tx) = &self.events else { return };
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                let tx = tx.clone();
+                tasks.spawn(async move {
+                    let _ = tx.send(event).await;
+                });
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => self.events = None,
         }
     }

@@ -18,6 +18,8 @@ pub enum SessionError {
     TooMany(String),
     #[error("too many executions are waiting on this session (at most {0}); retry when one finishes")]
     QueueFull(usize),
+    #[error("no execution of this session is waiting for input")]
+    NoInputWaiting,
     #[error("the session is being removed")]
     Closing,
     #[error("the kernel did not start: {0}")]

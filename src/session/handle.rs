@@ -50,6 +50,8 @@ pub struct ExecuteCommand {
     /// Interrupt the kernel when the caller goes away mid-run (the `/v1` rule; a Jupyter client that
     /// disconnects may come back, so its adapter sets this to false).
     pub interrupt_when_abandoned: bool,
+    /// Answers to the code's prompts, in order (checked against `kernel::stdin`'s bounds).
+    pub stdin: Vec<String>,
     pub reply: oneshot::Sender<ExecuteResult>,
 }
 
@@ -101,6 +103,8 @@ pub struct Session {
     pub transfers: Arc<tokio::sync::Semaphore>,
     /// Held while the notebook is appended to or read whole, so a reader never sees half a cell.
     pub notebook_lock: Arc<Mutex<()>>,
+    /// The prompt the running execution waits on, answered by `POST /input`: at most one per session.
+    input: Mutex<Option<oneshot::Sender<String>>>,
 }
 
 impl Session {
@@ -140,6 +144,7 @@ impl Session {
             closing_reason: Mutex::new("session_deleted"),
             transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
             notebook_lock: Arc::new(Mutex::new(())),
+            input: Mutex::new(None),
         });
         (session, Inbox { commands, control })
     }
@@ -227,6 +232,28 @@ impl Session {
             mpsc::error::TrySendError::Closed(_) => SessionError::Closing,
         })?;
         Ok(rx)
+    }
+
+    /// Answers the prompt the running execution waits on; [`SessionError::NoInputWaiting`] when none does.
+    pub fn answer_input(&self, value: String) -> Result<(), SessionError> {
+        crate::kernel::stdin::check_value(&value).map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let waiting = self.input.lock().unwrap().take();
+        match waiting {
+            Some(tx) => tx.send(value).map_err(|_| SessionError::NoInputWaiting),
+            None => Err(SessionError::NoInputWaiting),
+        }
+    }
+
+    /// Opens the slot for one answer (the session's task, when its execution asks the caller).
+    pub(super) fn wait_for_input(&self) -> oneshot::Receiver<String> {
+        let (tx, rx) = oneshot::channel();
+        *self.input.lock().unwrap() = Some(tx);
+        rx
+    }
+
+    /// Closes the slot: the execution no longer waits.
+    pub(super) fn stop_waiting_for_input(&self) {
+        self.input.lock().unwrap().take();
     }
 
     pub fn info(&self) -> SessionInfo {

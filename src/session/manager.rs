@@ -52,6 +52,18 @@ pub struct SavedImage {
     pub size: u64,
 }
 
+/// One execution to queue.
+#[derive(Debug, Default)]
+pub struct Submission {
+    pub code: String,
+    /// Seconds before the kernel is interrupted (default: the session's).
+    pub timeout_s: Option<u64>,
+    /// Outputs (and prompts) as events, through [`Pending::next_event`].
+    pub stream: bool,
+    /// Answers to the code's prompts, in order.
+    pub stdin: Vec<String>,
+}
+
 /// Held while a file transfer runs.
 struct TransferGuard {
     _in_use: InUse,
@@ -422,8 +434,17 @@ impl SessionManager {
         timeout_s: Option<u64>,
         stream: bool,
     ) -> Result<Pending, SessionError> {
+        self.submit_with(owner, id, Submission { code, timeout_s, stream, stdin: Vec::new() })
+    }
+
+    /// [`submit`](Self::submit) with answers for the code's prompts (see `kernel::stdin`): they answer
+    /// prompts in order; then a streaming caller is asked (an [`Event::InputRequested`](crate::kernel::Event)
+    /// answered with [`answer_input`](Self::answer_input)); otherwise the prompt is refused.
+    pub fn submit_with(&self, owner: &Owner, id: &str, submission: Submission) -> Result<Pending, SessionError> {
+        let Submission { code, timeout_s, stream, stdin } = submission;
         let timeout =
             timeout_s.map(|t| policy::check_timeout("timeout_s", t, self.config.limits.max_timeout)).transpose()?;
+        crate::kernel::stdin::check_answers(&stdin).map_err(|e| SessionError::Invalid(e.to_string()))?;
         let (session, in_use) = self.registry.get_in_use(owner, id)?;
         let (reply, result) = oneshot::channel();
         let (events, events_rx) = match stream {
@@ -438,10 +459,16 @@ impl SessionManager {
             timeout: timeout.unwrap_or_else(|| session.settings.timeout()),
             events,
             interrupt_when_abandoned: true,
+            stdin,
             reply,
         };
         session.queue(command, self.config.limits.queue_depth)?;
         Ok(Pending::new(in_use, result, events_rx))
+    }
+
+    /// Answers the prompt a streaming execution of the session waits on (409 when none waits).
+    pub fn answer_input(&self, owner: &Owner, id: &str, value: String) -> Result<(), SessionError> {
+        self.registry.get(owner, id)?.answer_input(value)
     }
 
     /// Runs code and waits for its result.

@@ -22,7 +22,7 @@ pub mod rundir;
 
 pub use error::SessionError;
 pub use handle::{Pending, Session};
-pub use manager::{ManagerConfig, ReapReport, SessionManager, Storage};
+pub use manager::{ManagerConfig, ReapReport, SessionManager, Storage, Submission};
 pub use model::{
     ExecStatus, ExecuteResult, Mount, Owner, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus,
 };

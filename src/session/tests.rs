@@ -10,6 +10,7 @@ use clap::Parser;
 use super::*;
 use crate::config::{Cli, Command};
 use crate::images::Catalog;
+use crate::kernel::{Event, InputRequest};
 use crate::runtime::fake::FakeRuntime;
 
 struct Harness {
@@ -404,4 +405,73 @@ async fn the_reaper_removes_containers_no_session_owns() {
     assert_eq!(report.orphans, 1);
     assert!(!h.runtime.container_ids().contains(&orphan));
     assert_eq!(h.run(&id, "print:alive").await.stdout, "alive\n", "the owned one is untouched");
+}
+
+fn with_stdin(code: &str, stream: bool, stdin: &[&str]) -> Submission {
+    Submission { code: code.into(), stream, stdin: stdin.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+}
+
+#[tokio::test]
+async fn the_requests_stdin_answers_prompts_in_order() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let r = h.manager.submit_with(&owner(), &id, with_stdin("input:name? ", false, &["Ada", "unused"])).unwrap();
+    let r = r.wait().await.unwrap();
+    assert_eq!((r.status, r.stdout.as_str()), (ExecStatus::Ok, "Ada\n"));
+}
+
+#[tokio::test]
+async fn a_prompt_nobody_can_answer_is_refused_at_once_and_the_session_goes_on() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let started = std::time::Instant::now();
+    let r = h.run(&id, "input:name? ").await;
+    assert!(started.elapsed() < Duration::from_secs(5), "refused in {:?}", started.elapsed());
+    assert_eq!(r.status, ExecStatus::Error);
+    let error = r.error.unwrap();
+    assert_eq!(error.ename, "InputRequired");
+    assert!(error.evalue.contains("name? ") && error.evalue.contains("stdin"), "{}", error.evalue);
+    assert_eq!(h.run(&id, "print:after").await.stdout, "after\n");
+}
+
+#[tokio::test]
+async fn a_streaming_caller_is_asked_and_its_answer_reaches_the_kernel() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    assert!(matches!(h.manager.answer_input(&owner(), &id, "early".into()), Err(SessionError::NoInputWaiting)));
+    let mut pending = h.manager.submit_with(&owner(), &id, with_stdin("input:pw: ", true, &[])).unwrap();
+    let asked = pending.next_event().await;
+    assert_eq!(asked, Some(Event::InputRequested(InputRequest { prompt: "pw: ".into(), password: false })));
+    let other = Owner("someone else".into());
+    assert!(matches!(h.manager.answer_input(&other, &id, "x".into()), Err(SessionError::NotFound(_))));
+    h.manager.answer_input(&owner(), &id, "secret".into()).unwrap();
+    assert!(matches!(h.manager.answer_input(&owner(), &id, "twice".into()), Err(SessionError::NoInputWaiting)));
+    let r = pending.finish().await;
+    assert_eq!((r.status, r.stdout.as_str()), (ExecStatus::Ok, "secret\n"));
+}
+
+#[tokio::test]
+async fn an_unanswered_prompt_ends_with_the_executions_timeout() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let mut pending = h
+        .manager
+        .submit_with(&owner(), &id, Submission { timeout_s: Some(1), ..with_stdin("input:? ", true, &[]) })
+        .unwrap();
+    assert!(matches!(pending.next_event().await, Some(Event::InputRequested(_))));
+    let r = pending.finish().await;
+    assert_eq!(r.status, ExecStatus::Timeout);
+    assert!(matches!(h.manager.answer_input(&owner(), &id, "late".into()), Err(SessionError::NoInputWaiting)));
+    assert_eq!(h.run(&id, "print:after").await.stdout, "after\n");
+}
+
+#[tokio::test]
+async fn answers_beyond_the_bounds_are_refused_before_anything_runs() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let many = vec![String::new(); crate::kernel::stdin::MAX_STDIN_ANSWERS + 1];
+    let too_many = Submission { code: "1".into(), stdin: many, ..Default::default() };
+    assert!(matches!(h.manager.submit_with(&owner(), &id, too_many), Err(SessionError::Invalid(_))));
+    let long = "x".repeat(crate::kernel::stdin::MAX_INPUT_VALUE_BYTES + 1);
+    assert!(matches!(h.manager.answer_input(&owner(), &id, long), Err(SessionError::Invalid(_))));
 }
