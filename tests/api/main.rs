@@ -17,3 +17,4 @@ mod process;
 mod requests_end_early;
 mod sandbox;
 mod sessions;
+mod stdin;
