@@ -117,7 +117,13 @@ pub async fn execute(
 ) -> Result<Response, ApiError> {
     let wants_stream =
         headers.get("accept").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
-    let submission = Submission { code: req.code, timeout_s: req.timeout_s, stream: wants_stream, stdin: req.stdin };
+    let submission = Submission {
+        code: req.code,
+        timeout_s: req.timeout_s,
+        stream: wants_stream,
+        ask_for_input: wants_stream,
+        stdin: req.stdin,
+    };
     let pending = state.manager.submit_with(&owner, &id, submission)?;
     if !wants_stream {
         let result = pending.wait().await?;

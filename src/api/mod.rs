@@ -10,6 +10,7 @@ pub mod execute;
 pub mod extract;
 pub mod files;
 pub mod json_errors;
+pub mod mcp;
 pub mod rate_limit;
 pub mod serve;
 pub mod sessions;
@@ -138,9 +139,14 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
                 .route("/sessions/{id}/files/{*path}", get(files::download).put(files::upload).delete(files::delete))
                 .layer(DefaultBodyLimit::disable()),
         )
+        .layer(axum::middleware::from_fn_with_state(access.clone(), auth::require_key));
+    // MCP for agents: the same keys and rate limit; rmcp reads (and bounds) its own bodies.
+    let mcp = Router::new()
+        .route_service("/mcp", mcp::service(state.manager.clone()))
         .layer(axum::middleware::from_fn_with_state(access, auth::require_key));
     Router::new()
         .nest("/v1", v1)
+        .merge(mcp)
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics_text))

@@ -207,9 +207,9 @@ impl Actor {
             metrics::counter!("kernelbox_executions_abandoned_total", "when" => "queued").increment(1);
             return;
         }
-        let ExecuteCommand { code, timeout, events, interrupt_when_abandoned, stdin, mut reply } = cmd;
+        let ExecuteCommand { code, timeout, events, interrupt_when_abandoned, stdin, ask_for_input, mut reply } = cmd;
         // Checked by the manager; a command that bypassed it gets no answers rather than unbounded ones.
-        let answers = Answers::new(stdin, events.is_some()).unwrap_or_default();
+        let answers = Answers::new(stdin, ask_for_input && events.is_some()).unwrap_or_default();
         let mut input = InputState { answers, waiting: None, refused: None };
         let result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned, &mut input).await;
         self.record(&code, &result);

@@ -52,6 +52,8 @@ pub struct ExecuteCommand {
     pub interrupt_when_abandoned: bool,
     /// Answers to the code's prompts, in order (checked against `kernel::stdin`'s bounds).
     pub stdin: Vec<String>,
+    /// When the answers run out, ask the streaming caller (`/v1`) instead of refusing the prompt.
+    pub ask_for_input: bool,
     pub reply: oneshot::Sender<ExecuteResult>,
 }
 

@@ -62,6 +62,9 @@ pub struct Submission {
     pub stream: bool,
     /// Answers to the code's prompts, in order.
     pub stdin: Vec<String>,
+    /// With `stream`: when the answers run out, ask the caller (an `InputRequested` event) rather than
+    /// refuse the prompt.
+    pub ask_for_input: bool,
 }
 
 /// Held while a file transfer runs.
@@ -434,14 +437,15 @@ impl SessionManager {
         timeout_s: Option<u64>,
         stream: bool,
     ) -> Result<Pending, SessionError> {
-        self.submit_with(owner, id, Submission { code, timeout_s, stream, stdin: Vec::new() })
+        self.submit_with(owner, id, Submission { code, timeout_s, stream, ask_for_input: stream, stdin: Vec::new() })
     }
 
     /// [`submit`](Self::submit) with answers for the code's prompts (see `kernel::stdin`): they answer
-    /// prompts in order; then a streaming caller is asked (an [`Event::InputRequested`](crate::kernel::Event)
-    /// answered with [`answer_input`](Self::answer_input)); otherwise the prompt is refused.
+    /// prompts in order; then a streaming caller that asked for it is asked (an
+    /// [`Event::InputRequested`](crate::kernel::Event) answered with [`answer_input`](Self::answer_input));
+    /// otherwise the prompt is refused.
     pub fn submit_with(&self, owner: &Owner, id: &str, submission: Submission) -> Result<Pending, SessionError> {
-        let Submission { code, timeout_s, stream, stdin } = submission;
+        let Submission { code, timeout_s, stream, stdin, ask_for_input } = submission;
         let timeout =
             timeout_s.map(|t| policy::check_timeout("timeout_s", t, self.config.limits.max_timeout)).transpose()?;
         crate::kernel::stdin::check_answers(&stdin).map_err(|e| SessionError::Invalid(e.to_string()))?;
@@ -460,6 +464,7 @@ impl SessionManager {
             events,
             interrupt_when_abandoned: true,
             stdin,
+            ask_for_input,
             reply,
         };
         session.queue(command, self.config.limits.queue_depth)?;

@@ -408,7 +408,8 @@ async fn the_reaper_removes_containers_no_session_owns() {
 }
 
 fn with_stdin(code: &str, stream: bool, stdin: &[&str]) -> Submission {
-    Submission { code: code.into(), stream, stdin: stdin.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    let stdin = stdin.iter().map(|s| s.to_string()).collect();
+    Submission { code: code.into(), stream, ask_for_input: stream, stdin, ..Default::default() }
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ mod fuzz;
 mod hostile;
 mod languages;
 mod lifecycle;
+mod mcp;
 mod notebooks;
 mod process;
 mod requests_end_early;
