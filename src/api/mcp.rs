@@ -72,6 +72,37 @@ pub fn service(manager: Arc<SessionManager>) -> StreamableHttpService<KernelboxM
     )
 }
 
+/// The MCP endpoint as the OpenAPI document describes it (the operations are served by rmcp; these
+/// functions only carry the documentation).
+pub mod doc {
+    /// MCP over Streamable HTTP: send one JSON-RPC message (`initialize`, `tools/list`, `tools/call`, ...)
+    /// with `Accept: application/json, text/event-stream`. Requests are answered as server-sent events
+    /// (progress notifications, then the result); notifications and responses get 202. After
+    /// `initialize`, send the `Mcp-Session-Id` it returned. Tools: `list_languages`, `start_session`,
+    /// `execute`, `run_code`, `upload_file`, `download_file`, `list_files`, `install_packages`, `restart`,
+    /// `end_session` (`tools/list` has their JSON schemas). A key sees only its own sessions.
+    #[utoipa::path(post, path = "/mcp", tag = "mcp",
+        request_body(content = Object, content_type = "application/json", description = "a JSON-RPC 2.0 message"),
+        responses(
+            (status = 200, description = "the answer, as `text/event-stream` (or JSON)"),
+            (status = 202, description = "a notification or response was accepted"),
+            (status = 400, description = "not a valid JSON-RPC message, or a missing or unknown session"),
+            (status = 406, description = "the `Accept` header lacks `application/json` and `text/event-stream`"),
+            (status = 413, description = "the body is larger than 16 MiB")))]
+    pub fn post() {}
+
+    /// MCP over Streamable HTTP: the session's stream of server-to-client messages (`Mcp-Session-Id`).
+    #[utoipa::path(get, path = "/mcp", tag = "mcp",
+        responses((status = 200, description = "`text/event-stream`"), (status = 400, description = "no or unknown session")))]
+    pub fn get() {}
+
+    /// MCP over Streamable HTTP: ends the MCP session named by `Mcp-Session-Id`. Kernel sessions started
+    /// through it stay until `end_session` or their idle timeout.
+    #[utoipa::path(delete, path = "/mcp", tag = "mcp",
+        responses((status = 202, description = "the session is closed"), (status = 400, description = "no or unknown session")))]
+    pub fn delete() {}
+}
+
 /// The MCP server of one MCP session.
 #[derive(Clone)]
 pub struct KernelboxMcp {

@@ -47,6 +47,7 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
         execute::execute, execute::input, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
+        mcp::doc::post, mcp::doc::get, mcp::doc::delete,
     ),
     components(schemas(crate::error::ErrorBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
     modifiers(&Security),
@@ -92,7 +93,8 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
             .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
             .build()
     };
-    for item in openapi.paths.paths.iter_mut().filter_map(|(path, item)| path.starts_with("/v1/").then_some(item)) {
+    let guarded = |path: &str| path.starts_with("/v1/") || path == "/mcp";
+    for (path, item) in openapi.paths.paths.iter_mut().filter(|(path, _)| guarded(path)) {
         for op in
             [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
         {
@@ -105,7 +107,9 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
             };
             add("401", "no API key, or not a valid one (when the server has keys)");
             add("429", "too many requests for this API key (see `Retry-After`), or a limit of the server");
-            let json_body = matches!(&op.request_body, Some(utoipa::openapi::RefOr::T(b)) if b.content.contains_key("application/json"));
+            // `/mcp` reads its own bodies (rmcp): its answers are listed on it.
+            let json_body = path.starts_with("/v1/")
+                && matches!(&op.request_body, Some(utoipa::openapi::RefOr::T(b)) if b.content.contains_key("application/json"));
             if json_body {
                 add("400", "the body is not valid JSON for this operation");
                 add("408", "the body did not arrive in time");
