@@ -81,7 +81,7 @@ pub mod doc {
     /// `initialize`, send the `Mcp-Session-Id` it returned. Tools: `list_languages`, `start_session`,
     /// `execute`, `run_code`, `upload_file`, `download_file`, `list_files`, `install_packages`, `restart`,
     /// `end_session` (`tools/list` has their JSON schemas). A key sees only its own sessions.
-    #[utoipa::path(post, path = "/mcp", tag = "mcp",
+    #[utoipa::path(post, path = "/mcp", tag = "mcp", operation_id = "mcp_post",
         request_body(content = Object, content_type = "application/json", description = "a JSON-RPC 2.0 message"),
         responses(
             (status = 200, description = "the answer, as `text/event-stream` (or JSON)"),
@@ -92,13 +92,13 @@ pub mod doc {
     pub fn post() {}
 
     /// MCP over Streamable HTTP: the session's stream of server-to-client messages (`Mcp-Session-Id`).
-    #[utoipa::path(get, path = "/mcp", tag = "mcp",
+    #[utoipa::path(get, path = "/mcp", tag = "mcp", operation_id = "mcp_get",
         responses((status = 200, description = "`text/event-stream`"), (status = 400, description = "no or unknown session")))]
     pub fn get() {}
 
     /// MCP over Streamable HTTP: ends the MCP session named by `Mcp-Session-Id`. Kernel sessions started
     /// through it stay until `end_session` or their idle timeout.
-    #[utoipa::path(delete, path = "/mcp", tag = "mcp",
+    #[utoipa::path(delete, path = "/mcp", tag = "mcp", operation_id = "mcp_delete",
         responses((status = 202, description = "the session is closed"), (status = 400, description = "no or unknown session")))]
     pub fn delete() {}
 }
