@@ -78,6 +78,7 @@ impl Application {
         let manager = SessionManager::new(runtime, settings.manager);
         let (adopted, removed) = manager.recover().await?;
         tracing::info!(adopted, removed, "recovered sessions from an earlier run");
+        manager.start_pool();
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
         let keys = api::auth::Keys::new(&settings.api_keys);
         let router = api::router(AppState { manager: manager.clone() }, keys, &settings.http);

@@ -13,6 +13,7 @@ mod hostile;
 mod languages;
 mod lifecycle;
 mod notebooks;
+mod pool;
 mod process;
 mod requests_end_early;
 mod sandbox;
