@@ -140,13 +140,14 @@ def _size(value):
         return 0
 
 
-def cap_bundle(data, metadata, limit):
-    """Caps one MIME bundle (see 3. above); returns (data, metadata) unchanged when nothing is over."""
+def cap_bundle(data, metadata, limit, cut=False):
+    """Caps one MIME bundle (see 3. above); returns (data, metadata) unchanged when nothing is over and
+    nothing was `cut` already (by the short repr)."""
     if not isinstance(data, dict):
         return data, metadata
     over = {key: _size(value) for key, value in data.items()}
     over = {key: n for key, n in over.items() if n > limit}
-    if not over:
+    if not over and not cut:
         return data, metadata
     data = dict(data)
     dropped = []
@@ -159,7 +160,7 @@ def cap_bundle(data, metadata, limit):
             del data[key]
             dropped.append("%s (%d bytes)" % (key, n))
     message = "[kernelbox: output over the limit of %d bytes: %s]" % (
-        limit, ", ".join(dropped) if dropped else "cut")
+        limit, ", ".join(dropped) if dropped else "text cut")
     if dropped:
         plain = data.get("text/plain")
         data["text/plain"] = (plain + "\n" if isinstance(plain, str) else "") + message
@@ -168,10 +169,21 @@ def cap_bundle(data, metadata, limit):
     return data, metadata
 
 
+class _Cut:
+    """Set by the short repr when it cut something; read (and reset) when the output is sent."""
+    flag = False
+
+    @classmethod
+    def take(cls, *_):
+        cut, cls.flag = cls.flag, False
+        return cut
+
+
 def _short_repr(limit):
     """A text/plain printer for str, bytes and bytearray that, over the budget, formats only a head."""
     def printer(obj, p, cycle):
         if len(obj) > limit:
+            _Cut.flag = True
             head = obj[:limit // 2]
             p.text("%s...  [kernelbox: a %s of length %d, cut to its first %d]" % (
                 repr(head), type(obj).__name__, len(obj), len(head)))
@@ -195,8 +207,9 @@ def _install_rich_caps(ip, limit):
     compute = hook.compute_format_data
 
     def capped_compute(result):
+        _Cut.take()
         data, metadata = compute(result)
-        return cap_bundle(data, metadata, limit)
+        return cap_bundle(data, metadata, limit, _Cut.take())
 
     hook.compute_format_data = capped_compute
 
@@ -204,10 +217,11 @@ def _install_rich_caps(ip, limit):
     publish = pub.publish
 
     def capped_publish(data, metadata=None, *args, **kwargs):
-        data, metadata = cap_bundle(data, metadata, limit)
+        data, metadata = cap_bundle(data, metadata, limit, _Cut.take())
         return publish(data, metadata, *args, **kwargs)
 
     pub.publish = capped_publish
+    ip.events.register("pre_execute", _Cut.take)
 
 
 def _not_dumpable():
