@@ -131,9 +131,12 @@ class _NoOutputHistory(dict):
 
 
 def _size(value):
-    """UTF-8 bytes of a str (cheap), else of its compact JSON (what the wire carries)."""
+    """UTF-8 bytes of a str (cheap), base64 bytes of binary data (an image's repr may be bytes: it is
+    encoded on the way out), else the bytes of its compact JSON (what the wire carries)."""
     if isinstance(value, str):
         return _utf8_len(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return (len(value) + 2) // 3 * 4
     try:
         return len(json.dumps(value, separators=(",", ":"), default=str))
     except (TypeError, ValueError, RecursionError):
