@@ -1251,7 +1251,12 @@ mod tests {
     fn an_output_the_kernel_cut_itself_makes_the_execution_truncated() {
         let mut t = tracker();
         let md = json!({"kernelbox": {"truncated": true, "message": "cut"}});
-        feed(&mut t, Channel::IOPub, "execute_result", json!({"execution_count": 1, "data": text("'xx'"), "metadata": md}));
+        feed(
+            &mut t,
+            Channel::IOPub,
+            "execute_result",
+            json!({"execution_count": 1, "data": text("'xx'"), "metadata": md}),
+        );
         assert!(t.truncated());
         let mut t = tracker();
         let md = json!({"kernelbox": {"truncated": "yes"}});

@@ -566,8 +566,8 @@ const OUTPUT_FLOODS: &[(&str, &str)] = &[
         "import base64, os\nfrom IPython.display import display\ndisplay({'image/png': base64.b64encode(os.urandom(75_000_000)).decode()}, raw=True)",
     ),
     (
-        "an IPython Image of 50 MB",
-        "import os\nfrom IPython.display import Image, display\ndisplay(Image(data=b'\\x89PNG\\r\\n\\x1a\\n' + os.urandom(50_000_000), format='png'))",
+        "an IPython Image of 100 MB",
+        "import os\nfrom IPython.display import Image, display\ndisplay(Image(data=b'\\x89PNG\\r\\n\\x1a\\n' + os.urandom(100_000_000), format='png'))",
     ),
     ("a 200 MB str as the cell's result", "'x' * 200_000_000"),
     ("a 200 MB bytes as the cell's result", "b'x' * 200_000_000"),
@@ -588,9 +588,8 @@ async fn hostile_output_floods_huge_prints_images_and_results_are_capped_and_the
     for (name, code) in OUTPUT_FLOODS {
         service.reset_peak();
         let started = Instant::now();
-        let (status, body) = api
-            .post_raw(&format!("/v1/sessions/{attacker}/execute"), json!({"code": code, "timeout_s": 300}))
-            .await;
+        let (status, body) =
+            api.post_raw(&format!("/v1/sessions/{attacker}/execute"), json!({"code": code, "timeout_s": 300})).await;
         let peak = service.peak_kib();
         let r: Value = serde_json::from_str(&body).unwrap_or_default();
         let kinds: Vec<String> = r["outputs"]
