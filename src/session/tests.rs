@@ -489,6 +489,7 @@ async fn a_full_quota_does_not_spend_a_pooled_kernel() {
     assert_eq!(h.manager.pool_status("python").ready, 1, "the pooled kernel is still there");
     h.manager.shutdown().await;
     h.settles_empty().await;
+}
 
 #[tokio::test]
 async fn an_execution_whose_idle_status_is_lost_ends_after_a_quiet_spell_marked_truncated() {
