@@ -248,16 +248,7 @@ async fn uploads_over_the_limit_are_413_and_a_full_disk_is_507_leaving_the_sessi
 #[tokio::test(flavor = "multi_thread")]
 async fn another_keys_session_files_are_not_found() {
     let app = spawn_app_with(AppOptions { api_keys: vec!["key-a".into(), "key-b".into()], ..Default::default() }).await;
-    let r = app
-        .client
-        .post(app.url("/v1/sessions"))
-        .bearer_auth("key-a")
-        .json(&json!({"language": "bash"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = app.start_as("key-a", "bash").await;
     let ok = app.client.put(files_url(&app, &id, "a.txt")).bearer_auth("key-a").body("mine").send().await.unwrap();
     assert_eq!(ok.status(), 201);
     for req in [
