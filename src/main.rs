@@ -96,6 +96,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     args.check_exposure()?;
     let limits = args.limits.validate()?;
     let http = args.http.validate()?;
+    let files = args.files.validate()?;
     if args.instance.is_empty() || !args.instance.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         anyhow::bail!("--instance may only contain letters, digits, '-' and '_'");
     }
@@ -128,6 +129,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
         },
         api_keys: args.api_keys.clone(),
         http,
+        files,
         shutdown_grace: Duration::from_secs(10),
     };
     let shutdown = CancellationToken::new();
