@@ -164,7 +164,11 @@ impl FileStoreArgs {
         if self.files_max_mb == 0 || self.files_max_count == 0 {
             return Err(ConfigError("--files-max-mb and --files-max-count must be at least 1".into()));
         }
-        Ok(FileStoreSettings { dir: self.files_dir.clone(), max_bytes: self.files_max_mb << 20, max_files: self.files_max_count })
+        Ok(FileStoreSettings {
+            dir: self.files_dir.clone(),
+            max_bytes: self.files_max_mb << 20,
+            max_files: self.files_max_count,
+        })
     }
 }
 

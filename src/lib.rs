@@ -126,7 +126,8 @@ impl Application {
     /// Serves until `shutdown` is cancelled; then stops accepting, gives in-flight calls a grace period,
     /// cuts the rest short and stops every session (removing its container unless configured to keep it).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ServeError> {
-        let Application { listener, manager, store: _, mut scheduler, router, header_read_timeout, shutdown_grace } = self;
+        let Application { listener, manager, store: _, mut scheduler, router, header_read_timeout, shutdown_grace } =
+            self;
         let server = tokio::spawn(api::serve::serve(listener, router, header_read_timeout, shutdown.clone()));
         let mut server = std::pin::pin!(server);
         tokio::select! {

@@ -347,7 +347,8 @@ mod tests {
         assert!(bare.starts_with("file-") && !bare.contains('.'), "{bare}");
         assert_eq!(parse_name(&bare), Some(NOW));
         assert_eq!(parse_name(&stored_name("my-file.tar", ".gz", NOW)), Some(NOW));
-        for bad in ["", ".hidden", "../x", "a/b", "plain.txt", "x-zzzzzzzzzzzz-1.txt", "x-0123456789ab-1a.txt", "a.b.c"] {
+        for bad in ["", ".hidden", "../x", "a/b", "plain.txt", "x-zzzzzzzzzzzz-1.txt", "x-0123456789ab-1a.txt", "a.b.c"]
+        {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
     }

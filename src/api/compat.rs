@@ -209,9 +209,10 @@ pub fn parse_multipart(body: &[u8], boundary: &str) -> Result<Vec<(String, Strin
             .map(|(_, v)| v.to_owned())
             .ok_or("a multipart part has no Content-Disposition")?;
         let param = |key: &str| {
-            disposition.split(';').filter_map(|p| p.trim().split_once('=')).find_map(|(k, v)| {
-                k.trim().eq_ignore_ascii_case(key).then(|| v.trim().trim_matches('"').to_owned())
-            })
+            disposition
+                .split(';')
+                .filter_map(|p| p.trim().split_once('='))
+                .find_map(|(k, v)| k.trim().eq_ignore_ascii_case(key).then(|| v.trim().trim_matches('"').to_owned()))
         };
         let name = param("name").ok_or("a multipart part has no name")?;
         if param("filename").is_some() {
@@ -341,7 +342,10 @@ mod tests {
 
     #[test]
     fn dedent_is_pythons() {
-        assert_eq!(dedent("\n    import numpy as np\n    if x:\n        y()\n    "), "\nimport numpy as np\nif x:\n    y()\n");
+        assert_eq!(
+            dedent("\n    import numpy as np\n    if x:\n        y()\n    "),
+            "\nimport numpy as np\nif x:\n    y()\n"
+        );
         assert_eq!(dedent("print(1)\n  print(2)"), "print(1)\n  print(2)");
         assert_eq!(dedent("\tA\n\t\tB\n"), "A\n\tB\n");
         assert_eq!(dedent("  a\n\tb"), "  a\n\tb");

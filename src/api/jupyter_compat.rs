@@ -22,7 +22,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::compat::{DetailBody, DetailError, IMAGE_TYPES, LaxJson, dedent, person_text, push_mime_text, traceback_text};
+use super::compat::{
+    DetailBody, DetailError, IMAGE_TYPES, LaxJson, dedent, person_text, push_mime_text, traceback_text,
+};
 use crate::kernel::Output;
 use crate::session::{ExecStatus, ExecuteResult, Owner, SessionExtras, SessionManager, SessionRequest};
 use crate::store::{MOUNT_POINT, StoredFile};
@@ -74,7 +76,8 @@ pub async fn list_kernel_specs(State(state): State<AppState>) -> Json<BTreeMap<S
         } else {
             (label(LABEL_LANGUAGE).unwrap_or_else(|| lang.name.clone()), label(LABEL_DISPLAY_NAME).unwrap_or_default())
         };
-        let metadata = serde_json::json!({"kernelbox": {"image": image_ref, "language_version": label(LABEL_LANGUAGE_VERSION)}});
+        let metadata =
+            serde_json::json!({"kernelbox": {"image": image_ref, "language_version": label(LABEL_LANGUAGE_VERSION)}});
         let spec = KernelSpec {
             argv: Vec::new(),
             env: BTreeMap::new(),
@@ -164,14 +167,16 @@ pub async fn execute(
     let timeout_s = req.timeout.filter(|t| t.is_finite() && *t > 0.0).map(|t| t.ceil().max(1.0) as u64);
     let files_dir = state.store.owner_dir(&owner).map_err(crate::store::StoreError::from)?;
     let metadata = BTreeMap::from([("kernelbox.api".to_owned(), "jupyter".to_owned())]);
-    let request = SessionRequest { language: req.execution_environment.clone(), metadata: Some(metadata), ..Default::default() };
+    let request =
+        SessionRequest { language: req.execution_environment.clone(), metadata: Some(metadata), ..Default::default() };
     let extras = SessionExtras { notebook: None, mounts: vec![(files_dir, MOUNT_POINT.to_owned())] };
     let info = state.manager.create_with(owner.clone(), request, extras).await?;
     let _close = CloseSession { manager: state.manager.clone(), owner: owner.clone(), id: info.id.to_string() };
 
     let packages = req.packages.unwrap_or_default();
     if !packages.is_empty()
-        && let Err(why) = install_packages(&state, &owner, info.id.as_str(), &req.execution_environment, &packages).await
+        && let Err(why) =
+            install_packages(&state, &owner, info.id.as_str(), &req.execution_environment, &packages).await
     {
         return Ok(Json(JupyterExecuteResponse {
             output: String::new(),
@@ -186,7 +191,7 @@ pub async fn execute(
     let since = now_epoch() as f64 - 1.0;
     let result = state.manager.execute(&owner, info.id.as_str(), dedent(&req.code), timeout_s).await?;
     let base = base_url(&headers);
-    let mut files = images(&state, &owner, &result, &base);
+    let mut files = images(&state, &owner, &result, &base).await;
     match state.manager.collect_files(&owner, info.id.as_str(), since, MAX_COLLECTED_FILES, MAX_COLLECTED_BYTES).await {
         Ok((collected, skipped)) => {
             if skipped > 0 {
@@ -195,9 +200,11 @@ pub async fn execute(
             for file in collected {
                 let base_name = file.path.rsplit('/').next().unwrap_or("file");
                 let (stem, ext) = base_name.rsplit_once('.').unwrap_or((base_name, ""));
-                match store(&state, &owner, stem, ext, &file.content, &base) {
+                match store(&state, &owner, stem, ext, file.content.to_vec(), &base).await {
                     Ok(url) => files.push(FileLink { filename: file.path.clone(), url }),
-                    Err(e) => tracing::warn!(error = %e.detail, path = %file.path, "could not keep a file the code wrote"),
+                    Err(e) => {
+                        tracing::warn!(error = %e.detail, path = %file.path, "could not keep a file the code wrote")
+                    }
                 }
             }
         }
@@ -245,7 +252,7 @@ fn response(result: &ExecuteResult, timeout_s: Option<u64>, files: Vec<FileLink>
 }
 
 /// The images the code displayed, stored as files.
-fn images(state: &AppState, owner: &Owner, result: &ExecuteResult, base: &str) -> Vec<FileLink> {
+async fn images(state: &AppState, owner: &Owner, result: &ExecuteResult, base: &str) -> Vec<FileLink> {
     let mut links = Vec::new();
     for output in &result.outputs {
         let (Output::DisplayData { data, .. } | Output::ExecuteResult { data, .. }) = output else { continue };
@@ -269,7 +276,7 @@ fn images(state: &AppState, owner: &Owner, result: &ExecuteResult, base: &str) -
             }
         };
         let n = links.len() + 1;
-        match store(state, owner, &format!("image_{n}"), ext, &bytes, base) {
+        match store(state, owner, &format!("image_{n}"), ext, bytes, base).await {
             Ok(url) => links.push(FileLink { filename: format!("image_{n}.{ext}"), url }),
             Err(e) => tracing::warn!(error = %e.detail, "could not keep a displayed image"),
         }
@@ -277,9 +284,34 @@ fn images(state: &AppState, owner: &Owner, result: &ExecuteResult, base: &str) -
     links
 }
 
-fn store(state: &AppState, owner: &Owner, stem: &str, ext: &str, content: &[u8], base: &str) -> Result<String, DetailError> {
-    let stored = state.store.put(owner, stem, ext, content, SHORT_LIFETIME, now_epoch())?;
+/// Stores a file for [`SHORT_LIFETIME`] and returns its URL.
+async fn store(
+    state: &AppState,
+    owner: &Owner,
+    stem: &str,
+    ext: &str,
+    content: Vec<u8>,
+    base: &str,
+) -> Result<String, DetailError> {
+    let stored = keep(state, owner, stem, ext, content, SHORT_LIFETIME).await?;
     Ok(file_url(base, &stored))
+}
+
+/// The store's blocking writes (and their fsync) run off the async workers.
+async fn keep(
+    state: &AppState,
+    owner: &Owner,
+    stem: &str,
+    ext: &str,
+    content: Vec<u8>,
+    lifetime: Duration,
+) -> Result<StoredFile, DetailError> {
+    let (store, owner, stem, ext) = (state.store.clone(), owner.clone(), stem.to_owned(), ext.to_owned());
+    let put = move || store.put(&owner, &stem, &ext, &content, lifetime, now_epoch());
+    match tokio::task::spawn_blocking(put).await {
+        Ok(stored) => Ok(stored?),
+        Err(e) => Err(DetailError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("file store: {e}"))),
+    }
 }
 
 fn file_url(base: &str, stored: &StoredFile) -> String {
@@ -329,7 +361,7 @@ pub async fn upload(
     headers: HeaderMap,
     LaxJson(req): LaxJson<UploadRequest>,
 ) -> Result<Json<UploadResponse>, DetailError> {
-    put(&state, &owner, &headers, req, SHORT_LIFETIME)
+    put(&state, &owner, &headers, req, SHORT_LIFETIME).await
 }
 
 /// Store a file for 2 days.
@@ -342,10 +374,10 @@ pub async fn upload_long(
     headers: HeaderMap,
     LaxJson(req): LaxJson<UploadRequest>,
 ) -> Result<Json<UploadResponse>, DetailError> {
-    put(&state, &owner, &headers, req, LONG_LIFETIME)
+    put(&state, &owner, &headers, req, LONG_LIFETIME).await
 }
 
-fn put(
+async fn put(
     state: &AppState,
     owner: &Owner,
     headers: &HeaderMap,
@@ -357,7 +389,7 @@ fn put(
         .decode(&encoded)
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&encoded))
         .map_err(|e| DetailError::invalid(format!("content is not base64: {e}")))?;
-    let stored = state.store.put(owner, &req.filename, &req.extension, &content, lifetime, now_epoch())?;
+    let stored = keep(state, owner, &req.filename, &req.extension, content, lifetime).await?;
     Ok(Json(UploadResponse { url: file_url(&base_url(headers), &stored) }))
 }
 
@@ -425,11 +457,14 @@ mod tests {
     fn an_error_in_the_code_fills_error_and_stacktrace_and_keeps_the_output() {
         let mut r = result(
             ExecStatus::Error,
-            vec![Output::Stream { name: "stdout".into(), text: "before\n".into() }, Output::Error {
-                ename: "NameError".into(),
-                evalue: "name 'x' is not defined".into(),
-                traceback: vec!["\u{1b}[0;31mNameError\u{1b}[0m".into(), "x".into()],
-            }],
+            vec![
+                Output::Stream { name: "stdout".into(), text: "before\n".into() },
+                Output::Error {
+                    ename: "NameError".into(),
+                    evalue: "name 'x' is not defined".into(),
+                    traceback: vec!["\u{1b}[0;31mNameError\u{1b}[0m".into(), "x".into()],
+                },
+            ],
         );
         r.error = Some(ErrorInfo {
             ename: "NameError".into(),

@@ -104,7 +104,10 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
     let detail = |description: &str| {
         ResponseBuilder::new()
             .description(description)
-            .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("DetailBody"))).build())
+            .content(
+                "application/json",
+                ContentBuilder::new().schema(Some(Ref::from_schema_name("DetailBody"))).build(),
+            )
             .build()
     };
     let guarded = |path: &str| {

@@ -75,9 +75,16 @@ async fn compat_jupyter_kernel_specs_and_health() {
 async fn compat_jupyter_execute_in_every_language_it_offers() {
     let app = spawn_app().await;
     // The README's Quick Start, verbatim.
-    let v = execute(&app, json!({"code": "print('Hello, World!')", "execution_environment": "python", "timeout": 10}), None)
-        .await;
-    assert_eq!(v, json!({"output": "Hello, World!\n", "error": null, "timedout": false, "files": null, "stacktrace": null}));
+    let v = execute(
+        &app,
+        json!({"code": "print('Hello, World!')", "execution_environment": "python", "timeout": 10}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        v,
+        json!({"output": "Hello, World!\n", "error": null, "timedout": false, "files": null, "stacktrace": null})
+    );
     let hello = [
         ("python_scientific", "import numpy as np\nprint('Hello, World!')"),
         ("javascript", "console.log('Hello, World!')"),
@@ -88,7 +95,11 @@ async fn compat_jupyter_execute_in_every_language_it_offers() {
     for (language, code) in hello {
         let v = execute(&app, json!({"code": code, "execution_environment": language, "timeout": 60}), None).await;
         assert_eq!(v["output"], "Hello, World!\n", "{language}: {v}");
-        assert_eq!((&v["error"], &v["timedout"], &v["files"]), (&Value::Null, &json!(false), &Value::Null), "{language}");
+        assert_eq!(
+            (&v["error"], &v["timedout"], &v["files"]),
+            (&Value::Null, &json!(false), &Value::Null),
+            "{language}"
+        );
     }
     // The README's scientific example: code indented as a whole runs as meant. Packages cannot be installed
     // yet, which `error` says; without them the code runs.
@@ -100,18 +111,24 @@ async fn compat_jupyter_execute_in_every_language_it_offers() {
     )
     .await;
     assert!(v["error"].as_str().is_some_and(|e| e.contains("numpy")), "{v}");
-    let v = execute(&app, json!({"code": readme, "execution_environment": "python_scientific", "timeout": 30}), None).await;
+    let v =
+        execute(&app, json!({"code": readme, "execution_environment": "python_scientific", "timeout": 30}), None).await;
     assert_eq!(v["output"], "2.0\n", "{v}");
 
     // An error in the code, and a timeout.
-    let v = execute(&app, json!({"code": "print('before')\n1/0", "execution_environment": "python", "timeout": 10}), None)
-        .await;
+    let v =
+        execute(&app, json!({"code": "print('before')\n1/0", "execution_environment": "python", "timeout": 10}), None)
+            .await;
     assert_eq!(v["output"], "before\n");
     assert_eq!(v["error"], "ZeroDivisionError: division by zero");
     let stack = v["stacktrace"].as_str().unwrap();
     assert!(stack.contains("ZeroDivisionError") && !stack.contains('\u{1b}'), "{stack}");
-    let v = execute(&app, json!({"code": "import time\ntime.sleep(30)", "execution_environment": "python", "timeout": 2}), None)
-        .await;
+    let v = execute(
+        &app,
+        json!({"code": "import time\ntime.sleep(30)", "execution_environment": "python", "timeout": 2}),
+        None,
+    )
+    .await;
     assert_eq!(v["timedout"], true, "{v}");
     // An unknown environment.
     let (status, v) =
@@ -213,7 +230,8 @@ async fn compat_jupyter_uploads_live_their_lifetime_and_are_read_by_their_key_on
 
     // Expiry: 20 minutes for one, 2 days for the other; the sweep removes what expired.
     let now = chrono::Utc::now().timestamp();
-    let expiry = |url: &str| name_of(url).split('.').next().unwrap().rsplit('-').next().unwrap().parse::<i64>().unwrap();
+    let expiry =
+        |url: &str| name_of(url).split('.').next().unwrap().rsplit('-').next().unwrap().parse::<i64>().unwrap();
     assert!((expiry(&url) - (now + 1200)).abs() <= 5, "{url}");
     assert!((expiry(&long_url) - (now + 2 * 86400)).abs() <= 5, "{long_url}");
     let report = app.store.sweep(now + 1201);
@@ -224,7 +242,8 @@ async fn compat_jupyter_uploads_live_their_lifetime_and_are_read_by_their_key_on
     assert_eq!(get_url(&app, &long_url, alpha).await.status(), 404);
 
     // Not base64, a missing field: 422 in the detail shape.
-    let (status, v) = put_json(&app, "/jupyter/files", json!({"filename": "a", "extension": "b", "content": "%%%"}), alpha).await;
+    let (status, v) =
+        put_json(&app, "/jupyter/files", json!({"filename": "a", "extension": "b", "content": "%%%"}), alpha).await;
     assert_detail(status, &v, 422);
     let (status, v) = put_json(&app, "/jupyter/files", json!({"filename": "a"}), alpha).await;
     assert_detail(status, &v, 422);
