@@ -9,7 +9,6 @@
 
 pub mod actor;
 pub mod error;
-mod extras_shim;
 pub mod files;
 pub mod handle;
 pub mod kernel_host;
@@ -21,7 +20,6 @@ pub mod registry;
 pub mod rundir;
 
 pub use error::SessionError;
-pub use extras_shim::SessionExtras;
 pub use handle::{Pending, Session};
 pub use manager::{ManagerConfig, ReapReport, SessionManager};
 pub use model::{ExecStatus, ExecuteResult, Owner, SessionId, SessionInfo, SessionRequest, SessionStatus};
