@@ -108,6 +108,17 @@ pub struct ServeArgs {
     /// Keep session containers when the service stops, to adopt them at the next start.
     #[arg(long, env = "KERNELBOX_KEEP_SESSIONS")]
     pub keep_sessions: bool,
+    /// Where the service writes each session's notebook (default: `<state-dir>/notebooks`). Sessions
+    /// never see it.
+    #[arg(long, env = "KERNELBOX_NOTEBOOKS_DIR")]
+    pub notebooks_dir: Option<PathBuf>,
+    /// How users of this deployment reach the notebooks folder (the session API's `notebook_path`).
+    #[arg(long, env = "KERNELBOX_NOTEBOOKS_PUBLIC_PATH", default_value = "/mnt/jupyter_sessions")]
+    pub notebooks_public_path: String,
+    /// A host folder of datasets, mounted read-only at /mnt/data in every session. With compose, the
+    /// same path inside and outside the service container.
+    #[arg(long, env = "KERNELBOX_DATASETS_DIR")]
+    pub datasets_dir: Option<PathBuf>,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]

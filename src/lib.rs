@@ -92,11 +92,7 @@ impl Application {
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
         reaper::add_store_sweep(&scheduler, store.clone(), reap_every).await?;
         let keys = api::auth::Keys::new(&settings.api_keys);
-        let state = AppState {
-            manager: manager.clone(),
-            store: store.clone(),
-            notebooks_public_path: Arc::from(api::session_compat::NOTEBOOKS_PUBLIC_PATH),
-        };
+        let state = AppState { manager: manager.clone(), store: store.clone() };
         let router = api::router(state, keys, &settings.http);
         Ok(Application {
             listener,

@@ -26,7 +26,7 @@ use super::compat::{
     DetailBody, DetailError, IMAGE_TYPES, LaxJson, dedent, person_text, push_mime_text, traceback_text,
 };
 use crate::kernel::Output;
-use crate::session::{ExecStatus, ExecuteResult, Owner, SessionExtras, SessionManager, SessionRequest};
+use crate::session::{ExecStatus, ExecuteResult, Mount, Owner, SessionExtras, SessionManager, SessionRequest};
 use crate::store::{MOUNT_POINT, StoredFile};
 
 /// How long an uploaded file (and a file an execution returns) lives.
@@ -169,7 +169,8 @@ pub async fn execute(
     let metadata = BTreeMap::from([("kernelbox.api".to_owned(), "jupyter".to_owned())]);
     let request =
         SessionRequest { language: req.execution_environment.clone(), metadata: Some(metadata), ..Default::default() };
-    let extras = SessionExtras { notebook: None, mounts: vec![(files_dir, MOUNT_POINT.to_owned())] };
+    let extras =
+        SessionExtras { notebook: None, mounts: vec![Mount { host: files_dir, container: MOUNT_POINT.to_owned() }] };
     let info = state.manager.create_with(owner.clone(), request, extras).await?;
     let _close = CloseSession { manager: state.manager.clone(), owner: owner.clone(), id: info.id.to_string() };
 

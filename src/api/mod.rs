@@ -40,8 +40,6 @@ pub struct AppState {
     pub manager: Arc<SessionManager>,
     /// The `/jupyter` API's files.
     pub store: Arc<crate::store::FileStore>,
-    /// The notebooks folder as the deployment shows it (the session API's `notebook_path`).
-    pub notebooks_public_path: Arc<str>,
 }
 
 /// The largest request body we read (code and uploads).
@@ -52,7 +50,7 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
     info(title = "kernelbox", description = "Run untrusted code in stateful Jupyter kernels, one sealed container per session."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
-        execute::execute, files::list, files::download, files::upload, files::delete, system::healthz, system::readyz, system::languages, system::metrics_text,
+        execute::execute, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
         session_compat::start_session, session_compat::execute, session_compat::install_package, session_compat::reset,
         session_compat::end_session, jupyter_compat::list_kernel_specs, jupyter_compat::execute, jupyter_compat::upload,
         jupyter_compat::upload_long, jupyter_compat::download, jupyter_compat::health, jupyter_compat::health_root,
@@ -90,8 +88,8 @@ fn known_languages(openapi: &mut utoipa::openapi::OpenApi) {
     }
 }
 
-/// What the middleware in front of every `/v1` and compatibility operation may answer, written once here rather than on
-/// each handler: the key (401), the rate limit (429 with `Retry-After`) and, with a body, the body limits.
+/// What the middleware in front of every `/v1` and compatibility operation may answer, written once here
+/// rather than on each handler: the key (401), the rate limit (429 with `Retry-After`) and, with a body, the body limits.
 fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::security::SecurityRequirement;
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
@@ -129,11 +127,12 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
             };
             add("401", "no API key, or not a valid one (when the server has keys)");
             add("429", "too many requests for this API key (see `Retry-After`), or a limit of the server");
+            let json_body = matches!(&op.request_body, Some(utoipa::openapi::RefOr::T(b)) if b.content.contains_key("application/json"));
             if op.request_body.is_some() && compat {
                 add("408", "the body did not arrive in time");
                 add("413", "the body is larger than 16 MiB");
                 add("422", "the body is not what this operation takes, or asks for something not allowed");
-            } else if op.request_body.is_some() {
+            } else if json_body {
                 add("400", "the body is not valid JSON for this operation");
                 add("408", "the body did not arrive in time");
                 add("413", "the body is larger than 16 MiB");
@@ -155,6 +154,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/sessions/{id}/execute", post(execute::execute))
         .route("/sessions/{id}/interrupt", post(sessions::interrupt))
         .route("/sessions/{id}/restart", post(sessions::restart))
+        .route("/sessions/{id}/notebook", get(files::notebook))
         .route("/languages", get(system::languages))
         .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
         // Files stream through, under the upload limit and an idle limit, instead of arriving whole.

@@ -21,8 +21,6 @@ use crate::session::{ExecStatus, Owner, SessionExtras, SessionInfo, SessionReque
 pub const USER_KEY: &str = "kernelbox.user_id";
 /// The metadata key that says which API made a session (`session`).
 pub const API_KEY: &str = "kernelbox.api";
-/// Where the deployment mounts the notebooks folder (compose: `/mnt/jupyter_sessions`), for `notebook_path`.
-pub const NOTEBOOKS_PUBLIC_PATH: &str = "/mnt/jupyter_sessions";
 /// The language of the session API's sessions.
 const LANGUAGE: &str = "python";
 
@@ -109,7 +107,11 @@ pub async fn start_session(
     let user = UserId::parse(form.required("user_id")?)?;
     let answer = || StartSessionResponse {
         message: "Session started successfully",
-        notebook_path: format!("{}/{}", state.notebooks_public_path.trim_end_matches('/'), notebook(&user)),
+        notebook_path: format!(
+            "{}/{}",
+            state.manager.storage().notebooks_public_path.trim_end_matches('/'),
+            notebook(&user)
+        ),
     };
     if let Some(existing) = find(&state, &owner, &user) {
         if existing.status != SessionStatus::Dead {

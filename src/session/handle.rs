@@ -99,6 +99,8 @@ pub struct Session {
     closing_reason: Mutex<&'static str>,
     /// File transfers under way (at most [`MAX_TRANSFERS`]).
     pub transfers: Arc<tokio::sync::Semaphore>,
+    /// Held while the notebook is appended to or read whole, so a reader never sees half a cell.
+    pub notebook_lock: Arc<Mutex<()>>,
 }
 
 impl Session {
@@ -137,6 +139,7 @@ impl Session {
             keep: AtomicBool::new(false),
             closing_reason: Mutex::new("session_deleted"),
             transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+            notebook_lock: Arc::new(Mutex::new(())),
         });
         (session, Inbox { commands, control })
     }

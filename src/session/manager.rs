@@ -6,6 +6,7 @@
 //! guard, and the task cleans up. Nothing here holds a lock across `.await`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,12 +21,15 @@ use crate::images::{self, Catalog};
 use crate::kernel::WireLimits;
 use crate::runtime::{ContainerRuntime, ContainerSpec, labels};
 
-use super::actor::{Actor, Start};
+use super::actor::{Actor, NotebookHandle, Start};
 use super::error::SessionError;
 use super::files::{self, Download, FileError, FilePath, Listing, Written};
 use super::handle::{ExecuteCommand, InUse, Inbox, MAX_TRANSFERS, STREAM_EVENTS, Session};
 use super::kernel_host::BootPlan;
-use super::model::{ExecuteResult, Owner, SessionId, SessionInfo, SessionLimits, SessionRequest, SessionSettings};
+use super::model::{
+    ExecuteResult, Owner, SessionExtras, SessionId, SessionInfo, SessionLimits, SessionRequest, SessionSettings,
+};
+use super::notebook::{KernelSpec, Notebook};
 use super::policy::{self, ReapRules, ReapView};
 use super::registry::Registry;
 use super::{Pending, recovery};
@@ -36,6 +40,17 @@ const DELETE_WAIT: Duration = Duration::from_secs(30);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// The reaper's margin over the boot deadline before a starting or restarting session counts as stuck.
 const STUCK_MARGIN: Duration = Duration::from_secs(30);
+
+/// An image of an execution saved as a file in the session's working directory.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct SavedImage {
+    /// The output (index in `outputs`) it was taken from.
+    pub output_index: usize,
+    pub mime: String,
+    /// Relative to the working directory.
+    pub path: String,
+    pub size: u64,
+}
 
 /// Held while a file transfer runs.
 struct TransferGuard {
@@ -61,6 +76,24 @@ pub struct ManagerConfig {
     pub instance: String,
     pub catalog: Catalog,
     pub keep_sessions: bool,
+    pub storage: Storage,
+}
+
+/// Service-owned folders on the host.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// Where the service writes notebooks; `<state>/notebooks` when unset. Never mounted into a session.
+    pub notebooks_dir: Option<PathBuf>,
+    /// How a deployment names the notebooks folder to its users (the session API's `notebook_path`).
+    pub notebooks_public_path: String,
+    /// Mounted read-only at `/mnt/data` in every session, when set.
+    pub datasets_dir: Option<PathBuf>,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage { notebooks_dir: None, notebooks_public_path: "/mnt/jupyter_sessions".into(), datasets_dir: None }
+    }
 }
 
 /// The registry of live sessions and their lifecycle.
@@ -113,7 +146,20 @@ impl SessionManager {
     /// Starts a session: a container, a booted kernel, a task. Returns once the kernel answers. If the
     /// caller goes away first, the session is closed and its task removes whatever it made.
     pub async fn create(self: &Arc<Self>, owner: Owner, req: SessionRequest) -> Result<SessionInfo, SessionError> {
-        let settings = policy::settle(&self.config.catalog, &self.config.limits, req)?;
+        self.create_with(owner, req, SessionExtras::default()).await
+    }
+
+    /// [`create`](Self::create) with an adapter's extras (a named notebook, read-only mounts).
+    pub async fn create_with(
+        self: &Arc<Self>,
+        owner: Owner,
+        req: SessionRequest,
+        extras: SessionExtras,
+    ) -> Result<SessionInfo, SessionError> {
+        policy::check_extras(&extras)?;
+        let mut settings = policy::settle(&self.config.catalog, &self.config.limits, req)?;
+        settings.notebook = extras.notebook;
+        settings.mounts = extras.mounts;
         let image_ref = self.image_ref(&settings.language);
         if self.runtime.image(&image_ref).await?.is_none() {
             let image = self.config.catalog.language(&settings.language).expect("checked by settle").image.clone();
@@ -174,6 +220,7 @@ impl SessionManager {
     ) -> oneshot::Receiver<Result<(), SessionError>> {
         let (ready_tx, ready) = oneshot::channel();
         let actor = Actor {
+            notebook: self.open_notebook(&session),
             session: session.clone(),
             plan: self.boot_plan(&session),
             host: None,
@@ -187,6 +234,25 @@ impl SessionManager {
             actor.run(start, ready_tx).await;
         });
         ready
+    }
+
+    /// The session's notebook, opened (or created). A notebook that cannot be written is logged, not
+    /// fatal: the session runs without one.
+    fn open_notebook(&self, session: &Session) -> Option<NotebookHandle> {
+        let (path, keep) = self.notebook_plan(session);
+        let language = self.config.catalog.language(&session.settings.language)?;
+        let spec = KernelSpec {
+            name: language.name.clone(),
+            display_name: language.display_name(),
+            language: language.programming_language().to_owned(),
+        };
+        match Notebook::open(&path, &spec) {
+            Ok(notebook) => Some(NotebookHandle { notebook, keep }),
+            Err(e) => {
+                tracing::error!(session_id = %session.id, path = %path.display(), error = %e, "cannot write the session's notebook");
+                None
+            }
+        }
     }
 
     fn boot_plan(&self, session: &Session) -> BootPlan {
@@ -219,7 +285,7 @@ impl SessionManager {
                 ("/tmp".to_owned(), tmpfs("")),
                 (images::HOME.to_owned(), tmpfs(",uid=1000,gid=1000,mode=0700")),
             ]),
-            binds: Vec::new(),
+            binds: self.binds(s),
             user: "1000:1000".into(),
             working_dir: images::HOME.into(),
         };
@@ -232,6 +298,95 @@ impl SessionManager {
             wire: WireLimits::for_output_cap(l.output_limit_bytes),
             tracker: self.tracker.clone(),
         }
+    }
+
+    /// The read-only mounts of a session: the datasets folder, then the adapter's.
+    fn binds(&self, s: &SessionSettings) -> Vec<String> {
+        let datasets = self.config.storage.datasets_dir.iter().map(|d| (d.clone(), policy::DATASETS_MOUNT.to_owned()));
+        let mounts = s.mounts.iter().map(|m| (m.host.clone(), m.container.clone()));
+        datasets.chain(mounts).map(|(host, container)| format!("{}:{container}:ro", host.display())).collect()
+    }
+
+    /// Saves the images among an execution's outputs as files in the session's working directory
+    /// (`outputs/exec-<n>-<output>.<ext>`), removing them from the outputs. Returns what was saved.
+    pub async fn save_images(
+        &self,
+        owner: &Owner,
+        id: &str,
+        result: &mut ExecuteResult,
+    ) -> Result<Vec<SavedImage>, SessionError> {
+        let stamp = match result.execution_count {
+            Some(n) => n.to_string(),
+            None => Utc::now().format("%Y%m%dT%H%M%S%3f").to_string(),
+        };
+        let images = files::take_images(&mut result.outputs, &format!("outputs/exec-{stamp}"));
+        let mut saved = Vec::with_capacity(images.len());
+        for image in images {
+            let size = image.content.len() as u64;
+            let body = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(image.content) });
+            self.upload(owner, id, image.path.as_str(), body).await?;
+            saved.push(SavedImage {
+                output_index: image.output_index,
+                mime: image.mime,
+                path: image.path.as_str().to_owned(),
+                size,
+            });
+        }
+        Ok(saved)
+    }
+
+    /// The folder the service writes notebooks in.
+    pub fn notebooks_dir(&self) -> PathBuf {
+        self.config.storage.notebooks_dir.clone().unwrap_or_else(|| self.config.state_dir.join("notebooks"))
+    }
+
+    /// The service's storage settings.
+    pub fn storage(&self) -> &Storage {
+        &self.config.storage
+    }
+
+    /// Where a session's notebook is, and whether it outlives the session.
+    fn notebook_plan(&self, session: &Session) -> (PathBuf, bool) {
+        match &session.settings.notebook {
+            Some(rel) => (self.notebooks_dir().join(rel), true),
+            None => (self.notebooks_dir().join("sessions").join(format!("{}.ipynb", session.id)), false),
+        }
+    }
+
+    /// The session's notebook as it is now (written only by the service; read whole between appends).
+    pub async fn notebook(&self, owner: &Owner, id: &str) -> Result<Vec<u8>, SessionError> {
+        let session = self.registry.get(owner, id)?;
+        let path = self.notebook_plan(&session).0;
+        let lock = session.notebook_lock.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let _reading = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut file =
+                std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&path)?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut bytes)?;
+            Ok::<_, std::io::Error>(bytes)
+        })
+        .await
+        .map_err(|e| SessionError::Io(std::io::Error::other(e)))?;
+        read.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SessionError::NotFound(format!("{id} (its notebook)")),
+            _ => SessionError::Io(e),
+        })
+    }
+
+    /// The regular files under the session's working directory modified at or after `since` (seconds
+    /// since the epoch), hidden ones excepted, within `max_files` and `max_bytes` (held in memory), and
+    /// how many were skipped over those limits.
+    pub async fn collect_files(
+        &self,
+        owner: &Owner,
+        id: &str,
+        since: f64,
+        max_files: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<files::Collected>, u64), SessionError> {
+        let (container, _guard) = self.transfer(owner, id)?;
+        Ok(files::collect(self.runtime.as_ref(), &container, max_files, max_bytes, since).await?)
     }
 
     /// The session `id` if `owner` owns it.

@@ -14,6 +14,7 @@ mod fuzz;
 mod hostile;
 mod languages;
 mod lifecycle;
+mod notebooks;
 mod process;
 mod requests_end_early;
 mod sandbox;
