@@ -82,6 +82,12 @@ async fn compat_session_api_as_its_readme_shows() {
         .unwrap();
     let (status, v) = json_of(r).await;
     assert_eq!((status, v), (200, json!({"output": "Hello, World!\n"})));
+    // The service keeps the user's notebook where `notebook_path` says, under its notebooks folder.
+    let notebook = app.manager.notebooks_dir().join("user_test/notebook_user_test.ipynb");
+    let has_cell = || async {
+        std::fs::read_to_string(&notebook).is_ok_and(|n| n.contains("Hello, World!") && n.contains("nbformat"))
+    };
+    assert!(eventually(std::time::Duration::from_secs(10), has_cell).await, "{}", notebook.display());
     assert_eq!(execute(&app, "user_test", "x = 41").await, (200, json!({"output": ""})));
     assert_eq!(execute(&app, "user_test", "print('a'); x + 1").await, (200, json!({"output": "a\n42\n"})));
 
