@@ -310,7 +310,10 @@ pub fn strip_ansi(s: &str) -> String {
 
 /// Python's `textwrap.dedent`: removes the whitespace prefix common to every line that is not blank
 /// (tabs and spaces are not equal), and empties lines that hold only whitespace. Code pasted from inside
-/// an indented string then runs as meant.
+/// an indented string then runs as meant. Applied to every language: only a margin common to all lines
+/// goes, so relative indentation (Python's blocks, a heredoc's body) is kept, and for JavaScript, Java and
+/// bash, where indentation means nothing, it changes nothing but how the code looks; code whose first line
+/// is not indented is left alone, as Python would leave it.
 pub fn dedent(code: &str) -> String {
     fn indent(line: &str) -> &str {
         &line[..line.len() - line.trim_start_matches([' ', '\t']).len()]
