@@ -312,8 +312,8 @@ pub fn strip_ansi(s: &str) -> String {
 /// (tabs and spaces are not equal), and empties lines that hold only whitespace. Code pasted from inside
 /// an indented string then runs as meant. Applied to every language: only a margin common to all lines
 /// goes, so relative indentation (Python's blocks, a heredoc's body) is kept, and for JavaScript, Java and
-/// bash, where indentation means nothing, it changes nothing but how the code looks; code whose first line
-/// is not indented is left alone, as Python would leave it.
+/// bash, where indentation means nothing, it changes nothing but how the code looks; code with a line at
+/// the left margin is left alone, as Python would leave it.
 pub fn dedent(code: &str) -> String {
     fn indent(line: &str) -> &str {
         &line[..line.len() - line.trim_start_matches([' ', '\t']).len()]
