@@ -89,6 +89,7 @@ impl Application {
         let store = store::FileStore::open(&files_dir, settings.files.max_bytes, settings.files.max_files)
             .map_err(|source| ServeError::FileStore { path: files_dir.display().to_string(), source })?;
         let store = Arc::new(store);
+        manager.start_pool();
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
         reaper::add_store_sweep(&scheduler, store.clone(), reap_every).await?;
         let keys = api::auth::Keys::new(&settings.api_keys);

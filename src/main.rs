@@ -97,6 +97,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     let limits = args.limits.validate()?;
     let http = args.http.validate()?;
     let files = args.files.validate()?;
+    let pool = args.pool_config()?;
     if let Some(dir) = &args.datasets_dir {
         // Docker would create a missing bind source as an empty root-owned folder: say so instead.
         anyhow::ensure!(
@@ -139,6 +140,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
                 notebooks_public_path: args.notebooks_public_path.clone(),
                 datasets_dir: args.datasets_dir.clone(),
             },
+            pool,
         },
         api_keys: args.api_keys.clone(),
         http,

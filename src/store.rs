@@ -120,6 +120,15 @@ impl FileStore {
         Ok(dir)
     }
 
+    /// Whether `owner` has stored files. Its folder is mounted only then, so that the other executions can
+    /// take a pre-started kernel (a running container cannot get a mount).
+    pub fn has_files(&self, owner: &Owner) -> bool {
+        let Ok(name) = owner_dir_name(owner) else { return false };
+        std::fs::read_dir(self.root.join(name)).is_ok_and(|mut entries| {
+            entries.any(|e| e.is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.')))
+        })
+    }
+
     /// Stores `content` for `owner` under a new, unique, safe name made from `filename` and `extension`,
     /// living `lifetime` from `now` (seconds since the epoch).
     pub fn put(
@@ -358,12 +367,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(&dir.path().join("files"), 1 << 20, 100).unwrap();
         let (alice, bob) = (owner("a1b2"), owner("c3d4"));
+        assert!(!store.has_files(&alice));
         let short = store.put(&alice, "data", "csv", b"1,2,3\n", MIN20, NOW).unwrap();
         let long = store.put(&alice, "keep", "txt", b"kept", Duration::from_secs(2 * 86400), NOW).unwrap();
         assert_eq!(short.expires_at, NOW + 1200);
         assert_eq!(read(&store, &alice, &short.name, NOW).unwrap(), b"1,2,3\n");
         assert!(matches!(read(&store, &bob, &short.name, NOW), Err(StoreError::NotFound)));
         assert_eq!(store.usage(), (10, 2));
+        assert!(store.has_files(&alice) && !store.has_files(&bob));
         // The file's mode lets the session's user read it; the owner folder is readable, the root is not.
         let path = dir.path().join("files/a1b2").join(&short.name);
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);

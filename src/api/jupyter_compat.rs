@@ -4,9 +4,10 @@
 //! `{"detail": ...}`. An adapter over the session manager and the file store ([`crate::store`]).
 //!
 //! Each execution gets its own session, removed when the request ends however it ends (a guard closes it
-//! when the handler's future is dropped, e.g. by a client that disconnects). The caller's stored files are
-//! mounted read-only at [`MOUNT_POINT`] in it; what the code writes in its working directory and the images
-//! it displays come back as stored files.
+//! when the handler's future is dropped, e.g. by a client that disconnects). The caller's stored files, when
+//! it has any, are mounted read-only at [`MOUNT_POINT`] in it (without a mount the session can be a
+//! pre-started kernel from the pool); what the code writes in its working directory and the images it
+//! displays come back as stored files.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,7 +61,7 @@ pub struct KernelSpec {
 
 /// The kernels this server offers, keyed by the name `execution_environment` takes (languages whose image
 /// is not built are left out).
-#[utoipa::path(get, path = "/jupyter/list_kernel_specs", tag = "jupyter API",
+#[utoipa::path(get, path = "/jupyter/list_kernel_specs", operation_id = "jupyter_list_kernel_specs", tag = "jupyter API",
     responses((status = 200, body = BTreeMap<String, KernelSpecEntry>)))]
 pub async fn list_kernel_specs(State(state): State<AppState>) -> Json<BTreeMap<String, KernelSpecEntry>> {
     use crate::images::catalog::{LABEL_DISPLAY_NAME, LABEL_LANGUAGE, LABEL_LANGUAGE_VERSION};
@@ -152,7 +153,7 @@ impl Drop for CloseSession {
 /// Run code in a fresh kernel that is removed afterwards. The caller's stored files are readable at
 /// `/mnt/files`; files the code writes in its working directory and images it displays come back in
 /// `files`. Code indented as a whole is dedented first.
-#[utoipa::path(post, path = "/jupyter/execute", tag = "jupyter API", request_body = JupyterExecuteRequest,
+#[utoipa::path(post, path = "/jupyter/execute", operation_id = "jupyter_execute", tag = "jupyter API", request_body = JupyterExecuteRequest,
     responses((status = 200, body = JupyterExecuteResponse), (status = 422, body = DetailBody),
         (status = 429, body = DetailBody), (status = 503, body = DetailBody)))]
 pub async fn execute(
@@ -165,12 +166,18 @@ pub async fn execute(
         tracing::info!(request_id = %request_id.chars().take(128).collect::<String>(), "jupyter execute");
     }
     let timeout_s = req.timeout.filter(|t| t.is_finite() && *t > 0.0).map(|t| t.ceil().max(1.0) as u64);
-    let files_dir = state.store.owner_dir(&owner).map_err(crate::store::StoreError::from)?;
+    // The caller's stored files, read-only; without any, no mount, so a pre-started kernel can serve.
+    let mounts = match state.store.has_files(&owner) {
+        true => {
+            let host = state.store.owner_dir(&owner).map_err(crate::store::StoreError::from)?;
+            vec![Mount { host, container: MOUNT_POINT.to_owned() }]
+        }
+        false => Vec::new(),
+    };
     let metadata = BTreeMap::from([("kernelbox.api".to_owned(), "jupyter".to_owned())]);
     let request =
         SessionRequest { language: req.execution_environment.clone(), metadata: Some(metadata), ..Default::default() };
-    let extras =
-        SessionExtras { notebook: None, mounts: vec![Mount { host: files_dir, container: MOUNT_POINT.to_owned() }] };
+    let extras = SessionExtras { notebook: None, mounts };
     let info = state.manager.create_with(owner.clone(), request, extras).await?;
     let _close = CloseSession { manager: state.manager.clone(), owner: owner.clone(), id: info.id.to_string() };
 
@@ -353,7 +360,7 @@ pub struct UploadResponse {
 
 /// Store a file for 20 minutes. Later `/jupyter/execute` code of the same API key reads it at
 /// `/mnt/files/<name>` (the last part of the URL); no other key can.
-#[utoipa::path(put, path = "/jupyter/files", tag = "jupyter API", request_body = UploadRequest,
+#[utoipa::path(put, path = "/jupyter/files", operation_id = "jupyter_upload_file", tag = "jupyter API", request_body = UploadRequest,
     responses((status = 200, body = UploadResponse), (status = 413, body = DetailBody), (status = 422, body = DetailBody),
         (status = 507, body = DetailBody)))]
 pub async fn upload(
@@ -366,7 +373,7 @@ pub async fn upload(
 }
 
 /// Store a file for 2 days.
-#[utoipa::path(put, path = "/jupyter/files/long-lifetime", tag = "jupyter API", request_body = UploadRequest,
+#[utoipa::path(put, path = "/jupyter/files/long-lifetime", operation_id = "jupyter_upload_file_long_lifetime", tag = "jupyter API", request_body = UploadRequest,
     responses((status = 200, body = UploadResponse), (status = 413, body = DetailBody), (status = 422, body = DetailBody),
         (status = 507, body = DetailBody)))]
 pub async fn upload_long(
@@ -395,7 +402,7 @@ async fn put(
 }
 
 /// A stored file of the caller's (another API key's files are not found).
-#[utoipa::path(get, path = "/jupyter/files/{name}", tag = "jupyter API",
+#[utoipa::path(get, path = "/jupyter/files/{name}", operation_id = "jupyter_download_file", tag = "jupyter API",
     responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream"),
         (status = 404, body = DetailBody)))]
 pub async fn download(
@@ -421,13 +428,13 @@ pub struct HealthStatus {
 }
 
 /// The service is up (the original's health check; no API key needed).
-#[utoipa::path(get, path = "/jupyter/health", tag = "jupyter API", responses((status = 200, body = HealthStatus)))]
+#[utoipa::path(get, path = "/jupyter/health", operation_id = "jupyter_health", tag = "jupyter API", responses((status = 200, body = HealthStatus)))]
 pub async fn health() -> Json<HealthStatus> {
     Json(HealthStatus { status: "ok" })
 }
 
 /// The same as `/jupyter/health`, at the root.
-#[utoipa::path(get, path = "/health", tag = "jupyter API", responses((status = 200, body = HealthStatus)))]
+#[utoipa::path(get, path = "/health", operation_id = "health", tag = "jupyter API", responses((status = 200, body = HealthStatus)))]
 pub async fn health_root() -> Json<HealthStatus> {
     Json(HealthStatus { status: "ok" })
 }

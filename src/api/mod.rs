@@ -222,6 +222,22 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
 mod tests {
     use super::*;
 
+    /// Clients and tools (the fuzzer's link inference among them) address operations by id: one each.
+    #[test]
+    fn every_operation_has_its_own_id() {
+        let doc = ApiDoc::openapi();
+        let mut seen = std::collections::BTreeMap::new();
+        for (path, item) in &doc.paths.paths {
+            for op in [&item.get, &item.put, &item.post, &item.delete, &item.patch].into_iter().flatten() {
+                let id = op.operation_id.clone().unwrap_or_default();
+                assert!(!id.is_empty(), "{path} has an operation without an id");
+                if let Some(other) = seen.insert(id.clone(), path.clone()) {
+                    panic!("operation id `{id}` is used by both {other} and {path}");
+                }
+            }
+        }
+    }
+
     /// The OpenAPI document is generated from the code and kept in `docs/openapi.json`, so that every API
     /// change is a visible diff. After an intended change: `KERNELBOX_UPDATE_OPENAPI=1 cargo test openapi`.
     #[test]

@@ -95,7 +95,7 @@ pub struct UserForm {
 
 /// Start a python session for `user_id` (a form field), or keep the one it has: the same session and
 /// container, state and files.
-#[utoipa::path(post, path = "/start_session", tag = "session API",
+#[utoipa::path(post, path = "/start_session", operation_id = "session_api_start_session", tag = "session API",
     request_body(content = UserForm, content_type = "multipart/form-data"),
     responses((status = 200, body = StartSessionResponse), (status = 422, body = DetailBody),
         (status = 429, body = DetailBody), (status = 503, body = DetailBody)))]
@@ -147,7 +147,7 @@ pub struct ExecuteOutput {
 
 /// Run code in the user's session. An error in the code is a 400 whose `detail` is the traceback; a
 /// timeout is a 408 (the kernel is interrupted, the session keeps its state); no session is a 404.
-#[utoipa::path(post, path = "/execute", tag = "session API", request_body = ExecuteBody,
+#[utoipa::path(post, path = "/execute", operation_id = "session_api_execute", tag = "session API", request_body = ExecuteBody,
     responses((status = 200, body = ExecuteOutput), (status = 400, body = DetailBody), (status = 404, body = DetailBody),
         (status = 408, body = DetailBody), (status = 422, body = DetailBody), (status = 429, body = DetailBody)))]
 pub async fn execute(
@@ -199,7 +199,7 @@ pub struct InstallResponse {
 }
 
 /// Install a package into the user's session and import it.
-#[utoipa::path(post, path = "/install_package", tag = "session API", request_body = InstallBody,
+#[utoipa::path(post, path = "/install_package", operation_id = "session_api_install_package", tag = "session API", request_body = InstallBody,
     responses((status = 200, body = InstallResponse), (status = 400, body = DetailBody), (status = 404, body = DetailBody),
         (status = 422, body = DetailBody), (status = 501, body = DetailBody)))]
 pub async fn install_package(
@@ -230,7 +230,7 @@ pub async fn install_into_session(
 
 /// Give the user's session a fresh kernel: variables and imports are gone; the session, its container
 /// and its files stay.
-#[utoipa::path(post, path = "/reset", tag = "session API",
+#[utoipa::path(post, path = "/reset", operation_id = "session_api_reset", tag = "session API",
     request_body(content = UserForm, content_type = "multipart/form-data"),
     responses((status = 200, body = MessageResponse), (status = 404, body = DetailBody), (status = 422, body = DetailBody)))]
 pub async fn reset(
@@ -245,7 +245,7 @@ pub async fn reset(
 }
 
 /// End the user's session: its container is removed.
-#[utoipa::path(post, path = "/end_session", tag = "session API",
+#[utoipa::path(post, path = "/end_session", operation_id = "session_api_end_session", tag = "session API",
     request_body(content = UserForm, content_type = "multipart/form-data"),
     responses((status = 200, body = MessageResponse), (status = 404, body = DetailBody), (status = 422, body = DetailBody)))]
 pub async fn end_session(

@@ -30,6 +30,8 @@ pub enum Start {
     Fresh,
     /// A container an earlier run of the service left running.
     Adopt { container_id: String, boot: String },
+    /// A kernel booted ahead of demand (the warm pool), ready now.
+    Ready(Box<KernelHost>),
 }
 
 /// The session's notebook, and whether it outlives the session.
@@ -73,6 +75,7 @@ impl Actor {
         let booted = match start {
             Start::Fresh => self.plan.boot(&cancel).await,
             Start::Adopt { container_id, boot } => self.plan.adopt(container_id, &boot, &cancel).await,
+            Start::Ready(host) => Ok(*host),
         };
         match booted {
             Ok(host) => {

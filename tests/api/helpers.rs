@@ -104,6 +104,8 @@ pub struct AppOptions {
     pub shutdown_grace: Duration,
     /// Notebooks, datasets.
     pub storage: kernelbox::session::Storage,
+    /// The warm pool: none unless a test asks (each pooled kernel is a container on a 2-core machine).
+    pub pool: kernelbox::session::pool::PoolConfig,
 }
 
 impl Default for AppOptions {
@@ -119,6 +121,7 @@ impl Default for AppOptions {
             images: true,
             shutdown_grace: Duration::from_secs(5),
             storage: Default::default(),
+            pool: Default::default(),
         }
     }
 }
@@ -164,6 +167,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
             catalog: Catalog::new(image_prefix()),
             keep_sessions: options.keep_sessions,
             storage: options.storage,
+            pool: options.pool,
         },
         api_keys: options.api_keys,
         http: options.http.validate().expect("valid test HTTP settings"),
