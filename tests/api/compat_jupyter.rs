@@ -286,3 +286,54 @@ async fn compat_jupyter_a_client_that_leaves_leaves_no_session() {
         "the session of a request whose client left is removed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compat_pooled_kernels_serve_both_apis() {
+    let app = spawn_app_with(AppOptions {
+        pool: kernelbox::session::pool::PoolConfig {
+            targets: [("python".to_owned(), 1)].into_iter().collect(),
+            max_boots: 1,
+        },
+        ..Default::default()
+    })
+    .await;
+    let pooled = || async {
+        app.containers()
+            .await
+            .into_iter()
+            .filter(|c| c.labels.contains_key("kernelbox.pool"))
+            .map(|c| c.id)
+            .collect::<Vec<_>>()
+    };
+    let one_pooled = || async {
+        let (_, languages) = app.get("/v1/languages").await;
+        let ready = languages.as_array().unwrap().iter().any(|l| l["name"] == "python" && l["pool"]["ready"] == 1);
+        ready && pooled().await.len() == 1
+    };
+    assert!(eventually(Duration::from_secs(120), one_pooled).await, "the pool fills");
+
+    // A /jupyter execution of a key without stored files takes the pooled kernel (and removes it after).
+    let first = pooled().await.remove(0);
+    let v =
+        execute(&app, json!({"code": "print('pooled')", "execution_environment": "python", "timeout": 30}), None).await;
+    assert_eq!(v["output"], "pooled\n", "{v}");
+    let gone = || async { app.containers().await.iter().all(|c| c.id != first) };
+    assert!(eventually(Duration::from_secs(30), gone).await, "the pooled kernel served the request and went with it");
+
+    // The session API's session from the pool is found again by its user.
+    assert!(eventually(Duration::from_secs(120), one_pooled).await, "the pool refills");
+    let second = pooled().await.remove(0);
+    let (status, _) = crate::compat_session::post_form(&app, "/start_session", &[("user_id", "pooled_user")]).await;
+    assert_eq!(status, 200);
+    let run = json!({"user_id": "pooled_user", "code": "y = 7"});
+    assert_eq!(post_json_with(&app, "/execute", run, None).await.0, 200);
+    let (status, _) = crate::compat_session::post_form(&app, "/start_session", &[("user_id", "pooled_user")]).await;
+    assert_eq!(status, 200);
+    let read = json!({"user_id": "pooled_user", "code": "y"});
+    assert_eq!(post_json_with(&app, "/execute", read, None).await, (200, json!({"output": "7\n"})));
+    let sessions = app.manager.list(&kernelbox::session::Owner("anonymous".into()));
+    assert_eq!(sessions.len(), 1, "one session for the user");
+    let containers = app.containers().await;
+    let claimed = containers.iter().find(|c| c.labels["kernelbox.session"] == sessions[0].id.as_str()).unwrap();
+    assert_eq!(claimed.id, second, "it was the pooled kernel");
+}
