@@ -20,6 +20,8 @@ use crate::store::StoreError;
 
 /// The largest form or JSON body these APIs read (an upload's base64 included).
 pub const BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// The largest form these APIs read: their forms carry a user id (and keep multipart parsing cheap).
+pub const FORM_LIMIT: usize = 64 * 1024;
 /// Error bodies of the middleware longer than this are not rewritten.
 const QUOTE_LIMIT: usize = 64 * 1024;
 
@@ -119,7 +121,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for LaxJson<T> {
     type Rejection = DetailError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = body_bytes(req).await?;
+        let bytes = body_bytes(req, BODY_LIMIT).await?;
         serde_json::from_slice(&bytes)
             .map(LaxJson)
             .map_err(|e| DetailError::invalid(format!("the body is not the JSON this endpoint takes: {e}")))
@@ -148,7 +150,7 @@ impl<S: Send + Sync> FromRequest<S> for FormFields {
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let content_type =
             req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let bytes = body_bytes(req).await?;
+        let bytes = body_bytes(req, FORM_LIMIT).await?;
         let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         match essence.as_str() {
             "multipart/form-data" => {
@@ -171,11 +173,11 @@ impl<S: Send + Sync> FromRequest<S> for FormFields {
     }
 }
 
-async fn body_bytes(req: Request) -> Result<Bytes, DetailError> {
-    to_bytes(req.into_body(), BODY_LIMIT).await.map_err(|_| {
+async fn body_bytes(req: Request, limit: usize) -> Result<Bytes, DetailError> {
+    to_bytes(req.into_body(), limit).await.map_err(|_| {
         DetailError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the request body is larger than {} MiB or could not be read", BODY_LIMIT >> 20),
+            format!("the request body is larger than {limit} bytes or could not be read"),
         )
     })
 }

@@ -155,6 +155,10 @@ async fn compat_session_user_ids_are_checked_and_every_error_has_the_detail_shap
         let (status, v) = post_json_with(&app, "/execute", json!({"user_id": bad, "code": "1"}), Some("k1")).await;
         assert_detail(status, &v, 422);
     }
+    // A form larger than a user id needs (64 KiB) is refused before it is parsed.
+    let big = "x".repeat(100 * 1024);
+    let (status, v) = post_form_with(&app, "/start_session", &[("user_id", big.as_str())], Some("k1")).await;
+    assert_detail(status, &v, 413);
     // A missing field, a body that is not a form, JSON that is not the operation's.
     let (status, v) = post_form_with(&app, "/start_session", &[("user", "u")], Some("k1")).await;
     assert!(assert_detail(status, &v, 422).contains("user_id"), "{v}");
