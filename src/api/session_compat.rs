@@ -90,6 +90,7 @@ pub struct MessageResponse {
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct UserForm {
+    /// 1 to 64 letters, digits, `_`, `.` or `-`, not starting with `.`.
     pub user_id: String,
 }
 
@@ -135,6 +136,7 @@ pub async fn start_session(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct ExecuteBody {
+    /// 1 to 64 letters, digits, `_`, `.` or `-`, not starting with `.`.
     pub user_id: String,
     pub code: String,
 }
@@ -186,6 +188,7 @@ pub async fn execute(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct InstallBody {
+    /// 1 to 64 letters, digits, `_`, `.` or `-`, not starting with `.`.
     pub user_id: String,
     pub package_name: String,
 }
