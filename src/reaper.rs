@@ -38,7 +38,14 @@ pub async fn add_store_sweep(
         let store = store.clone();
         Box::pin(async move {
             // Directory walks and unlinks: off the async workers.
-            let report = tokio::task::spawn_blocking(move || store.sweep(chrono::Utc::now().timestamp())).await;
+            let report = tokio::task::spawn_blocking(move || {
+                let report = store.sweep(chrono::Utc::now().timestamp());
+                let (bytes, files) = store.usage();
+                metrics::gauge!("kernelbox_file_store_bytes").set(bytes as f64);
+                metrics::gauge!("kernelbox_file_store_files").set(files as f64);
+                report
+            })
+            .await;
             if let Ok(report) = report
                 && report.removed > 0
             {
