@@ -365,6 +365,28 @@ mod tests {
         assert_eq!(strip_ansi("plain ✓"), "plain ✓");
     }
 
+    async fn body_json(r: Response) -> serde_json::Value {
+        serde_json::from_slice(&to_bytes(r.into_body(), usize::MAX).await.unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_error_comes_out_in_the_detail_shape_with_its_status_and_headers() {
+        let ours = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an API key is required").into_response();
+        let r = detail_errors(ours).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(body_json(r).await, serde_json::json!({"detail": "an API key is required"}));
+        let plain = (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "3")], "slow down").into_response();
+        let r = detail_errors(plain).await;
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(body_json(r).await, serde_json::json!({"detail": "slow down"}));
+        let empty = detail_errors(StatusCode::METHOD_NOT_ALLOWED.into_response()).await;
+        assert_eq!(body_json(empty).await, serde_json::json!({"detail": "method not allowed"}));
+        let already = detail_errors(DetailError::new(StatusCode::NOT_FOUND, "x").into_response()).await;
+        assert_eq!(body_json(already).await, serde_json::json!({"detail": "x"}));
+        let ok = detail_errors((StatusCode::OK, "fine").into_response()).await;
+        assert_eq!(to_bytes(ok.into_body(), 100).await.unwrap(), "fine");
+    }
+
     #[test]
     fn multipart_fields_as_curl_sends_them() {
         let body = b"--------------------------abc\r\nContent-Disposition: form-data; name=\"user_id\"\r\n\r\nuser_test\r\n\
