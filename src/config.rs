@@ -119,10 +119,19 @@ pub struct ServeArgs {
     /// same path inside and outside the service container.
     #[arg(long, env = "KERNELBOX_DATASETS_DIR")]
     pub datasets_dir: Option<PathBuf>,
+    /// Kernels kept booted ahead of demand per language, e.g. `python=2,javascript=1` (`none`: no pool).
+    /// A session whose request fits (no `env`; memory that keeps the same tmpfs size) starts from it.
+    #[arg(long, env = "KERNELBOX_POOL", default_value = "python=2")]
+    pub pool: String,
+    /// How many pooled kernels may boot at once (all languages together).
+    #[arg(long, env = "KERNELBOX_POOL_MAX_BOOTS", default_value_t = 2)]
+    pub pool_max_boots: usize,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
     pub http: HttpArgs,
+    #[command(flatten)]
+    pub files: FileStoreArgs,
     #[command(flatten)]
     pub images: ImageArgs,
 }
@@ -144,6 +153,43 @@ pub struct HttpArgs {
     pub body_read_timeout_s: u64,
 }
 
+/// The `/jupyter` API's file store: uploaded files and files executions return, each with a lifetime.
+#[derive(Debug, Clone, Args)]
+pub struct FileStoreArgs {
+    /// Where the file store keeps its files (default `<state-dir>/files`). Like the state directory, the
+    /// same path for the service and the Docker engine: sessions mount their owner's folder read-only.
+    #[arg(long, env = "KERNELBOX_FILES_DIR")]
+    pub files_dir: Option<PathBuf>,
+    /// The disk all stored files may use together, MiB (then 507).
+    #[arg(long, env = "KERNELBOX_FILES_MAX_MB", default_value_t = 1024)]
+    pub files_max_mb: u64,
+    /// How many files may be stored at once, all owners together (then 507).
+    #[arg(long, env = "KERNELBOX_FILES_MAX_COUNT", default_value_t = 10_000)]
+    pub files_max_count: u64,
+}
+
+/// The checked file store settings.
+#[derive(Debug, Clone)]
+pub struct FileStoreSettings {
+    /// `None`: `<state-dir>/files`.
+    pub dir: Option<PathBuf>,
+    pub max_bytes: u64,
+    pub max_files: u64,
+}
+
+impl FileStoreArgs {
+    pub fn validate(&self) -> Result<FileStoreSettings, ConfigError> {
+        if self.files_max_mb == 0 || self.files_max_count == 0 {
+            return Err(ConfigError("--files-max-mb and --files-max-count must be at least 1".into()));
+        }
+        Ok(FileStoreSettings {
+            dir: self.files_dir.clone(),
+            max_bytes: self.files_max_mb << 20,
+            max_files: self.files_max_count,
+        })
+    }
+}
+
 /// The checked HTTP settings.
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
@@ -158,6 +204,18 @@ pub struct HttpLimits {
 pub struct RateLimit {
     pub per_minute: u32,
     pub burst: u32,
+}
+
+impl ServeArgs {
+    /// The checked pool settings.
+    pub fn pool_config(&self) -> Result<crate::session::pool::PoolConfig, ConfigError> {
+        let targets = crate::session::pool::PoolConfig::parse_targets(&self.pool)
+            .map_err(|e| ConfigError(format!("--pool: {e}")))?;
+        if self.pool_max_boots == 0 {
+            return Err(ConfigError("--pool-max-boots must be at least 1".into()));
+        }
+        Ok(crate::session::pool::PoolConfig { targets, max_boots: self.pool_max_boots })
+    }
 }
 
 impl HttpArgs {

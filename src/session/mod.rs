@@ -16,6 +16,7 @@ pub mod manager;
 pub mod model;
 pub mod notebook;
 pub mod policy;
+pub mod pool;
 pub mod recovery;
 pub mod registry;
 pub mod rundir;

@@ -5,6 +5,8 @@ mod helpers;
 
 mod abuse;
 mod api_surface;
+mod compat_jupyter;
+mod compat_session;
 mod compose;
 mod execute;
 mod files;
@@ -14,6 +16,7 @@ mod languages;
 mod lifecycle;
 mod mcp;
 mod notebooks;
+mod pool;
 mod process;
 mod requests_end_early;
 mod sandbox;
