@@ -106,7 +106,7 @@ impl Answers {
         self.interactive = false;
     }
 
-    pub fn next(&mut self) -> Answer {
+    pub fn next_answer(&mut self) -> Answer {
         match self.given.pop_front() {
             Some(value) => Answer::Given(value),
             None if self.interactive => Answer::Ask,
@@ -159,18 +159,18 @@ mod tests {
     #[test]
     fn given_answers_come_first_then_the_streaming_caller_is_asked() {
         let mut a = Answers::new(vec!["a".into(), "b".into()], true).unwrap();
-        assert_eq!(a.next(), Answer::Given("a".into()));
-        assert_eq!(a.next(), Answer::Given("b".into()));
-        assert_eq!(a.next(), Answer::Ask);
+        assert_eq!(a.next_answer(), Answer::Given("a".into()));
+        assert_eq!(a.next_answer(), Answer::Given("b".into()));
+        assert_eq!(a.next_answer(), Answer::Ask);
         a.stop_asking();
-        assert_eq!(a.next(), Answer::Refuse);
+        assert_eq!(a.next_answer(), Answer::Refuse);
     }
 
     #[test]
     fn a_caller_that_does_not_stream_is_refused_once_its_answers_run_out() {
         let mut a = Answers::new(vec!["only".into()], false).unwrap();
-        assert_eq!(a.next(), Answer::Given("only".into()));
-        assert_eq!(a.next(), Answer::Refuse);
+        assert_eq!(a.next_answer(), Answer::Given("only".into()));
+        assert_eq!(a.next_answer(), Answer::Refuse);
         assert!(refusal("x").contains("`stdin`"));
     }
 

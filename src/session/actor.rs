@@ -400,7 +400,7 @@ impl Actor {
         if stream.events.is_none() {
             input.answers.stop_asking();
         }
-        match input.answers.next() {
+        match input.answers.next_answer() {
             Answer::Given(value) => self.input_reply(&msg, &value).await,
             Answer::Ask => {
                 input.waiting = Some((self.session.wait_for_input(), msg));
