@@ -99,8 +99,20 @@ pub mod doc {
     /// MCP over Streamable HTTP: ends the MCP session named by `Mcp-Session-Id`. Kernel sessions started
     /// through it stay until `end_session` or their idle timeout.
     #[utoipa::path(delete, path = "/mcp", tag = "mcp", operation_id = "mcp_delete",
-        responses((status = 202, description = "the session is closed"), (status = 400, description = "no or unknown session")))]
+        responses((status = 204, description = "the session is closed"), (status = 400, description = "no or unknown session")))]
     pub fn delete() {}
+}
+
+/// rmcp answers a session's DELETE with 202; clients (the reference Python one among them) expect 200 or
+/// 204 for a session that is gone, and warn otherwise. The only 202 a DELETE gets is that one.
+pub async fn deleted_is_no_content(
+    method: axum::http::Method,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    if method == axum::http::Method::DELETE && response.status() == axum::http::StatusCode::ACCEPTED {
+        *response.status_mut() = axum::http::StatusCode::NO_CONTENT;
+    }
+    response
 }
 
 /// The MCP server of one MCP session.
@@ -812,6 +824,15 @@ mod tests {
         refused.error =
             Some(ErrorInfo { ename: "InputRequired".into(), evalue: "send stdin".into(), traceback: vec![] });
         assert!(texts(&render(&refused)).last().unwrap().contains("InputRequired: send stdin"));
+    }
+
+    #[tokio::test]
+    async fn mcp_sessions_are_bounded() {
+        let sessions = BoundedSessions::new(2);
+        for _ in 0..2 {
+            sessions.create_session().await.expect("within the bound");
+        }
+        assert!(matches!(sessions.create_session().await, Err(McpSessionError::Full(2))));
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
     // MCP for agents: the same keys and rate limit; rmcp reads (and bounds) its own bodies.
     let mcp = Router::new()
         .route_service("/mcp", mcp::service(state.manager.clone()))
+        .layer(axum::middleware::map_response(mcp::deleted_is_no_content))
         .layer(axum::middleware::from_fn_with_state(access, auth::require_key));
     Router::new()
         .nest("/v1", v1)
