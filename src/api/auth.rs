@@ -40,7 +40,10 @@ impl Keys {
         let presented = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            // `token <key>` is how Jupyter servers and their gateway client send it.
+            .and_then(|v| {
+                v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).or_else(|| v.strip_prefix("token "))
+            })
             .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim)
             .ok_or_else(|| {
@@ -137,6 +140,7 @@ mod tests {
         let a = keys.owner(&headers("authorization", "Bearer alpha")).unwrap();
         let a2 = keys.owner(&headers("x-api-key", "alpha")).unwrap();
         let b = keys.owner(&headers("x-api-key", "beta")).unwrap();
+        assert_eq!(keys.owner(&headers("authorization", "token alpha")).unwrap(), a, "as Jupyter sends it");
         assert_eq!(a, a2);
         assert_ne!(a, b);
         assert!(!a.0.contains("alpha"));

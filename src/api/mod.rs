@@ -10,6 +10,7 @@ pub mod compat;
 pub mod execute;
 pub mod extract;
 pub mod files;
+pub mod gateway;
 pub mod json_errors;
 pub mod jupyter_compat;
 pub mod mcp;
@@ -188,6 +189,16 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/health", get(jupyter_compat::health_root))
         .route("/jupyter/health", get(jupyter_compat::health))
         .layer(axum::middleware::map_response(compat::detail_errors));
+    // The Jupyter Kernel Gateway's REST API (Jupyter servers send `Authorization: token <key>`).
+    let gateway = Router::new()
+        .route("/api", get(gateway::version))
+        .route("/api/kernelspecs", get(gateway::kernelspecs))
+        .route("/api/kernels", get(gateway::list).post(gateway::start))
+        .route("/api/kernels/{id}", get(gateway::get).delete(gateway::delete))
+        .route("/api/kernels/{id}/interrupt", post(gateway::interrupt))
+        .route("/api/kernels/{id}/restart", post(gateway::restart))
+        .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
+        .layer(axum::middleware::from_fn_with_state(access.clone(), auth::require_key));
     // MCP for agents: the same keys and rate limit; rmcp reads (and bounds) its own bodies.
     let mcp = Router::new()
         .route_service("/mcp", mcp::service(state.manager.clone()))
@@ -196,6 +207,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
     Router::new()
         .nest("/v1", v1)
         .merge(compat)
+        .merge(gateway)
         .merge(mcp)
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))

@@ -11,6 +11,7 @@ mod compose;
 mod execute;
 mod files;
 mod fuzz;
+mod gateway;
 mod hostile;
 mod languages;
 mod lifecycle;

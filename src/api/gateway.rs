@@ -1,0 +1,184 @@
+//! The Jupyter Kernel Gateway's REST API (`/api`, `/api/kernelspecs`, `/api/kernels`), the part of the
+//! gateway protocol Jupyter servers use to list, start, interrupt, restart and end kernels: an adapter
+//! over the same [`SessionManager`](crate::session::SessionManager) as `/v1`. A kernel is a session like
+//! any other (limits, reaper, metrics, the same `/v1` views) and belongs to the key that made it.
+//!
+//! Not done yet: the kernel WebSocket (`/api/kernels/{id}/channels`), without which a Jupyter front end
+//! cannot run code through this gateway; see the README.
+//!
+//! Kernel ids: Jupyter servers only route UUID-shaped kernel ids, so a session id (24 hex digits) is shown
+//! as a UUID whose last 8 digits are zero ([`kernel_id`]), and read back only in that shape.
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::session::{Owner, SessionInfo, SessionRequest, SessionStatus};
+
+/// The Jupyter server version this API answers as (what `GET /api` reports).
+const API_VERSION: &str = "2.14.2";
+
+/// A session id as a Jupyter kernel id: `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxx0000`... in UUID shape.
+pub fn kernel_id(session: &str) -> String {
+    let hex = format!("{session}00000000");
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// The session id behind a kernel id (`None` for anything not in [`kernel_id`]'s shape).
+pub fn session_id(kernel: &str) -> Option<String> {
+    let hex: String = kernel.split('-').collect();
+    let parts: Vec<usize> = kernel.split('-').map(str::len).collect();
+    (parts == [8, 4, 4, 4, 12] && hex.len() == 32 && hex.ends_with("00000000"))
+        .then(|| hex[..24].to_owned())
+        .filter(|id| crate::session::SessionId::parse(id).is_some())
+}
+
+fn model(info: &SessionInfo) -> Value {
+    let state = match info.status {
+        SessionStatus::Starting => "starting",
+        SessionStatus::Idle => "idle",
+        SessionStatus::Busy => "busy",
+        SessionStatus::Restarting => "restarting",
+        SessionStatus::Dead => "dead",
+    };
+    json!({
+        "id": kernel_id(info.id.as_str()),
+        "name": info.language,
+        "last_activity": info.last_used_at,
+        "execution_state": state,
+        "connections": 0,
+    })
+}
+
+fn not_found(kernel: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no kernel with id {kernel}"))
+}
+
+/// The session behind a kernel id of the caller's.
+fn session(kernel: &str) -> Result<String, ApiError> {
+    session_id(kernel).ok_or_else(|| not_found(kernel))
+}
+
+/// `GET /api`: the version, as a Jupyter server says it.
+pub async fn version() -> Json<Value> {
+    Json(json!({ "version": API_VERSION }))
+}
+
+/// `GET /api/kernelspecs`: one spec per language.
+pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
+    let catalog = state.manager.catalog();
+    let specs: serde_json::Map<String, Value> = catalog
+        .languages
+        .iter()
+        .map(|l| {
+            let spec = json!({
+                "name": l.name,
+                "spec": {
+                    "argv": [], "env": {}, "metadata": {}, "interrupt_mode": "message",
+                    "display_name": l.display_name(), "language": l.programming_language(),
+                },
+                "resources": {},
+            });
+            (l.name.clone(), spec)
+        })
+        .collect();
+    Json(json!({ "default": "python", "kernelspecs": specs }))
+}
+
+/// `GET /api/kernels`: the caller's kernels.
+pub async fn list(State(state): State<AppState>, Extension(owner): Extension<Owner>) -> Json<Vec<Value>> {
+    Json(state.manager.list(&owner).iter().map(model).collect())
+}
+
+/// What `POST /api/kernels` takes. `env` (Jupyter's `KERNEL_*` variables) is accepted and not passed on.
+#[derive(Debug, Default, Deserialize)]
+pub struct StartKernel {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub env: serde_json::Map<String, Value>,
+}
+
+/// `POST /api/kernels`: a new kernel (a session), ready when this answers.
+pub async fn start(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    // Jupyter servers send JSON; an empty body asks for the default kernel.
+    let req: StartKernel = match body.is_empty() {
+        true => StartKernel::default(),
+        false => serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("not a kernel request: {e}")))?,
+    };
+    let language = req.name.unwrap_or_else(|| "python".into());
+    let info = state.manager.create(owner, SessionRequest { language, ..Default::default() }).await?;
+    let body = model(&info);
+    let mut response = (StatusCode::CREATED, Json(body)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/kernels/{}", kernel_id(info.id.as_str()))) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// `GET /api/kernels/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(kernel): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let info = state.manager.get(&owner, &session(&kernel)?).map_err(|_| not_found(&kernel))?.info();
+    Ok(Json(model(&info)))
+}
+
+/// `DELETE /api/kernels/{id}`: ends the kernel and its container.
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(kernel): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.manager.delete(&owner, &session(&kernel)?).await.map_err(|_| not_found(&kernel))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/kernels/{id}/interrupt`.
+pub async fn interrupt(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(kernel): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.manager.interrupt(&owner, &session(&kernel)?)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/kernels/{id}/restart`: a fresh kernel, files kept.
+pub async fn restart(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(kernel): Path<String>,
+    _headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let info = state.manager.restart(&owner, &session(&kernel)?).await?;
+    Ok(Json(model(&info)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_travel_as_uuid_shaped_kernel_ids_and_back() {
+        let id = "0123456789abcdef01234567";
+        let kernel = kernel_id(id);
+        assert_eq!(kernel, "01234567-89ab-cdef-0123-456700000000");
+        assert_eq!(session_id(&kernel).as_deref(), Some(id));
+        assert_eq!(session_id("01234567-89ab-cdef-0123-456700000001"), None);
+        assert_eq!(session_id("0123456789abcdef0123456700000000"), None);
+        assert_eq!(session_id("../../etc"), None);
+    }
+}
