@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::session::{Owner, SessionInfo, SessionRequest, SessionStatus};
 
 /// The Jupyter server version this API answers as (what `GET /api` reports).
@@ -66,11 +66,15 @@ fn session(kernel: &str) -> Result<String, ApiError> {
 }
 
 /// `GET /api`: the version, as a Jupyter server says it.
+#[utoipa::path(get, path = "/api", operation_id = "gateway_version", tag = "jupyter gateway",
+    responses((status = 200, description = "`{\"version\"}`, as a Jupyter server answers", body = Object)))]
 pub async fn version() -> Json<Value> {
     Json(json!({ "version": API_VERSION }))
 }
 
 /// `GET /api/kernelspecs`: one spec per language.
+#[utoipa::path(get, path = "/api/kernelspecs", operation_id = "gateway_kernelspecs", tag = "jupyter gateway",
+    responses((status = 200, description = "`{default, kernelspecs: {name: {name, spec: {display_name, language, ..}}}}`", body = Object)))]
 pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
     let catalog = state.manager.catalog();
     let specs: serde_json::Map<String, Value> = catalog
@@ -92,6 +96,8 @@ pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /api/kernels`: the caller's kernels.
+#[utoipa::path(get, path = "/api/kernels", operation_id = "gateway_list_kernels", tag = "jupyter gateway",
+    responses((status = 200, description = "the caller's kernels: `[{id, name, last_activity, execution_state, connections}]`", body = [Object])))]
 pub async fn list(State(state): State<AppState>, Extension(owner): Extension<Owner>) -> Json<Vec<Value>> {
     Json(state.manager.list(&owner).iter().map(model).collect())
 }
@@ -105,6 +111,9 @@ pub struct StartKernel {
 }
 
 /// `POST /api/kernels`: a new kernel (a session), ready when this answers.
+#[utoipa::path(post, path = "/api/kernels", operation_id = "gateway_start_kernel", tag = "jupyter gateway",
+    request_body(content = Object, description = "`{name, env}` (`env` is not passed on); empty: the default kernel"),
+    responses((status = 201, description = "the kernel, ready", body = Object), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn start(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -127,6 +136,8 @@ pub async fn start(
 }
 
 /// `GET /api/kernels/{id}`.
+#[utoipa::path(get, path = "/api/kernels/{id}", operation_id = "gateway_get_kernel", tag = "jupyter gateway",
+    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -137,6 +148,8 @@ pub async fn get(
 }
 
 /// `DELETE /api/kernels/{id}`: ends the kernel and its container.
+#[utoipa::path(delete, path = "/api/kernels/{id}", operation_id = "gateway_delete_kernel", tag = "jupyter gateway",
+    responses((status = 204, description = "ended, its container gone"), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -147,6 +160,8 @@ pub async fn delete(
 }
 
 /// `POST /api/kernels/{id}/interrupt`.
+#[utoipa::path(post, path = "/api/kernels/{id}/interrupt", operation_id = "gateway_interrupt_kernel", tag = "jupyter gateway",
+    responses((status = 204, description = "interrupt sent"), (status = 404, body = ErrorBody)))]
 pub async fn interrupt(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -157,6 +172,8 @@ pub async fn interrupt(
 }
 
 /// `POST /api/kernels/{id}/restart`: a fresh kernel, files kept.
+#[utoipa::path(post, path = "/api/kernels/{id}/restart", operation_id = "gateway_restart_kernel", tag = "jupyter gateway",
+    responses((status = 200, description = "the kernel, restarted", body = Object), (status = 404, body = ErrorBody)))]
 pub async fn restart(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,

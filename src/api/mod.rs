@@ -57,6 +57,8 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
         session_compat::end_session, jupyter_compat::list_kernel_specs, jupyter_compat::execute, jupyter_compat::upload,
         jupyter_compat::upload_long, jupyter_compat::download, jupyter_compat::health, jupyter_compat::health_root,
         mcp::doc::post, mcp::doc::get, mcp::doc::delete,
+        gateway::version, gateway::kernelspecs, gateway::list, gateway::start, gateway::get, gateway::delete,
+        gateway::interrupt, gateway::restart,
     ),
     components(schemas(crate::error::ErrorBody, compat::DetailBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
     modifiers(&Security),
@@ -116,7 +118,7 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
         !open.contains(&path) && !path.starts_with("/docs") && path != "/openapi.json"
     };
     for (path, item) in openapi.paths.paths.iter_mut().filter(|(path, _)| guarded(path)) {
-        let compat = !path.starts_with("/v1/") && path != "/mcp";
+        let compat = !path.starts_with("/v1/") && path != "/mcp" && !path.starts_with("/api");
         let error = |description: &str| if compat { detail(description) } else { error(description) };
         for op in
             [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
@@ -133,6 +135,12 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
             let json_body = matches!(&op.request_body, Some(utoipa::openapi::RefOr::T(b)) if b.content.contains_key("application/json"));
             if path == "/mcp" {
                 // `/mcp` reads its own bodies (rmcp): its answers are listed on it.
+            } else if path.starts_with("/api") {
+                // The gateway API takes any body it can parse (its answers are listed on it).
+                if op.request_body.is_some() {
+                    add("408", "the body did not arrive in time");
+                    add("413", "the body is larger than 16 MiB");
+                }
             } else if op.request_body.is_some() && compat {
                 add("408", "the body did not arrive in time");
                 add("413", "the body is larger than 16 MiB");
