@@ -95,6 +95,7 @@ async fn image_builder(args: &ImageArgs) -> anyhow::Result<ImageBuilder> {
 async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     args.check_exposure()?;
     let limits = args.limits.validate()?;
+    let packages = args.packages.validate(args.images.pip_index_url.clone().or_else(context::detect_pip_index))?;
     let http = args.http.validate()?;
     if args.instance.is_empty() || !args.instance.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         anyhow::bail!("--instance may only contain letters, digits, '-' and '_'");
@@ -125,6 +126,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
             instance: args.instance.clone(),
             catalog: Catalog::new(&args.images.image_prefix),
             keep_sessions: args.keep_sessions,
+            packages,
         },
         api_keys: args.api_keys.clone(),
         http,

@@ -10,6 +10,7 @@ pub mod execute;
 pub mod extract;
 pub mod files;
 pub mod json_errors;
+pub mod packages;
 pub mod rate_limit;
 pub mod serve;
 pub mod sessions;
@@ -45,7 +46,7 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
     info(title = "kernelbox", description = "Run untrusted code in stateful Jupyter kernels, one sealed container per session."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
-        execute::execute, files::list, files::download, files::upload, files::delete, system::healthz, system::readyz, system::languages, system::metrics_text,
+        packages::install, execute::execute, files::list, files::download, files::upload, files::delete, system::healthz, system::readyz, system::languages, system::metrics_text,
     ),
     components(schemas(crate::error::ErrorBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
     modifiers(&Security),
@@ -126,6 +127,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/sessions/{id}/execute", post(execute::execute))
         .route("/sessions/{id}/interrupt", post(sessions::interrupt))
         .route("/sessions/{id}/restart", post(sessions::restart))
+        .route("/sessions/{id}/packages", post(packages::install))
         .route("/languages", get(system::languages))
         .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
         // Files stream through, under the upload limit and an idle limit, instead of arriving whole.

@@ -26,6 +26,8 @@ pub mod labels {
     pub const CONFIG: &str = "kernelbox.config";
     /// Which boot of the session: names the run directory the container mounts.
     pub const BOOT: &str = "kernelbox.boot";
+    /// The mark of a package fetcher (`src/packages/`): its fetch id. A fetcher has no session label.
+    pub const FETCHER: &str = "kernelbox.fetcher";
 }
 
 /// What goes wrong in the runtime.
@@ -61,6 +63,9 @@ pub struct ContainerSpec {
     pub binds: Vec<String>,
     pub user: String,
     pub working_dir: String,
+    /// A Docker network with egress, for package fetchers only (`src/packages/`): every session leaves it
+    /// `None` and gets `--network none`. The rest of the sandbox applies either way.
+    pub egress_network: Option<String>,
 }
 
 /// A container as listed.

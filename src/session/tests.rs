@@ -28,6 +28,7 @@ fn config(flags: &[&str], dir: &std::path::Path) -> ManagerConfig {
         instance: "unit".into(),
         catalog: Catalog::new("fake/"),
         keep_sessions: false,
+        packages: args.packages.validate(None).unwrap(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use kernelbox::config::{Cli, Command, HttpArgs, LimitArgs};
+use kernelbox::config::{Cli, Command, HttpArgs, LimitArgs, PackageArgs};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::ImageBuilder;
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -79,6 +79,11 @@ pub fn limits(overrides: &[&str]) -> LimitArgs {
     serve_args(overrides).limits
 }
 
+/// Default package settings, with the given `--flag value` overrides.
+pub fn packages(overrides: &[&str]) -> PackageArgs {
+    serve_args(overrides).packages
+}
+
 /// Default HTTP settings (rate limit, slow-client timeouts), with the given `--flag value` overrides.
 pub fn http(overrides: &[&str]) -> HttpArgs {
     serve_args(overrides).http
@@ -86,6 +91,7 @@ pub fn http(overrides: &[&str]) -> HttpArgs {
 
 pub struct AppOptions {
     pub limits: LimitArgs,
+    pub packages: PackageArgs,
     pub http: HttpArgs,
     pub api_keys: Vec<String>,
     pub keep_sessions: bool,
@@ -102,6 +108,7 @@ impl Default for AppOptions {
     fn default() -> Self {
         AppOptions {
             limits: limits(&[]),
+            packages: packages(&[]),
             // Tests are quick clients, not abusers; the rate limit has its own tests.
             http: http(&["--rate-limit-per-minute", "0"]),
             api_keys: vec![],
@@ -151,6 +158,10 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
             instance: instance.clone(),
             catalog: Catalog::new(image_prefix()),
             keep_sessions: options.keep_sessions,
+            packages: options
+                .packages
+                .validate(std::env::var("KERNELBOX_PIP_INDEX_URL").ok().or_else(context::detect_pip_index))
+                .expect("valid test package settings"),
         },
         api_keys: options.api_keys,
         http: options.http.validate().expect("valid test HTTP settings"),
