@@ -135,7 +135,13 @@ fn environment(config: &PackageConfig, ecosystem: Ecosystem) -> Vec<String> {
 }
 
 /// The fetcher's container: the sandbox, plus a network, minus any mount.
-fn container_spec(config: &PackageConfig, instance: &str, fetch_id: &str, image: &str, language: &str) -> ContainerSpec {
+fn container_spec(
+    config: &PackageConfig,
+    instance: &str,
+    fetch_id: &str,
+    image: &str,
+    language: &str,
+) -> ContainerSpec {
     let download_mb = config.max_download_bytes >> 20;
     ContainerSpec {
         name: format!("kernelbox-fetch-{fetch_id}"),

@@ -90,8 +90,9 @@ pub fn parse_report(json: &[u8]) -> Result<Vec<Planned>, String> {
         .install
         .into_iter()
         .map(|item| {
-            let wheel = wheel_in_mount(&item.download_info.url)
-                .ok_or_else(|| format!("pip planned {:?}, which is not a wheel of the cache", item.download_info.url))?;
+            let wheel = wheel_in_mount(&item.download_info.url).ok_or_else(|| {
+                format!("pip planned {:?}, which is not a wheel of the cache", item.download_info.url)
+            })?;
             Ok(Planned { wheel, name: normalize_python_name(&item.metadata.name), version: item.metadata.version })
         })
         .collect()
@@ -183,7 +184,11 @@ pub async fn install(
     ];
     cmd.extend(paths.iter().map(String::as_str));
     let done = exec::run(runtime, container, exec::time_limited(limit, &cmd), pip_env(), 256 << 10).await?;
-    if done.ok() { Ok((true, format!("{}{}", done.stdout_text(), done.stderr_text()))) } else { Ok((false, failure(&done, limit))) }
+    if done.ok() {
+        Ok((true, format!("{}{}", done.stdout_text(), done.stderr_text())))
+    } else {
+        Ok((false, failure(&done, limit)))
+    }
 }
 
 const VERSIONS: &str = "import json, sys\nfrom importlib import metadata\nr = {}\nfor n in sys.argv[1:]:\n    try:\n        r[n] = metadata.version(n)\n    except Exception:\n        r[n] = None\nprint(json.dumps(r))\n";
@@ -196,13 +201,10 @@ pub async fn versions(
 ) -> Result<BTreeMap<String, Option<String>>, RuntimeError> {
     let mut cmd = vec![PYTHON, "-c", VERSIONS];
     cmd.extend(names.iter().map(String::as_str));
-    let done = exec::run(runtime, container, exec::time_limited(Duration::from_secs(30), &cmd), Vec::new(), 64 << 10)
-        .await?;
+    let done =
+        exec::run(runtime, container, exec::time_limited(Duration::from_secs(30), &cmd), Vec::new(), 64 << 10).await?;
     let found: BTreeMap<String, Option<String>> = serde_json::from_slice(&done.stdout).unwrap_or_default();
-    Ok(found
-        .into_iter()
-        .filter(|(name, v)| names.contains(name) && v.as_ref().is_none_or(|v| v.len() < 100))
-        .collect())
+    Ok(found.into_iter().filter(|(name, v)| names.contains(name) && v.as_ref().is_none_or(|v| v.len() < 100)).collect())
 }
 
 #[cfg(test)]

@@ -160,7 +160,12 @@ pub struct Packages {
 }
 
 impl Packages {
-    pub fn new(runtime: Arc<dyn ContainerRuntime>, config: PackageConfig, state_dir: PathBuf, instance: String) -> Self {
+    pub fn new(
+        runtime: Arc<dyn ContainerRuntime>,
+        config: PackageConfig,
+        state_dir: PathBuf,
+        instance: String,
+    ) -> Self {
         let cache = Arc::new(WheelCache::new(state_dir.join("wheels"), config.cache_max_bytes));
         Packages {
             runtime,
@@ -277,9 +282,11 @@ impl Packages {
         let packages: Vec<PackageResult> = specs
             .iter()
             .map(|s| {
-                let version = versions.get(&s.name).cloned().flatten().or_else(|| {
-                    planned.iter().find(|p| p.name == s.name).map(|p| p.version.clone())
-                });
+                let version = versions
+                    .get(&s.name)
+                    .cloned()
+                    .flatten()
+                    .or_else(|| planned.iter().find(|p| p.name == s.name).map(|p| p.version.clone()));
                 let error = version.is_none().then(|| "installed, but the session does not see it".to_owned());
                 PackageResult { spec: s.text.clone(), name: s.name.clone(), version, error }
             })
@@ -367,7 +374,12 @@ impl Packages {
 
     /// Runs a fetch, or joins the identical one under way. The fetch is a task of its own: it finishes
     /// (and removes its container) even if every caller leaves, and its wheels serve the next install.
-    async fn fetch_shared(&self, image: &str, language: &str, specs: Vec<String>) -> Result<Arc<Fetched>, PackageError> {
+    async fn fetch_shared(
+        &self,
+        image: &str,
+        language: &str,
+        specs: Vec<String>,
+    ) -> Result<Arc<Fetched>, PackageError> {
         let key = format!("{image}\n{}", specs.join("\n"));
         let shared = {
             let mut inflight = self.inflight.lock().unwrap();

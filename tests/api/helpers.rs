@@ -59,7 +59,11 @@ pub async fn ensure_images() {
         .get_or_init(|| async {
             let builder = image_builder(docker().await);
             let mut err = std::io::stderr();
-            builder.build(&[], false, &mut err).await.expect("building the kernel images");
+            // KERNELBOX_TEST_LANGUAGES (comma-separated) builds only those, e.g. with a prefix of a branch's own.
+            let languages: Vec<String> = std::env::var("KERNELBOX_TEST_LANGUAGES")
+                .map(|l| l.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default();
+            builder.build(&languages, false, &mut err).await.expect("building the kernel images");
         })
         .await;
 }

@@ -12,6 +12,7 @@ mod fuzz;
 mod hostile;
 mod languages;
 mod lifecycle;
+mod packages;
 mod process;
 mod requests_end_early;
 mod sandbox;
