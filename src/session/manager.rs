@@ -234,7 +234,9 @@ impl SessionManager {
             // session's own on the kernel's PYTHONPATH from its start, so what is installed imports without
             // a restart (importlib caches a finder per existing path entry).
             binds.push(format!("{}:{}:ro", self.packages.cache_dir().display(), packages::WHEELS_MOUNT));
-            tmpfs_mounts.insert(packages::PACKAGES_DIR.to_owned(), tmpfs(",uid=1000,gid=1000,mode=0755"));
+            // `exec`: compiled wheels are shared objects, mapped executable. (Docker's tmpfs default is
+            // noexec; this lets the session run binaries it writes there, nothing its Python could not do.)
+            tmpfs_mounts.insert(packages::PACKAGES_DIR.to_owned(), tmpfs(",exec,uid=1000,gid=1000,mode=0755"));
             let theirs = env.iter().position(|e| e.starts_with("PYTHONPATH=")).map(|i| env.remove(i));
             let path = match theirs.as_deref().and_then(|e| e.strip_prefix("PYTHONPATH=")) {
                 Some(p) if !p.is_empty() => format!("PYTHONPATH={}:{p}", packages::PACKAGES_DIR),
