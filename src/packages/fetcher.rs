@@ -308,7 +308,9 @@ async fn download_npm(
     specs: &[String],
 ) -> Result<Fetched, String> {
     let npm: Vec<String> = specs.iter().map(|s| format!("npm:{s}")).collect();
-    let mut cmd = vec![DENO, "cache", "--"];
+    // No `--`: Deno takes what follows it as script arguments and caches nothing. Every argument starts
+    // with `npm:`, so none can be an option.
+    let mut cmd = vec![DENO, "cache"];
     cmd.extend(npm.iter().map(String::as_str));
     let argv = exec::time_limited(config.timeout, &cmd);
     let done = exec::run(runtime, container, argv, Vec::new(), 256 << 10).await.map_err(|e| e.to_string())?;

@@ -217,7 +217,11 @@ async fn an_unreachable_npm_registry_is_a_clear_error_not_a_hang() {
     let id = app.start("javascript").await;
     let t = Instant::now();
     let (status, report) = install(&app, &id, &["left-pad@1.3.0"]).await;
-    println!("FIGURE npm install with the registry unreachable answered in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "FIGURE npm install with the registry unreachable answered in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        report["packages"][0]["error"]
+    );
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["ok"], false);
     let error = report["packages"][0]["error"].as_str().unwrap();
