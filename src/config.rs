@@ -108,6 +108,24 @@ pub struct ServeArgs {
     /// Keep session containers when the service stops, to adopt them at the next start.
     #[arg(long, env = "KERNELBOX_KEEP_SESSIONS")]
     pub keep_sessions: bool,
+    /// Where the service writes each session's notebook (default: `<state-dir>/notebooks`). Sessions
+    /// never see it.
+    #[arg(long, env = "KERNELBOX_NOTEBOOKS_DIR")]
+    pub notebooks_dir: Option<PathBuf>,
+    /// How users of this deployment reach the notebooks folder (the session API's `notebook_path`).
+    #[arg(long, env = "KERNELBOX_NOTEBOOKS_PUBLIC_PATH", default_value = "/mnt/jupyter_sessions")]
+    pub notebooks_public_path: String,
+    /// A host folder of datasets, mounted read-only at /mnt/data in every session. With compose, the
+    /// same path inside and outside the service container.
+    #[arg(long, env = "KERNELBOX_DATASETS_DIR")]
+    pub datasets_dir: Option<PathBuf>,
+    /// Kernels kept booted ahead of demand per language, e.g. `python=2,javascript=1` (`none`: no pool).
+    /// A session whose request fits (no `env`; memory that keeps the same tmpfs size) starts from it.
+    #[arg(long, env = "KERNELBOX_POOL", default_value = "python=2")]
+    pub pool: String,
+    /// How many pooled kernels may boot at once (all languages together).
+    #[arg(long, env = "KERNELBOX_POOL_MAX_BOOTS", default_value_t = 2)]
+    pub pool_max_boots: usize,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -206,6 +224,18 @@ pub struct HttpLimits {
 pub struct RateLimit {
     pub per_minute: u32,
     pub burst: u32,
+}
+
+impl ServeArgs {
+    /// The checked pool settings.
+    pub fn pool_config(&self) -> Result<crate::session::pool::PoolConfig, ConfigError> {
+        let targets = crate::session::pool::PoolConfig::parse_targets(&self.pool)
+            .map_err(|e| ConfigError(format!("--pool: {e}")))?;
+        if self.pool_max_boots == 0 {
+            return Err(ConfigError("--pool-max-boots must be at least 1".into()));
+        }
+        Ok(crate::session::pool::PoolConfig { targets, max_boots: self.pool_max_boots })
+    }
 }
 
 impl HttpArgs {

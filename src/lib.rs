@@ -85,6 +85,7 @@ impl Application {
             .map_err(|source| ServeError::StateDir { path: wheels.display().to_string(), source })?;
         let (adopted, removed) = manager.recover().await?;
         tracing::info!(adopted, removed, "recovered sessions from an earlier run");
+        manager.start_pool();
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
         let keys = api::auth::Keys::new(&settings.api_keys);
         let router = api::router(AppState { manager: manager.clone() }, keys, &settings.http);

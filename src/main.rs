@@ -13,7 +13,7 @@ use kernelbox::images::builder::{ImageBuilder, human_size, print_summary};
 use kernelbox::images::context::{self, HostSettings, Source};
 use kernelbox::runtime::ContainerRuntime;
 use kernelbox::runtime::docker::DockerRuntime;
-use kernelbox::session::ManagerConfig;
+use kernelbox::session::{ManagerConfig, Storage};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -97,6 +97,15 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     let limits = args.limits.validate()?;
     let packages = args.packages.validate(args.images.pip_index_url.clone().or_else(context::detect_pip_index))?;
     let http = args.http.validate()?;
+    let pool = args.pool_config()?;
+    if let Some(dir) = &args.datasets_dir {
+        // Docker would create a missing bind source as an empty root-owned folder: say so instead.
+        anyhow::ensure!(
+            dir.is_absolute() && dir.is_dir(),
+            "--datasets-dir {}: not an existing absolute folder",
+            dir.display()
+        );
+    }
     if args.instance.is_empty() || !args.instance.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         anyhow::bail!("--instance may only contain letters, digits, '-' and '_'");
     }
@@ -127,6 +136,12 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
             catalog: Catalog::new(&args.images.image_prefix),
             keep_sessions: args.keep_sessions,
             packages,
+            storage: Storage {
+                notebooks_dir: args.notebooks_dir.clone(),
+                notebooks_public_path: args.notebooks_public_path.clone(),
+                datasets_dir: args.datasets_dir.clone(),
+            },
+            pool,
         },
         api_keys: args.api_keys.clone(),
         http,

@@ -15,6 +15,7 @@ use super::AppState;
 use super::extract::ApiJson;
 use crate::error::{ApiError, ErrorBody};
 use crate::kernel::{Event, Output};
+use crate::session::manager::SavedImage;
 use crate::session::{ExecuteResult, Owner, Pending};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -23,13 +24,74 @@ pub struct ExecuteRequest {
     pub code: String,
     /// Seconds before the kernel is interrupted (default: the session's).
     pub timeout_s: Option<u64>,
+    /// How images (PNG, JPEG, SVG) come back: `inline` in the outputs (base64, as Jupyter sends them;
+    /// the default), or `files`: saved in the session's working directory under `outputs/`, taken out of
+    /// the outputs and listed in `files` with a download URL.
+    #[serde(default)]
+    pub images: ImageMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageMode {
+    #[default]
+    Inline,
+    Files,
+}
+
+/// An execution's result, and the images saved as files when asked for.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ExecuteResponse {
+    #[serde(flatten)]
+    pub result: ExecuteResult,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ImageFile>,
+}
+
+/// An image saved as a file.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ImageFile {
+    #[serde(flatten)]
+    pub saved: SavedImage,
+    /// Where to download it (same API key).
+    pub url: String,
+}
+
+/// Saves the result's images as files when the caller asked for it.
+async fn respond(
+    state: &AppState,
+    owner: &Owner,
+    id: &str,
+    mut result: ExecuteResult,
+    images: ImageMode,
+) -> ExecuteResponse {
+    if images == ImageMode::Inline {
+        return ExecuteResponse { result, files: Vec::new() };
+    }
+    match state.manager.save_images(owner, id, &mut result).await {
+        Ok(saved) => {
+            let files = saved
+                .into_iter()
+                .map(|saved| {
+                    let url = format!("/v1/sessions/{id}/files/{}", saved.path);
+                    ImageFile { saved, url }
+                })
+                .collect();
+            ExecuteResponse { result, files }
+        }
+        // The session may be gone by now (the execution killed it): the images stay inline then.
+        Err(e) => {
+            tracing::warn!(session_id = %id, error = %e, "could not save the images as files");
+            ExecuteResponse { result, files: Vec::new() }
+        }
+    }
 }
 
 /// Run code in the session's kernel. With `Accept: text/event-stream` the outputs stream as events
 /// (`output`, `update`, `clear`, then one `result`) while the code runs. A display that can be updated
 /// carries `transient.display_id`, as in Jupyter; an `update` replaces every display with its id.
 #[utoipa::path(post, path = "/v1/sessions/{id}/execute", request_body = ExecuteRequest, tag = "execute",
-    responses((status = 200, body = ExecuteResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+    responses((status = 200, body = ExecuteResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn execute(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -41,32 +103,51 @@ pub async fn execute(
         headers.get("accept").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     let pending = state.manager.submit(&owner, &id, req.code, req.timeout_s, wants_stream)?;
     if !wants_stream {
-        return Ok(Json(pending.wait().await?).into_response());
+        let result = pending.wait().await?;
+        return Ok(Json(respond(&state, &owner, &id, result, req.images).await).into_response());
     }
-    Ok(Sse::new(events(pending)).keep_alive(KeepAlive::default()).into_response())
+    let finish = Finish { state, owner, id, images: req.images };
+    Ok(Sse::new(events(pending, finish)).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// What the stream's last event needs.
+struct Finish {
+    state: AppState,
+    owner: Owner,
+    id: String,
+    images: ImageMode,
 }
 
 /// The SSE stream: outputs as they come, then always one `result` event (also when the session was
 /// deleted, reaped or restarted under the execution: its status says why). Holds `pending`, so the
 /// session counts as in use while a client listens; a client that disconnects drops it, which
 /// interrupts the execution.
-fn events(pending: Pending) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    futures::stream::unfold(Some(pending), |pending| async move {
-        let mut pending = pending?;
-        let sse = match pending.next_event().await {
-            Some(Event::Output { output, display_id }) => {
-                let sse = SseEvent::default().event("output").json_data(Shown::new(&output, display_id.as_deref()));
-                (sse, Some(pending))
-            }
-            Some(Event::Updated { output, display_id }) => {
-                (SseEvent::default().event("update").json_data(Shown::new(&output, Some(&display_id))), Some(pending))
-            }
-            Some(Event::Cleared) => (Ok(SseEvent::default().event("clear").data("{}")), Some(pending)),
-            None => (SseEvent::default().event("result").json_data(&pending.finish().await), None),
-        };
-        let (sse, next) = sse;
-        let sse = sse.unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string()));
-        Some((Ok(sse), next))
+fn events(pending: Pending, finish: Finish) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let finish = std::sync::Arc::new(finish);
+    futures::stream::unfold(Some(pending), move |pending| {
+        let finish = finish.clone();
+        async move {
+            let mut pending = pending?;
+            let sse = match pending.next_event().await {
+                Some(Event::Output { output, display_id }) => {
+                    let sse = SseEvent::default().event("output").json_data(Shown::new(&output, display_id.as_deref()));
+                    (sse, Some(pending))
+                }
+                Some(Event::Updated { output, display_id }) => (
+                    SseEvent::default().event("update").json_data(Shown::new(&output, Some(&display_id))),
+                    Some(pending),
+                ),
+                Some(Event::Cleared) => (Ok(SseEvent::default().event("clear").data("{}")), Some(pending)),
+                None => {
+                    let result = pending.finish().await;
+                    let response = respond(&finish.state, &finish.owner, &finish.id, result, finish.images).await;
+                    (SseEvent::default().event("result").json_data(&response), None)
+                }
+            };
+            let (sse, next) = sse;
+            let sse = sse.unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string()));
+            Some((Ok(sse), next))
+        }
     })
 }
 

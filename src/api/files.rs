@@ -113,6 +113,26 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Download the session's notebook: every execution so far as a code cell with its outputs (nbformat
+/// 4.5), written by the service from its own record, never read back from the sandbox.
+#[utoipa::path(get, path = "/v1/sessions/{id}/notebook", tag = "files",
+    responses((status = 200, description = "the notebook", content_type = "application/x-ipynb+json"),
+        (status = 404, body = ErrorBody)))]
+pub async fn notebook(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let bytes = state.manager.notebook(&owner, &id).await?;
+    let mut response = Body::from(bytes).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ipynb+json"));
+    if let Ok(v) = HeaderValue::from_str(&content_disposition(&format!("{id}.ipynb"))) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(response)
+}
+
 /// A content type from a file name's extension (the bytes are the sandbox's: they are not sniffed).
 pub fn content_type(name: &str) -> &'static str {
     let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();

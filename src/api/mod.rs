@@ -46,7 +46,7 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
     info(title = "kernelbox", description = "Run untrusted code in stateful Jupyter kernels, one sealed container per session."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
-        packages::install, execute::execute, files::list, files::download, files::upload, files::delete, system::healthz, system::readyz, system::languages, system::metrics_text,
+        packages::install, execute::execute, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
     ),
     components(schemas(crate::error::ErrorBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
     modifiers(&Security),
@@ -105,7 +105,8 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
             };
             add("401", "no API key, or not a valid one (when the server has keys)");
             add("429", "too many requests for this API key (see `Retry-After`), or a limit of the server");
-            if op.request_body.is_some() {
+            let json_body = matches!(&op.request_body, Some(utoipa::openapi::RefOr::T(b)) if b.content.contains_key("application/json"));
+            if json_body {
                 add("400", "the body is not valid JSON for this operation");
                 add("408", "the body did not arrive in time");
                 add("413", "the body is larger than 16 MiB");
@@ -128,6 +129,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/sessions/{id}/interrupt", post(sessions::interrupt))
         .route("/sessions/{id}/restart", post(sessions::restart))
         .route("/sessions/{id}/packages", post(packages::install))
+        .route("/sessions/{id}/notebook", get(files::notebook))
         .route("/languages", get(system::languages))
         .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
         // Files stream through, under the upload limit and an idle limit, instead of arriving whole.

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::AppState;
 use crate::images::catalog::{LABEL_DISPLAY_NAME, LABEL_LANGUAGE_VERSION};
 use crate::session::SessionStatus;
+use crate::session::pool::PoolStatus;
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Health {
@@ -63,6 +64,8 @@ pub struct LanguageInfo {
     pub language_version: Option<String>,
     /// The image is built and sessions can start.
     pub available: bool,
+    /// Kernels booted ahead of demand: a session that fits starts from one in milliseconds.
+    pub pool: PoolStatus,
 }
 
 /// The languages this server offers and whether their images are built.
@@ -80,6 +83,7 @@ pub async fn languages(State(state): State<AppState>) -> Json<Vec<LanguageInfo>>
             display_name: label(LABEL_DISPLAY_NAME),
             language_version: label(LABEL_LANGUAGE_VERSION),
             available: image.is_some(),
+            pool: state.manager.pool_status(&lang.name),
         });
     }
     Json(out)
@@ -112,6 +116,11 @@ pub async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
             let n = census.get(&(lang.name.clone(), status.as_str())).copied().unwrap_or(0);
             metrics::gauge!("kernelbox_sessions", "language" => lang.name.clone(), "state" => status.as_str())
                 .set(n as f64);
+        }
+        let pool = state.manager.pool_status(&lang.name);
+        if pool.target > 0 {
+            metrics::gauge!("kernelbox_pool_ready", "language" => lang.name.clone()).set(pool.ready as f64);
+            metrics::gauge!("kernelbox_pool_target", "language" => lang.name.clone()).set(pool.target as f64);
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())

@@ -23,6 +23,29 @@ pub struct Language {
     pub image: String,
 }
 
+impl Language {
+    /// The programming language, as a notebook's `language_info` names it.
+    pub fn programming_language(&self) -> &str {
+        match self.name.as_str() {
+            "python" | "python_scientific" => "python",
+            other => other,
+        }
+    }
+
+    /// A name for people (a notebook's kernelspec `display_name`).
+    pub fn display_name(&self) -> String {
+        match self.name.as_str() {
+            "python" => "Python 3".into(),
+            "python_scientific" => "Python 3 (scientific)".into(),
+            "javascript" => "JavaScript (Deno)".into(),
+            "typescript" => "TypeScript (Deno)".into(),
+            "java" => "Java".into(),
+            "bash" => "Bash".into(),
+            other => other.into(),
+        }
+    }
+}
+
 /// An image kernelbox builds, and what it is built on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageDef {

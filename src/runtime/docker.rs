@@ -211,6 +211,23 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn update_limits(
+        &self,
+        id: &str,
+        memory_bytes: i64,
+        nano_cpus: i64,
+        pids_limit: i64,
+    ) -> Result<(), RuntimeError> {
+        let body = bollard::models::ContainerUpdateBody {
+            memory: Some(memory_bytes),
+            memory_swap: Some(memory_bytes),
+            nano_cpus: Some(nano_cpus),
+            pids_limit: Some(pids_limit),
+            ..Default::default()
+        };
+        self.docker.update_container(id, body).await.map_err(map_err)
+    }
+
     async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecProcess, RuntimeError> {
         let config = bollard::models::ExecConfig {
             attach_stdin: Some(true),

@@ -102,6 +102,11 @@ impl FakeRuntime {
         self.state.lock().unwrap().containers.keys().cloned().collect()
     }
 
+    /// The spec a container runs with now (limits updated included).
+    pub fn spec_of(&self, id: &str) -> Option<ContainerSpec> {
+        self.state.lock().unwrap().containers.get(id).map(|c| c.spec.clone())
+    }
+
     pub fn signals(&self, id: &str) -> Vec<String> {
         self.state.lock().unwrap().containers.get(id).map(|c| c.signals.clone()).unwrap_or_default()
     }
@@ -213,6 +218,21 @@ impl ContainerRuntime for FakeRuntime {
         self.check_up()?;
         progress("Step 1/1 : fake build");
         self.add_image(&request.tag, request.labels);
+        Ok(())
+    }
+
+    async fn update_limits(
+        &self,
+        id: &str,
+        memory_bytes: i64,
+        nano_cpus: i64,
+        pids_limit: i64,
+    ) -> Result<(), RuntimeError> {
+        let mut state = self.state.lock().unwrap();
+        let c = state.containers.get_mut(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?;
+        c.spec.memory_bytes = memory_bytes;
+        c.spec.nano_cpus = nano_cpus;
+        c.spec.pids_limit = pids_limit;
         Ok(())
     }
 

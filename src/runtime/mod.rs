@@ -28,6 +28,8 @@ pub mod labels {
     pub const BOOT: &str = "kernelbox.boot";
     /// The mark of a package fetcher (`src/packages/`): its fetch id. A fetcher has no session label.
     pub const FETCHER: &str = "kernelbox.fetcher";
+    /// A kernel booted for the warm pool (the language): its owner is in the service's claims, if any.
+    pub const POOL: &str = "kernelbox.pool";
 }
 
 /// What goes wrong in the runtime.
@@ -150,6 +152,14 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn image(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError>;
     /// Builds an image, reporting each line of build output.
     async fn build_image(&self, request: BuildRequest, progress: Progress<'_>) -> Result<(), RuntimeError>;
+    /// Changes a running container's memory (swap included: none beyond it), CPU and pids limits.
+    async fn update_limits(
+        &self,
+        id: &str,
+        memory_bytes: i64,
+        nano_cpus: i64,
+        pids_limit: i64,
+    ) -> Result<(), RuntimeError>;
     /// Starts `request` inside the running container `id`.
     async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecProcess, RuntimeError>;
     /// The exit code of a finished exec, `None` while it runs.

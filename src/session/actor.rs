@@ -22,6 +22,7 @@ use super::error::SessionError;
 use super::handle::{Control, ExecuteCommand, Inbox, Session};
 use super::kernel_host::{BootPlan, KernelHost, death_reason};
 use super::model::{ExecStatus, ExecuteResult, SessionStatus};
+use super::notebook::Notebook;
 
 /// How the session's task begins.
 pub enum Start {
@@ -29,9 +30,18 @@ pub enum Start {
     Fresh,
     /// A container an earlier run of the service left running.
     Adopt { container_id: String, boot: String },
+    /// A kernel booted ahead of demand (the warm pool), ready now.
+    Ready(Box<KernelHost>),
+}
+
+/// The session's notebook, and whether it outlives the session.
+pub struct NotebookHandle {
+    pub notebook: Notebook,
+    pub keep: bool,
 }
 
 pub struct Actor {
+    pub notebook: Option<NotebookHandle>,
     pub session: Arc<Session>,
     pub plan: BootPlan,
     pub host: Option<KernelHost>,
@@ -65,6 +75,7 @@ impl Actor {
         let booted = match start {
             Start::Fresh => self.plan.boot(&cancel).await,
             Start::Adopt { container_id, boot } => self.plan.adopt(container_id, &boot, &cancel).await,
+            Start::Ready(host) => Ok(*host),
         };
         match booted {
             Ok(host) => {
@@ -117,12 +128,34 @@ impl Actor {
                 let _ = reply.send(Err(SessionError::Closing));
             }
         }
+        let kept = self.session.keep_on_exit();
         if let Some(host) = self.host.take() {
-            if self.session.keep_on_exit() && host.is_alive() {
+            if kept && host.is_alive() {
                 host.keep();
             } else {
                 self.plan.remove(&host.container_id).await;
             }
+        }
+        // A per-session notebook goes with its session (unless the session is kept for adoption).
+        if let Some(handle) = self.notebook.take()
+            && !handle.keep
+            && !kept
+        {
+            let _ = std::fs::remove_file(handle.notebook.path());
+        }
+    }
+
+    /// Appends the execution to the session's notebook (a few small writes to a local file).
+    fn record(&mut self, code: &str, result: &ExecuteResult) {
+        let lock = self.session.notebook_lock.clone();
+        if let Some(handle) = self.notebook.as_mut()
+            && let Err(e) = {
+                let _writing = lock.lock().unwrap_or_else(|p| p.into_inner());
+                handle.notebook.append(code, result)
+            }
+        {
+            tracing::error!(session_id = %self.session.id, error = %e, "cannot append to the notebook; no more cells are written");
+            self.notebook = None;
         }
     }
 
@@ -175,6 +208,7 @@ impl Actor {
         }
         let ExecuteCommand { code, timeout, events, interrupt_when_abandoned, mut reply } = cmd;
         let result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned).await;
+        self.record(&code, &result);
         let _ = reply.send(result);
     }
 

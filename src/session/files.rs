@@ -162,6 +162,50 @@ pub struct Collected {
     pub content: Bytes,
 }
 
+/// The image types an execution's outputs can be saved as files.
+pub const IMAGE_TYPES: [(&str, &str); 3] = [("image/png", "png"), ("image/jpeg", "jpg"), ("image/svg+xml", "svg")];
+
+/// An image taken out of an execution's outputs, to be saved as a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageOut {
+    /// Which output it came from.
+    pub output_index: usize,
+    pub mime: String,
+    pub path: FilePath,
+    pub content: Bytes,
+}
+
+/// Takes every image out of `outputs` (display data and results): base64 images are decoded, SVG is
+/// text. The image types are removed from the outputs' data, so the response carries each image once,
+/// as a file. Images whose data is not valid are left inline.
+pub fn take_images(outputs: &mut [crate::kernel::Output], prefix: &str) -> Vec<ImageOut> {
+    use crate::kernel::Output;
+    use base64::Engine;
+    let mut images = Vec::new();
+    for (index, output) in outputs.iter_mut().enumerate() {
+        let data = match output {
+            Output::DisplayData { data, .. } | Output::ExecuteResult { data, .. } => data,
+            _ => continue,
+        };
+        for (mime, ext) in IMAGE_TYPES {
+            let Some(serde_json::Value::String(text)) = data.get(mime) else { continue };
+            let content = if mime == "image/svg+xml" {
+                Bytes::from(text.clone().into_bytes())
+            } else {
+                let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+                match base64::engine::general_purpose::STANDARD.decode(compact) {
+                    Ok(bytes) => Bytes::from(bytes),
+                    Err(_) => continue,
+                }
+            };
+            let Ok(path) = FilePath::parse(&format!("{prefix}-{index}.{ext}")) else { continue };
+            data.remove(mime);
+            images.push(ImageOut { output_index: index, mime: mime.to_owned(), path, content });
+        }
+    }
+    images
+}
+
 /// The tool's header line.
 #[derive(Deserialize)]
 struct Header {
@@ -483,6 +527,43 @@ mod tests {
         assert!(refused(&"a".repeat(MAX_NAME + 1)));
         assert!(!refused(&"a".repeat(MAX_NAME)));
         assert!(refused(&"a/".repeat(MAX_PATH / 2 + 1)));
+    }
+
+    #[test]
+    fn images_are_taken_out_of_outputs_once_each_and_the_rest_stays() {
+        use crate::kernel::Output;
+        let mut outputs = vec![
+            Output::Stream { name: "stdout".into(), text: "hi".into() },
+            Output::DisplayData {
+                data: serde_json::json!({"image/png": "aGVs\nbG8=", "text/plain": "<Figure>"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+                metadata: Default::default(),
+            },
+            Output::ExecuteResult {
+                execution_count: Some(3),
+                data: serde_json::json!({"image/svg+xml": "<svg/>", "image/jpeg": "not base64!"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+                metadata: Default::default(),
+            },
+        ];
+        let images = take_images(&mut outputs, "outputs/exec-3");
+        let got: Vec<(usize, &str, &str, &[u8])> =
+            images.iter().map(|i| (i.output_index, i.mime.as_str(), i.path.as_str(), i.content.as_ref())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "image/png", "outputs/exec-3-1.png", b"hello".as_slice()),
+                (2, "image/svg+xml", "outputs/exec-3-2.svg", b"<svg/>".as_slice())
+            ]
+        );
+        let Output::DisplayData { data, .. } = &outputs[1] else { panic!() };
+        assert_eq!(data.keys().collect::<Vec<_>>(), vec!["text/plain"], "the image left the output; the text stayed");
+        let Output::ExecuteResult { data, .. } = &outputs[2] else { panic!() };
+        assert!(data.contains_key("image/jpeg"), "invalid data stays inline");
     }
 
     #[test]

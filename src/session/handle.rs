@@ -104,6 +104,8 @@ pub struct Session {
     /// The package specs installed so far, in order: installed again (from the cache) when a restart
     /// gives the session a new container.
     pub packages: Mutex<Vec<String>>,
+    /// Held while the notebook is appended to or read whole, so a reader never sees half a cell.
+    pub notebook_lock: Arc<Mutex<()>>,
 }
 
 impl Session {
@@ -144,6 +146,7 @@ impl Session {
             transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
             installing: Arc::new(tokio::sync::Semaphore::new(1)),
             packages: Mutex::new(Vec::new()),
+            notebook_lock: Arc::new(Mutex::new(())),
         });
         (session, Inbox { commands, control })
     }

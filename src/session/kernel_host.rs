@@ -78,7 +78,7 @@ impl BootPlan {
         // A fresh name per boot: the container of a dead kernel may still be on its way out.
         spec.name = format!("kernelbox-{}-{boot}", self.session_id);
         spec.labels.insert(labels::BOOT.to_owned(), boot);
-        spec.binds.push(format!("{}:{}:ro", dir.path().display(), connection::CONTAINER_DIR));
+        spec.binds.insert(0, format!("{}:{}:ro", dir.path().display(), connection::CONTAINER_DIR));
         // Not raced against `cancel`: it runs to its end, and what it made is removed below if need be.
         let container_id = self.runtime.create_and_start(&spec).await?;
         metrics::counter!("kernelbox_container_starts_total").increment(1);

@@ -6,13 +6,15 @@
 //! guard, and the task cleans up. Nothing here holds a lock across `.await`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
@@ -22,13 +24,17 @@ use crate::packages::spec::{self, Ecosystem};
 use crate::packages::{self, InstallReport, PackageConfig, PackageError, Packages};
 use crate::runtime::{ContainerRuntime, ContainerSpec, labels};
 
-use super::actor::{Actor, Start};
+use super::actor::{Actor, NotebookHandle, Start};
 use super::error::SessionError;
 use super::files::{self, Download, FileError, FilePath, Listing, Written};
 use super::handle::{ExecuteCommand, InUse, Inbox, MAX_TRANSFERS, STREAM_EVENTS, Session};
 use super::kernel_host::BootPlan;
-use super::model::{ExecuteResult, Owner, SessionId, SessionInfo, SessionLimits, SessionRequest, SessionSettings};
+use super::model::{
+    ExecuteResult, Owner, SessionExtras, SessionId, SessionInfo, SessionLimits, SessionRequest, SessionSettings,
+};
+use super::notebook::{KernelSpec, Notebook};
 use super::policy::{self, ReapRules, ReapView};
+use super::pool::{Claim, Pool, PoolConfig, PoolStatus, Pooled, remove_claim, write_claim};
 use super::registry::Registry;
 use super::{Pending, recovery};
 
@@ -38,6 +44,17 @@ const DELETE_WAIT: Duration = Duration::from_secs(30);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// The reaper's margin over the boot deadline before a starting or restarting session counts as stuck.
 const STUCK_MARGIN: Duration = Duration::from_secs(30);
+
+/// An image of an execution saved as a file in the session's working directory.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct SavedImage {
+    /// The output (index in `outputs`) it was taken from.
+    pub output_index: usize,
+    pub mime: String,
+    /// Relative to the working directory.
+    pub path: String,
+    pub size: u64,
+}
 
 /// Held while a file transfer runs.
 struct TransferGuard {
@@ -65,6 +82,25 @@ pub struct ManagerConfig {
     pub keep_sessions: bool,
     /// Package installs: fetchers, the wheel cache (`<state_dir>/wheels`), limits.
     pub packages: PackageConfig,
+    pub storage: Storage,
+    pub pool: PoolConfig,
+}
+
+/// Service-owned folders on the host.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// Where the service writes notebooks; `<state>/notebooks` when unset. Never mounted into a session.
+    pub notebooks_dir: Option<PathBuf>,
+    /// How a deployment names the notebooks folder to its users (the session API's `notebook_path`).
+    pub notebooks_public_path: String,
+    /// Mounted read-only at `/mnt/data` in every session, when set.
+    pub datasets_dir: Option<PathBuf>,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage { notebooks_dir: None, notebooks_public_path: "/mnt/jupyter_sessions".into(), datasets_dir: None }
+    }
 }
 
 /// The registry of live sessions and their lifecycle.
@@ -78,7 +114,16 @@ pub struct SessionManager {
     reaping: tokio::sync::Mutex<()>,
     /// Package installs (the wheel cache and the fetchers).
     packages: Arc<Packages>,
+    /// Kernels booted ahead of demand.
+    pool: Pool,
+    /// Wakes the pool's refill loop (after a claim or a boot).
+    pool_wake: Notify,
+    /// Stops the refill loop and the boots under way.
+    pool_stop: CancellationToken,
 }
+
+/// The owner label of a pooled container (its real owner, once claimed, is in the claims folder).
+const POOL_OWNER: &str = "kernelbox:pool";
 
 impl SessionManager {
     pub fn new(runtime: Arc<dyn ContainerRuntime>, config: ManagerConfig) -> Arc<Self> {
@@ -95,6 +140,9 @@ impl SessionManager {
             registry: Arc::new(Registry::default()),
             tracker: TaskTracker::new(),
             reaping: tokio::sync::Mutex::new(()),
+            pool: Pool::default(),
+            pool_wake: Notify::new(),
+            pool_stop: CancellationToken::new(),
         })
     }
 
@@ -131,7 +179,23 @@ impl SessionManager {
     /// Starts a session: a container, a booted kernel, a task. Returns once the kernel answers. If the
     /// caller goes away first, the session is closed and its task removes whatever it made.
     pub async fn create(self: &Arc<Self>, owner: Owner, req: SessionRequest) -> Result<SessionInfo, SessionError> {
-        let settings = policy::settle(&self.config.catalog, &self.config.limits, req)?;
+        self.create_with(owner, req, SessionExtras::default()).await
+    }
+
+    /// [`create`](Self::create) with an adapter's extras (a named notebook, read-only mounts).
+    pub async fn create_with(
+        self: &Arc<Self>,
+        owner: Owner,
+        req: SessionRequest,
+        extras: SessionExtras,
+    ) -> Result<SessionInfo, SessionError> {
+        policy::check_extras(&extras)?;
+        let mut settings = policy::settle(&self.config.catalog, &self.config.limits, req)?;
+        settings.notebook = extras.notebook;
+        settings.mounts = extras.mounts;
+        if let Some(claimed) = self.claim(&owner, &settings).await? {
+            return Ok(claimed);
+        }
         let image_ref = self.image_ref(&settings.language);
         if self.runtime.image(&image_ref).await?.is_none() {
             let image = self.config.catalog.language(&settings.language).expect("checked by settle").image.clone();
@@ -192,6 +256,7 @@ impl SessionManager {
     ) -> oneshot::Receiver<Result<(), SessionError>> {
         let (ready_tx, ready) = oneshot::channel();
         let actor = Actor {
+            notebook: self.open_notebook(&session),
             session: session.clone(),
             plan: self.boot_plan(&session),
             host: None,
@@ -199,7 +264,7 @@ impl SessionManager {
             output_limit: self.config.limits.output_limit_bytes,
             interrupt_grace: self.config.limits.interrupt_grace,
         };
-        let leave = Deregister { registry: self.registry.clone(), session };
+        let leave = Deregister { registry: self.registry.clone(), session, claims: self.claims_dir() };
         self.tracker.spawn(async move {
             let _leave = leave;
             actor.run(start, ready_tx).await;
@@ -207,17 +272,50 @@ impl SessionManager {
         ready
     }
 
+    /// The session's notebook, opened (or created). A notebook that cannot be written is logged, not
+    /// fatal: the session runs without one.
+    fn open_notebook(&self, session: &Session) -> Option<NotebookHandle> {
+        let (path, keep) = self.notebook_plan(session);
+        let language = self.config.catalog.language(&session.settings.language)?;
+        let spec = KernelSpec {
+            name: language.name.clone(),
+            display_name: language.display_name(),
+            language: language.programming_language().to_owned(),
+        };
+        match Notebook::open(&path, &spec) {
+            Ok(notebook) => Some(NotebookHandle { notebook, keep }),
+            Err(e) => {
+                tracing::error!(session_id = %session.id, path = %path.display(), error = %e, "cannot write the session's notebook");
+                None
+            }
+        }
+    }
+
     fn boot_plan(&self, session: &Session) -> BootPlan {
+        self.boot_plan_for(&session.id, &session.owner, &session.settings, session.created_at, false)
+    }
+
+    /// The plan of a session's boots (or, `pooled`, of a kernel for the warm pool).
+    fn boot_plan_for(
+        &self,
+        id: &SessionId,
+        owner: &Owner,
+        s: &SessionSettings,
+        created_at: DateTime<Utc>,
+        pooled: bool,
+    ) -> BootPlan {
         let l = &self.config.limits;
-        let s = &session.settings;
-        let labels = HashMap::from([
-            (labels::SESSION.to_owned(), session.id.to_string()),
+        let mut labels = HashMap::from([
+            (labels::SESSION.to_owned(), id.to_string()),
             (labels::INSTANCE.to_owned(), self.config.instance.clone()),
-            (labels::OWNER.to_owned(), session.owner.0.clone()),
+            (labels::OWNER.to_owned(), owner.0.clone()),
             (labels::LANGUAGE.to_owned(), s.language.clone()),
-            (labels::CREATED.to_owned(), session.created_at.to_rfc3339()),
+            (labels::CREATED.to_owned(), created_at.to_rfc3339()),
             (labels::CONFIG.to_owned(), serde_json::to_string(s).expect("settings serialize")),
         ]);
+        if pooled {
+            labels.insert(labels::POOL.to_owned(), s.language.clone());
+        }
         let size = tmpfs_mb(l.tmpfs_mb, s.memory_mb);
         let tmpfs = |extra: &str| format!("rw,nosuid,nodev,size={size}m{extra}");
         let mut env: Vec<String> = s.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -254,7 +352,7 @@ impl SessionManager {
             nano_cpus: (s.cpus * 1e9) as i64,
             pids_limit: l.pids_limit,
             tmpfs: tmpfs_mounts,
-            binds,
+            binds: [self.binds(s), binds].concat(),
             user: "1000:1000".into(),
             working_dir: images::HOME.into(),
             egress_network: None,
@@ -263,11 +361,269 @@ impl SessionManager {
             runtime: self.runtime.clone(),
             spec,
             runs_dir: self.runs_dir(),
-            session_id: session.id.to_string(),
+            session_id: id.to_string(),
             start_timeout: l.start_timeout,
             wire: WireLimits::for_output_cap(l.output_limit_bytes),
             tracker: self.tracker.clone(),
         }
+    }
+
+    /// The read-only mounts of a session: the datasets folder, then the adapter's.
+    fn binds(&self, s: &SessionSettings) -> Vec<String> {
+        let datasets = self.config.storage.datasets_dir.iter().map(|d| (d.clone(), policy::DATASETS_MOUNT.to_owned()));
+        let mounts = s.mounts.iter().map(|m| (m.host.clone(), m.container.clone()));
+        datasets.chain(mounts).map(|(host, container)| format!("{}:{container}:ro", host.display())).collect()
+    }
+
+    /// Saves the images among an execution's outputs as files in the session's working directory
+    /// (`outputs/exec-<n>-<output>.<ext>`), removing them from the outputs. Returns what was saved.
+    pub async fn save_images(
+        &self,
+        owner: &Owner,
+        id: &str,
+        result: &mut ExecuteResult,
+    ) -> Result<Vec<SavedImage>, SessionError> {
+        let stamp = match result.execution_count {
+            Some(n) => n.to_string(),
+            None => Utc::now().format("%Y%m%dT%H%M%S%3f").to_string(),
+        };
+        let images = files::take_images(&mut result.outputs, &format!("outputs/exec-{stamp}"));
+        let mut saved = Vec::with_capacity(images.len());
+        for image in images {
+            let size = image.content.len() as u64;
+            let body = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(image.content) });
+            self.upload(owner, id, image.path.as_str(), body).await?;
+            saved.push(SavedImage {
+                output_index: image.output_index,
+                mime: image.mime,
+                path: image.path.as_str().to_owned(),
+                size,
+            });
+        }
+        Ok(saved)
+    }
+
+    /// The folder the service writes notebooks in.
+    pub fn notebooks_dir(&self) -> PathBuf {
+        self.config.storage.notebooks_dir.clone().unwrap_or_else(|| self.config.state_dir.join("notebooks"))
+    }
+
+    /// The service's storage settings.
+    pub fn storage(&self) -> &Storage {
+        &self.config.storage
+    }
+
+    /// Where a session's notebook is, and whether it outlives the session.
+    fn notebook_plan(&self, session: &Session) -> (PathBuf, bool) {
+        match &session.settings.notebook {
+            Some(rel) => (self.notebooks_dir().join(rel), true),
+            None => (self.notebooks_dir().join("sessions").join(format!("{}.ipynb", session.id)), false),
+        }
+    }
+
+    /// The session's notebook as it is now (written only by the service; read whole between appends).
+    pub async fn notebook(&self, owner: &Owner, id: &str) -> Result<Vec<u8>, SessionError> {
+        let session = self.registry.get(owner, id)?;
+        let path = self.notebook_plan(&session).0;
+        let lock = session.notebook_lock.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let _reading = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut file =
+                std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&path)?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut bytes)?;
+            Ok::<_, std::io::Error>(bytes)
+        })
+        .await
+        .map_err(|e| SessionError::Io(std::io::Error::other(e)))?;
+        read.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SessionError::NotFound(format!("{id} (its notebook)")),
+            _ => SessionError::Io(e),
+        })
+    }
+
+    /// The regular files under the session's working directory modified at or after `since` (seconds
+    /// since the epoch), hidden ones excepted, within `max_files` and `max_bytes` (held in memory), and
+    /// how many were skipped over those limits.
+    pub async fn collect_files(
+        &self,
+        owner: &Owner,
+        id: &str,
+        since: f64,
+        max_files: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<files::Collected>, u64), SessionError> {
+        let (container, _guard) = self.transfer(owner, id)?;
+        Ok(files::collect(self.runtime.as_ref(), &container, max_files, max_bytes, since).await?)
+    }
+
+    /// Starts the warm pool's refill loop (after adoption, so that start-up does not race it).
+    pub fn start_pool(self: &Arc<Self>) {
+        if self.config.pool.targets.values().all(|&n| n == 0) {
+            return;
+        }
+        let me = self.clone();
+        self.tracker.spawn(async move { me.refill().await });
+    }
+
+    /// Keeps each language's pool at its target: replaces dead kernels, starts boots (at most
+    /// `max_boots` at once), and sleeps until a claim or a finished boot wakes it (or 5 s pass).
+    async fn refill(self: Arc<Self>) {
+        loop {
+            for dead in self.pool.take_dead() {
+                self.remove_pooled(dead).await;
+            }
+            for (language, &target) in &self.config.pool.targets {
+                if self.config.catalog.language(language).is_none() {
+                    continue;
+                }
+                while let Some(id) = self.pool.begin_boot(language, target, self.config.pool.max_boots) {
+                    let me = self.clone();
+                    let language = language.clone();
+                    self.tracker.spawn(async move { me.boot_pooled(language, id).await });
+                }
+            }
+            tokio::select! {
+                _ = self.pool_stop.cancelled() => return,
+                _ = self.pool_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    /// Boots one kernel for the pool with the language's default settings.
+    async fn boot_pooled(&self, language: String, id: SessionId) {
+        let started = std::time::Instant::now();
+        let request = SessionRequest { language: language.clone(), ..Default::default() };
+        let booted = match policy::settle(&self.config.catalog, &self.config.limits, request) {
+            Ok(settings) => {
+                let created_at = Utc::now();
+                let plan = self.boot_plan_for(&id, &Owner(POOL_OWNER.into()), &settings, created_at, true);
+                match plan.boot(&self.pool_stop).await {
+                    Ok(host) => Some(Pooled { id: id.clone(), settings, created_at, host }),
+                    Err(e) => {
+                        tracing::warn!(%language, error = %e, "a pooled kernel did not boot; retrying later");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(%language, error = %e, "the pool's default settings are invalid");
+                None
+            }
+        };
+        if booted.is_some() {
+            metrics::histogram!("kernelbox_pool_boot_seconds", "language" => language.clone())
+                .record(started.elapsed().as_secs_f64());
+        }
+        if let Some(unwanted) = self.pool.end_boot(&language, &id, booted) {
+            self.remove_pooled(unwanted).await;
+        }
+        self.pool_gauge(&language);
+        self.pool_wake.notify_one();
+    }
+
+    async fn remove_pooled(&self, pooled: Pooled) {
+        if let Err(e) = self.runtime.remove(&pooled.host.container_id).await {
+            tracing::warn!(container = %pooled.host.container_id, error = %e, "could not remove a pooled kernel");
+        }
+        self.pool.release(pooled.id.as_str());
+        // Dropping the host removes its run directory.
+    }
+
+    fn pool_gauge(&self, language: &str) {
+        let status = self.pool_status(language);
+        metrics::gauge!("kernelbox_pool_ready", "language" => language.to_owned()).set(status.ready as f64);
+    }
+
+    /// The pool's numbers for `language`.
+    pub fn pool_status(&self, language: &str) -> PoolStatus {
+        self.pool.status(language, self.config.pool.targets.get(language).copied().unwrap_or(0))
+    }
+
+    /// Whether a request can be served by a pooled kernel: one booted with the language's defaults can
+    /// take other memory and CPU limits (Docker updates them), but not environment variables, mounts or
+    /// another tmpfs size (both fixed at create time).
+    fn poolable(&self, settings: &SessionSettings) -> bool {
+        let l = &self.config.limits;
+        self.config.pool.targets.get(&settings.language).is_some_and(|&n| n > 0)
+            && settings.env.is_empty()
+            && settings.mounts.is_empty()
+            && tmpfs_mb(l.tmpfs_mb, settings.memory_mb) == tmpfs_mb(l.tmpfs_mb, l.default_memory_mb)
+    }
+
+    /// Starts the session from the pool if it can: takes a ready kernel atomically, applies the limits,
+    /// writes the claim, registers the session and hands the kernel to its task. `None`: start cold.
+    async fn claim(
+        self: &Arc<Self>,
+        owner: &Owner,
+        settings: &SessionSettings,
+    ) -> Result<Option<SessionInfo>, SessionError> {
+        if !self.poolable(settings) {
+            return Ok(None);
+        }
+        let language = settings.language.clone();
+        // A quota that is full fails here, before a pooled kernel is spent.
+        self.registry.check_admit(owner, &self.config.limits)?;
+        let (found, dead) = self.pool.take(&language);
+        for d in dead {
+            self.remove_pooled(d).await;
+        }
+        self.pool_wake.notify_one();
+        let Some(pooled) = found else {
+            metrics::counter!("kernelbox_pool_misses_total", "language" => language).increment(1);
+            return Ok(None);
+        };
+        self.pool_gauge(&language);
+        let container = pooled.host.container_id.clone();
+        if pooled.settings.memory_mb != settings.memory_mb || pooled.settings.cpus != settings.cpus {
+            let memory = (settings.memory_mb * 1024 * 1024) as i64;
+            let cpus = (settings.cpus * 1e9) as i64;
+            if let Err(e) = self.runtime.update_limits(&container, memory, cpus, self.config.limits.pids_limit).await {
+                tracing::warn!(container = %container, error = %e, "could not apply limits to a pooled kernel; starting cold");
+                self.remove_pooled(pooled).await;
+                return Ok(None);
+            }
+        }
+        let now = Utc::now();
+        let claim = Claim { owner: owner.clone(), settings: settings.clone(), created_at: now };
+        if let Err(e) = write_claim(&self.claims_dir(), &pooled.id, &claim) {
+            tracing::error!(error = %e, "could not write a claim; starting cold");
+            self.remove_pooled(pooled).await;
+            return Ok(None);
+        }
+        let (session, inbox) = self.new_session(pooled.id.clone(), owner.clone(), settings.clone(), now);
+        if let Err(e) = self.registry.reserve(&session, &self.config.limits) {
+            remove_claim(&self.claims_dir(), pooled.id.as_str());
+            self.remove_pooled(pooled).await;
+            return Err(e);
+        }
+        // In the registry now: it may leave the pool's members.
+        self.pool.release(pooled.id.as_str());
+        let ready = self.spawn(session.clone(), inbox, Start::Ready(Box::new(pooled.host)));
+        let guard = CloseOnDrop(Some(session.clone()));
+        let outcome = ready.await;
+        guard.disarm();
+        match outcome {
+            Ok(Ok(())) => {
+                metrics::counter!("kernelbox_pool_hits_total", "language" => language.clone()).increment(1);
+                metrics::counter!("kernelbox_sessions_created_total", "language" => language).increment(1);
+                tracing::info!(session_id = %session.id, "session started from the pool");
+                Ok(Some(session.info()))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SessionError::Closing),
+        }
+    }
+
+    /// Where claims of pooled containers are written.
+    pub(super) fn claims_dir(&self) -> PathBuf {
+        self.config.state_dir.join("claims")
+    }
+
+    /// Whether `id` is a session's or a pooled kernel's: the sweeps leave those alone.
+    pub(super) fn knows(&self, id: &str) -> bool {
+        self.registry.knows(id) || self.pool.knows(id)
     }
 
     /// The session `id` if `owner` owns it.
@@ -505,6 +861,9 @@ impl SessionManager {
     /// Stops all sessions: removes their containers, or keeps them for the next run to adopt. New
     /// sessions are refused from the first moment. Bounded in time.
     pub async fn shutdown(&self) {
+        self.pool_stop.cancel();
+        let pooled = self.pool.close();
+        futures::future::join_all(pooled.into_iter().map(|p| self.remove_pooled(p))).await;
         let sessions = self.registry.close_all();
         for s in &sessions {
             s.close("service_shutdown", self.config.keep_sessions);
@@ -546,10 +905,15 @@ impl Drop for CloseOnDrop {
 struct Deregister {
     registry: Arc<Registry>,
     session: Arc<Session>,
+    claims: PathBuf,
 }
 
 impl Drop for Deregister {
     fn drop(&mut self) {
+        // A claim (pooled sessions) goes with its session, unless the session is kept for adoption.
+        if !self.session.keep_on_exit() {
+            remove_claim(&self.claims, self.session.id.as_str());
+        }
         self.registry.remove(&self.session.id);
         self.session.finished.cancel();
     }

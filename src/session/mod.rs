@@ -14,15 +14,19 @@ pub mod handle;
 pub mod kernel_host;
 pub mod manager;
 pub mod model;
+pub mod notebook;
 pub mod policy;
+pub mod pool;
 pub mod recovery;
 pub mod registry;
 pub mod rundir;
 
 pub use error::SessionError;
 pub use handle::{Pending, Session};
-pub use manager::{ManagerConfig, ReapReport, SessionManager};
-pub use model::{ExecStatus, ExecuteResult, Owner, SessionId, SessionInfo, SessionRequest, SessionStatus};
+pub use manager::{ManagerConfig, ReapReport, SessionManager, Storage};
+pub use model::{
+    ExecStatus, ExecuteResult, Mount, Owner, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus,
+};
 
 #[cfg(test)]
 mod tests;

@@ -73,6 +73,28 @@ pub struct SessionSettings {
     pub idle_timeout_s: u64,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
+    /// The notebook the service keeps, relative to the notebooks folder; `None`: one per session,
+    /// removed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notebook: Option<String>,
+    /// Service-owned host directories mounted read-only into the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+}
+
+/// A host directory that only the service writes, mounted read-only into a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    pub host: std::path::PathBuf,
+    pub container: String,
+}
+
+/// What an adapter may ask for beyond a `/v1` request: a named notebook that outlives the session (the
+/// session API's `<user>/notebook_<user>.ipynb`) and read-only mounts of service-owned folders.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionExtras {
+    pub notebook: Option<String>,
+    pub mounts: Vec<Mount>,
 }
 
 impl SessionSettings {

@@ -10,7 +10,7 @@ use crate::config::Limits;
 use crate::images::Catalog;
 
 use super::error::SessionError;
-use super::model::{SessionRequest, SessionSettings, SessionStatus};
+use super::model::{SessionExtras, SessionRequest, SessionSettings, SessionStatus};
 
 /// Checks a request against the limits and fills in defaults. Asking for more than the operator allows
 /// is refused, never silently lowered.
@@ -38,8 +38,49 @@ pub fn settle(catalog: &Catalog, l: &Limits, req: SessionRequest) -> Result<Sess
             "metadata: at most 64 entries, keys up to 256 and values up to 4096 bytes".into(),
         ));
     }
-    Ok(SessionSettings { language: req.language, memory_mb, cpus, timeout_s, idle_timeout_s, env, metadata })
+    Ok(SessionSettings {
+        language: req.language,
+        memory_mb,
+        cpus,
+        timeout_s,
+        idle_timeout_s,
+        env,
+        metadata,
+        notebook: None,
+        mounts: Vec::new(),
+    })
 }
+
+/// Checks an adapter's extras: a notebook path inside the notebooks folder, mounts of absolute host
+/// folders at absolute container paths under `/mnt` that shadow nothing of the start contract.
+pub fn check_extras(extras: &SessionExtras) -> Result<(), SessionError> {
+    if let Some(nb) = &extras.notebook {
+        let tidy = crate::session::files::FilePath::parse(nb)
+            .map_err(|e| SessionError::Invalid(format!("notebook path: {e}")))?;
+        if tidy.is_root() || tidy.as_str() != nb || !nb.ends_with(".ipynb") {
+            return Err(SessionError::Invalid(format!("notebook path {nb:?}: a relative path ending in .ipynb")));
+        }
+    }
+    for m in &extras.mounts {
+        let plain = |s: &str| !s.contains([':', ',', '\0']) && !s.split('/').any(|p| p == "..");
+        let host = m.host.to_string_lossy();
+        let ok = m.host.is_absolute()
+            && plain(&host)
+            && m.container.starts_with("/mnt/")
+            && m.container.len() > 5
+            && plain(&m.container)
+            && m.container != DATASETS_MOUNT
+            && m.container != crate::packages::WHEELS_MOUNT
+            && !m.container.starts_with(&format!("{}/", crate::packages::WHEELS_MOUNT));
+        if !ok {
+            return Err(SessionError::Invalid(format!("mount {host} → {}: not allowed", m.container)));
+        }
+    }
+    Ok(())
+}
+
+/// Where the operator's datasets folder appears in every session.
+pub const DATASETS_MOUNT: &str = "/mnt/data";
 
 /// A per-request timeout in seconds, between 1 and `max`.
 pub fn check_timeout(name: &str, seconds: u64, max: Duration) -> Result<Duration, SessionError> {

@@ -17,7 +17,7 @@ use super::actor::Start;
 use super::error::SessionError;
 use super::manager::SessionManager;
 use super::model::{Owner, SessionId, SessionSettings};
-use super::rundir;
+use super::{pool, rundir};
 
 /// Adopts the running containers of this instance whose kernel answers, removes the rest and any run
 /// directory no session needs. Returns (adopted, removed).
@@ -56,8 +56,8 @@ pub async fn recover(manager: &Arc<SessionManager>) -> Result<(usize, usize), Se
             Err(_) => removed += 1,
         }
     }
-    let registry = manager.registry();
-    rundir::sweep(&manager.runs_dir(), |session| registry.knows(session));
+    rundir::sweep(&manager.runs_dir(), |session| manager.knows(session));
+    pool::sweep_claims(&manager.claims_dir(), |session| manager.knows(session));
     Ok((adopted, removed))
 }
 
@@ -70,6 +70,15 @@ fn adoptable(manager: &SessionManager, c: &ContainerSummary) -> Result<Adoptable
     }
     let label = |key: &str| c.labels.get(key);
     let id = label(labels::SESSION).and_then(|s| SessionId::parse(s)).ok_or("no session id")?;
+    let boot = label(labels::BOOT).cloned().ok_or("no boot id (made by an older version)")?;
+    if label(labels::POOL).is_some() {
+        // A pooled kernel: its owner is what the service wrote when a session claimed it.
+        let claim = pool::read_claim(&manager.claims_dir(), id.as_str()).ok_or("an unclaimed pooled kernel")?;
+        if manager.catalog().language(&claim.settings.language).is_none() {
+            return Err("unknown language");
+        }
+        return Ok((id, claim.owner, claim.settings, claim.created_at, boot));
+    }
     let owner = Owner(label(labels::OWNER).cloned().ok_or("no owner")?);
     let settings: SessionSettings =
         label(labels::CONFIG).and_then(|j| serde_json::from_str(j).ok()).ok_or("no settings")?;
@@ -77,7 +86,6 @@ fn adoptable(manager: &SessionManager, c: &ContainerSummary) -> Result<Adoptable
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.with_timezone(&Utc))
         .ok_or("no creation time")?;
-    let boot = label(labels::BOOT).cloned().ok_or("no boot id (made by an older version)")?;
     if manager.catalog().language(&settings.language).is_none() {
         return Err("unknown language");
     }
@@ -95,12 +103,12 @@ pub async fn sweep_orphans(manager: &SessionManager) -> usize {
             return 0;
         }
     };
-    let registry = manager.registry();
     let mut removed = 0;
     for c in found {
-        // An entry exists from before its container is created until after it is removed, so a container
-        // whose session is unknown belongs to nobody.
-        let known = c.labels.get(labels::SESSION).is_some_and(|s| registry.knows(s))
+        // An entry exists from before its container is created until after it is removed (a pooled
+        // kernel's id is the pool's from before its boot until the registry holds it), so a container
+        // whose id is unknown belongs to nobody.
+        let known = c.labels.get(labels::SESSION).is_some_and(|s| manager.knows(s))
             || c.labels.get(labels::FETCHER).is_some_and(|f| manager.packages().is_live_fetcher(f));
         if known {
             continue;
@@ -114,6 +122,6 @@ pub async fn sweep_orphans(manager: &SessionManager) -> usize {
             Err(e) => tracing::warn!(container = %c.id, error = %e, "could not remove an orphaned container"),
         }
     }
-    rundir::sweep(&manager.runs_dir(), |session| registry.knows(session));
+    rundir::sweep(&manager.runs_dir(), |session| manager.knows(session));
     removed
 }

@@ -41,6 +41,16 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether `owner` could add a session now (a hint: [`Registry::reserve`] decides).
+    pub fn check_admit(&self, owner: &Owner, limits: &Limits) -> Result<(), SessionError> {
+        let inner = self.inner.lock().unwrap();
+        if inner.closed {
+            return Err(SessionError::Closing);
+        }
+        let owned = inner.sessions.values().filter(|s| &s.owner == owner).count();
+        policy::admit(inner.sessions.len(), owned, limits)
+    }
+
     /// Adds an adopted session (start-up only; quotas do not apply to what already runs).
     pub fn insert(&self, session: &Arc<Session>) {
         self.inner.lock().unwrap().sessions.insert(session.id.clone(), session.clone());

@@ -29,6 +29,8 @@ fn config(flags: &[&str], dir: &std::path::Path) -> ManagerConfig {
         catalog: Catalog::new("fake/"),
         keep_sessions: false,
         packages: args.packages.validate(None).unwrap(),
+        storage: Default::default(),
+        pool: args.pool_config().unwrap(),
     }
 }
 
@@ -404,4 +406,88 @@ async fn the_reaper_removes_containers_no_session_owns() {
     assert_eq!(report.orphans, 1);
     assert!(!h.runtime.container_ids().contains(&orphan));
     assert_eq!(h.run(&id, "print:alive").await.stdout, "alive\n", "the owned one is untouched");
+}
+
+impl Harness {
+    /// Waits until the pool holds `ready` kernels of `language`.
+    async fn pool_fills(&self, language: &str, ready: usize) {
+        for _ in 0..200 {
+            if self.manager.pool_status(language).ready == ready {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the pool did not fill: {:?}", self.manager.pool_status(language));
+    }
+}
+
+#[tokio::test]
+async fn a_session_starts_from_the_pool_and_the_pool_refills() {
+    let h = harness(&["--pool", "python=2"]);
+    h.manager.start_pool();
+    h.pool_fills("python", 2).await;
+    let pooled: Vec<String> = h.runtime.container_ids();
+    assert_eq!(pooled.len(), 2);
+
+    let id = h.start().await;
+    assert!(pooled.contains(&h.container(&id)), "the session got a pooled container");
+    let claim = h._dir.path().join("claims").join(format!("{id}.json"));
+    assert!(claim.is_file(), "the claim is written for adoption");
+    assert_eq!(h.run(&id, "print:hi").await.stdout, "hi\n");
+    h.pool_fills("python", 2).await;
+    assert_eq!(h.runtime.container_ids().len(), 3, "one claimed, two ready again");
+
+    // The sweep leaves pooled kernels alone.
+    let report = h.manager.reap_once(chrono::Utc::now()).await;
+    assert_eq!(report.orphans, 0);
+    assert_eq!(h.runtime.container_ids().len(), 3);
+
+    h.manager.delete(&owner(), &id).await.unwrap();
+    assert!(!claim.exists(), "the claim goes with the session");
+    h.manager.shutdown().await;
+    h.settles_empty().await;
+}
+
+#[tokio::test]
+async fn limits_are_applied_to_a_claimed_kernel_and_what_cannot_be_applied_starts_cold() {
+    let h = harness(&["--pool", "python=1"]);
+    h.manager.start_pool();
+    h.pool_fills("python", 1).await;
+    let pooled = h.runtime.container_ids()[0].clone();
+
+    // Other CPUs and memory with the same tmpfs size: claimed, limits updated on the running container.
+    let req = SessionRequest { language: "python".into(), cpus: Some(0.5), memory_mb: Some(515), ..Default::default() };
+    let id = h.manager.create(owner(), req).await.unwrap().id.to_string();
+    assert_eq!(h.container(&id), pooled);
+    let spec = h.runtime.spec_of(&pooled).unwrap();
+    assert_eq!((spec.nano_cpus, spec.memory_bytes), (500_000_000, 515 << 20));
+
+    // Environment variables, or a memory that changes the tmpfs size: a cold start.
+    h.pool_fills("python", 1).await;
+    let before = h.runtime.container_ids().len();
+    let env = Some(std::collections::BTreeMap::from([("A".to_owned(), "1".to_owned())]));
+    let with_env = SessionRequest { language: "python".into(), env, ..Default::default() };
+    let cold = h.manager.create(owner(), with_env).await.unwrap().id.to_string();
+    assert_eq!(h.runtime.container_ids().len(), before + 1, "a new container, the pool untouched");
+    assert_eq!(h.manager.pool_status("python").ready, 1);
+    let big = SessionRequest { language: "python".into(), memory_mb: Some(2048), ..Default::default() };
+    h.manager.create(owner(), big).await.unwrap();
+    assert_eq!(h.manager.pool_status("python").ready, 1);
+    assert_ne!(h.container(&cold), pooled);
+    h.manager.shutdown().await;
+    h.settles_empty().await;
+}
+
+#[tokio::test]
+async fn a_full_quota_does_not_spend_a_pooled_kernel() {
+    let h = harness(&["--pool", "python=1", "--max-sessions-per-owner", "1"]);
+    h.manager.start_pool();
+    h.pool_fills("python", 1).await;
+    h.start().await;
+    h.pool_fills("python", 1).await;
+    let err = h.manager.create(owner(), python()).await.unwrap_err();
+    assert!(matches!(err, SessionError::TooMany(_)), "{err}");
+    assert_eq!(h.manager.pool_status("python").ready, 1, "the pooled kernel is still there");
+    h.manager.shutdown().await;
+    h.settles_empty().await;
 }

@@ -135,6 +135,8 @@ async fn docker_unreachable_is_a_503_that_says_so() {
             catalog: kernelbox::images::Catalog::new(PREFIX),
             keep_sessions: false,
             packages: kernelbox::packages::PackageConfig::default(),
+            storage: Default::default(),
+            pool: Default::default(),
         },
         api_keys: vec![],
         http: http(&[]).validate().unwrap(),

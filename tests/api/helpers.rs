@@ -106,6 +106,10 @@ pub struct AppOptions {
     pub images: bool,
     /// How long in-flight calls may finish after a stop before the sessions are closed under them.
     pub shutdown_grace: Duration,
+    /// Notebooks, datasets.
+    pub storage: kernelbox::session::Storage,
+    /// The warm pool: none unless a test asks (each pooled kernel is a container on a 2-core machine).
+    pub pool: kernelbox::session::pool::PoolConfig,
 }
 
 impl Default for AppOptions {
@@ -120,6 +124,8 @@ impl Default for AppOptions {
             instance: None,
             images: true,
             shutdown_grace: Duration::from_secs(5),
+            storage: Default::default(),
+            pool: Default::default(),
         }
     }
 }
@@ -166,6 +172,8 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
                 .packages
                 .validate(std::env::var("KERNELBOX_PIP_INDEX_URL").ok().or_else(context::detect_pip_index))
                 .expect("valid test package settings"),
+            storage: options.storage,
+            pool: options.pool,
         },
         api_keys: options.api_keys,
         http: options.http.validate().expect("valid test HTTP settings"),
@@ -407,4 +415,42 @@ pub fn assert_client_error(status: u16, body: &Value, what: &str) {
             && body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{what}: {status} without the JSON error shape: {body}"
     );
+}
+
+/// `target/` of this build: the test binary is `target/<profile>/deps/api-<hash>`.
+pub fn target_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.ancestors().nth(3).expect("the test binary lives in target/<profile>/deps").to_path_buf()
+}
+
+/// A Python virtualenv under `<target>/tools/<name>` with `requirements` installed from PyPI (with this
+/// machine's pip settings), made once and reused; returns its `python`. A failed install fails the test
+/// with pip's words.
+pub fn tool_python(name: &str, requirements: &[&str]) -> std::path::PathBuf {
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
+    let venv = target_dir().join("tools").join(name);
+    let python = venv.join("bin").join("python");
+    let marker = venv.join(".kernelbox-installed");
+    let wanted = requirements.join("\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == wanted) {
+        return python;
+    }
+    eprintln!("installing {requirements:?} into {} (once)", venv.display());
+    let run = |cmd: &mut std::process::Command, what: &str| {
+        let out = cmd.stdin(std::process::Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(std::process::Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv), "python3 -m venv");
+    run(
+        std::process::Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(requirements),
+        "pip install (with this machine's pip configuration)",
+    );
+    std::fs::write(&marker, wanted).expect("writing the venv marker");
+    python
 }

@@ -36,6 +36,8 @@ impl ServiceProcess {
         cmd.arg("serve")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--instance", o.instance])
+            // No warm pool unless a test asks for one (KERNELBOX_POOL in its environment).
+            .env("KERNELBOX_POOL", "none")
             .arg("--state-dir")
             .arg(o.state_dir)
             .arg("--no-build")
