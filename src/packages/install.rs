@@ -176,6 +176,9 @@ pub async fn install(
         "--no-index",
         "--no-deps",
         "--upgrade",
+        // No .pyc at install time: the install answers sooner, and Python writes the caches of the
+        // modules actually imported, at their first import (the directory is the session's).
+        "--no-compile",
         "--progress-bar",
         "off",
         "--target",

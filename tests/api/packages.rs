@@ -104,6 +104,54 @@ print(sorted(os.listdir("/sys/class/net")))
     assert_eq!(stdout(&out).trim(), "1", "{out}");
 }
 
+/// A kernel restart keeps the container (and its packages); a dead session gets a new container on
+/// restart, and its packages are installed again, from the cache (no fetcher).
+#[tokio::test(flavor = "multi_thread")]
+async fn packages_come_back_when_a_dead_session_gets_a_new_container() {
+    let app = spawn_app().await;
+    let id = app.start("python").await;
+    install_ok(&app, &id, &["six"]).await;
+    let first = app.containers().await;
+    let _ = app.exec_with(&id, json!({"code": "import os\nos.kill(1, 9)"})).await;
+    let dead = crate::helpers::eventually(Duration::from_secs(20), || async {
+        app.get(&format!("/v1/sessions/{id}")).await.1["status"] == "dead"
+    })
+    .await;
+    assert!(dead, "the container died with its kernel");
+    let fetchers = fetchers_started(&app);
+    let (status, v) = app.post(&format!("/v1/sessions/{id}/restart"), json!({})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_ne!(
+        app.containers().await.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        first.iter().map(|c| &c.id).collect::<Vec<_>>()
+    );
+    let out = app.exec(&id, "import six\nprint(six.PY3)").await;
+    assert_eq!(stdout(&out).trim(), "True", "{out}");
+    assert_eq!(fetchers_started(&app), fetchers, "installed again from the cache");
+}
+
+/// The per-install download limit: the fetcher's disk is that big, and a larger download fails cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_over_the_limit_fails_and_leaves_nothing() {
+    let app = crate::helpers::spawn_app_with(crate::helpers::AppOptions {
+        packages: crate::helpers::packages(&["--package-max-download-mb", "16"]),
+        ..Default::default()
+    })
+    .await;
+    let id = app.start("python").await;
+    let (status, report) = install(&app, &id, &["pandas"]).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["ok"], false, "{report}");
+    let error = report["packages"][0]["error"].as_str().unwrap();
+    println!("over the download limit: {error}");
+    assert!(error.contains("space") || error.contains("limit"), "{report}");
+    assert_eq!(fetcher_containers(&app).await, 0);
+    let listed = std::fs::read_dir(app.state_dir.join("wheels")).unwrap().count();
+    assert_eq!(listed, 0, "nothing half-written in the cache");
+    let out = app.exec(&id, "import importlib.util\nprint(importlib.util.find_spec('pandas') is None)").await;
+    assert_eq!(stdout(&out).trim(), "True", "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_installs_of_the_same_packages_share_one_download() {
     let app = spawn_app().await;
@@ -254,7 +302,9 @@ async fn figures_install_times_cold_and_cached() {
             cold["downloaded"].as_array().map_or(0, Vec::len)
         );
         let name = packages[0];
+        let t = Instant::now();
         let out = app.exec(&b, &format!("import {name}\nprint({name}.__version__)")).await;
+        println!("FIGURE first import of {name} after the install: {:.1} s", t.elapsed().as_secs_f64());
         assert!(!stdout(&out).trim().is_empty(), "{out}");
         app.delete(&format!("/v1/sessions/{a}")).await;
         app.delete(&format!("/v1/sessions/{b}")).await;
