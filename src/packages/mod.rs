@@ -254,7 +254,8 @@ impl Packages {
             log.push_str("--- fetcher ---\n");
             log.push_str(&fetched.log);
             if !fetched.ok {
-                return Ok(self.failed(language, specs, &fetched.log, false, Vec::new(), log, started));
+                let why = self.explain(&fetched.log);
+                return Ok(self.failed(language, specs, &why, false, Vec::new(), log, started));
             }
             downloaded = fetched.wheels.clone();
             let _held = self.hold(&downloaded);
@@ -274,7 +275,13 @@ impl Packages {
         let (ok, out) = install::install(rt, container, &planned, left()).await?;
         log.push_str(&out);
         if !ok {
-            return Ok(self.failed(language, specs, &out, cached, downloaded, log, started));
+            let why = match out.contains("No space left on device") {
+                true => format!(
+                    "{out}\nERROR: the session's packages directory is full (its size follows the session's memory)"
+                ),
+                false => out,
+            };
+            return Ok(self.failed(language, specs, &why, cached, downloaded, log, started));
         }
         self.cache.touch(wheels.iter().map(String::as_str));
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
@@ -320,6 +327,15 @@ impl Packages {
         // handing Deno's npm cache to sessions (read-only under their DENO_DIR) is not built yet.
         let why = "the npm package was fetched, but installing npm packages into sessions is not implemented yet";
         Ok(self.failed(language, specs, why, false, Vec::new(), log, started))
+    }
+
+    /// A fetcher's output, with a last line that says what went wrong where pip's own does not.
+    fn explain(&self, log: &str) -> String {
+        if log.contains("No space left on device") {
+            let mib = self.config.max_download_bytes >> 20;
+            return format!("{log}\nERROR: the download is larger than the limit of {mib} MiB per install");
+        }
+        log.to_owned()
     }
 
     /// A report where every package failed; the reason names a package where pip's output does.

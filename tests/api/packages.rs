@@ -112,7 +112,7 @@ async fn packages_come_back_when_a_dead_session_gets_a_new_container() {
     let id = app.start("python").await;
     install_ok(&app, &id, &["six"]).await;
     let first = app.containers().await;
-    let _ = app.exec_with(&id, json!({"code": "import os\nos.kill(1, 9)"})).await;
+    let _ = app.exec_with(&id, json!({"code": "import os\nos._exit(3)"})).await;
     let dead = crate::helpers::eventually(Duration::from_secs(20), || async {
         app.get(&format!("/v1/sessions/{id}")).await.1["status"] == "dead"
     })
