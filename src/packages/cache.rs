@@ -21,6 +21,8 @@ use super::spec::is_wheel_filename;
 #[derive(Debug)]
 pub struct WheelCache {
     dir: PathBuf,
+    /// What a file of this cache may be called (wheel file names; npm archive names).
+    valid: fn(&str) -> bool,
     /// Evict down to this many bytes.
     max_bytes: u64,
 }
@@ -28,7 +30,12 @@ pub struct WheelCache {
 impl WheelCache {
     /// The cache at `dir` (nothing is touched until [`WheelCache::prepare`]).
     pub fn new(dir: PathBuf, max_bytes: u64) -> WheelCache {
-        WheelCache { dir, max_bytes }
+        WheelCache { dir, valid: is_wheel_filename, max_bytes }
+    }
+
+    /// The same kind of directory for npm archives (`<sha256>.tar`, see [`npm_archive_name`]).
+    pub fn new_npm(dir: PathBuf, max_bytes: u64) -> WheelCache {
+        WheelCache { dir, valid: is_npm_archive_name, max_bytes }
     }
 
     /// Makes the directory (0755) if need be; it must be a real directory, not a link. Removes what an
@@ -62,13 +69,13 @@ impl WheelCache {
 
     /// Whether the cache holds `name`.
     pub fn contains(&self, name: &str) -> bool {
-        is_wheel_filename(name) && std::fs::symlink_metadata(self.dir.join(name)).is_ok_and(|m| m.is_file())
+        (self.valid)(name) && std::fs::symlink_metadata(self.dir.join(name)).is_ok_and(|m| m.is_file())
     }
 
     /// Starts writing the wheel `name`. `None` when it is there already (same name, same wheel).
     pub fn create(&self, name: &str) -> std::io::Result<Option<WheelWriter>> {
-        if !is_wheel_filename(name) {
-            return Err(std::io::Error::other(format!("{name:?} is not a wheel file name")));
+        if !(self.valid)(name) {
+            return Err(std::io::Error::other(format!("{name:?} is not a name of this cache")));
         }
         if self.contains(name) {
             return Ok(None);
@@ -85,7 +92,7 @@ impl WheelCache {
 
     /// Marks wheels as just used (their mtime), for the LRU order.
     pub fn touch<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        for name in names.into_iter().filter(|n| is_wheel_filename(n)) {
+        for name in names.into_iter().filter(|n| (self.valid)(n)) {
             let opened = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
@@ -105,7 +112,7 @@ impl WheelCache {
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
                 let meta = e.metadata().ok()?; // DirEntry::metadata does not follow links
-                (meta.is_file() && is_wheel_filename(&name)).then(|| (name, meta.len(), meta.mtime()))
+                (meta.is_file() && (self.valid)(&name)).then(|| (name, meta.len(), meta.mtime()))
             })
             .collect()
     }
@@ -152,6 +159,27 @@ impl WheelCache {
             }
         }
     }
+}
+
+/// The archive of one npm fetch: a digest of what decides its content, then `.tar`.
+pub fn npm_archive_name(key: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    format!("{}.tar", hex::encode(digest.as_ref()))
+}
+
+fn is_npm_archive_name(name: &str) -> bool {
+    name.strip_suffix(".tar").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A file of the cache opened for reading (never through a link).
+pub fn open_file(cache: &WheelCache, name: &str) -> std::io::Result<File> {
+    if !(cache.valid)(name) {
+        return Err(std::io::Error::other(format!("{name:?} is not a name of this cache")));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(cache.dir.join(name))
 }
 
 fn rand_bytes() -> [u8; 8] {
@@ -232,6 +260,14 @@ mod tests {
         assert_eq!(std::fs::read_dir(cache.dir()).unwrap().count(), 1, "no temporary file left");
         assert!(cache.create("../evil-1.0-py3-none-any.whl").is_err());
         assert!(cache.create("x.tar.gz").is_err());
+        let npm = WheelCache::open(tmp.path().join("npm"), 1 << 20).unwrap();
+        let npm = WheelCache::new_npm(npm.dir().to_path_buf(), 1 << 20);
+        let name = npm_archive_name("image\nchalk@5");
+        assert!(npm.create(A).is_err(), "only archive names in the npm cache");
+        let mut w = npm.create(&name).unwrap().unwrap();
+        w.write(b"tar").unwrap();
+        w.commit().unwrap();
+        assert!(npm.contains(&name) && open_file(&npm, &name).is_ok());
     }
 
     #[test]

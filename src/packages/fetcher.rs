@@ -170,14 +170,21 @@ fn container_spec(
     }
 }
 
-/// Starts a fetcher and runs the download in it; the wheels land in `cache`. Errors are the engine's or
+/// Where a fetch puts what it downloaded: wheels into the wheel cache; an npm fetch's Deno cache, as one
+/// tar archive, into the npm cache under the given name.
+pub enum Store<'a> {
+    Wheels(&'a WheelCache),
+    Npm(&'a WheelCache, &'a str),
+}
+
+/// Starts a fetcher and runs the download in it; what it downloaded lands in `store`. Errors are the engine's or
 /// the file tool's; a download that fails (no such package, no wheel) is `Fetched { ok: false }`.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch(
     runtime: Arc<dyn ContainerRuntime>,
     config: &PackageConfig,
     live: Arc<LiveFetchers>,
-    cache: &WheelCache,
+    store: Store<'_>,
     instance: &str,
     image: &str,
     language: &str,
@@ -191,9 +198,9 @@ pub async fn fetch(
     fetcher.container = Some(id.clone());
     metrics::counter!("kernelbox_package_fetchers_started_total").increment(1);
     tracing::info!(fetch_id, language, packages = ?specs, "package fetcher started");
-    let outcome = match Ecosystem::of(language) {
-        Some(Ecosystem::Npm) => download_npm(runtime.as_ref(), &id, config, specs).await,
-        _ => download_wheels(runtime.as_ref(), &id, config, cache, specs).await,
+    let outcome = match store {
+        Store::Npm(cache, archive) => download_npm(runtime.as_ref(), &id, config, cache, archive, specs).await,
+        Store::Wheels(cache) => download_wheels(runtime.as_ref(), &id, config, cache, specs).await,
     };
     fetcher.remove().await;
     outcome
@@ -300,11 +307,16 @@ async fn pull_wheels(
     }
 }
 
-/// npm packages through Deno: `deno cache npm:<spec>` into the fetcher's own `DENO_DIR`.
+/// npm packages through Deno: `deno cache npm:<spec>` into the fetcher's own `DENO_DIR`, whose `npm`
+/// folder (the packages and their registry documents) the service then reads out as one tar archive
+/// (`tar -c` in the fetcher, streamed through the exec API, bounded) into its npm cache. The service never
+/// unpacks it: it is unpacked inside the session, as the session's user.
 async fn download_npm(
     runtime: &dyn ContainerRuntime,
     container: &str,
     config: &PackageConfig,
+    cache: &WheelCache,
+    archive: &str,
     specs: &[String],
 ) -> Result<Fetched, String> {
     let npm: Vec<String> = specs.iter().map(|s| format!("npm:{s}")).collect();
@@ -315,7 +327,32 @@ async fn download_npm(
     let argv = exec::time_limited(config.timeout, &cmd);
     let done = exec::run(runtime, container, argv, Vec::new(), 256 << 10).await.map_err(|e| e.to_string())?;
     let log = format!("{}{}", done.stdout_text(), strip_ansi(&done.stderr_text()));
-    Ok(Fetched { ok: done.ok(), wheels: Vec::new(), log })
+    if !done.ok() {
+        return Ok(Fetched { ok: false, wheels: Vec::new(), log });
+    }
+    let cmd = vec!["tar".to_owned(), "-C".into(), "/tmp/deno".into(), "-cf".into(), "-".into(), "npm".into()];
+    let request = ExecRequest { cmd, user: "1000:1000".into(), working_dir: "/tmp".into(), env: Vec::new() };
+    let exec = runtime.exec(container, &request).await.map_err(|e| e.to_string())?;
+    let _stdin = exec.stdin;
+    let mut out = StdoutReader::new(exec.output, Duration::from_secs(60));
+    let Some(mut writer) = cache.create(archive).map_err(|e| format!("the npm cache: {e}"))? else {
+        return Ok(Fetched { ok: true, wheels: vec![archive.to_owned()], log });
+    };
+    let max = config.max_download_bytes;
+    while let Some(chunk) = out.next().await? {
+        if writer.written() + chunk.len() as u64 > max {
+            return Err(format!("the download is larger than the limit of {} MiB", max >> 20));
+        }
+        writer.write(&chunk).map_err(|e| format!("the npm cache: {e}"))?;
+    }
+    match exec::exit_code(runtime, &exec.id).await.map_err(|e| e.to_string())? {
+        Some(0) => {}
+        other => {
+            return Err(format!("tar in the fetcher failed ({other:?}): {}", String::from_utf8_lossy(&out.stderr)));
+        }
+    }
+    writer.commit().map_err(|e| format!("the npm cache: {e}"))?;
+    Ok(Fetched { ok: true, wheels: vec![archive.to_owned()], log })
 }
 
 /// Drops ANSI colour sequences (Deno colours its errors even without a terminal).

@@ -19,6 +19,7 @@ pub mod cache;
 pub mod exec;
 pub mod fetcher;
 pub mod install;
+pub mod npm;
 pub mod spec;
 
 use std::collections::{HashMap, HashSet};
@@ -34,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::runtime::{ContainerRuntime, RuntimeError};
 
 use self::cache::WheelCache;
-use self::fetcher::{Fetched, LiveFetchers};
+use self::fetcher::{Fetched, LiveFetchers, Store};
 use self::spec::{Ecosystem, Spec};
 
 /// Where the wheel cache is mounted, read-only, in every python session.
@@ -43,6 +44,8 @@ pub const WHEELS_MOUNT: &str = "/mnt/wheels";
 pub const PACKAGES_DIR: &str = "/opt/kernelbox/packages";
 /// The python images' interpreter (the venv the kernel runs in).
 pub const PYTHON: &str = "/opt/kernelbox/venv/bin/python";
+/// The javascript kernel's `DENO_DIR` (its descriptor's env): npm packages are unpacked into its `npm`.
+pub const SESSION_DENO_DIR: &str = "/tmp/kernelbox/deno";
 /// Distinct downloads under way at once (identical ones share one).
 pub const MAX_FETCHES: usize = 8;
 /// What of the install log is returned.
@@ -149,6 +152,8 @@ pub struct Packages {
     /// Names fetchers' containers (labels).
     instance: String,
     cache: Arc<WheelCache>,
+    /// npm fetches' archives (`<state>/npm`), unpacked into sessions by their own `tar`.
+    npm_cache: Arc<WheelCache>,
     /// Fetches under way, by image and specs: identical requests share one.
     inflight: Arc<Mutex<HashMap<String, SharedFetch>>>,
     /// Their fetch ids, for the orphan sweep.
@@ -167,11 +172,13 @@ impl Packages {
         instance: String,
     ) -> Self {
         let cache = Arc::new(WheelCache::new(state_dir.join("wheels"), config.cache_max_bytes));
+        let npm_cache = Arc::new(WheelCache::new_npm(state_dir.join("npm"), config.cache_max_bytes));
         Packages {
             runtime,
             config,
             instance,
             cache,
+            npm_cache,
             inflight: Arc::default(),
             live: Arc::default(),
             fetchers_started: Arc::default(),
@@ -181,7 +188,8 @@ impl Packages {
 
     /// Makes the cache directory (before any session mounts it).
     pub fn prepare(&self) -> std::io::Result<()> {
-        self.cache.prepare()
+        self.cache.prepare()?;
+        self.npm_cache.prepare()
     }
 
     /// The host directory mounted read-only at [`WHEELS_MOUNT`].
@@ -220,7 +228,7 @@ impl Packages {
         let work = async {
             match Ecosystem::of(language) {
                 Some(Ecosystem::Python) => self.install_python(container, language, image, specs, started).await,
-                Some(Ecosystem::Npm) => self.install_npm(language, image, specs, started).await,
+                Some(Ecosystem::Npm) => self.install_npm(container, language, image, specs, started).await,
                 None => Err(PackageError::Unsupported(language.to_owned())),
             }
         };
@@ -250,7 +258,7 @@ impl Packages {
             log.push_str(out);
             cached = false;
             let texts: Vec<String> = specs.iter().map(|s| s.text.clone()).collect();
-            let fetched = self.fetch_shared(image, language, texts).await?;
+            let fetched = self.fetch_shared(image, language, texts, None).await?;
             log.push_str("--- fetcher ---\n");
             log.push_str(&fetched.log);
             if !fetched.ok {
@@ -310,23 +318,65 @@ impl Packages {
         })
     }
 
+    /// npm packages: the fetcher's Deno cache, archived in the service's npm cache (keyed by image,
+    /// registry and specs: the same request from another session downloads nothing), unpacked by `tar` in
+    /// the session into the kernel's `DENO_DIR`, where `import ... from "npm:<spec>"` finds it with no
+    /// network. Sessions and fetchers use the same registry setting, so Deno looks in the same folder.
     async fn install_npm(
         &self,
+        container: &str,
         language: &str,
         image: &str,
         specs: &[Spec],
         started: Instant,
     ) -> Result<InstallReport, PackageError> {
         let texts: Vec<String> = specs.iter().map(|s| s.text.clone()).collect();
-        let fetched = self.fetch_shared(image, language, texts).await?;
-        let log = format!("--- fetcher ---\n{}", fetched.log);
-        if !fetched.ok {
-            return Ok(self.failed(language, specs, &fetched.log, false, Vec::new(), log, started));
+        let registry = self.config.npm_registry.clone().unwrap_or_default();
+        let archive = cache::npm_archive_name(&format!("{image}\n{registry}\n{}", texts.join("\n")));
+        let mut log = String::new();
+        let mut cached = true;
+        let mut downloaded = Vec::new();
+        let _held = self.hold(std::slice::from_ref(&archive));
+        if !self.npm_cache.contains(&archive) {
+            cached = false;
+            let fetched = self.fetch_shared(image, language, texts.clone(), Some(archive.clone())).await?;
+            log.push_str("--- fetcher ---\n");
+            log.push_str(&fetched.log);
+            if !fetched.ok {
+                let why = self.explain(&fetched.log);
+                return Ok(self.failed(language, specs, &why, false, Vec::new(), log, started));
+            }
+            downloaded = texts.iter().map(|t| format!("npm:{t}")).collect();
+            self.npm_cache.evict(&self.held());
         }
-        // The fetch worked (it cannot here: the npm registry is unreachable from the development host), but
-        // handing Deno's npm cache to sessions (read-only under their DENO_DIR) is not built yet.
-        let why = "the npm package was fetched, but installing npm packages into sessions is not implemented yet";
-        Ok(self.failed(language, specs, why, false, Vec::new(), log, started))
+        // Two opens: a cloned descriptor would share the offset that reading the versions moves.
+        let versions = npm::versions(cache::open_file(&self.npm_cache, &archive)?, specs);
+        let file = cache::open_file(&self.npm_cache, &archive)?;
+        let (ok, out) = npm::unpack(self.runtime.as_ref(), container, file, self.config.timeout).await?;
+        log.push_str("--- install ---\n");
+        log.push_str(&out);
+        if !ok {
+            return Ok(self.failed(language, specs, &out, cached, downloaded, log, started));
+        }
+        self.npm_cache.touch([archive.as_str()]);
+        let packages: Vec<PackageResult> = specs
+            .iter()
+            .map(|s| {
+                let version = versions.get(&s.name).cloned();
+                let error = version.is_none().then(|| "not found in what the fetcher downloaded".to_owned());
+                PackageResult { spec: s.text.clone(), name: s.name.clone(), version, error }
+            })
+            .collect();
+        Ok(InstallReport {
+            ok: packages.iter().all(|p| p.error.is_none()),
+            language: language.to_owned(),
+            packages,
+            cached,
+            downloaded,
+            installed: vec![format!("npm archive {archive}")],
+            log: tail(&log),
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
     }
 
     /// A fetcher's output, with a last line that says what went wrong where pip's own does not.
@@ -395,6 +445,7 @@ impl Packages {
         image: &str,
         language: &str,
         specs: Vec<String>,
+        archive: Option<String>,
     ) -> Result<Arc<Fetched>, PackageError> {
         let key = format!("{image}\n{}", specs.join("\n"));
         let shared = {
@@ -405,7 +456,7 @@ impl Packages {
                     if inflight.len() >= MAX_FETCHES {
                         return Err(PackageError::TooManyFetches);
                     }
-                    let shared = self.spawn_fetch(key.clone(), image.to_owned(), language.to_owned(), specs);
+                    let shared = self.spawn_fetch(key.clone(), image.to_owned(), language.to_owned(), specs, archive);
                     inflight.insert(key, shared.clone());
                     shared
                 }
@@ -414,18 +465,30 @@ impl Packages {
         shared.await.map_err(|e| PackageError::Fetcher(e.to_string()))
     }
 
-    fn spawn_fetch(&self, key: String, image: String, language: String, specs: Vec<String>) -> SharedFetch {
+    fn spawn_fetch(
+        &self,
+        key: String,
+        image: String,
+        language: String,
+        specs: Vec<String>,
+        archive: Option<String>,
+    ) -> SharedFetch {
         let runtime = self.runtime.clone();
         let config = self.config.clone();
         let live = self.live.clone();
         let cache = self.cache.clone();
+        let npm_cache = self.npm_cache.clone();
         let instance = self.instance.clone();
         let inflight = self.inflight.clone();
         let started = self.fetchers_started.clone();
         let task = tokio::spawn(async move {
             started.fetch_add(1, Ordering::Relaxed);
             let limit = config.timeout;
-            let run = fetcher::fetch(runtime, &config, live, &cache, &instance, &image, &language, &specs);
+            let store = match &archive {
+                Some(name) => Store::Npm(&npm_cache, name),
+                None => Store::Wheels(&cache),
+            };
+            let run = fetcher::fetch(runtime, &config, live, store, &instance, &image, &language, &specs);
             let outcome = match tokio::time::timeout(limit, run).await {
                 Ok(Ok(fetched)) => Ok(Arc::new(fetched)),
                 Ok(Err(e)) => Err(Arc::new(e)),

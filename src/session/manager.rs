@@ -342,6 +342,12 @@ impl SessionManager {
             };
             env.push(path);
         }
+        if Ecosystem::of(&s.language) == Some(Ecosystem::Npm)
+            && let Some(registry) = &self.config.packages.npm_registry
+        {
+            // Deno keys its npm cache by registry: the kernel looks where the fetcher put the packages.
+            env.push(format!("NPM_CONFIG_REGISTRY={registry}"));
+        }
         let spec = ContainerSpec {
             name: String::new(),
             image: self.image_ref(&s.language),

@@ -310,3 +310,87 @@ async fn figures_install_times_cold_and_cached() {
         app.delete(&format!("/v1/sessions/{b}")).await;
     }
 }
+
+/// A one-package npm registry (in memory) served by a python3 of one of our images.
+const NPM_REGISTRY: &str = r#"
+import base64, hashlib, http.server, io, json, tarfile
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w:gz") as t:
+    for name, data in [
+        ("package/package.json", json.dumps({"name": "left-pad", "version": "1.3.0", "main": "index.js"}).encode()),
+        ("package/index.js", b"module.exports = function (s, n, c) { s = String(s); c = c || ' '; while (s.length < n) s = c + s; return s; };\n"),
+    ]:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+TGZ = buf.getvalue()
+class Registry(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.rstrip("/") == "/left-pad":
+            tarball = "http://%s/left-pad/-/left-pad-1.3.0.tgz" % self.headers["Host"]
+            dist = {"tarball": tarball, "shasum": hashlib.sha1(TGZ).hexdigest(),
+                    "integrity": "sha512-" + base64.b64encode(hashlib.sha512(TGZ).digest()).decode()}
+            body = json.dumps({"name": "left-pad", "dist-tags": {"latest": "1.3.0"},
+                               "versions": {"1.3.0": {"name": "left-pad", "version": "1.3.0", "dist": dist}}}).encode()
+        elif self.path == "/left-pad/-/left-pad-1.3.0.tgz":
+            body = TGZ
+        else:
+            self.send_response(404); self.end_headers(); return
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Registry).serve_forever()
+"#;
+
+/// Removes a container by name when dropped.
+struct ContainerGuard(String);
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
+}
+
+/// npm end to end, through a registry of our own on the fetchers' network (the public one is not
+/// reachable from the development host): fetched once, unpacked into the session's DENO_DIR, imported
+/// with no network; a second session gets it from the service's npm cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn npm_packages_from_a_registry_import_in_a_javascript_session() {
+    crate::helpers::ensure_images().await;
+    let name = format!("kernelbox-test-npm-registry-{}", std::process::id());
+    let image = format!("{}javascript:latest", crate::helpers::image_prefix());
+    let _guard = ContainerGuard(name.clone());
+    let run = std::process::Command::new("docker")
+        .args(["run", "-d", "--rm", "--name", &name, "--user", "1000:1000", &image, "python3", "-c", NPM_REGISTRY])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &name])
+        .output()
+        .unwrap();
+    let ip = String::from_utf8_lossy(&inspect.stdout).trim().to_owned();
+    assert!(!ip.is_empty(), "the registry has an address on the default bridge");
+    let registry = format!("http://{ip}:8000/");
+    let app = crate::helpers::spawn_app_with(crate::helpers::AppOptions {
+        packages: crate::helpers::packages(&["--npm-registry", &registry]),
+        ..Default::default()
+    })
+    .await;
+    let a = app.start("javascript").await;
+    let b = app.start("javascript").await;
+    let t = Instant::now();
+    let report = install_ok(&app, &a, &["left-pad@1.3.0"]).await;
+    println!("FIGURE npm install left-pad from a local registry, cold: {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(report["cached"], false);
+    assert_eq!(report["packages"][0]["version"], "1.3.0", "{report}");
+    assert_eq!(fetcher_containers(&app).await, 0);
+    let code = "import leftPad from \"npm:left-pad@1.3.0\";\nconsole.log(leftPad(\"x\", 4, \"-\"));";
+    let out = app.exec(&a, code).await;
+    assert_eq!(stdout(&out).trim(), "---x", "{out}");
+    let fetchers = fetchers_started(&app);
+    let report = install_ok(&app, &b, &["left-pad@1.3.0"]).await;
+    assert_eq!(report["cached"], true, "{report}");
+    assert_eq!(fetchers_started(&app), fetchers, "no fetcher for the second session");
+    let out = app.exec(&b, code).await;
+    assert_eq!(stdout(&out).trim(), "---x", "{out}");
+}
