@@ -12,6 +12,10 @@
 //! 4. [`install::install`] installs the planned wheels into the session's packages directory (a tmpfs on
 //!    the kernel's `PYTHONPATH`), as uid 1000, with no index.
 //!
+//! npm packages ([`npm`]) follow the same shape: the fetcher runs `deno cache npm:<spec>`, its Deno cache
+//! comes back as one archive into the service's npm cache, and `tar` in the session unpacks it into the
+//! kernel's `DENO_DIR`.
+//!
 //! This module reaches Docker only through [`ContainerRuntime`] and never opens a path a container can
 //! write: the cache is the service's own directory, read-only to every session, and absent from fetchers.
 
