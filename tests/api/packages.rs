@@ -394,3 +394,34 @@ async fn npm_packages_from_a_registry_import_in_a_javascript_session() {
     let out = app.exec(&b, code).await;
     assert_eq!(stdout(&out).trim(), "---x", "{out}");
 }
+
+/// A session taken from the warm pool was booted before anyone asked for it: it has the cache mount and
+/// the packages directory all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_session_installs_packages_too() {
+    let app = crate::helpers::spawn_app_with(crate::helpers::AppOptions {
+        pool: kernelbox::session::pool::PoolConfig {
+            targets: [("python".to_owned(), 1)].into_iter().collect(),
+            max_boots: 1,
+        },
+        ..Default::default()
+    })
+    .await;
+    let pooled = crate::helpers::eventually(Duration::from_secs(90), || async {
+        let languages = app.get("/v1/languages").await.1;
+        languages.as_array().unwrap().iter().any(|l| l["name"] == "python" && l["pool"]["ready"] == 1)
+    })
+    .await;
+    assert!(pooled, "the pool fills");
+    let id = app.start("python").await;
+    assert!(
+        app.containers()
+            .await
+            .iter()
+            .any(|c| c.labels.get("kernelbox.session") == Some(&id) && c.labels.contains_key("kernelbox.pool")),
+        "the session is the pooled kernel"
+    );
+    install_ok(&app, &id, &["six"]).await;
+    let out = app.exec(&id, "import six\nprint(six.PY3)").await;
+    assert_eq!(stdout(&out).trim(), "True", "{out}");
+}
