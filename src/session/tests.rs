@@ -510,3 +510,17 @@ async fn the_reaper_removes_a_fetcher_whose_fetch_is_over() {
     assert!(!h.runtime.container_ids().contains(&fetcher));
     assert_eq!(h.run(&id, "print:alive").await.stdout, "alive\n", "the session is untouched");
 }
+
+#[tokio::test]
+async fn an_execution_whose_idle_status_is_lost_ends_after_a_quiet_spell_marked_truncated() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let started = std::time::Instant::now();
+    let r = h.manager.execute(&owner(), &id, "noidle:flooded".into(), Some(60)).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Ok, "{r:?}");
+    assert_eq!(r.stdout, "flooded\n");
+    assert!(r.truncated, "output may have been lost with the idle status: {r:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it did not wait for its 60 s timeout");
+    let r = h.run(&id, "print:after").await;
+    assert_eq!((r.status, r.stdout.as_str(), r.truncated), (ExecStatus::Ok, "after\n", false));
+}
