@@ -100,10 +100,10 @@ mod tests {
         let path = tmp.path().join("a.tar");
         let mut builder = tar::Builder::new(std::fs::File::create(&path).unwrap());
         for p in [
-            "npm/registry.npmjs.org/left-pad/1.3.0/package.json",
-            "npm/registry.npmjs.org/left-pad/registry.json",
-            "npm/registry.npmjs.org/@std/fmt/1.0.2/package.json",
-            "npm/registry.npmjs.org/other/9.9.9/package.json",
+            "npm/registry.example/left-pad/1.3.0/package.json",
+            "npm/registry.example/left-pad/registry.json",
+            "npm/registry.example/@std/fmt/1.0.2/package.json",
+            "npm/registry.example/other/9.9.9/package.json",
         ] {
             let mut h = tar::Header::new_gnu();
             h.set_size(2);

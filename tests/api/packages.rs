@@ -76,7 +76,7 @@ try:
 except OSError as e:
     print("net:closed", e.errno)
 try:
-    socket.getaddrinfo("pypi.org", 443)
+    socket.getaddrinfo("example.com", 443)
     print("dns:open")
 except OSError:
     print("dns:closed")
