@@ -57,7 +57,7 @@ pub fn assert_detail(status: u16, v: &Value, expected_status: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn compat_session_api_as_its_readme_shows() {
-    let app = spawn_app_with(AppOptions { limits: limits(&["--default-timeout-s", "3"]), ..Default::default() }).await;
+    let app = spawn_app_with(AppOptions { limits: limits(&["--default-timeout-s", "10"]), ..Default::default() }).await;
 
     // 1. Start a session.
     let (status, v) = post_form(&app, "/start_session", &[("user_id", "user_test")]).await;
