@@ -413,8 +413,9 @@ impl KernelboxMcp {
         }
     }
 
-    #[tool(description = "Install packages into a session (e.g. pip packages for python). Sessions have \
-        no network; the server fetches the packages.")]
+    #[tool(description = "Install packages into a session: pip packages for python and python_scientific \
+        (`requests`, `pandas==2.2.*`), npm packages for javascript and typescript (`chalk@5`). The session has \
+        no network; the server fetches them. They import in the running kernel without a restart.")]
     async fn install_packages(
         &self,
         Parameters(args): Parameters<InstallArgs>,
@@ -503,14 +504,24 @@ impl ServerHandler for KernelboxMcp {
     }
 }
 
-/// Installing packages is another module's work in progress; this is the one place to wire it.
-async fn install_packages(
-    _manager: &SessionManager,
-    _owner: &Owner,
-    _id: &str,
-    _packages: &[String],
-) -> CallToolResult {
-    tool_error("installing packages is not available yet on this server".into())
+/// Installs through the manager (the server fetches, the sandbox installs); the outcome per package.
+async fn install_packages(manager: &SessionManager, owner: &Owner, id: &str, packages: &[String]) -> CallToolResult {
+    match manager.install_packages(owner, id, packages).await {
+        Ok(report) => {
+            let lines: Vec<String> = report
+                .packages
+                .iter()
+                .map(|p| match (&p.version, &p.error) {
+                    (_, Some(error)) => format!("{}: failed: {error}", p.spec),
+                    (Some(version), None) => format!("{} {version} installed", p.name),
+                    (None, None) => format!("{} installed", p.name),
+                })
+                .collect();
+            let text = if lines.is_empty() { "nothing to install".to_owned() } else { lines.join("\n") };
+            structured(text, to_value(&report), !report.ok)
+        }
+        Err(e) => failed(e),
+    }
 }
 
 /// The owner the HTTP request speaks for (set by the API-key middleware).

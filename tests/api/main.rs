@@ -17,6 +17,7 @@ mod languages;
 mod lifecycle;
 mod mcp;
 mod notebooks;
+mod packages;
 mod pool;
 mod process;
 mod requests_end_early;

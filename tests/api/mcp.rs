@@ -1,7 +1,7 @@
 //! `/mcp`: the MCP server as agents meet it, through the reference Python client (PyPI `mcp`, its
 //! streamable-HTTP client, run by `mcp_client.py`): tools listed with schemas, code run in every
 //! language, a matplotlib plot as image content, progress while code runs, stdin, files, another key's
-//! session refused, a cancelled call that interrupts the kernel; and the execute round trip measured
+//! session refused, a package installed, a cancelled call that interrupts the kernel; and the execute round trip measured
 //! against `/v1`'s.
 
 use std::time::{Duration, Instant};
@@ -97,7 +97,9 @@ async fn the_reference_client_runs_code_in_every_language_and_sees_only_its_own_
 
     assert!(text(&r["list"]).contains("in.txt"), "{}", r["list"]);
     assert_eq!(text(&r["download"]), "hello file");
-    assert_eq!(r["install"]["is_error"], true);
+    assert_eq!(r["install"]["is_error"], false, "{}", r["install"]);
+    assert!(text(&r["install"]).contains("six 1.16.0"), "{}", r["install"]);
+    assert_eq!(r["installed"]["text"], "six 1.16.0\n", "{}", r["installed"]);
 
     for refused in [&r["stranger"], &r["stranger_end"]] {
         assert_eq!(refused["is_error"], true, "{refused}");

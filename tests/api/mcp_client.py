@@ -109,7 +109,9 @@ async def main_scenario(base, key, other):
         await c.call("upload_file", session_id=sid, path="data/in.txt", content="hello file")
         report["list"] = await c.call("list_files", session_id=sid, path="data")
         report["download"] = await c.call("download_file", session_id=sid, path="data/in.txt")
-        report["install"] = await c.call("install_packages", session_id=sid, packages=["six"])
+        report["install"] = await c.call("install_packages", session_id=sid, packages=["six==1.16.0"])
+        r = await c.call("execute", session_id=sid, code="import six; print('six', six.__version__)")
+        report["installed"] = {"is_error": r["is_error"], "text": texts(r)}
 
         async with Client(base, other) as stranger:
             report["stranger"] = await stranger.call("execute", session_id=sid, code="print('not mine')")
