@@ -425,3 +425,46 @@ async fn a_pooled_session_installs_packages_too() {
     let out = app.exec(&id, "import six\nprint(six.PY3)").await;
     assert_eq!(stdout(&out).trim(), "True", "{out}");
 }
+
+/// An index that accepts connections and never answers: the install ends at the per-install time limit
+/// (504), the fetcher is gone, and the session is as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_that_hangs_ends_at_its_time_limit() {
+    crate::helpers::ensure_images().await;
+    let name = format!("kernelbox-test-stalling-index-{}", std::process::id());
+    let image = format!("{}python:latest", crate::helpers::image_prefix());
+    let _guard = ContainerGuard(name.clone());
+    let stall = "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                 s.bind(('0.0.0.0', 8000))\ns.listen(64)\nheld = []\nwhile True:\n    held.append(s.accept())";
+    let run = std::process::Command::new("docker")
+        .args(["run", "-d", "--rm", "--name", &name, "--label", "kernelbox.test=stall", "--user", "1000:1000"])
+        .args(["--entrypoint", "python3", &image, "-c", stall])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &name])
+        .output()
+        .unwrap();
+    let ip = String::from_utf8_lossy(&inspect.stdout).trim().to_owned();
+    assert!(!ip.is_empty(), "the stalling index has an address on the default bridge");
+    let index = format!("http://{ip}:8000/simple");
+    let app = crate::helpers::spawn_app_with(crate::helpers::AppOptions {
+        packages: crate::helpers::packages(&["--package-index-url", &index, "--package-timeout-s", "10"]),
+        ..Default::default()
+    })
+    .await;
+    let id = app.start("python").await;
+    let started = Instant::now();
+    let (status, report) = install(&app, &id, &["six"]).await;
+    println!("FIGURE an install against a stalling index ended after {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(status, 504, "{report}");
+    assert!(report["error"]["message"].is_string(), "{report}");
+    assert!(
+        crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+            fetcher_containers(&app).await == 0
+        })
+        .await
+    );
+    assert_eq!(stdout(&app.exec(&id, "print('alive')").await).trim(), "alive");
+}
