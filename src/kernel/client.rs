@@ -257,6 +257,12 @@ impl KernelClient {
         self.send(Channel::Control, "interrupt_request", json!({})).await
     }
 
+    /// Bytes read from the kernel so far on every channel, messages complete or not: a message still
+    /// arriving (a huge one, streamed through the HMAC) is activity too.
+    pub fn bytes_received(&self) -> u64 {
+        [&self.shell, &self.control, &self.iopub, &self.stdin].iter().map(|l| l.stream.bytes_in()).sum()
+    }
+
     /// The next valid message from any connection. Messages that fail their signature, do not parse or
     /// break the [`WireLimits`] are logged and skipped: a kernel cannot make us act on a message it could
     /// not have signed. A message cut to the limits has `dropped_bytes > 0`. An error means a connection

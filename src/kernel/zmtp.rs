@@ -114,6 +114,15 @@ pub struct ZmtpStream<S> {
     /// Encoded frames not yet written are `out[written..]`.
     out: Vec<u8>,
     written: usize,
+    /// Bytes read from the peer so far (a message still arriving shows as progress here).
+    bytes_in: u64,
+}
+
+impl<S> ZmtpStream<S> {
+    /// Bytes read from the peer so far, complete messages or not.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
@@ -129,6 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
             in_message: false,
             out: Vec::new(),
             written: 0,
+            bytes_in: 0,
         };
         stream.out.extend_from_slice(&greeting());
         stream.flush().await?;
@@ -244,6 +254,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
             return Err(if clean { ZmtpError::Closed } else { ZmtpError::Truncated });
         }
         self.end += n;
+        self.bytes_in += n as u64;
         Ok(())
     }
 

@@ -295,6 +295,8 @@ impl Actor {
         let mut abandoned = false;
         // Set once the reply came without its idle status: when the wait for it ends.
         let mut quiet: Option<Instant> = None;
+        // What the kernel had sent when the quiet wait was armed: bytes still arriving are not quiet.
+        let mut quiet_mark: u64 = 0;
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         loop {
             let wake = {
@@ -339,6 +341,7 @@ impl Actor {
                         }
                         if tracker.awaits_only_idle() {
                             quiet = Some(Instant::now() + IDLE_GRACE);
+                            quiet_mark = self.host.as_ref().map_or(0, |h| h.client.bytes_received());
                         }
                     }
                     Err(e) => {
@@ -349,6 +352,11 @@ impl Actor {
                     tracing::info!(session_id = %self.session.id, "execution timed out; interrupting the kernel");
                     self.interrupt().await;
                     grace = Some(Instant::now() + self.interrupt_grace);
+                }
+                Wake::IdleLost if self.host.as_ref().is_some_and(|h| h.client.bytes_received() != quiet_mark) => {
+                    // A message is still arriving (a huge one is read and dropped at wire speed): wait on.
+                    quiet = Some(Instant::now() + IDLE_GRACE);
+                    quiet_mark = self.host.as_ref().map_or(0, |h| h.client.bytes_received());
                 }
                 Wake::IdleLost => {
                     tracing::warn!(session_id = %self.session.id, "the kernel's idle status never came after its reply (IOPub dropped it?); ending the execution as truncated");

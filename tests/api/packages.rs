@@ -448,7 +448,9 @@ async fn an_install_that_hangs_ends_at_its_time_limit() {
         .unwrap();
     let ip = String::from_utf8_lossy(&inspect.stdout).trim().to_owned();
     assert!(!ip.is_empty(), "the stalling index has an address on the default bridge");
-    let index = format!("http://{ip}:8000/simple");
+    // https: pip ignores a plain-http index on a host it is not told to trust; a TLS handshake that never
+    // gets an answer hangs it for real.
+    let index = format!("https://{ip}:8000/simple");
     let app = crate::helpers::spawn_app_with(crate::helpers::AppOptions {
         packages: crate::helpers::packages(&["--package-index-url", &index, "--package-timeout-s", "10"]),
         ..Default::default()
