@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from queue import Empty
 
 import websocket  # websocket-client
 from jupyter_client import BlockingKernelClient
@@ -517,21 +518,23 @@ class Floor:
         # the heartbeat takes for a dead kernel. wait_for_ready re-sends kernel_info every second instead.
         kc.start_channels(hb=False)
         deadline = time.time() + 120
-        while True:  # kernel_info every 20 ms until one is answered (a request may be lost while it boots)
-            mid = kc.kernel_info()
+        while True:
+            # kernel_info every 20 ms until iopub carries a status for one (so both the shell and the iopub
+            # subscription are connected; a request may be lost while the kernel boots behind Docker's proxy)
+            kc.kernel_info()
             try:
-                r = kc.get_shell_msg(timeout=0.02)
-                while r["parent_header"].get("msg_id") != mid:
-                    r = kc.get_shell_msg(timeout=0.02)
+                kc.get_iopub_msg(timeout=0.02)
                 break
-            except Exception:  # noqa: BLE001  (queue.Empty)
+            except Empty:
                 if time.time() > deadline:
                     raise
-        while True:  # drain the replies to the earlier kernel_info requests
-            try:
-                kc.get_shell_msg(timeout=0.05)
-            except Exception:  # noqa: BLE001
-                break
+        time.sleep(0.1)
+        for get in (kc.get_shell_msg, kc.get_iopub_msg):  # drain what the kernel_info requests left
+            while True:
+                try:
+                    get(timeout=0.05)
+                except Empty:
+                    break
         floor_execute(kc)
         return kc, cid, time.perf_counter() - t0
 
