@@ -227,6 +227,32 @@ def _install_rich_caps(ip, limit):
     ip.events.register("pre_execute", _Cut.take)
 
 
+def _install_error_cap(ip, limit):
+    """An exception with a huge message (``raise ValueError('x' * 20_000_000)``) would make an error
+    message over the service's wire limit, which arrives with its name and value lost. Cut the value and
+    the traceback's lines to a share of the budget before the error is sent."""
+    show = ip._showtraceback
+    line_cap = max(limit // 8, 1024)
+    lines_cap = 200
+
+    def capped_showtraceback(etype, evalue, stb):
+        try:
+            text = str(evalue)
+        except Exception:
+            text = "<unprintable %s>" % getattr(etype, "__name__", "exception")
+        stb = list(stb or [])
+        if _utf8_len(text) <= line_cap and len(stb) <= lines_cap and all(_utf8_len(l) <= line_cap for l in stb):
+            return show(etype, evalue, stb)
+        if _utf8_len(text) > line_cap:
+            text = _prefix(text, line_cap) + " [kernelbox: message cut]"
+        if len(stb) > lines_cap:
+            stb = stb[: lines_cap // 2] + ["[kernelbox: %d traceback lines cut]" % (len(stb) - lines_cap)] + stb[-lines_cap // 2 :]
+        stb = [l if _utf8_len(l) <= line_cap else _prefix(l, line_cap) + " [kernelbox: line cut]" for l in stb]
+        return show(etype, text, stb)
+
+    ip._showtraceback = capped_showtraceback
+
+
 def _not_dumpable():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -243,6 +269,7 @@ def load_ipython_extension(ip):
     if not limit:
         return
     _install_rich_caps(ip, limit)
+    _install_error_cap(ip, limit)
     budget = OutputBudget(limit)
     for name in ("stdout", "stderr"):
         budget.install(name)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use kernelbox::config::{Cli, Command, HttpArgs, LimitArgs};
+use kernelbox::config::{Cli, Command, FileStoreArgs, HttpArgs, LimitArgs, PackageArgs};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::ImageBuilder;
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -59,7 +59,11 @@ pub async fn ensure_images() {
         .get_or_init(|| async {
             let builder = image_builder(docker().await);
             let mut err = std::io::stderr();
-            builder.build(&[], false, &mut err).await.expect("building the kernel images");
+            // KERNELBOX_TEST_LANGUAGES (comma-separated) builds only those, e.g. with a prefix of a branch's own.
+            let languages: Vec<String> = std::env::var("KERNELBOX_TEST_LANGUAGES")
+                .map(|l| l.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default();
+            builder.build(&languages, false, &mut err).await.expect("building the kernel images");
         })
         .await;
 }
@@ -79,14 +83,26 @@ pub fn limits(overrides: &[&str]) -> LimitArgs {
     serve_args(overrides).limits
 }
 
+/// Default package settings, with the given `--flag value` overrides.
+pub fn packages(overrides: &[&str]) -> PackageArgs {
+    serve_args(overrides).packages
+}
+
 /// Default HTTP settings (rate limit, slow-client timeouts), with the given `--flag value` overrides.
 pub fn http(overrides: &[&str]) -> HttpArgs {
     serve_args(overrides).http
 }
 
+/// Default file store settings (the `/jupyter` API's), with the given `--flag value` overrides.
+pub fn files_store(overrides: &[&str]) -> FileStoreArgs {
+    serve_args(overrides).files
+}
+
 pub struct AppOptions {
     pub limits: LimitArgs,
+    pub packages: PackageArgs,
     pub http: HttpArgs,
+    pub files: FileStoreArgs,
     pub api_keys: Vec<String>,
     pub keep_sessions: bool,
     /// Reuse an instance name and state directory (adoption tests).
@@ -106,8 +122,10 @@ impl Default for AppOptions {
     fn default() -> Self {
         AppOptions {
             limits: limits(&[]),
+            packages: packages(&[]),
             // Tests are quick clients, not abusers; the rate limit has its own tests.
             http: http(&["--rate-limit-per-minute", "0"]),
+            files: files_store(&[]),
             api_keys: vec![],
             keep_sessions: false,
             instance: None,
@@ -123,6 +141,8 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub manager: Arc<SessionManager>,
+    /// The `/jupyter` API's file store (tests drive its sweep).
+    pub store: Arc<kernelbox::store::FileStore>,
     pub instance: String,
     pub state_dir: std::path::PathBuf,
     shutdown: CancellationToken,
@@ -157,17 +177,23 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
             instance: instance.clone(),
             catalog: Catalog::new(image_prefix()),
             keep_sessions: options.keep_sessions,
+            packages: options
+                .packages
+                .validate(std::env::var("KERNELBOX_PIP_INDEX_URL").ok().or_else(context::detect_pip_index))
+                .expect("valid test package settings"),
             storage: options.storage,
             pool: options.pool,
         },
         api_keys: options.api_keys,
         http: options.http.validate().expect("valid test HTTP settings"),
+        files: options.files.validate().expect("valid test file store settings"),
         shutdown_grace: options.shutdown_grace,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = Application::build(listener, settings, runtime).await.expect("the app builds");
     let addr = app.local_addr().unwrap();
     let manager = app.manager();
+    let store = app.store();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -177,6 +203,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
         manager,
+        store,
         instance,
         state_dir,
         shutdown,
@@ -218,6 +245,20 @@ impl TestApp {
         let (status, v) = self.post("/v1/sessions", body).await;
         assert_eq!(status, 201, "start session: {v}");
         v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Starts a session with API key `key` and returns its id.
+    pub async fn start_as(&self, key: &str, language: &str) -> String {
+        let r = self
+            .client
+            .post(self.url("/v1/sessions"))
+            .bearer_auth(key)
+            .json(&json!({"language": language}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 201, "start a session as {key}");
+        r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
     }
 
     pub async fn exec(&self, id: &str, code: &str) -> Value {

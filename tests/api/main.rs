@@ -5,6 +5,8 @@ mod helpers;
 
 mod abuse;
 mod api_surface;
+mod compat_jupyter;
+mod compat_session;
 mod compose;
 mod execute;
 mod files;
@@ -13,6 +15,7 @@ mod hostile;
 mod languages;
 mod lifecycle;
 mod notebooks;
+mod packages;
 mod pool;
 mod process;
 mod requests_end_early;
