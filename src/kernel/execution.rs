@@ -2,7 +2,9 @@
 //! the output cap, and when the execution is complete.
 //!
 //! Pure logic over [`Message`]s, so it is tested without a kernel. An execution is complete when both its
-//! `execute_reply` (shell) and its `status: idle` (IOPub) have arrived: output may follow the reply.
+//! `execute_reply` (shell) and its `status: idle` (IOPub) have arrived: output may follow the reply. A
+//! kernel's IOPub queue drops messages when a flood fills it, and the idle status may be one of them: the
+//! session's task then ends the execution after a quiet spell following the reply ([`ExecutionTracker::idle_lost`]).
 //!
 //! # The output cap
 //!
@@ -236,6 +238,11 @@ impl ExecutionTracker {
             self.truncated = true;
         }
         let c = &msg.content;
+        // The kernel cut an output itself before sending it (the python images' extension does, see
+        // `images/python_core/kernelbox_ipython.py`); believing it costs nothing: it only marks this one.
+        if c.pointer("/metadata/kernelbox/truncated") == Some(&Value::Bool(true)) {
+            self.truncated = true;
+        }
         let display_id = c.pointer("/transient/display_id").and_then(Value::as_str);
         match (channel, msg.msg_type()) {
             (Channel::Shell, "execute_reply") => {
@@ -511,6 +518,19 @@ impl ExecutionTracker {
     /// Both the reply and the idle status have arrived.
     pub fn is_complete(&self) -> bool {
         self.reply.is_some() && self.idle_seen
+    }
+
+    /// The reply came but not (yet) the idle status: IOPub may still carry output.
+    pub fn awaits_only_idle(&self) -> bool {
+        self.reply.is_some() && !self.idle_seen
+    }
+
+    /// Completes an execution whose `status: idle` never came although its reply did: a kernel's IOPub
+    /// queue drops messages when it is full (ZeroMQ's high-water mark), the idle status among them. What
+    /// was dropped was output, so the execution is marked truncated.
+    pub fn idle_lost(&mut self) {
+        self.idle_seen = true;
+        self.truncated = true;
     }
 
     /// The reply's status and execution count, once it came. Its error is in [`Self::into_report`].
@@ -1211,6 +1231,37 @@ mod tests {
         feed(&mut t, Channel::IOPub, "status", json!({"execution_state": "idle"}));
         assert!(t.is_complete());
         assert_eq!(t.reply(), Some((ReplyStatus::Ok, Some(3))));
+    }
+
+    #[test]
+    fn a_lost_idle_status_completes_the_execution_as_truncated() {
+        let mut t = tracker();
+        assert!(!t.awaits_only_idle(), "nothing came yet");
+        feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "a\n"}));
+        feed(&mut t, Channel::Shell, "execute_reply", json!({"status": "ok", "execution_count": 1}));
+        assert!(t.awaits_only_idle());
+        t.idle_lost();
+        assert!(t.is_complete());
+        let report = t.into_report();
+        assert!(report.truncated, "output may have been dropped with the idle status");
+        assert_eq!(stream_text(&report.outputs, "stdout"), "a\n");
+    }
+
+    #[test]
+    fn an_output_the_kernel_cut_itself_makes_the_execution_truncated() {
+        let mut t = tracker();
+        let md = json!({"kernelbox": {"truncated": true, "message": "cut"}});
+        feed(
+            &mut t,
+            Channel::IOPub,
+            "execute_result",
+            json!({"execution_count": 1, "data": text("'xx'"), "metadata": md}),
+        );
+        assert!(t.truncated());
+        let mut t = tracker();
+        let md = json!({"kernelbox": {"truncated": "yes"}});
+        feed(&mut t, Channel::IOPub, "display_data", json!({"data": text("x"), "metadata": md}));
+        assert!(!t.truncated(), "only a boolean true counts");
     }
 
     #[test]

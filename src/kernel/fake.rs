@@ -6,7 +6,8 @@
 //!
 //! Code it understands: `sleep:<seconds>` (interruptible; an interrupt ends it with `KeyboardInterrupt`),
 //! `hang` (ignores interrupts), `error` (raises), `print:<text>` (stdout), `input:<prompt>` (asks on stdin
-//! and prints the answer), `big:<bytes>` (one stdout message of that many bytes); anything else is echoed
+//! and prints the answer), `big:<bytes>` (one stdout message of that many bytes), `noidle:<text>` (prints, then
+//! replies but never publishes its `status: idle`, like a kernel whose IOPub queue dropped it); anything else is echoed
 //! back as the execution's result.
 
 use std::path::{Path, PathBuf};
@@ -84,7 +85,7 @@ async fn run(dir: PathBuf, info: ConnectionInfo, interrupt: Arc<Notify>, stop: A
     let (exec_tx, mut exec_rx) = mpsc::unbounded_channel::<Message>();
     let (input_tx, input_rx) = mpsc::unbounded_channel::<Message>();
     // Shell requests run one at a time, like a kernel's main thread; control stays responsive.
-    let mut runner = Runner { count: 0, out: out_tx, interrupt: interrupt.clone(), input: input_rx };
+    let mut runner = Runner { count: 0, out: out_tx, interrupt: interrupt.clone(), input: input_rx, skip_idle: false };
     let runner = tokio::spawn(async move {
         while let Some(request) = exec_rx.recv().await {
             runner.handle_shell(&request).await;
@@ -217,6 +218,8 @@ struct Runner {
     interrupt: Arc<Notify>,
     /// `input_reply`s from stdin.
     input: mpsc::UnboundedReceiver<Message>,
+    /// The current request's `status: idle` is not sent (`noidle:`), as when a full IOPub queue drops it.
+    skip_idle: bool,
 }
 
 impl Runner {
@@ -244,7 +247,9 @@ impl Runner {
                 self.send(Out::Shell(reply_to(request, &reply_type, json!({"status": "ok"}))));
             }
         }
-        self.send(publish(request, "status", json!({"execution_state": "idle"})));
+        if !std::mem::take(&mut self.skip_idle) {
+            self.send(publish(request, "status", json!({"execution_state": "idle"})));
+        }
     }
 
     /// Runs `code`; returns the `execute_reply` content.
@@ -262,6 +267,10 @@ impl Runner {
                     reply
                 }
             }
+        } else if let Some(text) = code.strip_prefix("noidle:") {
+            self.skip_idle = true;
+            self.send(stdout(format!("{text}\n")));
+            json!({"status": "ok"})
         } else if code == "hang" {
             std::future::pending::<()>().await;
             unreachable!()

@@ -58,12 +58,18 @@ enum Ending {
 }
 
 /// What woke the execution loop.
+/// After the `execute_reply`, how long the kernel may be silent before the execution ends without its
+/// `status: idle`: a flood can make the kernel's own IOPub queue drop it (see `ExecutionTracker::idle_lost`).
+/// Every message received restarts the wait, so output still draining after the reply is kept.
+const IDLE_GRACE: Duration = Duration::from_secs(2);
+
 enum Wake {
     Cancelled,
     Died,
     Control(Control),
     Deadline,
     GraceOver,
+    IdleLost,
     Abandoned,
     Message(Box<Result<(crate::kernel::Channel, crate::kernel::wire::Message), KernelError>>),
 }
@@ -265,6 +271,8 @@ impl Actor {
         // Set once the time limit passed and the kernel was interrupted: the restart deadline.
         let mut grace: Option<Instant> = None;
         let mut abandoned = false;
+        // Set once the reply came without its idle status: when the wait for it ends.
+        let mut quiet: Option<Instant> = None;
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         loop {
             let wake = {
@@ -276,6 +284,7 @@ impl Actor {
                     Some(control) = self.inbox.control.recv() => Wake::Control(control),
                     _ = sleep_until(deadline), if grace.is_none() => Wake::Deadline,
                     _ = sleep_until(grace.unwrap_or(far)), if grace.is_some() => Wake::GraceOver,
+                    _ = sleep_until(quiet.unwrap_or(far)), if quiet.is_some() => Wake::IdleLost,
                     _ = reply.closed(), if interrupt_when_abandoned && !abandoned => Wake::Abandoned,
                     received = host.client.recv() => Wake::Message(Box::new(received)),
                 }
@@ -299,6 +308,9 @@ impl Actor {
                                 if grace.is_some() { Ending::TimedOut { restarted: false } } else { Ending::Complete };
                             return (ending, Some(tracker));
                         }
+                        if tracker.awaits_only_idle() {
+                            quiet = Some(Instant::now() + IDLE_GRACE);
+                        }
                     }
                     Err(e) => {
                         return (self.killed_or(format!("lost the kernel connection: {e}")).await, Some(tracker));
@@ -308,6 +320,13 @@ impl Actor {
                     tracing::info!(session_id = %self.session.id, "execution timed out; interrupting the kernel");
                     self.interrupt().await;
                     grace = Some(Instant::now() + self.interrupt_grace);
+                }
+                Wake::IdleLost => {
+                    tracing::warn!(session_id = %self.session.id, "the kernel's idle status never came after its reply (IOPub dropped it?); ending the execution as truncated");
+                    metrics::counter!("kernelbox_executions_idle_lost_total").increment(1);
+                    tracker.idle_lost();
+                    let ending = if grace.is_some() { Ending::TimedOut { restarted: false } } else { Ending::Complete };
+                    return (ending, Some(tracker));
                 }
                 Wake::GraceOver => {
                     tracing::warn!(session_id = %self.session.id, "the kernel ignored the interrupt; restarting it");

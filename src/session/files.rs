@@ -263,7 +263,12 @@ impl ToolOutput {
                     let room = MAX_STDERR.saturating_sub(self.stderr.len());
                     self.stderr.extend_from_slice(&b[..b.len().min(room)]);
                 }
-                Some(Err(e)) => return Err(e.into()),
+                // The exec's own connection broke (the container went away under it): the transfer was
+                // cut, which the caller sees as the end of the stream.
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "a file transfer's stream broke");
+                    return Ok(None);
+                }
             }
         }
     }
@@ -283,6 +288,13 @@ impl ToolOutput {
             }
             match self.next_stdout().await? {
                 Some(b) => line.extend_from_slice(&b),
+                // Silent: killed, not broken (a Python error always says why on stderr). The container
+                // stopped under the transfer (a DELETE, a restart of a dead session) or ran out of memory.
+                None if self.stderr.is_empty() => {
+                    return Err(FileError::NotRunning(
+                        "the transfer was cut: the session's container stopped or ran out of memory".into(),
+                    ));
+                }
                 None => return Err(FileError::Tool(self.broke("the tool ended without a header"))),
             }
         }

@@ -490,3 +490,17 @@ async fn a_full_quota_does_not_spend_a_pooled_kernel() {
     h.manager.shutdown().await;
     h.settles_empty().await;
 }
+
+#[tokio::test]
+async fn an_execution_whose_idle_status_is_lost_ends_after_a_quiet_spell_marked_truncated() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let started = std::time::Instant::now();
+    let r = h.manager.execute(&owner(), &id, "noidle:flooded".into(), Some(60)).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Ok, "{r:?}");
+    assert_eq!(r.stdout, "flooded\n");
+    assert!(r.truncated, "output may have been lost with the idle status: {r:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it did not wait for its 60 s timeout");
+    let r = h.run(&id, "print:after").await;
+    assert_eq!((r.status, r.stdout.as_str(), r.truncated), (ExecStatus::Ok, "after\n", false));
+}

@@ -24,16 +24,7 @@ async fn another_owners_session_is_not_found_whatever_the_verb() {
         ..Default::default()
     })
     .await;
-    let created = app
-        .client
-        .post(app.url("/v1/sessions"))
-        .bearer_auth("key-a")
-        .json(&json!({"language": "bash"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let id = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = app.start_as("key-a", "bash").await;
 
     let path = |tail: &str| app.url(&format!("/v1/sessions/{id}{tail}"));
     let as_b = [

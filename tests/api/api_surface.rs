@@ -87,16 +87,7 @@ async fn api_keys_guard_the_api_and_sessions_belong_to_their_key() {
     assert_eq!(wrong.status(), 401);
     assert_eq!(app.get("/healthz").await.0, 200, "health needs no key");
 
-    let created = app
-        .client
-        .post(app.url("/v1/sessions"))
-        .bearer_auth("key-a")
-        .json(&json!({"language": "python"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let id = created.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = app.start_as("key-a", "python").await;
 
     let mine =
         app.client.get(app.url(&format!("/v1/sessions/{id}"))).header("x-api-key", "key-a").send().await.unwrap();

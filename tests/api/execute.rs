@@ -177,3 +177,20 @@ async fn interrupt_stops_the_running_code() {
     assert_eq!(r["error"]["ename"], "KeyboardInterrupt");
     assert_eq!(result_text(&app.exec(&id, "2*21").await).as_deref(), Some("42"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exception_with_a_huge_message_keeps_its_name_and_a_cut_value() {
+    let app = spawn_app().await;
+    let id = app.start("python").await;
+    let v = app.exec(&id, "raise ValueError('x' * 20_000_000)").await;
+    assert_eq!(v["status"], "error", "{}", &v.to_string()[..500.min(v.to_string().len())]);
+    assert_eq!(v["error"]["ename"], "ValueError");
+    let evalue = v["error"]["evalue"].as_str().unwrap();
+    assert!(
+        evalue.starts_with("xxxx") && evalue.ends_with("[kernelbox: message cut]"),
+        "{}",
+        &evalue[evalue.len() - 60..]
+    );
+    assert!(v.to_string().len() <= 1 << 20, "within the output cap");
+    assert_eq!(app.exec(&id, "print('alive')").await["stdout"], "alive\n");
+}

@@ -248,16 +248,7 @@ async fn uploads_over_the_limit_are_413_and_a_full_disk_is_507_leaving_the_sessi
 #[tokio::test(flavor = "multi_thread")]
 async fn another_keys_session_files_are_not_found() {
     let app = spawn_app_with(AppOptions { api_keys: vec!["key-a".into(), "key-b".into()], ..Default::default() }).await;
-    let r = app
-        .client
-        .post(app.url("/v1/sessions"))
-        .bearer_auth("key-a")
-        .json(&json!({"language": "bash"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = app.start_as("key-a", "bash").await;
     let ok = app.client.put(files_url(&app, &id, "a.txt")).bearer_auth("key-a").body("mine").send().await.unwrap();
     assert_eq!(ok.status(), 201);
     for req in [
@@ -273,4 +264,31 @@ async fn another_keys_session_files_are_not_found() {
     assert_eq!(r.status(), 401, "no key at all");
     let mine = app.client.get(files_url(&app, &id, "a.txt")).bearer_auth("key-a").send().await.unwrap();
     assert_eq!(mine.bytes().await.unwrap().as_ref(), b"mine");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_deleted_under_a_transfer_is_a_conflict_not_a_server_error() {
+    let app = spawn_app().await;
+    let id = app.start("python").await;
+    // An upload that dribbles in for ~10 s.
+    let chunks = futures::stream::unfold(0u32, |i| async move {
+        if i == 100 {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        Some((Ok::<_, std::io::Error>(vec![7u8; 64 << 10]), i + 1))
+    });
+    let upload = app.client.put(files_url(&app, &id, "slow.bin")).body(reqwest::Body::wrap_stream(chunks)).send();
+    let delete = async {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        app.delete(&format!("/v1/sessions/{id}")).await
+    };
+    let (uploaded, deleted) = tokio::join!(upload, delete);
+    assert_eq!(deleted, 204);
+    if let Ok(r) = uploaded {
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert!((400..500).contains(&status), "a transfer cut by DELETE: {status} {body}");
+    }
+    assert!(app.containers().await.is_empty());
 }

@@ -220,6 +220,20 @@ impl TestApp {
         v["id"].as_str().unwrap().to_owned()
     }
 
+    /// Starts a session with API key `key` and returns its id.
+    pub async fn start_as(&self, key: &str, language: &str) -> String {
+        let r = self
+            .client
+            .post(self.url("/v1/sessions"))
+            .bearer_auth(key)
+            .json(&json!({"language": language}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 201, "start a session as {key}");
+        r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
     pub async fn exec(&self, id: &str, code: &str) -> Value {
         let (status, v) = self.post(&format!("/v1/sessions/{id}/execute"), json!({"code": code})).await;
         assert_eq!(status, 200, "execute: {v}");

@@ -466,9 +466,9 @@ async fn hostile_kernel_protocol_abuse_garbage_bad_signatures_forged_parents_flo
     assert_eq!(r["stdout"], "42\n", "nothing forged leaks into the next execution: {r}");
     api.assert_alive(&neighbour, "after forged messages").await;
 
-    // (d) 100k small messages in one execution: the answer comes, capped. (Observed: now and then the
-    // kernel's own IOPub queue drops the final `status: idle` under this flood, and the execution then
-    // ends only at its timeout, status `timeout`: hence a bounded timeout here and no status assertion.)
+    // (d) 100k small messages in one execution: the answer comes, capped. The kernel's own IOPub queue may
+    // drop the final `status: idle` under this flood (ZeroMQ's high-water mark); the service then ends the
+    // execution 2 s after the reply's last quiet moment, `ok` and truncated, instead of at its timeout.
     let started = Instant::now();
     let (status, body) =
         api.post_raw(&format!("/v1/sessions/{attacker}/execute"), json!({"code": FLOOD, "timeout_s": 180})).await;
@@ -482,6 +482,7 @@ async fn hostile_kernel_protocol_abuse_garbage_bad_signatures_forged_parents_flo
         r["duration_ms"]
     );
     assert_eq!(status, 200, "{}", &body[..body.len().min(2000)]);
+    assert_eq!(r["status"], "ok", "not the timeout: {}", &body[..body.len().min(2000)]);
     assert_eq!(r["truncated"], true, "the flood was capped: {}", &body[..body.len().min(2000)]);
     assert!(body.len() <= 1_153_434, "the response stays within ~1.1 MiB: {} B", body.len());
     assert_eq!(api.exec(&attacker, "print(6*7)").await["stdout"], "42\n", "the session works after the flood");
@@ -552,6 +553,75 @@ async fn hostile_one_600_mb_stream_message_is_capped_and_the_service_stays_small
     );
     assert_eq!(api.exec(&attacker, "print(6*7)").await["stdout"], "42\n");
     api.assert_alive(&neighbour, "after the 600 MB message").await;
+}
+
+/// Output floods a user can make with ordinary code, each in a python session with the default memory. What
+/// users get: the response arrives, within the cap, marked `truncated`, with the kernel's marker where it
+/// cut; the kernel survives with its state.
+const OUTPUT_FLOODS: &[(&str, &str)] = &[
+    ("200 MB in 1 MB writes, never flushed", "import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 1_000_000)"),
+    ("one print of 200 MB", "print('x' * 200_000_000)"),
+    (
+        "a 100 MB base64 PNG displayed raw",
+        "import base64, os\nfrom IPython.display import display\ndisplay({'image/png': base64.b64encode(os.urandom(75_000_000)).decode()}, raw=True)",
+    ),
+    (
+        "an IPython Image of 100 MB",
+        "import os\nfrom IPython.display import Image, display\ndisplay(Image(data=b'\\x89PNG\\r\\n\\x1a\\n' + os.urandom(100_000_000), format='png'))",
+    ),
+    ("a 200 MB str as the cell's result", "'x' * 200_000_000"),
+    ("a 200 MB bytes as the cell's result", "b'x' * 200_000_000"),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_output_floods_huge_prints_images_and_results_are_capped_and_the_kernel_lives() {
+    let dir = scratch("kbt");
+    let instance = new_instance("floods");
+    let _guard = InstanceGuard(instance.clone());
+    let service = service_process(&instance, dir.path(), &[], &[]).await;
+    let api = Api::of_process(&service);
+    let neighbour = api.start(json!({"language": "python"})).await;
+    api.assert_alive(&neighbour, "before").await;
+    let attacker = api.start(json!({"language": "python"})).await; // the default memory (512 MB)
+    api.exec(&attacker, "kept = 'state before the floods'").await;
+    let rss_before = service.rss_kib();
+    for (name, code) in OUTPUT_FLOODS {
+        service.reset_peak();
+        let started = Instant::now();
+        let (status, body) =
+            api.post_raw(&format!("/v1/sessions/{attacker}/execute"), json!({"code": code, "timeout_s": 300})).await;
+        let peak = service.peak_kib();
+        let r: Value = serde_json::from_str(&body).unwrap_or_default();
+        let kinds: Vec<String> = r["outputs"]
+            .as_array()
+            .map(|o| o.iter().map(|o| o["output_type"].as_str().unwrap_or("?").to_owned()).collect())
+            .unwrap_or_default();
+        let text = r["outputs"].to_string();
+        let marker = text.find("[kernelbox:").map(|i| text[i..].chars().take(120).collect::<String>());
+        eprintln!(
+            "FIGURE output flood ({name}): answered in {:?}, status {}, {} B response, truncated {}, outputs {kinds:?}, marker {marker:?}; service RSS peak {:.1} MiB (+{:.1} MiB)",
+            started.elapsed(),
+            r["status"],
+            body.len(),
+            r["truncated"],
+            mib(peak),
+            mib(peak.saturating_sub(rss_before))
+        );
+        assert_eq!(status, 200, "{name}: {}", &body[..body.len().min(2000)]);
+        assert_eq!(r["status"], "ok", "{name}: {}", &body[..body.len().min(2000)]);
+        assert_eq!(r["truncated"], true, "{name}: {}", &body[..body.len().min(2000)]);
+        assert!(body.len() <= 1_153_434, "{name}: the response stays within ~1.1 MiB: {} B", body.len());
+        assert!(marker.is_some(), "{name}: the user is told what was cut: {}", &body[..body.len().min(2000)]);
+        assert!(
+            peak < rss_before + 256 * 1024,
+            "{name}: the service's peak RSS grew by < 256 MiB: {peak} KiB from {rss_before} KiB"
+        );
+        let r = api.exec(&attacker, "print(kept)").await;
+        assert_eq!(r["stdout"], "state before the floods\n", "{name}: the kernel lived, with its state: {r}");
+    }
+    let (_, info) = api.get(&format!("/v1/sessions/{attacker}")).await;
+    eprintln!("FIGURE output floods: the session afterwards: {info}");
+    api.assert_alive(&neighbour, "after the output floods").await;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -854,16 +924,46 @@ libc = ctypes.CDLL(None, use_errno=True)
 r = libc.mount(b'none', b'/mnt', b'tmpfs', 0, None)
 res['mount_syscall'] = [r, errno.errorcode.get(ctypes.get_errno())]
 libc.ptrace.restype = ctypes.c_long
-def ptrace(pid):
+def ptrace(request, pid):
     ctypes.set_errno(0)
-    r = libc.ptrace(16, pid, None, None)  # PTRACE_ATTACH
+    r = libc.ptrace(request, pid, None, None)
     e = ctypes.get_errno()
-    if r == 0:
+    if r == 0 and request == 16:
         os.waitpid(pid, os.__dict__.get('WALL', 0x40000000))
         libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
     return [r, errno.errorcode.get(e)]
-res['ptrace_pid1'] = ptrace(1)
-res['ptrace_parent'] = ptrace(os.getppid())
+def read_mem(pid):
+    try:
+        with open('/proc/%d/maps' % pid) as f:
+            start = int(f.readline().split('-')[0], 16)
+        with open('/proc/%d/mem' % pid, 'rb', buffering=0) as f:
+            f.seek(start)
+            return ['ok', len(f.read(16))]
+    except OSError as e:
+        return ['error', errno.errorcode.get(e.errno)]
+# A process the session starts itself (a child of the kernel), and below a child that looks at the kernel.
+child = subprocess.Popen(['sleep', '60'])
+res['ptrace_pid1'] = ptrace(16, 1)  # PTRACE_ATTACH
+res['ptrace_parent'] = ptrace(16, os.getppid())
+res['ptrace_child'] = ptrace(16, child.pid)
+res['ptrace_traceme_in_child'] = subprocess.run(
+    ['python3', '-c', 'import ctypes, errno; l = ctypes.CDLL(None, use_errno=True); r = l.ptrace(0, 0, None, None); print(r, errno.errorcode.get(ctypes.get_errno()))'],
+    capture_output=True, text=True).stdout.split()
+iov = (ctypes.c_void_p * 2)(ctypes.cast(ctypes.create_string_buffer(16), ctypes.c_void_p), 16)
+libc.process_vm_readv.restype = ctypes.c_ssize_t
+ctypes.set_errno(0)
+r = libc.process_vm_readv(child.pid, iov, 1, iov, 1, 0)
+res['process_vm_readv_child'] = [r, errno.errorcode.get(ctypes.get_errno())]
+res['mem_parent_start_kernel'] = read_mem(os.getppid())
+res['mem_pid1_init'] = read_mem(1)
+res['mem_own_child'] = read_mem(child.pid)
+res['mem_kernel_from_its_child'] = subprocess.run(
+    ['python3', '-c', "import os\ntry:\n    open('/proc/%d/mem' % os.getppid(), 'rb'); print('ok')\nexcept OSError as e:\n    print(e.errno)"],
+    capture_output=True, text=True).stdout.strip()
+child.kill()
+child.wait()
+status = dict(l.split(':\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\t' in l)
+res['Seccomp_filters'] = status.get('Seccomp_filters', '').strip()
 try:
     res['ptrace_scope'] = open('/proc/sys/kernel/yama/ptrace_scope').read().strip()
 except OSError as e:
@@ -911,6 +1011,19 @@ async fn hostile_privileges_ptrace_mounts_and_the_neighbours_environment() {
         assert_eq!(facts[cap], "0000000000000000", "{cap}: {facts}");
     }
     assert_eq!(facts["NoNewPrivs"], "1");
+    // ptrace and its relatives: refused to every process of the session by start-kernel's seccomp filter
+    // (stacked on Docker's profile, which allows them).
+    assert_eq!(facts["Seccomp"], "2", "{facts}");
+    assert_eq!(facts["Seccomp_filters"], "2", "Docker's profile and start-kernel's filter: {facts}");
+    for probe in ["ptrace_pid1", "ptrace_parent", "ptrace_child", "process_vm_readv_child"] {
+        assert_eq!(facts[probe], json!([-1, "EPERM"]), "{probe}: {facts}");
+    }
+    assert_eq!(facts["ptrace_traceme_in_child"], json!(["-1", "EPERM"]), "{facts}");
+    // /proc/<pid>/mem: start-kernel and the python kernel are non-dumpable, so no other process of the
+    // session can open theirs. (Processes the session starts itself stay readable by their own uid's other
+    // processes: the host kernel has no Yama; see docs/security.md.)
+    assert_eq!(facts["mem_parent_start_kernel"], json!(["error", "EACCES"]), "{facts}");
+    assert_eq!(facts["mem_kernel_from_its_child"], "13", "EACCES: {facts}");
     assert_ne!(facts["mount_cli"][0], 0, "mount -t tmpfs failed: {facts}");
     assert_eq!(facts["mount_syscall"][0], -1, "mount(2) failed: {facts}");
     assert_eq!(facts["mount_syscall"][1], "EPERM", "{facts}");
@@ -937,8 +1050,11 @@ async fn hostile_privileges_ptrace_mounts_and_the_neighbours_environment() {
 // 8. Churn.
 
 #[tokio::test(flavor = "multi_thread")]
+/// KERNELBOX_CHURN_N sessions, 1,000 by default as the issue asks (976 s on the 2-core development machine
+/// while other builds ran, CPU-bound on container create/start/remove); `KERNELBOX_CHURN_N=200` for a
+/// quicker local run. Its figures are in docs/security.md.
 async fn hostile_churn_of_sessions_leaves_nothing_behind() {
-    let n: usize = std::env::var("KERNELBOX_CHURN_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: usize = std::env::var("KERNELBOX_CHURN_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let dir = scratch("kbt");
     let instance = new_instance("churn");
     let _guard = InstanceGuard(instance.clone());
