@@ -22,6 +22,7 @@
 //!      a side is not read while the other side cannot take more.
 //!   3. When either side of a relayed connection closes, it closes the other (after passing on what was
 //!      already read, for at most FLUSH) and connects again RETRY later (service first, then kernel).
+//!
 //! There is no heartbeat relay and no ready file: the service knows the kernel is up when its four
 //! connections arrive and kernel_info is answered.
 //!
@@ -59,7 +60,9 @@ kernel exits on its own this program exits with its status (128+N for signal N).
 ";
 
 const DEFAULT_DESCRIPTOR: &str = "/opt/kernelbox/kernel.json";
-const PRIVATE_DIR: &str = "/tmp/kernelbox";
+/// Where the kernel's private connection file (and its ipc sockets) go; `KERNELBOX_PRIVATE_DIR` (for tests
+/// on a host) overrides it.
+const DEFAULT_PRIVATE_DIR: &str = "/tmp/kernelbox";
 /// Relayed channels (no heartbeat); the kernel binds all five ports.
 const CHANNELS: [&str; 4] = ["shell_port", "iopub_port", "stdin_port", "control_port"];
 const PORT_KEYS: [&str; 5] = ["shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"];
@@ -744,10 +747,9 @@ impl Relay {
     fn step(&mut self, service: i16, kernel: i16, scratch: &mut [u8], now: Instant) -> bool {
         const ANY: i16 = POLLIN | POLLOUT | POLLERR | POLLHUP;
         if self.closing.is_none() {
-            for (revents, from, pipe) in [
-                (service, &mut self.service, &mut self.to_kernel),
-                (kernel, &mut self.kernel, &mut self.to_service),
-            ] {
+            for (revents, from, pipe) in
+                [(service, &mut self.service, &mut self.to_kernel), (kernel, &mut self.kernel, &mut self.to_service)]
+            {
                 if revents & ANY == 0 {
                     continue;
                 }
@@ -782,7 +784,10 @@ impl Relay {
 
 enum Channel {
     /// Not relaying: connects (service first) at `retry_at`; `warned` once the service refused.
-    Idle { retry_at: Instant, warned: bool },
+    Idle {
+        retry_at: Instant,
+        warned: bool,
+    },
     Relaying(Box<Relay>),
 }
 
@@ -807,6 +812,8 @@ struct Supervisor {
     cmd: Option<Cmd>,
     /// The running kernel, until it has been reaped.
     child: Option<Child>,
+    /// `DEFAULT_PRIVATE_DIR` or `KERNELBOX_PRIVATE_DIR`.
+    private_dir: String,
     exited: Option<ExitStatus>,
     /// Every read goes through this one chunk.
     scratch: Vec<u8>,
@@ -823,14 +830,26 @@ impl Supervisor {
             service.push(Addr::Unix(format!("{}-{}", ip, port)));
         }
         let tcp = desc.get("transport").and_then(Json::as_str).unwrap_or("ipc") == "tcp";
-        Ok(Supervisor { desc, conn, service, tcp, kernel: Vec::new(), signals, cmd: None, child: None, exited: None, scratch: vec![0; CHUNK] })
+        Ok(Supervisor {
+            desc,
+            conn,
+            service,
+            tcp,
+            kernel: Vec::new(),
+            signals,
+            cmd: None,
+            child: None,
+            exited: None,
+            scratch: vec![0; CHUNK],
+            private_dir: std::env::var("KERNELBOX_PRIVATE_DIR").unwrap_or_else(|_| DEFAULT_PRIVATE_DIR.to_owned()),
+        })
     }
 
     // --- kernel process ---
 
     /// The kernel's private connection file; also sets `self.kernel`.
     fn write_kernel_conn_file(&mut self) -> io::Result<String> {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(PRIVATE_DIR)?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.private_dir)?;
         let mut private = self.conn.clone();
         if self.tcp {
             // Free ports, new at each start (not the service's numbers: ports below 1024 would need a
@@ -843,7 +862,7 @@ impl Supervisor {
             }
             self.kernel = ports[..CHANNELS.len()].iter().map(|p| Addr::Tcp(*p)).collect();
         } else {
-            let ip = format!("{}/k", PRIVATE_DIR);
+            let ip = format!("{}/k", self.private_dir);
             private.set("transport", Json::Str("ipc".into()));
             private.set("ip", Json::Str(ip.clone()));
             let port = |key: &str| self.conn.get(key).and_then(Json::as_port).unwrap_or(0);
@@ -853,7 +872,7 @@ impl Supervisor {
                 let _ = std::fs::remove_file(format!("{}-{}", ip, port(key)));
             }
         }
-        let path = format!("{}/connection.json", PRIVATE_DIR);
+        let path = format!("{}/connection.json", self.private_dir);
         let tmp = format!("{}.tmp", path);
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(private.dump(None).as_bytes())?;
@@ -1006,11 +1025,7 @@ impl Supervisor {
 
     fn log_connecting(&self, started: Instant) {
         let names: Vec<String> = self.service.iter().map(|a| a.to_string()).collect();
-        log(&format!(
-            "kernel ready ({:.2} s); connecting to {}",
-            started.elapsed().as_secs_f64(),
-            names.join(", ")
-        ));
+        log(&format!("kernel ready ({:.2} s); connecting to {}", started.elapsed().as_secs_f64(), names.join(", ")));
     }
 
     /// One kernel's lifetime: relays until a command or the kernel's exit. Returns the relays still open.
@@ -1188,8 +1203,7 @@ fn copy_tree(src: &std::path::Path, dest: &std::path::Path) -> io::Result<()> {
 }
 
 fn describe(desc: &Json) -> String {
-    let fields =
-        DESCRIBE_KEYS.iter().map(|k| (k.to_string(), desc.get(k).cloned().unwrap_or(Json::Null))).collect();
+    let fields = DESCRIBE_KEYS.iter().map(|k| (k.to_string(), desc.get(k).cloned().unwrap_or(Json::Null))).collect();
     Json::Obj(fields).dump(Some(2))
 }
 
