@@ -131,6 +131,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub http: HttpArgs,
     #[command(flatten)]
+    pub files: FileStoreArgs,
+    #[command(flatten)]
     pub images: ImageArgs,
 }
 
@@ -149,6 +151,43 @@ pub struct HttpArgs {
     /// Seconds a client has to send a whole request body (then 408).
     #[arg(long, env = "KERNELBOX_BODY_READ_TIMEOUT_S", default_value_t = 60)]
     pub body_read_timeout_s: u64,
+}
+
+/// The `/jupyter` API's file store: uploaded files and files executions return, each with a lifetime.
+#[derive(Debug, Clone, Args)]
+pub struct FileStoreArgs {
+    /// Where the file store keeps its files (default `<state-dir>/files`). Like the state directory, the
+    /// same path for the service and the Docker engine: sessions mount their owner's folder read-only.
+    #[arg(long, env = "KERNELBOX_FILES_DIR")]
+    pub files_dir: Option<PathBuf>,
+    /// The disk all stored files may use together, MiB (then 507).
+    #[arg(long, env = "KERNELBOX_FILES_MAX_MB", default_value_t = 1024)]
+    pub files_max_mb: u64,
+    /// How many files may be stored at once, all owners together (then 507).
+    #[arg(long, env = "KERNELBOX_FILES_MAX_COUNT", default_value_t = 10_000)]
+    pub files_max_count: u64,
+}
+
+/// The checked file store settings.
+#[derive(Debug, Clone)]
+pub struct FileStoreSettings {
+    /// `None`: `<state-dir>/files`.
+    pub dir: Option<PathBuf>,
+    pub max_bytes: u64,
+    pub max_files: u64,
+}
+
+impl FileStoreArgs {
+    pub fn validate(&self) -> Result<FileStoreSettings, ConfigError> {
+        if self.files_max_mb == 0 || self.files_max_count == 0 {
+            return Err(ConfigError("--files-max-mb and --files-max-count must be at least 1".into()));
+        }
+        Ok(FileStoreSettings {
+            dir: self.files_dir.clone(),
+            max_bytes: self.files_max_mb << 20,
+            max_files: self.files_max_count,
+        })
+    }
 }
 
 /// The checked HTTP settings.

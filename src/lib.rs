@@ -7,7 +7,8 @@
 //! - [`kernel`] — the Jupyter wire protocol over ZeroMQ; knows nothing of HTTP or Docker.
 //! - [`runtime`] — the container runtime trait, its Docker implementation (the only bollard user) and a fake.
 //! - [`images`] — the kernel images and their builder.
-//! - [`reaper`] — the scheduler job that removes idle sessions.
+//! - [`store`] — the `/jupyter` API's files with a lifetime, kept by the service on the host.
+//! - [`reaper`] — the scheduler jobs that remove idle sessions and expired stored files.
 //! - [`telemetry`] — the log setup.
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod kernel;
 pub mod reaper;
 pub mod runtime;
 pub mod session;
+pub mod store;
 pub mod telemetry;
 
 use std::sync::Arc;
@@ -36,6 +38,8 @@ pub enum ServeError {
     StateDir { path: String, source: std::io::Error },
     #[error("could not recover sessions from an earlier run: {0}")]
     Recover(#[from] session::SessionError),
+    #[error("could not open the file store {path}: {source}")]
+    FileStore { path: String, source: std::io::Error },
     #[error("the reaper did not start: {0}")]
     Reaper(#[from] tokio_cron_scheduler::JobSchedulerError),
     #[error("the HTTP server failed: {0}")]
@@ -49,6 +53,8 @@ pub struct Settings {
     pub api_keys: Vec<String>,
     /// Rate limit and slow-client timeouts.
     pub http: config::HttpLimits,
+    /// The `/jupyter` API's file store.
+    pub files: config::FileStoreSettings,
     /// How long in-flight calls may finish after a shutdown signal before they are cut short.
     pub shutdown_grace: Duration,
 }
@@ -57,6 +63,7 @@ pub struct Settings {
 pub struct Application {
     listener: TcpListener,
     manager: Arc<SessionManager>,
+    store: Arc<store::FileStore>,
     scheduler: tokio_cron_scheduler::JobScheduler,
     router: axum::Router,
     header_read_timeout: Duration,
@@ -78,13 +85,20 @@ impl Application {
         let manager = SessionManager::new(runtime, settings.manager);
         let (adopted, removed) = manager.recover().await?;
         tracing::info!(adopted, removed, "recovered sessions from an earlier run");
+        let files_dir = settings.files.dir.clone().unwrap_or_else(|| state_dir.join("files"));
+        let store = store::FileStore::open(&files_dir, settings.files.max_bytes, settings.files.max_files)
+            .map_err(|source| ServeError::FileStore { path: files_dir.display().to_string(), source })?;
+        let store = Arc::new(store);
         manager.start_pool();
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
+        reaper::add_store_sweep(&scheduler, store.clone(), reap_every).await?;
         let keys = api::auth::Keys::new(&settings.api_keys);
-        let router = api::router(AppState { manager: manager.clone() }, keys, &settings.http);
+        let state = AppState { manager: manager.clone(), store: store.clone() };
+        let router = api::router(state, keys, &settings.http);
         Ok(Application {
             listener,
             manager,
+            store,
             scheduler,
             router,
             header_read_timeout: settings.http.header_read_timeout,
@@ -101,10 +115,16 @@ impl Application {
         self.manager.clone()
     }
 
+    /// The `/jupyter` API's file store (tests drive its sweep through it).
+    pub fn store(&self) -> Arc<store::FileStore> {
+        self.store.clone()
+    }
+
     /// Serves until `shutdown` is cancelled; then stops accepting, gives in-flight calls a grace period,
     /// cuts the rest short and stops every session (removing its container unless configured to keep it).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ServeError> {
-        let Application { listener, manager, mut scheduler, router, header_read_timeout, shutdown_grace } = self;
+        let Application { listener, manager, store: _, mut scheduler, router, header_read_timeout, shutdown_grace } =
+            self;
         let server = tokio::spawn(api::serve::serve(listener, router, header_read_timeout, shutdown.clone()));
         let mut server = std::pin::pin!(server);
         tokio::select! {

@@ -96,6 +96,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     args.check_exposure()?;
     let limits = args.limits.validate()?;
     let http = args.http.validate()?;
+    let files = args.files.validate()?;
     let pool = args.pool_config()?;
     if let Some(dir) = &args.datasets_dir {
         // Docker would create a missing bind source as an empty root-owned folder: say so instead.
@@ -143,6 +144,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
         },
         api_keys: args.api_keys.clone(),
         http,
+        files,
         shutdown_grace: Duration::from_secs(10),
     };
     let shutdown = CancellationToken::new();

@@ -1,6 +1,7 @@
 //! The idle reaper: a tokio-cron-scheduler job that calls [`SessionManager::reap_once`] at a fixed
-//! interval. The decisions live in `reap_once(now)` so tests drive them directly; the manager keeps runs
-//! from overlapping (the scheduler itself would start a new run while one is still going).
+//! interval, and the file store's sweep of expired files ([`FileStore::sweep`]), another job. The
+//! decisions live in `reap_once(now)` and `sweep(now)` so tests drive them directly; the manager keeps
+//! runs from overlapping (the scheduler itself would start a new run while one is still going).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
 use crate::session::SessionManager;
+use crate::store::FileStore;
 
 /// Starts the reaper; shut it down with [`JobScheduler::shutdown`].
 pub async fn start(manager: Arc<SessionManager>, every: Duration) -> Result<JobScheduler, JobSchedulerError> {
@@ -24,4 +26,33 @@ pub async fn start(manager: Arc<SessionManager>, every: Duration) -> Result<JobS
     scheduler.add(job).await?;
     scheduler.start().await?;
     Ok(scheduler)
+}
+
+/// Adds the file store's sweep (expired files removed) to the scheduler, at the same interval.
+pub async fn add_store_sweep(
+    scheduler: &JobScheduler,
+    store: Arc<FileStore>,
+    every: Duration,
+) -> Result<(), JobSchedulerError> {
+    let job = Job::new_repeated_async(every, move |_id, _scheduler| {
+        let store = store.clone();
+        Box::pin(async move {
+            // Directory walks and unlinks: off the async workers.
+            let report = tokio::task::spawn_blocking(move || {
+                let report = store.sweep(chrono::Utc::now().timestamp());
+                let (bytes, files) = store.usage();
+                metrics::gauge!("kernelbox_file_store_bytes").set(bytes as f64);
+                metrics::gauge!("kernelbox_file_store_files").set(files as f64);
+                report
+            })
+            .await;
+            if let Ok(report) = report
+                && report.removed > 0
+            {
+                tracing::info!(removed = report.removed, bytes = report.bytes, "expired stored files removed");
+            }
+        })
+    })?;
+    scheduler.add(job).await?;
+    Ok(())
 }

@@ -29,7 +29,7 @@ pub struct ListQuery {
 
 /// List a directory of the session's working directory: name, size, kind (`file`, `directory`,
 /// `symlink`, `other`) and modification time of each entry. Symlinks are listed, never followed.
-#[utoipa::path(get, path = "/v1/sessions/{id}/files", tag = "files", params(ListQuery),
+#[utoipa::path(get, path = "/v1/sessions/{id}/files", operation_id = "list_files", tag = "files", params(ListQuery),
     responses((status = 200, body = Listing), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn list(
@@ -101,7 +101,7 @@ pub async fn upload(
 }
 
 /// Delete a file, a symlink (not its target) or a directory with its contents.
-#[utoipa::path(delete, path = "/v1/sessions/{id}/files/{path}", tag = "files",
+#[utoipa::path(delete, path = "/v1/sessions/{id}/files/{path}", operation_id = "delete_file", tag = "files",
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn delete(

@@ -6,12 +6,15 @@
 
 pub mod auth;
 pub mod body;
+pub mod compat;
 pub mod execute;
 pub mod extract;
 pub mod files;
 pub mod json_errors;
+pub mod jupyter_compat;
 pub mod rate_limit;
 pub mod serve;
+pub mod session_compat;
 pub mod sessions;
 pub mod system;
 
@@ -20,7 +23,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Request, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -35,6 +38,8 @@ use crate::session::SessionManager;
 #[derive(Clone)]
 pub struct AppState {
     pub manager: Arc<SessionManager>,
+    /// The `/jupyter` API's files.
+    pub store: Arc<crate::store::FileStore>,
 }
 
 /// The largest request body we read (code and uploads).
@@ -46,8 +51,11 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
         execute::execute, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
+        session_compat::start_session, session_compat::execute, session_compat::install_package, session_compat::reset,
+        session_compat::end_session, jupyter_compat::list_kernel_specs, jupyter_compat::execute, jupyter_compat::upload,
+        jupyter_compat::upload_long, jupyter_compat::download, jupyter_compat::health, jupyter_compat::health_root,
     ),
-    components(schemas(crate::error::ErrorBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
+    components(schemas(crate::error::ErrorBody, compat::DetailBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
     modifiers(&Security),
 )]
 pub struct ApiDoc;
@@ -80,8 +88,8 @@ fn known_languages(openapi: &mut utoipa::openapi::OpenApi) {
     }
 }
 
-/// What the middleware in front of every `/v1` operation may answer, written once here rather than on
-/// each handler: the key (401), the rate limit (429 with `Retry-After`) and, with a body, the body limits.
+/// What the middleware in front of every `/v1` and compatibility operation may answer, written once here
+/// rather than on each handler: the key (401), the rate limit (429 with `Retry-After`) and, with a body, the body limits.
 fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::security::SecurityRequirement;
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
@@ -91,7 +99,22 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
             .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
             .build()
     };
-    for item in openapi.paths.paths.iter_mut().filter_map(|(path, item)| path.starts_with("/v1/").then_some(item)) {
+    let detail = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new().schema(Some(Ref::from_schema_name("DetailBody"))).build(),
+            )
+            .build()
+    };
+    let guarded = |path: &str| {
+        let open = ["/healthz", "/readyz", "/metrics", "/health", "/jupyter/health"];
+        !open.contains(&path) && !path.starts_with("/docs") && path != "/openapi.json"
+    };
+    for (path, item) in openapi.paths.paths.iter_mut().filter(|(path, _)| guarded(path)) {
+        let compat = !path.starts_with("/v1/");
+        let error = |description: &str| if compat { detail(description) } else { error(description) };
         for op in
             [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
         {
@@ -105,7 +128,11 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
             add("401", "no API key, or not a valid one (when the server has keys)");
             add("429", "too many requests for this API key (see `Retry-After`), or a limit of the server");
             let json_body = matches!(&op.request_body, Some(utoipa::openapi::RefOr::T(b)) if b.content.contains_key("application/json"));
-            if json_body {
+            if op.request_body.is_some() && compat {
+                add("408", "the body did not arrive in time");
+                add("413", "the body is larger than 16 MiB");
+                add("422", "the body is not what this operation takes, or asks for something not allowed");
+            } else if json_body {
                 add("400", "the body is not valid JSON for this operation");
                 add("408", "the body did not arrive in time");
                 add("413", "the body is larger than 16 MiB");
@@ -137,9 +164,28 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
                 .route("/sessions/{id}/files/{*path}", get(files::download).put(files::upload).delete(files::delete))
                 .layer(DefaultBodyLimit::disable()),
         )
-        .layer(axum::middleware::from_fn_with_state(access, auth::require_key));
+        .layer(axum::middleware::from_fn_with_state(access.clone(), auth::require_key));
+    // The two compatibility APIs: behind the same key and limits, bodies read whole (forms and JSON as
+    // their clients send them), every error as FastAPI's `{"detail": ...}`.
+    let compat = Router::new()
+        .route("/start_session", post(session_compat::start_session))
+        .route("/execute", post(session_compat::execute))
+        .route("/install_package", post(session_compat::install_package))
+        .route("/reset", post(session_compat::reset))
+        .route("/end_session", post(session_compat::end_session))
+        .route("/jupyter/list_kernel_specs", get(jupyter_compat::list_kernel_specs))
+        .route("/jupyter/execute", post(jupyter_compat::execute))
+        .route("/jupyter/files", put(jupyter_compat::upload))
+        .route("/jupyter/files/long-lifetime", put(jupyter_compat::upload_long))
+        .route("/jupyter/files/{name}", get(jupyter_compat::download))
+        .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
+        .layer(axum::middleware::from_fn_with_state(access, auth::require_key))
+        .route("/health", get(jupyter_compat::health_root))
+        .route("/jupyter/health", get(jupyter_compat::health))
+        .layer(axum::middleware::map_response(compat::detail_errors));
     Router::new()
         .nest("/v1", v1)
+        .merge(compat)
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics_text))
@@ -175,6 +221,22 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Clients and tools (the fuzzer's link inference among them) address operations by id: one each.
+    #[test]
+    fn every_operation_has_its_own_id() {
+        let doc = ApiDoc::openapi();
+        let mut seen = std::collections::BTreeMap::new();
+        for (path, item) in &doc.paths.paths {
+            for op in [&item.get, &item.put, &item.post, &item.delete, &item.patch].into_iter().flatten() {
+                let id = op.operation_id.clone().unwrap_or_default();
+                assert!(!id.is_empty(), "{path} has an operation without an id");
+                if let Some(other) = seen.insert(id.clone(), path.clone()) {
+                    panic!("operation id `{id}` is used by both {other} and {path}");
+                }
+            }
+        }
+    }
 
     /// The OpenAPI document is generated from the code and kept in `docs/openapi.json`, so that every API
     /// change is a visible diff. After an intended change: `KERNELBOX_UPDATE_OPENAPI=1 cargo test openapi`.

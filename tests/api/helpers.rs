@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use kernelbox::config::{Cli, Command, HttpArgs, LimitArgs};
+use kernelbox::config::{Cli, Command, FileStoreArgs, HttpArgs, LimitArgs};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::ImageBuilder;
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -84,9 +84,15 @@ pub fn http(overrides: &[&str]) -> HttpArgs {
     serve_args(overrides).http
 }
 
+/// Default file store settings (the `/jupyter` API's), with the given `--flag value` overrides.
+pub fn files_store(overrides: &[&str]) -> FileStoreArgs {
+    serve_args(overrides).files
+}
+
 pub struct AppOptions {
     pub limits: LimitArgs,
     pub http: HttpArgs,
+    pub files: FileStoreArgs,
     pub api_keys: Vec<String>,
     pub keep_sessions: bool,
     /// Reuse an instance name and state directory (adoption tests).
@@ -108,6 +114,7 @@ impl Default for AppOptions {
             limits: limits(&[]),
             // Tests are quick clients, not abusers; the rate limit has its own tests.
             http: http(&["--rate-limit-per-minute", "0"]),
+            files: files_store(&[]),
             api_keys: vec![],
             keep_sessions: false,
             instance: None,
@@ -123,6 +130,8 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub manager: Arc<SessionManager>,
+    /// The `/jupyter` API's file store (tests drive its sweep).
+    pub store: Arc<kernelbox::store::FileStore>,
     pub instance: String,
     pub state_dir: std::path::PathBuf,
     shutdown: CancellationToken,
@@ -162,12 +171,14 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         },
         api_keys: options.api_keys,
         http: options.http.validate().expect("valid test HTTP settings"),
+        files: options.files.validate().expect("valid test file store settings"),
         shutdown_grace: options.shutdown_grace,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = Application::build(listener, settings, runtime).await.expect("the app builds");
     let addr = app.local_addr().unwrap();
     let manager = app.manager();
+    let store = app.store();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -177,6 +188,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
         manager,
+        store,
         instance,
         state_dir,
         shutdown,

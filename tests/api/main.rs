@@ -5,6 +5,8 @@ mod helpers;
 
 mod abuse;
 mod api_surface;
+mod compat_jupyter;
+mod compat_session;
 mod compose;
 mod execute;
 mod files;

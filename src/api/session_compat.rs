@@ -1,0 +1,280 @@
+//! The session API (paths at the root), as its original clients call it: `POST /start_session` (form
+//! `user_id`), `/execute` (JSON `user_id`, `code`), `/install_package` (JSON `user_id`, `package_name`),
+//! `/reset` and `/end_session` (form `user_id`); answers and errors (`{"detail": ...}`) in the original's
+//! shapes. An adapter: one python session per user id and API key, found by its metadata
+//! (`kernelbox.user_id`), which the session's container labels keep, so a restarted service that adopts
+//! its sessions still finds them. The idle reaper applies as to any session.
+
+use std::collections::BTreeMap;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::compat::{DetailBody, DetailError, FormFields, LaxJson, person_text, traceback_text};
+use crate::session::{ExecStatus, Owner, SessionExtras, SessionInfo, SessionRequest, SessionStatus};
+
+/// The metadata key that names a session's user.
+pub const USER_KEY: &str = "kernelbox.user_id";
+/// The metadata key that says which API made a session (`session`).
+pub const API_KEY: &str = "kernelbox.api";
+/// The language of the session API's sessions.
+const LANGUAGE: &str = "python";
+
+/// A checked user id: 1 to 64 of `[A-Za-z0-9_.-]`, not starting with `.`. It becomes part of a path
+/// (the notebook's), a label and a name, so nothing else gets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn parse(raw: &str) -> Result<UserId, DetailError> {
+        let ok = (1..=64).contains(&raw.len())
+            && !raw.starts_with('.')
+            && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if ok {
+            Ok(UserId(raw.to_owned()))
+        } else {
+            Err(DetailError::invalid(
+                "user_id must be 1 to 64 characters of letters, digits, `_`, `.` and `-`, not starting with `.`",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The user's live session (the oldest, should two starts have raced), if any.
+fn find(state: &AppState, owner: &Owner, user: &UserId) -> Option<SessionInfo> {
+    state
+        .manager
+        .list(owner)
+        .into_iter()
+        .filter(|s| {
+            s.metadata.get(USER_KEY).map(String::as_str) == Some(user.as_str())
+                && s.metadata.get(API_KEY).map(String::as_str) == Some("session")
+        })
+        .min_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)))
+}
+
+fn require(state: &AppState, owner: &Owner, user: &UserId) -> Result<SessionInfo, DetailError> {
+    find(state, owner, user).ok_or_else(|| {
+        DetailError::new(
+            StatusCode::NOT_FOUND,
+            format!("no active session for user_id `{}`: POST /start_session first", user.as_str()),
+        )
+    })
+}
+
+/// The notebook's path under the notebooks folder: `<user>/notebook_<user>.ipynb`.
+fn notebook(user: &UserId) -> String {
+    format!("{0}/notebook_{0}.ipynb", user.as_str())
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct StartSessionResponse {
+    /// `Session started successfully`.
+    pub message: &'static str,
+    /// Where the session's notebook is, as the deployment sees it.
+    pub notebook_path: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MessageResponse {
+    pub message: String,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct UserForm {
+    /// 1 to 64 letters, digits, `_`, `.` or `-`, not starting with `.`.
+    pub user_id: String,
+}
+
+/// Start a python session for `user_id` (a form field), or keep the one it has: the same session and
+/// container, state and files.
+#[utoipa::path(post, path = "/start_session", operation_id = "session_api_start_session", tag = "session API",
+    request_body(content = UserForm, content_type = "multipart/form-data"),
+    responses((status = 200, body = StartSessionResponse), (status = 422, body = DetailBody),
+        (status = 429, body = DetailBody), (status = 503, body = DetailBody)))]
+pub async fn start_session(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    form: FormFields,
+) -> Result<Json<StartSessionResponse>, DetailError> {
+    let user = UserId::parse(form.required("user_id")?)?;
+    let answer = || StartSessionResponse {
+        message: "Session started successfully",
+        notebook_path: format!(
+            "{}/{}",
+            state.manager.storage().notebooks_public_path.trim_end_matches('/'),
+            notebook(&user)
+        ),
+    };
+    if let Some(existing) = find(&state, &owner, &user) {
+        if existing.status != SessionStatus::Dead {
+            return Ok(Json(answer()));
+        }
+        // A dead kernel (e.g. out of memory) is of no use: the user gets a fresh session.
+        let _ = state.manager.delete(&owner, existing.id.as_str()).await;
+    }
+    let metadata = BTreeMap::from([(USER_KEY.to_owned(), user.0.clone()), (API_KEY.to_owned(), "session".to_owned())]);
+    let request = SessionRequest { language: LANGUAGE.into(), metadata: Some(metadata), ..Default::default() };
+    let extras = SessionExtras { notebook: Some(notebook(&user)), mounts: Vec::new() };
+    let created = state.manager.create_with(owner.clone(), request, extras).await?;
+    // Two starts at once for one user: the oldest session is the user's, the others go.
+    if let Some(first) = find(&state, &owner, &user)
+        && first.id != created.id
+    {
+        let _ = state.manager.delete(&owner, created.id.as_str()).await;
+    }
+    Ok(Json(answer()))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct ExecuteBody {
+    /// 1 to 64 letters, digits, `_`, `.` or `-`, not starting with `.`.
+    pub user_id: String,
+    pub code: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ExecuteOutput {
+    /// What a person would see: printed text, results and displays as text.
+    pub output: String,
+}
+
+/// Run code in the user's session. An error in the code is a 400 whose `detail` is the traceback; a
+/// timeout is a 408 (the kernel is interrupted, the session keeps its state); no session is a 404.
+#[utoipa::path(post, path = "/execute", operation_id = "session_api_execute", tag = "session API", request_body = ExecuteBody,
+    responses((status = 200, body = ExecuteOutput), (status = 400, body = DetailBody), (status = 404, body = DetailBody),
+        (status = 408, body = DetailBody), (status = 422, body = DetailBody), (status = 429, body = DetailBody)))]
+pub async fn execute(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    LaxJson(body): LaxJson<ExecuteBody>,
+) -> Result<Json<ExecuteOutput>, DetailError> {
+    let user = UserId::parse(&body.user_id)?;
+    let session = require(&state, &owner, &user)?;
+    let result = state.manager.execute(&owner, session.id.as_str(), body.code, None).await?;
+    match result.status {
+        ExecStatus::Ok => Ok(Json(ExecuteOutput { output: person_text(&result, false) })),
+        ExecStatus::Error => {
+            Err(DetailError::new(StatusCode::BAD_REQUEST, traceback_text(&result).unwrap_or_default()))
+        }
+        ExecStatus::Timeout => {
+            let state_note = if result.kernel_restarted {
+                "the kernel ignored the interrupt and was restarted: its state is gone"
+            } else {
+                "the kernel was interrupted; the session keeps its state"
+            };
+            Err(DetailError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the execution timed out after {} s: {state_note}", session.limits.timeout_s),
+            ))
+        }
+        ExecStatus::Killed => Err(DetailError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the kernel died ({}): its state is gone; POST /reset starts a fresh kernel",
+                result.killed_reason.as_deref().unwrap_or("unknown reason")
+            ),
+        )),
+    }
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct InstallBody {
+    /// 1 to 64 letters, digits, `_`, `.` or `-`, not starting with `.`.
+    pub user_id: String,
+    pub package_name: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct InstallResponse {
+    /// `Successfully installed and imported <name>`.
+    pub message: String,
+    /// The installer's log.
+    pub output: String,
+}
+
+/// Install a package into the user's session and import it.
+#[utoipa::path(post, path = "/install_package", operation_id = "session_api_install_package", tag = "session API", request_body = InstallBody,
+    responses((status = 200, body = InstallResponse), (status = 400, body = DetailBody), (status = 404, body = DetailBody),
+        (status = 422, body = DetailBody), (status = 501, body = DetailBody)))]
+pub async fn install_package(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    LaxJson(body): LaxJson<InstallBody>,
+) -> Result<Json<InstallResponse>, DetailError> {
+    let user = UserId::parse(&body.user_id)?;
+    let session = require(&state, &owner, &user)?;
+    let output = install_into_session(&state, &owner, &session, &body.package_name).await?;
+    Ok(Json(InstallResponse { message: format!("Successfully installed and imported {}", body.package_name), output }))
+}
+
+/// Installs `package` into the session and imports it; returns the installer's log. The one place the
+/// packages mechanism (issue 11) plugs in.
+pub async fn install_into_session(
+    _state: &AppState,
+    _owner: &Owner,
+    _session: &SessionInfo,
+    _package: &str,
+) -> Result<String, DetailError> {
+    Err(DetailError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "installing packages is not available on this server yet; the python session already has the \
+         packages of its image",
+    ))
+}
+
+/// Give the user's session a fresh kernel: variables and imports are gone; the session, its container
+/// and its files stay.
+#[utoipa::path(post, path = "/reset", operation_id = "session_api_reset", tag = "session API",
+    request_body(content = UserForm, content_type = "multipart/form-data"),
+    responses((status = 200, body = MessageResponse), (status = 404, body = DetailBody), (status = 422, body = DetailBody)))]
+pub async fn reset(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    form: FormFields,
+) -> Result<Json<MessageResponse>, DetailError> {
+    let user = UserId::parse(form.required("user_id")?)?;
+    let session = require(&state, &owner, &user)?;
+    state.manager.restart(&owner, session.id.as_str()).await?;
+    Ok(Json(MessageResponse { message: "Kernel reset successful".into() }))
+}
+
+/// End the user's session: its container is removed.
+#[utoipa::path(post, path = "/end_session", operation_id = "session_api_end_session", tag = "session API",
+    request_body(content = UserForm, content_type = "multipart/form-data"),
+    responses((status = 200, body = MessageResponse), (status = 404, body = DetailBody), (status = 422, body = DetailBody)))]
+pub async fn end_session(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    form: FormFields,
+) -> Result<Json<MessageResponse>, DetailError> {
+    let user = UserId::parse(form.required("user_id")?)?;
+    let session = require(&state, &owner, &user)?;
+    state.manager.delete(&owner, session.id.as_str()).await?;
+    Ok(Json(MessageResponse { message: "Session ended successfully".into() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_that_could_reach_a_path_or_label_badly_are_refused() {
+        for ok in ["user_test", "a", "A.b-c_9", &"x".repeat(64)] {
+            assert!(UserId::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".hidden", "..", "a/b", "../x", "a b", "é", "a\0b", "a\nb", &"x".repeat(65)] {
+            let e = UserId::parse(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad:?}");
+        }
+        assert_eq!(notebook(&UserId::parse("user_test").unwrap()), "user_test/notebook_user_test.ipynb");
+    }
+}
