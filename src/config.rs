@@ -129,11 +129,70 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
+    pub packages: PackageArgs,
+    #[command(flatten)]
     pub http: HttpArgs,
     #[command(flatten)]
     pub files: FileStoreArgs,
     #[command(flatten)]
     pub images: ImageArgs,
+}
+
+/// Package installs into sessions (`POST /v1/sessions/{id}/packages`): the fetchers, the wheel cache and
+/// their limits. Where packages come from (index, registry, proxy) is the operator's: nothing host-specific
+/// is built in.
+#[derive(Debug, Clone, Args)]
+pub struct PackageArgs {
+    /// Size cap of the shared wheel cache (`<state-dir>/wheels`), MiB; least recently used wheels go first.
+    #[arg(long, env = "KERNELBOX_PACKAGE_CACHE_MB", default_value_t = 2048)]
+    pub package_cache_mb: u64,
+    /// The most one install may download, MiB (the fetcher's disk; a larger download fails).
+    #[arg(long, env = "KERNELBOX_PACKAGE_MAX_DOWNLOAD_MB", default_value_t = 512)]
+    pub package_max_download_mb: u64,
+    /// Time limit of one install, download included, seconds.
+    #[arg(long, env = "KERNELBOX_PACKAGE_TIMEOUT_S", default_value_t = 300)]
+    pub package_timeout_s: u64,
+    /// The Docker network package fetchers use: the only containers that get a network.
+    #[arg(long, env = "KERNELBOX_FETCHER_NETWORK", default_value = "bridge")]
+    pub fetcher_network: String,
+    /// Python package index for fetchers (default: the image-build setting --pip-index-url, else the
+    /// host's pip configuration, else pip's own default).
+    #[arg(long, env = "KERNELBOX_PACKAGE_INDEX_URL")]
+    pub package_index_url: Option<String>,
+    /// npm registry for fetchers (default: Deno's).
+    #[arg(long, env = "KERNELBOX_NPM_REGISTRY")]
+    pub npm_registry: Option<String>,
+    /// HTTP(S) proxy for fetchers (default: the service's own HTTPS_PROXY, if set).
+    #[arg(long, env = "KERNELBOX_FETCHER_PROXY")]
+    pub fetcher_proxy: Option<String>,
+    /// Hosts fetchers reach without the proxy (default: the service's own NO_PROXY, if set).
+    #[arg(long, env = "KERNELBOX_FETCHER_NO_PROXY")]
+    pub fetcher_no_proxy: Option<String>,
+}
+
+impl PackageArgs {
+    /// Checked settings; `index_url` and the proxy fall back to `default_index` and the environment.
+    pub fn validate(&self, default_index: Option<String>) -> Result<crate::packages::PackageConfig, ConfigError> {
+        if self.package_max_download_mb < 16 || self.package_timeout_s < 10 {
+            return Err(ConfigError(
+                "--package-max-download-mb must be at least 16 and --package-timeout-s at least 10".into(),
+            ));
+        }
+        if self.fetcher_network.is_empty() || self.fetcher_network == "none" || self.fetcher_network == "host" {
+            return Err(ConfigError("--fetcher-network must name a Docker network other than none and host".into()));
+        }
+        let env = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()));
+        Ok(crate::packages::PackageConfig {
+            cache_max_bytes: self.package_cache_mb << 20,
+            max_download_bytes: self.package_max_download_mb << 20,
+            timeout: Duration::from_secs(self.package_timeout_s),
+            network: self.fetcher_network.clone(),
+            index_url: self.package_index_url.clone().or(default_index),
+            npm_registry: self.npm_registry.clone(),
+            proxy: self.fetcher_proxy.clone().or_else(|| env(&["HTTPS_PROXY", "https_proxy"])),
+            no_proxy: self.fetcher_no_proxy.clone().or_else(|| env(&["NO_PROXY", "no_proxy"])),
+        })
+    }
 }
 
 /// How the HTTP API defends itself against abusive clients.
@@ -428,6 +487,16 @@ mod tests {
         assert_eq!(serve(&["--rate-limit-per-minute", "0"]).http.validate().unwrap().rate_limit, None);
         assert!(serve(&["--rate-limit-burst", "0"]).http.validate().is_err());
         assert!(serve(&["--header-read-timeout-s", "0"]).http.validate().is_err());
+    }
+
+    #[test]
+    fn package_settings_are_checked() {
+        let p = serve(&[]).packages.validate(Some("http://index.internal/simple".into())).unwrap();
+        assert_eq!(p.network, "bridge");
+        assert_eq!(p.index_url.as_deref(), Some("http://index.internal/simple"));
+        assert_eq!(p.max_download_bytes, 512 << 20);
+        assert!(serve(&["--fetcher-network", "host"]).packages.validate(None).is_err());
+        assert!(serve(&["--package-timeout-s", "1"]).packages.validate(None).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::packages::PackageError;
 use crate::runtime::RuntimeError;
 use crate::session::SessionError;
 use crate::session::files::FileError;
@@ -63,6 +64,23 @@ fn file_status(e: &FileError) -> (StatusCode, &'static str) {
     }
 }
 
+fn package_status(e: &PackageError) -> (StatusCode, &'static str) {
+    match e {
+        PackageError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_package_spec"),
+        PackageError::Unsupported(_) => (StatusCode::BAD_REQUEST, "not_supported"),
+        PackageError::Busy => (StatusCode::CONFLICT, "install_running"),
+        PackageError::TooManyFetches => (StatusCode::TOO_MANY_REQUESTS, "too_many_downloads"),
+        PackageError::TimedOut(_) => (StatusCode::GATEWAY_TIMEOUT, "install_timeout"),
+        PackageError::NotRunning => (StatusCode::CONFLICT, "session_not_running"),
+        PackageError::Fetcher(_) => (StatusCode::BAD_GATEWAY, "fetcher_failed"),
+        PackageError::Runtime(RuntimeError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "docker_unavailable"),
+        PackageError::Runtime(RuntimeError::NotFound(_)) => (StatusCode::CONFLICT, "session_not_running"),
+        PackageError::Runtime(RuntimeError::Api { status: 409, .. }) => (StatusCode::CONFLICT, "session_not_running"),
+        PackageError::Runtime(_) => (StatusCode::BAD_GATEWAY, "docker_error"),
+        PackageError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
 impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         use SessionError as E;
@@ -80,6 +98,7 @@ impl From<SessionError> for ApiError {
             E::Runtime(_) => (StatusCode::BAD_GATEWAY, "docker_error"),
             E::Kernel(_) => (StatusCode::BAD_GATEWAY, "kernel_error"),
             E::File(f) => file_status(f),
+            E::Package(p) => package_status(p),
             E::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError { status, code, message }

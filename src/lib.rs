@@ -7,6 +7,7 @@
 //! - [`kernel`] — the Jupyter wire protocol over ZeroMQ; knows nothing of HTTP or Docker.
 //! - [`runtime`] — the container runtime trait, its Docker implementation (the only bollard user) and a fake.
 //! - [`images`] — the kernel images and their builder.
+//! - [`packages`] — package installs into sessions: spec checks, the wheel cache, the fetchers.
 //! - [`store`] — the `/jupyter` API's files with a lifetime, kept by the service on the host.
 //! - [`reaper`] — the scheduler jobs that remove idle sessions and expired stored files.
 //! - [`telemetry`] — the log setup.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod images;
 pub mod kernel;
+pub mod packages;
 pub mod reaper;
 pub mod runtime;
 pub mod session;
@@ -83,6 +85,11 @@ impl Application {
         api::system::prometheus();
         let reap_every = settings.manager.limits.reap_interval;
         let manager = SessionManager::new(runtime, settings.manager);
+        let wheels = manager.packages().cache_dir();
+        manager
+            .packages()
+            .prepare()
+            .map_err(|source| ServeError::StateDir { path: wheels.display().to_string(), source })?;
         let (adopted, removed) = manager.recover().await?;
         tracing::info!(adopted, removed, "recovered sessions from an earlier run");
         let files_dir = settings.files.dir.clone().unwrap_or_else(|| state_dir.join("files"));

@@ -95,6 +95,7 @@ async fn image_builder(args: &ImageArgs) -> anyhow::Result<ImageBuilder> {
 async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     args.check_exposure()?;
     let limits = args.limits.validate()?;
+    let packages = args.packages.validate(args.images.pip_index_url.clone().or_else(context::detect_pip_index))?;
     let http = args.http.validate()?;
     let files = args.files.validate()?;
     let pool = args.pool_config()?;
@@ -135,6 +136,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
             instance: args.instance.clone(),
             catalog: Catalog::new(&args.images.image_prefix),
             keep_sessions: args.keep_sessions,
+            packages,
             storage: Storage {
                 notebooks_dir: args.notebooks_dir.clone(),
                 notebooks_public_path: args.notebooks_public_path.clone(),

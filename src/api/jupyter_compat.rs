@@ -222,20 +222,25 @@ pub async fn execute(
     Ok(Json(response(&result, timeout_s, files)))
 }
 
-/// Installs `packages` into the session before the code runs; `Err` is the message for `error`. The one
-/// place the packages mechanism (issue 11) plugs in.
+/// Installs `packages` into the session before the code runs (`SessionManager::install_packages`: the
+/// session has no network; a fetcher downloads into the shared cache); `Err` is the message for `error`.
 pub async fn install_packages(
-    _state: &AppState,
-    _owner: &Owner,
-    _session: &str,
+    state: &AppState,
+    owner: &Owner,
+    session: &str,
     _language: &str,
     packages: &[String],
 ) -> Result<(), String> {
-    Err(format!(
-        "could not install {}: installing packages is not available on this server yet (the kernels have the \
-         packages of their images)",
-        packages.join(", ")
-    ))
+    let failed = |why: String| format!("could not install {}: {why}", packages.join(", "));
+    match state.manager.install_packages(owner, session, packages).await {
+        Ok(report) if report.ok => Ok(()),
+        Ok(report) => {
+            let why: Vec<String> =
+                report.packages.iter().filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.spec))).collect();
+            Err(failed(why.join("; ")))
+        }
+        Err(e) => Err(failed(e.to_string())),
+    }
 }
 
 fn response(result: &ExecuteResult, timeout_s: Option<u64>, files: Vec<FileLink>) -> JupyterExecuteResponse {

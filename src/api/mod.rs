@@ -12,6 +12,7 @@ pub mod extract;
 pub mod files;
 pub mod json_errors;
 pub mod jupyter_compat;
+pub mod packages;
 pub mod rate_limit;
 pub mod serve;
 pub mod session_compat;
@@ -50,7 +51,7 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
     info(title = "kernelbox", description = "Run untrusted code in stateful Jupyter kernels, one sealed container per session."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
-        execute::execute, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
+        packages::install, execute::execute, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
         session_compat::start_session, session_compat::execute, session_compat::install_package, session_compat::reset,
         session_compat::end_session, jupyter_compat::list_kernel_specs, jupyter_compat::execute, jupyter_compat::upload,
         jupyter_compat::upload_long, jupyter_compat::download, jupyter_compat::health, jupyter_compat::health_root,
@@ -154,6 +155,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/sessions/{id}/execute", post(execute::execute))
         .route("/sessions/{id}/interrupt", post(sessions::interrupt))
         .route("/sessions/{id}/restart", post(sessions::restart))
+        .route("/sessions/{id}/packages", post(packages::install))
         .route("/sessions/{id}/notebook", get(files::notebook))
         .route("/languages", get(system::languages))
         .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))

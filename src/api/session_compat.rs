@@ -216,19 +216,34 @@ pub async fn install_package(
     Ok(Json(InstallResponse { message: format!("Successfully installed and imported {}", body.package_name), output }))
 }
 
-/// Installs `package` into the session and imports it; returns the installer's log. The one place the
-/// packages mechanism (issue 11) plugs in.
+/// Installs `package` into the session (`SessionManager::install_packages`: the session has no network; a
+/// fetcher downloads into the shared cache) and imports it; returns the installer's log. A package whose
+/// import name is not its distribution name (`scikit-learn` is `sklearn`) is installed all the same; the
+/// log then says the import did not work.
 pub async fn install_into_session(
-    _state: &AppState,
-    _owner: &Owner,
-    _session: &SessionInfo,
-    _package: &str,
+    state: &AppState,
+    owner: &Owner,
+    session: &SessionInfo,
+    package: &str,
 ) -> Result<String, DetailError> {
-    Err(DetailError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "installing packages is not available on this server yet; the python session already has the \
-         packages of its image",
-    ))
+    let report = state.manager.install_packages(owner, session.id.as_str(), &[package.to_owned()]).await?;
+    if !report.ok {
+        let why: Vec<String> = report.packages.iter().filter_map(|p| p.error.clone()).collect();
+        return Err(DetailError::new(
+            StatusCode::BAD_REQUEST,
+            format!("could not install {package}: {}", why.join("; ")),
+        ));
+    }
+    let mut log = report.log;
+    let module = report.packages.first().map(|p| p.name.replace('-', "_")).unwrap_or_default();
+    if !module.is_empty() && module.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+        let result = state.manager.execute(owner, session.id.as_str(), format!("import {module}"), Some(60)).await?;
+        if result.status != ExecStatus::Ok {
+            let why = result.error.map(|e| format!("{}: {}", e.ename, e.evalue)).unwrap_or_default();
+            log.push_str(&format!("\n(installed; `import {module}` did not work: {why})\n"));
+        }
+    }
+    Ok(log)
 }
 
 /// Give the user's session a fresh kernel: variables and imports are gone; the session, its container

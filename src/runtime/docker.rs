@@ -44,7 +44,8 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
         memory_swap: Some(spec.memory_bytes),
         nano_cpus: Some(spec.nano_cpus),
         pids_limit: Some(spec.pids_limit),
-        network_mode: Some("none".into()),
+        // No network, except the egress a package fetcher asks for by name.
+        network_mode: Some(spec.egress_network.clone().unwrap_or_else(|| "none".into())),
         cap_drop: Some(vec!["ALL".into()]),
         security_opt: Some(vec!["no-new-privileges:true".into()]),
         readonly_rootfs: Some(true),
@@ -94,7 +95,7 @@ impl ContainerRuntime for DockerRuntime {
             labels: Some(spec.labels.clone()),
             user: Some(spec.user.clone()),
             working_dir: Some(spec.working_dir.clone()),
-            network_disabled: Some(true),
+            network_disabled: Some(spec.egress_network.is_none()),
             host_config: Some(host_config(spec)),
             ..Default::default()
         };
@@ -327,5 +328,14 @@ mod tests {
         assert_eq!(hc.memory_swap, hc.memory, "no swap beyond the memory limit");
         assert_eq!(hc.pids_limit, Some(64));
         assert_eq!(hc.binds, Some(vec!["/srv/run/a:/kernel:ro".to_string(), "/srv/data:/mnt/data:ro".to_string()]));
+    }
+
+    #[test]
+    fn a_fetcher_gets_its_network_and_nothing_else_of_the_sandbox_changes() {
+        let session = ContainerSpec { memory_bytes: 1 << 30, ..Default::default() };
+        let fetcher = ContainerSpec { egress_network: Some("bridge".into()), ..session.clone() };
+        let (a, b) = (host_config(&session), host_config(&fetcher));
+        assert_eq!(b.network_mode.as_deref(), Some("bridge"));
+        assert_eq!(HostConfig { network_mode: None, ..a }, HostConfig { network_mode: None, ..b });
     }
 }

@@ -26,6 +26,8 @@ pub mod labels {
     pub const CONFIG: &str = "kernelbox.config";
     /// Which boot of the session: names the run directory the container mounts.
     pub const BOOT: &str = "kernelbox.boot";
+    /// The mark of a package fetcher (`src/packages/`): its fetch id. A fetcher has no session label.
+    pub const FETCHER: &str = "kernelbox.fetcher";
     /// A kernel booted for the warm pool (the language): its owner is in the service's claims, if any.
     pub const POOL: &str = "kernelbox.pool";
 }
@@ -63,6 +65,9 @@ pub struct ContainerSpec {
     pub binds: Vec<String>,
     pub user: String,
     pub working_dir: String,
+    /// A Docker network with egress, for package fetchers only (`src/packages/`): every session leaves it
+    /// `None` and gets `--network none`. The rest of the sandbox applies either way.
+    pub egress_network: Option<String>,
 }
 
 /// A container as listed.

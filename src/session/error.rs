@@ -28,6 +28,8 @@ pub enum SessionError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     File(#[from] super::files::FileError),
+    #[error(transparent)]
+    Package(#[from] crate::packages::PackageError),
     #[error("session state directory: {0}")]
     Io(#[from] std::io::Error),
 }

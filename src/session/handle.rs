@@ -99,6 +99,11 @@ pub struct Session {
     closing_reason: Mutex<&'static str>,
     /// File transfers under way (at most [`MAX_TRANSFERS`]).
     pub transfers: Arc<tokio::sync::Semaphore>,
+    /// One package install at a time (two pips writing one directory would mix their files).
+    pub installing: Arc<tokio::sync::Semaphore>,
+    /// The package specs installed so far, in order: installed again (from the cache) when a restart
+    /// gives the session a new container.
+    pub packages: Mutex<Vec<String>>,
     /// Held while the notebook is appended to or read whole, so a reader never sees half a cell.
     pub notebook_lock: Arc<Mutex<()>>,
 }
@@ -139,6 +144,8 @@ impl Session {
             keep: AtomicBool::new(false),
             closing_reason: Mutex::new("session_deleted"),
             transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+            installing: Arc::new(tokio::sync::Semaphore::new(1)),
+            packages: Mutex::new(Vec::new()),
             notebook_lock: Arc::new(Mutex::new(())),
         });
         (session, Inbox { commands, control })

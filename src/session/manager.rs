@@ -20,6 +20,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::Limits;
 use crate::images::{self, Catalog};
 use crate::kernel::WireLimits;
+use crate::packages::spec::{self, Ecosystem};
+use crate::packages::{self, InstallReport, PackageConfig, PackageError, Packages};
 use crate::runtime::{ContainerRuntime, ContainerSpec, labels};
 
 use super::actor::{Actor, NotebookHandle, Start};
@@ -78,6 +80,8 @@ pub struct ManagerConfig {
     pub instance: String,
     pub catalog: Catalog,
     pub keep_sessions: bool,
+    /// Package installs: fetchers, the wheel cache (`<state_dir>/wheels`), limits.
+    pub packages: PackageConfig,
     pub storage: Storage,
     pub pool: PoolConfig,
 }
@@ -108,6 +112,8 @@ pub struct SessionManager {
     tracker: TaskTracker,
     /// Runs of the reaper never overlap (guards no data).
     reaping: tokio::sync::Mutex<()>,
+    /// Package installs (the wheel cache and the fetchers).
+    packages: Arc<Packages>,
     /// Kernels booted ahead of demand.
     pool: Pool,
     /// Wakes the pool's refill loop (after a claim or a boot).
@@ -121,8 +127,15 @@ const POOL_OWNER: &str = "kernelbox:pool";
 
 impl SessionManager {
     pub fn new(runtime: Arc<dyn ContainerRuntime>, config: ManagerConfig) -> Arc<Self> {
+        let packages = Arc::new(Packages::new(
+            runtime.clone(),
+            config.packages.clone(),
+            config.state_dir.clone(),
+            config.instance.clone(),
+        ));
         Arc::new(SessionManager {
             runtime,
+            packages,
             config,
             registry: Arc::new(Registry::default()),
             tracker: TaskTracker::new(),
@@ -135,6 +148,11 @@ impl SessionManager {
 
     pub fn runtime(&self) -> &Arc<dyn ContainerRuntime> {
         &self.runtime
+    }
+
+    /// Package installs: the wheel cache and the fetchers.
+    pub fn packages(&self) -> &Arc<Packages> {
+        &self.packages
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -304,6 +322,32 @@ impl SessionManager {
         // The kernel-side output cap (python images): beyond it the kernel drops output before it is
         // buffered in the kernel's own memory.
         env.push(format!("KERNELBOX_OUTPUT_LIMIT_BYTES={}", l.output_limit_bytes));
+        let mut tmpfs_mounts = HashMap::from([
+            ("/tmp".to_owned(), tmpfs("")),
+            (images::HOME.to_owned(), tmpfs(",uid=1000,gid=1000,mode=0700")),
+        ]);
+        let mut binds = Vec::new();
+        if Ecosystem::of(&s.language) == Some(Ecosystem::Python) {
+            // Installed packages (src/packages/): the shared wheel cache read-only, and a directory of the
+            // session's own on the kernel's PYTHONPATH from its start, so what is installed imports without
+            // a restart (importlib caches a finder per existing path entry).
+            binds.push(format!("{}:{}:ro", self.packages.cache_dir().display(), packages::WHEELS_MOUNT));
+            // `exec`: compiled wheels are shared objects, mapped executable. (Docker's tmpfs default is
+            // noexec; this lets the session run binaries it writes there, nothing its Python could not do.)
+            tmpfs_mounts.insert(packages::PACKAGES_DIR.to_owned(), tmpfs(",exec,uid=1000,gid=1000,mode=0755"));
+            let theirs = env.iter().position(|e| e.starts_with("PYTHONPATH=")).map(|i| env.remove(i));
+            let path = match theirs.as_deref().and_then(|e| e.strip_prefix("PYTHONPATH=")) {
+                Some(p) if !p.is_empty() => format!("PYTHONPATH={}:{p}", packages::PACKAGES_DIR),
+                _ => format!("PYTHONPATH={}", packages::PACKAGES_DIR),
+            };
+            env.push(path);
+        }
+        if Ecosystem::of(&s.language) == Some(Ecosystem::Npm)
+            && let Some(registry) = &self.config.packages.npm_registry
+        {
+            // Deno keys its npm cache by registry: the kernel looks where the fetcher put the packages.
+            env.push(format!("NPM_CONFIG_REGISTRY={registry}"));
+        }
         let spec = ContainerSpec {
             name: String::new(),
             image: self.image_ref(&s.language),
@@ -313,13 +357,11 @@ impl SessionManager {
             memory_bytes: (s.memory_mb * 1024 * 1024) as i64,
             nano_cpus: (s.cpus * 1e9) as i64,
             pids_limit: l.pids_limit,
-            tmpfs: HashMap::from([
-                ("/tmp".to_owned(), tmpfs("")),
-                (images::HOME.to_owned(), tmpfs(",uid=1000,gid=1000,mode=0700")),
-            ]),
-            binds: self.binds(s),
+            tmpfs: tmpfs_mounts,
+            binds: [self.binds(s), binds].concat(),
             user: "1000:1000".into(),
             working_dir: images::HOME.into(),
+            egress_network: None,
         };
         BootPlan {
             runtime: self.runtime.clone(),
@@ -707,6 +749,53 @@ impl SessionManager {
         Ok(files::delete(self.runtime.as_ref(), &container, &path).await?)
     }
 
+    /// Installs packages into a session (python: wheels from the shared cache, fetched first by a
+    /// short-lived fetcher container when the cache lacks them; see `src/packages/`). Every spec is checked
+    /// before anything runs. A failed install is a report with `ok: false`, and the session keeps what it
+    /// had. The compatibility APIs call this too.
+    pub async fn install_packages(
+        &self,
+        owner: &Owner,
+        id: &str,
+        requested: &[String],
+    ) -> Result<InstallReport, SessionError> {
+        let session = self.registry.get(owner, id)?;
+        let language = session.settings.language.clone();
+        let ecosystem = Ecosystem::of(&language).ok_or_else(|| PackageError::Unsupported(language.clone()))?;
+        let specs = spec::parse_all(ecosystem, requested).map_err(PackageError::Invalid)?;
+        let (container, _guard) = self.transfer(owner, id)?;
+        let _one = session.installing.clone().try_acquire_owned().map_err(|_| PackageError::Busy)?;
+        let report = self.packages.install(&container, &language, &self.image_ref(&language), &specs).await?;
+        if report.ok {
+            let mut recorded = session.packages.lock().unwrap();
+            for s in &specs {
+                if !recorded.contains(&s.text) {
+                    recorded.push(s.text.clone());
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// After a restart that gave the session a new container, installs its recorded packages again (from
+    /// the cache; fetched again if evicted meanwhile). Failures are logged: the restart itself succeeded.
+    async fn reinstall_packages(&self, session: &Session) {
+        let specs: Vec<String> = session.packages.lock().unwrap().clone();
+        let language = &session.settings.language;
+        let Some(ecosystem) = Ecosystem::of(language) else { return };
+        if specs.is_empty() {
+            return;
+        }
+        let Ok(specs) = spec::parse_all(ecosystem, &specs) else { return };
+        let container = session.snapshot().container_id;
+        let Ok(_one) = session.installing.clone().try_acquire_owned() else { return };
+        match self.packages.install(&container, language, &self.image_ref(language), &specs).await {
+            Ok(r) if r.ok => tracing::info!(session_id = %session.id, cached = r.cached, "packages installed again"),
+            Ok(r) => tracing::warn!(session_id = %session.id, log = %r.log, "packages could not be installed again"),
+            Err(e) => tracing::warn!(session_id = %session.id, error = %e, "packages could not be installed again"),
+        }
+    }
+
     pub fn interrupt(&self, owner: &Owner, id: &str) -> Result<(), SessionError> {
         self.registry.get(owner, id)?.request_interrupt()
     }
@@ -715,8 +804,13 @@ impl SessionManager {
     /// leaves before the restart begins cancels it.
     pub async fn restart(&self, owner: &Owner, id: &str) -> Result<SessionInfo, SessionError> {
         let (session, _in_use) = self.registry.get_in_use(owner, id)?;
+        let before = session.snapshot().container_id;
         let done = session.request_restart()?;
         done.await.map_err(|_| SessionError::Closing)??;
+        if session.snapshot().container_id != before {
+            // A dead session got a new container: its tmpfs (and the packages in it) did not survive.
+            self.reinstall_packages(&session).await;
+        }
         Ok(session.info())
     }
 

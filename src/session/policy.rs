@@ -69,7 +69,9 @@ pub fn check_extras(extras: &SessionExtras) -> Result<(), SessionError> {
             && m.container.starts_with("/mnt/")
             && m.container.len() > 5
             && plain(&m.container)
-            && m.container != DATASETS_MOUNT;
+            && m.container != DATASETS_MOUNT
+            && m.container != crate::packages::WHEELS_MOUNT
+            && !m.container.starts_with(&format!("{}/", crate::packages::WHEELS_MOUNT));
         if !ok {
             return Err(SessionError::Invalid(format!("mount {host} → {}: not allowed", m.container)));
         }

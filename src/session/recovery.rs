@@ -4,7 +4,8 @@
 //! Adoption reads only what the service itself wrote: the container's labels (set at create time, out
 //! of the sandbox's reach) and the run directory (mounted read-only in the container). The orphan sweep
 //! is the safety net under the lifecycle: a container labelled with this instance whose session the
-//! registry does not know is removed, logged and counted (`kernelbox_orphans_removed_total`).
+//! registry does not know is removed, logged and counted (`kernelbox_orphans_removed_total`); so is a
+//! package fetcher (`kernelbox.fetcher`) whose fetch is over. At start-up every fetcher is removed.
 
 use std::sync::Arc;
 
@@ -107,7 +108,8 @@ pub async fn sweep_orphans(manager: &SessionManager) -> usize {
         // An entry exists from before its container is created until after it is removed (a pooled
         // kernel's id is the pool's from before its boot until the registry holds it), so a container
         // whose id is unknown belongs to nobody.
-        let known = c.labels.get(labels::SESSION).is_some_and(|s| manager.knows(s));
+        let known = c.labels.get(labels::SESSION).is_some_and(|s| manager.knows(s))
+            || c.labels.get(labels::FETCHER).is_some_and(|f| manager.packages().is_live_fetcher(f));
         if known {
             continue;
         }

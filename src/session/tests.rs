@@ -28,6 +28,7 @@ fn config(flags: &[&str], dir: &std::path::Path) -> ManagerConfig {
         instance: "unit".into(),
         catalog: Catalog::new("fake/"),
         keep_sessions: false,
+        packages: args.packages.validate(None).unwrap(),
         storage: Default::default(),
         pool: args.pool_config().unwrap(),
     }
@@ -489,6 +490,25 @@ async fn a_full_quota_does_not_spend_a_pooled_kernel() {
     assert_eq!(h.manager.pool_status("python").ready, 1, "the pooled kernel is still there");
     h.manager.shutdown().await;
     h.settles_empty().await;
+}
+
+#[tokio::test]
+async fn the_reaper_removes_a_fetcher_whose_fetch_is_over() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let spec = crate::runtime::ContainerSpec {
+        labels: HashMap::from([
+            (crate::runtime::labels::INSTANCE.to_owned(), "unit".to_owned()),
+            (crate::runtime::labels::FETCHER.to_owned(), "0123456789abcdef".to_owned()),
+        ]),
+        egress_network: Some("bridge".into()),
+        ..Default::default()
+    };
+    let fetcher = crate::runtime::ContainerRuntime::create_and_start(&*h.runtime, &spec).await.unwrap();
+    let report = h.manager.reap_once(chrono::Utc::now()).await;
+    assert_eq!(report.orphans, 1);
+    assert!(!h.runtime.container_ids().contains(&fetcher));
+    assert_eq!(h.run(&id, "print:alive").await.stdout, "alive\n", "the session is untouched");
 }
 
 #[tokio::test]

@@ -125,6 +125,7 @@ async fn docker_unreachable_is_a_503_that_says_so() {
             instance: "fake".into(),
             catalog: kernelbox::images::Catalog::new(PREFIX),
             keep_sessions: false,
+            packages: kernelbox::packages::PackageConfig::default(),
             storage: Default::default(),
             pool: Default::default(),
         },

@@ -57,7 +57,7 @@ pub fn assert_detail(status: u16, v: &Value, expected_status: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn compat_session_api_as_its_readme_shows() {
-    let app = spawn_app_with(AppOptions { limits: limits(&["--default-timeout-s", "3"]), ..Default::default() }).await;
+    let app = spawn_app_with(AppOptions { limits: limits(&["--default-timeout-s", "10"]), ..Default::default() }).await;
 
     // 1. Start a session.
     let (status, v) = post_form(&app, "/start_session", &[("user_id", "user_test")]).await;
@@ -108,11 +108,16 @@ async fn compat_session_api_as_its_readme_shows() {
     assert!(detail.contains("timed out"), "{detail}");
     assert_eq!(execute(&app, "user_test", "x").await, (200, json!({"output": "41\n"})), "the session survives");
 
-    // 3. Install a package: not wired yet, and says so.
+    // 3. Install a package (fetched by the service; the session has no network) and import it.
     let (status, v) =
         post_json_with(&app, "/install_package", json!({"user_id": "user_test", "package_name": "requests"}), None)
             .await;
-    assert_detail(status, &v, 501);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["message"], "Successfully installed and imported requests", "{v}");
+    assert_eq!(execute(&app, "user_test", "import requests\nprint(requests.__name__)").await.1["output"], "requests\n");
+    let (status, v) =
+        post_json_with(&app, "/install_package", json!({"user_id": "user_test", "package_name": "--pre"}), None).await;
+    assert_detail(status, &v, 422);
 
     // 4. Reset: state gone, session and container kept (an urlencoded form works too).
     let r = app

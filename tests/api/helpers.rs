@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use kernelbox::config::{Cli, Command, FileStoreArgs, HttpArgs, LimitArgs};
+use kernelbox::config::{Cli, Command, FileStoreArgs, HttpArgs, LimitArgs, PackageArgs};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::ImageBuilder;
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -59,7 +59,11 @@ pub async fn ensure_images() {
         .get_or_init(|| async {
             let builder = image_builder(docker().await);
             let mut err = std::io::stderr();
-            builder.build(&[], false, &mut err).await.expect("building the kernel images");
+            // KERNELBOX_TEST_LANGUAGES (comma-separated) builds only those, e.g. with a prefix of a branch's own.
+            let languages: Vec<String> = std::env::var("KERNELBOX_TEST_LANGUAGES")
+                .map(|l| l.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default();
+            builder.build(&languages, false, &mut err).await.expect("building the kernel images");
         })
         .await;
 }
@@ -79,6 +83,11 @@ pub fn limits(overrides: &[&str]) -> LimitArgs {
     serve_args(overrides).limits
 }
 
+/// Default package settings, with the given `--flag value` overrides.
+pub fn packages(overrides: &[&str]) -> PackageArgs {
+    serve_args(overrides).packages
+}
+
 /// Default HTTP settings (rate limit, slow-client timeouts), with the given `--flag value` overrides.
 pub fn http(overrides: &[&str]) -> HttpArgs {
     serve_args(overrides).http
@@ -91,6 +100,7 @@ pub fn files_store(overrides: &[&str]) -> FileStoreArgs {
 
 pub struct AppOptions {
     pub limits: LimitArgs,
+    pub packages: PackageArgs,
     pub http: HttpArgs,
     pub files: FileStoreArgs,
     pub api_keys: Vec<String>,
@@ -112,6 +122,7 @@ impl Default for AppOptions {
     fn default() -> Self {
         AppOptions {
             limits: limits(&[]),
+            packages: packages(&[]),
             // Tests are quick clients, not abusers; the rate limit has its own tests.
             http: http(&["--rate-limit-per-minute", "0"]),
             files: files_store(&[]),
@@ -166,6 +177,10 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
             instance: instance.clone(),
             catalog: Catalog::new(image_prefix()),
             keep_sessions: options.keep_sessions,
+            packages: options
+                .packages
+                .validate(std::env::var("KERNELBOX_PIP_INDEX_URL").ok().or_else(context::detect_pip_index))
+                .expect("valid test package settings"),
             storage: options.storage,
             pool: options.pool,
         },

@@ -15,6 +15,7 @@ mod hostile;
 mod languages;
 mod lifecycle;
 mod notebooks;
+mod packages;
 mod pool;
 mod process;
 mod requests_end_early;

@@ -1,0 +1,585 @@
+//! Installing packages into sessions whose sandbox has no network (issue 11).
+//!
+//! The service fetches; the sandbox only installs what was fetched:
+//! 1. [`spec`] checks every spec (pure functions) before anything runs: 422 otherwise.
+//! 2. [`install::plan`] asks pip, inside the session, whether the shared wheel [`cache`] (mounted
+//!    read-only at [`WHEELS_MOUNT`] in every python session) can satisfy the request. If it can, nothing
+//!    is downloaded and no fetcher is started (`"cached": true`).
+//! 3. Otherwise a [`fetcher`] container made from the session's own image, the only container with a
+//!    network, downloads binary wheels (dependencies included), and the service writes them into the
+//!    cache itself. Concurrent installs needing the same download share one fetch (a bounded map of
+//!    shared futures, keyed by image and specs).
+//! 4. [`install::install`] installs the planned wheels into the session's packages directory (a tmpfs on
+//!    the kernel's `PYTHONPATH`), as uid 1000, with no index.
+//!
+//! npm packages ([`npm`]) follow the same shape: the fetcher runs `deno cache npm:<spec>`, its Deno cache
+//! comes back as one archive into the service's npm cache, and `tar` in the session unpacks it into the
+//! kernel's `DENO_DIR`.
+//!
+//! This module reaches Docker only through [`ContainerRuntime`] and never opens a path a container can
+//! write: the cache is the service's own directory, read-only to every session, and absent from fetchers.
+
+pub mod cache;
+pub mod exec;
+pub mod fetcher;
+pub mod install;
+pub mod npm;
+pub mod spec;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{ContainerRuntime, RuntimeError};
+
+use self::cache::WheelCache;
+use self::fetcher::{Fetched, LiveFetchers, Store};
+use self::spec::{Ecosystem, Spec};
+
+/// Where the wheel cache is mounted, read-only, in every python session.
+pub const WHEELS_MOUNT: &str = "/mnt/wheels";
+/// The session's packages directory: a tmpfs of the session, first on the kernel's `PYTHONPATH`.
+pub const PACKAGES_DIR: &str = "/opt/kernelbox/packages";
+/// The python images' interpreter (the venv the kernel runs in).
+pub const PYTHON: &str = "/opt/kernelbox/venv/bin/python";
+/// The javascript kernel's `DENO_DIR` (its descriptor's env): npm packages are unpacked into its `npm`.
+pub const SESSION_DENO_DIR: &str = "/tmp/kernelbox/deno";
+/// Distinct downloads under way at once (identical ones share one).
+pub const MAX_FETCHES: usize = 8;
+/// What of the install log is returned.
+const MAX_LOG: usize = 64 << 10;
+
+/// The operator's package settings (flags in `config.rs`).
+#[derive(Debug, Clone)]
+pub struct PackageConfig {
+    /// The wheel cache's size cap; least recently used wheels are evicted beyond it.
+    pub cache_max_bytes: u64,
+    /// The most one fetch may download (the fetcher's tmpfs, and what the service reads back).
+    pub max_download_bytes: u64,
+    /// The time limit of one install, fetch included.
+    pub timeout: Duration,
+    /// The Docker network fetchers use (the only containers with one).
+    pub network: String,
+    /// The Python package index (none: pip's default).
+    pub index_url: Option<String>,
+    /// The npm registry Deno uses (none: its default).
+    pub npm_registry: Option<String>,
+    /// An HTTP(S) proxy for fetchers.
+    pub proxy: Option<String>,
+    pub no_proxy: Option<String>,
+}
+
+impl Default for PackageConfig {
+    fn default() -> Self {
+        PackageConfig {
+            cache_max_bytes: 2 << 30,
+            max_download_bytes: 512 << 20,
+            timeout: Duration::from_secs(300),
+            network: "bridge".into(),
+            index_url: None,
+            npm_registry: None,
+            proxy: None,
+            no_proxy: None,
+        }
+    }
+}
+
+/// Why an install could not run (a failed install that ran is an [`InstallReport`] with `ok: false`).
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "installing packages is not supported for {0} sessions (python, python_scientific, javascript and \
+         typescript only)"
+    )]
+    Unsupported(String),
+    #[error("a package install is already running on this session; retry when it finishes")]
+    Busy,
+    #[error("too many package downloads are under way (at most {MAX_FETCHES}); retry shortly")]
+    TooManyFetches,
+    #[error("the install took longer than its limit of {0} s; the session keeps what it had")]
+    TimedOut(u64),
+    #[error("the session's container is not running")]
+    NotRunning,
+    #[error("the package fetcher failed: {0}")]
+    Fetcher(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("the package cache: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One requested package's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct PackageResult {
+    /// The spec as installed (canonical form).
+    pub spec: String,
+    /// The normalised name.
+    pub name: String,
+    /// The version the session now has, when installed.
+    pub version: Option<String>,
+    pub error: Option<String>,
+}
+
+/// What an install did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct InstallReport {
+    /// Every package is installed.
+    pub ok: bool,
+    pub language: String,
+    pub packages: Vec<PackageResult>,
+    /// The cache satisfied the request: nothing was downloaded and no fetcher started.
+    pub cached: bool,
+    /// Wheels (or npm packages) this install had fetched.
+    pub downloaded: Vec<String>,
+    /// Wheels installed into the session.
+    pub installed: Vec<String>,
+    /// pip's (or Deno's) output, its last 64 KiB.
+    pub log: String,
+    pub duration_ms: u64,
+}
+
+/// The shared result of one fetch.
+type SharedFetch = Shared<BoxFuture<'static, Result<Arc<Fetched>, Arc<String>>>>;
+
+/// The package service: the cache, the fetches under way, and the install orchestration.
+pub struct Packages {
+    runtime: Arc<dyn ContainerRuntime>,
+    config: PackageConfig,
+    /// Names fetchers' containers (labels).
+    instance: String,
+    cache: Arc<WheelCache>,
+    /// npm fetches' archives (`<state>/npm`), unpacked into sessions by their own `tar`.
+    npm_cache: Arc<WheelCache>,
+    /// Fetches under way, by image and specs: identical requests share one.
+    inflight: Arc<Mutex<HashMap<String, SharedFetch>>>,
+    /// Their fetch ids, for the orphan sweep.
+    live: Arc<LiveFetchers>,
+    /// Fetcher containers this service started (tests read it: a cached install starts none).
+    fetchers_started: Arc<AtomicU64>,
+    /// Wheels that installs under way need: eviction leaves them.
+    in_use: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Packages {
+    pub fn new(
+        runtime: Arc<dyn ContainerRuntime>,
+        config: PackageConfig,
+        state_dir: PathBuf,
+        instance: String,
+    ) -> Self {
+        let cache = Arc::new(WheelCache::new(state_dir.join("wheels"), config.cache_max_bytes));
+        let npm_cache = Arc::new(WheelCache::new_npm(state_dir.join("npm"), config.cache_max_bytes));
+        Packages {
+            runtime,
+            config,
+            instance,
+            cache,
+            npm_cache,
+            inflight: Arc::default(),
+            live: Arc::default(),
+            fetchers_started: Arc::default(),
+            in_use: Arc::default(),
+        }
+    }
+
+    /// Makes the cache directory (before any session mounts it).
+    pub fn prepare(&self) -> std::io::Result<()> {
+        self.cache.prepare()?;
+        self.npm_cache.prepare()
+    }
+
+    /// The host directory mounted read-only at [`WHEELS_MOUNT`].
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache.dir().to_path_buf()
+    }
+
+    pub fn config(&self) -> &PackageConfig {
+        &self.config
+    }
+
+    /// Whether a fetch with this id is under way (its container is not an orphan).
+    pub fn is_live_fetcher(&self, fetch_id: &str) -> bool {
+        self.live.contains(fetch_id)
+    }
+
+    /// How many fetcher containers this service has started.
+    pub fn fetchers_started(&self) -> u64 {
+        self.fetchers_started.load(Ordering::Relaxed)
+    }
+
+    /// Installs `specs` (already checked) into the running container `container` of a session in
+    /// `language` made from `image`. Bounded by the configured time limit.
+    pub async fn install(
+        &self,
+        container: &str,
+        language: &str,
+        image: &str,
+        specs: &[Spec],
+    ) -> Result<InstallReport, PackageError> {
+        if container.is_empty() {
+            return Err(PackageError::NotRunning);
+        }
+        let started = Instant::now();
+        let limit = self.config.timeout;
+        let work = async {
+            match Ecosystem::of(language) {
+                Some(Ecosystem::Python) => self.install_python(container, language, image, specs, started).await,
+                Some(Ecosystem::Npm) => self.install_npm(container, language, image, specs, started).await,
+                None => Err(PackageError::Unsupported(language.to_owned())),
+            }
+        };
+        let report = tokio::time::timeout(limit, work).await.map_err(|_| PackageError::TimedOut(limit.as_secs()))??;
+        let cached = if report.cached { "true" } else { "false" };
+        let ok = if report.ok { "true" } else { "false" };
+        metrics::counter!("kernelbox_package_installs_total", "ok" => ok, "cached" => cached).increment(1);
+        tracing::info!(language, ok = report.ok, cached = report.cached, ms = report.duration_ms, "package install");
+        Ok(report)
+    }
+
+    async fn install_python(
+        &self,
+        container: &str,
+        language: &str,
+        image: &str,
+        specs: &[Spec],
+        started: Instant,
+    ) -> Result<InstallReport, PackageError> {
+        let rt = self.runtime.as_ref();
+        let left = || self.config.timeout.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+        let mut log = String::new();
+        let mut downloaded = Vec::new();
+        let mut cached = true;
+        let mut plan = install::plan(rt, container, specs, left()).await?;
+        if let install::Plan::Missing(out) = &plan {
+            log.push_str(out);
+            cached = false;
+            let texts: Vec<String> = specs.iter().map(|s| s.text.clone()).collect();
+            let fetched = self.fetch_shared(image, language, texts, None).await?;
+            log.push_str("--- fetcher ---\n");
+            log.push_str(&fetched.log);
+            if !fetched.ok {
+                let why = self.explain(&fetched.log);
+                return Ok(self.failed(language, specs, &why, false, Vec::new(), log, started));
+            }
+            downloaded = fetched.wheels.clone();
+            let _held = self.hold(&downloaded);
+            self.cache.evict(&self.held());
+            log.push_str("--- install ---\n");
+            plan = install::plan(rt, container, specs, left()).await?;
+        }
+        let planned = match plan {
+            install::Plan::Ready(planned) => planned,
+            install::Plan::Missing(out) | install::Plan::Failed(out) => {
+                log.push_str(&out);
+                return Ok(self.failed(language, specs, &out, cached, downloaded, log, started));
+            }
+        };
+        let wheels: Vec<String> = planned.iter().map(|p| p.wheel.clone()).collect();
+        let _held = self.hold(&wheels);
+        let (ok, out) = install::install(rt, container, &planned, left()).await?;
+        log.push_str(&out);
+        if !ok {
+            let why = match out.contains("No space left on device") {
+                true => format!(
+                    "{out}\nERROR: the session's packages directory is full (its size follows the session's memory)"
+                ),
+                false => out,
+            };
+            return Ok(self.failed(language, specs, &why, cached, downloaded, log, started));
+        }
+        self.cache.touch(wheels.iter().map(String::as_str));
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        let versions = install::versions(rt, container, &names).await?;
+        let packages: Vec<PackageResult> = specs
+            .iter()
+            .map(|s| {
+                let version = versions
+                    .get(&s.name)
+                    .cloned()
+                    .flatten()
+                    .or_else(|| planned.iter().find(|p| p.name == s.name).map(|p| p.version.clone()));
+                let error = version.is_none().then(|| "installed, but the session does not see it".to_owned());
+                PackageResult { spec: s.text.clone(), name: s.name.clone(), version, error }
+            })
+            .collect();
+        Ok(InstallReport {
+            ok: packages.iter().all(|p| p.error.is_none()),
+            language: language.to_owned(),
+            packages,
+            cached,
+            downloaded,
+            installed: wheels,
+            log: tail(&log),
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// npm packages: the fetcher's Deno cache, archived in the service's npm cache (keyed by image,
+    /// registry and specs: the same request from another session downloads nothing), unpacked by `tar` in
+    /// the session into the kernel's `DENO_DIR`, where `import ... from "npm:<spec>"` finds it with no
+    /// network. Sessions and fetchers use the same registry setting, so Deno looks in the same folder.
+    async fn install_npm(
+        &self,
+        container: &str,
+        language: &str,
+        image: &str,
+        specs: &[Spec],
+        started: Instant,
+    ) -> Result<InstallReport, PackageError> {
+        let texts: Vec<String> = specs.iter().map(|s| s.text.clone()).collect();
+        let registry = self.config.npm_registry.clone().unwrap_or_default();
+        let archive = cache::npm_archive_name(&format!("{image}\n{registry}\n{}", texts.join("\n")));
+        let mut log = String::new();
+        let mut cached = true;
+        let mut downloaded = Vec::new();
+        let _held = self.hold(std::slice::from_ref(&archive));
+        if !self.npm_cache.contains(&archive) {
+            cached = false;
+            let fetched = self.fetch_shared(image, language, texts.clone(), Some(archive.clone())).await?;
+            log.push_str("--- fetcher ---\n");
+            log.push_str(&fetched.log);
+            if !fetched.ok {
+                let why = self.explain(&fetched.log);
+                return Ok(self.failed(language, specs, &why, false, Vec::new(), log, started));
+            }
+            downloaded = texts.iter().map(|t| format!("npm:{t}")).collect();
+            self.npm_cache.evict(&self.held());
+        }
+        // Two opens: a cloned descriptor would share the offset that reading the versions moves.
+        let versions = npm::versions(cache::open_file(&self.npm_cache, &archive)?, specs);
+        let file = cache::open_file(&self.npm_cache, &archive)?;
+        let (ok, out) = npm::unpack(self.runtime.as_ref(), container, file, self.config.timeout).await?;
+        log.push_str("--- install ---\n");
+        log.push_str(&out);
+        if !ok {
+            return Ok(self.failed(language, specs, &out, cached, downloaded, log, started));
+        }
+        self.npm_cache.touch([archive.as_str()]);
+        let packages: Vec<PackageResult> = specs
+            .iter()
+            .map(|s| {
+                let version = versions.get(&s.name).cloned();
+                let error = version.is_none().then(|| "not found in what the fetcher downloaded".to_owned());
+                PackageResult { spec: s.text.clone(), name: s.name.clone(), version, error }
+            })
+            .collect();
+        Ok(InstallReport {
+            ok: packages.iter().all(|p| p.error.is_none()),
+            language: language.to_owned(),
+            packages,
+            cached,
+            downloaded,
+            installed: vec![format!("npm archive {archive}")],
+            log: tail(&log),
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// A fetcher's output, with a last line that says what went wrong where pip's own does not.
+    fn explain(&self, log: &str) -> String {
+        if log.contains("No space left on device") {
+            let mib = self.config.max_download_bytes >> 20;
+            return format!("{log}\nERROR: the download is larger than the limit of {mib} MiB per install");
+        }
+        log.to_owned()
+    }
+
+    /// A report where every package failed; the reason names a package where pip's output does.
+    #[allow(clippy::too_many_arguments)]
+    fn failed(
+        &self,
+        language: &str,
+        specs: &[Spec],
+        output: &str,
+        cached: bool,
+        downloaded: Vec<String>,
+        log: String,
+        started: Instant,
+    ) -> InstallReport {
+        let missing = install::missing_requirements(output);
+        let last_error = output
+            .lines()
+            .rev()
+            .map(|l| fetcher::strip_ansi(l).trim().to_owned())
+            .find(|l| l.starts_with("ERROR") || l.starts_with("error") || l.starts_with('('))
+            .unwrap_or_else(|| output.lines().last().unwrap_or("the install failed").trim().to_owned());
+        let packages = specs
+            .iter()
+            .map(|s| {
+                let own = missing.iter().find(|m| spec::normalize_python_name(requirement_name(m)) == s.name);
+                let error = match own {
+                    Some(req) => format!(
+                        "no binary wheel of {req} for this session's Python and platform, or no such package or \
+                         version (kernelbox installs wheels only and never builds from source)"
+                    ),
+                    None if !missing.is_empty() => format!(
+                        "not installed (a request installs all or nothing): no binary wheel for this session's \
+                         Python and platform of {}",
+                        missing.join(", ")
+                    ),
+                    None => format!("not installed: {last_error}"),
+                };
+                PackageResult { spec: s.text.clone(), name: s.name.clone(), version: None, error: Some(error) }
+            })
+            .collect();
+        InstallReport {
+            ok: false,
+            language: language.to_owned(),
+            packages,
+            cached,
+            downloaded,
+            installed: Vec::new(),
+            log: tail(&log),
+            duration_ms: started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Runs a fetch, or joins the identical one under way. The fetch is a task of its own: it finishes
+    /// (and removes its container) even if every caller leaves, and its wheels serve the next install.
+    async fn fetch_shared(
+        &self,
+        image: &str,
+        language: &str,
+        specs: Vec<String>,
+        archive: Option<String>,
+    ) -> Result<Arc<Fetched>, PackageError> {
+        let key = format!("{image}\n{}", specs.join("\n"));
+        let shared = {
+            let mut inflight = self.inflight.lock().unwrap();
+            match inflight.get(&key) {
+                Some(shared) => shared.clone(),
+                None => {
+                    if inflight.len() >= MAX_FETCHES {
+                        return Err(PackageError::TooManyFetches);
+                    }
+                    let shared = self.spawn_fetch(key.clone(), image.to_owned(), language.to_owned(), specs, archive);
+                    inflight.insert(key, shared.clone());
+                    shared
+                }
+            }
+        };
+        shared.await.map_err(|e| PackageError::Fetcher(e.to_string()))
+    }
+
+    fn spawn_fetch(
+        &self,
+        key: String,
+        image: String,
+        language: String,
+        specs: Vec<String>,
+        archive: Option<String>,
+    ) -> SharedFetch {
+        let runtime = self.runtime.clone();
+        let config = self.config.clone();
+        let live = self.live.clone();
+        let cache = self.cache.clone();
+        let npm_cache = self.npm_cache.clone();
+        let instance = self.instance.clone();
+        let inflight = self.inflight.clone();
+        let started = self.fetchers_started.clone();
+        let task = tokio::spawn(async move {
+            started.fetch_add(1, Ordering::Relaxed);
+            let limit = config.timeout;
+            let store = match &archive {
+                Some(name) => Store::Npm(&npm_cache, name),
+                None => Store::Wheels(&cache),
+            };
+            let run = fetcher::fetch(runtime, &config, live, store, &instance, &image, &language, &specs);
+            let outcome = match tokio::time::timeout(limit, run).await {
+                Ok(Ok(fetched)) => Ok(Arc::new(fetched)),
+                Ok(Err(e)) => Err(Arc::new(e)),
+                Err(_) => Err(Arc::new(format!("the download took longer than {} s", limit.as_secs()))),
+            };
+            inflight.lock().unwrap().remove(&key);
+            outcome
+        });
+        async move { task.await.unwrap_or_else(|e| Err(Arc::new(format!("the fetch task failed: {e}")))) }
+            .boxed()
+            .shared()
+    }
+
+    /// Marks wheels as needed by an install under way until the guard drops.
+    fn hold(&self, wheels: &[String]) -> Held {
+        let mut in_use = self.in_use.lock().unwrap();
+        for w in wheels {
+            *in_use.entry(w.clone()).or_insert(0) += 1;
+        }
+        Held { in_use: self.in_use.clone(), wheels: wheels.to_vec() }
+    }
+
+    fn held(&self) -> HashSet<String> {
+        self.in_use.lock().unwrap().keys().cloned().collect()
+    }
+}
+
+/// Wheels an install under way needs (see [`Packages::hold`]).
+struct Held {
+    in_use: Arc<Mutex<HashMap<String, usize>>>,
+    wheels: Vec<String>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut in_use = self.in_use.lock().unwrap();
+        for w in &self.wheels {
+            if let Some(n) = in_use.get_mut(w) {
+                *n -= 1;
+                if *n == 0 {
+                    in_use.remove(w);
+                }
+            }
+        }
+    }
+}
+
+/// The name at the start of a requirement (`numpy>=2` → `numpy`).
+fn requirement_name(req: &str) -> &str {
+    let end = req.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))).unwrap_or(req.len());
+    &req[..end]
+}
+
+/// The end of a log, at most [`MAX_LOG`] bytes, cut at a character boundary.
+fn tail(log: &str) -> String {
+    if log.len() <= MAX_LOG {
+        return log.to_owned();
+    }
+    let mut cut = log.len() - MAX_LOG;
+    while !log.is_char_boundary(cut) {
+        cut += 1;
+    }
+    format!("[... {cut} bytes cut ...]\n{}", &log[cut..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requirement_names_and_log_tails() {
+        assert_eq!(requirement_name("numpy>=2"), "numpy");
+        assert_eq!(requirement_name("zope.interface"), "zope.interface");
+        let long = "é".repeat(MAX_LOG);
+        let t = tail(&long);
+        assert!(t.len() < MAX_LOG + 64 && t.starts_with("[... "));
+    }
+
+    #[test]
+    fn a_failure_names_the_package_without_a_wheel() {
+        let rt: Arc<dyn ContainerRuntime> = Arc::new(crate::runtime::fake::FakeRuntime::default());
+        let p = Packages::new(rt, PackageConfig::default(), PathBuf::from("/nonexistent"), "i".into());
+        let specs = spec::parse_all(Ecosystem::Python, &["six".into(), "nosuchpkg==1.0".into()]).unwrap();
+        let out = "ERROR: No matching distribution found for nosuchpkg==1.0\n";
+        let r = p.failed("python", &specs, out, false, vec![], out.into(), Instant::now());
+        assert!(!r.ok);
+        assert!(r.packages[1].error.as_ref().unwrap().contains("no binary wheel of nosuchpkg==1.0"));
+        assert!(r.packages[0].error.as_ref().unwrap().contains("all or nothing"), "{:?}", r.packages[0]);
+    }
+}
