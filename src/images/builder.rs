@@ -10,7 +10,9 @@ use std::time::Instant;
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::catalog::{Catalog, IMAGES, ImageDef, LABEL_BASE_ID, LABEL_CONTENT_HASH, image_def};
+use super::catalog::{
+    Catalog, IMAGES, ImageDef, LABEL_BASE_ID, LABEL_CONTENT_HASH, SUPERVISOR, SUPERVISOR_ARG, image_def,
+};
 use super::context::{Context, HostSettings, Source};
 use crate::runtime::{BuildRequest, ContainerRuntime, RuntimeError};
 
@@ -91,6 +93,10 @@ impl ImageBuilder {
                 })
                 .collect::<Result<_, _>>()?
         };
+        let mut roots = roots;
+        if roots.iter().any(|r| image_def(r).is_some_and(|d| d.supervised)) {
+            roots.push(SUPERVISOR.to_owned());
+        }
         for root in &roots {
             let mut cur = image_def(root);
             while let Some(def) = cur {
@@ -105,11 +111,25 @@ impl ImageBuilder {
 
     fn build_args(&self, def: &ImageDef, parent_ref: &str) -> HashMap<String, String> {
         let mut args = HashMap::from([(def.parent_arg.to_owned(), parent_ref.to_owned())]);
+        if def.supervised {
+            args.insert(SUPERVISOR_ARG.into(), self.tag(SUPERVISOR));
+        }
         args.insert("PIP_INDEX_URL".into(), self.settings.pip_index_url.clone().unwrap_or_default());
         if def.parent.is_none() {
             args.insert("APT_MIRROR".into(), self.settings.apt_mirror.clone().unwrap_or_default());
         }
         args
+    }
+
+    /// What the content hash says `def` is built on: its parent's id, and for a language image also the
+    /// supervisor image's id (so a new start-kernel rebuilds every language image's last layer). `None`
+    /// when one of them is missing.
+    async fn built_on(&self, def: &ImageDef, parent_id: &str) -> Result<Option<String>, ImageError> {
+        if !def.supervised {
+            return Ok(Some(parent_id.to_owned()));
+        }
+        let supervisor = self.runtime.image(&self.tag(SUPERVISOR)).await?;
+        Ok(supervisor.map(|s| format!("{parent_id}+{}", s.id)))
     }
 
     /// The build context, build arguments and content hash `def` has when built on `parent_ref`.
@@ -144,7 +164,11 @@ impl ImageBuilder {
                 image: def.name.into(),
                 message: format!("its parent image {parent_ref} is missing"),
             })?;
-            let (context, args, hash) = self.expected(def, &parent_ref, &parent.id)?;
+            let built_on = self.built_on(def, &parent.id).await?.ok_or_else(|| ImageError::Build {
+                image: def.name.into(),
+                message: format!("the image {} is missing", self.tag(SUPERVISOR)),
+            })?;
+            let (context, args, hash) = self.expected(def, &parent_ref, &built_on)?;
             let tag = self.tag(def.name);
             let existing = self.runtime.image(&tag).await?;
             let current = existing.as_ref().and_then(|i| i.labels.get(LABEL_CONTENT_HASH)) == Some(&hash);
@@ -323,10 +347,13 @@ impl ImageBuilder {
             let existing = self.runtime.image(&tag).await?;
             let state = match (&existing, parent, parent_ref) {
                 (None, _, _) => "missing",
-                (Some(img), Some(parent), Some(parent_ref)) => {
-                    let (_, _, hash) = self.expected(def, &parent_ref, &parent.id)?;
-                    if img.labels.get(LABEL_CONTENT_HASH) == Some(&hash) { "up to date" } else { "stale" }
-                }
+                (Some(img), Some(parent), Some(parent_ref)) => match self.built_on(def, &parent.id).await? {
+                    Some(built_on) => {
+                        let (_, _, hash) = self.expected(def, &parent_ref, &built_on)?;
+                        if img.labels.get(LABEL_CONTENT_HASH) == Some(&hash) { "up to date" } else { "stale" }
+                    }
+                    None => "stale",
+                },
                 _ => "stale",
             };
             rows.push(ImageStatus {
@@ -406,10 +433,12 @@ mod tests {
     #[test]
     fn a_language_brings_its_ancestors_in_build_order() {
         let names: Vec<&str> = builder().plan(&["python_scientific".into()]).unwrap().iter().map(|d| d.name).collect();
-        assert_eq!(names, ["base", "python_core", "python_scientific"]);
+        assert_eq!(names, ["base", "supervisor", "python_core", "python_scientific"]);
         let ts: Vec<&str> = builder().plan(&["typescript".into()]).unwrap().iter().map(|d| d.name).collect();
-        assert_eq!(ts, ["base", "javascript"]);
-        assert_eq!(builder().plan(&[]).unwrap().len(), 7);
+        assert_eq!(ts, ["base", "supervisor", "javascript"]);
+        let sup: Vec<&str> = builder().plan(&["supervisor".into()]).unwrap().iter().map(|d| d.name).collect();
+        assert_eq!(sup, ["base", "supervisor"]);
+        assert_eq!(builder().plan(&[]).unwrap().len(), 8);
         assert!(matches!(builder().plan(&["cobol".into()]), Err(ImageError::Unknown(_))));
     }
 }

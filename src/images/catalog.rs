@@ -8,6 +8,12 @@ pub const LABEL_INTERRUPT_MODE: &str = "kernelbox.image.interrupt_mode";
 pub const LABEL_CONTENT_HASH: &str = "kernelbox.image.content_hash";
 pub const LABEL_BASE_ID: &str = "kernelbox.image.base_id";
 
+/// The image that holds the start contract (`start-kernel`, built from `images/supervisor/start-kernel.rs`,
+/// and the file tool); every language image copies it in its last layer.
+pub const SUPERVISOR: &str = "supervisor";
+/// The build argument that names the supervisor image in a language image's Dockerfile.
+pub const SUPERVISOR_ARG: &str = "KERNELBOX_SUPERVISOR";
+
 /// The start contract: every image runs its kernel with `START_KERNEL <connection file>`.
 pub const START_KERNEL: &str = "/opt/kernelbox/start-kernel";
 /// The start contract: the file tool (`images/shared/files`) the service runs through Docker's exec API.
@@ -54,27 +60,51 @@ pub struct ImageDef {
     pub parent: Option<&'static str>,
     /// The build argument that names the parent.
     pub parent_arg: &'static str,
-    /// Whether the files of `images/shared/` (`start-kernel`) join its build context. Language images
-    /// copy them in their last layer, so changing `start-kernel` rebuilds only that layer.
+    /// Whether the files of `images/shared/` (the file tool) join its build context: only the supervisor's.
     pub shared: bool,
+    /// Whether it copies the start contract from the [`SUPERVISOR`] image (named by [`SUPERVISOR_ARG`]) in
+    /// its last layer: every language image, so changing `start-kernel` rebuilds only that layer.
+    pub supervised: bool,
 }
 
 /// Every image, parents before children.
 pub const IMAGES: &[ImageDef] = &[
-    ImageDef { name: "base", parent: None, parent_arg: "BASE_IMAGE", shared: false },
+    ImageDef { name: "base", parent: None, parent_arg: "BASE_IMAGE", shared: false, supervised: false },
+    // start-kernel (compiled with Debian's rustc in a build stage FROM base) and the file tool, in an image
+    // FROM scratch that holds nothing else.
+    ImageDef { name: SUPERVISOR, parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true, supervised: false },
     // The python images' common layers, without start-kernel: a change to start-kernel then rebuilds only
     // the last layer of python_scientific too, not its scientific stack.
-    ImageDef { name: "python_core", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: false },
-    ImageDef { name: "python", parent: Some("python_core"), parent_arg: "KERNELBOX_PYTHON_CORE", shared: true },
+    ImageDef {
+        name: "python_core",
+        parent: Some("base"),
+        parent_arg: "KERNELBOX_BASE",
+        shared: false,
+        supervised: false,
+    },
+    ImageDef {
+        name: "python",
+        parent: Some("python_core"),
+        parent_arg: "KERNELBOX_PYTHON_CORE",
+        shared: false,
+        supervised: true,
+    },
     ImageDef {
         name: "python_scientific",
         parent: Some("python_core"),
         parent_arg: "KERNELBOX_PYTHON_CORE",
-        shared: true,
+        shared: false,
+        supervised: true,
     },
-    ImageDef { name: "javascript", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
-    ImageDef { name: "java", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
-    ImageDef { name: "bash", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: true },
+    ImageDef {
+        name: "javascript",
+        parent: Some("base"),
+        parent_arg: "KERNELBOX_BASE",
+        shared: false,
+        supervised: true,
+    },
+    ImageDef { name: "java", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: false, supervised: true },
+    ImageDef { name: "bash", parent: Some("base"), parent_arg: "KERNELBOX_BASE", shared: false, supervised: true },
 ];
 
 pub fn image_def(name: &str) -> Option<&'static ImageDef> {
@@ -144,6 +174,10 @@ mod tests {
             if let Some(parent) = def.parent {
                 let p = IMAGES.iter().position(|d| d.name == parent).unwrap();
                 assert!(p < i, "{} before {}", parent, def.name);
+            }
+            if def.supervised {
+                let s = IMAGES.iter().position(|d| d.name == SUPERVISOR).unwrap();
+                assert!(s < i, "{SUPERVISOR} before {}", def.name);
             }
         }
     }

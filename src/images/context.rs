@@ -17,7 +17,7 @@ mod embedded {
 /// The file every context gets: an extra CA bundle to trust while building (empty when none).
 pub const EXTRA_CA_FILE: &str = "extra-ca.pem";
 
-/// The folder of `images/` whose files join every language image's context (not an image itself).
+/// The folder of `images/` whose files join the supervisor image's context (not an image itself).
 pub const SHARED_DIR: &str = "shared";
 
 /// Build arguments that only say where packages come from.
@@ -276,41 +276,55 @@ mod tests {
 
     #[test]
     fn start_kernel_is_the_last_layer_of_every_language_image_and_nowhere_else() {
-        use crate::images::catalog::{Catalog, IMAGES};
+        use crate::images::catalog::{Catalog, IMAGES, SUPERVISOR, SUPERVISOR_ARG};
         let languages = Catalog::new("kb/").language_images();
         for def in IMAGES {
             let ctx = Source::Embedded.context(def.name, def.shared, b"").unwrap();
             let dockerfile = String::from_utf8(ctx.files["Dockerfile"].clone()).unwrap();
+            let steps: Vec<&str> =
+                dockerfile.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+            assert_eq!(def.shared, def.name == SUPERVISOR, "{}: only the supervisor gets images/shared/", def.name);
             assert_eq!(
-                def.shared,
+                def.supervised,
                 languages.iter().any(|l| l == def.name),
-                "{}: shared files iff a language image",
+                "{}: the start contract is copied iff a language image",
                 def.name
             );
-            if !def.shared {
-                assert!(!ctx.files.contains_key("start-kernel"), "{} has no start-kernel", def.name);
-                assert!(!dockerfile.contains("start-kernel /opt"), "{} copies no start-kernel", def.name);
+            assert!(!ctx.files.contains_key("start-kernel"), "{}: start-kernel is built, not copied", def.name);
+            if def.name == SUPERVISOR {
+                assert!(ctx.files.contains_key("start-kernel.rs") && ctx.files.contains_key("files"));
+                assert_eq!(steps.last(), Some(&"COPY --from=build /kernelbox/ /kernelbox/"));
                 continue;
             }
-            let last = dockerfile.lines().map(str::trim).rfind(|l| !l.is_empty() && !l.starts_with('#'));
-            assert_eq!(last, Some("COPY start-kernel files /opt/kernelbox/"), "{}: the last step", def.name);
-            // No `RUN chmod` after the COPY: the mode comes from the context's tar.
-            let tar_bytes = ctx.tar();
-            let mut archive = tar::Archive::new(tar_bytes.as_slice());
-            let mode = archive
-                .entries()
-                .unwrap()
-                .map(|e| e.unwrap())
-                .find(|e| e.path().unwrap().to_str() == Some("start-kernel"))
-                .map(|e| e.header().mode().unwrap());
-            assert_eq!(mode, Some(0o755), "{}: start-kernel is executable in the context", def.name);
+            if !def.supervised {
+                let copies = steps.iter().any(|l| l.starts_with("COPY") && l.contains("kernelbox/ /opt"));
+                assert!(!copies && !dockerfile.contains("start-kernel /opt"), "{} copies no start-kernel", def.name);
+                continue;
+            }
+            // Global ARGs, then the supervisor stage, then the image's own FROM.
+            let from = steps.iter().position(|l| l.starts_with("FROM")).unwrap();
+            assert!(steps[..from].iter().any(|l| l.starts_with(&format!("ARG {SUPERVISOR_ARG}="))), "{}", def.name);
+            assert_eq!(steps[from], format!("FROM ${{{SUPERVISOR_ARG}}} AS supervisor"), "{}", def.name);
+            assert_eq!(steps.last(), Some(&"COPY --from=supervisor /kernelbox/ /opt/kernelbox/"), "{}", def.name);
+            assert!(!ctx.files.contains_key("files"), "{}: the file tool comes from the supervisor", def.name);
             let parent = def.parent.and_then(crate::images::catalog::image_def).unwrap();
             assert!(
-                !parent.shared,
+                !parent.supervised,
                 "{} is not built on another language image (whose start-kernel it would carry)",
                 def.name
             );
         }
+        // The file tool keeps its mode through the supervisor's context.
+        let ctx = Source::Embedded.context(SUPERVISOR, true, b"").unwrap();
+        let tar_bytes = ctx.tar();
+        let mut archive = tar::Archive::new(tar_bytes.as_slice());
+        let mode = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.path().unwrap().to_str() == Some("files"))
+            .map(|e| e.header().mode().unwrap());
+        assert_eq!(mode, Some(0o755), "the file tool is executable in the context");
     }
 
     #[test]

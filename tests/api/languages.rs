@@ -61,7 +61,7 @@ async fn a_second_image_build_with_nothing_changed_rebuilds_nothing() {
     let builder = image_builder(docker().await);
     let mut sink = Vec::new();
     let summaries = builder.build(&[], false, &mut sink).await.unwrap();
-    assert_eq!(summaries.len(), 7, "base, python_core and five language images");
+    assert_eq!(summaries.len(), 8, "base, supervisor, python_core and five language images");
     for s in &summaries {
         assert_eq!(s.outcome, kernelbox::images::builder::Outcome::UpToDate, "{} was rebuilt", s.image);
     }
