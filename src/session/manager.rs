@@ -907,8 +907,10 @@ impl SessionManager {
             s.close("service_shutdown", self.config.keep_sessions);
         }
         futures::future::join_all(sessions.iter().map(|s| s.wait_finished(SHUTDOWN_WAIT))).await;
+        // Boots under way (the pool's) finish their Docker calls and remove what they made: a create cut
+        // off by the process's exit would leave a container behind.
         self.tracker.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.tracker.wait()).await;
     }
 }
 

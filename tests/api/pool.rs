@@ -140,4 +140,8 @@ async fn after_a_sigkill_a_claimed_container_is_adopted_with_its_owner_and_an_un
     assert!(!pooled_containers(&left).iter().all(|s| sessions.contains(&s)), "the unclaimed one was removed");
     let claims: Vec<_> = std::fs::read_dir(state.join("claims")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(claims, vec![std::ffi::OsString::from(format!("{id}.json"))], "only the live claim is kept");
+    // A graceful stop: a SIGKILL now could cut the refill's container create half-way.
+    let mut second = second;
+    assert!(second.terminate(Duration::from_secs(40)).is_some(), "the service stops on SIGTERM");
+    assert!(instance_containers(&instance).await.is_empty(), "nothing left after the stop");
 }
