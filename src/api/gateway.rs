@@ -3,8 +3,7 @@
 //! over the same [`SessionManager`](crate::session::SessionManager) as `/v1`. A kernel is a session like
 //! any other (limits, reaper, metrics, the same `/v1` views) and belongs to the key that made it.
 //!
-//! Not done yet: the kernel WebSocket (`/api/kernels/{id}/channels`), without which a Jupyter front end
-//! cannot run code through this gateway; see the README.
+//! The kernel WebSocket (`/api/kernels/{id}/channels`) is its own module, `kernel_ws.rs`.
 //!
 //! Kernel ids: Jupyter servers only route UUID-shaped kernel ids, so a session id (24 hex digits) is shown
 //! as a UUID whose last 8 digits are zero ([`kernel_id`]), and read back only in that shape.
@@ -39,7 +38,9 @@ pub fn session_id(kernel: &str) -> Option<String> {
         .filter(|id| crate::session::SessionId::parse(id).is_some())
 }
 
-fn model(info: &SessionInfo) -> Value {
+/// A kernel's model. `last_activity` is written with microseconds and `Z`, the one form Jupyter's gateway
+/// client parses.
+fn model(info: &SessionInfo, connections: usize) -> Value {
     let state = match info.status {
         SessionStatus::Starting => "starting",
         SessionStatus::Idle => "idle",
@@ -50,18 +51,18 @@ fn model(info: &SessionInfo) -> Value {
     json!({
         "id": kernel_id(info.id.as_str()),
         "name": info.language,
-        "last_activity": info.last_used_at,
+        "last_activity": info.last_used_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         "execution_state": state,
-        "connections": 0,
+        "connections": connections,
     })
 }
 
-fn not_found(kernel: &str) -> ApiError {
+pub(super) fn not_found(kernel: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no kernel with id {kernel}"))
 }
 
 /// The session behind a kernel id of the caller's.
-fn session(kernel: &str) -> Result<String, ApiError> {
+pub(super) fn session(kernel: &str) -> Result<String, ApiError> {
     session_id(kernel).ok_or_else(|| not_found(kernel))
 }
 
@@ -99,7 +100,8 @@ pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
 #[utoipa::path(get, path = "/api/kernels", operation_id = "gateway_list_kernels", tag = "jupyter gateway",
     responses((status = 200, description = "the caller's kernels: `[{id, name, last_activity, execution_state, connections}]`", body = [Object])))]
 pub async fn list(State(state): State<AppState>, Extension(owner): Extension<Owner>) -> Json<Vec<Value>> {
-    Json(state.manager.list(&owner).iter().map(model).collect())
+    let connections = |info: &SessionInfo| state.manager.get(&owner, info.id.as_str()).map_or(0, |s| s.connections());
+    Json(state.manager.list(&owner).iter().map(|info| model(info, connections(info))).collect())
 }
 
 /// What `POST /api/kernels` takes. `env` (Jupyter's `KERNEL_*` variables) is accepted and not passed on.
@@ -127,7 +129,7 @@ pub async fn start(
     };
     let language = req.name.unwrap_or_else(|| "python".into());
     let info = state.manager.create(owner, SessionRequest { language, ..Default::default() }).await?;
-    let body = model(&info);
+    let body = model(&info, 0);
     let mut response = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/api/kernels/{}", kernel_id(info.id.as_str()))) {
         response.headers_mut().insert(header::LOCATION, location);
@@ -143,8 +145,8 @@ pub async fn get(
     Extension(owner): Extension<Owner>,
     Path(kernel): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let info = state.manager.get(&owner, &session(&kernel)?).map_err(|_| not_found(&kernel))?.info();
-    Ok(Json(model(&info)))
+    let session = state.manager.get(&owner, &session(&kernel)?).map_err(|_| not_found(&kernel))?;
+    Ok(Json(model(&session.info(), session.connections())))
 }
 
 /// `DELETE /api/kernels/{id}`: ends the kernel and its container.
@@ -180,8 +182,10 @@ pub async fn restart(
     Path(kernel): Path<String>,
     _headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let info = state.manager.restart(&owner, &session(&kernel)?).await?;
-    Ok(Json(model(&info)))
+    let id = session(&kernel)?;
+    let info = state.manager.restart(&owner, &id).await?;
+    let connections = state.manager.get(&owner, &id).map_or(0, |s| s.connections());
+    Ok(Json(model(&info, connections)))
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ pub mod files;
 pub mod gateway;
 pub mod json_errors;
 pub mod jupyter_compat;
+pub mod kernel_ws;
+pub mod kernel_ws_codec;
 pub mod mcp;
 pub mod packages;
 pub mod rate_limit;
@@ -59,7 +61,7 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
         jupyter_compat::upload_long, jupyter_compat::download, jupyter_compat::health, jupyter_compat::health_root,
         mcp::doc::post, mcp::doc::get, mcp::doc::delete,
         gateway::version, gateway::kernelspecs, gateway::list, gateway::start, gateway::get, gateway::delete,
-        gateway::interrupt, gateway::restart,
+        gateway::interrupt, gateway::restart, kernel_ws::channels,
     ),
     components(schemas(crate::error::ErrorBody, compat::DetailBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
     modifiers(&Security),
@@ -207,6 +209,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/api/kernels/{id}", get(gateway::get).delete(gateway::delete))
         .route("/api/kernels/{id}/interrupt", post(gateway::interrupt))
         .route("/api/kernels/{id}/restart", post(gateway::restart))
+        .route("/api/kernels/{id}/channels", get(kernel_ws::channels))
         .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
         .layer(axum::middleware::from_fn_with_state(access.clone(), auth::require_key));
     // MCP for agents: the same keys and rate limit; rmcp reads (and bounds) its own bodies.

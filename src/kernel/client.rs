@@ -69,6 +69,16 @@ pub enum Channel {
 }
 
 impl Channel {
+    /// The name Jupyter's WebSocket protocols give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Shell => "shell",
+            Channel::Control => "control",
+            Channel::IOPub => "iopub",
+            Channel::Stdin => "stdin",
+        }
+    }
+
     fn socket_type(self) -> SocketType {
         match self {
             Channel::IOPub => SocketType::Sub,
@@ -232,6 +242,19 @@ impl KernelClient {
         let msg = Message::request(msg_type, &self.session, content);
         link.send(&self.signer.encode(&msg)).await?;
         Ok(msg.header.msg_id)
+    }
+
+    /// Sends a client's message on `channel` (not IOPub) as it is, signed with the kernel's key; replies
+    /// come to this client (one ZMTP identity for all), so the caller routes them by their parent.
+    /// Bound it with a timeout, like [`KernelClient::send`].
+    pub async fn forward(&mut self, channel: Channel, msg: &Message) -> Result<(), KernelError> {
+        let link = match channel {
+            Channel::Shell => &mut self.shell,
+            Channel::Control => &mut self.control,
+            Channel::Stdin => &mut self.stdin,
+            Channel::IOPub => return Err(KernelError::NotSendable(channel)),
+        };
+        link.send(&self.signer.encode(msg)).await
     }
 
     /// Sends an `execute_request` for `code` and returns its `msg_id`.

@@ -9,6 +9,7 @@ pub mod client;
 pub mod connection;
 pub mod execution;
 pub mod fake;
+pub mod relay;
 pub mod stdin;
 pub mod wire;
 pub mod zmtp;

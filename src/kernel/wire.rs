@@ -97,7 +97,8 @@ pub enum WireError {
     FrameTooLarge { frame: &'static str, len: u64, max: usize },
 }
 
-/// A message header (the fields every kernel sends; unknown ones are ignored).
+/// A message header: the fields every kernel sends, and any others kept as they came (`subshell_id`, a
+/// client's own), so a message relayed to or from a Jupyter client passes through unchanged.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Header {
     pub msg_id: String,
@@ -110,6 +111,8 @@ pub struct Header {
     pub msg_type: String,
     #[serde(default)]
     pub version: String,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 impl Header {
@@ -122,6 +125,7 @@ impl Header {
             date: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
             msg_type: msg_type.to_owned(),
             version: PROTOCOL_VERSION.to_owned(),
+            extra: serde_json::Map::new(),
         }
     }
 }

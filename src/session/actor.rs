@@ -4,7 +4,9 @@
 //! failed boot), the container is gone when this task ends.
 //!
 //! Executions arrive on a bounded queue (full → 429); interrupts and restarts on a bounded control queue
-//! that is also watched while code runs. Work whose caller has gone is skipped (queued) or interrupted
+//! that is also watched while code runs; attached Jupyter clients' messages on a bounded queue of their
+//! own, sent to the kernel as they come, while the kernel's messages are routed back to them
+//! (`peers.rs`) whether or not a `/v1` execution is running. Work whose caller has gone is skipped (queued) or interrupted
 //! (running, `/v1`). In every wait, cancellation, the container's death, control requests and deadlines
 //! come before the kernel's messages, so a kernel that always has a message ready cannot starve them.
 
@@ -25,6 +27,7 @@ use super::handle::{Control, ExecuteCommand, Inbox, Session};
 use super::kernel_host::{BootPlan, KernelHost, death_reason};
 use super::model::{ExecStatus, ExecuteResult, SessionStatus};
 use super::notebook::Notebook;
+use super::peers::{PeerEvent, Peers};
 
 /// How the session's task begins.
 pub enum Start {
@@ -50,6 +53,11 @@ pub struct Actor {
     pub inbox: Inbox,
     pub output_limit: usize,
     pub interrupt_grace: Duration,
+    /// Jupyter clients attached to the kernel.
+    pub peers: Peers,
+    /// The kernel connection failed outside an execution while the container lives on: it is not read
+    /// again until a restart gives a new one (else a broken connection would be polled in a loop).
+    pub link_broken: bool,
 }
 
 /// How an execution loop ended, before it becomes an [`ExecuteResult`].
@@ -75,6 +83,7 @@ enum Wake {
     Abandoned,
     /// The caller answered the prompt (or the slot was closed: `Err`).
     Input(Result<String, oneshot::error::RecvError>),
+    Peer(PeerEvent),
     Message(Box<Result<(crate::kernel::Channel, crate::kernel::wire::Message), KernelError>>),
 }
 
@@ -105,10 +114,15 @@ impl Actor {
         let cancel = self.session.cancel.clone();
         loop {
             let alive = self.host.as_ref().is_some_and(KernelHost::is_alive);
+            let read_kernel = alive && !self.link_broken && self.peers.is_active();
+            let (exit, client) = match self.host.as_mut() {
+                Some(h) => (Some(&mut h.exit), Some(&mut h.client)),
+                None => (None, None),
+            };
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                _ = wait_exit(&mut self.host), if alive => self.on_death(),
+                _ = wait_exit(exit), if alive => self.on_death(),
                 Some(control) = self.inbox.control.recv() => match control {
                     Control::Interrupt => self.interrupt().await,
                     Control::Restart(reply) => {
@@ -119,9 +133,63 @@ impl Actor {
                         }
                     }
                 },
+                Some(event) = self.inbox.peers.recv() => self.on_peer(event).await,
                 Some(cmd) = self.inbox.commands.recv() => self.run_command(cmd).await,
+                received = recv_kernel(client), if read_kernel => match received {
+                    Ok((channel, msg)) => self.for_peers(channel, &msg),
+                    Err(e) => {
+                        if let Ending::Killed(reason) = self.killed_or(format!("lost the kernel connection: {e}")).await
+                            && self.host.is_some()
+                        {
+                            tracing::warn!(session_id = %self.session.id, %reason, "the kernel connection failed; it is read again after a restart");
+                            self.link_broken = true;
+                        }
+                    }
+                },
             }
         }
+    }
+
+    /// A Jupyter client attached, left or sent a message for the kernel.
+    async fn on_peer(&mut self, event: PeerEvent) {
+        match event {
+            PeerEvent::Attach(peer) => self.peers.attach(peer),
+            PeerEvent::Detach(id) => self.peers.detach(id),
+            PeerEvent::Message { from, channel, msg } => {
+                // A replaced or let-go client's late messages are not sent.
+                if !self.peers.is_attached(from) {
+                    return;
+                }
+                self.session.update(|s| s.last_used = Utc::now());
+                self.peers.sent(from, &msg.header.msg_id);
+                let Some(host) = self.host.as_mut() else { return };
+                // Bounded like an interrupt: a kernel that stops reading must not hold the session.
+                match tokio::time::timeout(Duration::from_secs(2), host.client.forward(channel, &msg)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(session_id = %self.session.id, error = %e, "could not pass a client's message to the kernel"),
+                    Err(_) => tracing::warn!(session_id = %self.session.id, "the kernel did not take a client's message in time"),
+                }
+            }
+        }
+    }
+
+    /// A kernel message outside a `/v1` execution: to the attached clients; its IOPub status is the
+    /// session's (a client's code running makes the session busy, and so not idle for the reaper).
+    fn for_peers(&mut self, channel: crate::kernel::Channel, msg: &Message) {
+        if channel == crate::kernel::Channel::IOPub && msg.msg_type() == "status" {
+            let now = match msg.content.get("execution_state").and_then(serde_json::Value::as_str) {
+                Some("busy") => Some(SessionStatus::Busy),
+                Some("idle") => Some(SessionStatus::Idle),
+                _ => None,
+            };
+            if let Some(now) = now
+                && matches!(self.session.snapshot().status, SessionStatus::Idle | SessionStatus::Busy)
+            {
+                self.session.set_status(now);
+            }
+        }
+        self.session.update(|s| s.last_used = Utc::now());
+        self.peers.deliver(channel, msg);
     }
 
     /// Answers what is still queued, then removes the container and the run directory, unless the
@@ -138,6 +206,8 @@ impl Actor {
                 let _ = reply.send(Err(SessionError::Closing));
             }
         }
+        self.peers.close_all("the kernel's session ended");
+        self.inbox.peers.close();
         let kept = self.session.keep_on_exit();
         if let Some(host) = self.host.take() {
             if kept && host.is_alive() {
@@ -169,7 +239,8 @@ impl Actor {
         }
     }
 
-    fn took(&self, host: &KernelHost) {
+    fn took(&mut self, host: &KernelHost) {
+        self.link_broken = false;
         self.session.update(|s| {
             s.dead_reason = None;
             s.container_id = host.container_id.clone();
@@ -183,6 +254,7 @@ impl Actor {
         tracing::warn!(session_id = %self.session.id, %reason, "the kernel died");
         self.session.update(|s| s.dead_reason = Some(reason.clone()));
         self.session.set_status(SessionStatus::Dead);
+        self.peers.status("dead");
         // A dead container is of no use; remove it now so nothing lingers.
         if let Some(host) = self.host.take() {
             let plan = self.plan.clone();
@@ -192,6 +264,7 @@ impl Actor {
 
     async fn restart(&mut self) -> Result<(), SessionError> {
         self.session.set_status(SessionStatus::Restarting);
+        self.peers.status("restarting");
         let cancel = self.session.cancel.clone();
         let result = match self.host.take() {
             Some(host) => self.plan.restart(host, &cancel).await,
@@ -311,6 +384,7 @@ impl Actor {
                     _ = sleep_until(quiet.unwrap_or(far)), if quiet.is_some() => Wake::IdleLost,
                     _ = reply.closed(), if interrupt_when_abandoned && !abandoned => Wake::Abandoned,
                     answer = wait_answer(&mut input.waiting), if input.waiting.is_some() => Wake::Input(answer),
+                    Some(event) = self.inbox.peers.recv() => Wake::Peer(event),
                     received = host.client.recv() => Wake::Message(Box::new(received)),
                 }
             };
@@ -323,8 +397,10 @@ impl Actor {
                     self.on_death();
                     return (Ending::Killed(reason), Some(tracker));
                 }
+                Wake::Peer(event) => self.on_peer(event).await,
                 Wake::Message(received) => match *received {
                     Ok((channel, msg)) => {
+                        self.peers.deliver(channel, &msg);
                         if channel == crate::kernel::Channel::Stdin
                             && let Some(asked) = InputRequest::from_message(&msg, tracker.msg_id())
                         {
@@ -517,11 +593,21 @@ impl EventSink {
     }
 }
 
+/// The kernel's next message (never, when there is no kernel).
+async fn recv_kernel(
+    client: Option<&mut crate::kernel::KernelClient>,
+) -> Result<(crate::kernel::Channel, Message), KernelError> {
+    match client {
+        Some(client) => client.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Resolves when the host's container has stopped (never, when there is none).
-async fn wait_exit(host: &mut Option<KernelHost>) {
-    match host {
-        Some(h) => {
-            let _ = h.exit.wait_for(Option::is_some).await;
+async fn wait_exit(exit: Option<&mut tokio::sync::watch::Receiver<Option<crate::runtime::ExitInfo>>>) {
+    match exit {
+        Some(exit) => {
+            let _ = exit.wait_for(Option::is_some).await;
         }
         None => std::future::pending().await,
     }

@@ -5,7 +5,7 @@
 //! The types a caller gets back from queueing work ([`Pending`]) live here too, so that the manager and
 //! the actor depend on this module and not on each other.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::kernel::Event;
 
 use super::error::SessionError;
+use super::peers::{self, PeerEvent, PeerId, PeerOutbox};
 use super::model::{
     ExecStatus, ExecuteResult, KernelInfo, Owner, SessionId, SessionInfo, SessionLimits, SessionSettings, SessionStatus,
 };
@@ -40,6 +41,8 @@ pub const STREAM_EVENTS: usize = 64;
 pub const MAX_TRANSFERS: usize = 4;
 /// Control requests (interrupt, restart) waiting for the session's task.
 pub const CONTROL_DEPTH: usize = 4;
+/// Messages from attached Jupyter clients waiting for the session's task (the clients wait beyond).
+pub const PEER_EVENTS: usize = 64;
 
 /// A queued execution, as the session's task receives it.
 pub struct ExecuteCommand {
@@ -74,6 +77,7 @@ pub enum Control {
 pub struct Inbox {
     pub commands: mpsc::Receiver<ExecuteCommand>,
     pub control: mpsc::Receiver<Control>,
+    pub peers: mpsc::Receiver<PeerEvent>,
 }
 
 /// One session, as the registry holds it.
@@ -112,6 +116,11 @@ pub struct Session {
     pub notebook_lock: Arc<Mutex<()>>,
     /// The prompt the running execution waits on, answered by `POST /input`: at most one per session.
     input: Mutex<Option<oneshot::Sender<String>>>,
+    /// Attached Jupyter clients' messages to the session's task.
+    peer_events: mpsc::Sender<PeerEvent>,
+    /// Jupyter clients attached now (the gateway's `connections`).
+    connections: AtomicUsize,
+    next_peer: AtomicU64,
 }
 
 impl Session {
@@ -125,6 +134,7 @@ impl Session {
     ) -> (Arc<Session>, Inbox) {
         let (commands_tx, commands) = mpsc::channel(queue_depth.max(1));
         let (control_tx, control) = mpsc::channel(CONTROL_DEPTH);
+        let (peers_tx, peers) = mpsc::channel(PEER_EVENTS);
         let now = Utc::now();
         let session = Arc::new(Session {
             id,
@@ -154,8 +164,11 @@ impl Session {
             packages: Mutex::new(Vec::new()),
             notebook_lock: Arc::new(Mutex::new(())),
             input: Mutex::new(None),
+            peer_events: peers_tx,
+            connections: AtomicUsize::new(0),
+            next_peer: AtomicU64::new(1),
         });
-        (session, Inbox { commands, control })
+        (session, Inbox { commands, control, peers })
     }
 
     pub fn update(&self, f: impl FnOnce(&mut SessionState)) {
@@ -265,6 +278,29 @@ impl Session {
         self.input.lock().unwrap().take();
     }
 
+    /// Jupyter clients attached now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Attaches a Jupyter client to the kernel (see `peers.rs`); `session_key` is the client's own session
+    /// id, if it gave one. At most [`peers::MAX_PEERS`] at once.
+    pub async fn attach(self: &Arc<Self>, session_key: Option<String>) -> Result<PeerLink, SessionError> {
+        if self.connections.fetch_add(1, Ordering::SeqCst) >= peers::MAX_PEERS {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+            return Err(SessionError::TooMany(format!(
+                "at most {} clients may be connected to one kernel",
+                peers::MAX_PEERS
+            )));
+        }
+        let id = PeerId(self.next_peer.fetch_add(1, Ordering::SeqCst));
+        // From here the link counts the connection and detaches on drop, whatever happens next.
+        let (peer, outbox) = peers::attachment(id, session_key);
+        let link = PeerLink { id, outbox, session: self.clone() };
+        self.peer_events.send(PeerEvent::Attach(peer)).await.map_err(|_| SessionError::Closing)?;
+        Ok(link)
+    }
+
     pub fn info(&self) -> SessionInfo {
         let s = self.snapshot();
         SessionInfo {
@@ -278,6 +314,37 @@ impl Session {
             kernel: s.kernel,
             dead_reason: s.dead_reason,
             executions: s.executions,
+        }
+    }
+}
+
+/// One attached Jupyter client: its messages to the kernel go through it, the kernel's come out of
+/// [`PeerLink::outbox`]. Dropping it detaches the client.
+pub struct PeerLink {
+    id: PeerId,
+    pub outbox: PeerOutbox,
+    session: Arc<Session>,
+}
+
+impl PeerLink {
+    /// Sends a client's message to the kernel. Waits while the session's task is busy (the client's reads
+    /// stop, so a fast sender is held back); fails once the session is gone.
+    pub async fn send(&self, channel: crate::kernel::Channel, msg: crate::kernel::Message) -> Result<(), SessionError> {
+        let event = PeerEvent::Message { from: self.id, channel, msg };
+        self.session.peer_events.send(event).await.map_err(|_| SessionError::Closing)
+    }
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        self.session.connections.fetch_sub(1, Ordering::SeqCst);
+        let detach = PeerEvent::Detach(self.id);
+        if let Err(mpsc::error::TrySendError::Full(detach)) = self.session.peer_events.try_send(detach) {
+            // The task is behind: detach when it has room (the task also notices a closed client itself).
+            let events = self.session.peer_events.clone();
+            tokio::spawn(async move {
+                let _ = events.send(detach).await;
+            });
         }
     }
 }

@@ -278,6 +278,8 @@ impl SessionManager {
             inbox,
             output_limit: self.config.limits.output_limit_bytes,
             interrupt_grace: self.config.limits.interrupt_grace,
+            peers: Default::default(),
+            link_broken: false,
         };
         let leave = Deregister { registry: self.registry.clone(), session, claims: self.claims_dir() };
         self.tracker.spawn(async move {
@@ -826,6 +828,16 @@ impl SessionManager {
             Ok(r) => tracing::warn!(session_id = %session.id, log = %r.log, "packages could not be installed again"),
             Err(e) => tracing::warn!(session_id = %session.id, error = %e, "packages could not be installed again"),
         }
+    }
+
+    /// Attaches a Jupyter client to the session's kernel (the gateway's WebSocket); see `peers.rs`.
+    pub async fn attach(
+        &self,
+        owner: &Owner,
+        id: &str,
+        session_key: Option<String>,
+    ) -> Result<super::PeerLink, SessionError> {
+        self.registry.get(owner, id)?.attach(session_key).await
     }
 
     pub fn interrupt(&self, owner: &Owner, id: &str) -> Result<(), SessionError> {

@@ -1,7 +1,7 @@
 //! Sessions: the lifecycle ([`manager`]), the registry of who exists ([`registry`]), the handle each
 //! session is known by ([`handle`]), the task that runs its kernel ([`actor`]), the bridge between a
 //! container and its kernel ([`kernel_host`]) and the run directory the service owns for it
-//! ([`rundir`]), the operator's rules as pure functions ([`policy`]), what an earlier run left behind
+//! ([`rundir`]), the Jupyter clients attached to a kernel ([`peers`]), the operator's rules as pure functions ([`policy`]), what an earlier run left behind
 //! ([`recovery`]), and the plain data they share ([`model`]).
 //!
 //! Architecture invariant: this module never speaks HTTP and never calls bollard; it reaches Docker only
@@ -15,6 +15,7 @@ pub mod kernel_host;
 pub mod manager;
 pub mod model;
 pub mod notebook;
+pub mod peers;
 pub mod policy;
 pub mod pool;
 pub mod recovery;
@@ -22,7 +23,7 @@ pub mod registry;
 pub mod rundir;
 
 pub use error::SessionError;
-pub use handle::{Pending, Session};
+pub use handle::{Pending, PeerLink, Session};
 pub use manager::{ManagerConfig, ReapReport, SessionManager, Storage, Submission};
 pub use model::{
     ExecStatus, ExecuteResult, Mount, Owner, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus,
