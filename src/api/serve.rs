@@ -15,7 +15,6 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +26,6 @@ use tower::ServiceExt;
 pub async fn serve(listener: TcpListener, router: Router, header_read_timeout: Duration, stop: CancellationToken) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
-    let graceful = GracefulShutdown::new();
     // Owns the connection tasks, so that they end with this future.
     let mut connections = JoinSet::new();
     loop {
@@ -51,16 +49,28 @@ pub async fn serve(listener: TcpListener, router: Router, header_read_timeout: D
             req.extensions_mut().insert(ConnectInfo(remote));
             router.clone().oneshot(req)
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        // Upgrades: the gateway's kernel WebSocket. An upgraded connection leaves hyper (and the graceful
+        // shutdown below); it ends when its kernel's session does.
+        let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let stop = stop.clone();
         connections.spawn(async move {
-            if let Err(e) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.cancelled() => {
+                    // Finish the response under way, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
                 // Header timeouts, clients that hang up, malformed requests: the client's problem.
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    while connections.join_next().await.is_some() {}
 }
 
 /// Like axum's: a connection that died before we accepted it is nothing; anything else (out of file

@@ -12,6 +12,8 @@ mod execute;
 mod files;
 mod fuzz;
 mod gateway;
+mod gateway_jupyter;
+mod gateway_ws;
 mod hostile;
 mod languages;
 mod lifecycle;
