@@ -31,7 +31,7 @@ async fn jupyter_server(gateway: &str) -> JupyterServer {
         d
     };
     let process = tokio::process::Command::new(python)
-        .args(["-m", "jupyter_server", "--ServerApp.ip=127.0.0.1", "--ServerApp.port_retries=0", "--no-browser"])
+        .args(["-m", "jupyter_server", "--ServerApp.ip=127.0.0.1", "--ServerApp.port_retries=0", "--no-browser", "--allow-root"])
         .arg(format!("--ServerApp.port={port}"))
         .arg(format!("--IdentityProvider.token={token}"))
         .arg(format!("--ServerApp.root_dir={}", dir("notebooks").display()))
@@ -77,6 +77,7 @@ async fn a_real_jupyter_server_runs_its_kernels_on_kernelbox() {
         String::from_utf8_lossy(&out.stderr)
     );
     let r: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    eprintln!("what the front end saw through jupyter_server: {r}");
 
     let specs = r["kernelspecs"].as_array().unwrap();
     for name in ["python", "python_scientific", "javascript", "typescript", "java", "bash"] {
