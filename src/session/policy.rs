@@ -177,16 +177,18 @@ pub struct ReapRules {
 }
 
 /// Whether the reaper removes a session now, and why: stuck starting or restarting, idle past its idle
-/// timeout, or older than the maximum lifetime. A session with work queued or running is never removed.
+/// timeout, or older than the maximum lifetime. A session with `/v1` work queued or running (each piece
+/// bounded by its own timeout) is never removed; a busy one (a Jupyter client's cell, which has no timeout)
+/// is not idle, but the maximum lifetime still ends it.
 pub fn reap_reason(now: DateTime<Utc>, v: &ReapView, rules: ReapRules) -> Option<&'static str> {
     let delta = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::TimeDelta::MAX);
     if matches!(v.status, SessionStatus::Starting | SessionStatus::Restarting) {
         return (now - v.status_since >= delta(rules.stuck_after)).then_some("stuck");
     }
-    if v.in_use || v.status == SessionStatus::Busy {
+    if v.in_use {
         return None;
     }
-    if now - v.last_used >= delta(v.idle_timeout) {
+    if v.status != SessionStatus::Busy && now - v.last_used >= delta(v.idle_timeout) {
         Some("idle")
     } else if now - v.created_at >= delta(rules.max_lifetime) {
         Some("lifetime")
@@ -226,7 +228,8 @@ mod tests {
             (Dead, 120, 2, false, Some("idle")),
             (Idle, 0, 25, false, Some("lifetime")),
             (Idle, 600, 25, true, None),
-            (Busy, 600, 25, false, None),
+            (Busy, 600, 2, false, None),
+            (Busy, 600, 25, false, Some("lifetime")),
             (Starting, 1, 0, false, None),
             (Starting, 3, 0, false, Some("stuck")),
             (Restarting, 3, 5, true, Some("stuck")),
