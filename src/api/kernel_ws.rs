@@ -12,7 +12,9 @@
 use std::time::Duration;
 
 use axum::Extension;
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::ws::{
+    CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -78,7 +80,8 @@ pub async fn channels(
         crate::session::SessionError::NotFound(_) => gateway::not_found(&kernel),
         other => other.into(),
     })?;
-    let upgrade = upgrade.protocols([V1_PROTOCOL]).max_message_size(MAX_CLIENT_MESSAGE).max_frame_size(MAX_CLIENT_MESSAGE);
+    let upgrade =
+        upgrade.protocols([V1_PROTOCOL]).max_message_size(MAX_CLIENT_MESSAGE).max_frame_size(MAX_CLIENT_MESSAGE);
     let protocol = if upgrade.selected_protocol().is_some() { Protocol::V1 } else { Protocol::Legacy };
     // A failed upgrade drops the link, which detaches it.
     Ok(upgrade.on_upgrade(move |socket| relay(socket, link, protocol)))

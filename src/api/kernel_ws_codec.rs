@@ -51,10 +51,11 @@ pub enum CodecError {
 pub fn encode(protocol: Protocol, msg: &Relayed) -> Frame {
     match protocol {
         Protocol::V1 => {
-            let parts: Vec<&[u8]> = [msg.channel.name().as_bytes(), &msg.header, &msg.parent_header, &msg.metadata, &msg.content]
-                .into_iter()
-                .chain(msg.buffers.iter().map(|b| b.as_ref()))
-                .collect();
+            let parts: Vec<&[u8]> =
+                [msg.channel.name().as_bytes(), &msg.header, &msg.parent_header, &msg.metadata, &msg.content]
+                    .into_iter()
+                    .chain(msg.buffers.iter().map(|b| b.as_ref()))
+                    .collect();
             Frame::Binary(join(&parts, 8, |out, n| out.put_u64_le(n as u64)))
         }
         Protocol::Legacy => {
@@ -62,7 +63,8 @@ pub fn encode(protocol: Protocol, msg: &Relayed) -> Frame {
             if msg.buffers.is_empty() {
                 Frame::Text(json)
             } else {
-                let parts: Vec<&[u8]> = std::iter::once(json.as_bytes()).chain(msg.buffers.iter().map(|b| b.as_ref())).collect();
+                let parts: Vec<&[u8]> =
+                    std::iter::once(json.as_bytes()).chain(msg.buffers.iter().map(|b| b.as_ref())).collect();
                 Frame::Binary(join(&parts, 4, |out, n| out.put_u32(n as u32)))
             }
         }

@@ -146,7 +146,10 @@ mod tests {
     #[test]
     fn a_client_message_needs_a_header_with_id_and_type_and_object_parts() {
         let no_type = json!({"msg_id": "m1", "session": "s"});
-        assert!(matches!(client_message(no_type, json!({}), json!({}), json!({}), vec![]), Err(RelayError::BadHeader(_))));
+        assert!(matches!(
+            client_message(no_type, json!({}), json!({}), json!({}), vec![]),
+            Err(RelayError::BadHeader(_))
+        ));
         assert_eq!(
             client_message(json!("h"), json!({}), json!({}), json!({}), vec![]),
             Err(RelayError::NotAnObject("header"))
@@ -181,7 +184,8 @@ mod tests {
         let relayed = Relayed::new(Channel::Shell, &msg);
         assert_eq!(relayed.parent_msg_id().as_deref(), Some("req-1"));
         assert_eq!(relayed.msg_type, "execute_reply");
-        let json_len = relayed.header.len() + relayed.parent_header.len() + relayed.metadata.len() + relayed.content.len();
+        let json_len =
+            relayed.header.len() + relayed.parent_header.len() + relayed.metadata.len() + relayed.content.len();
         assert_eq!(relayed.size(), json_len + 10);
         let status: Value = serde_json::from_slice(&Relayed::status("dead").content).unwrap();
         assert_eq!(status, json!({"execution_state": "dead"}));

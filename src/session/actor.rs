@@ -83,7 +83,7 @@ enum Wake {
     Abandoned,
     /// The caller answered the prompt (or the slot was closed: `Err`).
     Input(Result<String, oneshot::error::RecvError>),
-    Peer(PeerEvent),
+    Peer(Box<PeerEvent>),
     Message(Box<Result<(crate::kernel::Channel, crate::kernel::wire::Message), KernelError>>),
 }
 
@@ -166,8 +166,12 @@ impl Actor {
                 // Bounded like an interrupt: a kernel that stops reading must not hold the session.
                 match tokio::time::timeout(Duration::from_secs(2), host.client.forward(channel, &msg)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(session_id = %self.session.id, error = %e, "could not pass a client's message to the kernel"),
-                    Err(_) => tracing::warn!(session_id = %self.session.id, "the kernel did not take a client's message in time"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(session_id = %self.session.id, error = %e, "could not pass a client's message to the kernel")
+                    }
+                    Err(_) => {
+                        tracing::warn!(session_id = %self.session.id, "the kernel did not take a client's message in time")
+                    }
                 }
             }
         }
@@ -384,7 +388,7 @@ impl Actor {
                     _ = sleep_until(quiet.unwrap_or(far)), if quiet.is_some() => Wake::IdleLost,
                     _ = reply.closed(), if interrupt_when_abandoned && !abandoned => Wake::Abandoned,
                     answer = wait_answer(&mut input.waiting), if input.waiting.is_some() => Wake::Input(answer),
-                    Some(event) = self.inbox.peers.recv() => Wake::Peer(event),
+                    Some(event) = self.inbox.peers.recv() => Wake::Peer(Box::new(event)),
                     received = host.client.recv() => Wake::Message(Box::new(received)),
                 }
             };
@@ -397,7 +401,7 @@ impl Actor {
                     self.on_death();
                     return (Ending::Killed(reason), Some(tracker));
                 }
-                Wake::Peer(event) => self.on_peer(event).await,
+                Wake::Peer(event) => self.on_peer(*event).await,
                 Wake::Message(received) => match *received {
                     Ok((channel, msg)) => {
                         self.peers.deliver(channel, &msg);

@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 use crate::kernel::Event;
 
 use super::error::SessionError;
-use super::peers::{self, PeerEvent, PeerId, PeerOutbox};
 use super::model::{
     ExecStatus, ExecuteResult, KernelInfo, Owner, SessionId, SessionInfo, SessionLimits, SessionSettings, SessionStatus,
 };
+use super::peers::{self, PeerEvent, PeerId, PeerOutbox};
 
 /// The mutable part of a session.
 #[derive(Debug, Clone)]
@@ -330,7 +330,7 @@ impl PeerLink {
     /// Sends a client's message to the kernel. Waits while the session's task is busy (the client's reads
     /// stop, so a fast sender is held back); fails once the session is gone.
     pub async fn send(&self, channel: crate::kernel::Channel, msg: crate::kernel::Message) -> Result<(), SessionError> {
-        let event = PeerEvent::Message { from: self.id, channel, msg };
+        let event = PeerEvent::Message { from: self.id, channel, msg: Box::new(msg) };
         self.session.peer_events.send(event).await.map_err(|_| SessionError::Closing)
     }
 }

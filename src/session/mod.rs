@@ -23,7 +23,7 @@ pub mod registry;
 pub mod rundir;
 
 pub use error::SessionError;
-pub use handle::{Pending, PeerLink, Session};
+pub use handle::{PeerLink, Pending, Session};
 pub use manager::{ManagerConfig, ReapReport, SessionManager, Storage, Submission};
 pub use model::{
     ExecStatus, ExecuteResult, Mount, Owner, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus,

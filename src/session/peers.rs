@@ -88,7 +88,7 @@ pub fn attachment(id: PeerId, session_key: Option<String>) -> (Peer, PeerOutbox)
 #[derive(Debug)]
 pub enum PeerEvent {
     Attach(Peer),
-    Message { from: PeerId, channel: Channel, msg: Message },
+    Message { from: PeerId, channel: Channel, msg: Box<Message> },
     Detach(PeerId),
 }
 
@@ -149,7 +149,10 @@ impl Peers {
         match self.replay.take() {
             Some(replay) if replay.key == peer.key => {
                 if replay.dropped > 0 {
-                    tracing::info!(dropped = replay.dropped, "a reconnecting client missed messages over the replay bound");
+                    tracing::info!(
+                        dropped = replay.dropped,
+                        "a reconnecting client missed messages over the replay bound"
+                    );
                 }
                 for msg in replay.messages {
                     if !offer(&mut peer, msg) {
@@ -272,7 +275,11 @@ fn offer(peer: &mut Peer, msg: Arc<Relayed>) -> bool {
         peer.lost += 1;
         metrics::counter!("kernelbox_gateway_messages_dropped_total").increment(1);
         if peer.lost.is_power_of_two() {
-            tracing::info!(peer = peer.id.0, lost = peer.lost, "a Jupyter client does not keep up; dropping its IOPub output");
+            tracing::info!(
+                peer = peer.id.0,
+                lost = peer.lost,
+                "a Jupyter client does not keep up; dropping its IOPub output"
+            );
         }
         true
     } else {

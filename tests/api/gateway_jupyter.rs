@@ -31,7 +31,14 @@ async fn jupyter_server(gateway: &str) -> JupyterServer {
         d
     };
     let process = tokio::process::Command::new(python)
-        .args(["-m", "jupyter_server", "--ServerApp.ip=127.0.0.1", "--ServerApp.port_retries=0", "--no-browser", "--allow-root"])
+        .args([
+            "-m",
+            "jupyter_server",
+            "--ServerApp.ip=127.0.0.1",
+            "--ServerApp.port_retries=0",
+            "--no-browser",
+            "--allow-root",
+        ])
         .arg(format!("--ServerApp.port={port}"))
         .arg(format!("--IdentityProvider.token={token}"))
         .arg(format!("--ServerApp.root_dir={}", dir("notebooks").display()))
@@ -51,7 +58,11 @@ async fn jupyter_server(gateway: &str) -> JupyterServer {
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let up = eventually(Duration::from_secs(90), || async {
-        let r = client.get(format!("{base}/api/kernelspecs")).header("authorization", format!("token {token}")).send().await;
+        let r = client
+            .get(format!("{base}/api/kernelspecs"))
+            .header("authorization", format!("token {token}"))
+            .send()
+            .await;
         r.is_ok_and(|r| r.status() == 200)
     })
     .await;
@@ -76,7 +87,8 @@ async fn a_real_jupyter_server_runs_its_kernels_on_kernelbox() {
         "the front end failed:\n{stdout}\n{}\n--- jupyter server log ---\n{log}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let r: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     eprintln!("what the front end saw through jupyter_server: {r}");
 
     let specs = r["kernelspecs"].as_array().unwrap();

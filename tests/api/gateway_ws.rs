@@ -42,7 +42,13 @@ async fn kernel_model(app: &TestApp, kernel: &str) -> Value {
 }
 
 /// Connects to a kernel's channels: the response status, and the socket when it was upgraded.
-async fn connect(app: &TestApp, kernel: &str, key: &str, query: &str, v1: bool) -> Result<(Socket, Option<String>), u16> {
+async fn connect(
+    app: &TestApp,
+    kernel: &str,
+    key: &str,
+    query: &str,
+    v1: bool,
+) -> Result<(Socket, Option<String>), u16> {
     let url = format!("{}/api/kernels/{kernel}/channels{query}", app.base.replace("http://", "ws://"));
     let mut request = url.into_client_request().unwrap();
     request.headers_mut().insert("authorization", format!("token {key}").parse().unwrap());
@@ -150,11 +156,15 @@ async fn read_until(ws: &mut Socket, mut done: impl FnMut(&Value) -> bool) -> Ve
 }
 
 fn types(msgs: &[Value]) -> Vec<String> {
-    msgs.iter().map(|m| format!("{}:{}", m["channel"].as_str().unwrap_or("?"), m["msg_type"].as_str().unwrap_or("?"))).collect()
+    msgs.iter()
+        .map(|m| format!("{}:{}", m["channel"].as_str().unwrap_or("?"), m["msg_type"].as_str().unwrap_or("?")))
+        .collect()
 }
 
 fn is_idle_for(msg_id: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |m| m["msg_type"] == "status" && m["content"]["execution_state"] == "idle" && m["parent_header"]["msg_id"] == msg_id
+    move |m| {
+        m["msg_type"] == "status" && m["content"]["execution_state"] == "idle" && m["parent_header"]["msg_id"] == msg_id
+    }
 }
 
 fn stdout(msgs: &[Value]) -> String {
@@ -173,7 +183,9 @@ async fn a_cell_runs_over_the_websocket_with_its_messages_unchanged_both_ways() 
     let msg_id = cell["header"]["msg_id"].as_str().unwrap();
     let msgs = read_until(&mut ws, is_idle_for(msg_id)).await;
     let kinds = types(&msgs);
-    for expected in ["iopub:status", "iopub:execute_input", "iopub:stream", "iopub:execute_result", "shell:execute_reply"] {
+    for expected in
+        ["iopub:status", "iopub:execute_input", "iopub:stream", "iopub:execute_result", "shell:execute_reply"]
+    {
         assert!(kinds.contains(&expected.to_owned()), "{expected} in {kinds:?}");
     }
     assert_eq!(stdout(&msgs), "hello over ws\n");
@@ -261,7 +273,11 @@ async fn every_client_sees_output_and_only_the_asker_gets_the_reply() {
     let probe = execute("A", "print('probe')");
     send(&mut a, &probe).await;
     let later_a = read_until(&mut a, is_idle_for(probe["header"]["msg_id"].as_str().unwrap())).await;
-    assert!(!types(&later_a).contains(&"shell:kernel_info_reply".to_owned()), "B's reply is B's: {:?}", types(&later_a));
+    assert!(
+        !types(&later_a).contains(&"shell:kernel_info_reply".to_owned()),
+        "B's reply is B's: {:?}",
+        types(&later_a)
+    );
     let b_replies: Vec<_> = seen_by_b.iter().filter(|m| m["channel"] == "shell").collect();
     assert!(b_replies.is_empty(), "A's reply is A's: {b_replies:?}");
 
@@ -298,10 +314,7 @@ async fn a_client_that_reconnects_with_its_session_id_gets_what_it_missed() {
     // A second connection with the same session id replaces the first, as Jupyter's server does.
     let (mut again, _) = connect(&app, &kernel, KEY, "?session_id=flaky", false).await.unwrap();
     let closed = read_until(&mut back, |_| false).await;
-    assert!(
-        closed.last().unwrap()["closed"].as_str().is_some_and(|r| r.contains("same session id")),
-        "{closed:?}"
-    );
+    assert!(closed.last().unwrap()["closed"].as_str().is_some_and(|r| r.contains("same session id")), "{closed:?}");
     let cell = execute("flaky", "print('still here')");
     send(&mut again, &cell).await;
     let msgs = read_until(&mut again, is_idle_for(cell["header"]["msg_id"].as_str().unwrap())).await;
@@ -328,7 +341,9 @@ async fn bad_requests_and_bad_frames_are_refused_and_the_kernel_goes_on() {
     assert_error_shape(&plain.json().await.unwrap(), "websocket_required");
 
     let (mut ws, _) = connect(&app, &kernel, KEY, "", false).await.unwrap();
-    for junk in ["{", "[]", r#"{"channel": "iopub", "header": {"msg_id": "x", "msg_type": "y"}}"#, r#"{"channel": "hb"}"#] {
+    for junk in
+        ["{", "[]", r#"{"channel": "iopub", "header": {"msg_id": "x", "msg_type": "y"}}"#, r#"{"channel": "hb"}"#]
+    {
         send_text(&mut ws, junk).await;
     }
     ws.send(Ws::Binary(vec![0xff; 64].into())).await.unwrap();
@@ -379,7 +394,8 @@ async fn clients_see_a_restart_and_are_closed_when_the_kernel_ends() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let msgs = read_until(&mut ws, |m| m["msg_type"] == "status" && m["content"]["execution_state"] == "restarting").await;
+    let msgs =
+        read_until(&mut ws, |m| m["msg_type"] == "status" && m["content"]["execution_state"] == "restarting").await;
     assert!(!msgs.is_empty());
     // The same connection goes on with the new kernel: its state is gone.
     let cell = execute("s", "print('x' in dir())");
@@ -439,9 +455,5 @@ async fn execute_round_trip_over_the_websocket_against_v1() {
         v[v.len() / 2]
     };
     // A figure for the notes, not an assertion (timings on a shared 2-core machine prove nothing).
-    eprintln!(
-        "execute round trip p50 over {rounds}: websocket {:?}, /v1 {:?}",
-        p50(&mut ws_times),
-        p50(&mut v1_times)
-    );
+    eprintln!("execute round trip p50 over {rounds}: websocket {:?}, /v1 {:?}", p50(&mut ws_times), p50(&mut v1_times));
 }
