@@ -161,9 +161,16 @@ fn types(msgs: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn is_idle_for(msg_id: &str) -> impl Fn(&Value) -> bool + '_ {
+/// True once both the reply and the idle status for `msg_id` have come: they travel on different sockets,
+/// so either may arrive first.
+fn is_idle_for(msg_id: &str) -> impl FnMut(&Value) -> bool + '_ {
+    let (mut replied, mut idle) = (false, false);
     move |m| {
-        m["msg_type"] == "status" && m["content"]["execution_state"] == "idle" && m["parent_header"]["msg_id"] == msg_id
+        if m["parent_header"]["msg_id"] == msg_id {
+            replied |= m["msg_type"] == "execute_reply";
+            idle |= m["msg_type"] == "status" && m["content"]["execution_state"] == "idle";
+        }
+        replied && idle
     }
 }
 
@@ -456,4 +463,55 @@ async fn execute_round_trip_over_the_websocket_against_v1() {
     };
     // A figure for the notes, not an assertion (timings on a shared 2-core machine prove nothing).
     eprintln!("execute round trip p50 over {rounds}: websocket {:?}, /v1 {:?}", p50(&mut ws_times), p50(&mut v1_times));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_debugger_is_offered_and_loads_only_when_a_client_asks_for_it() {
+    let app = app().await;
+    let kernel = start_kernel(&app, "python").await;
+    let session = kernelbox::api::gateway::session_id(&kernel).unwrap();
+    let debugpy_loaded = || async {
+        let r = app
+            .client
+            .post(app.url(&format!("/v1/sessions/{session}/execute")))
+            .bearer_auth(KEY)
+            .json(&json!({"code": "import sys; print('debugpy' in sys.modules)"}))
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()["stdout"].as_str().unwrap().trim().to_owned()
+    };
+    assert_eq!(debugpy_loaded().await, "False", "no session pays for the debugger until it is used");
+
+    let (mut ws, _) = connect(&app, &kernel, KEY, "?session_id=dbg", false).await.unwrap();
+    send(&mut ws, &request("shell", "kernel_info_request", "dbg", json!({}))).await;
+    let msgs = read_until(&mut ws, |m| m["msg_type"] == "kernel_info_reply").await;
+    let features = &msgs.last().unwrap()["content"]["supported_features"];
+    assert!(features.as_array().unwrap().contains(&json!("debugger")), "{features}");
+
+    let dap = |seq: u64, command: &str, arguments: Value| {
+        request(
+            "control",
+            "debug_request",
+            "dbg",
+            json!({"type": "request", "seq": seq, "command": command, "arguments": arguments}),
+        )
+    };
+    let initialize = dap(
+        1,
+        "initialize",
+        json!({"clientID": "test", "adapterID": "python", "pathFormat": "path", "linesStartAt1": true, "columnsStartAt1": true}),
+    );
+    send(&mut ws, &initialize).await;
+    let msgs = read_until(&mut ws, |m| m["msg_type"] == "debug_reply").await;
+    let reply = msgs.last().unwrap();
+    assert_eq!(
+        (reply["channel"].as_str(), reply["content"]["success"].as_bool()),
+        (Some("control"), Some(true)),
+        "{reply}"
+    );
+    send(&mut ws, &dap(2, "debugInfo", json!({}))).await;
+    let msgs = read_until(&mut ws, |m| m["msg_type"] == "debug_reply").await;
+    assert_eq!(msgs.last().unwrap()["content"]["success"], true);
+    assert_eq!(debugpy_loaded().await, "True");
 }
