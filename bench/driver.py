@@ -601,6 +601,42 @@ def w2_rtt(execute_fn, n, warmup=20):
     return summary(lat, wall_s=time.perf_counter() - t0)
 
 
+def kernel_id(sid):
+    """A kernelbox session id as its gateway kernel id (UUID-shaped: the id, then eight zeros)."""
+    h = sid + "00000000"
+    return f"{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def mcp_rtt(sid, n, warmup=20):
+    """Workload 2 through kernelbox's /mcp: the reference client's `execute` tool on session `sid`."""
+    import asyncio
+
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def run():
+        async with streamable_http_client(f"http://127.0.0.1:{KB_PORT}/mcp") as (read, write, *_):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+
+                async def once():
+                    r = await session.call_tool("execute", {"session_id": sid, "code": CODE})
+                    if getattr(r, "isError", False) or getattr(r, "is_error", False):
+                        raise RuntimeError(f"MCP execute: {r}")
+
+                for _ in range(warmup):
+                    await once()
+                lat = []
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    a = time.perf_counter()
+                    await once()
+                    lat.append(time.perf_counter() - a)
+                return summary(lat, wall_s=time.perf_counter() - t0)
+
+    return asyncio.run(run())
+
+
 def w3_concurrent(executors, per):
     """executors: one callable per session, each run in its own thread `per` times."""
     lats, errors = [], [0]
@@ -741,6 +777,14 @@ def run_kernelbox(R):
         sid = kb.create()
         loadavg("w2 kernelbox")
         R["w2_kb"] = w2_rtt(lambda: kb.execute(sid), N_RTT)
+        # The same session through the other protocols kernelbox speaks: the Jupyter gateway's WebSocket
+        # (the client Kernel Gateway gets, plain) and MCP (the reference client, `execute` tool).
+        log("w2 kernelbox websocket")
+        ws = KgSocket(KB_PORT, kernel_id(sid), quickack=False)
+        R["w2_kb_ws"] = w2_rtt(ws.execute, N_RTT)
+        ws.close()
+        log("w2 kernelbox mcp")
+        R["w2_kb_mcp"] = mcp_rtt(sid, N_RTT)
         kb.delete(sid)
 
         for n in (8, 64):
@@ -900,6 +944,8 @@ def render(R):
     row(1, "start → first `1+1` done", "Kernel Gateway (new kernel + WebSocket)", R.get("w1_kg"), "starts/s", 2)
     row(1, "`docker run` → kernel_info → `1+1` done", "floor: ipykernel in the image, no kernelbox", R.get("w1_floor"), "starts/s", 2)
     row(2, f"`1+1` round trip, {N_RTT} sequential", "kernelbox (HTTP JSON)", R.get("w2_kb"), "exec/s", 0)
+    row(2, f"`1+1` round trip, {N_RTT} sequential", "kernelbox, gateway WebSocket (plain client)", R.get("w2_kb_ws"), "exec/s", 0)
+    row(2, f"`1+1` round trip, {N_RTT} sequential", "kernelbox, MCP `execute` (reference client)", R.get("w2_kb_mcp"), "exec/s", 0)
     row(2, f"`1+1` round trip, {N_RTT} sequential", "floor: jupyter_client → ipykernel over ZeroMQ/TCP", R.get("w2_floor"), "exec/s", 0)
     row(2, f"`1+1` round trip, {N_RTT} sequential", "Kernel Gateway, plain client (Nagle + delayed ACK)", R.get("w2_kg_nagle"), "exec/s", 0)
     row(2, f"`1+1` round trip, {N_RTT} sequential", "Kernel Gateway, client sets TCP_QUICKACK", R.get("w2_kg_qa"), "exec/s", 0)
