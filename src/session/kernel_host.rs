@@ -80,12 +80,34 @@ impl BootPlan {
         spec.labels.insert(labels::BOOT.to_owned(), boot);
         spec.binds.insert(0, format!("{}:{}:ro", dir.path().display(), connection::CONTAINER_DIR));
         // Not raced against `cancel`: it runs to its end, and what it made is removed below if need be.
+        let began = Instant::now();
         let container_id = self.runtime.create_and_start(&spec).await?;
+        let started = Instant::now();
         metrics::counter!("kernelbox_container_starts_total").increment(1);
         let exit = self.watch_exit(&container_id);
         let deadline = Instant::now() + self.start_timeout;
         match connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await {
-            Ok((client, kinfo)) => Ok(KernelHost { container_id, client, listener, dir, info: kinfo, exit }),
+            Ok((client, kinfo, connected)) => {
+                // Where a cold start goes: the container, the kernel's boot until its four connections
+                // are in, and its first answers (kernel_info and IOPub).
+                let phases = [
+                    ("container", began, started),
+                    ("connect", started, connected),
+                    ("ready", connected, Instant::now()),
+                ];
+                for (phase, from, to) in phases {
+                    metrics::histogram!("kernelbox_boot_phase_seconds", "phase" => phase)
+                        .record((to - from).as_secs_f64());
+                }
+                tracing::debug!(
+                    session_id = %self.session_id,
+                    container_ms = (started - began).as_millis() as u64,
+                    connect_ms = (connected - started).as_millis() as u64,
+                    ready_ms = connected.elapsed().as_millis() as u64,
+                    "kernel booted"
+                );
+                Ok(KernelHost { container_id, client, listener, dir, info: kinfo, exit })
+            }
             Err(e) => {
                 if !matches!(e, SessionError::Closing) {
                     metrics::counter!("kernelbox_container_start_failures_total").increment(1);
@@ -111,7 +133,7 @@ impl BootPlan {
             let exit = self.watch_exit(&container_id);
             // start-kernel retries its connections every few hundred milliseconds.
             let deadline = Instant::now() + Duration::from_secs(15).min(self.start_timeout);
-            let (client, kinfo) = connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await?;
+            let (client, kinfo, _) = connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await?;
             Ok::<_, SessionError>(KernelHost {
                 container_id: container_id.clone(),
                 client,
@@ -151,7 +173,7 @@ impl BootPlan {
             connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await
         };
         match attempt.await {
-            Ok((client, info)) => Ok(KernelHost { container_id, client, listener, dir, info, exit }),
+            Ok((client, info, _)) => Ok(KernelHost { container_id, client, listener, dir, info, exit }),
             Err(e) => {
                 self.remove(&container_id).await;
                 Err(e)
@@ -205,14 +227,15 @@ async fn connect(
     deadline: Instant,
     mut exit: watch::Receiver<Option<ExitInfo>>,
     cancel: &CancellationToken,
-) -> Result<(KernelClient, KernelInfo), SessionError> {
+) -> Result<(KernelClient, KernelInfo, Instant), SessionError> {
     let exit_now = exit.clone();
     let attempt = async {
         let mut client = timeout_at(deadline, listener.accept(&info.key, *wire))
             .await
             .map_err(|_| SessionError::KernelStart("the kernel did not connect in time".into()))??;
+        let connected = Instant::now();
         let reply = client.wait_ready(deadline).await?;
-        Ok::<_, SessionError>((client, KernelInfo::from_reply(&reply)))
+        Ok::<_, SessionError>((client, KernelInfo::from_reply(&reply), connected))
     };
     tokio::select! {
         result = attempt => result.map_err(|e| match e {

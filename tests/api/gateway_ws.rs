@@ -174,6 +174,13 @@ fn is_idle_for(msg_id: &str) -> impl FnMut(&Value) -> bool + '_ {
     }
 }
 
+/// True at the idle status for `msg_id`: what a client that did not send the request waits for.
+fn is_idle_status(msg_id: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |m| {
+        m["msg_type"] == "status" && m["content"]["execution_state"] == "idle" && m["parent_header"]["msg_id"] == msg_id
+    }
+}
+
 fn stdout(msgs: &[Value]) -> String {
     msgs.iter().filter(|m| m["msg_type"] == "stream").filter_map(|m| m["content"]["text"].as_str()).collect()
 }
@@ -270,7 +277,7 @@ async fn every_client_sees_output_and_only_the_asker_gets_the_reply() {
     send(&mut a, &cell).await;
     let msg_id = cell["header"]["msg_id"].as_str().unwrap().to_owned();
     let seen_by_a = read_until(&mut a, is_idle_for(&msg_id)).await;
-    let seen_by_b = read_until(&mut b, is_idle_for(&msg_id)).await;
+    let seen_by_b = read_until(&mut b, is_idle_status(&msg_id)).await;
     assert!(types(&seen_by_a).contains(&"shell:execute_reply".to_owned()));
     assert_eq!(stdout(&seen_by_b), "shared output\n", "B sees IOPub");
     // B asks something; its reply comes to B, and A never gets A's... nor B's reply.
