@@ -72,7 +72,7 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 /// To pass on the last bytes of a closing connection (also after the kernel's exit).
 const FLUSH: Duration = Duration::from_secs(1);
 /// Between probes of the kernel's sockets while it starts.
-const POLL: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(10);
 /// Between attempts to connect to the service, and after a relay ends.
 const RETRY: Duration = Duration::from_millis(100);
 /// Read size; each direction holds less than two chunks.
