@@ -53,6 +53,8 @@ pub struct Actor {
     pub inbox: Inbox,
     pub output_limit: usize,
     pub interrupt_grace: Duration,
+    /// How long an execution keeps listening after its reply and idle status (`Language::late_output`).
+    pub late_output: Duration,
     /// Jupyter clients attached to the kernel.
     pub peers: Peers,
     /// The kernel connection failed outside an execution while the container lives on: it is not read
@@ -80,6 +82,8 @@ enum Wake {
     Deadline,
     GraceOver,
     IdleLost,
+    /// The wait for late output after completion is over.
+    Settled,
     Abandoned,
     /// The caller answered the prompt (or the slot was closed: `Err`).
     Input(Result<String, oneshot::error::RecvError>),
@@ -374,6 +378,8 @@ impl Actor {
         let mut quiet: Option<Instant> = None;
         // What the kernel had sent when the quiet wait was armed: bytes still arriving are not quiet.
         let mut quiet_mark: u64 = 0;
+        // Set once the execution is complete, for kernels whose output may follow it: when to stop.
+        let mut settle: Option<Instant> = None;
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         loop {
             let wake = {
@@ -386,6 +392,7 @@ impl Actor {
                     _ = sleep_until(deadline), if grace.is_none() => Wake::Deadline,
                     _ = sleep_until(grace.unwrap_or(far)), if grace.is_some() => Wake::GraceOver,
                     _ = sleep_until(quiet.unwrap_or(far)), if quiet.is_some() => Wake::IdleLost,
+                    _ = sleep_until(settle.unwrap_or(far)), if settle.is_some() => Wake::Settled,
                     _ = reply.closed(), if interrupt_when_abandoned && !abandoned => Wake::Abandoned,
                     answer = wait_answer(&mut input.waiting), if input.waiting.is_some() => Wake::Input(answer),
                     Some(event) = self.inbox.peers.recv() => Wake::Peer(Box::new(event)),
@@ -415,6 +422,10 @@ impl Actor {
                             stream.send(event);
                         }
                         if tracker.is_complete() {
+                            if grace.is_none() && !self.late_output.is_zero() {
+                                settle.get_or_insert_with(|| Instant::now() + self.late_output);
+                                continue;
+                            }
                             let ending =
                                 if grace.is_some() { Ending::TimedOut { restarted: false } } else { Ending::Complete };
                             return (ending, Some(tracker));
@@ -445,6 +456,7 @@ impl Actor {
                     let ending = if grace.is_some() { Ending::TimedOut { restarted: false } } else { Ending::Complete };
                     return (ending, Some(tracker));
                 }
+                Wake::Settled => return (Ending::Complete, Some(tracker)),
                 Wake::GraceOver => {
                     tracing::warn!(session_id = %self.session.id, "the kernel ignored the interrupt; restarting it");
                     let restarted = self.restart().await.is_ok();

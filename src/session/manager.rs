@@ -278,6 +278,12 @@ impl SessionManager {
             inbox,
             output_limit: self.config.limits.output_limit_bytes,
             interrupt_grace: self.config.limits.interrupt_grace,
+            late_output: self
+                .config
+                .catalog
+                .language(&session.settings.language)
+                .map(|l| l.late_output())
+                .unwrap_or_default(),
             peers: Default::default(),
             link_broken: false,
         };
