@@ -289,6 +289,19 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
         if self.cleanup {
+            // A boot under way (a pool refill) would be cut off by the end of the test's runtime after
+            // Docker made its container: shut the manager down first, which waits for boots and removes
+            // what they made, then sweep whatever is left of the instance.
+            if let Ok(handle) = tokio::runtime::Handle::try_current()
+                && handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            {
+                let manager = self.manager.clone();
+                tokio::task::block_in_place(|| {
+                    handle.block_on(async {
+                        let _ = tokio::time::timeout(Duration::from_secs(30), manager.shutdown()).await;
+                    })
+                });
+            }
             remove_instance(&self.instance);
         }
     }
