@@ -365,12 +365,12 @@ class KgSocket:
     """One kernel's /channels WebSocket. quickack: set TCP_QUICKACK before every read (the client ACKs at
     once, so the server's Nagle-delayed second segment is not held for the client's delayed ACK)."""
 
-    def __init__(self, port, kid, quickack):
+    def __init__(self, port, kid, quickack, timeout=600):
         self.quickack = quickack
         self.session = uuid.uuid4().hex
         self.ws = websocket.create_connection(
             f"ws://127.0.0.1:{port}/api/kernels/{kid}/channels?session_id={self.session}",
-            sockopt=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), timeout=600)
+            sockopt=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), timeout=timeout)
 
     def execute(self, code=CODE):
         m = _msg(code, self.session)
@@ -456,8 +456,8 @@ class Gateway:
     def delete(self, kid):
         self.http().req("DELETE", f"/api/kernels/{kid}")
 
-    def socket(self, kid, quickack):
-        return KgSocket(KG_PORT, kid, quickack)
+    def socket(self, kid, quickack, timeout=600):
+        return KgSocket(KG_PORT, kid, quickack, timeout)
 
     def kernel_pids(self):
         out = []
@@ -853,8 +853,10 @@ def run_kg(R, venv):
                     # A kernel KG cannot keep (it lost a port race: "Address already in use") counts as
                     # 50 failed executes, not as the end of the run.
                     try:
-                        s = kg.socket(k, quickack=qa)
+                        # 60 s to come up: KG "nudges" a kernel that lost its ports for ever.
+                        s = kg.socket(k, quickack=qa, timeout=60)
                         s.execute()
+                        s.ws.settimeout(600)
                         socks.append(s)
                     except Exception as e:  # noqa: BLE001
                         broken += 1
