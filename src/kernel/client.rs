@@ -254,6 +254,11 @@ impl KernelClient {
             Channel::Stdin => &mut self.stdin,
             Channel::IOPub => return Err(KernelError::NotSendable(channel)),
         };
+        // A client cannot pile messages up behind a kernel that does not read: what an earlier call left
+        // unsent goes out first, and only then is this one queued, so at most one waits per channel. A
+        // call cut off by its timeout before that queues nothing.
+        let failed = |source| KernelError::Connection { channel, source };
+        link.stream.flush().await.map_err(failed)?;
         link.send(&self.signer.encode(msg)).await
     }
 
