@@ -36,9 +36,21 @@ async fn start_kernel(app: &TestApp, name: &str) -> String {
     r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
 }
 
+/// Runs `code` through `/v1` on the session behind `kernel`, with the key that made it.
+async fn v1_execute(app: &TestApp, kernel: &str, code: &str) -> reqwest::Response {
+    let session = kernelbox::api::gateway::session_id(kernel).unwrap();
+    let request = app.client.post(app.url(&format!("/v1/sessions/{session}/execute"))).bearer_auth(KEY);
+    request.json(&json!({ "code": code })).send().await.unwrap()
+}
+
+/// A gateway REST call with the key, as a Jupyter server sends it.
+async fn gateway(app: &TestApp, method: reqwest::Method, path: &str) -> reqwest::Response {
+    let request = app.client.request(method, app.url(path)).header("authorization", format!("token {KEY}"));
+    request.send().await.unwrap()
+}
+
 async fn kernel_model(app: &TestApp, kernel: &str) -> Value {
-    let r = app.client.get(app.url(&format!("/api/kernels/{kernel}"))).header("authorization", format!("token {KEY}"));
-    r.send().await.unwrap().json().await.unwrap()
+    gateway(app, reqwest::Method::GET, &format!("/api/kernels/{kernel}")).await.json().await.unwrap()
 }
 
 /// Connects to a kernel's channels: the response status, and the socket when it was upgraded.
@@ -296,15 +308,7 @@ async fn every_client_sees_output_and_only_the_asker_gets_the_reply() {
     assert!(b_replies.is_empty(), "A's reply is A's: {b_replies:?}");
 
     // A `/v1` execution on the same kernel shows its output to the clients too, as another front end would.
-    let session = kernelbox::api::gateway::session_id(&kernel).unwrap();
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/sessions/{session}/execute")))
-        .bearer_auth(KEY)
-        .json(&json!({"code": "print('from v1')"}))
-        .send()
-        .await
-        .unwrap();
+    let r = v1_execute(&app, &kernel, "print('from v1')").await;
     assert_eq!(r.json::<Value>().await.unwrap()["stdout"], "from v1\n");
     read_until(&mut b, |m| m["msg_type"] == "stream" && m["content"]["text"] == "from v1\n").await;
 }
@@ -344,13 +348,7 @@ async fn bad_requests_and_bad_frames_are_refused_and_the_kernel_goes_on() {
     assert_eq!(connect(&app, "not-a-kernel", KEY, "", false).await.err(), Some(404));
     let long = "x".repeat(300);
     assert_eq!(connect(&app, &kernel, KEY, &format!("?session_id={long}"), false).await.err(), Some(422));
-    let plain = app
-        .client
-        .get(app.url(&format!("/api/kernels/{kernel}/channels")))
-        .header("authorization", format!("token {KEY}"))
-        .send()
-        .await
-        .unwrap();
+    let plain = gateway(&app, reqwest::Method::GET, &format!("/api/kernels/{kernel}/channels")).await;
     assert_eq!(plain.status(), 400);
     assert_error_shape(&plain.json().await.unwrap(), "websocket_required");
 
@@ -400,13 +398,7 @@ async fn clients_see_a_restart_and_are_closed_when_the_kernel_ends() {
     }
     read_until(&mut ws, is_idle_for(long["header"]["msg_id"].as_str().unwrap())).await;
 
-    let r = app
-        .client
-        .post(app.url(&format!("/api/kernels/{kernel}/restart")))
-        .header("authorization", format!("token {KEY}"))
-        .send()
-        .await
-        .unwrap();
+    let r = gateway(&app, reqwest::Method::POST, &format!("/api/kernels/{kernel}/restart")).await;
     assert_eq!(r.status(), 200);
     let msgs =
         read_until(&mut ws, |m| m["msg_type"] == "status" && m["content"]["execution_state"] == "restarting").await;
@@ -417,13 +409,7 @@ async fn clients_see_a_restart_and_are_closed_when_the_kernel_ends() {
     let msgs = read_until(&mut ws, is_idle_for(cell["header"]["msg_id"].as_str().unwrap())).await;
     assert_eq!(stdout(&msgs), "False\n");
 
-    let r = app
-        .client
-        .delete(app.url(&format!("/api/kernels/{kernel}")))
-        .header("authorization", format!("token {KEY}"))
-        .send()
-        .await
-        .unwrap();
+    let r = gateway(&app, reqwest::Method::DELETE, &format!("/api/kernels/{kernel}")).await;
     assert_eq!(r.status(), 204);
     let end = read_until(&mut ws, |_| false).await;
     assert!(
@@ -437,7 +423,6 @@ async fn clients_see_a_restart_and_are_closed_when_the_kernel_ends() {
 async fn execute_round_trip_over_the_websocket_against_v1() {
     let app = app().await;
     let kernel = start_kernel(&app, "python").await;
-    let session = kernelbox::api::gateway::session_id(&kernel).unwrap();
     let (mut ws, _) = connect(&app, &kernel, KEY, "?session_id=rt", false).await.unwrap();
     let rounds = 100;
     let mut ws_times = Vec::new();
@@ -452,14 +437,7 @@ async fn execute_round_trip_over_the_websocket_against_v1() {
     let mut v1_times = Vec::new();
     for _ in 0..rounds {
         let t = Instant::now();
-        let r = app
-            .client
-            .post(app.url(&format!("/v1/sessions/{session}/execute")))
-            .bearer_auth(KEY)
-            .json(&json!({"code": "1"}))
-            .send()
-            .await
-            .unwrap();
+        let r = v1_execute(&app, &kernel, "1").await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
         v1_times.push(t.elapsed());
@@ -476,16 +454,8 @@ async fn execute_round_trip_over_the_websocket_against_v1() {
 async fn the_debugger_is_offered_and_loads_only_when_a_client_asks_for_it() {
     let app = app().await;
     let kernel = start_kernel(&app, "python").await;
-    let session = kernelbox::api::gateway::session_id(&kernel).unwrap();
     let debugpy_loaded = || async {
-        let r = app
-            .client
-            .post(app.url(&format!("/v1/sessions/{session}/execute")))
-            .bearer_auth(KEY)
-            .json(&json!({"code": "import sys; print('debugpy' in sys.modules)"}))
-            .send()
-            .await
-            .unwrap();
+        let r = v1_execute(&app, &kernel, "import sys; print('debugpy' in sys.modules)").await;
         r.json::<Value>().await.unwrap()["stdout"].as_str().unwrap().trim().to_owned()
     };
     assert_eq!(debugpy_loaded().await, "False", "no session pays for the debugger until it is used");
