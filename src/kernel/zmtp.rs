@@ -279,6 +279,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
         }
     }
 
+    /// Bytes queued and not yet written.
+    pub fn unsent(&self) -> usize {
+        self.out.len() - self.written
+    }
+
     /// Writes everything queued. Cancel-safe: a dropped flush resumes where it stopped on the next call.
     /// Waits as long as the peer does not read: bound it with a timeout.
     pub async fn flush(&mut self) -> Result<(), ZmtpError> {

@@ -230,6 +230,22 @@ async fn bad_messages_are_skipped_and_a_protocol_error_ends_recv() {
     }
 }
 
+#[tokio::test]
+async fn a_client_cannot_pile_messages_up_behind_a_kernel_that_does_not_read() {
+    let s = setup();
+    // Handshakes on every channel, then reads nothing.
+    let peer = raw_iopub_peer(&s, Vec::new(), false).await;
+    let mut client = s.accept(WireLimits::default()).await;
+    let big = Message::request("comm_msg", "client", json!({"data": "x".repeat(4 << 20)}));
+    for _ in 0..5 {
+        let sent = timeout(Duration::from_millis(200), client.forward(Channel::Shell, &big)).await;
+        assert!(sent.is_err(), "the kernel reads nothing: the send cannot finish");
+    }
+    let unsent = client.shell.stream.unsent();
+    assert!(unsent > 0 && unsent < (4 << 20) + 4096, "one message waits, not five: {unsent} bytes");
+    peer.abort();
+}
+
 // Memory: a counting allocator that records, per thread and only while asked, the live bytes, their peak
 // and the largest single allocation. The client runs on the test's thread; the fake kernel on another.
 
