@@ -6,8 +6,8 @@
 //! Executions arrive on a bounded queue (full → 429); interrupts and restarts on a bounded control queue
 //! that is also watched while code runs; attached Jupyter clients' messages on a bounded queue of their
 //! own, sent to the kernel as they come, while the kernel's messages are routed back to them
-//! (`peers.rs`) whether or not a `/v1` execution is running. Work whose caller has gone is skipped (queued) or interrupted
-//! (running, `/v1`). In every wait, cancellation, the container's death, control requests and deadlines
+//! (`peers.rs`) whether or not a `/v1` execution is running. Work whose caller has gone is skipped
+//! (queued) or interrupted (running, `/v1`). In every wait, cancellation, the container's death, control requests and deadlines
 //! come before the kernel's messages, so a kernel that always has a message ready cannot starve them.
 
 use std::sync::Arc;
