@@ -296,14 +296,7 @@ async fn compat_jupyter_a_client_that_leaves_leaves_no_session() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn compat_pooled_kernels_serve_both_apis() {
-    let app = spawn_app_with(AppOptions {
-        pool: kernelbox::session::pool::PoolConfig {
-            targets: [("python".to_owned(), 1)].into_iter().collect(),
-            max_boots: 1,
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with(AppOptions { pool: crate::helpers::python_pool(1), ..Default::default() }).await;
     let pooled = || async {
         app.containers()
             .await

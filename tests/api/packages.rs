@@ -400,10 +400,7 @@ async fn npm_packages_from_a_registry_import_in_a_javascript_session() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pooled_session_installs_packages_too() {
     let app = crate::helpers::spawn_app_with(crate::helpers::AppOptions {
-        pool: kernelbox::session::pool::PoolConfig {
-            targets: [("python".to_owned(), 1)].into_iter().collect(),
-            max_boots: 1,
-        },
+        pool: crate::helpers::python_pool(1),
         ..Default::default()
     })
     .await;

@@ -25,14 +25,7 @@ async fn pool_ready(get: impl AsyncFn() -> Value, n: u64) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_starts_from_the_pool_with_its_own_limits_and_the_pool_refills() {
-    let app = spawn_app_with(AppOptions {
-        pool: kernelbox::session::pool::PoolConfig {
-            targets: [("python".to_owned(), 1)].into_iter().collect(),
-            max_boots: 1,
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with(AppOptions { pool: crate::helpers::python_pool(1), ..Default::default() }).await;
     assert!(pool_ready(async || app.get("/v1/languages").await.1, 1).await, "the pool fills");
     let pooled = pooled_containers(&app.containers().await);
     assert_eq!(pooled.len(), 1);
