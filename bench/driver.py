@@ -456,6 +456,14 @@ class Gateway:
     def delete(self, kid):
         self.http().req("DELETE", f"/api/kernels/{kid}")
 
+    def execute_new(self, kid):
+        """Opens the kernel's WebSocket (quick-ACK client), runs CODE once and closes it."""
+        s = self.socket(kid, quickack=True)
+        try:
+            s.execute()
+        finally:
+            s.close()
+
     def socket(self, kid, quickack, timeout=600):
         return KgSocket(KG_PORT, kid, quickack, timeout)
 
@@ -825,12 +833,7 @@ def run_kg(R, venv):
         time.sleep(1)
         R["kg_rss_0"] = kg.server_rss()
 
-        def kg_exec_new(kid):
-            s = kg.socket(kid, quickack=True)
-            try:
-                s.execute()
-            finally:
-                s.close()
+        kg_exec_new = kg.execute_new
 
         log("w1 KG")
         loadavg("w1 KG")
@@ -882,12 +885,7 @@ def run_kg_density(R, venv):
         time.sleep(1)
         R["kg_rss_0"] = kg.server_rss()
 
-        def kg_exec_new(kid):
-            s = kg.socket(kid, quickack=True)
-            try:
-                s.execute()
-            finally:
-                s.close()
+        kg_exec_new = kg.execute_new
 
         loadavg("w4 KG density")
         created = []
