@@ -6,8 +6,9 @@
 //!
 //! One task per connection. It never waits on the kernel: the session's task queues the kernel's messages
 //! for it (bounded), and a client's messages wait for room in the session's inbox, so a client that sends
-//! faster than the kernel takes is held back by TCP. A client that stops reading is closed after
-//! [`WRITE_TIMEOUT`]; a silent one after two unanswered pings.
+//! faster than the kernel takes is held back by TCP. A client that stops reading is closed when the
+//! session lets it go (a reply or status it cannot queue) or after [`WRITE_TIMEOUT`]; a silent one after
+//! two unanswered pings.
 
 use std::time::Duration;
 
@@ -102,7 +103,12 @@ async fn relay(socket: WebSocket, mut link: PeerLink, protocol: Protocol) {
                         Frame::Text(text) => WsMessage::Text(text.into()),
                         Frame::Binary(bytes) => WsMessage::Binary(bytes),
                     };
-                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await {
+                    let sent = tokio::select! {
+                        sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)) => sent,
+                        // Stuck on a client the session has let go (it fell behind): stop now.
+                        _ = link.outbox.let_go() => break Some((1008, link.outbox.ended())),
+                    };
+                    match sent {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break None,
                         Err(_) => break Some((1008, "the client did not read its messages in time")),

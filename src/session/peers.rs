@@ -38,6 +38,9 @@ pub struct PeerId(pub u64);
 struct Shared {
     queued_bytes: AtomicUsize,
     ended: Mutex<Option<&'static str>>,
+    /// Cancelled when the session lets the client go: a write stuck on a client that does not read
+    /// stops at once.
+    let_go: tokio_util::sync::CancellationToken,
 }
 
 /// The task's end of one client.
@@ -67,6 +70,11 @@ impl PeerOutbox {
         let msg = self.rx.recv().await?;
         self.shared.queued_bytes.fetch_sub(msg.size(), Ordering::SeqCst);
         Some(msg)
+    }
+
+    /// Resolves once the session has let the client go (its queue may still hold messages).
+    pub async fn let_go(&self) {
+        self.shared.let_go.cancelled().await
     }
 
     /// Why the session let the client go.
@@ -290,6 +298,7 @@ fn offer(peer: &mut Peer, msg: Arc<Relayed>) -> bool {
 
 fn end(peer: &Peer, why: &'static str) {
     peer.shared.ended.lock().unwrap().get_or_insert(why);
+    peer.shared.let_go.cancel();
 }
 
 #[cfg(test)]

@@ -492,3 +492,27 @@ async fn the_debugger_is_offered_and_loads_only_when_a_client_asks_for_it() {
     assert_eq!(msgs.last().unwrap()["content"]["success"], true);
     assert_eq!(debugpy_loaded().await, "True");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_is_let_go_and_the_kernel_serves_on() {
+    let app = app().await;
+    let kernel = start_kernel(&app, "python").await;
+    let (mut slow, _) = connect(&app, &kernel, KEY, "?session_id=slow", false).await.unwrap();
+    // 20 MB of comm messages on IOPub (the kernel's output budget does not cover comms): far more than a
+    // client's queue and the socket buffers between us hold. The client sends it and never reads.
+    let flood = execute(
+        "slow",
+        "from comm import create_comm\nc = create_comm(target_name='flood')\nfor i in range(10000):\n    c.send({'x': 'x' * 2000})",
+    );
+    send(&mut slow, &flood).await;
+    let let_go =
+        eventually(Duration::from_secs(90), || async { kernel_model(&app, &kernel).await["connections"] == 0 });
+    assert!(let_go.await, "a client that does not keep up is disconnected");
+    let r = v1_execute(&app, &kernel, "print('still serving')").await;
+    assert_eq!(r.json::<Value>().await.unwrap()["stdout"], "still serving\n");
+    // What the client finds when it reads at last: what had been sent, then the end of the connection.
+    let rest = read_until(&mut slow, |_| false).await;
+    let last = rest.last().unwrap();
+    eprintln!("the client that never read: {} messages, then {last}", rest.len() - 1);
+    assert!(last.get("closed").is_some() || last.get("error").is_some(), "{last}");
+}
