@@ -40,9 +40,13 @@ impl Keys {
         let presented = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            // `token <key>` is how Jupyter servers and their gateway client send it.
+            // `token <key>` is how Jupyter servers and their gateway client send it; the gateway client with an
+            // empty `auth_scheme` sends the bare key.
             .and_then(|v| {
-                v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).or_else(|| v.strip_prefix("token "))
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+                    .or_else(|| v.strip_prefix("token "))
+                    .or_else(|| (!v.is_empty() && !v.contains(' ')).then_some(v))
             })
             .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim)
@@ -141,6 +145,7 @@ mod tests {
         let a2 = keys.owner(&headers("x-api-key", "alpha")).unwrap();
         let b = keys.owner(&headers("x-api-key", "beta")).unwrap();
         assert_eq!(keys.owner(&headers("authorization", "token alpha")).unwrap(), a, "as Jupyter sends it");
+        assert_eq!(keys.owner(&headers("authorization", "alpha")).unwrap(), a, "the gateway client without a scheme");
         assert_eq!(a, a2);
         assert_ne!(a, b);
         assert!(!a.0.contains("alpha"));
