@@ -104,9 +104,10 @@ async fn relay(socket: WebSocket, mut link: PeerLink, protocol: Protocol) {
                         Frame::Binary(bytes) => WsMessage::Binary(bytes),
                     };
                     let sent = tokio::select! {
+                        biased;
                         sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)) => sent,
                         // Stuck on a client the session has let go (it fell behind): stop now.
-                        _ = link.outbox.let_go() => break Some((1008, link.outbox.ended())),
+                        _ = link.outbox.let_go() => break Some((1000, link.outbox.ended())),
                     };
                     match sent {
                         Ok(Ok(())) => {}
