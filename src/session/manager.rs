@@ -287,7 +287,12 @@ impl SessionManager {
             peers: Default::default(),
             link_broken: false,
         };
-        let leave = Deregister { registry: self.registry.clone(), session, claims: self.claims_dir() };
+        let leave = Deregister {
+            registry: self.registry.clone(),
+            session,
+            claims: self.claims_dir(),
+            installed: self.installed_dir(),
+        };
         self.tracker.spawn(async move {
             let _leave = leave;
             actor.run(start, ready_tx).await;
@@ -650,6 +655,11 @@ impl SessionManager {
         self.config.state_dir.join("claims")
     }
 
+    /// Where each session's installed packages are recorded, for a session adopted after a restart.
+    pub(super) fn installed_dir(&self) -> PathBuf {
+        self.config.state_dir.join("installed")
+    }
+
     /// Whether `id` is a session's or a pooled kernel's: the sweeps leave those alone.
     pub(super) fn knows(&self, id: &str) -> bool {
         self.registry.knows(id) || self.pool.knows(id)
@@ -807,11 +817,19 @@ impl SessionManager {
         let _one = session.installing.clone().try_acquire_owned().map_err(|_| PackageError::Busy)?;
         let report = self.packages.install(&container, &language, &self.image_ref(&language), &specs).await?;
         if report.ok {
-            let mut recorded = session.packages.lock().unwrap();
-            for s in &specs {
-                if !recorded.contains(&s.text) {
-                    recorded.push(s.text.clone());
+            let recorded = {
+                let mut recorded = session.packages.lock().unwrap();
+                for s in &specs {
+                    if !recorded.contains(&s.text) {
+                        recorded.push(s.text.clone());
+                    }
                 }
+                recorded.clone()
+            };
+            // On disk too: a session adopted by the next run of the service installs them again when a
+            // restart gives it a new container.
+            if let Err(e) = super::records::replace(&self.installed_dir(), &session.id, &recorded) {
+                tracing::error!(session_id = %session.id, error = %e, "could not record the installed packages");
             }
         }
         Ok(report)
@@ -964,13 +982,16 @@ struct Deregister {
     registry: Arc<Registry>,
     session: Arc<Session>,
     claims: PathBuf,
+    installed: PathBuf,
 }
 
 impl Drop for Deregister {
     fn drop(&mut self) {
-        // A claim (pooled sessions) goes with its session, unless the session is kept for adoption.
+        // A claim (pooled sessions) and the installed packages go with their session, unless the session
+        // is kept for adoption.
         if !self.session.keep_on_exit() {
             remove_claim(&self.claims, self.session.id.as_str());
+            super::records::remove(&self.installed, self.session.id.as_str());
         }
         self.registry.remove(&self.session.id);
         self.session.finished.cancel();

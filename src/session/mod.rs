@@ -1,8 +1,9 @@
 //! Sessions: the lifecycle ([`manager`]), the registry of who exists ([`registry`]), the handle each
 //! session is known by ([`handle`]), the task that runs its kernel ([`actor`]), the bridge between a
 //! container and its kernel ([`kernel_host`]) and the run directory the service owns for it
-//! ([`rundir`]), the Jupyter clients attached to a kernel ([`peers`]), the operator's rules as pure functions ([`policy`]), what an earlier run left behind
-//! ([`recovery`]), and the plain data they share ([`model`]).
+//! ([`rundir`]), the Jupyter clients attached to a kernel ([`peers`]), the operator's rules as pure
+//! functions ([`policy`]), what an earlier run left behind ([`recovery`]) and the records adoption reads
+//! ([`records`]), and the plain data they share ([`model`]).
 //!
 //! Architecture invariant: this module never speaks HTTP and never calls bollard; it reaches Docker only
 //! through [`crate::runtime::ContainerRuntime`] and kernels only through [`crate::kernel`].
@@ -18,6 +19,7 @@ pub mod notebook;
 pub mod peers;
 pub mod policy;
 pub mod pool;
+pub mod records;
 pub mod recovery;
 pub mod registry;
 pub mod rundir;

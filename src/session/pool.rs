@@ -218,52 +218,23 @@ impl Pool {
     }
 }
 
-/// Writes a claim, `O_CREAT|O_EXCL|O_NOFOLLOW`, in the claims folder only the service writes.
+/// Writes a claim (once: see `records.rs`) in the claims folder only the service writes.
 pub fn write_claim(dir: &std::path::Path, id: &SessionId, claim: &Claim) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dir.join(format!("{id}.json")))?;
-    file.write_all(&serde_json::to_vec(claim).expect("a claim serializes"))
+    super::records::write_new(dir, id, claim)
 }
 
 /// Reads a claim (a regular file, not followed, at most 64 KiB).
 pub fn read_claim(dir: &std::path::Path, id: &str) -> Option<Claim> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    SessionId::parse(id)?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dir.join(format!("{id}.json")))
-        .ok()?;
-    if !file.metadata().ok()?.is_file() {
-        return None;
-    }
-    let mut bytes = Vec::new();
-    file.take(64 << 10).read_to_end(&mut bytes).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    super::records::read(dir, id)
 }
 
 pub fn remove_claim(dir: &std::path::Path, id: &str) {
-    let _ = std::fs::remove_file(dir.join(format!("{id}.json")));
+    super::records::remove(dir, id)
 }
 
 /// Removes the claims no session needs any more.
 pub fn sweep_claims(dir: &std::path::Path, needed: impl Fn(&str) -> bool) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let id = name.strip_suffix(".json").unwrap_or("");
-        if !needed(id) {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
+    super::records::sweep(dir, needed)
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! sweep that every reaper pass runs.
 //!
 //! Adoption reads only what the service itself wrote: the container's labels (set at create time, out
-//! of the sandbox's reach) and the run directory (mounted read-only in the container). The orphan sweep
+//! of the sandbox's reach), the run directory (mounted read-only in the container) and the session's
+//! records (`records.rs`: its claim, its installed packages). The orphan sweep
 //! is the safety net under the lifecycle: a container labelled with this instance whose session the
 //! registry does not know is removed, logged and counted (`kernelbox_orphans_removed_total`); so is a
 //! package fetcher (`kernelbox.fetcher`) whose fetch is over. At start-up every fetcher is removed.
@@ -17,7 +18,7 @@ use super::actor::Start;
 use super::error::SessionError;
 use super::manager::SessionManager;
 use super::model::{Owner, SessionId, SessionSettings};
-use super::{pool, rundir};
+use super::{pool, records, rundir};
 
 /// Adopts the running containers of this instance whose kernel answers, removes the rest and any run
 /// directory no session needs. Returns (adopted, removed).
@@ -30,6 +31,10 @@ pub async fn recover(manager: &Arc<SessionManager>) -> Result<(usize, usize), Se
         match adoptable(manager, &container) {
             Ok((session_id, owner, settings, created_at, boot)) => {
                 let (session, inbox) = manager.new_session(session_id, owner, settings, created_at);
+                // What it installed, so a restart into a new container installs it again.
+                if let Some(specs) = records::read::<Vec<String>>(&manager.installed_dir(), session.id.as_str()) {
+                    *session.packages.lock().unwrap() = specs;
+                }
                 manager.registry().insert(&session);
                 let start = Start::Adopt { container_id: container.id.clone(), boot };
                 adopting.push((session.clone(), manager.spawn(session, inbox, start)));
@@ -58,6 +63,7 @@ pub async fn recover(manager: &Arc<SessionManager>) -> Result<(usize, usize), Se
     }
     rundir::sweep(&manager.runs_dir(), |session| manager.knows(session));
     pool::sweep_claims(&manager.claims_dir(), |session| manager.knows(session));
+    records::sweep(&manager.installed_dir(), |session| manager.knows(session));
     Ok((adopted, removed))
 }
 
