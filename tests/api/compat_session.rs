@@ -187,15 +187,12 @@ async fn compat_session_user_ids_are_checked_and_every_error_has_the_detail_shap
 
 #[tokio::test(flavor = "multi_thread")]
 async fn compat_session_one_per_user_and_key_found_again_after_a_restart_with_adoption() {
-    let dir = tempfile::Builder::new().prefix("kbt").tempdir_in("/tmp").unwrap();
-    let instance = format!("test-compat-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let _guard = InstanceGuard(instance.clone());
-    let same_instance = || Some((instance.clone(), dir.path().to_path_buf()));
+    let shared = SharedInstance::new("compat");
     let keys = || vec!["alpha".to_owned(), "beta".to_owned()];
 
     let mut first = spawn_app_with(AppOptions {
         keep_sessions: true,
-        instance: same_instance(),
+        instance: shared.options(),
         api_keys: keys(),
         ..Default::default()
     })
@@ -232,11 +229,12 @@ async fn compat_session_one_per_user_and_key_found_again_after_a_restart_with_ad
 
     first.cleanup = false;
     first.stop().await;
-    let second = spawn_app_with(AppOptions { instance: same_instance(), api_keys: keys(), ..Default::default() }).await;
-    let before: Vec<String> = instance_containers(&instance).await.into_iter().map(|c| c.id).collect();
+    let second =
+        spawn_app_with(AppOptions { instance: shared.options(), api_keys: keys(), ..Default::default() }).await;
+    let before: Vec<String> = instance_containers(&shared.name).await.into_iter().map(|c| c.id).collect();
     assert_eq!(post_form_with(&second, "/start_session", &[("user_id", "shared")], alpha).await.0, 200);
     assert_eq!(run(&second, alpha, "secret").await, (200, json!({"output": "'alpha'\n"})), "found after adoption");
-    let after: Vec<String> = instance_containers(&instance).await.into_iter().map(|c| c.id).collect();
+    let after: Vec<String> = instance_containers(&shared.name).await.into_iter().map(|c| c.id).collect();
     assert_eq!(before.len(), 2);
     assert_eq!(after, before, "no new container");
 }

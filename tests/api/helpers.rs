@@ -337,6 +337,27 @@ where
 }
 
 /// Removes an instance's containers when dropped, whatever the test did.
+/// An instance name and state directory that several runs of the service share (adoption tests); the
+/// instance's containers are removed when it drops.
+pub struct SharedInstance {
+    _guard: InstanceGuard,
+    pub dir: tempfile::TempDir,
+    pub name: String,
+}
+
+impl SharedInstance {
+    pub fn new(prefix: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("kbt").tempdir_in("/tmp").expect("temp dir");
+        let name = format!("test-{prefix}-{}", &uuid_like()[..8]);
+        SharedInstance { _guard: InstanceGuard(name.clone()), dir, name }
+    }
+
+    /// For `AppOptions::instance`.
+    pub fn options(&self) -> Option<(String, std::path::PathBuf)> {
+        Some((self.name.clone(), self.dir.path().to_path_buf()))
+    }
+}
+
 pub struct InstanceGuard(pub String);
 
 impl Drop for InstanceGuard {

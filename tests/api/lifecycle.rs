@@ -22,32 +22,29 @@ async fn restart_gives_fresh_state_in_the_same_container_with_its_files() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_service_adopts_live_sessions_and_removes_the_rest() {
-    let dir = tempfile::Builder::new().prefix("kbt").tempdir_in("/tmp").unwrap();
-    let instance = format!("test-adopt-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let _guard = InstanceGuard(instance.clone());
-    let same_instance = || Some((instance.clone(), dir.path().to_path_buf()));
+    let shared = SharedInstance::new("adopt");
 
     let mut first =
-        spawn_app_with(AppOptions { keep_sessions: true, instance: same_instance(), ..Default::default() }).await;
+        spawn_app_with(AppOptions { keep_sessions: true, instance: shared.options(), ..Default::default() }).await;
     let id = first.start("python").await;
     first.exec(&id, "survivor = 'still here'").await;
     let doomed = first.start("bash").await;
     first.cleanup = false;
     first.stop().await;
 
-    let list = instance_containers(&instance).await;
+    let list = instance_containers(&shared.name).await;
     assert_eq!(list.len(), 2, "sessions were kept running through the stop");
     let doomed_container = list.into_iter().find(|c| c.labels["kernelbox.session"] == doomed).unwrap().id;
     // Kill one kernel while no service runs: the next start must remove it, not adopt it.
     std::process::Command::new("docker").args(["kill", &doomed_container]).output().unwrap();
 
-    let second = spawn_app_with(AppOptions { instance: same_instance(), ..Default::default() }).await;
+    let second = spawn_app_with(AppOptions { instance: shared.options(), ..Default::default() }).await;
     let r = second.exec(&id, "survivor").await;
     assert_eq!(result_text(&r).as_deref(), Some("'still here'"), "adopted with its state: {r}");
     assert_eq!(second.get(&format!("/v1/sessions/{doomed}")).await.0, 404);
     assert_eq!(second.containers().await.len(), 1, "the dead one was removed");
     second.stop().await;
-    assert!(instance_containers(&instance).await.is_empty(), "a normal stop removes every session container");
+    assert!(instance_containers(&shared.name).await.is_empty(), "a normal stop removes every session container");
 }
 
 #[tokio::test(flavor = "multi_thread")]

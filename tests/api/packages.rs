@@ -472,22 +472,19 @@ async fn an_install_that_hangs_ends_at_its_time_limit() {
 /// installs it again when the session needs a new container.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_adopted_session_gets_its_packages_again_in_a_new_container() {
-    use crate::helpers::{AppOptions, InstanceGuard, instance_containers, spawn_app_with};
-    let dir = tempfile::Builder::new().prefix("kbt").tempdir_in("/tmp").unwrap();
-    let instance = format!("test-installed-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let _guard = InstanceGuard(instance.clone());
-    let same_instance = || Some((instance.clone(), dir.path().to_path_buf()));
+    use crate::helpers::{AppOptions, SharedInstance, instance_containers, spawn_app_with};
+    let shared = SharedInstance::new("installed");
 
     let mut first =
-        spawn_app_with(AppOptions { keep_sessions: true, instance: same_instance(), ..Default::default() }).await;
+        spawn_app_with(AppOptions { keep_sessions: true, instance: shared.options(), ..Default::default() }).await;
     let id = first.start("python").await;
     install_ok(&first, &id, &["six"]).await;
-    let record = dir.path().join("installed").join(format!("{id}.json"));
+    let record = shared.dir.path().join("installed").join(format!("{id}.json"));
     assert_eq!(std::fs::read_to_string(&record).unwrap(), r#"["six"]"#);
     first.cleanup = false;
     first.stop().await;
 
-    let second = spawn_app_with(AppOptions { instance: same_instance(), ..Default::default() }).await;
+    let second = spawn_app_with(AppOptions { instance: shared.options(), ..Default::default() }).await;
     let container = second.containers().await.pop().expect("adopted").id;
     std::process::Command::new("docker").args(["kill", &container]).output().unwrap();
     let dead = crate::helpers::eventually(Duration::from_secs(30), || async {
@@ -501,6 +498,6 @@ async fn an_adopted_session_gets_its_packages_again_in_a_new_container() {
     assert_eq!(stdout(&out).trim(), "True", "installed again in the new container: {out}");
 
     second.stop().await;
-    assert!(instance_containers(&instance).await.is_empty());
+    assert!(instance_containers(&shared.name).await.is_empty());
     assert!(!record.exists(), "the record goes with its session");
 }
