@@ -233,33 +233,34 @@ impl KernelClient {
     /// timeout. If a send is cancelled, the next send on that channel completes it first (frames are never
     /// torn).
     pub async fn send(&mut self, channel: Channel, msg_type: &str, content: Value) -> Result<String, KernelError> {
-        let link = match channel {
-            Channel::Shell => &mut self.shell,
-            Channel::Control => &mut self.control,
-            Channel::Stdin => &mut self.stdin,
-            Channel::IOPub => return Err(KernelError::NotSendable(channel)),
-        };
         let msg = Message::request(msg_type, &self.session, content);
-        link.send(&self.signer.encode(&msg)).await?;
+        let frames = self.signer.encode(&msg);
+        self.outgoing(channel)?.send(&frames).await?;
         Ok(msg.header.msg_id)
+    }
+
+    /// The connection messages for `channel` go out on (IOPub takes none).
+    fn outgoing(&mut self, channel: Channel) -> Result<&mut Link, KernelError> {
+        match channel {
+            Channel::Shell => Ok(&mut self.shell),
+            Channel::Control => Ok(&mut self.control),
+            Channel::Stdin => Ok(&mut self.stdin),
+            Channel::IOPub => Err(KernelError::NotSendable(channel)),
+        }
     }
 
     /// Sends a client's message on `channel` (not IOPub) as it is, signed with the kernel's key; replies
     /// come to this client (one ZMTP identity for all), so the caller routes them by their parent.
     /// Bound it with a timeout, like [`KernelClient::send`].
     pub async fn forward(&mut self, channel: Channel, msg: &Message) -> Result<(), KernelError> {
-        let link = match channel {
-            Channel::Shell => &mut self.shell,
-            Channel::Control => &mut self.control,
-            Channel::Stdin => &mut self.stdin,
-            Channel::IOPub => return Err(KernelError::NotSendable(channel)),
-        };
+        let frames = self.signer.encode(msg);
+        let link = self.outgoing(channel)?;
         // A client cannot pile messages up behind a kernel that does not read: what an earlier call left
         // unsent goes out first, and only then is this one queued, so at most one waits per channel. A
         // call cut off by its timeout before that queues nothing.
         let failed = |source| KernelError::Connection { channel, source };
         link.stream.flush().await.map_err(failed)?;
-        link.send(&self.signer.encode(msg)).await
+        link.send(&frames).await
     }
 
     /// Sends an `execute_request` for `code` and returns its `msg_id`.
