@@ -34,7 +34,8 @@ use super::model::{
 };
 use super::notebook::{KernelSpec, Notebook};
 use super::policy::{self, ReapRules, ReapView};
-use super::pool::{Claim, Pool, PoolConfig, PoolStatus, Pooled, remove_claim, write_claim};
+use super::pool::{Claim, Pool, PoolConfig, PoolStatus, Pooled};
+use super::records;
 use super::registry::Registry;
 use super::{Pending, recovery};
 
@@ -621,14 +622,14 @@ impl SessionManager {
         }
         let now = Utc::now();
         let claim = Claim { owner: owner.clone(), settings: settings.clone(), created_at: now };
-        if let Err(e) = write_claim(&self.claims_dir(), &pooled.id, &claim) {
+        if let Err(e) = records::write_new(&self.claims_dir(), &pooled.id, &claim) {
             tracing::error!(error = %e, "could not write a claim; starting cold");
             self.remove_pooled(pooled).await;
             return Ok(None);
         }
         let (session, inbox) = self.new_session(pooled.id.clone(), owner.clone(), settings.clone(), now);
         if let Err(e) = self.registry.reserve(&session, &self.config.limits) {
-            remove_claim(&self.claims_dir(), pooled.id.as_str());
+            records::remove(&self.claims_dir(), pooled.id.as_str());
             self.remove_pooled(pooled).await;
             return Err(e);
         }
@@ -828,7 +829,7 @@ impl SessionManager {
             };
             // On disk too: a session adopted by the next run of the service installs them again when a
             // restart gives it a new container.
-            if let Err(e) = super::records::replace(&self.installed_dir(), &session.id, &recorded) {
+            if let Err(e) = records::replace(&self.installed_dir(), &session.id, &recorded) {
                 tracing::error!(session_id = %session.id, error = %e, "could not record the installed packages");
             }
         }
@@ -990,8 +991,8 @@ impl Drop for Deregister {
         // A claim (pooled sessions) and the installed packages go with their session, unless the session
         // is kept for adoption.
         if !self.session.keep_on_exit() {
-            remove_claim(&self.claims, self.session.id.as_str());
-            super::records::remove(&self.installed, self.session.id.as_str());
+            records::remove(&self.claims, self.session.id.as_str());
+            records::remove(&self.installed, self.session.id.as_str());
         }
         self.registry.remove(&self.session.id);
         self.session.finished.cancel();

@@ -9,8 +9,8 @@
 //! variables, mounts, a tmpfs of another size) start cold.
 //!
 //! Who owns a claimed container cannot be written on it (labels are fixed at create time), so the claim
-//! is written to `<state>/claims/<session>.json` by the service before the session exists; adoption at
-//! start-up reads it. An unclaimed pooled container found at start-up is removed.
+//! is written to `<state>/claims/<session>.json` (`records.rs`) by the service before the session exists;
+//! adoption at start-up reads it. An unclaimed pooled container found at start-up is removed.
 //!
 //! The ids of pooled kernels, booting or ready, count as known to the orphan sweep, and a claimed one is
 //! in the registry before it leaves the pool: at no moment does a sweep see an owned container as an
@@ -216,25 +216,6 @@ impl Pool {
             booting: inner.booting.get(language).copied().unwrap_or(0),
         }
     }
-}
-
-/// Writes a claim (once: see `records.rs`) in the claims folder only the service writes.
-pub fn write_claim(dir: &std::path::Path, id: &SessionId, claim: &Claim) -> std::io::Result<()> {
-    super::records::write_new(dir, id, claim)
-}
-
-/// Reads a claim (a regular file, not followed, at most 64 KiB).
-pub fn read_claim(dir: &std::path::Path, id: &str) -> Option<Claim> {
-    super::records::read(dir, id)
-}
-
-pub fn remove_claim(dir: &std::path::Path, id: &str) {
-    super::records::remove(dir, id)
-}
-
-/// Removes the claims no session needs any more.
-pub fn sweep_claims(dir: &std::path::Path, needed: impl Fn(&str) -> bool) {
-    super::records::sweep(dir, needed)
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ pub async fn recover(manager: &Arc<SessionManager>) -> Result<(usize, usize), Se
         }
     }
     rundir::sweep(&manager.runs_dir(), |session| manager.knows(session));
-    pool::sweep_claims(&manager.claims_dir(), |session| manager.knows(session));
+    records::sweep(&manager.claims_dir(), |session| manager.knows(session));
     records::sweep(&manager.installed_dir(), |session| manager.knows(session));
     Ok((adopted, removed))
 }
@@ -79,7 +79,8 @@ fn adoptable(manager: &SessionManager, c: &ContainerSummary) -> Result<Adoptable
     let boot = label(labels::BOOT).cloned().ok_or("no boot id (made by an older version)")?;
     if label(labels::POOL).is_some() {
         // A pooled kernel: its owner is what the service wrote when a session claimed it.
-        let claim = pool::read_claim(&manager.claims_dir(), id.as_str()).ok_or("an unclaimed pooled kernel")?;
+        let claim: pool::Claim =
+            records::read(&manager.claims_dir(), id.as_str()).ok_or("an unclaimed pooled kernel")?;
         if manager.catalog().language(&claim.settings.language).is_none() {
             return Err("unknown language");
         }
