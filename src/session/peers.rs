@@ -131,14 +131,6 @@ impl Peers {
         !self.peers.is_empty() || self.replay.is_some()
     }
 
-    pub fn len(&self) -> usize {
-        self.peers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
-    }
-
     pub fn is_attached(&self, id: PeerId) -> bool {
         self.peers.iter().any(|p| p.id == id)
     }
@@ -380,7 +372,7 @@ mod tests {
         peers.attach(a);
         let (again, _again_out) = attachment(PeerId(2), Some("A".into()));
         peers.attach(again);
-        assert_eq!(peers.len(), 1);
+        assert_eq!(peers.peers.len(), 1);
         assert!(peers.is_attached(PeerId(2)));
         assert_eq!(a_out.ended(), "replaced by a new connection with the same session id");
         let (tx_closed, _) = (a_out.rx.try_recv().is_err(), ());
@@ -396,7 +388,7 @@ mod tests {
             peers.attach(p);
             outs.push(out);
         }
-        assert_eq!(peers.len(), MAX_PEERS);
+        assert_eq!(peers.peers.len(), MAX_PEERS);
         assert_eq!(outs.last().unwrap().ended(), "too many connections to this kernel");
     }
 
