@@ -833,11 +833,9 @@ def run_kg(R, venv):
         time.sleep(1)
         R["kg_rss_0"] = kg.server_rss()
 
-        kg_exec_new = kg.execute_new
-
         log("w1 KG")
         loadavg("w1 KG")
-        R["w1_kg"] = w1_start(kg.create, kg_exec_new, kg.delete, N_COLD)
+        R["w1_kg"] = w1_start(kg.create, kg.execute_new, kg.delete, N_COLD)
 
         kid = kg.create()
         for qa in (False, True):
@@ -851,7 +849,7 @@ def run_kg(R, venv):
         for n in (8, 64):
             ids, _ = create_many(kg.create, n, conc=min(n, 4))
             for qa in (False, True) if n == 8 else (True,):
-                socks, broken = [], 0
+                socks = []
                 for k in ids:
                     # A kernel KG cannot keep (it lost a port race: "Address already in use") counts as
                     # 50 failed executes, not as the end of the run.
@@ -862,7 +860,6 @@ def run_kg(R, venv):
                         s.ws.settimeout(600)
                         socks.append(s)
                     except Exception as e:  # noqa: BLE001
-                        broken += 1
                         log("KG kernel unusable:", str(e)[:200])
                 log(f"w3 KG {n}x50 quickack={qa}")
                 loadavg(f"w3 KG {n}x50 quickack={qa}")
@@ -885,8 +882,6 @@ def run_kg_density(R, venv):
         time.sleep(1)
         R["kg_rss_0"] = kg.server_rss()
 
-        kg_exec_new = kg.execute_new
-
         loadavg("w4 KG density")
         created = []
         R["w4_kg"] = {"rss": {0: R["kg_rss_0"]}}
@@ -895,7 +890,7 @@ def run_kg_density(R, venv):
 
             def create_ready():
                 k = kg.create()
-                kg_exec_new(k)  # the kernel is up (as a kernelbox session is when its create returns)
+                kg.execute_new(k)  # the kernel is up (as a kernelbox session is when its create returns)
                 return k
 
             ids, s = create_many(create_ready, target - len(created))
