@@ -1,6 +1,7 @@
 //! Command-line and environment configuration: every flag has a `KERNELBOX_*` twin and a default that
 //! works on a developer's Docker host. Values are checked here, once, into typed settings.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -267,13 +268,12 @@ pub struct RateLimit {
 
 impl ServeArgs {
     /// The checked pool settings.
-    pub fn pool_config(&self) -> Result<crate::session::pool::PoolConfig, ConfigError> {
-        let targets = crate::session::pool::PoolConfig::parse_targets(&self.pool)
-            .map_err(|e| ConfigError(format!("--pool: {e}")))?;
+    pub fn pool_config(&self) -> Result<PoolConfig, ConfigError> {
+        let targets = PoolConfig::parse_targets(&self.pool).map_err(|e| ConfigError(format!("--pool: {e}")))?;
         if self.pool_max_boots == 0 {
             return Err(ConfigError("--pool-max-boots must be at least 1".into()));
         }
-        Ok(crate::session::pool::PoolConfig { targets, max_boots: self.pool_max_boots })
+        Ok(PoolConfig { targets, max_boots: self.pool_max_boots })
     }
 }
 
@@ -449,9 +449,54 @@ impl ServeArgs {
     }
 }
 
+/// How many kernels to keep ready per language, and how many may boot at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub targets: BTreeMap<String, usize>,
+    pub max_boots: usize,
+}
+
+impl Default for PoolConfig {
+    /// No pool.
+    fn default() -> Self {
+        PoolConfig { targets: BTreeMap::new(), max_boots: 2 }
+    }
+}
+
+impl PoolConfig {
+    /// Parses `python=2,javascript=1` (`none` or an empty string: no pool).
+    pub fn parse_targets(spec: &str) -> Result<BTreeMap<String, usize>, String> {
+        let mut targets = BTreeMap::new();
+        if spec.trim() == "none" {
+            return Ok(targets);
+        }
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (language, n) = part.split_once('=').ok_or_else(|| format!("`{part}`: expected language=count"))?;
+            let n: usize = n.trim().parse().map_err(|_| format!("`{part}`: the count is not a number"))?;
+            if n > 64 {
+                return Err(format!("`{part}`: at most 64 pooled kernels per language"));
+            }
+            targets.insert(language.trim().to_owned(), n);
+        }
+        Ok(targets)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_parse_from_a_short_list() {
+        assert_eq!(PoolConfig::parse_targets("").unwrap(), BTreeMap::new());
+        assert_eq!(PoolConfig::parse_targets("none").unwrap(), BTreeMap::new());
+        let t = PoolConfig::parse_targets("python=2, javascript=0").unwrap();
+        assert_eq!(t.get("python"), Some(&2));
+        assert_eq!(t.get("javascript"), Some(&0));
+        assert!(PoolConfig::parse_targets("python").is_err());
+        assert!(PoolConfig::parse_targets("python=x").is_err());
+        assert!(PoolConfig::parse_targets("python=65").is_err());
+    }
 
     fn serve(args: &[&str]) -> ServeArgs {
         let mut argv = vec!["kernelbox", "serve"];

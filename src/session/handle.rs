@@ -17,7 +17,8 @@ use crate::kernel::Event;
 
 use super::error::SessionError;
 use super::model::{
-    ExecStatus, ExecuteResult, KernelInfo, Owner, SessionId, SessionInfo, SessionLimits, SessionSettings, SessionStatus,
+    ExecStatus, ExecuteResult, KernelInfo, Owner, SessionId, SessionInfo, SessionLimits, SessionSettings,
+    SessionStatus, Submission,
 };
 use super::peers::{self, PeerEvent, PeerId, PeerOutbox};
 
@@ -226,6 +227,37 @@ impl Session {
     pub(super) fn mark_in_use(self: &Arc<Self>) -> InUse {
         self.in_use.fetch_add(1, Ordering::SeqCst);
         InUse(self.clone())
+    }
+
+    /// Queues an execution (its timeout checked by the caller, `None`: the session's) and returns what
+    /// its caller holds while it is queued or runs.
+    pub fn submit(
+        &self,
+        in_use: InUse,
+        submission: Submission,
+        timeout: Option<Duration>,
+        depth: usize,
+    ) -> Result<Pending, SessionError> {
+        let Submission { code, stream, stdin, ask_for_input, .. } = submission;
+        let (reply, result) = oneshot::channel();
+        let (events, events_rx) = match stream {
+            true => {
+                let (tx, rx) = mpsc::channel(STREAM_EVENTS);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let command = ExecuteCommand {
+            code,
+            timeout: timeout.unwrap_or_else(|| self.settings.timeout()),
+            events,
+            interrupt_when_abandoned: true,
+            stdin,
+            ask_for_input,
+            reply,
+        };
+        self.queue(command, depth)?;
+        Ok(Pending::new(in_use, result, events_rx))
     }
 
     /// Queues an execution; a full queue is the caller's problem (429).

@@ -9,13 +9,17 @@
 //! through [`crate::runtime::ContainerRuntime`] and kernels only through [`crate::kernel`].
 
 pub mod actor;
+pub mod boot;
 pub mod error;
 pub mod files;
 pub mod handle;
+pub mod installs;
 pub mod kernel_host;
+pub mod launch;
 pub mod manager;
 pub mod model;
 pub mod notebook;
+pub mod notebook_store;
 pub mod peers;
 pub mod policy;
 pub mod pool;
@@ -23,12 +27,15 @@ pub mod records;
 pub mod recovery;
 pub mod registry;
 pub mod rundir;
+pub mod transfers;
+pub mod warm_pool;
 
 pub use error::SessionError;
 pub use handle::{PeerLink, Pending, Session};
-pub use manager::{ManagerConfig, ReapReport, SessionManager, Storage, Submission};
+pub use manager::SessionManager;
 pub use model::{
-    ExecStatus, ExecuteResult, Mount, Owner, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus,
+    ExecStatus, ExecuteResult, ManagerConfig, Mount, Owner, ReapReport, SessionExtras, SessionId, SessionInfo,
+    SessionRequest, SessionStatus, Storage, Submission,
 };
 
 #[cfg(test)]

@@ -7,7 +7,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use std::path::PathBuf;
+
+use crate::config::{Limits, PoolConfig};
+use crate::images::Catalog;
 use crate::kernel::{ErrorInfo, Output};
+use crate::packages::PackageConfig;
 
 /// A session id: 24 lowercase hex characters (short enough for unix socket paths).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -236,4 +241,60 @@ pub struct ExecuteResult {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// One execution to queue.
+#[derive(Debug, Default)]
+pub struct Submission {
+    pub code: String,
+    /// Seconds before the kernel is interrupted (default: the session's).
+    pub timeout_s: Option<u64>,
+    /// Outputs (and prompts) as events, through [`Pending::next_event`].
+    pub stream: bool,
+    /// Answers to the code's prompts, in order.
+    pub stdin: Vec<String>,
+    /// With `stream`: when the answers run out, ask the caller (an `InputRequested` event) rather than
+    /// refuse the prompt.
+    pub ask_for_input: bool,
+}
+
+/// What one reaper pass did.
+#[derive(Debug, Default, PartialEq)]
+pub struct ReapReport {
+    /// Sessions removed, with why.
+    pub removed: Vec<(SessionId, &'static str)>,
+    /// Containers of this instance that no session owned, removed.
+    pub orphans: usize,
+}
+
+/// Fixed settings of the manager.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub limits: Limits,
+    /// Run directories live under `<state_dir>/sessions`.
+    pub state_dir: PathBuf,
+    pub instance: String,
+    pub catalog: Catalog,
+    pub keep_sessions: bool,
+    /// Package installs: fetchers, the wheel cache (`<state_dir>/wheels`), limits.
+    pub packages: PackageConfig,
+    pub storage: Storage,
+    pub pool: PoolConfig,
+}
+
+/// Service-owned folders on the host.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// Where the service writes notebooks; `<state>/notebooks` when unset. Never mounted into a session.
+    pub notebooks_dir: Option<PathBuf>,
+    /// How a deployment names the notebooks folder to its users (the session API's `notebook_path`).
+    pub notebooks_public_path: String,
+    /// Mounted read-only at `/mnt/data` in every session, when set.
+    pub datasets_dir: Option<PathBuf>,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage { notebooks_dir: None, notebooks_public_path: "/mnt/jupyter_sessions".into(), datasets_dir: None }
+    }
 }

@@ -207,6 +207,12 @@ fn object(metadata: &Map<String, Value>) -> Value {
     Value::Object(metadata.clone())
 }
 
+/// The session's notebook, and whether it outlives the session.
+pub struct NotebookHandle {
+    pub notebook: Notebook,
+    pub keep: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@
 //! in the registry before it leaves the pool: at no moment does a sweep see an owned container as an
 //! orphan.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -24,41 +24,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+pub use crate::config::PoolConfig;
+
 use super::kernel_host::KernelHost;
 use super::model::{Owner, SessionId, SessionSettings};
-
-/// How many kernels to keep ready per language, and how many may boot at once.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolConfig {
-    pub targets: BTreeMap<String, usize>,
-    pub max_boots: usize,
-}
-
-impl Default for PoolConfig {
-    /// No pool.
-    fn default() -> Self {
-        PoolConfig { targets: BTreeMap::new(), max_boots: 2 }
-    }
-}
-
-impl PoolConfig {
-    /// Parses `python=2,javascript=1` (`none` or an empty string: no pool).
-    pub fn parse_targets(spec: &str) -> Result<BTreeMap<String, usize>, String> {
-        let mut targets = BTreeMap::new();
-        if spec.trim() == "none" {
-            return Ok(targets);
-        }
-        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (language, n) = part.split_once('=').ok_or_else(|| format!("`{part}`: expected language=count"))?;
-            let n: usize = n.trim().parse().map_err(|_| format!("`{part}`: the count is not a number"))?;
-            if n > 64 {
-                return Err(format!("`{part}`: at most 64 pooled kernels per language"));
-            }
-            targets.insert(language.trim().to_owned(), n);
-        }
-        Ok(targets)
-    }
-}
 
 /// A kernel booted ahead of demand.
 pub struct Pooled {
@@ -221,18 +190,6 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn targets_parse_from_a_short_list() {
-        assert_eq!(PoolConfig::parse_targets("").unwrap(), BTreeMap::new());
-        assert_eq!(PoolConfig::parse_targets("none").unwrap(), BTreeMap::new());
-        let t = PoolConfig::parse_targets("python=2, javascript=0").unwrap();
-        assert_eq!(t.get("python"), Some(&2));
-        assert_eq!(t.get("javascript"), Some(&0));
-        assert!(PoolConfig::parse_targets("python").is_err());
-        assert!(PoolConfig::parse_targets("python=x").is_err());
-        assert!(PoolConfig::parse_targets("python=65").is_err());
-    }
 
     #[test]
     fn boots_are_reserved_up_to_the_target_and_failures_back_off() {

@@ -12,6 +12,40 @@ use serde::de::DeserializeOwned;
 
 use super::model::SessionId;
 
+/// The folders of the state directory that hold what the service keeps per session.
+#[derive(Debug, Clone)]
+pub struct StateDirs {
+    /// Run directories, one per boot (`rundir.rs`).
+    pub runs: PathBuf,
+    /// Claims of pooled kernels: who owns a claimed container (`<state>/claims/<session>.json`).
+    pub claims: PathBuf,
+    /// The packages each session installed, for a session adopted after a restart.
+    pub installed: PathBuf,
+}
+
+impl StateDirs {
+    pub fn new(state_dir: &Path) -> Self {
+        StateDirs {
+            runs: state_dir.join("sessions"),
+            claims: state_dir.join("claims"),
+            installed: state_dir.join("installed"),
+        }
+    }
+
+    /// Removes the records of a session that is not kept for adoption.
+    pub fn forget(&self, id: &str) {
+        remove(&self.claims, id);
+        remove(&self.installed, id);
+    }
+
+    /// Removes the run directories and records that no session needs.
+    pub fn sweep(&self, needed: impl Fn(&str) -> bool) {
+        super::rundir::sweep(&self.runs, &needed);
+        sweep(&self.claims, &needed);
+        sweep(&self.installed, &needed);
+    }
+}
+
 /// The largest record read back.
 const MAX_RECORD: u64 = 64 << 10;
 

@@ -8,40 +8,61 @@
 //! registry does not know is removed, logged and counted (`kernelbox_orphans_removed_total`); so is a
 //! package fetcher (`kernelbox.fetcher`) whose fetch is over. At start-up every fetcher is removed.
 
-use std::sync::Arc;
-
 use chrono::{DateTime, Utc};
 
-use crate::runtime::{ContainerSummary, labels};
+use crate::images::Catalog;
+use crate::packages::Packages;
+use crate::runtime::{ContainerRuntime, ContainerSummary, labels};
 
 use super::actor::Start;
 use super::error::SessionError;
-use super::manager::SessionManager;
+use super::installs::Installs;
+use super::launch::Launcher;
 use super::model::{Owner, SessionId, SessionSettings};
+use super::warm_pool::WarmPool;
 use super::{pool, records, rundir};
+
+/// What recovery works with, lent by the manager.
+pub struct Recovery<'a> {
+    pub runtime: &'a dyn ContainerRuntime,
+    /// The containers of this instance are the ones looked at.
+    pub instance: &'a str,
+    pub launcher: &'a Launcher,
+    pub pool: &'a WarmPool,
+    pub installs: &'a Installs,
+    pub packages: &'a Packages,
+}
+
+impl Recovery<'_> {
+    fn catalog(&self) -> &Catalog {
+        &self.launcher.planner.catalog
+    }
+
+    /// Whether `id` is a session's or a pooled kernel's: the sweeps leave those alone.
+    fn knows(&self, id: &str) -> bool {
+        self.launcher.registry.knows(id) || self.pool.knows(id)
+    }
+}
 
 /// Adopts the running containers of this instance whose kernel answers, removes the rest and any run
 /// directory no session needs. Returns (adopted, removed).
-pub async fn recover(manager: &Arc<SessionManager>) -> Result<(usize, usize), SessionError> {
-    let instance = manager.config().instance.clone();
-    let found = manager.runtime().list(labels::INSTANCE, Some(&instance)).await?;
+pub async fn recover(r: &Recovery<'_>) -> Result<(usize, usize), SessionError> {
+    let found = r.runtime.list(labels::INSTANCE, Some(r.instance)).await?;
     let mut removed = 0;
     let mut adopting = Vec::new();
     for container in found {
-        match adoptable(manager, &container) {
+        match adoptable(r, &container) {
             Ok((session_id, owner, settings, created_at, boot)) => {
-                let (session, inbox) = manager.new_session(session_id, owner, settings, created_at);
+                let (session, inbox) = r.launcher.new_session(session_id, owner, settings, created_at);
                 // What it installed, so a restart into a new container installs it again.
-                if let Some(specs) = records::read::<Vec<String>>(&manager.installed_dir(), session.id.as_str()) {
-                    *session.packages.lock().unwrap() = specs;
-                }
-                manager.registry().insert(&session);
+                r.installs.restore(&session);
+                r.launcher.registry.insert(&session);
                 let start = Start::Adopt { container_id: container.id.clone(), boot };
-                adopting.push((session.clone(), manager.spawn(session, inbox, start)));
+                adopting.push((session.clone(), r.launcher.spawn(session, inbox, start)));
             }
             Err(why) => {
                 tracing::info!(container = %container.id, why, "removing a container left by an earlier run");
-                manager.runtime().remove(&container.id).await?;
+                r.runtime.remove(&container.id).await?;
                 removed += 1;
             }
         }
@@ -61,16 +82,14 @@ pub async fn recover(manager: &Arc<SessionManager>) -> Result<(usize, usize), Se
             Err(_) => removed += 1,
         }
     }
-    rundir::sweep(&manager.runs_dir(), |session| manager.knows(session));
-    records::sweep(&manager.claims_dir(), |session| manager.knows(session));
-    records::sweep(&manager.installed_dir(), |session| manager.knows(session));
+    r.launcher.dirs.sweep(|session| r.knows(session));
     Ok((adopted, removed))
 }
 
 type Adoptable = (SessionId, Owner, SessionSettings, DateTime<Utc>, String);
 
 /// Whether a container can be adopted, from its labels alone.
-fn adoptable(manager: &SessionManager, c: &ContainerSummary) -> Result<Adoptable, &'static str> {
+fn adoptable(r: &Recovery<'_>, c: &ContainerSummary) -> Result<Adoptable, &'static str> {
     if !c.running {
         return Err("not running");
     }
@@ -80,8 +99,8 @@ fn adoptable(manager: &SessionManager, c: &ContainerSummary) -> Result<Adoptable
     if label(labels::POOL).is_some() {
         // A pooled kernel: its owner is what the service wrote when a session claimed it.
         let claim: pool::Claim =
-            records::read(&manager.claims_dir(), id.as_str()).ok_or("an unclaimed pooled kernel")?;
-        if manager.catalog().language(&claim.settings.language).is_none() {
+            records::read(&r.launcher.dirs.claims, id.as_str()).ok_or("an unclaimed pooled kernel")?;
+        if r.catalog().language(&claim.settings.language).is_none() {
             return Err("unknown language");
         }
         return Ok((id, claim.owner, claim.settings, claim.created_at, boot));
@@ -93,7 +112,7 @@ fn adoptable(manager: &SessionManager, c: &ContainerSummary) -> Result<Adoptable
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.with_timezone(&Utc))
         .ok_or("no creation time")?;
-    if manager.catalog().language(&settings.language).is_none() {
+    if r.catalog().language(&settings.language).is_none() {
         return Err("unknown language");
     }
     Ok((id, owner, settings, created_at, boot))
@@ -101,9 +120,8 @@ fn adoptable(manager: &SessionManager, c: &ContainerSummary) -> Result<Adoptable
 
 /// Removes containers of this instance whose session the registry does not know, and run directories
 /// no session needs. Returns how many containers it removed.
-pub async fn sweep_orphans(manager: &SessionManager) -> usize {
-    let instance = &manager.config().instance;
-    let found = match manager.runtime().list(labels::INSTANCE, Some(instance)).await {
+pub async fn sweep_orphans(r: &Recovery<'_>) -> usize {
+    let found = match r.runtime.list(labels::INSTANCE, Some(r.instance)).await {
         Ok(found) => found,
         Err(e) => {
             tracing::warn!(error = %e, "orphan sweep: could not list containers");
@@ -115,13 +133,13 @@ pub async fn sweep_orphans(manager: &SessionManager) -> usize {
         // An entry exists from before its container is created until after it is removed (a pooled
         // kernel's id is the pool's from before its boot until the registry holds it), so a container
         // whose id is unknown belongs to nobody.
-        let known = c.labels.get(labels::SESSION).is_some_and(|s| manager.knows(s))
-            || c.labels.get(labels::FETCHER).is_some_and(|f| manager.packages().is_live_fetcher(f));
+        let known = c.labels.get(labels::SESSION).is_some_and(|s| r.knows(s))
+            || c.labels.get(labels::FETCHER).is_some_and(|f| r.packages.is_live_fetcher(f));
         if known {
             continue;
         }
         tracing::warn!(container = %c.id, "removing an orphaned container");
-        match manager.runtime().remove(&c.id).await {
+        match r.runtime.remove(&c.id).await {
             Ok(()) => {
                 removed += 1;
                 metrics::counter!("kernelbox_orphans_removed_total").increment(1);
@@ -129,6 +147,6 @@ pub async fn sweep_orphans(manager: &SessionManager) -> usize {
             Err(e) => tracing::warn!(container = %c.id, error = %e, "could not remove an orphaned container"),
         }
     }
-    rundir::sweep(&manager.runs_dir(), |session| manager.knows(session));
+    rundir::sweep(&r.launcher.dirs.runs, |session| r.knows(session));
     removed
 }

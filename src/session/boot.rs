@@ -1,0 +1,149 @@
+//! What a session's container is made of: its image, labels, limits, mounts and environment, assembled
+//! from the operator's settings into the [`BootPlan`] each of its boots follows (a pooled kernel's
+//! too). It starts nothing; `kernel_host` carries the plan out.
+//!
+//! Every container gets the sealed shape of ARCHITECTURE.md's invariants through `ContainerSpec` (no
+//! network, read-only root, read-only binds only, uid 1000, size-limited tmpfs); what varies per session
+//! is decided here, in one place.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio_util::task::TaskTracker;
+
+use crate::config::Limits;
+use crate::images::{self, Catalog};
+use crate::kernel::WireLimits;
+use crate::packages::{self, spec::Ecosystem};
+use crate::runtime::{ContainerRuntime, ContainerSpec, labels};
+
+use super::kernel_host::BootPlan;
+use super::model::{Owner, SessionId, SessionSettings};
+use super::policy;
+
+/// Turns a session's settings into the plan of its boots.
+pub struct BootPlanner {
+    pub runtime: Arc<dyn ContainerRuntime>,
+    pub limits: Limits,
+    pub catalog: Catalog,
+    /// Labels every container with this instance (adoption and the orphan sweep look for it).
+    pub instance: String,
+    /// The shared wheel cache, mounted read-only in python sessions.
+    pub wheels_dir: PathBuf,
+    /// Where Deno looks for npm packages (it keys its cache by registry).
+    pub npm_registry: Option<String>,
+    /// Mounted read-only at `/mnt/data`, when set.
+    pub datasets_dir: Option<PathBuf>,
+    /// Run directories live here (`rundir.rs`).
+    pub runs_dir: PathBuf,
+    /// Tracks the exit watchers each boot starts, so shutdown waits for them.
+    pub tracker: TaskTracker,
+}
+
+impl BootPlanner {
+    /// The image reference of a known language.
+    pub fn image_ref(&self, language: &str) -> String {
+        let image = &self.catalog.language(language).expect("a known language").image;
+        self.catalog.image_ref(image)
+    }
+
+    /// The plan of a session's boots (or, `pooled`, of a kernel for the warm pool).
+    pub fn plan(
+        &self,
+        id: &SessionId,
+        owner: &Owner,
+        s: &SessionSettings,
+        created_at: DateTime<Utc>,
+        pooled: bool,
+    ) -> BootPlan {
+        let l = &self.limits;
+        let mut labels = HashMap::from([
+            (labels::SESSION.to_owned(), id.to_string()),
+            (labels::INSTANCE.to_owned(), self.instance.clone()),
+            (labels::OWNER.to_owned(), owner.0.clone()),
+            (labels::LANGUAGE.to_owned(), s.language.clone()),
+            (labels::CREATED.to_owned(), created_at.to_rfc3339()),
+            (labels::CONFIG.to_owned(), serde_json::to_string(s).expect("settings serialize")),
+        ]);
+        if pooled {
+            labels.insert(labels::POOL.to_owned(), s.language.clone());
+        }
+        let size = tmpfs_mb(l.tmpfs_mb, s.memory_mb);
+        let tmpfs = |extra: &str| format!("rw,nosuid,nodev,size={size}m{extra}");
+        let mut env: Vec<String> = s.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // The kernel-side output cap (python images): beyond it the kernel drops output before it is
+        // buffered in the kernel's own memory.
+        env.push(format!("KERNELBOX_OUTPUT_LIMIT_BYTES={}", l.output_limit_bytes));
+        let mut tmpfs_mounts = HashMap::from([
+            ("/tmp".to_owned(), tmpfs("")),
+            (images::HOME.to_owned(), tmpfs(",uid=1000,gid=1000,mode=0700")),
+        ]);
+        let mut binds = Vec::new();
+        if Ecosystem::of(&s.language) == Some(Ecosystem::Python) {
+            // Installed packages (src/packages/): the shared wheel cache read-only, and a directory of the
+            // session's own on the kernel's PYTHONPATH from its start, so what is installed imports without
+            // a restart (importlib caches a finder per existing path entry).
+            binds.push(format!("{}:{}:ro", self.wheels_dir.display(), packages::WHEELS_MOUNT));
+            // `exec`: compiled wheels are shared objects, mapped executable. (Docker's tmpfs default is
+            // noexec; this lets the session run binaries it writes there, nothing its Python could not do.)
+            tmpfs_mounts.insert(packages::PACKAGES_DIR.to_owned(), tmpfs(",exec,uid=1000,gid=1000,mode=0755"));
+            let theirs = env.iter().position(|e| e.starts_with("PYTHONPATH=")).map(|i| env.remove(i));
+            let path = match theirs.as_deref().and_then(|e| e.strip_prefix("PYTHONPATH=")) {
+                Some(p) if !p.is_empty() => format!("PYTHONPATH={}:{p}", packages::PACKAGES_DIR),
+                _ => format!("PYTHONPATH={}", packages::PACKAGES_DIR),
+            };
+            env.push(path);
+        }
+        if Ecosystem::of(&s.language) == Some(Ecosystem::Npm)
+            && let Some(registry) = &self.npm_registry
+        {
+            // Deno keys its npm cache by registry: the kernel looks where the fetcher put the packages.
+            env.push(format!("NPM_CONFIG_REGISTRY={registry}"));
+        }
+        let spec = ContainerSpec {
+            name: String::new(),
+            image: self.image_ref(&s.language),
+            cmd: vec![images::START_KERNEL.to_owned(), crate::kernel::connection::container_connection_file()],
+            env,
+            labels,
+            memory_bytes: (s.memory_mb * 1024 * 1024) as i64,
+            nano_cpus: (s.cpus * 1e9) as i64,
+            pids_limit: l.pids_limit,
+            tmpfs: tmpfs_mounts,
+            binds: [self.binds(s), binds].concat(),
+            user: "1000:1000".into(),
+            working_dir: images::HOME.into(),
+            egress_network: None,
+        };
+        BootPlan {
+            runtime: self.runtime.clone(),
+            spec,
+            runs_dir: self.runs_dir.clone(),
+            session_id: id.to_string(),
+            start_timeout: l.start_timeout,
+            wire: WireLimits::for_output_cap(l.output_limit_bytes),
+            tracker: self.tracker.clone(),
+        }
+    }
+
+    /// The read-only mounts of a session: the datasets folder, then the adapter's.
+    fn binds(&self, s: &SessionSettings) -> Vec<String> {
+        let datasets = self.datasets_dir.iter().map(|d| (d.clone(), policy::DATASETS_MOUNT.to_owned()));
+        let mounts = s.mounts.iter().map(|m| (m.host.clone(), m.container.clone()));
+        datasets.chain(mounts).map(|(host, container)| format!("{}:{container}:ro", host.display())).collect()
+    }
+
+    /// The size of each of a session's two tmpfs mounts under the operator's maximum.
+    pub fn tmpfs_mb(&self, memory_mb: u64) -> u64 {
+        tmpfs_mb(self.limits.tmpfs_mb, memory_mb)
+    }
+}
+
+/// The size of each of a session's two tmpfs mounts (`/tmp` and the working directory). Their pages count
+/// against the session's memory limit, so both together get at most half of it: a full disk is then
+/// ENOSPC for the code that writes, never an out-of-memory kill of the kernel.
+pub fn tmpfs_mb(configured_max: u64, memory_mb: u64) -> u64 {
+    configured_max.min(memory_mb / 4).max(8)
+}

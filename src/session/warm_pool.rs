@@ -1,0 +1,193 @@
+//! The warm pool at work: the refill loop that keeps each language's ready kernels at their target, the
+//! boots it starts, and the pool's side of a claim (take a live kernel, apply the caller's limits, write
+//! the claim). The bookkeeping itself (who is ready, booting, owned) is [`Pool`] in `pool.rs`; the
+//! manager registers a claimed kernel's session and hands it to its task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::PoolConfig;
+
+use super::boot::BootPlanner;
+use super::model::{Owner, SessionId, SessionRequest, SessionSettings};
+use super::policy;
+use super::pool::{Claim, Pool, PoolStatus, Pooled};
+use super::records::{self, StateDirs};
+
+/// The owner label of a pooled container (its real owner, once claimed, is in the claims folder).
+const POOL_OWNER: &str = "kernelbox:pool";
+
+/// Kernels booted ahead of demand, and the loop that boots them.
+pub struct WarmPool {
+    pub pool: Pool,
+    pub config: PoolConfig,
+    pub planner: Arc<BootPlanner>,
+    pub dirs: StateDirs,
+    /// Tracks the refill loop and its boots.
+    pub tracker: TaskTracker,
+    /// Wakes the refill loop (after a claim or a boot).
+    pub wake: Notify,
+    /// Stops the refill loop and the boots under way.
+    pub stop: CancellationToken,
+}
+
+impl WarmPool {
+    /// Starts the refill loop (after adoption, so that start-up does not race it).
+    pub fn start(self: &Arc<Self>) {
+        if self.config.targets.values().all(|&n| n == 0) {
+            return;
+        }
+        let me = self.clone();
+        self.tracker.spawn(async move { me.refill().await });
+    }
+
+    /// Keeps each language's pool at its target: replaces dead kernels, starts boots (at most
+    /// `max_boots` at once), and sleeps until a claim or a finished boot wakes it (or 5 s pass).
+    async fn refill(self: Arc<Self>) {
+        loop {
+            for dead in self.pool.take_dead() {
+                self.remove(dead).await;
+            }
+            for (language, &target) in &self.config.targets {
+                if self.planner.catalog.language(language).is_none() {
+                    continue;
+                }
+                while let Some(id) = self.pool.begin_boot(language, target, self.config.max_boots) {
+                    let me = self.clone();
+                    let language = language.clone();
+                    self.tracker.spawn(async move { me.boot(language, id).await });
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    /// Boots one kernel for the pool with the language's default settings.
+    async fn boot(&self, language: String, id: SessionId) {
+        let started = std::time::Instant::now();
+        let request = SessionRequest { language: language.clone(), ..Default::default() };
+        let booted = match policy::settle(&self.planner.catalog, &self.planner.limits, request) {
+            Ok(settings) => {
+                let created_at = Utc::now();
+                let plan = self.planner.plan(&id, &Owner(POOL_OWNER.into()), &settings, created_at, true);
+                match plan.boot(&self.stop).await {
+                    Ok(host) => Some(Pooled { id: id.clone(), settings, created_at, host }),
+                    Err(e) => {
+                        tracing::warn!(%language, error = %e, "a pooled kernel did not boot; retrying later");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(%language, error = %e, "the pool's default settings are invalid");
+                None
+            }
+        };
+        if booted.is_some() {
+            metrics::histogram!("kernelbox_pool_boot_seconds", "language" => language.clone())
+                .record(started.elapsed().as_secs_f64());
+        }
+        if let Some(unwanted) = self.pool.end_boot(&language, &id, booted) {
+            self.remove(unwanted).await;
+        }
+        self.gauge(&language);
+        self.wake.notify_one();
+    }
+
+    /// Removes a pooled kernel's container; its id is no longer the pool's.
+    pub async fn remove(&self, pooled: Pooled) {
+        if let Err(e) = self.planner.runtime.remove(&pooled.host.container_id).await {
+            tracing::warn!(container = %pooled.host.container_id, error = %e, "could not remove a pooled kernel");
+        }
+        self.pool.release(pooled.id.as_str());
+        // Dropping the host removes its run directory.
+    }
+
+    fn gauge(&self, language: &str) {
+        let status = self.status(language);
+        metrics::gauge!("kernelbox_pool_ready", "language" => language.to_owned()).set(status.ready as f64);
+    }
+
+    /// The pool's numbers for `language`.
+    pub fn status(&self, language: &str) -> PoolStatus {
+        self.pool.status(language, self.config.targets.get(language).copied().unwrap_or(0))
+    }
+
+    /// Whether a request can be served by a pooled kernel: one booted with the language's defaults can
+    /// take other memory and CPU limits (Docker updates them), but not environment variables, mounts or
+    /// another tmpfs size (both fixed at create time).
+    pub fn poolable(&self, settings: &SessionSettings) -> bool {
+        let p = &self.planner;
+        self.config.targets.get(&settings.language).is_some_and(|&n| n > 0)
+            && settings.env.is_empty()
+            && settings.mounts.is_empty()
+            && p.tmpfs_mb(settings.memory_mb) == p.tmpfs_mb(p.limits.default_memory_mb)
+    }
+
+    /// The pool's side of a claim: takes a live kernel of the language, applies the caller's limits to
+    /// its running container and writes the claim for `owner`. `None`: none ready (or it could not be
+    /// prepared), start cold. The kernel's id stays the pool's until [`WarmPool::release`].
+    pub async fn claim(&self, owner: &Owner, settings: &SessionSettings) -> Option<Pooled> {
+        let language = &settings.language;
+        let (found, dead) = self.pool.take(language);
+        for d in dead {
+            self.remove(d).await;
+        }
+        self.wake.notify_one();
+        let Some(pooled) = found else {
+            metrics::counter!("kernelbox_pool_misses_total", "language" => language.clone()).increment(1);
+            return None;
+        };
+        self.gauge(language);
+        let container = pooled.host.container_id.clone();
+        if pooled.settings.memory_mb != settings.memory_mb || pooled.settings.cpus != settings.cpus {
+            let memory = (settings.memory_mb * 1024 * 1024) as i64;
+            let cpus = (settings.cpus * 1e9) as i64;
+            let pids = self.planner.limits.pids_limit;
+            if let Err(e) = self.planner.runtime.update_limits(&container, memory, cpus, pids).await {
+                tracing::warn!(container = %container, error = %e, "could not apply limits to a pooled kernel; starting cold");
+                self.remove(pooled).await;
+                return None;
+            }
+        }
+        let claim = Claim { owner: owner.clone(), settings: settings.clone(), created_at: Utc::now() };
+        if let Err(e) = records::write_new(&self.dirs.claims, &pooled.id, &claim) {
+            tracing::error!(error = %e, "could not write a claim; starting cold");
+            self.remove(pooled).await;
+            return None;
+        }
+        Some(Pooled { created_at: claim.created_at, ..pooled })
+    }
+
+    /// A claimed kernel whose session could not be registered: its claim and container go.
+    pub async fn unclaim(&self, pooled: Pooled) {
+        records::remove(&self.dirs.claims, pooled.id.as_str());
+        self.remove(pooled).await;
+    }
+
+    /// The id is the registry's now (or gone): the pool lets it go.
+    pub fn release(&self, id: &SessionId) {
+        self.pool.release(id.as_str());
+    }
+
+    /// Whether `id` is a pooled kernel's, booting or ready.
+    pub fn knows(&self, id: &str) -> bool {
+        self.pool.knows(id)
+    }
+
+    /// Stops the refill loop and removes every ready kernel; boots under way remove what they made.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        let pooled = self.pool.close();
+        futures::future::join_all(pooled.into_iter().map(|p| self.remove(p))).await;
+    }
+}
