@@ -8,6 +8,7 @@
 pub mod client;
 pub mod connection;
 pub mod execution;
+#[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod relay;
 pub mod stdin;

@@ -5,6 +5,7 @@
 //! carries no Jupyter or HTTP types.
 
 pub mod docker;
+#[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 
 use std::collections::HashMap;
