@@ -18,7 +18,7 @@ use futures::stream::BoxStream;
 
 use super::{
     BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExecOutput, ExecProcess, ExecRequest, ExitInfo,
-    ImageInfo, Progress, RuntimeError,
+    ImageInfo, Progress, Resources, RuntimeError,
 };
 
 /// A Docker engine reached through its API socket.
@@ -211,18 +211,12 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
-    async fn update_limits(
-        &self,
-        id: &str,
-        memory_bytes: i64,
-        nano_cpus: i64,
-        pids_limit: i64,
-    ) -> Result<(), RuntimeError> {
+    async fn update_limits(&self, id: &str, limits: Resources) -> Result<(), RuntimeError> {
         let body = bollard::models::ContainerUpdateBody {
-            memory: Some(memory_bytes),
-            memory_swap: Some(memory_bytes),
-            nano_cpus: Some(nano_cpus),
-            pids_limit: Some(pids_limit),
+            memory: Some(limits.memory_bytes),
+            memory_swap: Some(limits.memory_bytes),
+            nano_cpus: Some(limits.nano_cpus),
+            pids_limit: Some(limits.pids_limit),
             ..Default::default()
         };
         self.docker.update_container(id, body).await.map_err(map_err)

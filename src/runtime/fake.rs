@@ -16,7 +16,7 @@ use crate::kernel::fake::FakeKernel;
 
 use super::{
     BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExecProcess, ExecRequest, ExitInfo, ImageInfo,
-    Progress, RuntimeError,
+    Progress, Resources, RuntimeError,
 };
 
 #[derive(Default)]
@@ -221,18 +221,12 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
-    async fn update_limits(
-        &self,
-        id: &str,
-        memory_bytes: i64,
-        nano_cpus: i64,
-        pids_limit: i64,
-    ) -> Result<(), RuntimeError> {
+    async fn update_limits(&self, id: &str, limits: Resources) -> Result<(), RuntimeError> {
         let mut state = self.state.lock().unwrap();
         let c = state.containers.get_mut(id).ok_or_else(|| RuntimeError::NotFound(id.to_owned()))?;
-        c.spec.memory_bytes = memory_bytes;
-        c.spec.nano_cpus = nano_cpus;
-        c.spec.pids_limit = pids_limit;
+        c.spec.memory_bytes = limits.memory_bytes;
+        c.spec.nano_cpus = limits.nano_cpus;
+        c.spec.pids_limit = limits.pids_limit;
         Ok(())
     }
 

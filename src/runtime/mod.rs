@@ -135,6 +135,15 @@ pub struct ExecProcess {
 /// A progress line from a build, import or pull.
 pub type Progress<'a> = &'a mut (dyn FnMut(&str) + Send);
 
+/// A running container's resource limits, as they can be changed after its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// Memory, swap included: none beyond it.
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub pids_limit: i64,
+}
+
 #[async_trait]
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// Succeeds when the engine answers.
@@ -154,13 +163,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Builds an image, reporting each line of build output.
     async fn build_image(&self, request: BuildRequest, progress: Progress<'_>) -> Result<(), RuntimeError>;
     /// Changes a running container's memory (swap included: none beyond it), CPU and pids limits.
-    async fn update_limits(
-        &self,
-        id: &str,
-        memory_bytes: i64,
-        nano_cpus: i64,
-        pids_limit: i64,
-    ) -> Result<(), RuntimeError>;
+    async fn update_limits(&self, id: &str, limits: Resources) -> Result<(), RuntimeError>;
     /// Starts `request` inside the running container `id`.
     async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecProcess, RuntimeError>;
     /// The exit code of a finished exec, `None` while it runs.

@@ -17,7 +17,7 @@ use crate::config::Limits;
 use crate::images::{self, Catalog};
 use crate::kernel::WireLimits;
 use crate::packages::{self, spec::Ecosystem};
-use crate::runtime::{ContainerRuntime, ContainerSpec, labels};
+use crate::runtime::{ContainerRuntime, ContainerSpec, Resources, labels};
 
 use super::kernel_host::BootPlan;
 use super::model::{Owner, SessionId, SessionSettings};
@@ -102,15 +102,16 @@ impl BootPlanner {
             // Deno keys its npm cache by registry: the kernel looks where the fetcher put the packages.
             env.push(format!("NPM_CONFIG_REGISTRY={registry}"));
         }
+        let resources = self.resources(s);
         let spec = ContainerSpec {
             name: String::new(),
             image: self.image_ref(&s.language),
             cmd: vec![images::START_KERNEL.to_owned(), crate::kernel::connection::container_connection_file()],
             env,
             labels,
-            memory_bytes: (s.memory_mb * 1024 * 1024) as i64,
-            nano_cpus: (s.cpus * 1e9) as i64,
-            pids_limit: l.pids_limit,
+            memory_bytes: resources.memory_bytes,
+            nano_cpus: resources.nano_cpus,
+            pids_limit: resources.pids_limit,
             tmpfs: tmpfs_mounts,
             binds: [self.binds(s), binds].concat(),
             user: "1000:1000".into(),
@@ -133,6 +134,15 @@ impl BootPlanner {
         let datasets = self.datasets_dir.iter().map(|d| (d.clone(), policy::DATASETS_MOUNT.to_owned()));
         let mounts = s.mounts.iter().map(|m| (m.host.clone(), m.container.clone()));
         datasets.chain(mounts).map(|(host, container)| format!("{}:{container}:ro", host.display())).collect()
+    }
+
+    /// The memory, CPU and pids limits of a session's container.
+    pub fn resources(&self, s: &SessionSettings) -> Resources {
+        Resources {
+            memory_bytes: (s.memory_mb * 1024 * 1024) as i64,
+            nano_cpus: (s.cpus * 1e9) as i64,
+            pids_limit: self.limits.pids_limit,
+        }
     }
 
     /// The size of each of a session's two tmpfs mounts under the operator's maximum.

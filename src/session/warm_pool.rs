@@ -150,10 +150,8 @@ impl WarmPool {
         self.gauge(language);
         let container = pooled.host.container_id.clone();
         if pooled.settings.memory_mb != settings.memory_mb || pooled.settings.cpus != settings.cpus {
-            let memory = (settings.memory_mb * 1024 * 1024) as i64;
-            let cpus = (settings.cpus * 1e9) as i64;
-            let pids = self.planner.limits.pids_limit;
-            if let Err(e) = self.planner.runtime.update_limits(&container, memory, cpus, pids).await {
+            let limits = self.planner.resources(settings);
+            if let Err(e) = self.planner.runtime.update_limits(&container, limits).await {
                 tracing::warn!(container = %container, error = %e, "could not apply limits to a pooled kernel; starting cold");
                 self.remove(pooled).await;
                 return None;
