@@ -2,10 +2,11 @@
 //!
 //! [`docker::DockerRuntime`] implements it with bollard; [`fake::FakeRuntime`] is an in-memory stand-in for
 //! unit tests of session logic. Architecture invariant: only `runtime/docker.rs` speaks bollard. The trait
-//! carries no Jupyter or HTTP types.
+//! carries no Jupyter or HTTP types. [`tool`] reads what a tool run through the exec API prints.
 
 pub mod docker;
 pub mod fake;
+pub mod tool;
 
 use std::collections::HashMap;
 
