@@ -1,13 +1,13 @@
 //! Running one command in a container through Docker's exec API, with what it prints bounded before it
 //! is buffered: whatever a container prints is attacker input (a session's code can shadow the tools
-//! on its own `PYTHONPATH`; a fetcher handles downloaded content).
+//! on its own `PYTHONPATH`; a fetcher handles downloaded content). Output read as lines and bodies of
+//! announced sizes is [`crate::runtime::tool`]'s.
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use futures::stream::BoxStream;
 
+use crate::runtime::tool::keep_tail;
 use crate::runtime::{ContainerRuntime, ExecOutput, ExecRequest, RuntimeError};
 
 /// What of stderr is kept (its end: errors come last).
@@ -86,84 +86,6 @@ pub async fn exit_code(runtime: &dyn ContainerRuntime, exec_id: &str) -> Result<
     Ok(None)
 }
 
-/// Appends `more` to `buf`, keeping only its last `max` bytes.
-pub fn keep_tail(buf: &mut Vec<u8>, more: &[u8], max: usize) {
-    buf.extend_from_slice(more);
-    if buf.len() > max {
-        let cut = buf.len() - max;
-        buf.drain(..cut);
-    }
-}
-
-/// A command's stdout read as a byte stream (stderr's end kept for error messages): lines bounded
-/// before they are buffered, then raw bodies of announced sizes.
-pub struct StdoutReader {
-    output: BoxStream<'static, Result<ExecOutput, RuntimeError>>,
-    buffered: BytesMut,
-    pub stderr: Vec<u8>,
-    idle: Duration,
-}
-
-impl StdoutReader {
-    pub fn new(output: BoxStream<'static, Result<ExecOutput, RuntimeError>>, idle: Duration) -> Self {
-        StdoutReader { output, buffered: BytesMut::new(), stderr: Vec::new(), idle }
-    }
-
-    /// The next stdout bytes; `None` at the end.
-    pub async fn next(&mut self) -> Result<Option<Bytes>, String> {
-        if !self.buffered.is_empty() {
-            return Ok(Some(self.buffered.split().freeze()));
-        }
-        loop {
-            let item = tokio::time::timeout(self.idle, self.output.next())
-                .await
-                .map_err(|_| format!("no output for {} s", self.idle.as_secs()))?;
-            match item {
-                None => return Ok(None),
-                Some(Ok(ExecOutput::Stdout(b))) => return Ok(Some(b)),
-                Some(Ok(ExecOutput::Stderr(b))) => keep_tail(&mut self.stderr, &b, 4096),
-                Some(Err(e)) => return Err(e.to_string()),
-            }
-        }
-    }
-
-    /// One line of at most `max` bytes, without its newline.
-    pub async fn line(&mut self, max: usize) -> Result<Bytes, String> {
-        let mut line = BytesMut::new();
-        loop {
-            if let Some(i) = line.iter().position(|&b| b == b'\n') {
-                self.buffered = line.split_off(i + 1);
-                line.truncate(i);
-                return Ok(line.freeze());
-            }
-            if line.len() > max {
-                return Err(format!("a line longer than {max} bytes"));
-            }
-            match self.next().await? {
-                Some(b) => line.extend_from_slice(&b),
-                None => return Err("the output ended in the middle of a line".into()),
-            }
-        }
-    }
-
-    /// Hands exactly `size` bytes to `sink`, chunk by chunk.
-    pub async fn body(&mut self, size: u64, mut sink: impl FnMut(&[u8]) -> Result<(), String>) -> Result<(), String> {
-        let mut left = size;
-        while left > 0 {
-            let Some(mut chunk) = self.next().await? else {
-                return Err("the output ended in the middle of a file".into());
-            };
-            if chunk.len() as u64 > left {
-                self.buffered = BytesMut::from(&chunk[left as usize..]);
-                chunk.truncate(left as usize);
-            }
-            left -= chunk.len() as u64;
-            sink(&chunk)?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,29 +97,5 @@ mod tests {
         keep_tail(&mut buf, b"world", 8);
         assert_eq!(buf, b"lo world");
         assert_eq!(time_limited(Duration::from_secs(0), &["pip"]), ["timeout", "-s", "KILL", "1", "pip"]);
-    }
-
-    #[tokio::test]
-    async fn lines_and_bodies_are_cut_where_announced() {
-        let chunks = vec![
-            Ok(ExecOutput::Stdout(Bytes::from_static(b"{\"a\":1}\nabc"))),
-            Ok(ExecOutput::Stderr(Bytes::from_static(b"warn"))),
-            Ok(ExecOutput::Stdout(Bytes::from_static(b"de{\"end\":true}\n"))),
-        ];
-        let mut r = StdoutReader::new(futures::stream::iter(chunks).boxed(), Duration::from_secs(1));
-        assert_eq!(&r.line(100).await.unwrap()[..], b"{\"a\":1}");
-        let mut body = Vec::new();
-        r.body(5, |b| {
-            body.extend_from_slice(b);
-            Ok(())
-        })
-        .await
-        .unwrap();
-        assert_eq!(body, b"abcde");
-        assert_eq!(&r.line(100).await.unwrap()[..], b"{\"end\":true}");
-        assert_eq!(r.stderr, b"warn");
-        let long = vec![Ok(ExecOutput::Stdout(Bytes::from(vec![b'x'; 300])))];
-        let mut r = StdoutReader::new(futures::stream::iter(long).boxed(), Duration::from_secs(1));
-        assert!(r.line(100).await.is_err(), "a line is bounded before it is buffered");
     }
 }

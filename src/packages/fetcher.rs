@@ -14,13 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use serde::Deserialize;
 
 use crate::images::{FILES_TOOL, HOME};
+use crate::runtime::tool::{KeepStderr, ToolOutput, collect};
 use crate::runtime::{ContainerRuntime, ContainerSpec, ExecRequest, labels};
 
 use super::cache::WheelCache;
-use super::exec::{self, StdoutReader};
+use super::exec;
 use super::spec::{Ecosystem, is_wheel_filename};
 use super::{PYTHON, PackageConfig};
 
@@ -261,20 +261,12 @@ async fn pull_wheels(
     let request = ExecRequest { cmd, user: "1000:1000".into(), working_dir: "/tmp".into(), env: Vec::new() };
     let exec = runtime.exec(container, &request).await.map_err(|e| e.to_string())?;
     let _stdin = exec.stdin;
-    let mut out = StdoutReader::new(exec.output, Duration::from_secs(60));
-    #[derive(Deserialize)]
-    struct Item {
-        path: Option<String>,
-        size: Option<u64>,
-        end: Option<bool>,
-        skipped: Option<u64>,
-        message: Option<String>,
-    }
+    let mut out = ToolOutput::new(exec.output, Duration::from_secs(60), KeepStderr::End);
     let mut wheels = Vec::new();
     let mut total: u64 = 0;
     loop {
-        let line = out.line(4096).await?;
-        let item: Item = serde_json::from_slice(&line).map_err(|e| format!("the file tool's answer: {e}"))?;
+        let line = out.line(4096).await.map_err(|e| e.to_string())?;
+        let item: collect::Item = serde_json::from_slice(&line).map_err(|e| format!("the file tool's answer: {e}"))?;
         if let Some(message) = item.message {
             return Err(format!("the file tool refused: {message}"));
         }
@@ -295,11 +287,13 @@ async fn pull_wheels(
             return Err(format!("the download is larger than the limit of {} MiB", max >> 20));
         }
         let mut writer = cache.create(&name).map_err(|e| format!("the package cache: {e}"))?;
-        out.body(size, |chunk| match writer.as_mut() {
-            Some(w) => w.write(chunk).map_err(|e| format!("the package cache: {e}")),
-            None => Ok(()), // already cached: read past it
-        })
-        .await?;
+        let mut left = size;
+        while let Some(chunk) = out.body_chunk(&mut left).await.map_err(|e| e.to_string())? {
+            // Already cached (no writer): read past it.
+            if let Some(w) = writer.as_mut() {
+                w.write(&chunk).map_err(|e| format!("the package cache: {e}"))?;
+            }
+        }
         if let Some(w) = writer {
             w.commit().map_err(|e| format!("the package cache: {e}"))?;
         }
@@ -334,12 +328,12 @@ async fn download_npm(
     let request = ExecRequest { cmd, user: "1000:1000".into(), working_dir: "/tmp".into(), env: Vec::new() };
     let exec = runtime.exec(container, &request).await.map_err(|e| e.to_string())?;
     let _stdin = exec.stdin;
-    let mut out = StdoutReader::new(exec.output, Duration::from_secs(60));
+    let mut out = ToolOutput::new(exec.output, Duration::from_secs(60), KeepStderr::End);
     let Some(mut writer) = cache.create(archive).map_err(|e| format!("the npm cache: {e}"))? else {
         return Ok(Fetched { ok: true, wheels: vec![archive.to_owned()], log });
     };
     let max = config.max_download_bytes;
-    while let Some(chunk) = out.next().await? {
+    while let Some(chunk) = out.next().await.map_err(|e| e.to_string())? {
         if writer.written() + chunk.len() as u64 > max {
             return Err(format!("the download is larger than the limit of {} MiB", max >> 20));
         }
@@ -348,7 +342,7 @@ async fn download_npm(
     match exec::exit_code(runtime, &exec.id).await.map_err(|e| e.to_string())? {
         Some(0) => {}
         other => {
-            return Err(format!("tar in the fetcher failed ({other:?}): {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!("tar in the fetcher failed ({other:?}): {}", String::from_utf8_lossy(out.stderr())));
         }
     }
     writer.commit().map_err(|e| format!("the npm cache: {e}"))?;

@@ -16,6 +16,9 @@
 //! comes back as one archive into the service's npm cache, and `tar` in the session unpacks it into the
 //! kernel's `DENO_DIR`.
 //!
+//! Every install ends in one [`InstallReport`] ([`report`]): the packages installed, or for a failed
+//! install each package with what kept it out.
+//!
 //! This module reaches Docker only through [`ContainerRuntime`] and never opens a path a container can
 //! write: the cache is the service's own directory, read-only to every session, and absent from fetchers.
 
@@ -24,6 +27,7 @@ pub mod exec;
 pub mod fetcher;
 pub mod install;
 pub mod npm;
+pub mod report;
 pub mod spec;
 
 use std::collections::{HashMap, HashSet};
@@ -34,12 +38,13 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use serde::{Deserialize, Serialize};
 
 use crate::runtime::{ContainerRuntime, RuntimeError};
 
 use self::cache::WheelCache;
 use self::fetcher::{Fetched, LiveFetchers, Store};
+use self::report::Draft;
+pub use self::report::{InstallReport, PackageResult};
 use self::spec::{Ecosystem, Spec};
 
 /// Where the wheel cache is mounted, read-only, in every python session.
@@ -52,8 +57,6 @@ pub const PYTHON: &str = "/opt/kernelbox/venv/bin/python";
 pub const SESSION_DENO_DIR: &str = "/tmp/kernelbox/deno";
 /// Distinct downloads under way at once (identical ones share one).
 pub const MAX_FETCHES: usize = 8;
-/// What of the install log is returned.
-const MAX_LOG: usize = 64 << 10;
 
 /// The operator's package settings (flags in `config.rs`).
 #[derive(Debug, Clone)]
@@ -114,36 +117,6 @@ pub enum PackageError {
     Runtime(#[from] RuntimeError),
     #[error("the package cache: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// One requested package's outcome.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct PackageResult {
-    /// The spec as installed (canonical form).
-    pub spec: String,
-    /// The normalised name.
-    pub name: String,
-    /// The version the session now has, when installed.
-    pub version: Option<String>,
-    pub error: Option<String>,
-}
-
-/// What an install did.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct InstallReport {
-    /// Every package is installed.
-    pub ok: bool,
-    pub language: String,
-    pub packages: Vec<PackageResult>,
-    /// The cache satisfied the request: nothing was downloaded and no fetcher started.
-    pub cached: bool,
-    /// Wheels (or npm packages) this install had fetched.
-    pub downloaded: Vec<String>,
-    /// Wheels installed into the session.
-    pub installed: Vec<String>,
-    /// pip's (or Deno's) output, its last 64 KiB.
-    pub log: String,
-    pub duration_ms: u64,
 }
 
 /// The shared result of one fetch.
@@ -254,38 +227,35 @@ impl Packages {
     ) -> Result<InstallReport, PackageError> {
         let rt = self.runtime.as_ref();
         let left = || self.config.timeout.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
-        let mut log = String::new();
-        let mut downloaded = Vec::new();
-        let mut cached = true;
+        let mut draft = Draft::new(language, started);
         let mut plan = install::plan(rt, container, specs, left()).await?;
         if let install::Plan::Missing(out) = &plan {
-            log.push_str(out);
-            cached = false;
+            draft.log.push_str(out);
+            draft.cached = false;
             let texts: Vec<String> = specs.iter().map(|s| s.text.clone()).collect();
             let fetched = self.fetch_shared(image, language, texts, None).await?;
-            log.push_str("--- fetcher ---\n");
-            log.push_str(&fetched.log);
+            draft.log.push_str("--- fetcher ---\n");
+            draft.log.push_str(&fetched.log);
             if !fetched.ok {
-                let why = self.explain(&fetched.log);
-                return Ok(self.failed(language, specs, &why, false, Vec::new(), log, started));
+                return Ok(draft.failed(specs, &self.explain(&fetched.log)));
             }
-            downloaded = fetched.wheels.clone();
-            let _held = self.hold(&downloaded);
+            draft.downloaded = fetched.wheels.clone();
+            let _held = self.hold(&draft.downloaded);
             self.cache.evict(&self.held());
-            log.push_str("--- install ---\n");
+            draft.log.push_str("--- install ---\n");
             plan = install::plan(rt, container, specs, left()).await?;
         }
         let planned = match plan {
             install::Plan::Ready(planned) => planned,
             install::Plan::Missing(out) | install::Plan::Failed(out) => {
-                log.push_str(&out);
-                return Ok(self.failed(language, specs, &out, cached, downloaded, log, started));
+                draft.log.push_str(&out);
+                return Ok(draft.failed(specs, &out));
             }
         };
         let wheels: Vec<String> = planned.iter().map(|p| p.wheel.clone()).collect();
         let _held = self.hold(&wheels);
         let (ok, out) = install::install(rt, container, &planned, left()).await?;
-        log.push_str(&out);
+        draft.log.push_str(&out);
         if !ok {
             let why = match out.contains("No space left on device") {
                 true => format!(
@@ -293,7 +263,7 @@ impl Packages {
                 ),
                 false => out,
             };
-            return Ok(self.failed(language, specs, &why, cached, downloaded, log, started));
+            return Ok(draft.failed(specs, &why));
         }
         self.cache.touch(wheels.iter().map(String::as_str));
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
@@ -310,16 +280,7 @@ impl Packages {
                 PackageResult { spec: s.text.clone(), name: s.name.clone(), version, error }
             })
             .collect();
-        Ok(InstallReport {
-            ok: packages.iter().all(|p| p.error.is_none()),
-            language: language.to_owned(),
-            packages,
-            cached,
-            downloaded,
-            installed: wheels,
-            log: tail(&log),
-            duration_ms: started.elapsed().as_millis() as u64,
-        })
+        Ok(draft.report(packages, wheels))
     }
 
     /// npm packages: the fetcher's Deno cache, archived in the service's npm cache (keyed by image,
@@ -337,30 +298,27 @@ impl Packages {
         let texts: Vec<String> = specs.iter().map(|s| s.text.clone()).collect();
         let registry = self.config.npm_registry.clone().unwrap_or_default();
         let archive = cache::npm_archive_name(&format!("{image}\n{registry}\n{}", texts.join("\n")));
-        let mut log = String::new();
-        let mut cached = true;
-        let mut downloaded = Vec::new();
+        let mut draft = Draft::new(language, started);
         let _held = self.hold(std::slice::from_ref(&archive));
         if !self.npm_cache.contains(&archive) {
-            cached = false;
+            draft.cached = false;
             let fetched = self.fetch_shared(image, language, texts.clone(), Some(archive.clone())).await?;
-            log.push_str("--- fetcher ---\n");
-            log.push_str(&fetched.log);
+            draft.log.push_str("--- fetcher ---\n");
+            draft.log.push_str(&fetched.log);
             if !fetched.ok {
-                let why = self.explain(&fetched.log);
-                return Ok(self.failed(language, specs, &why, false, Vec::new(), log, started));
+                return Ok(draft.failed(specs, &self.explain(&fetched.log)));
             }
-            downloaded = texts.iter().map(|t| format!("npm:{t}")).collect();
+            draft.downloaded = texts.iter().map(|t| format!("npm:{t}")).collect();
             self.npm_cache.evict(&self.held());
         }
         // Two opens: a cloned descriptor would share the offset that reading the versions moves.
         let versions = npm::versions(cache::open_file(&self.npm_cache, &archive)?, specs);
         let file = cache::open_file(&self.npm_cache, &archive)?;
         let (ok, out) = npm::unpack(self.runtime.as_ref(), container, file, self.config.timeout).await?;
-        log.push_str("--- install ---\n");
-        log.push_str(&out);
+        draft.log.push_str("--- install ---\n");
+        draft.log.push_str(&out);
         if !ok {
-            return Ok(self.failed(language, specs, &out, cached, downloaded, log, started));
+            return Ok(draft.failed(specs, &out));
         }
         self.npm_cache.touch([archive.as_str()]);
         let packages: Vec<PackageResult> = specs
@@ -371,16 +329,7 @@ impl Packages {
                 PackageResult { spec: s.text.clone(), name: s.name.clone(), version, error }
             })
             .collect();
-        Ok(InstallReport {
-            ok: packages.iter().all(|p| p.error.is_none()),
-            language: language.to_owned(),
-            packages,
-            cached,
-            downloaded,
-            installed: vec![format!("npm archive {archive}")],
-            log: tail(&log),
-            duration_ms: started.elapsed().as_millis() as u64,
-        })
+        Ok(draft.report(packages, vec![format!("npm archive {archive}")]))
     }
 
     /// A fetcher's output, with a last line that says what went wrong where pip's own does not.
@@ -390,56 +339,6 @@ impl Packages {
             return format!("{log}\nERROR: the download is larger than the limit of {mib} MiB per install");
         }
         log.to_owned()
-    }
-
-    /// A report where every package failed; the reason names a package where pip's output does.
-    #[allow(clippy::too_many_arguments)]
-    fn failed(
-        &self,
-        language: &str,
-        specs: &[Spec],
-        output: &str,
-        cached: bool,
-        downloaded: Vec<String>,
-        log: String,
-        started: Instant,
-    ) -> InstallReport {
-        let missing = install::missing_requirements(output);
-        let last_error = output
-            .lines()
-            .rev()
-            .map(|l| fetcher::strip_ansi(l).trim().to_owned())
-            .find(|l| l.starts_with("ERROR") || l.starts_with("error") || l.starts_with('('))
-            .unwrap_or_else(|| output.lines().last().unwrap_or("the install failed").trim().to_owned());
-        let packages = specs
-            .iter()
-            .map(|s| {
-                let own = missing.iter().find(|m| spec::normalize_python_name(requirement_name(m)) == s.name);
-                let error = match own {
-                    Some(req) => format!(
-                        "no binary wheel of {req} for this session's Python and platform, or no such package or \
-                         version (kernelbox installs wheels only and never builds from source)"
-                    ),
-                    None if !missing.is_empty() => format!(
-                        "not installed (a request installs all or nothing): no binary wheel for this session's \
-                         Python and platform of {}",
-                        missing.join(", ")
-                    ),
-                    None => format!("not installed: {last_error}"),
-                };
-                PackageResult { spec: s.text.clone(), name: s.name.clone(), version: None, error: Some(error) }
-            })
-            .collect();
-        InstallReport {
-            ok: false,
-            language: language.to_owned(),
-            packages,
-            cached,
-            downloaded,
-            installed: Vec::new(),
-            log: tail(&log),
-            duration_ms: started.elapsed().as_millis() as u64,
-        }
     }
 
     /// Runs a fetch, or joins the identical one under way. The fetch is a task of its own: it finishes
@@ -537,49 +436,5 @@ impl Drop for Held {
                 }
             }
         }
-    }
-}
-
-/// The name at the start of a requirement (`numpy>=2` → `numpy`).
-fn requirement_name(req: &str) -> &str {
-    let end = req.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))).unwrap_or(req.len());
-    &req[..end]
-}
-
-/// The end of a log, at most [`MAX_LOG`] bytes, cut at a character boundary.
-fn tail(log: &str) -> String {
-    if log.len() <= MAX_LOG {
-        return log.to_owned();
-    }
-    let mut cut = log.len() - MAX_LOG;
-    while !log.is_char_boundary(cut) {
-        cut += 1;
-    }
-    format!("[... {cut} bytes cut ...]\n{}", &log[cut..])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requirement_names_and_log_tails() {
-        assert_eq!(requirement_name("numpy>=2"), "numpy");
-        assert_eq!(requirement_name("zope.interface"), "zope.interface");
-        let long = "é".repeat(MAX_LOG);
-        let t = tail(&long);
-        assert!(t.len() < MAX_LOG + 64 && t.starts_with("[... "));
-    }
-
-    #[test]
-    fn a_failure_names_the_package_without_a_wheel() {
-        let rt: Arc<dyn ContainerRuntime> = Arc::new(crate::runtime::fake::FakeRuntime::default());
-        let p = Packages::new(rt, PackageConfig::default(), PathBuf::from("/nonexistent"), "i".into());
-        let specs = spec::parse_all(Ecosystem::Python, &["six".into(), "nosuchpkg==1.0".into()]).unwrap();
-        let out = "ERROR: No matching distribution found for nosuchpkg==1.0\n";
-        let r = p.failed("python", &specs, out, false, vec![], out.into(), Instant::now());
-        assert!(!r.ok);
-        assert!(r.packages[1].error.as_ref().unwrap().contains("no binary wheel of nosuchpkg==1.0"));
-        assert!(r.packages[0].error.as_ref().unwrap().contains("all or nothing"), "{:?}", r.packages[0]);
     }
 }

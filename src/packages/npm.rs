@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
+use crate::runtime::tool::keep_tail;
 use crate::runtime::{ContainerRuntime, ExecOutput, ExecRequest, RuntimeError};
 
 use super::SESSION_DENO_DIR;
-use super::exec::{self, keep_tail};
+use super::exec;
 use super::spec::Spec;
 
 /// The most archive entries looked at for versions.

@@ -281,6 +281,21 @@ pub fn is_wheel_filename(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Each `(raw, text, name)`: `parse` accepts `raw` as the canonical `text` with the normalised `name`.
+    fn accepted(parse: fn(&str) -> Result<Spec, String>, table: &[(&str, &str, &str)]) {
+        for &(raw, text, name) in table {
+            let spec = parse(raw).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+            assert_eq!((spec.text.as_str(), spec.name.as_str()), (text, name), "{raw:?}");
+        }
+    }
+
+    /// `parse` refuses every one of `raws`.
+    fn refused(parse: fn(&str) -> Result<Spec, String>, raws: &[&str]) {
+        for raw in raws {
+            assert!(parse(raw).is_err(), "{raw:?} must be refused");
+        }
+    }
+
     #[test]
     fn python_specs_that_are_accepted_come_out_canonical() {
         let table = [
@@ -297,10 +312,7 @@ mod tests {
             ("torch==2.3.0+cpu", "torch==2.3.0+cpu", "torch"),
             ("a", "a", "a"),
         ];
-        for (raw, text, name) in table {
-            let spec = parse_python(raw).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
-            assert_eq!((spec.text.as_str(), spec.name.as_str()), (text, name), "{raw:?}");
-        }
+        accepted(parse_python, &table);
     }
 
     /// Every spec here is refused: none may reach pip.
@@ -351,9 +363,7 @@ mod tests {
 
     #[test]
     fn malicious_python_specs_are_refused() {
-        for raw in MALICIOUS_PYTHON {
-            assert!(parse_python(raw).is_err(), "{raw:?} must be refused");
-        }
+        refused(parse_python, MALICIOUS_PYTHON);
         assert!(parse_python(&"a".repeat(MAX_SPEC + 1)).is_err(), "over-long");
         assert!(parse_python(&"a".repeat(MAX_SPEC)).is_ok());
         let message = parse_python("requests @ https://x").unwrap_err();
@@ -371,41 +381,39 @@ mod tests {
             ("zod@latest", "zod@latest", "zod"),
             ("date-fns@3.x", "date-fns@3.x", "date-fns"),
         ];
-        for (raw, text, name) in table {
-            let spec = parse_npm(raw).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
-            assert_eq!((spec.text.as_str(), spec.name.as_str()), (text, name), "{raw:?}");
-        }
+        accepted(parse_npm, &table);
     }
+
+    /// Every spec here is refused: none may reach Deno.
+    const MALICIOUS_NPM: &[&str] = &[
+        "",
+        "--registry=http://evil.example",
+        "-g",
+        "npm:evil@1",
+        "file:../x",
+        "git+https://evil.example/x.git",
+        "https://evil.example/x.tgz",
+        "github:user/repo",
+        "Chalk",
+        "chalk@1 || 2",
+        "chalk@ 1",
+        "@scope",
+        "@scope/",
+        "@/name",
+        "a/b",
+        "../x",
+        "chalk@$(id)",
+        "chalk;id",
+        "chalk\n",
+        "chalk@1.0.0\t",
+        ".hidden",
+        "_private",
+        "chalk@",
+    ];
 
     #[test]
     fn malicious_npm_specs_are_refused() {
-        for raw in [
-            "",
-            "--registry=http://evil.example",
-            "-g",
-            "npm:evil@1",
-            "file:../x",
-            "git+https://evil.example/x.git",
-            "https://evil.example/x.tgz",
-            "github:user/repo",
-            "Chalk",
-            "chalk@1 || 2",
-            "chalk@ 1",
-            "@scope",
-            "@scope/",
-            "@/name",
-            "a/b",
-            "../x",
-            "chalk@$(id)",
-            "chalk;id",
-            "chalk\n",
-            "chalk@1.0.0\t",
-            ".hidden",
-            "_private",
-            "chalk@",
-        ] {
-            assert!(parse_npm(raw).is_err(), "{raw:?} must be refused");
-        }
+        refused(parse_npm, MALICIOUS_NPM);
         assert!(parse_npm(&"a".repeat(MAX_NPM_NAME + 1)).is_err());
     }
 

@@ -2,11 +2,12 @@
 //!
 //! [`docker::DockerRuntime`] implements it with bollard; [`fake::FakeRuntime`] is an in-memory stand-in for
 //! unit tests of session logic. Architecture invariant: only `runtime/docker.rs` speaks bollard. The trait
-//! carries no Jupyter or HTTP types.
+//! carries no Jupyter or HTTP types. [`tool`] reads what a tool run through the exec API prints.
 
 pub mod docker;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
+pub mod tool;
 
 use std::collections::HashMap;
 

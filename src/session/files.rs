@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
 use crate::images::{FILES_TOOL, HOME};
+use crate::runtime::tool::{self, KeepStderr, ReadError, ToolOutput};
 use crate::runtime::{ContainerRuntime, ExecOutput, ExecProcess, ExecRequest, RuntimeError};
 
 /// The longest path a client may name, in bytes.
@@ -26,8 +27,6 @@ pub const MAX_NAME: usize = 255;
 pub const IDLE_LIMIT: Duration = Duration::from_secs(30);
 /// The largest header the tool may send (a listing of 10,000 entries fits).
 const MAX_HEADER: usize = 4 << 20;
-/// What of the tool's stderr is kept for an error message.
-const MAX_STDERR: usize = 4096;
 
 /// Why a file operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -237,81 +236,56 @@ impl Header {
     }
 }
 
-/// The tool's output as it comes: stdout bytes (stderr is kept, bounded, for error messages).
-struct ToolOutput {
-    output: BoxStream<'static, Result<ExecOutput, RuntimeError>>,
-    buffered: BytesMut,
-    stderr: Vec<u8>,
+/// The tool's output, read as lines and bodies. Of its stderr the start is kept (its last line is what
+/// [`broke`] reports).
+fn tool_output(output: BoxStream<'static, Result<ExecOutput, RuntimeError>>) -> ToolOutput {
+    ToolOutput::new(output, IDLE_LIMIT, KeepStderr::Start)
 }
 
-impl ToolOutput {
-    fn new(output: BoxStream<'static, Result<ExecOutput, RuntimeError>>) -> Self {
-        ToolOutput { output, buffered: BytesMut::new(), stderr: Vec::new() }
-    }
-
-    /// The next stdout bytes, `None` at the end.
-    async fn next_stdout(&mut self) -> Result<Option<Bytes>, FileError> {
-        if !self.buffered.is_empty() {
-            return Ok(Some(self.buffered.split().freeze()));
+/// A read error as a file operation reports it, or `None` where the tool's output merely stopped short:
+/// the stream ended, or the exec's own connection broke (the container went away under it), which is
+/// the same cut transfer. Each caller says what a cut means where it happened.
+fn read_failure(e: ReadError) -> Option<FileError> {
+    match e {
+        ReadError::Stalled(_) => Some(FileError::Stalled),
+        ReadError::LineTooLong(max) => Some(FileError::Tool(format!("the tool's header is longer than {max} bytes"))),
+        ReadError::Broken(e) => {
+            tracing::debug!(error = %e, "a file transfer's stream broke");
+            None
         }
-        loop {
-            let item = tokio::time::timeout(IDLE_LIMIT, self.output.next()).await.map_err(|_| FileError::Stalled)?;
-            match item {
-                None => return Ok(None),
-                Some(Ok(ExecOutput::Stdout(b))) => return Ok(Some(b)),
-                Some(Ok(ExecOutput::Stderr(b))) => {
-                    let room = MAX_STDERR.saturating_sub(self.stderr.len());
-                    self.stderr.extend_from_slice(&b[..b.len().min(room)]);
-                }
-                // The exec's own connection broke (the container went away under it): the transfer was
-                // cut, which the caller sees as the end of the stream.
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "a file transfer's stream broke");
-                    return Ok(None);
-                }
-            }
-        }
+        ReadError::EndedInLine | ReadError::EndedInBody => None,
     }
+}
 
-    /// Reads one line (at most `max` bytes), keeping what follows it.
-    async fn line(&mut self, max: usize) -> Result<Bytes, FileError> {
-        let mut line = BytesMut::new();
-        loop {
-            if let Some(i) = line.iter().position(|&b| b == b'\n') {
-                let rest = line.split_off(i + 1);
-                self.buffered = rest;
-                line.truncate(i);
-                return Ok(line.freeze());
-            }
-            if line.len() > max {
-                return Err(FileError::Tool(format!("the tool's header is longer than {max} bytes")));
-            }
-            match self.next_stdout().await? {
-                Some(b) => line.extend_from_slice(&b),
+/// Reads one line (at most `max` bytes): a header, or a `collect` entry.
+async fn line(out: &mut ToolOutput, max: usize) -> Result<Bytes, FileError> {
+    out.line(max).await.map_err(|e| {
+        read_failure(e).unwrap_or_else(|| {
+            if out.stderr().is_empty() {
                 // Silent: killed, not broken (a Python error always says why on stderr). The container
                 // stopped under the transfer (a DELETE, a restart of a dead session) or ran out of memory.
-                None if self.stderr.is_empty() => {
-                    return Err(FileError::NotRunning(
-                        "the transfer was cut: the session's container stopped or ran out of memory".into(),
-                    ));
-                }
-                None => return Err(FileError::Tool(self.broke("the tool ended without a header"))),
+                FileError::NotRunning(
+                    "the transfer was cut: the session's container stopped or ran out of memory".into(),
+                )
+            } else {
+                FileError::Tool(broke(out, "the tool ended without a header"))
             }
-        }
-    }
+        })
+    })
+}
 
-    async fn header(&mut self, max: usize) -> Result<Header, FileError> {
-        let line = self.line(max).await?;
-        let header: Header = serde_json::from_slice(&line)
-            .map_err(|e| FileError::Tool(self.broke(&format!("unreadable header ({e})"))))?;
-        header.into_result()
-    }
+async fn header(out: &mut ToolOutput, max: usize) -> Result<Header, FileError> {
+    let line = line(out, max).await?;
+    let header: Header =
+        serde_json::from_slice(&line).map_err(|e| FileError::Tool(broke(out, &format!("unreadable header ({e})"))))?;
+    header.into_result()
+}
 
-    fn broke(&self, what: &str) -> String {
-        let stderr = String::from_utf8_lossy(&self.stderr);
-        let last = stderr.trim().lines().last().unwrap_or("").to_owned();
-        if last.is_empty() { what.to_owned() } else { format!("{what}: {last}") }
-    }
+/// `what`, and the last line of the tool's stderr if it wrote any.
+fn broke(out: &ToolOutput, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(out.stderr());
+    let last = stderr.trim().lines().last().unwrap_or("").to_owned();
+    if last.is_empty() { what.to_owned() } else { format!("{what}: {last}") }
 }
 
 async fn start(runtime: &dyn ContainerRuntime, container: &str, args: &[&str]) -> Result<ExecProcess, FileError> {
@@ -327,8 +301,7 @@ async fn start(runtime: &dyn ContainerRuntime, container: &str, args: &[&str]) -
 /// Lists a directory.
 pub async fn list(runtime: &dyn ContainerRuntime, container: &str, path: &FilePath) -> Result<Listing, FileError> {
     let exec = start(runtime, container, &["list", HOME, path.as_str()]).await?;
-    let mut out = ToolOutput::new(exec.output);
-    let header = out.header(MAX_HEADER).await?;
+    let header = header(&mut tool_output(exec.output), MAX_HEADER).await?;
     Ok(Listing {
         path: path.as_str().to_owned(),
         entries: header.entries.unwrap_or_default(),
@@ -342,35 +315,30 @@ pub async fn delete(runtime: &dyn ContainerRuntime, container: &str, path: &File
         return Err(FileError::Invalid("the working directory itself cannot be deleted".into()));
     }
     let exec = start(runtime, container, &["delete", HOME, path.as_str()]).await?;
-    ToolOutput::new(exec.output).header(64 << 10).await.map(|_| ())
+    header(&mut tool_output(exec.output), 64 << 10).await.map(|_| ())
 }
 
 /// Starts a download: the header is read here (so a missing file is an error before any byte is sent);
 /// the body follows as a stream of exactly `size` bytes, or ends with an error.
 pub async fn download(runtime: &dyn ContainerRuntime, container: &str, path: &FilePath) -> Result<Download, FileError> {
     let exec = start(runtime, container, &["get", HOME, path.as_str()]).await?;
-    let mut out = ToolOutput::new(exec.output);
-    let header = out.header(64 << 10).await?;
+    let mut out = tool_output(exec.output);
+    let header = header(&mut out, 64 << 10).await?;
     let size = header.size.ok_or_else(|| FileError::Tool("the header has no size".into()))?;
     let mtime = header.mtime.unwrap_or(0.0);
     // The exec's stdin stays open until the body is done: dropping it early would not stop the tool.
     let stdin = exec.stdin;
-    let body = futures::stream::unfold((out, size, stdin), |(mut out, left, stdin)| async move {
-        if left == 0 {
-            return None;
-        }
-        match out.next_stdout().await {
-            Ok(Some(mut chunk)) => {
-                if chunk.len() as u64 > left {
-                    chunk.truncate(left as usize);
-                }
-                let left = left - chunk.len() as u64;
-                Some((Ok(chunk), (out, left, stdin)))
+    let body = futures::stream::unfold((out, size, stdin), |(mut out, mut left, stdin)| async move {
+        match out.body_chunk(&mut left).await {
+            Ok(None) => None,
+            Ok(Some(chunk)) => Some((Ok(chunk), (out, left, stdin))),
+            Err(e) => {
+                let why = match read_failure(e) {
+                    Some(e) => e.to_string(),
+                    None => "the file ended early (changed while read?)".to_owned(),
+                };
+                Some((Err(std::io::Error::other(why)), (out, 0, stdin)))
             }
-            Ok(None) => {
-                Some((Err(std::io::Error::other("the file ended early (changed while read?)")), (out, 0, stdin)))
-            }
-            Err(e) => Some((Err(std::io::Error::other(e.to_string())), (out, 0, stdin))),
         }
     })
     .boxed();
@@ -396,7 +364,7 @@ where
     let max = max_size.to_string();
     let exec = start(runtime, container, &["put", HOME, path.as_str(), &max]).await?;
     let mut stdin = exec.stdin;
-    let mut out = ToolOutput::new(exec.output);
+    let mut out = tool_output(exec.output);
     let mut body = std::pin::pin!(body);
     let mut total: u64 = 0;
     let mut tool_stopped = false;
@@ -438,7 +406,7 @@ where
         };
         let _ = tokio::time::timeout(IDLE_LIMIT, end).await;
     }
-    let header = out.header(64 << 10).await?;
+    let header = header(&mut out, 64 << 10).await?;
     drop(stdin);
     Ok(Written {
         path: path.as_str().to_owned(),
@@ -459,21 +427,13 @@ pub async fn collect(
 ) -> Result<(Vec<Collected>, u64), FileError> {
     let args = [max_files.to_string(), max_bytes.to_string(), format!("{since:.3}")];
     let exec = start(runtime, container, &["collect", HOME, &args[0], &args[1], &args[2]]).await?;
-    let mut out = ToolOutput::new(exec.output);
+    let mut out = tool_output(exec.output);
     let mut files = Vec::new();
     let mut total: u64 = 0;
     loop {
-        let line = out.line(64 << 10).await?;
-        #[derive(Deserialize)]
-        struct Item {
-            path: Option<String>,
-            size: Option<u64>,
-            end: Option<bool>,
-            skipped: Option<u64>,
-            ok: Option<bool>,
-            message: Option<String>,
-        }
-        let item: Item = serde_json::from_slice(&line).map_err(|e| FileError::Tool(format!("collect: {e}")))?;
+        let line = line(&mut out, 64 << 10).await?;
+        let item: tool::collect::Item =
+            serde_json::from_slice(&line).map_err(|e| FileError::Tool(format!("collect: {e}")))?;
         if item.ok == Some(false) {
             return Err(FileError::Tool(item.message.unwrap_or_default()));
         }
@@ -488,18 +448,10 @@ pub async fn collect(
             return Err(FileError::Tool("collect: the tool went over its limits".into()));
         }
         let mut content = BytesMut::with_capacity(size as usize);
-        while (content.len() as u64) < size {
-            let want = size as usize - content.len();
-            let chunk = match out.next_stdout().await? {
-                Some(c) => c,
-                None => return Err(FileError::Tool("collect: a file ended early".into())),
-            };
-            if chunk.len() > want {
-                content.extend_from_slice(&chunk[..want]);
-                out.buffered = BytesMut::from(&chunk[want..]);
-            } else {
-                content.extend_from_slice(&chunk);
-            }
+        let mut left = size;
+        let ended = || FileError::Tool("collect: a file ended early".into());
+        while let Some(chunk) = out.body_chunk(&mut left).await.map_err(|e| read_failure(e).unwrap_or_else(ended))? {
+            content.extend_from_slice(&chunk);
         }
         files.push(Collected { path, content: content.freeze() });
     }
