@@ -10,6 +10,7 @@ pub mod connection;
 pub mod execution;
 pub mod fake;
 pub mod relay;
+mod salvage;
 pub mod stdin;
 pub mod wire;
 pub mod zmtp;
