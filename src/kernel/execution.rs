@@ -51,6 +51,10 @@ use serde_json::{Map, Value, json};
 use super::client::Channel;
 use super::wire::Message;
 
+mod json_size;
+
+use json_size::{json_len, json_prefix, json_str_len};
+
 /// How many times the response carries stream text (`outputs` and `stdout`/`stderr`) and an error output
 /// (`outputs` and `error`).
 const COPIES: usize = 2;
@@ -656,66 +660,9 @@ fn omission_note(omitted: &[String], cap: usize) -> (String, Value) {
     (note, meta)
 }
 
-/// Counts the bytes serialized into it.
-struct Counter(usize);
-
-impl std::io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The size of `value` as compact JSON, as the response serializes it (without building the text).
-fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
-    let mut counter = Counter(0);
-    // These types always serialize; if one ever did not, it counts as too big to keep.
-    match serde_json::to_writer(&mut counter, value) {
-        Ok(()) => counter.0,
-        Err(_) => usize::MAX,
-    }
-}
-
 /// What one more output costs: its JSON and a separator in the outputs array.
 fn output_len(output: &Output) -> usize {
     json_len(output).saturating_add(1)
-}
-
-/// The size of `c` inside a JSON string, as `serde_json` escapes it.
-fn json_char_len(c: char) -> usize {
-    match c {
-        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
-        c if (c as u32) < 0x20 => 6,
-        c => c.len_utf8(),
-    }
-}
-
-/// The size of `s` as a JSON string, without its quotes.
-fn json_str_len(s: &str) -> usize {
-    // Byte by byte: a UTF-8 sequence is never escaped, and each of its bytes counts one.
-    s.bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
-            0..0x20 => 6,
-            _ => 1,
-        })
-        .sum()
-}
-
-/// The longest prefix of `s`, cut between characters, whose JSON (without quotes) is at most `max` bytes.
-fn json_prefix(s: &str, max: usize) -> &str {
-    let mut size = 0;
-    for (i, c) in s.char_indices() {
-        size += json_char_len(c);
-        if size > max {
-            return &s[..i];
-        }
-    }
-    s
 }
 
 fn str_field(c: &Value, key: &str) -> String {
