@@ -1,6 +1,10 @@
 //! `ExecutionTracker` fed message by message: which messages are ours, completion, the outputs they make,
 //! and the output cap checked on the whole response (tables run through one `check`).
 
+use serde_json::json;
+
+use super::cap::output_len;
+use super::json_size::json_len;
 use super::*;
 
 const ID: &str = "req-1";
@@ -440,15 +444,6 @@ fn an_update_for_an_unknown_id_is_ignored() {
     );
     assert!(events.is_empty());
     assert!(t.outputs().is_empty());
-}
-
-#[test]
-fn the_omission_note_is_bounded_whatever_the_names() {
-    let names: Vec<String> = (0..1000).map(|i| format!("{i}{}", "\u{1}\"é".repeat(10_000))).collect();
-    let (note, meta) = omission_note(&names, usize::MAX);
-    // The note may stand in for text/plain and always goes in the metadata.
-    let added = json_len(&json!({"text/plain": note, "kernelbox": meta}));
-    assert!(added <= NOTE_MAX, "{added}");
 }
 
 #[test]
