@@ -11,6 +11,7 @@ pub mod execution;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod relay;
+mod salvage;
 pub mod stdin;
 pub mod wire;
 pub mod zmtp;
