@@ -62,48 +62,55 @@ impl Json {
     }
 
     fn write_to(&self, out: &mut String, indent: Option<usize>, level: usize) {
-        let newline = |out: &mut String, level: usize| {
-            if let Some(n) = indent {
-                out.push('\n');
-                out.push_str(&" ".repeat(n * level));
-            }
-        };
-        let sep = if indent.is_some() { "," } else { ", " };
         match self {
             Json::Null => out.push_str("null"),
             Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             Json::Num(n) => out.push_str(n),
             Json::Str(s) => write_json_str(out, s),
-            Json::Arr(items) if items.is_empty() => out.push_str("[]"),
-            Json::Obj(fields) if fields.is_empty() => out.push_str("{}"),
             Json::Arr(items) => {
-                out.push('[');
-                for (i, v) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(sep);
-                    }
-                    newline(out, level + 1);
-                    v.write_to(out, indent, level + 1);
-                }
-                newline(out, level);
-                out.push(']');
+                write_items(out, indent, level, "[]", items, |out, v| v.write_to(out, indent, level + 1))
             }
-            Json::Obj(fields) => {
-                out.push('{');
-                for (i, (k, v)) in fields.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(sep);
-                    }
-                    newline(out, level + 1);
-                    write_json_str(out, k);
-                    out.push_str(": ");
-                    v.write_to(out, indent, level + 1);
-                }
-                newline(out, level);
-                out.push('}');
-            }
+            Json::Obj(fields) => write_items(out, indent, level, "{}", fields, |out, (k, v)| {
+                write_json_str(out, k);
+                out.push_str(": ");
+                v.write_to(out, indent, level + 1);
+            }),
         }
     }
+}
+
+/// An array's or an object's items between its `brackets` ("[]" or "{}"), each written by `write_item`;
+/// indented, one a line.
+fn write_items<T>(
+    out: &mut String,
+    indent: Option<usize>,
+    level: usize,
+    brackets: &str,
+    items: &[T],
+    mut write_item: impl FnMut(&mut String, &T),
+) {
+    if items.is_empty() {
+        out.push_str(brackets);
+        return;
+    }
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    let (open, close) = brackets.split_at(1);
+    out.push_str(open);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push_str(sep);
+        }
+        newline(out, level + 1);
+        write_item(out, item);
+    }
+    newline(out, level);
+    out.push_str(close);
 }
 
 fn write_json_str(out: &mut String, s: &str) {
@@ -168,54 +175,21 @@ impl<'a> Parser<'a> {
         self.ws();
         match self.s.get(self.i) {
             None => self.err("unexpected end"),
-            Some(b'{') => {
-                self.i += 1;
-                let mut fields = Vec::new();
-                self.ws();
-                if self.eat("}") {
-                    return Ok(Json::Obj(fields));
-                }
-                loop {
-                    self.ws();
-                    if self.s.get(self.i) != Some(&b'"') {
-                        return self.err("expected a key");
+            Some(b'{') => self
+                .items("}", |p| {
+                    p.ws();
+                    if p.s.get(p.i) != Some(&b'"') {
+                        return p.err("expected a key");
                     }
-                    let k = self.string()?;
-                    self.ws();
-                    if !self.eat(":") {
-                        return self.err("expected ':'");
+                    let k = p.string()?;
+                    p.ws();
+                    if !p.eat(":") {
+                        return p.err("expected ':'");
                     }
-                    let v = self.value(depth + 1)?;
-                    fields.push((k, v));
-                    self.ws();
-                    if self.eat(",") {
-                        continue;
-                    }
-                    if self.eat("}") {
-                        return Ok(Json::Obj(fields));
-                    }
-                    return self.err("expected ',' or '}'");
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                let mut items = Vec::new();
-                self.ws();
-                if self.eat("]") {
-                    return Ok(Json::Arr(items));
-                }
-                loop {
-                    items.push(self.value(depth + 1)?);
-                    self.ws();
-                    if self.eat(",") {
-                        continue;
-                    }
-                    if self.eat("]") {
-                        return Ok(Json::Arr(items));
-                    }
-                    return self.err("expected ',' or ']'");
-                }
-            }
+                    Ok((k, p.value(depth + 1)?))
+                })
+                .map(Json::Obj),
+            Some(b'[') => self.items("]", |p| p.value(depth + 1)).map(Json::Arr),
             Some(b'"') => self.string().map(Json::Str),
             Some(_) if self.eat("null") => Ok(Json::Null),
             Some(_) if self.eat("true") => Ok(Json::Bool(true)),
@@ -233,6 +207,30 @@ impl<'a> Parser<'a> {
                 }
                 Ok(Json::Num(text.to_owned()))
             }
+        }
+    }
+    /// An array's or an object's items, from its opening bracket to `close`, each read by `item`.
+    fn items<T>(
+        &mut self,
+        close: &str,
+        mut item: impl FnMut(&mut Self) -> Result<T, String>,
+    ) -> Result<Vec<T>, String> {
+        self.i += 1; // the opening bracket
+        let mut items = Vec::new();
+        self.ws();
+        if self.eat(close) {
+            return Ok(items);
+        }
+        loop {
+            items.push(item(self)?);
+            self.ws();
+            if self.eat(",") {
+                continue;
+            }
+            if self.eat(close) {
+                return Ok(items);
+            }
+            return self.err(&format!("expected ',' or '{}'", close));
         }
     }
     fn hex4(&mut self) -> Result<u32, String> {
