@@ -8,7 +8,7 @@ pub const LABEL_INTERRUPT_MODE: &str = "kernelbox.image.interrupt_mode";
 pub const LABEL_CONTENT_HASH: &str = "kernelbox.image.content_hash";
 pub const LABEL_BASE_ID: &str = "kernelbox.image.base_id";
 
-/// The image that holds the start contract (`start-kernel`, built from `images/supervisor/start-kernel.rs`,
+/// The image that holds the start contract (`start-kernel`, built from `images/supervisor/start-kernel/`,
 /// and the file tool); every language image copies it in its last layer.
 pub const SUPERVISOR: &str = "supervisor";
 /// The build argument that names the supervisor image in a language image's Dockerfile.

@@ -292,7 +292,7 @@ mod tests {
             );
             assert!(!ctx.files.contains_key("start-kernel"), "{}: start-kernel is built, not copied", def.name);
             if def.name == SUPERVISOR {
-                assert!(ctx.files.contains_key("start-kernel.rs") && ctx.files.contains_key("files"));
+                assert!(ctx.files.contains_key("start-kernel/main.rs") && ctx.files.contains_key("files"));
                 assert_eq!(steps.last(), Some(&"COPY --from=build /kernelbox/ /kernelbox/"));
                 continue;
             }

@@ -1,0 +1,130 @@
+//! start-kernel: the supervisor of one Jupyter kernel in a kernelbox session container.
+//!
+//! A port of the Python supervisor to a small static binary (~15 MiB PSS less per session). It is built
+//! inside the `supervisor` image by Debian bookworm's `rustc` (1.63): edition 2021, std only, no crates;
+//! the few libc calls std lacks are declared in `sys`. One thread, one `poll` loop, no allocation per byte.
+//!
+//! The image-local descriptor /opt/kernelbox/kernel.json says how to start the kernel: "argv" (a
+//! template; "{connection_file}" is replaced), "transport" ("ipc" or "tcp": what the kernel itself can
+//! bind), "env" (added to the environment), optional "seed" ({"/writable/dir": "/opt/read-only/dir"}:
+//! copied before a start if missing, e.g. a cache built into the image), plus language / display_name /
+//! language_version / interrupt_mode for --describe.
+//!
+//! The service's connection file (read-only mount, "ip": "/kernel/k") names four unix sockets
+//! "<ip>-<port>" (shell, iopub, stdin, control) that the SERVICE listens on. This program never writes
+//! under that directory. It
+//!   1. writes a private connection file for the kernel under /tmp/kernelbox (same key and signature
+//!      scheme; ipc sockets in /tmp/kernelbox for ipc kernels, 127.0.0.1 with free ports for tcp
+//!      kernels), starts the kernel and waits until its four sockets accept connections;
+//!   2. for each channel, connects OUT to the service's socket (retrying every RETRY, forever, while
+//!      the kernel lives: the service may be restarting) and then to the kernel's socket, and relays
+//!      bytes both ways. ZMTP is a plain byte stream, so the relay is transparent. Buffers are bounded:
+//!      a side is not read while the other side cannot take more.
+//!   3. When either side of a relayed connection closes, it closes the other (after passing on what was
+//!      already read, for at most FLUSH) and connects again RETRY later (service first, then kernel).
+//!
+//! There is no heartbeat relay and no ready file: the service knows the kernel is up when its four
+//! connections arrive and kernel_info is answered.
+//!
+//! Signals (Docker's --init forwards them to us):
+//!   SIGINT   forwarded to the kernel's process group (Jupyter "signal" interrupt)
+//!   SIGHUP   restart: close every relayed connection (both sides) FIRST, then TERM the kernel's process
+//!            group, KILL it after 2 s, start a fresh kernel with the same key and relay again once it
+//!            is ready. The service waits for EOF on the old connections, so it never mistakes the old
+//!            kernel for the new one.
+//!   SIGTERM  close the connections, stop the kernel, exit 0.
+//! If the kernel exits on its own, this program exits with the same status (128+N for a death by signal
+//! N), so that the container dies with it.
+//!
+//! Before anything else it seals the sandbox a little further (see `seccomp`): a seccomp filter, stacked
+//! on Docker's default profile and inherited by every process of the session, makes ptrace,
+//! process_vm_readv, process_vm_writev and pidfd_getfd fail with EPERM, and this process marks itself
+//! non-dumpable. If the filter cannot be installed it refuses to start the kernel (exit 3).
+//!
+//! The modules, one thing each: `main` the command line and the order of the first steps; `descriptor`
+//! the image-local descriptor; `seccomp` the filter; `signals` the self-pipe; `supervisor` the poll loop
+//! (connecting, restarts, exit); `kernel` the kernel process; `relay` one relayed connection; `net` the
+//! sockets; `json` the files' format; `sys` the libc declarations.
+
+mod descriptor;
+mod json;
+mod kernel;
+mod net;
+mod relay;
+mod seccomp;
+mod signals;
+mod supervisor;
+mod sys;
+
+use std::io::{self, Write};
+use std::time::Duration;
+
+use signals::Signals;
+use supervisor::Supervisor;
+
+const USAGE: &str = "usage: start-kernel CONNECTION_FILE | --describe
+
+Runs the kernel described by /opt/kernelbox/kernel.json and relays its shell, iopub, stdin and control
+channels to the unix sockets \"<ip>-<port>\" the service listens on (named by CONNECTION_FILE).
+SIGINT interrupts the kernel's process group, SIGHUP restarts the kernel, SIGTERM stops it; when the
+kernel exits on its own this program exits with its status (128+N for signal N).
+";
+
+/// Relayed channels (no heartbeat).
+const CHANNELS: [&str; 4] = ["shell_port", "iopub_port", "stdin_port", "control_port"];
+/// To pass on the last bytes of a closing connection (also after the kernel's exit).
+const FLUSH: Duration = Duration::from_secs(1);
+/// Between attempts to connect to the service, and after a relay ends.
+const RETRY: Duration = Duration::from_millis(100);
+/// Read size; each direction holds less than two chunks.
+const CHUNK: usize = 64 * 1024;
+
+fn log(msg: &str) {
+    let _ = io::stderr().write_all(format!("[start-kernel] {}\n", msg).as_bytes());
+}
+
+fn real_main() -> i32 {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 2 || args[1] == "-h" || args[1] == "--help" {
+        let _ = io::stderr().write_all(USAGE.as_bytes());
+        return 2;
+    }
+    if args[1] != "--describe" {
+        // First of all, before any child exists: everything started later inherits the filter.
+        if let Err(e) = seccomp::sandbox() {
+            log(&format!("REFUSING TO START: cannot seal the sandbox: {}", e));
+            return 3;
+        }
+        log("seccomp filter installed: ptrace, process_vm_readv/writev and pidfd_getfd refused");
+    }
+    let desc = match descriptor::load() {
+        Ok(d) => d,
+        Err(e) => {
+            log(&e);
+            return 2;
+        }
+    };
+    if args[1] == "--describe" {
+        println!("{}", descriptor::describe(&desc));
+        return 0;
+    }
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            log(&format!("cannot install signal handlers: {}", e));
+            return 1;
+        }
+    };
+    let mut sup = match Supervisor::new(desc, &args[1], signals) {
+        Ok(s) => s,
+        Err(e) => {
+            log(&format!("bad connection file {}: {}", args[1], e));
+            return 2;
+        }
+    };
+    sup.run()
+}
+
+fn main() {
+    std::process::exit(real_main());
+}
