@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::kernel::Output;
 use crate::session::{ExecuteResult, SessionError};
 use crate::store::StoreError;
+use crate::text::strip_ansi;
 
 /// The largest form or JSON body these APIs read (an upload's base64 included).
 pub const BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -279,37 +280,6 @@ pub fn traceback_text(result: &ExecuteResult) -> Option<String> {
     Some(strip_ansi(&text))
 }
 
-/// Removes terminal escape sequences (IPython colours its tracebacks): CSI `ESC [ ... final`, OSC
-/// `ESC ] ... BEL|ESC \`, and two-character escapes.
-pub fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('[') => {
-                for c in chars.by_ref() {
-                    if ('\u{40}'..='\u{7e}').contains(&c) {
-                        break;
-                    }
-                }
-            }
-            Some(']') => {
-                while let Some(c) = chars.next() {
-                    if c == '\u{7}' || (c == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
-                        break;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// Python's `textwrap.dedent`: removes the whitespace prefix common to every line that is not blank
 /// (tabs and spaces are not equal), and empties lines that hold only whitespace. Code pasted from inside
 /// an indented string then runs as meant. Applied to every language: only a margin common to all lines
@@ -356,13 +326,6 @@ mod tests {
         assert_eq!(dedent("  a\n\tb"), "  a\n\tb");
         assert_eq!(dedent("    a\n\n  \n    b"), "a\n\n\nb");
         assert_eq!(dedent(""), "");
-    }
-
-    #[test]
-    fn terminal_colours_are_removed() {
-        let tb = "\u{1b}[0;31mNameError\u{1b}[0m: name 'x' is not defined\u{1b}]8;;http://x\u{7}link\u{1b}]8;;\u{1b}\\";
-        assert_eq!(strip_ansi(tb), "NameError: name 'x' is not definedlink");
-        assert_eq!(strip_ansi("plain ✓"), "plain ✓");
     }
 
     async fn body_json(r: Response) -> serde_json::Value {

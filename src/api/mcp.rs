@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kernel::{Event, Output};
 use crate::session::{ExecStatus, ExecuteResult, Owner, SessionError, SessionManager, SessionRequest, Submission};
+use crate::text::strip_ansi;
 
 /// MCP sessions held at once (each is a small task in rmcp); beyond it `initialize` is refused.
 pub const MAX_MCP_SESSIONS: usize = 1024;
@@ -624,6 +625,7 @@ pub fn render(result: &ExecuteResult) -> CallToolResult {
             Output::Stream { text, .. } => content.push(ContentBlock::text(text.clone())),
             Output::DisplayData { data, .. } | Output::ExecuteResult { data, .. } => content.push(bundle(data)),
             Output::Error { ename, evalue, traceback } => {
+                // Tracebacks carry terminal colours; a model reads them better plain.
                 let trace = strip_ansi(&traceback.join("\n"));
                 content.push(ContentBlock::text(format!("{ename}: {evalue}\n{trace}")));
             }
@@ -668,25 +670,6 @@ fn bundle(data: &serde_json::Map<String, Value>) -> ContentBlock {
         Some(text) => ContentBlock::text(text.to_owned()),
         None => ContentBlock::text(format!("[display: {}]", data.keys().cloned().collect::<Vec<_>>().join(", "))),
     }
-}
-
-/// Tracebacks carry terminal colours; a model reads them better plain.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// rmcp's in-memory MCP sessions, at most `max` at once.

@@ -408,7 +408,7 @@ impl Packages {
         let last_error = output
             .lines()
             .rev()
-            .map(|l| fetcher::strip_ansi(l).trim().to_owned())
+            .map(|l| crate::text::strip_ansi(l).trim().to_owned())
             .find(|l| l.starts_with("ERROR") || l.starts_with("error") || l.starts_with('('))
             .unwrap_or_else(|| output.lines().last().unwrap_or("the install failed").trim().to_owned());
         let packages = specs
