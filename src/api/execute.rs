@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::Stream;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::extract::ApiJson;
+use super::state::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::kernel::{Event, Output};
 use crate::session::manager::SavedImage;

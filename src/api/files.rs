@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
 
-use super::{AppState, body};
+use super::body;
+use super::state::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::session::Owner;
 use crate::session::files::{Listing, Written};

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::state::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::session::{Owner, SessionInfo, SessionRequest, SessionStatus};
 

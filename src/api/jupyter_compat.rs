@@ -22,10 +22,10 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::compat::{
     DetailBody, DetailError, IMAGE_TYPES, LaxJson, dedent, person_text, push_mime_text, traceback_text,
 };
+use super::state::AppState;
 use crate::kernel::Output;
 use crate::session::{ExecStatus, ExecuteResult, Mount, Owner, SessionExtras, SessionManager, SessionRequest};
 use crate::store::{MOUNT_POINT, StoredFile};

@@ -22,9 +22,9 @@ use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 
-use super::AppState;
 use super::gateway;
 use super::kernel_ws_codec::{self, Frame, Protocol, V1_PROTOCOL};
+use super::state::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::session::{Owner, PeerLink};
 

@@ -5,8 +5,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use serde::Deserialize;
 
-use super::AppState;
 use super::extract::ApiJson;
+use super::state::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::packages::InstallReport;
 use crate::session::Owner;

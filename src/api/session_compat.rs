@@ -13,8 +13,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::compat::{DetailBody, DetailError, FormFields, LaxJson, person_text, traceback_text};
+use super::state::AppState;
 use crate::session::{ExecStatus, Owner, SessionExtras, SessionInfo, SessionRequest, SessionStatus};
 
 /// The metadata key that names a session's user.
