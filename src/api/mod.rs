@@ -6,8 +6,9 @@
 //!
 //! The handlers are one module per resource (`sessions`, `execute`, `files`, `packages`, `system`) and
 //! one adapter module per other protocol (`session_compat`, `jupyter_compat`, `gateway` with `kernel_ws`,
-//! `mcp`); what they reach is [`state`], the routes and middleware in front of them are [`router`], and
-//! the OpenAPI document is [`openapi`].
+//! `mcp`). What they reach is in [`state`] (`AppState`, and `Caller`: the same for the request's owner);
+//! the routes and the middleware in front of them are in [`router`](mod@router), the OpenAPI document in
+//! [`openapi`].
 
 pub mod auth;
 pub mod body;
