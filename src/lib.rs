@@ -11,6 +11,7 @@
 //! - [`store`] — the `/jupyter` API's files with a lifetime, kept by the service on the host.
 //! - [`reaper`] — the scheduler jobs that remove idle sessions and expired stored files.
 //! - [`telemetry`] — the log setup.
+//! - [`text`] — text helpers (terminal escapes out); a leaf that imports nothing of the crate.
 
 pub mod api;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod runtime;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 
 use std::sync::Arc;
 use std::time::Duration;

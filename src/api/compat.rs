@@ -6,8 +6,9 @@
 //! Pure translation: nothing here keeps state.
 
 use axum::Json;
-use axum::body::{Bytes, to_bytes};
-use axum::extract::{FromRequest, Request};
+use axum::body::{Body, Bytes, to_bytes};
+use axum::extract::multipart::MultipartError;
+use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -17,6 +18,7 @@ use crate::error::ApiError;
 use crate::kernel::Output;
 use crate::session::{ExecuteResult, SessionError};
 use crate::store::StoreError;
+use crate::text::strip_ansi;
 
 /// The largest form or JSON body these APIs read (an upload's base64 included).
 pub const BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -121,7 +123,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for LaxJson<T> {
     type Rejection = DetailError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = body_bytes(req, BODY_LIMIT).await?;
+        let bytes = body_bytes(req.into_body(), BODY_LIMIT).await?;
         serde_json::from_slice(&bytes)
             .map(LaxJson)
             .map_err(|e| DetailError::invalid(format!("the body is not the JSON this endpoint takes: {e}")))
@@ -147,20 +149,15 @@ impl FormFields {
 impl<S: Send + Sync> FromRequest<S> for FormFields {
     type Rejection = DetailError;
 
-    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let content_type =
-            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let bytes = body_bytes(req, FORM_LIMIT).await?;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        // Whatever the type, a body over the limit is a 413 before anything is parsed.
+        let (parts, body) = req.into_parts();
+        let bytes = body_bytes(body, FORM_LIMIT).await?;
         match essence.as_str() {
             "multipart/form-data" => {
-                let boundary = content_type
-                    .split(';')
-                    .filter_map(|p| p.trim().split_once('='))
-                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
-                    .map(|(_, v)| v.trim().trim_matches('"').to_owned())
-                    .ok_or_else(|| DetailError::invalid("a multipart form without a boundary"))?;
-                parse_multipart(&bytes, &boundary).map(FormFields).map_err(DetailError::invalid)
+                multipart_fields(Request::from_parts(parts, Body::from(bytes)), state).await.map(FormFields)
             }
             "application/x-www-form-urlencoded" | "" => serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
                 .map(FormFields)
@@ -173,8 +170,8 @@ impl<S: Send + Sync> FromRequest<S> for FormFields {
     }
 }
 
-async fn body_bytes(req: Request, limit: usize) -> Result<Bytes, DetailError> {
-    to_bytes(req.into_body(), limit).await.map_err(|_| {
+async fn body_bytes(body: Body, limit: usize) -> Result<Bytes, DetailError> {
+    to_bytes(body, limit).await.map_err(|_| {
         DetailError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the request body is larger than {limit} bytes or could not be read"),
@@ -182,51 +179,26 @@ async fn body_bytes(req: Request, limit: usize) -> Result<Bytes, DetailError> {
     })
 }
 
-/// The text fields of a `multipart/form-data` body (RFC 7578). Parts with a `filename` are skipped.
-pub fn parse_multipart(body: &[u8], boundary: &str) -> Result<Vec<(String, String)>, String> {
-    if boundary.is_empty() || boundary.len() > 200 {
-        return Err("a multipart boundary must be 1 to 200 characters".into());
-    }
-    let delimiter = format!("--{boundary}");
-    let mut rest = body;
-    let start = find(rest, delimiter.as_bytes()).ok_or("the multipart body has no boundary")?;
-    rest = &rest[start + delimiter.len()..];
+/// The text fields of a `multipart/form-data` body (RFC 7578), read by axum's [`Multipart`]; parts with a
+/// `filename` are skipped. `req`'s body is already read whole, within [`FORM_LIMIT`].
+async fn multipart_fields<S: Send + Sync>(req: Request, state: &S) -> Result<Vec<(String, String)>, DetailError> {
+    let unreadable =
+        |e: MultipartError| DetailError::invalid(format!("an unreadable multipart form: {}", e.body_text()));
+    let mut form = Multipart::from_request(req, state)
+        .await
+        .map_err(|_| DetailError::invalid("a multipart form without a boundary"))?;
     let mut fields = Vec::new();
-    let next_delimiter = format!("\r\n--{boundary}");
-    loop {
-        if rest.starts_with(b"--") {
-            return Ok(fields);
-        }
-        rest = rest.strip_prefix(b"\r\n").ok_or("a multipart boundary line is malformed")?;
-        let end = find(rest, next_delimiter.as_bytes()).ok_or("the multipart body ends without its last boundary")?;
-        let part = &rest[..end];
-        rest = &rest[end + next_delimiter.len()..];
-        let head_end = find(part, b"\r\n\r\n").ok_or("a multipart part has no header")?;
-        let head = std::str::from_utf8(&part[..head_end]).map_err(|_| "a multipart header is not UTF-8")?;
-        let content = &part[head_end + 4..];
-        let disposition = head
-            .split("\r\n")
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-disposition"))
-            .map(|(_, v)| v.to_owned())
-            .ok_or("a multipart part has no Content-Disposition")?;
-        let param = |key: &str| {
-            disposition
-                .split(';')
-                .filter_map(|p| p.trim().split_once('='))
-                .find_map(|(k, v)| k.trim().eq_ignore_ascii_case(key).then(|| v.trim().trim_matches('"').to_owned()))
-        };
-        let name = param("name").ok_or("a multipart part has no name")?;
-        if param("filename").is_some() {
+    while let Some(field) = form.next_field().await.map_err(unreadable)? {
+        let name = field.name().ok_or_else(|| DetailError::invalid("a multipart part has no name"))?.to_owned();
+        if field.file_name().is_some() {
             continue;
         }
-        let value = String::from_utf8(content.to_vec()).map_err(|_| format!("the form field `{name}` is not UTF-8"))?;
+        let value = field.bytes().await.map_err(unreadable)?;
+        let value = String::from_utf8(value.into())
+            .map_err(|_| DetailError::invalid(format!("the form field `{name}` is not UTF-8")))?;
         fields.push((name, value));
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    Ok(fields)
 }
 
 /// What a person would see of an execution, in order: stream text, and the `text/plain` of results and
@@ -279,37 +251,6 @@ pub fn traceback_text(result: &ExecuteResult) -> Option<String> {
     Some(strip_ansi(&text))
 }
 
-/// Removes terminal escape sequences (IPython colours its tracebacks): CSI `ESC [ ... final`, OSC
-/// `ESC ] ... BEL|ESC \`, and two-character escapes.
-pub fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('[') => {
-                for c in chars.by_ref() {
-                    if ('\u{40}'..='\u{7e}').contains(&c) {
-                        break;
-                    }
-                }
-            }
-            Some(']') => {
-                while let Some(c) = chars.next() {
-                    if c == '\u{7}' || (c == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
-                        break;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// Python's `textwrap.dedent`: removes the whitespace prefix common to every line that is not blank
 /// (tabs and spaces are not equal), and empties lines that hold only whitespace. Code pasted from inside
 /// an indented string then runs as meant. Applied to every language: only a margin common to all lines
@@ -358,13 +299,6 @@ mod tests {
         assert_eq!(dedent(""), "");
     }
 
-    #[test]
-    fn terminal_colours_are_removed() {
-        let tb = "\u{1b}[0;31mNameError\u{1b}[0m: name 'x' is not defined\u{1b}]8;;http://x\u{7}link\u{1b}]8;;\u{1b}\\";
-        assert_eq!(strip_ansi(tb), "NameError: name 'x' is not definedlink");
-        assert_eq!(strip_ansi("plain ✓"), "plain ✓");
-    }
-
     async fn body_json(r: Response) -> serde_json::Value {
         serde_json::from_slice(&to_bytes(r.into_body(), usize::MAX).await.unwrap()).unwrap()
     }
@@ -387,15 +321,47 @@ mod tests {
         assert_eq!(to_bytes(ok.into_body(), 100).await.unwrap(), "fine");
     }
 
-    #[test]
-    fn multipart_fields_as_curl_sends_them() {
-        let body = b"--------------------------abc\r\nContent-Disposition: form-data; name=\"user_id\"\r\n\r\nuser_test\r\n\
+    /// What the extractor makes of a body sent with `content_type`.
+    async fn form(content_type: &str, body: impl Into<Body>) -> Result<FormFields, DetailError> {
+        let req = Request::builder().header(header::CONTENT_TYPE, content_type).body(body.into()).unwrap();
+        FormFields::from_request(req, &()).await
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> FormFields {
+        FormFields(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[tokio::test]
+    async fn multipart_fields_as_curl_sends_them() {
+        let curl = "multipart/form-data; boundary=------------------------abc";
+        let body = "--------------------------abc\r\nContent-Disposition: form-data; name=\"user_id\"\r\n\r\nuser_test\r\n\
 --------------------------abc\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.txt\"\r\nContent-Type: text/plain\r\n\r\nx\r\n\
 --------------------------abc\r\nContent-Disposition: form-data; name=\"empty\"\r\n\r\n\r\n--------------------------abc--\r\n";
-        let fields = parse_multipart(body, "------------------------abc").unwrap();
-        assert_eq!(fields, vec![("user_id".into(), "user_test".into()), ("empty".into(), String::new())]);
-        assert!(parse_multipart(b"--b\r\nno header", "b").is_err());
-        assert!(parse_multipart(b"nothing", "b").is_err());
-        assert_eq!(parse_multipart(b"--b--\r\n", "b").unwrap(), vec![]);
+        assert_eq!(form(curl, body).await.unwrap(), fields(&[("user_id", "user_test"), ("empty", "")]));
+        let unprocessable =
+            |r: Result<FormFields, DetailError>| r.is_err_and(|e| e.status == StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(unprocessable(form("multipart/form-data; boundary=b", "--b\r\nno header").await));
+        assert!(unprocessable(form("multipart/form-data; boundary=b", "nothing").await));
+        assert_eq!(form("multipart/form-data; boundary=b", "--b--\r\n").await.unwrap(), fields(&[]));
+    }
+
+    #[tokio::test]
+    async fn forms_are_refused_in_the_detail_shape() {
+        let status = |r: Result<FormFields, DetailError>| r.map_err(|e| (e.status, e.detail)).unwrap_err();
+        let (code, detail) = status(form("multipart/form-data", "--b--\r\n").await);
+        assert_eq!((code, detail.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "a multipart form without a boundary"));
+        let not_utf8 = b"--b\r\nContent-Disposition: form-data; name=\"u\"\r\n\r\n\xff\r\n--b--\r\n".to_vec();
+        let (code, detail) = status(form("multipart/form-data; boundary=b", not_utf8).await);
+        assert_eq!((code, detail.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "the form field `u` is not UTF-8"));
+        let big = format!("user_id={}", "x".repeat(FORM_LIMIT));
+        let (code, detail) = status(form("application/x-www-form-urlencoded", big).await);
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{detail}");
+        assert_eq!(detail, format!("the request body is larger than {FORM_LIMIT} bytes or could not be read"));
+        let (code, _) = status(form("application/json", "{}").await);
+        assert_eq!(code, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            form("application/x-www-form-urlencoded", "user_id=u&x=").await.unwrap(),
+            fields(&[("user_id", "u"), ("x", "")])
+        );
     }
 }

@@ -2,21 +2,20 @@
 
 use std::convert::Infallible;
 
-use axum::Extension;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::Stream;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::extract::ApiJson;
+use super::state::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::kernel::{Event, Output};
 use crate::session::manager::SavedImage;
-use crate::session::{ExecuteResult, Owner, Pending, Submission};
+use crate::session::{ExecuteResult, Pending, Submission};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -72,17 +71,11 @@ pub struct ImageFile {
 }
 
 /// Saves the result's images as files when the caller asked for it.
-async fn respond(
-    state: &AppState,
-    owner: &Owner,
-    id: &str,
-    mut result: ExecuteResult,
-    images: ImageMode,
-) -> ExecuteResponse {
+async fn respond(caller: &Caller, id: &str, mut result: ExecuteResult, images: ImageMode) -> ExecuteResponse {
     if images == ImageMode::Inline {
         return ExecuteResponse { result, files: Vec::new() };
     }
-    match state.manager.save_images(owner, id, &mut result).await {
+    match caller.manager.save_images(&caller.owner, id, &mut result).await {
         Ok(saved) => {
             let files = saved
                 .into_iter()
@@ -109,8 +102,7 @@ async fn respond(
 #[utoipa::path(post, path = "/v1/sessions/{id}/execute", request_body = ExecuteRequest, tag = "execute",
     responses((status = 200, body = ExecuteResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn execute(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<ExecuteRequest>,
@@ -124,12 +116,12 @@ pub async fn execute(
         ask_for_input: wants_stream,
         stdin: req.stdin,
     };
-    let pending = state.manager.submit_with(&owner, &id, submission)?;
+    let pending = caller.manager.submit_with(&caller.owner, &id, submission)?;
     if !wants_stream {
         let result = pending.wait().await?;
-        return Ok(Json(respond(&state, &owner, &id, result, req.images).await).into_response());
+        return Ok(Json(respond(&caller, &id, result, req.images).await).into_response());
     }
-    let finish = Finish { state, owner, id, images: req.images };
+    let finish = Finish { caller, id, images: req.images };
     Ok(Sse::new(events(pending, finish)).keep_alive(KeepAlive::default()).into_response())
 }
 
@@ -138,19 +130,17 @@ pub async fn execute(
 #[utoipa::path(post, path = "/v1/sessions/{id}/input", request_body = InputAnswer, tag = "execute",
     responses((status = 204, description = "the kernel has the answer"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn input(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<InputAnswer>,
 ) -> Result<axum::http::StatusCode, ApiError> {
-    state.manager.answer_input(&owner, &id, req.value)?;
+    caller.manager.answer_input(&caller.owner, &id, req.value)?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 /// What the stream's last event needs.
 struct Finish {
-    state: AppState,
-    owner: Owner,
+    caller: Caller,
     id: String,
     images: ImageMode,
 }
@@ -180,7 +170,7 @@ fn events(pending: Pending, finish: Finish) -> impl Stream<Item = Result<SseEven
                 }
                 None => {
                     let result = pending.finish().await;
-                    let response = respond(&finish.state, &finish.owner, &finish.id, result, finish.images).await;
+                    let response = respond(&finish.caller, &finish.id, result, finish.images).await;
                     (SseEvent::default().event("result").json_data(&response), None)
                 }
             };

@@ -3,18 +3,17 @@
 //! request becomes a manager call and its answer a response. Uploads stream through (never held whole),
 //! under the operator's upload limit.
 
-use axum::Extension;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
 
-use super::{AppState, body};
+use super::body;
+use super::state::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::session::Owner;
 use crate::session::files::{Listing, Written};
 
 /// How long the rest of a refused upload is read and thrown away, so that its client sees the refusal.
@@ -33,12 +32,11 @@ pub struct ListQuery {
     responses((status = 200, body = Listing), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn list(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     Path(id): Path<String>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Listing>, ApiError> {
-    Ok(Json(state.manager.list_files(&owner, &id, &query.path).await?))
+    Ok(Json(caller.manager.list_files(&caller.owner, &id, &query.path).await?))
 }
 
 /// Download a file of the session's working directory. Paths are relative to it; `..`, absolute paths,
@@ -47,12 +45,8 @@ pub async fn list(
     responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream"),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
-pub async fn download(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path((id, path)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    let download = state.manager.download(&owner, &id, &path).await?;
+pub async fn download(caller: Caller, Path((id, path)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let download = caller.manager.download(&caller.owner, &id, &path).await?;
     let name = path.rsplit('/').next().unwrap_or("file");
     let mut response = Body::from_stream(download.body).into_response();
     let headers = response.headers_mut();
@@ -76,12 +70,11 @@ pub async fn download(
         (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
         (status = 507, body = ErrorBody)))]
 pub async fn upload(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     Path((id, path)): Path<(String, String)>,
     request: Request,
 ) -> Result<(StatusCode, Json<Written>), ApiError> {
-    let max = state.manager.limits().max_upload_bytes;
+    let max = caller.manager.limits().max_upload_bytes;
     let announced = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut body = request.into_body().into_data_stream();
     if announced.is_some_and(|n| n > max) {
@@ -92,7 +85,7 @@ pub async fn upload(
             format!("the file is larger than the upload limit of {max} bytes"),
         ));
     }
-    let written = state.manager.upload(&owner, &id, &path, body.by_ref()).await;
+    let written = caller.manager.upload(&caller.owner, &id, &path, body.by_ref()).await;
     if written.is_err() {
         // The client may still be sending: it should see the answer, not a reset.
         body::discard_rest(body, DRAIN_TIME);
@@ -104,12 +97,8 @@ pub async fn upload(
 #[utoipa::path(delete, path = "/v1/sessions/{id}/files/{path}", operation_id = "delete_file", tag = "files",
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
-pub async fn delete(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path((id, path)): Path<(String, String)>,
-) -> Result<StatusCode, ApiError> {
-    state.manager.delete_file(&owner, &id, &path).await?;
+pub async fn delete(caller: Caller, Path((id, path)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    caller.manager.delete_file(&caller.owner, &id, &path).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -118,12 +107,8 @@ pub async fn delete(
 #[utoipa::path(get, path = "/v1/sessions/{id}/notebook", tag = "files",
     responses((status = 200, description = "the notebook", content_type = "application/x-ipynb+json"),
         (status = 404, body = ErrorBody)))]
-pub async fn notebook(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let bytes = state.manager.notebook(&owner, &id).await?;
+pub async fn notebook(caller: Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let bytes = caller.manager.notebook(&caller.owner, &id).await?;
     let mut response = Body::from(bytes).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ipynb+json"));

@@ -8,7 +8,6 @@
 //! Kernel ids: Jupyter servers only route UUID-shaped kernel ids, so a session id (24 hex digits) is shown
 //! as a UUID whose last 8 digits are zero ([`kernel_id`]), and read back only in that shape.
 
-use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -16,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::state::{AppState, Caller};
 use crate::error::{ApiError, ErrorBody};
-use crate::session::{Owner, SessionInfo, SessionRequest, SessionStatus};
+use crate::session::{SessionInfo, SessionRequest, SessionStatus};
 
 /// The Jupyter server version this API answers as (what `GET /api` reports).
 const API_VERSION: &str = "2.14.2";
@@ -99,9 +98,10 @@ pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
 /// `GET /api/kernels`: the caller's kernels.
 #[utoipa::path(get, path = "/api/kernels", operation_id = "gateway_list_kernels", tag = "jupyter gateway",
     responses((status = 200, description = "the caller's kernels: `[{id, name, last_activity, execution_state, connections}]`", body = [Object])))]
-pub async fn list(State(state): State<AppState>, Extension(owner): Extension<Owner>) -> Json<Vec<Value>> {
-    let connections = |info: &SessionInfo| state.manager.get(&owner, info.id.as_str()).map_or(0, |s| s.connections());
-    Json(state.manager.list(&owner).iter().map(|info| model(info, connections(info))).collect())
+pub async fn list(caller: Caller) -> Json<Vec<Value>> {
+    let connections =
+        |info: &SessionInfo| caller.manager.get(&caller.owner, info.id.as_str()).map_or(0, |s| s.connections());
+    Json(caller.manager.list(&caller.owner).iter().map(|info| model(info, connections(info))).collect())
 }
 
 /// What `POST /api/kernels` takes. `env` (Jupyter's `KERNEL_*` variables) is accepted and not passed on.
@@ -116,11 +116,7 @@ pub struct StartKernel {
 #[utoipa::path(post, path = "/api/kernels", operation_id = "gateway_start_kernel", tag = "jupyter gateway",
     request_body(content = Object, description = "`{name, env}` (`env` is not passed on); empty: the default kernel"),
     responses((status = 201, description = "the kernel, ready", body = Object), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn start(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+pub async fn start(caller: Caller, body: axum::body::Bytes) -> Result<Response, ApiError> {
     // Jupyter servers send JSON; an empty body asks for the default kernel.
     let req: StartKernel = match body.is_empty() {
         true => StartKernel::default(),
@@ -128,7 +124,7 @@ pub async fn start(
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("not a kernel request: {e}")))?,
     };
     let language = req.name.unwrap_or_else(|| "python".into());
-    let info = state.manager.create(owner, SessionRequest { language, ..Default::default() }).await?;
+    let info = caller.manager.create(caller.owner, SessionRequest { language, ..Default::default() }).await?;
     let body = model(&info, 0);
     let mut response = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/api/kernels/{}", kernel_id(info.id.as_str()))) {
@@ -140,51 +136,34 @@ pub async fn start(
 /// `GET /api/kernels/{id}`.
 #[utoipa::path(get, path = "/api/kernels/{id}", operation_id = "gateway_get_kernel", tag = "jupyter gateway",
     responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
-pub async fn get(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(kernel): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let session = state.manager.get(&owner, &session(&kernel)?).map_err(|_| not_found(&kernel))?;
+pub async fn get(caller: Caller, Path(kernel): Path<String>) -> Result<Json<Value>, ApiError> {
+    let session = caller.manager.get(&caller.owner, &session(&kernel)?).map_err(|_| not_found(&kernel))?;
     Ok(Json(model(&session.info(), session.connections())))
 }
 
 /// `DELETE /api/kernels/{id}`: ends the kernel and its container.
 #[utoipa::path(delete, path = "/api/kernels/{id}", operation_id = "gateway_delete_kernel", tag = "jupyter gateway",
     responses((status = 204, description = "ended, its container gone"), (status = 404, body = ErrorBody)))]
-pub async fn delete(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(kernel): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    state.manager.delete(&owner, &session(&kernel)?).await.map_err(|_| not_found(&kernel))?;
+pub async fn delete(caller: Caller, Path(kernel): Path<String>) -> Result<StatusCode, ApiError> {
+    caller.manager.delete(&caller.owner, &session(&kernel)?).await.map_err(|_| not_found(&kernel))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /api/kernels/{id}/interrupt`.
 #[utoipa::path(post, path = "/api/kernels/{id}/interrupt", operation_id = "gateway_interrupt_kernel", tag = "jupyter gateway",
     responses((status = 204, description = "interrupt sent"), (status = 404, body = ErrorBody)))]
-pub async fn interrupt(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(kernel): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    state.manager.interrupt(&owner, &session(&kernel)?)?;
+pub async fn interrupt(caller: Caller, Path(kernel): Path<String>) -> Result<StatusCode, ApiError> {
+    caller.manager.interrupt(&caller.owner, &session(&kernel)?)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /api/kernels/{id}/restart`: a fresh kernel, files kept.
 #[utoipa::path(post, path = "/api/kernels/{id}/restart", operation_id = "gateway_restart_kernel", tag = "jupyter gateway",
     responses((status = 200, description = "the kernel, restarted", body = Object), (status = 404, body = ErrorBody)))]
-pub async fn restart(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(kernel): Path<String>,
-    _headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+pub async fn restart(caller: Caller, Path(kernel): Path<String>, _headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let id = session(&kernel)?;
-    let info = state.manager.restart(&owner, &id).await?;
-    let connections = state.manager.get(&owner, &id).map_or(0, |s| s.connections());
+    let info = caller.manager.restart(&caller.owner, &id).await?;
+    let connections = caller.manager.get(&caller.owner, &id).map_or(0, |s| s.connections());
     Ok(Json(model(&info, connections)))
 }
 

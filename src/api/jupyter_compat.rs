@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Extension;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -22,10 +21,10 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::compat::{
     DetailBody, DetailError, IMAGE_TYPES, LaxJson, dedent, person_text, push_mime_text, traceback_text,
 };
+use super::state::{AppState, Caller};
 use crate::kernel::Output;
 use crate::session::{ExecStatus, ExecuteResult, Mount, Owner, SessionExtras, SessionManager, SessionRequest};
 use crate::store::{MOUNT_POINT, StoredFile};
@@ -157,8 +156,7 @@ impl Drop for CloseSession {
     responses((status = 200, body = JupyterExecuteResponse), (status = 422, body = DetailBody),
         (status = 429, body = DetailBody), (status = 503, body = DetailBody)))]
 pub async fn execute(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     headers: HeaderMap,
     LaxJson(req): LaxJson<JupyterExecuteRequest>,
 ) -> Result<Json<JupyterExecuteResponse>, DetailError> {
@@ -167,9 +165,9 @@ pub async fn execute(
     }
     let timeout_s = req.timeout.filter(|t| t.is_finite() && *t > 0.0).map(|t| t.ceil().max(1.0) as u64);
     // The caller's stored files, read-only; without any, no mount, so a pre-started kernel can serve.
-    let mounts = match state.store.has_files(&owner) {
+    let mounts = match caller.store.has_files(&caller.owner) {
         true => {
-            let host = state.store.owner_dir(&owner).map_err(crate::store::StoreError::from)?;
+            let host = caller.store.owner_dir(&caller.owner).map_err(crate::store::StoreError::from)?;
             vec![Mount { host, container: MOUNT_POINT.to_owned() }]
         }
         false => Vec::new(),
@@ -178,13 +176,12 @@ pub async fn execute(
     let request =
         SessionRequest { language: req.execution_environment.clone(), metadata: Some(metadata), ..Default::default() };
     let extras = SessionExtras { notebook: None, mounts };
-    let info = state.manager.create_with(owner.clone(), request, extras).await?;
-    let _close = CloseSession { manager: state.manager.clone(), owner: owner.clone(), id: info.id.to_string() };
+    let info = caller.manager.create_with(caller.owner.clone(), request, extras).await?;
+    let _close = CloseSession { manager: caller.manager.clone(), owner: caller.owner.clone(), id: info.id.to_string() };
 
     let packages = req.packages.unwrap_or_default();
     if !packages.is_empty()
-        && let Err(why) =
-            install_packages(&state, &owner, info.id.as_str(), &req.execution_environment, &packages).await
+        && let Err(why) = install_packages(&caller, info.id.as_str(), &req.execution_environment, &packages).await
     {
         return Ok(Json(JupyterExecuteResponse {
             output: String::new(),
@@ -197,10 +194,14 @@ pub async fn execute(
 
     // Files written from here on are the code's (a second's slack for coarse file system clocks).
     let since = now_epoch() as f64 - 1.0;
-    let result = state.manager.execute(&owner, info.id.as_str(), dedent(&req.code), timeout_s).await?;
+    let result = caller.manager.execute(&caller.owner, info.id.as_str(), dedent(&req.code), timeout_s).await?;
     let base = base_url(&headers);
-    let mut files = images(&state, &owner, &result, &base).await;
-    match state.manager.collect_files(&owner, info.id.as_str(), since, MAX_COLLECTED_FILES, MAX_COLLECTED_BYTES).await {
+    let mut files = images(&caller, &result, &base).await;
+    match caller
+        .manager
+        .collect_files(&caller.owner, info.id.as_str(), since, MAX_COLLECTED_FILES, MAX_COLLECTED_BYTES)
+        .await
+    {
         Ok((collected, skipped)) => {
             if skipped > 0 {
                 tracing::info!(skipped, "jupyter execute: files over the limits were not returned");
@@ -208,7 +209,7 @@ pub async fn execute(
             for file in collected {
                 let base_name = file.path.rsplit('/').next().unwrap_or("file");
                 let (stem, ext) = base_name.rsplit_once('.').unwrap_or((base_name, ""));
-                match store(&state, &owner, stem, ext, file.content.to_vec(), &base).await {
+                match store(&caller, stem, ext, file.content.to_vec(), &base).await {
                     Ok(url) => files.push(FileLink { filename: file.path.clone(), url }),
                     Err(e) => {
                         tracing::warn!(error = %e.detail, path = %file.path, "could not keep a file the code wrote")
@@ -225,14 +226,13 @@ pub async fn execute(
 /// Installs `packages` into the session before the code runs (`SessionManager::install_packages`: the
 /// session has no network; a fetcher downloads into the shared cache); `Err` is the message for `error`.
 pub async fn install_packages(
-    state: &AppState,
-    owner: &Owner,
+    caller: &Caller,
     session: &str,
     _language: &str,
     packages: &[String],
 ) -> Result<(), String> {
     let failed = |why: String| format!("could not install {}: {why}", packages.join(", "));
-    match state.manager.install_packages(owner, session, packages).await {
+    match caller.manager.install_packages(&caller.owner, session, packages).await {
         Ok(report) if report.ok => Ok(()),
         Ok(report) => {
             let why: Vec<String> =
@@ -265,7 +265,7 @@ fn response(result: &ExecuteResult, timeout_s: Option<u64>, files: Vec<FileLink>
 }
 
 /// The images the code displayed, stored as files.
-async fn images(state: &AppState, owner: &Owner, result: &ExecuteResult, base: &str) -> Vec<FileLink> {
+async fn images(caller: &Caller, result: &ExecuteResult, base: &str) -> Vec<FileLink> {
     let mut links = Vec::new();
     for output in &result.outputs {
         let (Output::DisplayData { data, .. } | Output::ExecuteResult { data, .. }) = output else { continue };
@@ -289,7 +289,7 @@ async fn images(state: &AppState, owner: &Owner, result: &ExecuteResult, base: &
             }
         };
         let n = links.len() + 1;
-        match store(state, owner, &format!("image_{n}"), ext, bytes, base).await {
+        match store(caller, &format!("image_{n}"), ext, bytes, base).await {
             Ok(url) => links.push(FileLink { filename: format!("image_{n}.{ext}"), url }),
             Err(e) => tracing::warn!(error = %e.detail, "could not keep a displayed image"),
         }
@@ -298,28 +298,20 @@ async fn images(state: &AppState, owner: &Owner, result: &ExecuteResult, base: &
 }
 
 /// Stores a file for [`SHORT_LIFETIME`] and returns its URL.
-async fn store(
-    state: &AppState,
-    owner: &Owner,
-    stem: &str,
-    ext: &str,
-    content: Vec<u8>,
-    base: &str,
-) -> Result<String, DetailError> {
-    let stored = keep(state, owner, stem, ext, content, SHORT_LIFETIME).await?;
+async fn store(caller: &Caller, stem: &str, ext: &str, content: Vec<u8>, base: &str) -> Result<String, DetailError> {
+    let stored = keep(caller, stem, ext, content, SHORT_LIFETIME).await?;
     Ok(file_url(base, &stored))
 }
 
 /// The store's blocking writes (and their fsync) run off the async workers.
 async fn keep(
-    state: &AppState,
-    owner: &Owner,
+    caller: &Caller,
     stem: &str,
     ext: &str,
     content: Vec<u8>,
     lifetime: Duration,
 ) -> Result<StoredFile, DetailError> {
-    let (store, owner, stem, ext) = (state.store.clone(), owner.clone(), stem.to_owned(), ext.to_owned());
+    let (store, owner, stem, ext) = (caller.store.clone(), caller.owner.clone(), stem.to_owned(), ext.to_owned());
     let put = move || store.put(&owner, &stem, &ext, &content, lifetime, now_epoch());
     match tokio::task::spawn_blocking(put).await {
         Ok(stored) => Ok(stored?),
@@ -369,12 +361,11 @@ pub struct UploadResponse {
     responses((status = 200, body = UploadResponse), (status = 413, body = DetailBody), (status = 422, body = DetailBody),
         (status = 507, body = DetailBody)))]
 pub async fn upload(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     headers: HeaderMap,
     LaxJson(req): LaxJson<UploadRequest>,
 ) -> Result<Json<UploadResponse>, DetailError> {
-    put(&state, &owner, &headers, req, SHORT_LIFETIME).await
+    put(&caller, &headers, req, SHORT_LIFETIME).await
 }
 
 /// Store a file for 2 days.
@@ -382,17 +373,15 @@ pub async fn upload(
     responses((status = 200, body = UploadResponse), (status = 413, body = DetailBody), (status = 422, body = DetailBody),
         (status = 507, body = DetailBody)))]
 pub async fn upload_long(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     headers: HeaderMap,
     LaxJson(req): LaxJson<UploadRequest>,
 ) -> Result<Json<UploadResponse>, DetailError> {
-    put(&state, &owner, &headers, req, LONG_LIFETIME).await
+    put(&caller, &headers, req, LONG_LIFETIME).await
 }
 
 async fn put(
-    state: &AppState,
-    owner: &Owner,
+    caller: &Caller,
     headers: &HeaderMap,
     req: UploadRequest,
     lifetime: Duration,
@@ -402,7 +391,7 @@ async fn put(
         .decode(&encoded)
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&encoded))
         .map_err(|e| DetailError::invalid(format!("content is not base64: {e}")))?;
-    let stored = keep(state, owner, &req.filename, &req.extension, content, lifetime).await?;
+    let stored = keep(caller, &req.filename, &req.extension, content, lifetime).await?;
     Ok(Json(UploadResponse { url: file_url(&base_url(headers), &stored) }))
 }
 
@@ -410,12 +399,8 @@ async fn put(
 #[utoipa::path(get, path = "/jupyter/files/{name}", operation_id = "jupyter_download_file", tag = "jupyter API",
     responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream"),
         (status = 404, body = DetailBody)))]
-pub async fn download(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    Path(name): Path<String>,
-) -> Result<Response, DetailError> {
-    let (file, size) = state.store.open_file(&owner, &name, now_epoch())?;
+pub async fn download(caller: Caller, Path(name): Path<String>) -> Result<Response, DetailError> {
+    let (file, size) = caller.store.open_file(&caller.owner, &name, now_epoch())?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file)));
     let mut response = body.into_response();
     let h = response.headers_mut();

@@ -12,21 +12,20 @@
 
 use std::time::Duration;
 
-use axum::Extension;
 use axum::extract::ws::{
     CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 
-use super::AppState;
 use super::gateway;
 use super::kernel_ws_codec::{self, Frame, Protocol, V1_PROTOCOL};
+use super::state::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::session::{Owner, PeerLink};
+use crate::session::PeerLink;
 
 /// The largest message a client may send (a widget's buffers, a pasted cell).
 pub const MAX_CLIENT_MESSAGE: usize = 16 << 20;
@@ -56,8 +55,7 @@ message may be 16 MiB.",
               (status = 400, description = "not a WebSocket request", body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 429, description = "too many connections to this kernel", body = ErrorBody)))]
 pub async fn channels(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     Path(kernel): Path<String>,
     Query(query): Query<ChannelsQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -77,7 +75,7 @@ pub async fn channels(
         Some(key) if !key.is_empty() => Some(key),
         _ => None,
     };
-    let link = state.manager.attach(&owner, &id, session_key).await.map_err(|e| match e {
+    let link = caller.manager.attach(&caller.owner, &id, session_key).await.map_err(|e| match e {
         crate::session::SessionError::NotFound(_) => gateway::not_found(&kernel),
         other => other.into(),
     })?;

@@ -1,15 +1,13 @@
 //! `/v1/sessions/{id}/packages`: install packages into a session (see `src/packages/`).
 
-use axum::Extension;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use serde::Deserialize;
 
-use super::AppState;
 use super::extract::ApiJson;
+use super::state::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::packages::InstallReport;
-use crate::session::Owner;
 
 /// What to install.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -29,10 +27,9 @@ pub struct InstallRequest {
     responses((status = 200, body = InstallReport), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 504, body = ErrorBody)))]
 pub async fn install(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<InstallRequest>,
 ) -> Result<Json<InstallReport>, ApiError> {
-    Ok(Json(state.manager.install_packages(&owner, &id, &req.packages).await?))
+    Ok(Json(caller.manager.install_packages(&caller.owner, &id, &req.packages).await?))
 }

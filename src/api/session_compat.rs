@@ -7,15 +7,13 @@
 
 use std::collections::BTreeMap;
 
-use axum::Extension;
 use axum::Json;
-use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::compat::{DetailBody, DetailError, FormFields, LaxJson, person_text, traceback_text};
-use crate::session::{ExecStatus, Owner, SessionExtras, SessionInfo, SessionRequest, SessionStatus};
+use super::state::Caller;
+use crate::session::{ExecStatus, SessionExtras, SessionInfo, SessionRequest, SessionStatus};
 
 /// The metadata key that names a session's user.
 pub const USER_KEY: &str = "kernelbox.user_id";
@@ -49,10 +47,10 @@ impl UserId {
 }
 
 /// The user's live session (the oldest, should two starts have raced), if any.
-fn find(state: &AppState, owner: &Owner, user: &UserId) -> Option<SessionInfo> {
-    state
+fn find(caller: &Caller, user: &UserId) -> Option<SessionInfo> {
+    caller
         .manager
-        .list(owner)
+        .list(&caller.owner)
         .into_iter()
         .filter(|s| {
             s.metadata.get(USER_KEY).map(String::as_str) == Some(user.as_str())
@@ -61,8 +59,11 @@ fn find(state: &AppState, owner: &Owner, user: &UserId) -> Option<SessionInfo> {
         .min_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)))
 }
 
-fn require(state: &AppState, owner: &Owner, user: &UserId) -> Result<SessionInfo, DetailError> {
-    find(state, owner, user).ok_or_else(|| {
+/// The live session of the user `raw_user` names: a 422 when it is not a user id, a 404 when the user has
+/// no session.
+fn require(caller: &Caller, raw_user: &str) -> Result<SessionInfo, DetailError> {
+    let user = UserId::parse(raw_user)?;
+    find(caller, &user).ok_or_else(|| {
         DetailError::new(
             StatusCode::NOT_FOUND,
             format!("no active session for user_id `{}`: POST /start_session first", user.as_str()),
@@ -100,36 +101,32 @@ pub struct UserForm {
     request_body(content = UserForm, content_type = "multipart/form-data"),
     responses((status = 200, body = StartSessionResponse), (status = 422, body = DetailBody),
         (status = 429, body = DetailBody), (status = 503, body = DetailBody)))]
-pub async fn start_session(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    form: FormFields,
-) -> Result<Json<StartSessionResponse>, DetailError> {
+pub async fn start_session(caller: Caller, form: FormFields) -> Result<Json<StartSessionResponse>, DetailError> {
     let user = UserId::parse(form.required("user_id")?)?;
     let answer = || StartSessionResponse {
         message: "Session started successfully",
         notebook_path: format!(
             "{}/{}",
-            state.manager.storage().notebooks_public_path.trim_end_matches('/'),
+            caller.manager.storage().notebooks_public_path.trim_end_matches('/'),
             notebook(&user)
         ),
     };
-    if let Some(existing) = find(&state, &owner, &user) {
+    if let Some(existing) = find(&caller, &user) {
         if existing.status != SessionStatus::Dead {
             return Ok(Json(answer()));
         }
         // A dead kernel (e.g. out of memory) is of no use: the user gets a fresh session.
-        let _ = state.manager.delete(&owner, existing.id.as_str()).await;
+        let _ = caller.manager.delete(&caller.owner, existing.id.as_str()).await;
     }
     let metadata = BTreeMap::from([(USER_KEY.to_owned(), user.0.clone()), (API_KEY.to_owned(), "session".to_owned())]);
     let request = SessionRequest { language: LANGUAGE.into(), metadata: Some(metadata), ..Default::default() };
     let extras = SessionExtras { notebook: Some(notebook(&user)), mounts: Vec::new() };
-    let created = state.manager.create_with(owner.clone(), request, extras).await?;
+    let created = caller.manager.create_with(caller.owner.clone(), request, extras).await?;
     // Two starts at once for one user: the oldest session is the user's, the others go.
-    if let Some(first) = find(&state, &owner, &user)
+    if let Some(first) = find(&caller, &user)
         && first.id != created.id
     {
-        let _ = state.manager.delete(&owner, created.id.as_str()).await;
+        let _ = caller.manager.delete(&caller.owner, created.id.as_str()).await;
     }
     Ok(Json(answer()))
 }
@@ -152,14 +149,9 @@ pub struct ExecuteOutput {
 #[utoipa::path(post, path = "/execute", operation_id = "session_api_execute", tag = "session API", request_body = ExecuteBody,
     responses((status = 200, body = ExecuteOutput), (status = 400, body = DetailBody), (status = 404, body = DetailBody),
         (status = 408, body = DetailBody), (status = 422, body = DetailBody), (status = 429, body = DetailBody)))]
-pub async fn execute(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    LaxJson(body): LaxJson<ExecuteBody>,
-) -> Result<Json<ExecuteOutput>, DetailError> {
-    let user = UserId::parse(&body.user_id)?;
-    let session = require(&state, &owner, &user)?;
-    let result = state.manager.execute(&owner, session.id.as_str(), body.code, None).await?;
+pub async fn execute(caller: Caller, LaxJson(body): LaxJson<ExecuteBody>) -> Result<Json<ExecuteOutput>, DetailError> {
+    let session = require(&caller, &body.user_id)?;
+    let result = caller.manager.execute(&caller.owner, session.id.as_str(), body.code, None).await?;
     match result.status {
         ExecStatus::Ok => Ok(Json(ExecuteOutput { output: person_text(&result, false) })),
         ExecStatus::Error => {
@@ -206,13 +198,11 @@ pub struct InstallResponse {
     responses((status = 200, body = InstallResponse), (status = 400, body = DetailBody), (status = 404, body = DetailBody),
         (status = 422, body = DetailBody), (status = 501, body = DetailBody)))]
 pub async fn install_package(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
+    caller: Caller,
     LaxJson(body): LaxJson<InstallBody>,
 ) -> Result<Json<InstallResponse>, DetailError> {
-    let user = UserId::parse(&body.user_id)?;
-    let session = require(&state, &owner, &user)?;
-    let output = install_into_session(&state, &owner, &session, &body.package_name).await?;
+    let session = require(&caller, &body.user_id)?;
+    let output = install_into_session(&caller, &session, &body.package_name).await?;
     Ok(Json(InstallResponse { message: format!("Successfully installed and imported {}", body.package_name), output }))
 }
 
@@ -221,12 +211,11 @@ pub async fn install_package(
 /// import name is not its distribution name (`scikit-learn` is `sklearn`) is installed all the same; the
 /// log then says the import did not work.
 pub async fn install_into_session(
-    state: &AppState,
-    owner: &Owner,
+    caller: &Caller,
     session: &SessionInfo,
     package: &str,
 ) -> Result<String, DetailError> {
-    let report = state.manager.install_packages(owner, session.id.as_str(), &[package.to_owned()]).await?;
+    let report = caller.manager.install_packages(&caller.owner, session.id.as_str(), &[package.to_owned()]).await?;
     if !report.ok {
         let why: Vec<String> = report.packages.iter().filter_map(|p| p.error.clone()).collect();
         return Err(DetailError::new(
@@ -237,7 +226,8 @@ pub async fn install_into_session(
     let mut log = report.log;
     let module = report.packages.first().map(|p| p.name.replace('-', "_")).unwrap_or_default();
     if !module.is_empty() && module.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
-        let result = state.manager.execute(owner, session.id.as_str(), format!("import {module}"), Some(60)).await?;
+        let result =
+            caller.manager.execute(&caller.owner, session.id.as_str(), format!("import {module}"), Some(60)).await?;
         if result.status != ExecStatus::Ok {
             let why = result.error.map(|e| format!("{}: {}", e.ename, e.evalue)).unwrap_or_default();
             log.push_str(&format!("\n(installed; `import {module}` did not work: {why})\n"));
@@ -251,14 +241,9 @@ pub async fn install_into_session(
 #[utoipa::path(post, path = "/reset", operation_id = "session_api_reset", tag = "session API",
     request_body(content = UserForm, content_type = "multipart/form-data"),
     responses((status = 200, body = MessageResponse), (status = 404, body = DetailBody), (status = 422, body = DetailBody)))]
-pub async fn reset(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    form: FormFields,
-) -> Result<Json<MessageResponse>, DetailError> {
-    let user = UserId::parse(form.required("user_id")?)?;
-    let session = require(&state, &owner, &user)?;
-    state.manager.restart(&owner, session.id.as_str()).await?;
+pub async fn reset(caller: Caller, form: FormFields) -> Result<Json<MessageResponse>, DetailError> {
+    let session = require(&caller, form.required("user_id")?)?;
+    caller.manager.restart(&caller.owner, session.id.as_str()).await?;
     Ok(Json(MessageResponse { message: "Kernel reset successful".into() }))
 }
 
@@ -266,14 +251,9 @@ pub async fn reset(
 #[utoipa::path(post, path = "/end_session", operation_id = "session_api_end_session", tag = "session API",
     request_body(content = UserForm, content_type = "multipart/form-data"),
     responses((status = 200, body = MessageResponse), (status = 404, body = DetailBody), (status = 422, body = DetailBody)))]
-pub async fn end_session(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    form: FormFields,
-) -> Result<Json<MessageResponse>, DetailError> {
-    let user = UserId::parse(form.required("user_id")?)?;
-    let session = require(&state, &owner, &user)?;
-    state.manager.delete(&owner, session.id.as_str()).await?;
+pub async fn end_session(caller: Caller, form: FormFields) -> Result<Json<MessageResponse>, DetailError> {
+    let session = require(&caller, form.required("user_id")?)?;
+    caller.manager.delete(&caller.owner, session.id.as_str()).await?;
     Ok(Json(MessageResponse { message: "Session ended successfully".into() }))
 }
 

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 
-use super::AppState;
+use super::state::AppState;
 use crate::images::catalog::{LABEL_DISPLAY_NAME, LABEL_LANGUAGE_VERSION};
 use crate::session::SessionStatus;
 use crate::session::pool::PoolStatus;

@@ -18,6 +18,7 @@ use chrono::Utc;
 use crate::images::{FILES_TOOL, HOME};
 use crate::runtime::tool::{KeepStderr, ToolOutput, collect};
 use crate::runtime::{ContainerRuntime, ContainerSpec, ExecRequest, labels};
+use crate::text::strip_ansi;
 
 use super::cache::WheelCache;
 use super::exec;
@@ -320,6 +321,7 @@ async fn download_npm(
     cmd.extend(npm.iter().map(String::as_str));
     let argv = exec::time_limited(config.timeout, &cmd);
     let done = exec::run(runtime, container, argv, Vec::new(), 256 << 10).await.map_err(|e| e.to_string())?;
+    // Deno colours its errors even without a terminal.
     let log = format!("{}{}", done.stdout_text(), strip_ansi(&done.stderr_text()));
     if !done.ok() {
         return Ok(Fetched { ok: false, wheels: Vec::new(), log });
@@ -349,25 +351,6 @@ async fn download_npm(
     Ok(Fetched { ok: true, wheels: vec![archive.to_owned()], log })
 }
 
-/// Drops ANSI colour sequences (Deno colours its errors even without a terminal).
-pub fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,10 +367,5 @@ mod tests {
         assert!(!spec.labels.contains_key(labels::SESSION));
         assert!(spec.env.contains(&"HTTPS_PROXY=http://proxy.internal:3128".to_owned()));
         assert!(!spec.env.iter().any(|e| e.starts_with("PIP_INDEX_URL")), "pip's default unless configured");
-    }
-
-    #[test]
-    fn colours_are_stripped() {
-        assert_eq!(strip_ansi("\u{1b}[0m\u{1b}[1m\u{1b}[31merror\u{1b}[0m: x"), "error: x");
     }
 }

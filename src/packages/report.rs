@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::spec::{self, Spec};
-use super::{fetcher, install};
+use super::install;
 
 /// What of the install log is returned.
 const MAX_LOG: usize = 64 << 10;
@@ -82,7 +82,7 @@ impl<'a> Draft<'a> {
         let last_error = output
             .lines()
             .rev()
-            .map(|l| fetcher::strip_ansi(l).trim().to_owned())
+            .map(|l| crate::text::strip_ansi(l).trim().to_owned())
             .find(|l| l.starts_with("ERROR") || l.starts_with("error") || l.starts_with('('))
             .unwrap_or_else(|| output.lines().last().unwrap_or("the install failed").trim().to_owned());
         let packages = specs
