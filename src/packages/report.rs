@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{self, Spec};
 use super::install;
+use super::spec::{self, Spec};
 
 /// What of the install log is returned.
 const MAX_LOG: usize = 64 << 10;
