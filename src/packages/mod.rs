@@ -141,6 +141,15 @@ pub struct Packages {
     in_use: Arc<Mutex<HashMap<String, usize>>>,
 }
 
+/// Where one install goes: a session's running container, its language and image, and when it began.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    container: &'a str,
+    language: &'a str,
+    image: &'a str,
+    started: Instant,
+}
+
 impl Packages {
     pub fn new(
         runtime: Arc<dyn ContainerRuntime>,
@@ -201,11 +210,12 @@ impl Packages {
             return Err(PackageError::NotRunning);
         }
         let started = Instant::now();
+        let target = Target { container, language, image, started };
         let limit = self.config.timeout;
         let work = async {
             match Ecosystem::of(language) {
-                Some(Ecosystem::Python) => self.install_python(container, language, image, specs, started).await,
-                Some(Ecosystem::Npm) => self.install_npm(container, language, image, specs, started).await,
+                Some(Ecosystem::Python) => self.install_python(target, specs).await,
+                Some(Ecosystem::Npm) => self.install_npm(target, specs).await,
                 None => Err(PackageError::Unsupported(language.to_owned())),
             }
         };
@@ -217,14 +227,8 @@ impl Packages {
         Ok(report)
     }
 
-    async fn install_python(
-        &self,
-        container: &str,
-        language: &str,
-        image: &str,
-        specs: &[Spec],
-        started: Instant,
-    ) -> Result<InstallReport, PackageError> {
+    async fn install_python(&self, target: Target<'_>, specs: &[Spec]) -> Result<InstallReport, PackageError> {
+        let Target { container, language, image, started } = target;
         let rt = self.runtime.as_ref();
         let left = || self.config.timeout.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
         let mut draft = Draft::new(language, started);
@@ -287,14 +291,8 @@ impl Packages {
     /// registry and specs: the same request from another session downloads nothing), unpacked by `tar` in
     /// the session into the kernel's `DENO_DIR`, where `import ... from "npm:<spec>"` finds it with no
     /// network. Sessions and fetchers use the same registry setting, so Deno looks in the same folder.
-    async fn install_npm(
-        &self,
-        container: &str,
-        language: &str,
-        image: &str,
-        specs: &[Spec],
-        started: Instant,
-    ) -> Result<InstallReport, PackageError> {
+    async fn install_npm(&self, target: Target<'_>, specs: &[Spec]) -> Result<InstallReport, PackageError> {
+        let Target { container, language, image, started } = target;
         let texts: Vec<String> = specs.iter().map(|s| s.text.clone()).collect();
         let registry = self.config.npm_registry.clone().unwrap_or_default();
         let archive = cache::npm_archive_name(&format!("{image}\n{registry}\n{}", texts.join("\n")));
