@@ -1,5 +1,5 @@
 //! The wheel cache: `<state>/wheels`, a flat directory of wheel files that only the service writes and
-//! every python session mounts read-only (at [`super::WHEELS_MOUNT`]).
+//! every python session mounts read-only (at [`super::settings::WHEELS_MOUNT`]).
 //!
 //! Files are named by their wheel file name (checked by [`super::spec::is_wheel_filename`], so never a
 //! path), written to a hidden temporary file created `O_CREAT|O_EXCL|O_NOFOLLOW` and linked into place

@@ -22,8 +22,8 @@ use crate::text::strip_ansi;
 
 use super::cache::WheelCache;
 use super::exec;
+use super::settings::{PYTHON, PackageConfig};
 use super::spec::{Ecosystem, is_wheel_filename};
-use super::{PYTHON, PackageConfig};
 
 /// Where the fetcher downloads to: its own tmpfs.
 const FETCH_DIR: &str = "/tmp/fetch";

@@ -23,8 +23,8 @@ use serde::Deserialize;
 use crate::runtime::{ContainerRuntime, RuntimeError};
 
 use super::exec::{self, Finished};
+use super::settings::{PACKAGES_DIR, PYTHON, WHEELS_MOUNT};
 use super::spec::{Spec, is_wheel_filename, normalize_python_name};
-use super::{PACKAGES_DIR, PYTHON, WHEELS_MOUNT};
 
 /// The largest plan (pip's JSON report) read back.
 const MAX_REPORT: usize = 4 << 20;

@@ -11,8 +11,8 @@ use tokio::io::AsyncWriteExt;
 use crate::runtime::tool::keep_tail;
 use crate::runtime::{ContainerRuntime, ExecOutput, ExecRequest, RuntimeError};
 
-use super::SESSION_DENO_DIR;
 use super::exec;
+use super::settings::SESSION_DENO_DIR;
 use super::spec::Spec;
 
 /// The most archive entries looked at for versions.
