@@ -30,6 +30,11 @@ impl Finished {
         self.exit == Some(0)
     }
 
+    /// Killed by [`time_limited`]'s limit.
+    pub fn killed_at_limit(&self) -> bool {
+        self.exit == Some(KILLED_AT_LIMIT)
+    }
+
     pub fn stdout_text(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
@@ -38,6 +43,9 @@ impl Finished {
         String::from_utf8_lossy(&self.stderr).into_owned()
     }
 }
+
+/// The exit status of a command [`time_limited`] killed (128 + SIGKILL).
+pub const KILLED_AT_LIMIT: i64 = 137;
 
 /// The argv prefix that kills a command at `limit` inside the container: dropping an exec's stream does
 /// not stop its process, so the limit is enforced where the process runs.

@@ -233,7 +233,7 @@ async fn download_wheels(
     log.push_str(&done.stderr_text());
     if !done.ok() {
         let why = match done.exit {
-            Some(137) => format!("(killed at the time limit of {} s)\n", config.timeout.as_secs()),
+            Some(exec::KILLED_AT_LIMIT) => format!("(killed at the time limit of {} s)\n", config.timeout.as_secs()),
             _ => String::new(),
         };
         return Ok(Fetched { ok: false, wheels: Vec::new(), log: format!("{log}{why}") });

@@ -52,6 +52,18 @@ pub enum Plan {
     Missing(String),
     /// Another failure (a conflict, the session's disk, ...).
     Failed(String),
+    /// pip was killed at the install's time limit.
+    TimedOut,
+}
+
+/// What the install step came to.
+pub enum Installed {
+    /// pip's output.
+    Done(String),
+    /// pip's output and why it failed.
+    Failed(String),
+    /// pip was killed at the install's time limit.
+    TimedOut,
 }
 
 #[derive(Deserialize)]
@@ -135,6 +147,9 @@ pub async fn plan(
     cmd.extend(specs.iter().map(|s| s.text.as_str()));
     let done = exec::run(runtime, container, exec::time_limited(limit, &cmd), pip_env(), MAX_REPORT).await?;
     let log = done.stderr_text();
+    if done.killed_at_limit() {
+        return Ok(Plan::TimedOut);
+    }
     if !done.ok() {
         return Ok(if says_missing(&log) { Plan::Missing(log) } else { Plan::Failed(failure(&done, limit)) });
     }
@@ -150,7 +165,7 @@ pub async fn plan(
 fn failure(done: &Finished, limit: Duration) -> String {
     let mut log = format!("{}{}", done.stdout_text(), done.stderr_text());
     match done.exit {
-        Some(137) => log.push_str(&format!("(killed at the time limit of {} s)\n", limit.as_secs())),
+        Some(exec::KILLED_AT_LIMIT) => log.push_str(&format!("(killed at the time limit of {} s)\n", limit.as_secs())),
         Some(code) => log.push_str(&format!("(pip exited with status {code})\n")),
         None => log.push_str("(pip did not finish)\n"),
     }
@@ -163,9 +178,9 @@ pub async fn install(
     container: &str,
     planned: &[Planned],
     limit: Duration,
-) -> Result<(bool, String), RuntimeError> {
+) -> Result<Installed, RuntimeError> {
     if planned.is_empty() {
-        return Ok((true, String::new()));
+        return Ok(Installed::Done(String::new()));
     }
     let paths: Vec<String> = planned.iter().map(|p| format!("{WHEELS_MOUNT}/{}", p.wheel)).collect();
     let mut cmd = vec![
@@ -187,11 +202,13 @@ pub async fn install(
     ];
     cmd.extend(paths.iter().map(String::as_str));
     let done = exec::run(runtime, container, exec::time_limited(limit, &cmd), pip_env(), 256 << 10).await?;
-    if done.ok() {
-        Ok((true, format!("{}{}", done.stdout_text(), done.stderr_text())))
+    Ok(if done.ok() {
+        Installed::Done(format!("{}{}", done.stdout_text(), done.stderr_text()))
+    } else if done.killed_at_limit() {
+        Installed::TimedOut
     } else {
-        Ok((false, failure(&done, limit)))
-    }
+        Installed::Failed(failure(&done, limit))
+    })
 }
 
 const VERSIONS: &str = "import json, sys\nfrom importlib import metadata\nr = {}\nfor n in sys.argv[1:]:\n    try:\n        r[n] = metadata.version(n)\n    except Exception:\n        r[n] = None\nprint(json.dumps(r))\n";

@@ -205,16 +205,22 @@ impl Packages {
             draft.log.push_str("--- install ---\n");
             plan = install::plan(rt, container, specs, left()).await?;
         }
+        let timed_out = || PackageError::TimedOut(self.config.timeout.as_secs());
         let planned = match plan {
             install::Plan::Ready(planned) => planned,
             install::Plan::Missing(out) | install::Plan::Failed(out) => {
                 draft.log.push_str(&out);
                 return Ok(draft.failed(specs, &out));
             }
+            install::Plan::TimedOut => return Err(timed_out()),
         };
         let wheels: Vec<String> = planned.iter().map(|p| p.wheel.clone()).collect();
         let _held = self.hold(&wheels);
-        let (ok, out) = install::install(rt, container, &planned, left()).await?;
+        let (ok, out) = match install::install(rt, container, &planned, left()).await? {
+            install::Installed::Done(out) => (true, out),
+            install::Installed::Failed(out) => (false, out),
+            install::Installed::TimedOut => return Err(timed_out()),
+        };
         draft.log.push_str(&out);
         if !ok {
             let why = match out.contains("No space left on device") {
