@@ -75,7 +75,7 @@ async fn respond(caller: &Caller, id: &str, mut result: ExecuteResult, images: I
     if images == ImageMode::Inline {
         return ExecuteResponse { result, files: Vec::new() };
     }
-    match caller.manager.save_images(&caller.owner, id, &mut result).await {
+    match caller.manager.files().save_images(&caller.owner, id, &mut result).await {
         Ok(saved) => {
             let files = saved
                 .into_iter()

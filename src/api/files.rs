@@ -36,7 +36,7 @@ pub async fn list(
     Path(id): Path<String>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Listing>, ApiError> {
-    Ok(Json(caller.manager.list_files(&caller.owner, &id, &query.path).await?))
+    Ok(Json(caller.manager.files().list(&caller.owner, &id, &query.path).await?))
 }
 
 /// Download a file of the session's working directory. Paths are relative to it; `..`, absolute paths,
@@ -46,7 +46,7 @@ pub async fn list(
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn download(caller: Caller, Path((id, path)): Path<(String, String)>) -> Result<Response, ApiError> {
-    let download = caller.manager.download(&caller.owner, &id, &path).await?;
+    let download = caller.manager.files().download(&caller.owner, &id, &path).await?;
     let name = path.rsplit('/').next().unwrap_or("file");
     let mut response = Body::from_stream(download.body).into_response();
     let headers = response.headers_mut();
@@ -85,7 +85,7 @@ pub async fn upload(
             format!("the file is larger than the upload limit of {max} bytes"),
         ));
     }
-    let written = caller.manager.upload(&caller.owner, &id, &path, body.by_ref()).await;
+    let written = caller.manager.files().upload(&caller.owner, &id, &path, body.by_ref()).await;
     if written.is_err() {
         // The client may still be sending: it should see the answer, not a reset.
         body::discard_rest(body, DRAIN_TIME);
@@ -98,7 +98,7 @@ pub async fn upload(
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn delete(caller: Caller, Path((id, path)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
-    caller.manager.delete_file(&caller.owner, &id, &path).await?;
+    caller.manager.files().delete(&caller.owner, &id, &path).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -199,7 +199,8 @@ pub async fn execute(
     let mut files = images(&caller, &result, &base).await;
     match caller
         .manager
-        .collect_files(&caller.owner, info.id.as_str(), since, MAX_COLLECTED_FILES, MAX_COLLECTED_BYTES)
+        .files()
+        .collect(&caller.owner, info.id.as_str(), since, MAX_COLLECTED_FILES, MAX_COLLECTED_BYTES)
         .await
     {
         Ok((collected, skipped)) => {

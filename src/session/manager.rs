@@ -26,7 +26,6 @@ use crate::runtime::ContainerRuntime;
 use super::actor::Start;
 use super::boot::BootPlanner;
 use super::error::SessionError;
-use super::files::{self, Download, Listing, Written};
 use super::handle::{PeerLink, Pending, Session};
 use super::installs::Installs;
 use super::launch::Launcher;
@@ -289,50 +288,9 @@ impl SessionManager {
         self.submit(owner, id, code, timeout_s, false)?.wait().await
     }
 
-    /// Lists a directory of the session's working directory.
-    pub async fn list_files(&self, owner: &Owner, id: &str, path: &str) -> Result<Listing, SessionError> {
-        self.transfers.list(owner, id, path).await
-    }
-
-    /// Starts a download; the session stays in use until the body is consumed or dropped.
-    pub async fn download(&self, owner: &Owner, id: &str, path: &str) -> Result<Download, SessionError> {
-        self.transfers.download(owner, id, path).await
-    }
-
-    /// Writes a file into the session's working directory (at most the operator's upload limit).
-    pub async fn upload<S, E>(&self, owner: &Owner, id: &str, path: &str, body: S) -> Result<Written, SessionError>
-    where
-        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send,
-        E: std::fmt::Display,
-    {
-        self.transfers.upload(owner, id, path, body).await
-    }
-
-    /// Removes a file or a directory (with its contents) from the session's working directory.
-    pub async fn delete_file(&self, owner: &Owner, id: &str, path: &str) -> Result<(), SessionError> {
-        self.transfers.delete(owner, id, path).await
-    }
-
-    /// The files written since `since` (see [`Transfers::collect`]) and how many were skipped.
-    pub async fn collect_files(
-        &self,
-        owner: &Owner,
-        id: &str,
-        since: f64,
-        max_files: usize,
-        max_bytes: u64,
-    ) -> Result<(Vec<files::Collected>, u64), SessionError> {
-        self.transfers.collect(owner, id, since, max_files, max_bytes).await
-    }
-
-    /// Saves an execution's images as files in the working directory, removing them from its outputs.
-    pub async fn save_images(
-        &self,
-        owner: &Owner,
-        id: &str,
-        result: &mut ExecuteResult,
-    ) -> Result<Vec<SavedImage>, SessionError> {
-        self.transfers.save_images(owner, id, result).await
+    /// File transfers (list, download, upload, delete, collect, images saved as files).
+    pub fn files(&self) -> &Transfers {
+        &self.transfers
     }
 
     /// Installs packages into a session (see `installs.rs`). Every spec is checked before anything runs;

@@ -232,7 +232,7 @@ impl KernelboxMcp {
             false => args.content.into_bytes(),
         };
         let body = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(bytes::Bytes::from(bytes)) });
-        match self.manager.upload(&owner, &args.session_id, &args.path, body).await {
+        match self.manager.files().upload(&owner, &args.session_id, &args.path, body).await {
             Ok(written) => {
                 Ok(structured(format!("wrote {} ({} bytes)", written.path, written.size), to_value(&written), false))
             }
@@ -248,7 +248,7 @@ impl KernelboxMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let owner = owner(&ctx)?;
-        let download = match self.manager.download(&owner, &args.session_id, &args.path).await {
+        let download = match self.manager.files().download(&owner, &args.session_id, &args.path).await {
             Ok(d) => d,
             Err(e) => return Ok(failed(e)),
         };
@@ -283,7 +283,7 @@ impl KernelboxMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let owner = owner(&ctx)?;
-        match self.manager.list_files(&owner, &args.session_id, &args.path).await {
+        match self.manager.files().list(&owner, &args.session_id, &args.path).await {
             Ok(listing) => Ok(content::listing(&args.path, &listing)),
             Err(e) => Ok(failed(e)),
         }
