@@ -8,11 +8,12 @@
 //! one adapter module per other protocol (`session_compat`, `jupyter_compat`, `gateway` with `kernel_ws`,
 //! `mcp`). What they reach is in [`state`] (`AppState`, and `Caller`: the same for the request's owner);
 //! the routes and the middleware in front of them are in [`router`](mod@router), the OpenAPI document in
-//! [`openapi`].
+//! [`openapi`], the interactive docs in [`docs`].
 
 pub mod auth;
 pub mod body;
 pub mod compat;
+pub mod docs;
 pub mod execute;
 pub mod extract;
 pub mod files;

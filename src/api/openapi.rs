@@ -1,6 +1,6 @@
 //! The OpenAPI document (utoipa): every operation of every API, the security schemes, and what the
-//! middleware in front of the operations may answer. Served at `/openapi.json` (Swagger UI at `/docs`) and
-//! snapshotted in `docs/openapi.json`.
+//! middleware in front of the operations may answer. Served at `/openapi.json` (Swagger UI at `/docs`, see
+//! `docs.rs`) and snapshotted in `docs/openapi.json`.
 
 use utoipa::OpenApi;
 

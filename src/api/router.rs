@@ -10,14 +10,11 @@ use axum::routing::{get, post, put};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
-use utoipa_swagger_ui::SwaggerUi;
 
-use super::openapi::ApiDoc;
 use super::state::AppState;
 use super::{
-    auth, body, compat, execute, files, gateway, json_errors, jupyter_compat, kernel_ws, mcp, packages, rate_limit,
-    session_compat, sessions, system,
+    auth, body, compat, docs, execute, files, gateway, json_errors, jupyter_compat, kernel_ws, mcp, packages,
+    rate_limit, session_compat, sessions, system,
 };
 use crate::config::HttpLimits;
 use crate::error::ApiError;
@@ -91,7 +88,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics_text))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .merge(docs::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /docs") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

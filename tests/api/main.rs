@@ -8,6 +8,7 @@ mod api_surface;
 mod compat_jupyter;
 mod compat_session;
 mod compose;
+mod docs_page;
 mod execute;
 mod files;
 mod fuzz;
