@@ -26,4 +26,5 @@ mod process;
 mod requests_end_early;
 mod sandbox;
 mod sessions;
+mod signed_urls;
 mod stdin;
