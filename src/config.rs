@@ -136,6 +136,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub files: FileStoreArgs,
     #[command(flatten)]
+    pub links: SignedUrlArgs,
+    #[command(flatten)]
     pub images: ImageArgs,
 }
 
@@ -246,6 +248,54 @@ impl FileStoreArgs {
             dir: self.files_dir.clone(),
             max_bytes: self.files_max_mb << 20,
             max_files: self.files_max_count,
+        })
+    }
+}
+
+/// Signed file URLs: the links `/jupyter` and `/v1` return for files, which open without the API key until
+/// they expire (see `links.rs`).
+#[derive(Debug, Clone, Args)]
+pub struct SignedUrlArgs {
+    /// The secret file links are signed with (at least 32 bytes; several replicas behind one address
+    /// share it). Default: one made once and kept in `<state-dir>/url-signing-secret`.
+    #[arg(long, env = "KERNELBOX_SIGNED_URL_SECRET", hide_env_values = true)]
+    pub signed_url_secret: Option<String>,
+    /// The longest a signed file link lives, seconds (never longer than its file or session); 0: links
+    /// are not signed and every download needs the key.
+    #[arg(long, env = "KERNELBOX_SIGNED_URL_MAX_S", default_value_t = 2 * 24 * 3600)]
+    pub signed_url_max_s: u64,
+}
+
+/// A secret that never shows in logs or `Debug` output.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The checked signed-URL settings.
+#[derive(Debug, Clone)]
+pub struct SignedUrlSettings {
+    /// `None`: the secret kept in the state directory.
+    pub secret: Option<Secret>,
+    /// `None`: links are not signed.
+    pub max_lifetime: Option<Duration>,
+}
+
+impl SignedUrlArgs {
+    pub fn validate(&self) -> Result<SignedUrlSettings, ConfigError> {
+        let secret = self.signed_url_secret.clone().filter(|s| !s.is_empty());
+        if secret.as_ref().is_some_and(|s| s.trim().len() < 32) {
+            return Err(ConfigError(
+                "--signed-url-secret must be at least 32 bytes (e.g. `openssl rand -hex 32`)".into(),
+            ));
+        }
+        Ok(SignedUrlSettings {
+            secret: secret.map(Secret),
+            max_lifetime: (self.signed_url_max_s > 0).then(|| Duration::from_secs(self.signed_url_max_s)),
         })
     }
 }
@@ -542,6 +592,18 @@ mod tests {
         assert_eq!(p.max_download_bytes, 512 << 20);
         assert!(serve(&["--fetcher-network", "host"]).packages.validate(None).is_err());
         assert!(serve(&["--package-timeout-s", "1"]).packages.validate(None).is_err());
+    }
+
+    #[test]
+    fn signed_urls_are_on_by_default_and_their_secret_is_checked() {
+        let links = serve(&[]).links.validate().unwrap();
+        assert_eq!(links.max_lifetime, Some(Duration::from_secs(2 * 86400)));
+        assert!(links.secret.is_none(), "made and kept in the state directory");
+        assert_eq!(serve(&["--signed-url-max-s", "0"]).links.validate().unwrap().max_lifetime, None);
+        assert!(serve(&["--signed-url-secret", "too short"]).links.validate().is_err());
+        let secret = "s".repeat(32);
+        let links = serve(&["--signed-url-secret", &secret]).links.validate().unwrap();
+        assert!(!format!("{links:?}").contains(&secret), "the secret never shows in Debug output");
     }
 
     #[test]

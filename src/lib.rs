@@ -9,6 +9,7 @@
 //! - [`images`] — the kernel images and their builder.
 //! - [`packages`] — package installs into sessions: spec checks, the wheel cache, the fetchers.
 //! - [`store`] — the `/jupyter` API's files with a lifetime, kept by the service on the host.
+//! - [`links`] — signed file links: the server's secret and the signatures that open one file without a key.
 //! - [`reaper`] — the scheduler jobs that remove idle sessions and expired stored files.
 //! - [`telemetry`] — the log setup.
 //! - [`text`] — text helpers (terminal escapes out); a leaf that imports nothing of the crate.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod images;
 pub mod kernel;
+pub mod links;
 pub mod packages;
 pub mod reaper;
 pub mod runtime;
@@ -44,6 +46,8 @@ pub enum ServeError {
     Recover(#[from] session::SessionError),
     #[error("could not open the file store {path}: {source}")]
     FileStore { path: String, source: std::io::Error },
+    #[error("no secret to sign file links with: {0}")]
+    Secret(#[from] links::SecretError),
     #[error("the reaper did not start: {0}")]
     Reaper(#[from] tokio_cron_scheduler::JobSchedulerError),
     #[error("the HTTP server failed: {0}")]
@@ -59,6 +63,8 @@ pub struct Settings {
     pub http: config::HttpLimits,
     /// The `/jupyter` API's file store.
     pub files: config::FileStoreSettings,
+    /// Signed file links (their secret and longest lifetime).
+    pub links: config::SignedUrlSettings,
     /// How long in-flight calls may finish after a shutdown signal before they are cut short.
     pub shutdown_grace: Duration,
 }
@@ -84,6 +90,17 @@ impl Application {
         let state_dir = settings.manager.state_dir.clone();
         prepare_state_dir(&state_dir)
             .map_err(|source| ServeError::StateDir { path: state_dir.display().to_string(), source })?;
+        // Before anything is adopted or started: a secret that cannot be had stops the start.
+        let signer = match settings.links.max_lifetime {
+            Some(max_lifetime) => {
+                let secret = match &settings.links.secret {
+                    Some(secret) => links::configured_secret(&secret.0)?,
+                    None => links::state_secret(&state_dir)?,
+                };
+                Some(Arc::new(links::UrlSigner::new(&secret, max_lifetime)))
+            }
+            None => None,
+        };
         api::system::prometheus();
         let reap_every = settings.manager.limits.reap_interval;
         let manager = SessionManager::new(runtime, settings.manager);
@@ -102,7 +119,7 @@ impl Application {
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
         reaper::add_store_sweep(&scheduler, store.clone(), reap_every).await?;
         let keys = api::auth::Keys::new(&settings.api_keys);
-        let state = AppState { manager: manager.clone(), store: store.clone() };
+        let state = AppState { manager: manager.clone(), store: store.clone(), links: signer };
         let router = api::router(state, keys, &settings.http);
         Ok(Application {
             listener,

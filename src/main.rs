@@ -98,6 +98,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     let packages = args.packages.validate(args.images.pip_index_url.clone().or_else(context::detect_pip_index))?;
     let http = args.http.validate()?;
     let files = args.files.validate()?;
+    let links = args.links.validate()?;
     let pool = args.pool_config()?;
     if let Some(dir) = &args.datasets_dir {
         // Docker would create a missing bind source as an empty root-owned folder: say so instead.
@@ -147,6 +148,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
         api_keys: args.api_keys.clone(),
         http,
         files,
+        links,
         shutdown_grace: Duration::from_secs(10),
     };
     let shutdown = CancellationToken::new();

@@ -61,11 +61,30 @@ impl Keys {
         // Check every key, so timing does not tell which one matched.
         let matched = self.digests.iter().fold(0u8, |acc, k| acc | k.ct_eq(&d).unwrap_u8());
         if matched == 1 {
-            Ok(Owner(hex::encode(&d[..8])))
+            Ok(owner_of(&d))
         } else {
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the API key is not valid"))
         }
     }
+
+    /// Every owner a request can act for: one per key (`anonymous` without keys). A signed link is
+    /// checked against each.
+    pub fn owners(&self) -> Vec<Owner> {
+        match self.digests.is_empty() {
+            true => vec![Owner("anonymous".into())],
+            false => self.digests.iter().map(owner_of).collect(),
+        }
+    }
+}
+
+/// Whether the request carries an API key (valid or not) in one of the headers [`Keys::owner`] reads.
+pub fn presents_key(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key")
+}
+
+/// The owner of a key: the first 8 bytes of its digest, in hex.
+fn owner_of(digest: &[u8; 32]) -> Owner {
+    Owner(hex::encode(&digest[..8]))
 }
 
 fn sha256(s: &str) -> [u8; 32] {
@@ -89,22 +108,33 @@ pub async fn require_key(State(access): State<Access>, mut req: Request, next: N
         Ok(owner) => owner,
         Err(e) => return e.into_response(),
     };
-    if let Some(limiter) = &access.limiter {
-        let bucket = if access.keys.is_empty() {
-            match req.extensions().get::<ConnectInfo<SocketAddr>>() {
-                Some(ConnectInfo(addr)) => client_key(addr.ip()),
-                None => "ip:unknown".to_owned(),
-            }
-        } else {
-            format!("key:{}", owner.0)
-        };
-        if let Err(wait) = limiter.check(&bucket, Instant::now()) {
-            let who = if access.keys.is_empty() { "client address" } else { "API key" };
-            return too_many_requests(limiter, wait, who);
-        }
+    let refused = match access.keys.is_empty() {
+        true => access.spend_by_address(&req),
+        false => access.spend(&format!("key:{}", owner.0), "API key"),
+    };
+    if let Some(refused) = refused {
+        return refused;
     }
     req.extensions_mut().insert(owner);
     next.run(req).await
+}
+
+impl Access {
+    /// Spends a token of `bucket`; when there is none, the 429 to answer (`who` names the bucket in it).
+    fn spend(&self, bucket: &str, who: &str) -> Option<Response> {
+        let limiter = self.limiter.as_ref()?;
+        limiter.check(bucket, Instant::now()).err().map(|wait| too_many_requests(limiter, wait, who))
+    }
+
+    /// Spends a token of the bucket of the request's client address (IPv6: its /64); when there is none,
+    /// the 429 to answer.
+    pub fn spend_by_address(&self, req: &Request) -> Option<Response> {
+        let bucket = match req.extensions().get::<ConnectInfo<SocketAddr>>() {
+            Some(ConnectInfo(addr)) => client_key(addr.ip()),
+            None => "ip:unknown".to_owned(),
+        };
+        self.spend(&bucket, "client address")
+    }
 }
 
 fn too_many_requests(limiter: &RateLimiter, wait: std::time::Duration, who: &str) -> Response {
@@ -149,6 +179,8 @@ mod tests {
         assert_eq!(a, a2);
         assert_ne!(a, b);
         assert!(!a.0.contains("alpha"));
+        assert_eq!(keys.owners(), [a, b], "the candidates for a signed link");
+        assert_eq!(Keys::new(&[]).owners(), [Owner("anonymous".into())]);
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub struct ExecuteResponse {
 pub struct ImageFile {
     #[serde(flatten)]
     pub saved: SavedImage,
-    /// Where to download it (same API key).
+    /// Where to download it: a signed link that opens without the API key (in a browser, an `<img>`) until
+    /// its `expires`, at most the session's end; with the key it opens as long as the file is there.
     pub url: String,
 }
 
@@ -77,10 +78,18 @@ async fn respond(caller: &Caller, id: &str, mut result: ExecuteResult, images: I
     }
     match caller.manager.files().save_images(&caller.owner, id, &mut result).await {
         Ok(saved) => {
+            // A link lives no longer than the session can: its creation plus the longest lifetime.
+            let created_at =
+                caller.manager.get(&caller.owner, id).map_or_else(|_| chrono::Utc::now(), |s| s.created_at);
+            let max_lifetime =
+                chrono::Duration::from_std(caller.manager.limits().max_lifetime).unwrap_or(chrono::TimeDelta::MAX);
+            let session_end = created_at.checked_add_signed(max_lifetime).map_or(i64::MAX, |t| t.timestamp());
+            let now = chrono::Utc::now().timestamp();
+            let signer = caller.links.as_deref();
             let files = saved
                 .into_iter()
                 .map(|saved| {
-                    let url = format!("/v1/sessions/{id}/files/{}", saved.path);
+                    let url = super::signed::v1_file_url(signer, &caller.owner, id, &saved.path, session_end, now);
                     ImageFile { saved, url }
                 })
                 .collect();

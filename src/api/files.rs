@@ -39,11 +39,24 @@ pub async fn list(
     Ok(Json(caller.manager.files().list(&caller.owner, &id, &query.path).await?))
 }
 
+/// A signed link's part of a download URL (as `execute` returns it with `"images": "files"`): with both, no
+/// API key is needed until `expires`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LinkQuery {
+    /// When the link expires, seconds since 1970.
+    pub expires: Option<i64>,
+    /// The link's signature.
+    pub signature: Option<String>,
+}
+
 /// Download a file of the session's working directory. Paths are relative to it; `..`, absolute paths,
-/// control characters and symlinks that lead out of it are refused.
-#[utoipa::path(get, path = "/v1/sessions/{id}/files/{path}", tag = "files",
+/// control characters and symlinks that lead out of it are refused. Without the API key, a signed link
+/// opens it (`expires` and `signature`, as `execute` returns them); an altered, another file's or an
+/// expired link is a 403.
+#[utoipa::path(get, path = "/v1/sessions/{id}/files/{path}", tag = "files", params(LinkQuery),
     responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream"),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 403, description = "a symlink out of the working directory; or a link that was altered, is another file's, or expired", body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn download(caller: Caller, Path((id, path)): Path<(String, String)>) -> Result<Response, ApiError> {
     let download = caller.manager.files().download(&caller.owner, &id, &path).await?;
@@ -55,6 +68,8 @@ pub async fn download(caller: Caller, Path((id, path)): Path<(String, String)>) 
     // What a session wrote is the sandbox's content: a browser must never run it on our origin.
     headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox; default-src 'none'"));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    // Its URL may be a signed link: a page it links to must not learn it.
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     if let Ok(v) = HeaderValue::from_str(&content_disposition(name)) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }

@@ -7,6 +7,11 @@
 //!
 //! Kernel ids: Jupyter servers only route UUID-shaped kernel ids, so a session id (24 hex digits) is shown
 //! as a UUID whose last 8 digits are zero ([`kernel_id`]), and read back only in that shape.
+//!
+//! Kernel names are the languages, plus [`PYTHON3`], Jupyter's own name for Python: what most notebooks'
+//! `kernelspec.name` says and what Jupyter's tools start when nothing else is named. It is the `python`
+//! language, listed as a spec of its own and the default; a kernel started under it is reported under it
+//! (its session's metadata keeps the name, so an adopted kernel keeps it too).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -21,6 +26,21 @@ use crate::session::{SessionInfo, SessionRequest, SessionStatus};
 
 /// The Jupyter server version this API answers as (what `GET /api` reports).
 const API_VERSION: &str = "2.14.2";
+
+/// Jupyter's conventional name for Python (ipykernel's spec): the `python` language here.
+pub const PYTHON3: &str = "python3";
+/// The language [`PYTHON3`] starts.
+const PYTHON3_LANGUAGE: &str = "python";
+/// The session metadata that says a kernel was started as [`PYTHON3`].
+pub const KERNEL_NAME_KEY: &str = "kernelbox.kernel_name";
+
+/// The name a kernel is reported under: [`PYTHON3`] if it was started so, else its language.
+fn kernel_name(info: &SessionInfo) -> &str {
+    match info.metadata.get(KERNEL_NAME_KEY) {
+        Some(name) if name == PYTHON3 && info.language == PYTHON3_LANGUAGE => PYTHON3,
+        _ => &info.language,
+    }
+}
 
 /// A session id as a Jupyter kernel id: `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxx0000`... in UUID shape.
 pub fn kernel_id(session: &str) -> String {
@@ -49,7 +69,7 @@ fn model(info: &SessionInfo, connections: usize) -> Value {
     };
     json!({
         "id": kernel_id(info.id.as_str()),
-        "name": info.language,
+        "name": kernel_name(info),
         "last_activity": info.last_used_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         "execution_state": state,
         "connections": connections,
@@ -72,27 +92,32 @@ pub async fn version() -> Json<Value> {
     Json(json!({ "version": API_VERSION }))
 }
 
-/// `GET /api/kernelspecs`: one spec per language.
+/// `GET /api/kernelspecs`: one spec per language, and `python3` (the `python` language under Jupyter's own
+/// name for it), the default.
 #[utoipa::path(get, path = "/api/kernelspecs", operation_id = "gateway_kernelspecs", tag = "jupyter gateway",
-    responses((status = 200, description = "`{default, kernelspecs: {name: {name, spec: {display_name, language, ..}}}}`", body = Object)))]
+    responses((status = 200, description = "`{default, kernelspecs: {name: {name, spec: {display_name, language, ..}}}}`; `python3` is the `python` language", body = Object)))]
 pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
+    let spec = |name: &str, display_name: &str, language: &str| {
+        json!({
+            "name": name,
+            "spec": {
+                "argv": [], "env": {}, "metadata": {}, "interrupt_mode": "message",
+                "display_name": display_name, "language": language,
+            },
+            "resources": {},
+        })
+    };
     let catalog = state.manager.catalog();
-    let specs: serde_json::Map<String, Value> = catalog
+    let mut specs: serde_json::Map<String, Value> = catalog
         .languages
         .iter()
-        .map(|l| {
-            let spec = json!({
-                "name": l.name,
-                "spec": {
-                    "argv": [], "env": {}, "metadata": {}, "interrupt_mode": "message",
-                    "display_name": l.display_name(), "language": l.programming_language(),
-                },
-                "resources": {},
-            });
-            (l.name.clone(), spec)
-        })
+        .map(|l| (l.name.clone(), spec(&l.name, &l.display_name(), l.programming_language())))
         .collect();
-    Json(json!({ "default": "python", "kernelspecs": specs }))
+    // The display name most notebooks carry with `python3`, so one opened here shows what it showed there.
+    if catalog.language(PYTHON3_LANGUAGE).is_some() {
+        specs.insert(PYTHON3.into(), spec(PYTHON3, "Python 3 (ipykernel)", "python"));
+    }
+    Json(json!({ "default": PYTHON3, "kernelspecs": specs }))
 }
 
 /// `GET /api/kernels`: the caller's kernels.
@@ -114,7 +139,7 @@ pub struct StartKernel {
 
 /// `POST /api/kernels`: a new kernel (a session), ready when this answers.
 #[utoipa::path(post, path = "/api/kernels", operation_id = "gateway_start_kernel", tag = "jupyter gateway",
-    request_body(content = Object, description = "`{name, env}` (`env` is not passed on); empty: the default kernel"),
+    request_body(content = Object, description = "`{name, env}`: a name from `/api/kernelspecs` (`python3` is the `python` language; `env` is not passed on); no name: `python3`"),
     responses((status = 201, description = "the kernel, ready", body = Object), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn start(caller: Caller, body: axum::body::Bytes) -> Result<Response, ApiError> {
     // Jupyter servers send JSON; an empty body asks for the default kernel.
@@ -123,14 +148,26 @@ pub async fn start(caller: Caller, body: axum::body::Bytes) -> Result<Response, 
         false => serde_json::from_slice(&body)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("not a kernel request: {e}")))?,
     };
-    let language = req.name.unwrap_or_else(|| "python".into());
-    let info = caller.manager.create(caller.owner, SessionRequest { language, ..Default::default() }).await?;
+    let request = session_request(req.name.as_deref().unwrap_or(PYTHON3));
+    let info = caller.manager.create(caller.owner, request).await?;
     let body = model(&info, 0);
     let mut response = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/api/kernels/{}", kernel_id(info.id.as_str()))) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
+}
+
+/// The session a kernel name asks for: its language; [`PYTHON3`] is `python`, and says so in the metadata.
+fn session_request(name: &str) -> SessionRequest {
+    match name {
+        PYTHON3 => SessionRequest {
+            language: PYTHON3_LANGUAGE.into(),
+            metadata: Some([(KERNEL_NAME_KEY.to_owned(), PYTHON3.to_owned())].into()),
+            ..Default::default()
+        },
+        language => SessionRequest { language: language.into(), ..Default::default() },
+    }
 }
 
 /// `GET /api/kernels/{id}`.
@@ -180,5 +217,40 @@ mod tests {
         assert_eq!(session_id("01234567-89ab-cdef-0123-456700000001"), None);
         assert_eq!(session_id("0123456789abcdef0123456700000000"), None);
         assert_eq!(session_id("../../etc"), None);
+    }
+
+    #[test]
+    fn python3_is_the_python_language_and_keeps_its_name() {
+        let request = session_request("python3");
+        assert_eq!(request.language, "python");
+        let metadata = request.metadata.unwrap();
+        assert_eq!(metadata.get(KERNEL_NAME_KEY).map(String::as_str), Some("python3"));
+        let plain = session_request("python_scientific");
+        assert_eq!((plain.language.as_str(), plain.metadata), ("python_scientific", None));
+
+        let info = |language: &str, metadata: &[(&str, &str)]| SessionInfo {
+            id: crate::session::SessionId::parse("0123456789abcdef01234567").unwrap(),
+            language: language.into(),
+            status: SessionStatus::Idle,
+            created_at: chrono::Utc::now(),
+            last_used_at: chrono::Utc::now(),
+            limits: crate::session::model::SessionLimits {
+                memory_mb: 512,
+                cpus: 1.0,
+                pids: 256,
+                timeout_s: 60,
+                idle_timeout_s: 3600,
+                tmpfs_mb: 128,
+            },
+            metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            kernel: None,
+            dead_reason: None,
+            executions: 0,
+        };
+        assert_eq!(kernel_name(&info("python", &[(KERNEL_NAME_KEY, "python3")])), "python3");
+        assert_eq!(kernel_name(&info("python", &[])), "python");
+        // Metadata a /v1 client set cannot rename another language's kernel.
+        assert_eq!(kernel_name(&info("bash", &[(KERNEL_NAME_KEY, "python3")])), "bash");
+        assert_eq!(kernel_name(&info("python", &[(KERNEL_NAME_KEY, "cobol")])), "python");
     }
 }

@@ -8,6 +8,10 @@
 //! it has any, are mounted read-only at [`MOUNT_POINT`] in it (without a mount the session can be a
 //! pre-started kernel from the pool); what the code writes in its working directory and the images it
 //! displays come back as stored files.
+//!
+//! The file URLs it returns are signed links (see `signed.rs`) that a browser opens without the key until
+//! the file expires (or the configured maximum), `<base>/jupyter/files/signed/<expires>/<signature>/<name>`;
+//! the stored name stays the URL's last part. `/jupyter/files/<name>` still serves the key's files.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -301,7 +305,7 @@ async fn images(caller: &Caller, result: &ExecuteResult, base: &str) -> Vec<File
 /// Stores a file for [`SHORT_LIFETIME`] and returns its URL.
 async fn store(caller: &Caller, stem: &str, ext: &str, content: Vec<u8>, base: &str) -> Result<String, DetailError> {
     let stored = keep(caller, stem, ext, content, SHORT_LIFETIME).await?;
-    Ok(file_url(base, &stored))
+    Ok(file_url(caller, base, &stored))
 }
 
 /// The store's blocking writes (and their fsync) run off the async workers.
@@ -320,8 +324,10 @@ async fn keep(
     }
 }
 
-fn file_url(base: &str, stored: &StoredFile) -> String {
-    format!("{base}/jupyter/files/{}", stored.name)
+/// The file's URL: a signed link when the server signs them.
+fn file_url(caller: &Caller, base: &str, stored: &StoredFile) -> String {
+    let signer = caller.links.as_deref();
+    super::signed::jupyter_file_url(signer, &caller.owner, base, &stored.name, stored.expires_at, now_epoch())
 }
 
 /// `scheme://host` as the client reached us (`X-Forwarded-Proto` from a proxy in front, else http).
@@ -393,7 +399,7 @@ async fn put(
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&encoded))
         .map_err(|e| DetailError::invalid(format!("content is not base64: {e}")))?;
     let stored = keep(caller, &req.filename, &req.extension, content, lifetime).await?;
-    Ok(Json(UploadResponse { url: file_url(&base_url(headers), &stored) }))
+    Ok(Json(UploadResponse { url: file_url(caller, &base_url(headers), &stored) }))
 }
 
 /// A stored file of the caller's (another API key's files are not found).
@@ -401,15 +407,36 @@ async fn put(
     responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream"),
         (status = 404, body = DetailBody)))]
 pub async fn download(caller: Caller, Path(name): Path<String>) -> Result<Response, DetailError> {
-    let (file, size) = caller.store.open_file(&caller.owner, &name, now_epoch())?;
+    serve_file(&caller, &name)
+}
+
+/// A stored file by its signed link, as `/jupyter/execute` and the uploads return it: no key needed until
+/// `expires` (seconds since the epoch). An altered, another file's or an expired link is a 403; with a key,
+/// the key decides, as on `/jupyter/files/{name}`.
+#[utoipa::path(get, path = "/jupyter/files/signed/{expires}/{signature}/{name}", operation_id = "jupyter_download_signed_file",
+    tag = "jupyter API", params(("expires" = i64, Path), ("signature" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream"),
+        (status = 403, description = "the link was altered, is another file's, or expired", body = DetailBody),
+        (status = 404, description = "no such file (or it expired)", body = DetailBody)))]
+pub async fn download_signed(
+    caller: Caller,
+    Path(link): Path<(String, String, String)>,
+) -> Result<Response, DetailError> {
+    serve_file(&caller, &link.2)
+}
+
+fn serve_file(caller: &Caller, name: &str) -> Result<Response, DetailError> {
+    let (file, size) = caller.store.open_file(&caller.owner, name, now_epoch())?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file)));
     let mut response = body.into_response();
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(super::files::content_type(&name)));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(super::files::content_type(name)));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     // Uploaded or made by untrusted code: a browser must never run it on our origin.
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox; default-src 'none'"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    // Its URL may be a signed link: a page it links to must not learn it.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     Ok(response)
 }
 

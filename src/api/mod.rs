@@ -8,11 +8,13 @@
 //! one adapter module per other protocol (`session_compat`, `jupyter_compat`, `gateway` with `kernel_ws`,
 //! `mcp`). What they reach is in [`state`] (`AppState`, and `Caller`: the same for the request's owner);
 //! the routes and the middleware in front of them are in [`router`](mod@router), the OpenAPI document in
-//! [`openapi`].
+//! [`openapi`], the interactive docs in [`docs`], signed file links (their URLs and their check) in
+//! [`signed`].
 
 pub mod auth;
 pub mod body;
 pub mod compat;
+pub mod docs;
 pub mod execute;
 pub mod extract;
 pub mod files;
@@ -29,6 +31,7 @@ pub mod router;
 pub mod serve;
 pub mod session_compat;
 pub mod sessions;
+pub mod signed;
 pub mod state;
 pub mod system;
 

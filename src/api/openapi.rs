@@ -1,6 +1,6 @@
 //! The OpenAPI document (utoipa): every operation of every API, the security schemes, and what the
-//! middleware in front of the operations may answer. Served at `/openapi.json` (Swagger UI at `/docs`) and
-//! snapshotted in `docs/openapi.json`.
+//! middleware in front of the operations may answer. Served at `/openapi.json` (Swagger UI at `/docs`, see
+//! `docs.rs`) and snapshotted in `docs/openapi.json`.
 
 use utoipa::OpenApi;
 
@@ -16,7 +16,7 @@ use super::{
         packages::install, execute::execute, execute::input, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
         session_compat::start_session, session_compat::execute, session_compat::install_package, session_compat::reset,
         session_compat::end_session, jupyter_compat::list_kernel_specs, jupyter_compat::execute, jupyter_compat::upload,
-        jupyter_compat::upload_long, jupyter_compat::download, jupyter_compat::health, jupyter_compat::health_root,
+        jupyter_compat::upload_long, jupyter_compat::download, jupyter_compat::download_signed, jupyter_compat::health, jupyter_compat::health_root,
         mcp::doc::post, mcp::doc::get, mcp::doc::delete,
         gateway::version, gateway::kernelspecs, gateway::list, gateway::start, gateway::get, gateway::delete,
         gateway::interrupt, gateway::restart, kernel_ws::channels,

@@ -1,5 +1,6 @@
-//! The router: every route of every API, with the middleware in front of each (the key check, the rate
-//! limit, the body limits, the error shapes), the OpenAPI document and Swagger UI, request ids and traces.
+//! The router: every route of every API, with the middleware in front of each (the key check, or a signed
+//! link's on the two file downloads; the rate limit, the body limits, the error shapes), the OpenAPI
+//! document and Swagger UI, request ids and traces.
 
 use std::sync::Arc;
 
@@ -10,14 +11,12 @@ use axum::routing::{get, post, put};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
-use utoipa_swagger_ui::SwaggerUi;
 
-use super::openapi::ApiDoc;
+use super::signed::{LinkForm, SignedAccess};
 use super::state::AppState;
 use super::{
-    auth, body, compat, execute, files, gateway, json_errors, jupyter_compat, kernel_ws, mcp, packages, rate_limit,
-    session_compat, sessions, system,
+    auth, body, compat, docs, execute, files, gateway, json_errors, jupyter_compat, kernel_ws, mcp, packages,
+    rate_limit, session_compat, sessions, signed, system,
 };
 use crate::config::HttpLimits;
 use crate::error::ApiError;
@@ -28,7 +27,13 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
 /// The API: `/v1` behind the API key, the rate limit and the body limits (in that order, so a stranger
 /// neither spends a key's budget nor gets a body read), the rest open; every error in the JSON shape.
 pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
+    let owners: Arc<[crate::session::Owner]> = keys.owners().into();
     let access = auth::Access { keys, limiter: http.rate_limit.map(|l| Arc::new(rate_limit::RateLimiter::new(l))) };
+    // A file download opens with the key or with a signed link (see `signed.rs`).
+    let key_or_link = |form| {
+        let signed = SignedAccess { access: access.clone(), signer: state.links.clone(), owners: owners.clone(), form };
+        axum::middleware::from_fn_with_state(signed, signed::key_or_link)
+    };
     let body_limits = body::BodyLimits { max_bytes: BODY_LIMIT, deadline: http.body_read_timeout };
     let v1 = Router::new()
         .route("/sessions", post(sessions::create).get(sessions::list))
@@ -45,10 +50,15 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .merge(
             Router::new()
                 .route("/sessions/{id}/files", get(files::list))
-                .route("/sessions/{id}/files/{*path}", get(files::download).put(files::upload).delete(files::delete))
+                .route("/sessions/{id}/files/{*path}", put(files::upload).delete(files::delete))
                 .layer(DefaultBodyLimit::disable()),
         )
-        .layer(axum::middleware::from_fn_with_state(access.clone(), auth::require_key));
+        .layer(axum::middleware::from_fn_with_state(access.clone(), auth::require_key))
+        .merge(
+            Router::new()
+                .route("/sessions/{id}/files/{*path}", get(files::download))
+                .layer(key_or_link(LinkForm::Query)),
+        );
     // The two compatibility APIs: behind the same key and limits, bodies read whole (forms and JSON as
     // their clients send them), every error as FastAPI's `{"detail": ...}`.
     let compat = Router::new()
@@ -64,6 +74,10 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/jupyter/files/{name}", get(jupyter_compat::download))
         .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
         .layer(axum::middleware::from_fn_with_state(access.clone(), auth::require_key))
+        .route(
+            "/jupyter/files/signed/{expires}/{signature}/{name}",
+            get(jupyter_compat::download_signed).layer(key_or_link(LinkForm::JupyterPath)),
+        )
         .route("/health", get(jupyter_compat::health_root))
         .route("/jupyter/health", get(jupyter_compat::health))
         .layer(axum::middleware::map_response(compat::detail_errors));
@@ -91,7 +105,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics_text))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .merge(docs::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /docs") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -114,7 +128,8 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
             let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
             let session_id =
                 req.uri().path().strip_prefix("/v1/sessions/").and_then(|p| p.split('/').next()).unwrap_or("");
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id, session_id)
+            let path = signed::loggable_path(req.uri().path());
+            tracing::info_span!("request", method = %req.method(), path = %path, request_id, session_id)
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

@@ -1,5 +1,5 @@
-//! What every handler can reach: the session manager and the `/jupyter` API's file store, shared by the
-//! router with each request; and [`Caller`], the same for one request's owner.
+//! What every handler can reach: the session manager, the `/jupyter` API's file store and the signer of
+//! file links, shared by the router with each request; and [`Caller`], the same for one request's owner.
 
 use std::sync::Arc;
 
@@ -8,6 +8,7 @@ use axum::extract::FromRequestParts;
 use axum::extract::rejection::ExtensionRejection;
 use axum::http::request::Parts;
 
+use crate::links::UrlSigner;
 use crate::session::{Owner, SessionManager};
 use crate::store::FileStore;
 
@@ -17,6 +18,8 @@ pub struct AppState {
     pub manager: Arc<SessionManager>,
     /// The `/jupyter` API's files.
     pub store: Arc<FileStore>,
+    /// Signs the file URLs handlers return; `None`: links are not signed.
+    pub links: Option<Arc<UrlSigner>>,
 }
 
 /// The manager and the store, acting for the request's [`Owner`] (which the key check, `auth::require_key`,
@@ -27,6 +30,8 @@ pub struct Caller {
     pub store: Arc<FileStore>,
     /// Whose sessions and files these are: a digest of the request's API key.
     pub owner: Owner,
+    /// Signs the file URLs handlers return; `None`: links are not signed.
+    pub links: Option<Arc<UrlSigner>>,
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -35,6 +40,6 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Extension(owner) = Extension::<Owner>::from_request_parts(parts, state).await?;
-        Ok(Caller { manager: state.manager.clone(), store: state.store.clone(), owner })
+        Ok(Caller { manager: state.manager.clone(), store: state.store.clone(), owner, links: state.links.clone() })
     }
 }

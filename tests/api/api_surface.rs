@@ -132,6 +132,7 @@ async fn docker_unreachable_is_a_503_that_says_so() {
         api_keys: vec![],
         http: http(&[]).validate().unwrap(),
         files: files_store(&[]).validate().unwrap(),
+        links: signed_urls(&[]).validate().unwrap(),
         shutdown_grace: std::time::Duration::from_secs(1),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,5 +1,6 @@
 //! The Jupyter Kernel Gateway's REST API as a Jupyter server calls it (`Authorization: token <key>`):
-//! kernelspecs, start, list, get, interrupt, restart, delete; a kernel is a session of its key.
+//! kernelspecs, start, list, get, interrupt, restart, delete; a kernel is a session of its key; `python3`,
+//! Jupyter's own name for Python, is the python language under that name.
 
 use serde_json::{Value, json};
 
@@ -25,12 +26,14 @@ async fn a_jupyter_server_lists_specs_and_starts_interrupts_restarts_and_ends_a_
     assert_eq!(status, 401);
 
     let (_, specs) = call(&app, M::GET, "/api/kernelspecs", "gw-a", None).await;
-    assert_eq!(specs["default"], "python");
+    assert_eq!(specs["default"], "python3", "Jupyter's own default name");
     let specs = specs["kernelspecs"].as_object().unwrap();
-    for name in ["python", "python_scientific", "javascript", "typescript", "java", "bash"] {
+    for name in ["python3", "python", "python_scientific", "javascript", "typescript", "java", "bash"] {
+        assert_eq!(specs[name]["name"], name);
         assert!(specs[name]["spec"]["display_name"].is_string(), "{name}");
         assert!(specs[name]["spec"]["language"].is_string(), "{name}");
     }
+    assert_eq!(specs["python3"]["spec"]["language"], "python");
 
     let (status, kernel) =
         call(&app, M::POST, "/api/kernels", "gw-a", Some(json!({"name": "python", "env": {"KERNEL_USERNAME": "me"}})))
@@ -58,5 +61,42 @@ async fn a_jupyter_server_lists_specs_and_starts_interrupts_restarts_and_ends_a_
     assert_eq!(status, 204);
     let (status, _) = call(&app, M::GET, &format!("/api/kernels/{id}"), "gw-a", None).await;
     assert_eq!(status, 404);
+    assert!(app.containers().await.is_empty(), "its container is gone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python3_starts_a_python_kernel_reported_as_python3() {
+    let app = spawn_app_with(AppOptions { api_keys: vec!["gw-py3".into()], ..Default::default() }).await;
+    use reqwest::Method as M;
+    let (status, kernel) = call(&app, M::POST, "/api/kernels", "gw-py3", Some(json!({"name": "python3"}))).await;
+    assert_eq!(status, 201, "{kernel}");
+    assert_eq!(kernel["name"], "python3");
+    let id = kernel["id"].as_str().unwrap().to_owned();
+    let (_, got) = call(&app, M::GET, &format!("/api/kernels/{id}"), "gw-py3", None).await;
+    assert_eq!(got["name"], "python3", "{got}");
+    let (_, listed) = call(&app, M::GET, "/api/kernels", "gw-py3", None).await;
+    assert_eq!(listed.as_array().unwrap().iter().find(|k| k["id"] == id.as_str()).unwrap()["name"], "python3");
+
+    // It is the python language: its session says so, and it runs Python 3.
+    let session = id.replace('-', "")[..24].to_owned();
+    let r = app.client.get(app.url(&format!("/v1/sessions/{session}"))).bearer_auth("gw-py3").send().await.unwrap();
+    let info: Value = r.json().await.unwrap();
+    assert_eq!(info["language"], "python", "{info}");
+    assert_eq!(info["kernel"]["language"], "python", "{info}");
+    let r = app
+        .client
+        .post(app.url(&format!("/v1/sessions/{session}/execute")))
+        .bearer_auth("gw-py3")
+        .json(&json!({"code": "import sys\nprint(sys.version_info[0], 6 * 7)"}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["stdout"], "3 42\n", "{v}");
+    // A restart keeps the name.
+    let (status, restarted) = call(&app, M::POST, &format!("/api/kernels/{id}/restart"), "gw-py3", None).await;
+    assert_eq!((status, &restarted["name"]), (200, &json!("python3")), "{restarted}");
+    let (status, _) = call(&app, M::DELETE, &format!("/api/kernels/{id}"), "gw-py3", None).await;
+    assert_eq!(status, 204);
     assert!(app.containers().await.is_empty(), "its container is gone");
 }

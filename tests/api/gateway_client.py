@@ -1,6 +1,7 @@
 """A Jupyter front end's part, played against a real Jupyter server (PyPI `jupyter_server`) that runs its
 kernels on kernelbox (`--gateway-url`): the server's REST API to start, interrupt, restart and end kernels,
-and its kernel WebSocket (which the server relays to kernelbox's) to run cells, as JupyterLab does.
+and its kernel WebSocket (which the server relays to kernelbox's) to run cells, as JupyterLab does; and a
+notebook saved elsewhere (kernelspec `python3`, as most notebooks say) opened as JupyterLab opens one.
 
 Usage: gateway_client.py <jupyter server base URL> <its token>
 Prints one JSON report on its last line; the Rust test asserts on it.
@@ -65,6 +66,14 @@ class Channels:
             raise ConnectionError("the WebSocket closed")
         return json.loads(raw)
 
+    async def language(self):
+        """The kernel's language, as its `kernel_info_reply` names it."""
+        info_id = await self.send("shell", "kernel_info_request", {})
+        while True:
+            msg = await self.recv()
+            if msg["msg_type"] == "kernel_info_reply" and msg["parent_header"]["msg_id"] == info_id:
+                return msg["content"]["language_info"]["name"]
+
     async def run(self, code, on_message=None, timeout=120):
         """Runs a cell; returns its reply, outputs and the message types seen, once the kernel is idle."""
         content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
@@ -110,12 +119,7 @@ async def python_scientific(report):
     report["model"] = {"status": status, "name": model.get("name"), "execution_state": model.get("execution_state")}
 
     ch = await Channels(kid).open()
-    info_id = await ch.send("shell", "kernel_info_request", {})
-    while True:
-        msg = await ch.recv()
-        if msg["msg_type"] == "kernel_info_reply" and msg["parent_header"]["msg_id"] == info_id:
-            report["language"] = msg["content"]["language_info"]["name"]
-            break
+    report["language"] = await ch.language()
 
     cell = await ch.run("x = 6 * 7\nprint('hello through jupyter_server')\nx")
     report["hello"] = {"status": cell["reply"]["status"], "text": text_of(cell["outputs"]), "seen": cell["seen"]}
@@ -168,12 +172,59 @@ async def bash(report):
     report["bash"]["delete_status"] = rest("DELETE", f"/api/kernels/{kid}")[0]
 
 
+# A notebook written by a stock Jupyter install: its kernelspec is Jupyter's own `python3`.
+LEGACY_NOTEBOOK = {
+    "nbformat": 4, "nbformat_minor": 5,
+    "metadata": {
+        "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+        "language_info": {"name": "python"},
+    },
+    "cells": [{"cell_type": "code", "id": "c1", "metadata": {}, "execution_count": None, "outputs": [],
+               "source": "import sys\nprint(sys.version_info[0], 6 * 7)"}],
+}
+
+
+async def notebook_python3(report):
+    """Uploads a notebook whose kernelspec is `python3`, opens it as JupyterLab does (a session with the
+    notebook's kernel name) and runs its cell; then a session that names no kernel gets the default."""
+    status, _ = rest("PUT", "/api/contents/legacy.ipynb", {"type": "notebook", "format": "json", "content": LEGACY_NOTEBOOK})
+    out = {"upload_status": status}
+    status, model = rest("GET", "/api/contents/legacy.ipynb")
+    name = model["content"]["metadata"]["kernelspec"]["name"]
+    status, session = rest("POST", "/api/sessions", {"path": "legacy.ipynb", "type": "notebook", "name": "legacy.ipynb",
+                                                     "kernel": {"name": name}})
+    out["session_status"] = status
+    if status != 201:
+        out["session_error"] = session
+        report["notebook"] = out
+        return
+    out["kernel_name"] = session["kernel"]["name"]
+    kid = session["kernel"]["id"]
+    ch = await Channels(kid).open()
+    out["language"] = await ch.language()
+    cell = await ch.run(LEGACY_NOTEBOOK["cells"][0]["source"])
+    out["status"] = cell["reply"]["status"]
+    out["text"] = text_of(cell["outputs"])
+    ch.close()
+    out["delete_status"] = rest("DELETE", f"/api/sessions/{session['id']}")[0]
+
+    # Nothing named: the server starts its default kernel, which kernelbox's kernelspecs set to `python3`.
+    status, console = rest("POST", "/api/sessions", {"path": "scratch", "type": "console", "name": "scratch"})
+    out["default_status"] = status
+    out["default_kernel_name"] = console["kernel"]["name"] if status == 201 else console
+    if status == 201:
+        out["default_delete_status"] = rest("DELETE", f"/api/sessions/{console['id']}")[0]
+    report["notebook"] = out
+
+
 async def main():
     report = {}
     status, specs = rest("GET", "/api/kernelspecs")
     report["kernelspecs"] = sorted(specs["kernelspecs"]) if status == 200 else specs
+    report["default_kernelspec"] = specs.get("default") if status == 200 else None
     await python_scientific(report)
     await bash(report)
+    await notebook_python3(report)
     print(json.dumps(report))
 
 

@@ -1,11 +1,13 @@
 //! kernelbox as the gateway of a real Jupyter server (PyPI `jupyter_server`, started with `--gateway-url`):
 //! through that server, `gateway_client.py` plays a front end: it starts a kernel, runs cells over the
 //! server's WebSocket, gets a matplotlib image, interrupts a long cell, restarts and ends the kernel, for
-//! python_scientific and bash. Every kernel was a kernelbox session, and none is left.
+//! python_scientific and bash; it opens a notebook saved elsewhere, whose kernelspec is Jupyter's own
+//! `python3`, and runs its cell; a session that names no kernel gets `python3` too. Every kernel was a
+//! kernelbox session, and none is left.
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::helpers::*;
 
@@ -92,9 +94,10 @@ async fn a_real_jupyter_server_runs_its_kernels_on_kernelbox() {
     eprintln!("what the front end saw through jupyter_server: {r}");
 
     let specs = r["kernelspecs"].as_array().unwrap();
-    for name in ["python", "python_scientific", "javascript", "typescript", "java", "bash"] {
+    for name in ["python3", "python", "python_scientific", "javascript", "typescript", "java", "bash"] {
         assert!(specs.iter().any(|s| s == name), "the server lists kernelbox's {name}: {specs:?}");
     }
+    assert_eq!(r["default_kernelspec"], "python3", "{r}");
     assert_eq!(r["start_status"], 201, "{r}");
     assert_eq!(r["listed"], true);
     assert_eq!(r["model"]["name"], "python_scientific");
@@ -126,6 +129,17 @@ async fn a_real_jupyter_server_runs_its_kernels_on_kernelbox() {
     assert_eq!(r["bash"]["status"], "ok");
     assert_eq!(r["bash"]["text"], "hello from bash\n42\n");
     assert_eq!(r["bash"]["delete_status"], 204);
+
+    let nb = &r["notebook"];
+    assert_eq!(nb["upload_status"], 201, "{r}");
+    assert_eq!(nb["session_status"], 201, "a python3 notebook opens (no \"kernel not found\"): {r}");
+    assert_eq!(nb["kernel_name"], "python3");
+    assert_eq!(nb["language"], "python");
+    assert_eq!(nb["status"], "ok", "{r}");
+    assert_eq!(nb["text"], "3 42\n");
+    assert_eq!(nb["delete_status"], 204);
+    assert_eq!((&nb["default_status"], &nb["default_kernel_name"]), (&json!(201), &json!("python3")), "{r}");
+    assert_eq!(nb["default_delete_status"], 204);
 
     assert!(
         eventually(Duration::from_secs(10), || async { app.containers().await.is_empty() }).await,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use kernelbox::config::{Cli, Command, FileStoreArgs, HttpArgs, LimitArgs, PackageArgs};
+use kernelbox::config::{Cli, Command, FileStoreArgs, HttpArgs, LimitArgs, PackageArgs, SignedUrlArgs};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::ImageBuilder;
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -98,11 +98,18 @@ pub fn files_store(overrides: &[&str]) -> FileStoreArgs {
     serve_args(overrides).files
 }
 
+/// Default signed-URL settings, with the given `--flag value` overrides.
+pub fn signed_urls(overrides: &[&str]) -> SignedUrlArgs {
+    serve_args(overrides).links
+}
+
 pub struct AppOptions {
     pub limits: LimitArgs,
     pub packages: PackageArgs,
     pub http: HttpArgs,
     pub files: FileStoreArgs,
+    /// Signed file links (secret, longest lifetime).
+    pub links: SignedUrlArgs,
     pub api_keys: Vec<String>,
     pub keep_sessions: bool,
     /// Reuse an instance name and state directory (adoption tests).
@@ -126,6 +133,7 @@ impl Default for AppOptions {
             // Tests are quick clients, not abusers; the rate limit has its own tests.
             http: http(&["--rate-limit-per-minute", "0"]),
             files: files_store(&[]),
+            links: signed_urls(&[]),
             api_keys: vec![],
             keep_sessions: false,
             instance: None,
@@ -192,6 +200,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         api_keys: options.api_keys,
         http: options.http.validate().expect("valid test HTTP settings"),
         files: options.files.validate().expect("valid test file store settings"),
+        links: options.links.validate().expect("valid test signed-URL settings"),
         shutdown_grace: options.shutdown_grace,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
