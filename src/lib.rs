@@ -12,6 +12,7 @@
 //! - [`reaper`] — the scheduler jobs that remove idle sessions and expired stored files.
 //! - [`telemetry`] — the log setup.
 //! - [`text`] — text helpers (terminal escapes out); a leaf that imports nothing of the crate.
+//! - [`rate`] — token buckets keyed by API key or address, which every rate limit is made of; a leaf.
 
 pub mod api;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod images;
 pub mod kernel;
 pub mod packages;
+pub mod rate;
 pub mod reaper;
 pub mod runtime;
 pub mod session;
