@@ -112,14 +112,14 @@ impl From<SessionError> for ApiError {
             E::ImageMissing(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_missing"),
             E::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
             E::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
-            E::RateLimited(limited) => {
-                let code = match limited.limit {
+            E::RateLimited(limited) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                match limited.limit {
                     Limit::Creates => "create_rate_limited",
                     Limit::Installs => "install_rate_limited",
                     Limit::UploadBytes => "upload_rate_limited",
-                };
-                return ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message).retry_after(limited.retry_after);
-            }
+                },
+            ),
             E::Closing => (StatusCode::CONFLICT, "session_closing"),
             E::NoInputWaiting => (StatusCode::CONFLICT, "no_input_waiting"),
             E::KernelStart(_) => (StatusCode::SERVICE_UNAVAILABLE, "kernel_start_failed"),
@@ -130,6 +130,46 @@ impl From<SessionError> for ApiError {
             E::Package(p) => package_status(p),
             E::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        ApiError::new(status, code, message)
+        let retry_after = match &e {
+            E::RateLimited(limited) => Some(limited.retry_after),
+            _ => None,
+        };
+        ApiError { status, code, message, retry_after }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::compat::DetailError;
+    use crate::rate::RateLimit;
+    use crate::session::costs::Limited;
+
+    async fn parts(r: Response) -> (StatusCode, String, serde_json::Value) {
+        let retry_after =
+            r.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let status = r.status();
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        (status, retry_after, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_limit_met_is_a_429_with_retry_after_naming_the_limit_in_both_shapes() {
+        let limited = || {
+            SessionError::from(Limited {
+                limit: Limit::Installs,
+                rate: RateLimit { per_minute: 120, burst: 60 },
+                retry_after: Duration::from_millis(2500),
+            })
+        };
+        let (status, retry_after, v) = parts(ApiError::from(limited()).into_response()).await;
+        assert_eq!((status, retry_after.as_str()), (StatusCode::TOO_MANY_REQUESTS, "3"));
+        assert_eq!(v["error"]["code"], "install_rate_limited");
+        assert!(v["error"]["message"].as_str().unwrap().starts_with("too many package installs for this API key"));
+        let (status, retry_after, v) = parts(DetailError::from(limited()).into_response()).await;
+        assert_eq!((status, retry_after.as_str()), (StatusCode::TOO_MANY_REQUESTS, "3"));
+        assert!(v["detail"].as_str().unwrap().starts_with("too many package installs"), "{v}");
+        let (_, retry_after, _) = parts(ApiError::from(SessionError::QueueFull(8)).into_response()).await;
+        assert_eq!(retry_after, "", "only a limit with a refill says when to retry");
     }
 }
