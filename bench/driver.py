@@ -259,7 +259,8 @@ class Kernelbox:
         logf = open(os.path.join(WORK, f"kernelbox-{'pool' if self.pool else 'cold'}.log"), "ab")
         args = [
             KB_BIN, "serve", "--listen", f"127.0.0.1:{KB_PORT}", "--instance", INSTANCE, "--state-dir", state,
-            "--rate-limit-per-minute", "0", "--max-sessions", "400", "--max-sessions-per-owner", "400",
+            # Density creates 200 sessions as fast as the host boots them: more than one key may by default.
+            "--create-limit-per-minute", "0", "--max-sessions", "400", "--max-sessions-per-owner", "400",
             "--pool", f"python={self.pool}" if self.pool else "none",
         ]
         env = dict(ENV, KERNELBOX_LOG="warn")

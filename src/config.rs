@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::rate::RateLimit;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "kernelbox",
@@ -201,12 +203,19 @@ impl PackageArgs {
 /// How the HTTP API defends itself against abusive clients.
 #[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
-    /// Requests per minute per API key (per client IP when no keys are configured); 0 disables the limit.
-    #[arg(long, env = "KERNELBOX_RATE_LIMIT_PER_MINUTE", default_value_t = 600)]
-    pub rate_limit_per_minute: u32,
+    /// Requests of any kind per minute per API key (per client IP when no keys are configured); 0, the
+    /// default, turns this limit off (what costs has limits of its own: --create-limit-per-minute, ...).
+    #[arg(long, env = "KERNELBOX_RATE_LIMIT_PER_MINUTE", default_value_t = 0)]
+    pub rate_limit_per_minute: u64,
     /// Requests a key may make at once, above its per-minute rate, before it is slowed down.
     #[arg(long, env = "KERNELBOX_RATE_LIMIT_BURST", default_value_t = 60)]
-    pub rate_limit_burst: u32,
+    pub rate_limit_burst: u64,
+    /// MCP sessions held at once, all keys together (an idle one is closed after 10 minutes).
+    #[arg(long, env = "KERNELBOX_MAX_MCP_SESSIONS", default_value_t = 1024)]
+    pub max_mcp_sessions: usize,
+    /// MCP sessions one API key may hold; past it, its least recently used idle one is closed.
+    #[arg(long, env = "KERNELBOX_MAX_MCP_SESSIONS_PER_KEY", default_value_t = 256)]
+    pub max_mcp_sessions_per_key: usize,
     /// Seconds a client has to send a request's headers; idle keep-alive connections close after it too.
     #[arg(long, env = "KERNELBOX_HEADER_READ_TIMEOUT_S", default_value_t = 15)]
     pub header_read_timeout_s: u64,
@@ -303,17 +312,26 @@ impl SignedUrlArgs {
 /// The checked HTTP settings.
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
-    /// `None`: no rate limit.
+    /// The request limit; `None`: off.
     pub rate_limit: Option<RateLimit>,
+    pub mcp_sessions: McpSessionLimits,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
 }
 
-/// A token bucket: `burst` requests at once, refilled at `per_minute`.
+/// How many MCP sessions are held at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    pub per_minute: u32,
-    pub burst: u32,
+pub struct McpSessionLimits {
+    pub total: usize,
+    pub per_key: usize,
+}
+
+/// The per-key limits on what costs (`None`: that limit is off); upload amounts in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CostLimits {
+    pub creates: Option<RateLimit>,
+    pub installs: Option<RateLimit>,
+    pub upload_bytes: Option<RateLimit>,
 }
 
 impl ServeArgs {
@@ -336,15 +354,27 @@ impl HttpArgs {
                     .into(),
             ));
         }
-        if self.rate_limit_per_minute > 0 && self.rate_limit_burst == 0 {
-            return Err(ConfigError("--rate-limit-burst must be at least 1 when a rate limit is set".into()));
+        if self.max_mcp_sessions == 0 || self.max_mcp_sessions_per_key == 0 {
+            return Err(ConfigError("--max-mcp-sessions and --max-mcp-sessions-per-key must be at least 1".into()));
         }
         Ok(HttpLimits {
-            rate_limit: (self.rate_limit_per_minute > 0)
-                .then_some(RateLimit { per_minute: self.rate_limit_per_minute, burst: self.rate_limit_burst }),
+            rate_limit: rate_limit("--rate-limit", self.rate_limit_per_minute, self.rate_limit_burst)?,
+            mcp_sessions: McpSessionLimits {
+                total: self.max_mcp_sessions,
+                per_key: self.max_mcp_sessions_per_key.min(self.max_mcp_sessions),
+            },
             header_read_timeout: Duration::from_secs(self.header_read_timeout_s),
             body_read_timeout: Duration::from_secs(self.body_read_timeout_s),
         })
+    }
+}
+
+/// A token bucket from its two flags (`<flag>-per-minute`, `<flag>-burst`): `None` when the rate is 0.
+fn rate_limit(flag: &str, per_minute: u64, burst: u64) -> Result<Option<RateLimit>, ConfigError> {
+    match (per_minute, burst) {
+        (0, _) => Ok(None),
+        (_, 0) => Err(ConfigError(format!("{flag}-burst must be at least 1 when {flag}-per-minute is set"))),
+        (per_minute, burst) => Ok(Some(RateLimit { per_minute, burst })),
     }
 }
 
@@ -402,6 +432,26 @@ pub struct LimitArgs {
     /// How often the idle reaper runs, seconds.
     #[arg(long, env = "KERNELBOX_REAP_INTERVAL_S", default_value_t = 30)]
     pub reap_interval_s: u64,
+    /// Sessions one API key may create per minute (every API's creates, `/jupyter/execute`'s included);
+    /// 0 turns the limit off.
+    #[arg(long, env = "KERNELBOX_CREATE_LIMIT_PER_MINUTE", default_value_t = 120)]
+    pub create_limit_per_minute: u64,
+    /// Creates one API key may make at once, above its per-minute rate.
+    #[arg(long, env = "KERNELBOX_CREATE_LIMIT_BURST", default_value_t = 60)]
+    pub create_limit_burst: u64,
+    /// Package installs one API key may run per minute; 0 turns the limit off.
+    #[arg(long, env = "KERNELBOX_INSTALL_LIMIT_PER_MINUTE", default_value_t = 120)]
+    pub install_limit_per_minute: u64,
+    /// Installs one API key may run at once, above its per-minute rate.
+    #[arg(long, env = "KERNELBOX_INSTALL_LIMIT_BURST", default_value_t = 60)]
+    pub install_limit_burst: u64,
+    /// MiB one API key may upload per minute (into sessions and the `/jupyter` file store); 0 turns the
+    /// limit off.
+    #[arg(long, env = "KERNELBOX_UPLOAD_LIMIT_MB_PER_MINUTE", default_value_t = 1024)]
+    pub upload_limit_mb_per_minute: u64,
+    /// MiB one API key may upload at once, above its per-minute rate (never less than --max-upload-mb).
+    #[arg(long, env = "KERNELBOX_UPLOAD_LIMIT_MB_BURST", default_value_t = 1024)]
+    pub upload_limit_mb_burst: u64,
 }
 
 /// The checked session limits the service runs with.
@@ -426,6 +476,8 @@ pub struct Limits {
     pub interrupt_grace: Duration,
     pub start_timeout: Duration,
     pub reap_interval: Duration,
+    /// Per-key limits on what costs: creates, installs, upload bytes.
+    pub costs: CostLimits,
 }
 
 /// A configuration value that cannot work.
@@ -458,6 +510,16 @@ impl LimitArgs {
         check(self.output_limit_bytes >= 1024, "--output-limit-bytes must be at least 1024")?;
         check(self.max_upload_mb >= 1, "--max-upload-mb must be at least 1")?;
         check(self.reap_interval_s >= 1, "--reap-interval-s must be at least 1")?;
+        let costs = CostLimits {
+            creates: rate_limit("--create-limit", self.create_limit_per_minute, self.create_limit_burst)?,
+            installs: rate_limit("--install-limit", self.install_limit_per_minute, self.install_limit_burst)?,
+            upload_bytes: rate_limit(
+                "--upload-limit-mb",
+                self.upload_limit_mb_per_minute.saturating_mul(1 << 20),
+                // An upload of the largest size always fits in a full bucket.
+                self.upload_limit_mb_burst.max(self.max_upload_mb).saturating_mul(1 << 20),
+            )?,
+        };
         let s = Duration::from_secs;
         Ok(Limits {
             default_memory_mb: self.default_memory_mb,
@@ -479,6 +541,7 @@ impl LimitArgs {
             interrupt_grace: s(self.interrupt_grace_s),
             start_timeout: s(self.start_timeout_s),
             reap_interval: s(self.reap_interval_s),
+            costs,
         })
     }
 }
@@ -576,12 +639,36 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_limit_is_on_by_default_and_zero_turns_it_off() {
+    fn what_costs_is_limited_by_default_every_request_only_when_asked_and_zero_turns_a_limit_off() {
         let http = serve(&[]).http.validate().unwrap();
-        assert_eq!(http.rate_limit, Some(RateLimit { per_minute: 600, burst: 60 }));
-        assert_eq!(serve(&["--rate-limit-per-minute", "0"]).http.validate().unwrap().rate_limit, None);
-        assert!(serve(&["--rate-limit-burst", "0"]).http.validate().is_err());
+        assert_eq!(http.rate_limit, None, "executes, reads and lists are not rate-limited by default");
+        assert_eq!(http.mcp_sessions, McpSessionLimits { total: 1024, per_key: 256 });
+        let asked = serve(&["--rate-limit-per-minute", "600"]).http.validate().unwrap();
+        assert_eq!(asked.rate_limit, Some(RateLimit { per_minute: 600, burst: 60 }));
+        assert!(serve(&["--rate-limit-per-minute", "600", "--rate-limit-burst", "0"]).http.validate().is_err());
         assert!(serve(&["--header-read-timeout-s", "0"]).http.validate().is_err());
+        assert!(serve(&["--max-mcp-sessions-per-key", "0"]).http.validate().is_err());
+
+        let costs = serve(&[]).limits.validate().unwrap().costs;
+        assert_eq!(costs.creates, Some(RateLimit { per_minute: 120, burst: 60 }));
+        assert_eq!(costs.installs, Some(RateLimit { per_minute: 120, burst: 60 }));
+        assert_eq!(costs.upload_bytes, Some(RateLimit { per_minute: 1 << 30, burst: 1 << 30 }));
+        let off = serve(&[
+            "--create-limit-per-minute",
+            "0",
+            "--install-limit-per-minute",
+            "0",
+            "--upload-limit-mb-per-minute",
+            "0",
+        ]);
+        assert_eq!(
+            off.limits.validate().unwrap().costs,
+            CostLimits { creates: None, installs: None, upload_bytes: None }
+        );
+        let e = serve(&["--create-limit-burst", "0"]).limits.validate().unwrap_err();
+        assert!(e.to_string().contains("--create-limit-burst"), "{e}");
+        let small = serve(&["--upload-limit-mb-burst", "50", "--max-upload-mb", "200"]).limits.validate().unwrap();
+        assert_eq!(small.costs.upload_bytes.unwrap().burst, 200 << 20, "the largest upload always fits");
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! The API's error type and its JSON shape: `{"error": {"code", "message"}}`. A client's mistake is a 4xx;
 //! a 5xx means a broken dependency (503, Docker down) or a bug (500), and is logged with its cause.
 
+use std::time::Duration;
+
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::packages::PackageError;
 use crate::runtime::RuntimeError;
 use crate::session::SessionError;
+use crate::session::costs::Limit;
 use crate::session::files::FileError;
 
 #[derive(Debug)]
@@ -16,6 +19,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// A limit that was met: how long until the request would pass (sent as `Retry-After`).
+    pub retry_after: Option<Duration>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -32,8 +37,23 @@ pub struct ErrorDetail {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), retry_after: None }
     }
+
+    /// The same error, telling the client to retry after `wait`.
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+}
+
+/// `response` with `Retry-After: <wait in whole seconds, at least 1>`.
+pub fn with_retry_after(mut response: Response, wait: Option<Duration>) -> Response {
+    if let Some(wait) = wait {
+        let secs = crate::rate::retry_after_secs(wait);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }
 
 impl IntoResponse for ApiError {
@@ -42,7 +62,7 @@ impl IntoResponse for ApiError {
             tracing::error!(status = %self.status, code = self.code, message = %self.message, "request failed");
         }
         let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
-        (self.status, Json(body)).into_response()
+        with_retry_after((self.status, Json(body)).into_response(), self.retry_after)
     }
 }
 
@@ -92,6 +112,14 @@ impl From<SessionError> for ApiError {
             E::ImageMissing(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_missing"),
             E::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
             E::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            E::RateLimited(limited) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                match limited.limit {
+                    Limit::Creates => "create_rate_limited",
+                    Limit::Installs => "install_rate_limited",
+                    Limit::UploadBytes => "upload_rate_limited",
+                },
+            ),
             E::Closing => (StatusCode::CONFLICT, "session_closing"),
             E::NoInputWaiting => (StatusCode::CONFLICT, "no_input_waiting"),
             E::KernelStart(_) => (StatusCode::SERVICE_UNAVAILABLE, "kernel_start_failed"),
@@ -102,6 +130,46 @@ impl From<SessionError> for ApiError {
             E::Package(p) => package_status(p),
             E::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        ApiError { status, code, message }
+        let retry_after = match &e {
+            E::RateLimited(limited) => Some(limited.retry_after),
+            _ => None,
+        };
+        ApiError { status, code, message, retry_after }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::compat::DetailError;
+    use crate::rate::RateLimit;
+    use crate::session::costs::Limited;
+
+    async fn parts(r: Response) -> (StatusCode, String, serde_json::Value) {
+        let retry_after =
+            r.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let status = r.status();
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        (status, retry_after, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_limit_met_is_a_429_with_retry_after_naming_the_limit_in_both_shapes() {
+        let limited = || {
+            SessionError::from(Limited {
+                limit: Limit::Installs,
+                rate: RateLimit { per_minute: 120, burst: 60 },
+                retry_after: Duration::from_millis(2500),
+            })
+        };
+        let (status, retry_after, v) = parts(ApiError::from(limited()).into_response()).await;
+        assert_eq!((status, retry_after.as_str()), (StatusCode::TOO_MANY_REQUESTS, "3"));
+        assert_eq!(v["error"]["code"], "install_rate_limited");
+        assert!(v["error"]["message"].as_str().unwrap().starts_with("too many package installs for this API key"));
+        let (status, retry_after, v) = parts(DetailError::from(limited()).into_response()).await;
+        assert_eq!((status, retry_after.as_str()), (StatusCode::TOO_MANY_REQUESTS, "3"));
+        assert!(v["detail"].as_str().unwrap().starts_with("too many package installs"), "{v}");
+        let (_, retry_after, _) = parts(ApiError::from(SessionError::QueueFull(8)).into_response()).await;
+        assert_eq!(retry_after, "", "only a limit with a refill says when to retry");
     }
 }

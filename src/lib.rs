@@ -13,6 +13,7 @@
 //! - [`reaper`] — the scheduler jobs that remove idle sessions and expired stored files.
 //! - [`telemetry`] — the log setup.
 //! - [`text`] — text helpers (terminal escapes out); a leaf that imports nothing of the crate.
+//! - [`rate`] — token buckets keyed by API key or address, which every rate limit is made of; a leaf.
 
 pub mod api;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod images;
 pub mod kernel;
 pub mod links;
 pub mod packages;
+pub mod rate;
 pub mod reaper;
 pub mod runtime;
 pub mod session;

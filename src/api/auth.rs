@@ -1,13 +1,13 @@
 //! API keys: `Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant time. The owner of
-//! a session is a digest of the key that made it. The rate limit is applied here, once the key is known
-//! to be valid.
+//! a session is a digest of the key that made it. The request limit (off by default) is applied here,
+//! once the key is known to be valid.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ring::digest;
@@ -97,12 +97,13 @@ fn sha256(s: &str) -> [u8; 32] {
 #[derive(Clone)]
 pub struct Access {
     pub keys: Keys,
-    /// `None`: no rate limit.
+    /// The request limit; `None`: off (the default).
     pub limiter: Option<Arc<RateLimiter>>,
 }
 
 /// Middleware: puts the request's [`Owner`] into its extensions, or answers 401; then spends a token of
-/// the caller's bucket (the key's, or the client address's without keys), or answers 429.
+/// the caller's bucket (the key's, or the client address's without keys) when the request limit is on,
+/// or answers 429.
 pub async fn require_key(State(access): State<Access>, mut req: Request, next: Next) -> Response {
     let owner = match access.keys.owner(req.headers()) {
         Ok(owner) => owner,
@@ -123,7 +124,7 @@ impl Access {
     /// Spends a token of `bucket`; when there is none, the 429 to answer (`who` names the bucket in it).
     fn spend(&self, bucket: &str, who: &str) -> Option<Response> {
         let limiter = self.limiter.as_ref()?;
-        limiter.check(bucket, Instant::now()).err().map(|wait| too_many_requests(limiter, wait, who))
+        limiter.check(bucket, who, Instant::now()).err().map(IntoResponse::into_response)
     }
 
     /// Spends a token of the bucket of the request's client address (IPv6: its /64); when there is none,
@@ -135,22 +136,6 @@ impl Access {
         };
         self.spend(&bucket, "client address")
     }
-}
-
-fn too_many_requests(limiter: &RateLimiter, wait: std::time::Duration, who: &str) -> Response {
-    let limit = limiter.limit();
-    let retry_after = wait.as_secs_f64().ceil().max(1.0) as u64;
-    let mut response = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        format!(
-            "too many requests: at most {} a minute (bursts of {}) per {who}; retry after {retry_after} s",
-            limit.per_minute, limit.burst
-        ),
-    )
-    .into_response();
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-    response
 }
 
 #[cfg(test)]

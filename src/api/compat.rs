@@ -32,6 +32,8 @@ const QUOTE_LIMIT: usize = 64 * 1024;
 pub struct DetailError {
     pub status: StatusCode,
     pub detail: String,
+    /// A limit that was met: how long until the request would pass (sent as `Retry-After`).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -42,7 +44,7 @@ pub struct DetailBody {
 
 impl DetailError {
     pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
-        DetailError { status, detail: detail.into() }
+        DetailError { status, detail: detail.into(), retry_after: None }
     }
 
     pub fn invalid(detail: impl Into<String>) -> Self {
@@ -55,13 +57,16 @@ impl IntoResponse for DetailError {
         if self.status.is_server_error() {
             tracing::error!(status = %self.status, detail = %self.detail, "request failed");
         }
-        (self.status, Json(DetailBody { detail: self.detail })).into_response()
+        crate::error::with_retry_after(
+            (self.status, Json(DetailBody { detail: self.detail })).into_response(),
+            self.retry_after,
+        )
     }
 }
 
 impl From<ApiError> for DetailError {
     fn from(e: ApiError) -> Self {
-        DetailError { status: e.status, detail: e.message }
+        DetailError { status: e.status, detail: e.message, retry_after: e.retry_after }
     }
 }
 

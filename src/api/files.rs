@@ -78,7 +78,7 @@ pub async fn download(caller: Caller, Path((id, path)): Path<(String, String)>) 
 
 /// Upload a file (the raw request body) into the session's working directory, creating the directories
 /// on the way. The file appears whole or not at all. Larger than the upload limit: 413; the session's disk
-/// full: 507.
+/// full: 507; the key's upload budget spent (`--upload-limit-mb-per-minute`): 429 with `Retry-After`.
 #[utoipa::path(put, path = "/v1/sessions/{id}/files/{path}", tag = "files",
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = Written), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -100,7 +100,7 @@ pub async fn upload(
             format!("the file is larger than the upload limit of {max} bytes"),
         ));
     }
-    let written = caller.manager.files().upload(&caller.owner, &id, &path, body.by_ref()).await;
+    let written = caller.manager.upload(&caller.owner, &id, &path, announced, body.by_ref()).await;
     if written.is_err() {
         // The client may still be sending: it should see the answer, not a reset.
         body::discard_rest(body, DRAIN_TIME);

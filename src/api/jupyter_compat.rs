@@ -398,6 +398,7 @@ async fn put(
         .decode(&encoded)
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&encoded))
         .map_err(|e| DetailError::invalid(format!("content is not base64: {e}")))?;
+    caller.manager.charge_upload(&caller.owner, content.len() as u64)?;
     let stored = keep(caller, &req.filename, &req.extension, content, lifetime).await?;
     Ok(Json(UploadResponse { url: file_url(caller, &base_url(headers), &stored) }))
 }

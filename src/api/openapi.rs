@@ -55,7 +55,8 @@ fn known_languages(openapi: &mut utoipa::openapi::OpenApi) {
 }
 
 /// What the middleware in front of every `/v1` and compatibility operation may answer, written once here
-/// rather than on each handler: the key (401), the rate limit (429 with `Retry-After`) and, with a body, the body limits.
+/// rather than on each handler: the key (401), the per-key limits (429 with `Retry-After`) and, with a body, the
+/// body limits.
 fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::security::SecurityRequirement;
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
@@ -92,7 +93,11 @@ fn guarded_responses(openapi: &mut utoipa::openapi::OpenApi) {
                 op.responses.responses.entry(status.to_owned()).or_insert_with(|| error(description).into());
             };
             add("401", "no API key, or not a valid one (when the server has keys)");
-            add("429", "too many requests for this API key (see `Retry-After`), or a limit of the server");
+            add(
+                "429",
+                "a limit of this API key (session creates, package installs, upload bytes, the request limit when \
+                 on: see `Retry-After`), or a limit of the server",
+            );
             let json_body = matches!(&op.request_body, Some(utoipa::openapi::RefOr::T(b)) if b.content.contains_key("application/json"));
             if path == "/mcp" {
                 // `/mcp` reads its own bodies (rmcp): its answers are listed on it.

@@ -22,7 +22,8 @@ pub struct InstallRequest {
 /// Install packages into the session. The session itself has no network: wheels are fetched by a
 /// short-lived fetcher container into a shared cache (unless the cache has them already) and installed
 /// from it. After it, the packages import in the running kernel without a restart. 200 carries the
-/// outcome per package (`ok: false` when the install failed; the session then keeps what it had).
+/// outcome per package (`ok: false` when the install failed; the session then keeps what it had). Installs
+/// per API key are limited (`--install-limit-per-minute`): past it, 429 with `Retry-After`.
 #[utoipa::path(post, path = "/v1/sessions/{id}/packages", request_body = InstallRequest, tag = "sessions",
     responses((status = 200, body = InstallReport), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 504, body = ErrorBody)))]

@@ -24,8 +24,9 @@ use crate::error::ApiError;
 /// The largest request body we read (code and uploads).
 const BODY_LIMIT: usize = 16 * 1024 * 1024;
 
-/// The API: `/v1` behind the API key, the rate limit and the body limits (in that order, so a stranger
-/// neither spends a key's budget nor gets a body read), the rest open; every error in the JSON shape.
+/// The API: `/v1` behind the API key, the request limit (when on) and the body limits (in that order, so a
+/// stranger neither spends a key's budget nor gets a body read), the rest open; every error in the JSON
+/// shape.
 pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
     let owners: Arc<[crate::session::Owner]> = keys.owners().into();
     let access = auth::Access { keys, limiter: http.rate_limit.map(|l| Arc::new(rate_limit::RateLimiter::new(l))) };
@@ -92,9 +93,12 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/api/kernels/{id}/channels", get(kernel_ws::channels))
         .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
         .layer(axum::middleware::from_fn_with_state(access.clone(), auth::require_key));
-    // MCP for agents: the same keys and rate limit; rmcp reads (and bounds) its own bodies.
+    // MCP for agents: the same keys and limits; rmcp reads (and bounds) its own bodies; its MCP sessions
+    // are bounded per key and in total, and counted in /metrics.
+    let mcp_sessions = Arc::new(mcp::BoundedSessions::new(http.mcp_sessions));
     let mcp = Router::new()
-        .route_service("/mcp", mcp::service(state.manager.clone()))
+        .route_service("/mcp", mcp::service(state.manager.clone(), mcp_sessions.clone()))
+        .layer(axum::middleware::from_fn(mcp::bounded))
         .layer(axum::middleware::map_response(mcp::deleted_is_no_content))
         .layer(axum::middleware::from_fn_with_state(access, auth::require_key));
     Router::new()
@@ -104,7 +108,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .merge(mcp)
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
-        .route("/metrics", get(system::metrics_text))
+        .route("/metrics", get(move |state| system::metrics_text(state, mcp_sessions)))
         .merge(docs::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /docs") })
         .method_not_allowed_fallback(|| async {

@@ -9,7 +9,8 @@ use super::state::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::session::{SessionInfo, SessionRequest};
 
-/// Start a session: a private kernel in its own container. Returns once the kernel is ready.
+/// Start a session: a private kernel in its own container. Returns once the kernel is ready. 429: the
+/// key's session quota is full, or its creates per minute are spent (`Retry-After` says when to retry).
 #[utoipa::path(post, path = "/v1/sessions", request_body = SessionRequest, tag = "sessions",
     responses((status = 201, body = SessionInfo), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create(

@@ -1,6 +1,6 @@
 //! Health, readiness, metrics and the language list.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::extract::State;
@@ -9,6 +9,7 @@ use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 
+use super::mcp::BoundedSessions;
 use super::state::AppState;
 use crate::images::catalog::{LABEL_DISPLAY_NAME, LABEL_LANGUAGE_VERSION};
 use crate::session::SessionStatus;
@@ -101,9 +102,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
-/// Prometheus metrics: sessions by language and state, executions, durations, container starts.
+/// Prometheus metrics: sessions by language and state, MCP sessions, executions, durations, container
+/// starts, limits met.
 #[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, content_type = "text/plain")))]
-pub async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics_text(State(state): State<AppState>, mcp_sessions: Arc<BoundedSessions>) -> impl IntoResponse {
+    metrics::gauge!("kernelbox_mcp_sessions").set(mcp_sessions.count() as f64);
     let census = state.manager.census();
     for lang in &state.manager.catalog().languages {
         for status in [

@@ -16,6 +16,9 @@ pub enum SessionError {
     ImageMissing(String),
     #[error("{0}")]
     TooMany(String),
+    /// A per-key limit on what costs (creates, installs, upload bytes) was met.
+    #[error(transparent)]
+    RateLimited(#[from] super::costs::Limited),
     #[error("too many executions are waiting on this session (at most {0}); retry when one finishes")]
     QueueFull(usize),
     #[error("no execution of this session is waiting for input")]

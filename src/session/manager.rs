@@ -25,7 +25,9 @@ use crate::runtime::ContainerRuntime;
 
 use super::actor::Start;
 use super::boot::BootPlanner;
+use super::costs::{Costs, Limit};
 use super::error::SessionError;
+use super::files::Written;
 use super::handle::{PeerLink, Pending, Session};
 use super::installs::Installs;
 use super::launch::Launcher;
@@ -59,6 +61,8 @@ pub struct SessionManager {
     pool: Arc<WarmPool>,
     transfers: Transfers,
     installs: Installs,
+    /// The per-key limits on what costs: creates, installs, upload bytes.
+    costs: Costs,
     /// Tracks every task the manager's parts spawn, so shutdown waits for them.
     tracker: TaskTracker,
     /// Runs of the reaper never overlap (guards no data).
@@ -112,6 +116,7 @@ impl SessionManager {
                 max_upload_bytes: config.limits.max_upload_bytes,
             },
             installs: Installs { packages, planner, installed_dir: dirs.installed },
+            costs: Costs::new(&config.limits.costs),
             registry,
             config,
             tracker,
@@ -165,24 +170,25 @@ impl SessionManager {
         settings.notebook = extras.notebook;
         settings.mounts = extras.mounts;
         let language = settings.language.clone();
-        if self.pool.poolable(&settings) {
-            // A quota that is full fails here, before a pooled kernel is spent.
-            self.registry.check_admit(&owner, &self.config.limits)?;
-            if let Some(pooled) = self.pool.claim(&owner, &settings).await {
-                let (session, inbox) = self.launcher.new_session(pooled.id.clone(), owner, settings, pooled.created_at);
-                if let Err(e) = self.registry.reserve(&session, &self.config.limits) {
-                    self.pool.unclaim(pooled).await;
-                    return Err(e);
-                }
-                // In the registry now: it may leave the pool's members.
-                self.pool.release(&pooled.id);
-                let ready = self.launcher.spawn(session.clone(), inbox, Start::Ready(Box::new(pooled.host)));
-                Launcher::until_ready(&session, ready).await.map_err(|_| SessionError::Closing)??;
-                metrics::counter!("kernelbox_pool_hits_total", "language" => language.clone()).increment(1);
-                metrics::counter!("kernelbox_sessions_created_total", "language" => language).increment(1);
-                tracing::info!(session_id = %session.id, "session started from the pool");
-                return Ok(session.info());
+        // A quota that is full fails here, before a pooled kernel or a create of the key's budget is spent.
+        self.registry.check_admit(&owner, &self.config.limits)?;
+        self.costs.spend(&owner, Limit::Creates)?;
+        if self.pool.poolable(&settings)
+            && let Some(pooled) = self.pool.claim(&owner, &settings).await
+        {
+            let (session, inbox) = self.launcher.new_session(pooled.id.clone(), owner, settings, pooled.created_at);
+            if let Err(e) = self.registry.reserve(&session, &self.config.limits) {
+                self.pool.unclaim(pooled).await;
+                return Err(e);
             }
+            // In the registry now: it may leave the pool's members.
+            self.pool.release(&pooled.id);
+            let ready = self.launcher.spawn(session.clone(), inbox, Start::Ready(Box::new(pooled.host)));
+            Launcher::until_ready(&session, ready).await.map_err(|_| SessionError::Closing)??;
+            metrics::counter!("kernelbox_pool_hits_total", "language" => language.clone()).increment(1);
+            metrics::counter!("kernelbox_sessions_created_total", "language" => language).increment(1);
+            tracing::info!(session_id = %session.id, "session started from the pool");
+            return Ok(session.info());
         }
         let image_ref = self.launcher.planner.image_ref(&language);
         if self.runtime().image(&image_ref).await?.is_none() {
@@ -293,6 +299,31 @@ impl SessionManager {
         &self.transfers
     }
 
+    /// Writes a file a client sent into the session's working directory (at most the operator's upload
+    /// limit). The bytes count against the owner's upload budget: `size` (the announced size, else the
+    /// upload limit) is reserved first, and what the body did not carry is given back.
+    pub async fn upload<S, E>(
+        &self,
+        owner: &Owner,
+        id: &str,
+        path: &str,
+        size: Option<u64>,
+        body: S,
+    ) -> Result<Written, SessionError>
+    where
+        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let charge = self.costs.reserve_upload(owner, size.unwrap_or(self.config.limits.max_upload_bytes))?;
+        self.transfers.upload(owner, id, path, charge.count(body)).await
+    }
+
+    /// Counts `bytes` a client uploaded elsewhere (the `/jupyter` file store) against the owner's upload
+    /// budget.
+    pub fn charge_upload(&self, owner: &Owner, bytes: u64) -> Result<(), SessionError> {
+        Ok(self.costs.charge(owner, Limit::UploadBytes, bytes)?)
+    }
+
     /// Installs packages into a session (see `installs.rs`). Every spec is checked before anything runs;
     /// a failed install is a report with `ok: false`. The compatibility APIs call this too.
     pub async fn install_packages(
@@ -304,6 +335,7 @@ impl SessionManager {
         let session = self.registry.get(owner, id)?;
         let specs = self.installs.check(&session, requested)?;
         let transfer = self.transfers.begin(owner, id)?;
+        self.costs.spend(owner, Limit::Installs)?;
         self.installs.install(&session, &transfer.container, &specs).await
     }
 

@@ -2,7 +2,7 @@
 //! session is known by ([`handle`]), the task that runs its kernel ([`actor`]), the bridge between a
 //! container and its kernel ([`kernel_host`]) and the run directory the service owns for it
 //! ([`rundir`]), the Jupyter clients attached to a kernel ([`peers`]), the operator's rules as pure
-//! functions ([`policy`]), what an earlier run left behind ([`recovery`]) and the records adoption reads
+//! functions ([`policy`]), the per-key limits on what costs ([`costs`]), what an earlier run left behind ([`recovery`]) and the records adoption reads
 //! ([`records`]), and the plain data they share ([`model`]).
 //!
 //! Architecture invariant: this module never speaks HTTP and never calls bollard; it reaches Docker only
@@ -10,6 +10,7 @@
 
 pub mod actor;
 pub mod boot;
+pub mod costs;
 pub mod error;
 pub mod files;
 pub mod handle;

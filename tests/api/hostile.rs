@@ -1058,7 +1058,9 @@ async fn hostile_churn_of_sessions_leaves_nothing_behind() {
     let dir = scratch("kbt");
     let instance = new_instance("churn");
     let _guard = InstanceGuard(instance.clone());
-    let mut service = service_process(&instance, dir.path(), &["--max-sessions", "200"], &[]).await;
+    // Churn is the point here, not the per-key create limit (2 a second by default).
+    let args = ["--max-sessions", "200", "--create-limit-per-minute", "0"];
+    let mut service = service_process(&instance, dir.path(), &args, &[]).await;
     let api = Api::of_process(&service);
     let neighbour = api.start(json!({"language": "python"})).await;
     api.assert_alive(&neighbour, "before").await;

@@ -18,6 +18,7 @@ mod gateway_ws;
 mod hostile;
 mod languages;
 mod lifecycle;
+mod limits;
 mod mcp;
 mod notebooks;
 mod packages;

@@ -33,10 +33,15 @@ pub fn tool_error(message: String) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(message)])
 }
 
-/// A manager error as the model sees it: the message, which says what to do.
+/// A manager error as the model sees it: the message, which says what to do (for a limit that was met,
+/// when to retry, also as `retry_after_s`).
 pub fn failed(e: SessionError) -> CallToolResult {
     let api = crate::error::ApiError::from(e);
-    structured(api.message.clone(), json!({"error": {"code": api.code, "message": api.message}}), true)
+    let mut error = json!({"code": api.code, "message": api.message});
+    if let Some(wait) = api.retry_after {
+        error["retry_after_s"] = json!(crate::rate::retry_after_secs(wait));
+    }
+    structured(api.message.clone(), json!({ "error": error }), true)
 }
 
 fn image_mime(path: &str) -> Option<&'static str> {

@@ -14,19 +14,23 @@
 //! drops its pending execution, which interrupts the kernel. Long executions report progress
 //! notifications as output arrives, when the call carries a progress token.
 //!
-//! Bounds: request bodies (16 MiB, rmcp's own reader), MCP sessions held in memory ([`MAX_MCP_SESSIONS`],
-//! idle ones closed by rmcp after [`MCP_KEEP_ALIVE`]), downloads returned inline ([`MAX_DOWNLOAD_BYTES`]),
-//! progress messages ([`PROGRESS_TEXT`]).
+//! Bounds: request bodies (16 MiB, rmcp's own reader), MCP sessions held in memory (per API key and in
+//! total, `--max-mcp-sessions-per-key` and `--max-mcp-sessions`: a key past its share closes its own least
+//! recently used idle session; idle ones are closed by rmcp after [`MCP_KEEP_ALIVE`]), downloads returned
+//! inline ([`MAX_DOWNLOAD_BYTES`]), progress messages ([`PROGRESS_TEXT`]).
 //!
 //! Here: the service as mounted (and its OpenAPI stubs); `tools` (the tools, each a manager call),
-//! `content` (results as MCP content), `sessions` (rmcp's MCP sessions, bounded).
+//! `content` (results as MCP content), `sessions` (rmcp's MCP sessions, bounded, and the middleware that
+//! tells them whose request it is) over `table` (who holds which MCP session, whose goes to make room).
 
 mod content;
 mod sessions;
+mod table;
 mod tools;
 
 pub use content::PROGRESS_TEXT;
-pub use sessions::{BoundedSessions, MAX_MCP_SESSIONS, MCP_KEEP_ALIVE, McpSessionError};
+pub use sessions::{BoundedSessions, MCP_KEEP_ALIVE, McpSessionError, bounded};
+pub use table::Refusal;
 pub use tools::{KernelboxMcp, MAX_DOWNLOAD_BYTES};
 
 use std::sync::Arc;
@@ -39,8 +43,12 @@ use crate::session::SessionManager;
 /// The largest request body `/mcp` reads (the same as `/v1`'s).
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-/// The service mounted at `/mcp`. Its rmcp sessions stop when the router (and so this service) is dropped.
-pub fn service(manager: Arc<SessionManager>) -> StreamableHttpService<KernelboxMcp, BoundedSessions> {
+/// The service mounted at `/mcp`, keeping its MCP sessions in `sessions` (behind [`bounded`], which tells
+/// them whose request it is). Its rmcp sessions stop when the router (and so this service) is dropped.
+pub fn service(
+    manager: Arc<SessionManager>,
+    sessions: Arc<BoundedSessions>,
+) -> StreamableHttpService<KernelboxMcp, BoundedSessions> {
     let stop = CancellationToken::new();
     let on_drop = Arc::new(stop.clone().drop_guard());
     let config = StreamableHttpServerConfig::default()
@@ -49,13 +57,12 @@ pub fn service(manager: Arc<SessionManager>) -> StreamableHttpService<KernelboxM
         .disable_allowed_hosts()
         .with_max_request_body_bytes(MAX_BODY_BYTES)
         .with_cancellation_token(stop);
-    let sessions = BoundedSessions::new(MAX_MCP_SESSIONS);
     StreamableHttpService::new(
         move || {
             let _stops_with_the_service = &on_drop;
             Ok(KernelboxMcp::new(manager.clone()))
         },
-        Arc::new(sessions),
+        sessions,
         config,
     )
 }
@@ -76,7 +83,9 @@ pub mod doc {
             (status = 202, description = "a notification or response was accepted"),
             (status = 400, description = "not a valid JSON-RPC message, or a missing or unknown session"),
             (status = 406, description = "the `Accept` header lacks `application/json` and `text/event-stream`"),
-            (status = 413, description = "the body is larger than 16 MiB")))]
+            (status = 413, description = "the body is larger than 16 MiB"),
+            (status = 429, description = "`initialize` when every MCP session of this key is in use (a JSON-RPC error), or the request limit; see `Retry-After`"),
+            (status = 503, description = "`initialize`: every MCP session of the server is in use (`Retry-After`, a JSON-RPC error)")))]
     pub fn post() {}
 
     /// MCP over Streamable HTTP: the session's stream of server-to-client messages (`Mcp-Session-Id`).

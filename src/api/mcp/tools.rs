@@ -231,8 +231,9 @@ impl KernelboxMcp {
             },
             false => args.content.into_bytes(),
         };
+        let size = bytes.len() as u64;
         let body = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(bytes::Bytes::from(bytes)) });
-        match self.manager.files().upload(&owner, &args.session_id, &args.path, body).await {
+        match self.manager.upload(&owner, &args.session_id, &args.path, Some(size), body).await {
             Ok(written) => {
                 Ok(structured(format!("wrote {} ({} bytes)", written.path, written.size), to_value(&written), false))
             }
