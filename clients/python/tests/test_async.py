@@ -52,6 +52,22 @@ def test_the_async_client_does_what_the_sync_one_does(url: str, api_key: str) ->
                 assert (await s.files.download("f.txt")).decode() == "text as UTF-8 ✓"
                 await s.files.delete("f.txt")
 
+                report = await s.packages.install(["six==1.16.0"])
+                assert report.ok, report.log
+                assert (await s.run("import six; six.__version__")).text == "'1.16.0'"
+
+                async def interrupt_once_started(text: str) -> None:
+                    if text == "started\n":
+                        await s.interrupt()
+
+                r = await s.run(
+                    "import time\nprint('started', flush=True)\ntime.sleep(3600)",
+                    on_stdout=interrupt_once_started,
+                    timeout=3600,
+                    request_timeout=DEADLINE,
+                )
+                assert r.error is not None and r.error.ename == "KeyboardInterrupt"
+
                 await s.run("x = 1")
                 await s.restart()
                 assert (await s.run("x")).error is not None

@@ -124,7 +124,7 @@ def test_each_print_reaches_the_callback_before_the_result(session: Session) -> 
 
 def test_the_event_stream_in_order(session: Session) -> None:
     events: List[Event] = []
-    with session.stream("import sys\nprint('a')\nprint('b', file=sys.stderr)\n1 + 1") as ex:
+    with session.stream("import sys\nprint('a', flush=True)\nprint('b', file=sys.stderr, flush=True)\n1 + 1") as ex:
         for event in ex:
             events.append(event)
     assert ex.result is not None and ex.result.status == "ok"

@@ -6,6 +6,7 @@ service interrupts the code."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 from types import TracebackType
@@ -460,8 +461,14 @@ class AsyncFiles:
             if dest is None:
                 return await response.aread()
             if isinstance(dest, (str, os.PathLike)):
-                with open(dest, "wb") as f:
-                    return await _copy(response, f)
+                try:
+                    with open(dest, "wb") as f:
+                        return await _copy(response, f)
+                except BaseException:
+                    # No half-written file is left behind.
+                    with contextlib.suppress(OSError):
+                        os.unlink(dest)
+                    raise
             return await _copy(response, dest)
         except httpx.TransportError as e:
             raise TransportError(f"the download of {path} broke: {e}") from e

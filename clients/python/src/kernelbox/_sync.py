@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from types import TracebackType
@@ -474,8 +475,14 @@ class Files:
             if dest is None:
                 return response.read()
             if isinstance(dest, (str, os.PathLike)):
-                with open(dest, "wb") as f:
-                    return _copy(response, f)
+                try:
+                    with open(dest, "wb") as f:
+                        return _copy(response, f)
+                except BaseException:
+                    # No half-written file is left behind.
+                    with contextlib.suppress(OSError):
+                        os.unlink(dest)
+                    raise
             return _copy(response, dest)
         except httpx.TransportError as e:
             raise TransportError(f"the download of {path} broke: {e}") from e
