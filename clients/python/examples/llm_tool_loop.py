@@ -38,12 +38,14 @@ SYSTEM = (
 
 def tool_schema(kb: Kernelbox) -> Dict[str, Any]:
     """The tool as the model sees it; the languages are the service's own."""
-    languages = [l.name for l in kb.languages() if l.available]
+    languages = [lang.name for lang in kb.languages() if lang.available]
     return {
         "type": "function",
         "function": {
             "name": "run_code",
-            "description": "Run code in a sandboxed Jupyter kernel and return what it printed, its result and any error.",
+            "description": (
+                "Run code in a sandboxed Jupyter kernel and return what it printed, its result and any error."
+            ),
             "parameters": {
                 "type": "object",
                 "properties": {

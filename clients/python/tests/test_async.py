@@ -16,7 +16,7 @@ DEADLINE = 120.0
 def test_the_async_client_does_what_the_sync_one_does(url: str, api_key: str) -> None:
     async def main() -> None:
         async with AsyncKernelbox(url, api_key=api_key) as kb:
-            assert "python" in [l.name for l in await kb.languages()]
+            assert "python" in [lang.name for lang in await kb.languages()]
             async with await kb.session("python", memory_mb=512) as s:
                 assert s.id in [i.id for i in await kb.list()]
                 attached = await kb.get(s.id)
@@ -87,7 +87,10 @@ def test_async_for_that_stops_early_interrupts_the_code(url: str, api_key: str) 
     async def main() -> None:
         async with AsyncKernelbox(url, api_key=api_key) as kb, await kb.session("python") as s:
             await s.run("z = 'kept'")
-            async with s.stream("import itertools, time\nfor i in itertools.count(): print(i, flush=True); time.sleep(0.05)", timeout=3600) as ex:
+            async with s.stream(
+                "import itertools, time\nfor i in itertools.count(): print(i, flush=True); time.sleep(0.05)",
+                timeout=3600,
+            ) as ex:
                 async for event in ex:
                     if isinstance(event, OutputEvent):
                         break
@@ -96,7 +99,9 @@ def test_async_for_that_stops_early_interrupts_the_code(url: str, api_key: str) 
 
             # A task cancelled while it waits for a plain JSON execution: the connection closes, the
             # service interrupts the code, and the kernel takes the next one.
-            task = asyncio.ensure_future(s.run("import time\nprint('started', flush=True)\ntime.sleep(3600)", timeout=3600))
+            task = asyncio.ensure_future(
+                s.run("import time\nprint('started', flush=True)\ntime.sleep(3600)", timeout=3600)
+            )
             while (await s.info()).status != "busy":
                 await asyncio.sleep(0.05)
             task.cancel()

@@ -8,6 +8,7 @@ import zlib
 from typing import Any, List, Tuple
 
 import pytest
+from conftest import env
 
 from kernelbox import (
     Display,
@@ -25,7 +26,6 @@ from kernelbox import (
     Stream,
     TransportError,
 )
-from conftest import env
 
 #: A bound on waits that must end quickly when the client works (a functional deadline: failing it means
 #: the kernel was not freed, not that something was slow).
@@ -196,7 +196,9 @@ def test_interrupt_stops_running_code_and_keeps_the_state(session: Session) -> N
 
 def test_a_stream_the_caller_stops_reading_is_interrupted_and_the_kernel_is_free_at_once(session: Session) -> None:
     session.run("z = 'kept'")
-    with session.stream("import time, itertools\nfor i in itertools.count():\n    print(i, flush=True); time.sleep(0.05)", timeout=3600) as ex:
+    with session.stream(
+        "import time, itertools\nfor i in itertools.count():\n    print(i, flush=True); time.sleep(0.05)", timeout=3600
+    ) as ex:
         for event in ex:
             if isinstance(event, OutputEvent):
                 break
@@ -216,7 +218,11 @@ def test_a_callback_that_raises_stops_the_execution(session: Session) -> None:
         raise Enough(text)
 
     with pytest.raises(Enough):
-        session.run("w = 'kept'\nimport time\nwhile True:\n    print('.', flush=True); time.sleep(0.05)", on_stdout=on_stdout, timeout=3600)
+        session.run(
+            "w = 'kept'\nimport time\nwhile True:\n    print('.', flush=True); time.sleep(0.05)",
+            on_stdout=on_stdout,
+            timeout=3600,
+        )
     assert session.run("w", request_timeout=DEADLINE).text == "'kept'"
 
 

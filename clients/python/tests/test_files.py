@@ -39,7 +39,7 @@ def test_large_files_stream_both_ways(session: Session, tmp_path: Path) -> None:
     size = 24 * 1024 * 1024
     source = tmp_path / "big.bin"
     with open(source, "wb") as f:
-        for i in range(size // (1024 * 1024)):
+        for _ in range(size // (1024 * 1024)):
             f.write(os.urandom(1024 * 1024))
     assert session.files.upload("big.bin", source).size == size  # a pathlib.Path: a local file
     with open(source, "rb") as f:

@@ -34,7 +34,10 @@ def test_a_display_decodes_its_bundle_and_keeps_it_whole() -> None:
 
 
 def test_strip_ansi() -> None:
-    assert strip_ansi("\x1b[0;31mZeroDivisionError\x1b[0m: x\x1b]8;;http://a\x07link\x1b]8;;\x07") == "ZeroDivisionError: xlink"
+    assert (
+        strip_ansi("\x1b[0;31mZeroDivisionError\x1b[0m: x\x1b]8;;http://a\x07link\x1b]8;;\x07")
+        == "ZeroDivisionError: xlink"
+    )
 
 
 def response(status: int, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:

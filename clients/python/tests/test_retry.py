@@ -8,17 +8,17 @@ from typing import List
 
 import httpx
 import pytest
+from conftest import env
 
 from kernelbox import Kernelbox, RateLimited, Retry, RetryAttempt, ServiceUnavailable, TooManyRequests
 from kernelbox._core import Call, no_content
-from conftest import env
 
 
 def test_a_rate_limited_call_waits_as_the_server_asks_and_succeeds(limited_url: str, api_key: str) -> None:
     attempts: List[RetryAttempt] = []
     with Kernelbox(limited_url, api_key=api_key, retry=Retry(max_retries=5, on_retry=attempts.append)) as kb:
         for _ in range(6):
-            assert [l.name for l in kb.languages()][0] == "python"
+            assert [lang.name for lang in kb.languages()][0] == "python"
     assert attempts, "six calls against a burst of two were refused at least once"
     for a in attempts:
         assert a.error.status == 429 and a.error.code == "rate_limited"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import List
 
 import pytest
+from conftest import env
 
 from kernelbox import (
     InvalidRequest,
@@ -18,11 +19,10 @@ from kernelbox import (
     Unauthorized,
     UnknownLanguage,
 )
-from conftest import env
 
 
 def test_languages_list_every_kernel_with_its_pool(kb: Kernelbox) -> None:
-    languages = {l.name: l for l in kb.languages()}
+    languages = {lang.name: lang for lang in kb.languages()}
     assert {"python", "python_scientific", "javascript", "typescript", "java", "bash"} <= set(languages)
     python = languages["python"]
     assert python.available and python.image and python.display_name
@@ -30,7 +30,9 @@ def test_languages_list_every_kernel_with_its_pool(kb: Kernelbox) -> None:
     assert python.raw["name"] == "python"
 
 
-def test_a_session_starts_with_its_limits_and_is_listed_attached_and_deleted(kb: Kernelbox, url: str, api_key: str) -> None:
+def test_a_session_starts_with_its_limits_and_is_listed_attached_and_deleted(
+    kb: Kernelbox, url: str, api_key: str
+) -> None:
     s = kb.session("python", memory_mb=512, timeout_s=30, metadata={"owner": "tests"})
     try:
         assert s.id and s.language == "python"
@@ -70,7 +72,7 @@ def test_the_context_manager_deletes_the_session_when_the_block_raises(kb: Kerne
         with kb.session("python") as s:
             seen.append(s.id)
             s.run("y = 1")
-            1 / 0
+            raise ZeroDivisionError("the block fails")
     assert seen
     with pytest.raises(SessionNotFound):
         kb.get(seen[0])

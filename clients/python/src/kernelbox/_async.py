@@ -29,7 +29,7 @@ from typing import (
 import httpx
 from httpx_sse import EventSource
 
-from . import _core
+from . import _calls, _core
 from ._core import Call, Callbacks, FileSource, ImageMode, Retry, RetryAttempt, operation
 from .errors import APIError, KernelboxError, SessionNotFound, TransportError, from_response
 from .models import (
@@ -136,12 +136,12 @@ class AsyncKernelbox:
     @operation("GET", "/v1/languages")
     async def languages(self) -> List[Language]:
         """The languages the service offers, whether their images are built, and their warm pools."""
-        return await self._call(Call("GET", "/v1/languages", lambda r: [Language.from_json(x) for x in r.json()]))
+        return await self._call(_calls.languages())
 
     @operation("GET", "/v1/sessions")
     async def list(self) -> List[SessionInfo]:
         """This API key's sessions."""
-        return await self._call(Call("GET", "/v1/sessions", lambda r: [SessionInfo.from_json(x) for x in r.json()]))
+        return await self._call(_calls.sessions())
 
     @operation("POST", "/v1/sessions")
     async def session(
@@ -156,7 +156,7 @@ class AsyncKernelbox:
         metadata: Optional[Mapping[str, str]] = None,
     ) -> AsyncSession:
         """Starts a session; ``async with await kb.session(...) as s:`` deletes it when the block ends."""
-        body = _core.session_request(
+        call = _calls.create(
             language,
             memory_mb=memory_mb,
             cpus=cpus,
@@ -165,7 +165,6 @@ class AsyncKernelbox:
             env=env,
             metadata=metadata,
         )
-        call = Call("POST", "/v1/sessions", lambda r: SessionInfo.from_json(r.json()), json=body, read_timeout=300)
         info = await self._call(call)
         return AsyncSession(self, info.id, info)
 
@@ -175,7 +174,7 @@ class AsyncKernelbox:
         return AsyncSession(self, session_id, await self._info(session_id))
 
     async def _info(self, session_id: str) -> SessionInfo:
-        return await self._call(Call("GET", _core.session_path(session_id), lambda r: SessionInfo.from_json(r.json())))
+        return await self._call(_calls.get(session_id))
 
     async def run_code(
         self,
@@ -240,9 +239,6 @@ class AsyncSession:
     def language(self) -> Optional[str]:
         return self.last_info.language if self.last_info is not None else None
 
-    def _path(self, *rest: str) -> str:
-        return _core.session_path(self.id, *rest)
-
     @operation("GET", "/v1/sessions/{id}")
     async def info(self) -> SessionInfo:
         self.last_info = await self.client._info(self.id)
@@ -268,14 +264,8 @@ class AsyncSession:
         coroutine functions (``on_input`` then returns the answer when awaited)."""
         callbacks = Callbacks(on_stdout, on_stderr, on_display, on_error, on_input, on_event)
         if not callbacks.any():
-            body = _core.execute_request(code, timeout=timeout, stdin=stdin, images=images)
-            call = Call(
-                "POST",
-                self._path("execute"),
-                lambda r: ExecutionResult.from_json(r.json()),
-                json=body,
-                retry="refused",
-                read_timeout=request_timeout,
+            call = _calls.execute(
+                self.id, code, timeout=timeout, stdin=stdin, images=images, request_timeout=request_timeout
             )
             return _core.finish(await self.client._call(call))
         async with self.stream(
@@ -304,40 +294,31 @@ class AsyncSession:
     ) -> AsyncExecution:
         """``async with s.stream(code) as ex: async for event in ex: ...``; see
         :meth:`kernelbox.Session.stream`."""
-        body = _core.execute_request(code, timeout=timeout, stdin=stdin, images=images)
-        call: Call[None] = Call(
-            "POST",
-            self._path("execute"),
-            _core.no_content,
-            json=body,
-            headers={"accept": "text/event-stream", "cache-control": "no-store"},
-            retry="refused",
-            read_timeout=request_timeout if request_timeout is not None else 120.0,
-            stream=True,
+        call = _calls.execute_stream(
+            self.id, code, timeout=timeout, stdin=stdin, images=images, request_timeout=request_timeout
         )
         return AsyncExecution(self, call)
 
     @operation("POST", "/v1/sessions/{id}/input")
     async def send_input(self, value: str) -> None:
-        await self.client._call(Call("POST", self._path("input"), _core.no_content, json={"value": value}, retry="refused"))
+        await self.client._call(_calls.send_input(self.id, value))
 
     @operation("POST", "/v1/sessions/{id}/interrupt")
     async def interrupt(self) -> None:
-        await self.client._call(Call("POST", self._path("interrupt"), _core.no_content))
+        await self.client._call(_calls.interrupt(self.id))
 
     @operation("POST", "/v1/sessions/{id}/restart")
     async def restart(self) -> SessionInfo:
-        call = Call("POST", self._path("restart"), lambda r: SessionInfo.from_json(r.json()), read_timeout=300)
-        self.last_info = await self.client._call(call)
+        self.last_info = await self.client._call(_calls.restart(self.id))
         return self.last_info
 
     @operation("GET", "/v1/sessions/{id}/notebook")
     async def notebook(self) -> Dict[str, Any]:
-        return await self.client._call(Call("GET", self._path("notebook"), _core.json_object))
+        return await self.client._call(_calls.notebook(self.id))
 
     @operation("DELETE", "/v1/sessions/{id}")
     async def delete(self) -> None:
-        await self.client._call(Call("DELETE", self._path(), _core.no_content))
+        await self.client._call(_calls.delete(self.id))
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -434,16 +415,7 @@ class AsyncFiles:
 
     @operation("PUT", "/v1/sessions/{id}/files/{path}")
     async def upload(self, path: str, data: FileSource) -> Written:
-        make, headers, replayable = _core.file_body(data)
-        call = Call(
-            "PUT",
-            _core.file_path(self._session.id, path),
-            lambda r: Written.from_json(r.json()),
-            body=make,
-            headers=headers,
-            replayable=replayable,
-        )
-        return await self._session.client._call(call)
+        return await self._session.client._call(_calls.upload(self._session.id, path, data))
 
     @overload
     async def download(self, path: str) -> bytes: ...
@@ -455,8 +427,7 @@ class AsyncFiles:
     async def download(
         self, path: str, dest: Union[str, os.PathLike[str], IO[bytes], None] = None
     ) -> Union[bytes, int]:
-        call: Call[None] = Call("GET", _core.file_path(self._session.id, path), _core.no_content, stream=True)
-        response = await self._session.client._send(call)
+        response = await self._session.client._send(_calls.download(self._session.id, path))
         try:
             if dest is None:
                 return await response.aread()
@@ -477,13 +448,11 @@ class AsyncFiles:
 
     @operation("GET", "/v1/sessions/{id}/files")
     async def list(self, path: str = ".") -> Listing:
-        params = {} if path.strip("/") in ("", ".") else {"path": path}
-        call = Call("GET", self._session._path("files"), lambda r: Listing.from_json(r.json()), params=params)
-        return await self._session.client._call(call)
+        return await self._session.client._call(_calls.list_files(self._session.id, path))
 
     @operation("DELETE", "/v1/sessions/{id}/files/{path}")
     async def delete(self, path: str) -> None:
-        await self._session.client._call(Call("DELETE", _core.file_path(self._session.id, path), _core.no_content))
+        await self._session.client._call(_calls.delete_file(self._session.id, path))
 
 
 async def _copy(response: httpx.Response, out: IO[bytes]) -> int:
@@ -502,11 +471,4 @@ class AsyncPackages:
 
     @operation("POST", "/v1/sessions/{id}/packages")
     async def install(self, packages: Sequence[str]) -> InstallReport:
-        call = Call(
-            "POST",
-            self._session._path("packages"),
-            lambda r: InstallReport.from_json(r.json()),
-            json={"packages": list(packages)},
-            read_timeout=900,
-        )
-        return await self._session.client._call(call)
+        return await self._session.client._call(_calls.install(self._session.id, packages))

@@ -12,7 +12,6 @@ import os
 import random
 from dataclasses import dataclass, field
 from typing import (
-    IO,
     Any,
     AsyncIterator,
     Callable,

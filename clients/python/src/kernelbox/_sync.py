@@ -13,7 +13,7 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, S
 import httpx
 from httpx_sse import EventSource
 
-from . import _core
+from . import _calls, _core
 from ._core import Call, Callbacks, FileSource, ImageMode, Retry, RetryAttempt, operation
 from .errors import APIError, KernelboxError, SessionNotFound, TransportError, from_response
 from .models import (
@@ -124,12 +124,12 @@ class Kernelbox:
     @operation("GET", "/v1/languages")
     def languages(self) -> List[Language]:
         """The languages the service offers, whether their images are built, and their warm pools."""
-        return self._call(Call("GET", "/v1/languages", lambda r: [Language.from_json(x) for x in r.json()]))
+        return self._call(_calls.languages())
 
     @operation("GET", "/v1/sessions")
     def list(self) -> List[SessionInfo]:
         """This API key's sessions."""
-        return self._call(Call("GET", "/v1/sessions", lambda r: [SessionInfo.from_json(x) for x in r.json()]))
+        return self._call(_calls.sessions())
 
     @operation("POST", "/v1/sessions")
     def session(
@@ -145,7 +145,7 @@ class Kernelbox:
     ) -> Session:
         """Starts a session (a private kernel in its own container) and returns once its kernel is ready.
         Use it in a ``with`` block to have it deleted at the end, also when the block raises."""
-        body = _core.session_request(
+        call = _calls.create(
             language,
             memory_mb=memory_mb,
             cpus=cpus,
@@ -154,7 +154,7 @@ class Kernelbox:
             env=env,
             metadata=metadata,
         )
-        info = self._call(Call("POST", "/v1/sessions", lambda r: SessionInfo.from_json(r.json()), json=body, read_timeout=300))
+        info = self._call(call)
         return Session(self, info.id, info)
 
     @operation("GET", "/v1/sessions/{id}")
@@ -163,7 +163,7 @@ class Kernelbox:
         return Session(self, session_id, self._info(session_id))
 
     def _info(self, session_id: str) -> SessionInfo:
-        return self._call(Call("GET", _core.session_path(session_id), lambda r: SessionInfo.from_json(r.json())))
+        return self._call(_calls.get(session_id))
 
     def run_code(
         self,
@@ -230,9 +230,6 @@ class Session:
     def language(self) -> Optional[str]:
         return self.last_info.language if self.last_info is not None else None
 
-    def _path(self, *rest: str) -> str:
-        return _core.session_path(self.id, *rest)
-
     @operation("GET", "/v1/sessions/{id}")
     def info(self) -> SessionInfo:
         """The session now: status (``idle``, ``busy``, ``dead``, ...), limits, executions so far."""
@@ -269,14 +266,8 @@ class Session:
         """
         callbacks = Callbacks(on_stdout, on_stderr, on_display, on_error, on_input, on_event)
         if not callbacks.any():
-            body = _core.execute_request(code, timeout=timeout, stdin=stdin, images=images)
-            call = Call(
-                "POST",
-                self._path("execute"),
-                lambda r: ExecutionResult.from_json(r.json()),
-                json=body,
-                retry="refused",
-                read_timeout=request_timeout,
+            call = _calls.execute(
+                self.id, code, timeout=timeout, stdin=stdin, images=images, request_timeout=request_timeout
             )
             return _core.finish(self.client._call(call))
         with self.stream(code, timeout=timeout, stdin=stdin, images=images, request_timeout=request_timeout) as ex:
@@ -311,45 +302,36 @@ class Session:
         service interrupts the code at once; the session keeps its state. ``request_timeout`` bounds each
         wait for the next event (the service sends a keep-alive every 15 s).
         """
-        body = _core.execute_request(code, timeout=timeout, stdin=stdin, images=images)
-        call: Call[None] = Call(
-            "POST",
-            self._path("execute"),
-            _core.no_content,
-            json=body,
-            headers={"accept": "text/event-stream", "cache-control": "no-store"},
-            retry="refused",
-            read_timeout=request_timeout if request_timeout is not None else 120.0,
-            stream=True,
+        call = _calls.execute_stream(
+            self.id, code, timeout=timeout, stdin=stdin, images=images, request_timeout=request_timeout
         )
         return Execution(self, call)
 
     @operation("POST", "/v1/sessions/{id}/input")
     def send_input(self, value: str) -> None:
         """Answers the prompt a streamed execution of this session waits on (``NoInputWaiting`` if none)."""
-        self.client._call(Call("POST", self._path("input"), _core.no_content, json={"value": value}, retry="refused"))
+        self.client._call(_calls.send_input(self.id, value))
 
     @operation("POST", "/v1/sessions/{id}/interrupt")
     def interrupt(self) -> None:
         """Interrupts the running execution, like Ctrl-C; the session keeps its state."""
-        self.client._call(Call("POST", self._path("interrupt"), _core.no_content))
+        self.client._call(_calls.interrupt(self.id))
 
     @operation("POST", "/v1/sessions/{id}/restart")
     def restart(self) -> SessionInfo:
         """A fresh kernel: variables and imports are gone, files and installed packages stay."""
-        call = Call("POST", self._path("restart"), lambda r: SessionInfo.from_json(r.json()), read_timeout=300)
-        self.last_info = self.client._call(call)
+        self.last_info = self.client._call(_calls.restart(self.id))
         return self.last_info
 
     @operation("GET", "/v1/sessions/{id}/notebook")
     def notebook(self) -> Dict[str, Any]:
         """Every execution so far as a Jupyter notebook (nbformat 4.5), as a dict (``json.dump`` it to save)."""
-        return self.client._call(Call("GET", self._path("notebook"), _core.json_object))
+        return self.client._call(_calls.notebook(self.id))
 
     @operation("DELETE", "/v1/sessions/{id}")
     def delete(self) -> None:
         """Ends the session and removes its container."""
-        self.client._call(Call("DELETE", self._path(), _core.no_content))
+        self.client._call(_calls.delete(self.id))
 
     def __enter__(self) -> Session:
         return self
@@ -448,16 +430,7 @@ class Files:
     def upload(self, path: str, data: FileSource) -> Written:
         """Writes ``data`` (bytes, a local file's path, or a binary file object, streamed) to ``path``,
         making directories on the way. The file appears whole or not at all."""
-        make, headers, replayable = _core.file_body(data)
-        call = Call(
-            "PUT",
-            _core.file_path(self._session.id, path),
-            lambda r: Written.from_json(r.json()),
-            body=make,
-            headers=headers,
-            replayable=replayable,
-        )
-        return self._session.client._call(call)
+        return self._session.client._call(_calls.upload(self._session.id, path, data))
 
     @overload
     def download(self, path: str) -> bytes: ...
@@ -469,8 +442,7 @@ class Files:
     def download(self, path: str, dest: Union[str, os.PathLike[str], IO[bytes], None] = None) -> Union[bytes, int]:
         """The file's bytes; or, with ``dest`` (a path or a binary file object), writes them there as they
         arrive, never holding the whole file, and returns how many were written."""
-        call: Call[None] = Call("GET", _core.file_path(self._session.id, path), _core.no_content, stream=True)
-        response = self._session.client._send(call)
+        response = self._session.client._send(_calls.download(self._session.id, path))
         try:
             if dest is None:
                 return response.read()
@@ -492,14 +464,12 @@ class Files:
     @operation("GET", "/v1/sessions/{id}/files")
     def list(self, path: str = ".") -> Listing:
         """A directory's entries: name, size, kind (``file``, ``directory``, ``symlink``, ``other``), mtime."""
-        params = {} if path.strip("/") in ("", ".") else {"path": path}
-        call = Call("GET", self._session._path("files"), lambda r: Listing.from_json(r.json()), params=params)
-        return self._session.client._call(call)
+        return self._session.client._call(_calls.list_files(self._session.id, path))
 
     @operation("DELETE", "/v1/sessions/{id}/files/{path}")
     def delete(self, path: str) -> None:
         """Deletes a file, a symlink (never its target) or a directory with its contents."""
-        self._session.client._call(Call("DELETE", _core.file_path(self._session.id, path), _core.no_content))
+        self._session.client._call(_calls.delete_file(self._session.id, path))
 
 
 def _copy(response: httpx.Response, out: IO[bytes]) -> int:
@@ -521,11 +491,4 @@ class Packages:
         """Installs ``packages`` (PEP 508 names with versions for Python, npm names for JavaScript); they
         import in the running kernel at once. ``report.ok`` is False when any failed (the session keeps
         what it had)."""
-        call = Call(
-            "POST",
-            self._session._path("packages"),
-            lambda r: InstallReport.from_json(r.json()),
-            json={"packages": list(packages)},
-            read_timeout=900,
-        )
-        return self._session.client._call(call)
+        return self._session.client._call(_calls.install(self._session.id, packages))

@@ -97,9 +97,7 @@ class APIError(KernelboxError):
     #: The HTTP status this class stands for (the fallback for codes this client does not know).
     http_status: Optional[int] = None
 
-    def __init__(
-        self, message: str, *, status: int, code: str, headers: Optional[httpx.Headers] = None
-    ) -> None:
+    def __init__(self, message: str, *, status: int, code: str, headers: Optional[httpx.Headers] = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code

@@ -553,7 +553,10 @@ class Listing:
             path=_str(d.get("path")),
             entries=[
                 FileEntry(
-                    name=_str(e.get("name")), size=_int(e.get("size")), kind=_str(e.get("kind")), mtime=_float(e.get("mtime"))
+                    name=_str(e.get("name")),
+                    size=_int(e.get("size")),
+                    kind=_str(e.get("kind")),
+                    mtime=_float(e.get("mtime")),
                 )
                 for e in (_dict(x) for x in _list(d.get("entries")))
             ],
