@@ -87,14 +87,17 @@ def test_async_for_that_stops_early_interrupts_the_code(url: str, api_key: str) 
     async def main() -> None:
         async with AsyncKernelbox(url, api_key=api_key) as kb, await kb.session("python") as s:
             await s.run("z = 'kept'")
-            async with s.stream(
-                "import itertools, time\nfor i in itertools.count(): print(i, flush=True); time.sleep(0.05)",
-                timeout=3600,
-            ) as ex:
+            endless = "import itertools, time\nfor i in itertools.count(): print(i, flush=True); time.sleep(0.05)"
+            async with s.stream(endless, timeout=3600) as ex:
                 async for event in ex:
                     if isinstance(event, OutputEvent):
                         break
             assert ex.result is None
+            assert (await s.run("z", request_timeout=DEADLINE)).text == "'kept'"
+
+            # Without `async with`: the stream is dropped when the loop is left, and closed with it.
+            async for _event in s.stream(endless, timeout=3600):
+                break
             assert (await s.run("z", request_timeout=DEADLINE)).text == "'kept'"
 
             # A task cancelled while it waits for a plain JSON execution: the connection closes, the

@@ -210,6 +210,13 @@ def test_a_stream_the_caller_stops_reading_is_interrupted_and_the_kernel_is_free
     assert any("itertools.count" in "".join(c["source"]) for c in nb["cells"])
 
 
+def test_a_loop_that_breaks_out_of_a_stream_without_a_with_block_also_frees_the_kernel(session: Session) -> None:
+    endless = "import itertools, time\nfor i in itertools.count():\n    print(i, flush=True); time.sleep(0.05)"
+    for _event in session.stream(endless, timeout=3600):
+        break
+    assert session.run("'free'", request_timeout=DEADLINE).text == "'free'"
+
+
 def test_a_callback_that_raises_stops_the_execution(session: Session) -> None:
     class Enough(Exception):
         pass

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import (
     IO,
     Any,
-    AsyncIterator,
+    AsyncGenerator,
     Callable,
     Dict,
     List,
@@ -345,39 +345,27 @@ class AsyncExecution:
         self.session = session
         self._call = call
         self._response: Optional[httpx.Response] = None
-        self._events: Optional[AsyncIterator[Event]] = None
+        self._events: Optional[AsyncGenerator[Event, None]] = None
         self._decoder = _core.StreamDecoder()
 
     @property
     def result(self) -> Optional[ExecutionResult]:
         return self._decoder.result
 
-    async def _open(self) -> AsyncIterator[Event]:
+    async def _open(self) -> AsyncGenerator[Event, None]:
         if self._events is None:
             self._response = await self.session.client._send(self._call)
-            self._events = self._read(self._response)
+            # Not a method: the generator must not hold the execution (see the sync flavour).
+            self._events = _read_events(self._decoder, self._response)
         return self._events
 
-    async def _read(self, response: httpx.Response) -> AsyncIterator[Event]:
-        try:
-            async for sse in EventSource(response).aiter_sse():
-                event = self._decoder.decode(sse.event, sse.data)
-                if event is not None:
-                    yield event
-                if self._decoder.result is not None:
-                    return
-        except httpx.TransportError as e:
-            raise TransportError(f"the event stream broke: {e}") from e
-        finally:
-            await response.aclose()
-        raise TransportError("the event stream ended before its result")
+    def __aiter__(self) -> AsyncExecution:
+        return self
 
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Event]:
-        async for event in await self._open():
-            yield event
+    async def __anext__(self) -> Event:
+        # Not a generator of its own: one that stops early is left to the garbage collector, which would
+        # keep the connection (and so the code) going until it runs.
+        return await (await self._open()).__anext__()
 
     async def send_input(self, value: str) -> None:
         await self.session.send_input(value)
@@ -393,9 +381,7 @@ class AsyncExecution:
         if self._response is not None:
             await self._response.aclose()
         if self._events is not None:
-            close = getattr(self._events, "aclose", None)
-            if close is not None:
-                await close()
+            await self._events.aclose()
 
     async def __aenter__(self) -> AsyncExecution:
         await self._open()
@@ -405,6 +391,22 @@ class AsyncExecution:
         self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
     ) -> None:
         await self.aclose()
+
+
+async def _read_events(decoder: _core.StreamDecoder, response: httpx.Response) -> AsyncGenerator[Event, None]:
+    """The events of an open execute stream, until its result (in ``decoder.result``)."""
+    try:
+        async for sse in EventSource(response).aiter_sse():
+            event = decoder.decode(sse.event, sse.data)
+            if event is not None:
+                yield event
+            if decoder.result is not None:
+                return
+    except httpx.TransportError as e:
+        raise TransportError(f"the event stream broke: {e}") from e
+    finally:
+        await response.aclose()
+    raise TransportError("the event stream ended before its result")
 
 
 class AsyncFiles:

@@ -8,7 +8,22 @@ import contextlib
 import os
 import time
 from types import TracebackType
-from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Type, TypeVar, Union, overload
+from typing import (
+    IO,
+    Any,
+    Callable,
+    Dict,
+    Generator,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Type,
+    TypeVar,
+    Union,
+    overload,
+)
 
 import httpx
 from httpx_sse import EventSource
@@ -359,7 +374,7 @@ class Execution:
         self.session = session
         self._call = call
         self._response: Optional[httpx.Response] = None
-        self._events: Optional[Iterator[Event]] = None
+        self._events: Optional[Generator[Event, None, None]] = None
         self._decoder = _core.StreamDecoder()
 
     @property
@@ -367,25 +382,13 @@ class Execution:
         """The result, once the last event has been read (None before)."""
         return self._decoder.result
 
-    def _open(self) -> Iterator[Event]:
+    def _open(self) -> Generator[Event, None, None]:
         if self._events is None:
             self._response = self.session.client._send(self._call)
-            self._events = self._read(self._response)
+            # A function of its own, not a method: the generator must not hold the Execution, so that
+            # one dropped half-read is freed (and its connection closed) at once, not by a later GC pass.
+            self._events = _read_events(self._decoder, self._response)
         return self._events
-
-    def _read(self, response: httpx.Response) -> Iterator[Event]:
-        try:
-            for sse in EventSource(response).iter_sse():
-                event = self._decoder.decode(sse.event, sse.data)
-                if event is not None:
-                    yield event
-                if self._decoder.result is not None:
-                    return
-        except httpx.TransportError as e:
-            raise TransportError(f"the event stream broke: {e}") from e
-        finally:
-            response.close()
-        raise TransportError("the event stream ended before its result")
 
     def __iter__(self) -> Iterator[Event]:
         return self._open()
@@ -406,9 +409,7 @@ class Execution:
         if self._response is not None:
             self._response.close()
         if self._events is not None:
-            close = getattr(self._events, "close", None)
-            if close is not None:
-                close()
+            self._events.close()
 
     def __enter__(self) -> Execution:
         self._open()
@@ -418,6 +419,22 @@ class Execution:
         self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
     ) -> None:
         self.close()
+
+
+def _read_events(decoder: _core.StreamDecoder, response: httpx.Response) -> Generator[Event, None, None]:
+    """The events of an open execute stream, until its result (in ``decoder.result``)."""
+    try:
+        for sse in EventSource(response).iter_sse():
+            event = decoder.decode(sse.event, sse.data)
+            if event is not None:
+                yield event
+            if decoder.result is not None:
+                return
+    except httpx.TransportError as e:
+        raise TransportError(f"the event stream broke: {e}") from e
+    finally:
+        response.close()
+    raise TransportError("the event stream ended before its result")
 
 
 class Files:
