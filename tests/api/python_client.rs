@@ -39,6 +39,8 @@ async fn python_step(
     let no_proxy =
         std::env::var("NO_PROXY").map(|v| format!("{v},127.0.0.1,localhost")).unwrap_or("127.0.0.1,localhost".into());
     command.env("NO_PROXY", &no_proxy).env("no_proxy", &no_proxy);
+    // The source tree stays as checked out (no __pycache__ next to the tests).
+    command.env("PYTHONDONTWRITEBYTECODE", "1");
     for (name, value) in env {
         command.env(name, value);
     }
