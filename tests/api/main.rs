@@ -24,6 +24,7 @@ mod notebooks;
 mod packages;
 mod pool;
 mod process;
+mod python_client;
 mod requests_end_early;
 mod sandbox;
 mod sessions;
