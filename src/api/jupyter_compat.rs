@@ -362,28 +362,39 @@ pub struct UploadResponse {
     pub url: String,
 }
 
+/// What both uploads answer.
+type Uploaded = Result<Json<UploadResponse>, DetailError>;
+
+/// What both uploads answer, for the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum UploadAnswers {
+    /// Stored: the file's URL.
+    #[response(status = 200)]
+    Stored(UploadResponse),
+    /// Larger than the upload limit.
+    #[response(status = 413)]
+    TooLarge(DetailBody),
+    /// Not a valid upload (name, extension, base64).
+    #[response(status = 422)]
+    Invalid(DetailBody),
+    /// The store is full.
+    #[response(status = 507)]
+    Full(DetailBody),
+}
+
 /// Store a file for 20 minutes. Later `/jupyter/execute` code of the same API key reads it at
 /// `/mnt/files/<name>` (the last part of the URL); no other key can.
 #[utoipa::path(put, path = "/jupyter/files", operation_id = "jupyter_upload_file", tag = "jupyter API", request_body = UploadRequest,
-    responses((status = 200, body = UploadResponse), (status = 413, body = DetailBody), (status = 422, body = DetailBody),
-        (status = 507, body = DetailBody)))]
-pub async fn upload(
-    caller: Caller,
-    headers: HeaderMap,
-    LaxJson(req): LaxJson<UploadRequest>,
-) -> Result<Json<UploadResponse>, DetailError> {
+    responses(UploadAnswers))]
+pub async fn upload(caller: Caller, headers: HeaderMap, LaxJson(req): LaxJson<UploadRequest>) -> Uploaded {
     put(&caller, &headers, req, SHORT_LIFETIME).await
 }
 
 /// Store a file for 2 days.
 #[utoipa::path(put, path = "/jupyter/files/long-lifetime", operation_id = "jupyter_upload_file_long_lifetime", tag = "jupyter API", request_body = UploadRequest,
-    responses((status = 200, body = UploadResponse), (status = 413, body = DetailBody), (status = 422, body = DetailBody),
-        (status = 507, body = DetailBody)))]
-pub async fn upload_long(
-    caller: Caller,
-    headers: HeaderMap,
-    LaxJson(req): LaxJson<UploadRequest>,
-) -> Result<Json<UploadResponse>, DetailError> {
+    responses(UploadAnswers))]
+pub async fn upload_long(caller: Caller, headers: HeaderMap, LaxJson(req): LaxJson<UploadRequest>) -> Uploaded {
     put(&caller, &headers, req, LONG_LIFETIME).await
 }
 
