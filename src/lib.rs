@@ -42,6 +42,10 @@ pub enum ServeError {
     StateDir { path: String, source: std::io::Error },
     #[error("could not recover sessions from an earlier run: {0}")]
     Recover(#[from] session::SessionError),
+    #[error(
+        "could not prepare the datasets folder {path} (it and its `output/` must be folders the service can make or find): {source}"
+    )]
+    Datasets { path: String, source: std::io::Error },
     #[error("could not open the file store {path}: {source}")]
     FileStore { path: String, source: std::io::Error },
     #[error("the reaper did not start: {0}")]
@@ -84,6 +88,10 @@ impl Application {
         let state_dir = settings.manager.state_dir.clone();
         prepare_state_dir(&state_dir)
             .map_err(|source| ServeError::StateDir { path: state_dir.display().to_string(), source })?;
+        if let Some(datasets) = settings.manager.storage.datasets.resolve(&state_dir) {
+            session::outputs::prepare(&datasets)
+                .map_err(|source| ServeError::Datasets { path: datasets.display().to_string(), source })?;
+        }
         api::system::prometheus();
         let reap_every = settings.manager.limits.reap_interval;
         let manager = SessionManager::new(runtime, settings.manager);

@@ -20,8 +20,8 @@ use crate::packages::{self, spec::Ecosystem};
 use crate::runtime::{ContainerRuntime, ContainerSpec, Resources, labels};
 
 use super::kernel_host::BootPlan;
-use super::model::{Owner, SessionId, SessionSettings};
-use super::policy;
+use super::model::{OutputCaps, Owner, SessionId, SessionSettings};
+use super::{outputs, policy};
 
 /// Turns a session's settings into the plan of its boots.
 pub struct BootPlanner {
@@ -36,6 +36,8 @@ pub struct BootPlanner {
     pub npm_registry: Option<String>,
     /// Mounted read-only at `/mnt/data`, when set.
     pub datasets_dir: Option<PathBuf>,
+    /// The caps of a session API user's output folder (its tmpfs's inodes follow the file cap).
+    pub user_output: OutputCaps,
     /// Run directories live here (`rundir.rs`).
     pub runs_dir: PathBuf,
     /// Tracks the exit watchers each boot starts, so shutdown waits for them.
@@ -80,6 +82,9 @@ impl BootPlanner {
             ("/tmp".to_owned(), tmpfs("")),
             (images::HOME.to_owned(), tmpfs(",uid=1000,gid=1000,mode=0700")),
         ]);
+        if self.datasets_dir.is_some() {
+            tmpfs_mounts.insert(outputs::OUTPUT_MOUNT.to_owned(), self.output_tmpfs(s, size));
+        }
         let mut binds = Vec::new();
         if Ecosystem::of(&s.language) == Some(Ecosystem::Python) {
             // Installed packages (src/packages/): the shared wheel cache read-only, and a directory of the
@@ -126,6 +131,21 @@ impl BootPlanner {
             start_timeout: l.start_timeout,
             wire: WireLimits::for_output_cap(l.output_limit_bytes),
             tracker: self.tracker.clone(),
+        }
+    }
+
+    /// `/mnt/data/output`, over the read-only datasets folder (whose `output/` holds the users' folders on
+    /// the host). A session API user's session writes there (an eighth of its memory at most, and inodes
+    /// for twice the folder's file cap, so its copy out walks a bounded tree); every other session gets it
+    /// empty and read-only, so no session reads another's results.
+    fn output_tmpfs(&self, s: &SessionSettings, size_mb: u64) -> String {
+        match s.output {
+            Some(_) => {
+                let size = (size_mb / 2).max(4);
+                let inodes = self.user_output.max_files.saturating_mul(2).saturating_add(16);
+                format!("rw,nosuid,nodev,noexec,size={size}m,nr_inodes={inodes},uid=1000,gid=1000,mode=0755")
+            }
+            None => "ro,nosuid,nodev,noexec,size=4k,nr_inodes=16,mode=0555".to_owned(),
         }
     }
 

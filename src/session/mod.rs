@@ -3,7 +3,8 @@
 //! container and its kernel ([`kernel_host`]) and the run directory the service owns for it
 //! ([`rundir`]), the Jupyter clients attached to a kernel ([`peers`]), the operator's rules as pure
 //! functions ([`policy`]), what an earlier run left behind ([`recovery`]) and the records adoption reads
-//! ([`records`]), and the plain data they share ([`model`]).
+//! ([`records`]), the session API's output folders on the host ([`outputs`]), and the plain data they
+//! share ([`model`]).
 //!
 //! Architecture invariant: this module never speaks HTTP and never calls bollard; it reaches Docker only
 //! through [`crate::runtime::ContainerRuntime`] and kernels only through [`crate::kernel`].
@@ -20,6 +21,7 @@ pub mod manager;
 pub mod model;
 pub mod notebook;
 pub mod notebook_store;
+pub mod outputs;
 pub mod peers;
 pub mod policy;
 pub mod pool;
@@ -34,8 +36,8 @@ pub use error::SessionError;
 pub use handle::{PeerLink, Pending, Session};
 pub use manager::SessionManager;
 pub use model::{
-    ExecStatus, ExecuteResult, ManagerConfig, Mount, Owner, ReapReport, SessionExtras, SessionId, SessionInfo,
-    SessionRequest, SessionStatus, Storage, Submission,
+    ExecStatus, ExecuteResult, ManagerConfig, Mount, OutputCaps, Owner, ReapReport, SessionExtras, SessionId,
+    SessionInfo, SessionRequest, SessionStatus, Storage, Submission,
 };
 
 #[cfg(test)]
