@@ -177,3 +177,54 @@ impl BootPlanner {
 pub fn tmpfs_mb(configured_max: u64, memory_mb: u64) -> u64 {
     configured_max.min(memory_mb / 4).max(8)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::runtime::fake::FakeRuntime;
+    use crate::session::model::SessionRequest;
+
+    fn planner(datasets: Option<&str>) -> BootPlanner {
+        let cli = crate::config::Cli::try_parse_from(["kernelbox", "serve"]).unwrap();
+        let crate::config::Command::Serve(args) = cli.command else { unreachable!() };
+        BootPlanner {
+            runtime: Arc::new(FakeRuntime::new()),
+            limits: args.limits.validate().unwrap(),
+            catalog: Catalog::new("x/"),
+            instance: "test".into(),
+            wheels_dir: "/state/wheels".into(),
+            npm_registry: None,
+            datasets_dir: datasets.map(PathBuf::from),
+            user_output: OutputCaps { max_bytes: 256 << 20, max_files: 1000 },
+            runs_dir: "/state/sessions".into(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    fn plan(p: &BootPlanner, output: Option<&str>) -> crate::runtime::ContainerSpec {
+        let request = SessionRequest { language: "python_scientific".into(), ..Default::default() };
+        let mut settings = policy::settle(&p.catalog, &p.limits, request).unwrap();
+        settings.output = output.map(str::to_owned);
+        p.plan(&SessionId::new(), &Owner("o".into()), &settings, Utc::now(), false).spec
+    }
+
+    #[test]
+    fn the_output_folder_is_writable_only_for_its_user_and_the_datasets_stay_read_only() {
+        let p = planner(Some("/state/datasets"));
+        let theirs = plan(&p, None);
+        assert!(theirs.binds.contains(&"/state/datasets:/mnt/data:ro".to_owned()), "{:?}", theirs.binds);
+        assert!(theirs.tmpfs["/mnt/data/output"].starts_with("ro,"), "empty and read-only elsewhere");
+        let users = plan(&p, Some("user_test"));
+        assert!(users.binds.contains(&"/state/datasets:/mnt/data:ro".to_owned()));
+        // 512 MB by default: /tmp and the home get 128 MB each, the output folder half that.
+        assert_eq!(
+            users.tmpfs["/mnt/data/output"],
+            "rw,nosuid,nodev,noexec,size=64m,nr_inodes=2016,uid=1000,gid=1000,mode=0755"
+        );
+        assert!(users.tmpfs["/tmp"].contains("size=128m"));
+        let none = plan(&planner(None), Some("user_test"));
+        assert!(!none.tmpfs.contains_key("/mnt/data/output") && !none.binds.iter().any(|b| b.contains("/mnt/data")));
+    }
+}

@@ -299,4 +299,23 @@ mod tests {
         }
         assert!(req(|r| r.env = Some(BTreeMap::from([("GOOD_NAME".into(), "ok".into())]))).is_ok());
     }
+
+    #[test]
+    fn extras_shadow_nothing_and_name_one_output_folder() {
+        let mount = |container: &str| SessionExtras {
+            mounts: vec![super::super::model::Mount { host: "/srv/files/k".into(), container: container.into() }],
+            ..Default::default()
+        };
+        assert!(check_extras(&mount("/mnt/files")).is_ok());
+        for shadowing in
+            ["/mnt/data", "/mnt/data/output", "/mnt/data/x", "/mnt/wheels", "/mnt/wheels/x", "/kernel", "/mnt/"]
+        {
+            assert!(check_extras(&mount(shadowing)).is_err(), "{shadowing}");
+        }
+        let output = |user: &str| SessionExtras { output: Some(user.into()), ..Default::default() };
+        assert!(check_extras(&output("user_test")).is_ok());
+        for bad in ["", "..", ".x", "a/b", "../x", "a\nb"] {
+            assert!(check_extras(&output(bad)).is_err(), "{bad:?}");
+        }
+    }
 }
