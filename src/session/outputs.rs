@@ -2,7 +2,8 @@
 //! of the container (over the read-only datasets folder); what the code writes there reaches the host in
 //! `<datasets>/output/<user>/`, copied by the service after each execution and when the session ends, through
 //! the file tool's `collect` (Docker's exec API, as the session's user): the service never opens a path
-//! of the sandbox's.
+//! of the sandbox's. At start-up [`prepare`] makes the datasets folder (when it is the default one) and
+//! its `output/`, which every session's `/mnt/data/output` tmpfs needs as its mountpoint.
 //!
 //! The host side trusts nothing the tool sends (a session can write into the tool's stdout): every name is
 //! checked here (relative, no `..`, no hidden or control characters, bounded lengths) and writes go only
