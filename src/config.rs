@@ -118,10 +118,19 @@ pub struct ServeArgs {
     /// How users of this deployment reach the notebooks folder (the session API's `notebook_path`).
     #[arg(long, env = "KERNELBOX_NOTEBOOKS_PUBLIC_PATH", default_value = "/mnt/jupyter_sessions")]
     pub notebooks_public_path: String,
-    /// A host folder of datasets, mounted read-only at /mnt/data in every session. With compose, the
-    /// same path inside and outside the service container.
-    #[arg(long, env = "KERNELBOX_DATASETS_DIR")]
-    pub datasets_dir: Option<PathBuf>,
+    /// The host folder of datasets, mounted read-only at /mnt/data in every session (default
+    /// `<state-dir>/datasets`, made empty; `none`: no /mnt/data). The service makes `output/` in it: the
+    /// session API's users' results, `output/<user_id>/`. With compose, the same path inside and outside
+    /// the service container.
+    #[arg(long, env = "KERNELBOX_DATASETS_DIR", value_parser = DatasetsDir::parse)]
+    pub datasets_dir: Option<DatasetsDir>,
+    /// The most the session API's output folder keeps per user (`<datasets>/output/<user_id>/`), MiB;
+    /// files past it are not copied out (the execution says so).
+    #[arg(long, env = "KERNELBOX_USER_OUTPUT_MAX_MB", default_value_t = 256)]
+    pub user_output_max_mb: u64,
+    /// The most files the session API's output folder keeps per user.
+    #[arg(long, env = "KERNELBOX_USER_OUTPUT_MAX_FILES", default_value_t = 1000)]
+    pub user_output_max_files: u64,
     /// Kernels kept booted ahead of demand per language, e.g. `python=2,javascript=1` (`none`: no pool).
     /// A session whose request fits (no `env`; memory that keeps the same tmpfs size) starts from it.
     #[arg(long, env = "KERNELBOX_POOL", default_value = "python=2")]
@@ -141,6 +150,39 @@ pub struct ServeArgs {
     pub links: SignedUrlArgs,
     #[command(flatten)]
     pub images: ImageArgs,
+}
+
+/// Where the datasets folder is: `<state-dir>/datasets` unless the operator names one, or none at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DatasetsDir {
+    /// `<state-dir>/datasets`, made (empty) at start-up.
+    #[default]
+    InStateDir,
+    /// No datasets folder: sessions have no `/mnt/data`.
+    Off,
+    /// The operator's folder (absolute, existing).
+    At(PathBuf),
+}
+
+impl DatasetsDir {
+    /// `none`, or an absolute path.
+    pub fn parse(raw: &str) -> Result<DatasetsDir, String> {
+        match raw.trim() {
+            "none" => Ok(DatasetsDir::Off),
+            "" => Err("an empty path: name a folder, or `none`".into()),
+            path if path.starts_with('/') => Ok(DatasetsDir::At(PathBuf::from(path))),
+            _ => Err("an absolute path, or `none`".into()),
+        }
+    }
+
+    /// The folder, for a state directory `state_dir`.
+    pub fn resolve(&self, state_dir: &std::path::Path) -> Option<PathBuf> {
+        match self {
+            DatasetsDir::InStateDir => Some(state_dir.join("datasets")),
+            DatasetsDir::Off => None,
+            DatasetsDir::At(dir) => Some(dir.clone()),
+        }
+    }
 }
 
 /// Package installs into sessions (`POST /v1/sessions/{id}/packages`): the fetchers, the wheel cache and
@@ -691,6 +733,21 @@ mod tests {
         let secret = "s".repeat(32);
         let links = serve(&["--signed-url-secret", &secret]).links.validate().unwrap();
         assert!(!format!("{links:?}").contains(&secret), "the secret never shows in Debug output");
+    }
+
+    #[test]
+    fn the_datasets_folder_is_in_the_state_dir_unless_named_or_off() {
+        let state = std::path::Path::new("/var/lib/kernelbox");
+        let dir = |args: &[&str]| serve(args).datasets_dir.unwrap_or_default().resolve(state);
+        assert_eq!(dir(&[]), Some(PathBuf::from("/var/lib/kernelbox/datasets")));
+        assert_eq!(dir(&["--datasets-dir", "none"]), None);
+        assert_eq!(dir(&["--datasets-dir", "/srv/data"]), Some(PathBuf::from("/srv/data")));
+        for bad in ["", "relative/data"] {
+            let argv = ["kernelbox", "serve", "--datasets-dir", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+        let s = serve(&[]);
+        assert_eq!((s.user_output_max_mb, s.user_output_max_files), (256, 1000));
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub enum ServeError {
     StateDir { path: String, source: std::io::Error },
     #[error("could not recover sessions from an earlier run: {0}")]
     Recover(#[from] session::SessionError),
+    #[error(
+        "could not prepare the datasets folder {path} (it and its `output/` must be folders the service can make or find): {source}"
+    )]
+    Datasets { path: String, source: std::io::Error },
     #[error("could not open the file store {path}: {source}")]
     FileStore { path: String, source: std::io::Error },
     #[error("no secret to sign file links with: {0}")]
@@ -92,6 +96,10 @@ impl Application {
         let state_dir = settings.manager.state_dir.clone();
         prepare_state_dir(&state_dir)
             .map_err(|source| ServeError::StateDir { path: state_dir.display().to_string(), source })?;
+        if let Some(datasets) = settings.manager.storage.datasets.resolve(&state_dir) {
+            session::outputs::prepare(&datasets)
+                .map_err(|source| ServeError::Datasets { path: datasets.display().to_string(), source })?;
+        }
         // Before anything is adopted or started: a secret that cannot be had stops the start.
         let signer = match settings.links.max_lifetime {
             Some(max_lifetime) => {

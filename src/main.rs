@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use kernelbox::config::{Cli, Command, ImageArgs, ImagesCommand, LogFormat};
+use kernelbox::config::{Cli, Command, DatasetsDir, ImageArgs, ImagesCommand, LogFormat};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::{ImageBuilder, human_size, print_summary};
 use kernelbox::images::context::{self, HostSettings, Source};
 use kernelbox::runtime::ContainerRuntime;
 use kernelbox::runtime::docker::DockerRuntime;
-use kernelbox::session::{ManagerConfig, Storage};
+use kernelbox::session::{ManagerConfig, OutputCaps, Storage};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -100,7 +100,7 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
     let files = args.files.validate()?;
     let links = args.links.validate()?;
     let pool = args.pool_config()?;
-    if let Some(dir) = &args.datasets_dir {
+    if let Some(DatasetsDir::At(dir)) = &args.datasets_dir {
         // Docker would create a missing bind source as an empty root-owned folder: say so instead.
         anyhow::ensure!(
             dir.is_absolute() && dir.is_dir(),
@@ -108,6 +108,10 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    anyhow::ensure!(
+        args.user_output_max_mb >= 1 && args.user_output_max_files >= 1,
+        "--user-output-max-mb and --user-output-max-files must be at least 1"
+    );
     if args.instance.is_empty() || !args.instance.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         anyhow::bail!("--instance may only contain letters, digits, '-' and '_'");
     }
@@ -141,7 +145,11 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
             storage: Storage {
                 notebooks_dir: args.notebooks_dir.clone(),
                 notebooks_public_path: args.notebooks_public_path.clone(),
-                datasets_dir: args.datasets_dir.clone(),
+                datasets: args.datasets_dir.clone().unwrap_or_default(),
+                user_output: OutputCaps {
+                    max_bytes: args.user_output_max_mb.saturating_mul(1 << 20),
+                    max_files: args.user_output_max_files,
+                },
             },
             pool,
         },

@@ -179,7 +179,7 @@ pub async fn execute(
     let metadata = BTreeMap::from([("kernelbox.api".to_owned(), "jupyter".to_owned())]);
     let request =
         SessionRequest { language: req.execution_environment.clone(), metadata: Some(metadata), ..Default::default() };
-    let extras = SessionExtras { notebook: None, mounts };
+    let extras = SessionExtras { notebook: None, mounts, output: None };
     let info = caller.manager.create_with(caller.owner.clone(), request, extras).await?;
     let _close = CloseSession { manager: caller.manager.clone(), owner: caller.owner.clone(), id: info.id.to_string() };
 

@@ -1,9 +1,11 @@
 //! The session API (paths at the root), as its original clients call it: `POST /start_session` (form
 //! `user_id`), `/execute` (JSON `user_id`, `code`), `/install_package` (JSON `user_id`, `package_name`),
 //! `/reset` and `/end_session` (form `user_id`); answers and errors (`{"detail": ...}`) in the original's
-//! shapes. An adapter: one python session per user id and API key, found by its metadata
+//! shapes. An adapter: one `python_scientific` session per user id and API key, found by its metadata
 //! (`kernelbox.user_id`), which the session's container labels keep, so a restarted service that adopts
-//! its sessions still finds them. The idle reaper applies as to any session.
+//! its sessions still finds them. The idle reaper applies as to any session. As in the original, the
+//! user's code writes results to `/mnt/data/output/`: the session asks for the user's output folder, which
+//! the service copies to `<datasets>/output/<user_id>/` (`session::outputs`).
 
 use std::collections::BTreeMap;
 
@@ -19,20 +21,19 @@ use crate::session::{ExecStatus, SessionExtras, SessionInfo, SessionRequest, Ses
 pub const USER_KEY: &str = "kernelbox.user_id";
 /// The metadata key that says which API made a session (`session`).
 pub const API_KEY: &str = "kernelbox.api";
-/// The language of the session API's sessions.
-const LANGUAGE: &str = "python";
+/// The language of the session API's sessions: the original ran every user's kernel in a data-science
+/// Python (pandas, numpy, matplotlib, scipy, seaborn, scikit-learn, pyarrow, tabulate, openpyxl, xlrd),
+/// which is what `python_scientific` has.
+const LANGUAGE: &str = "python_scientific";
 
-/// A checked user id: 1 to 64 of `[A-Za-z0-9_.-]`, not starting with `.`. It becomes part of a path
-/// (the notebook's), a label and a name, so nothing else gets through.
+/// A checked user id: 1 to 64 of `[A-Za-z0-9_.-]`, not starting with `.`. It becomes part of paths (the
+/// notebook's, the output folder's), a label and a name, so nothing else gets through.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserId(String);
 
 impl UserId {
     pub fn parse(raw: &str) -> Result<UserId, DetailError> {
-        let ok = (1..=64).contains(&raw.len())
-            && !raw.starts_with('.')
-            && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if ok {
+        if crate::session::outputs::valid_user_folder(raw) {
             Ok(UserId(raw.to_owned()))
         } else {
             Err(DetailError::invalid(
@@ -95,8 +96,9 @@ pub struct UserForm {
     pub user_id: String,
 }
 
-/// Start a python session for `user_id` (a form field), or keep the one it has: the same session and
-/// container, state and files.
+/// Start a Python session (`python_scientific`) for `user_id` (a form field), or keep the one it has: the
+/// same session and container, state and files. What its code writes to `/mnt/data/output/` is copied to
+/// the datasets folder's `output/<user_id>/` on the host after each execution and when the session ends.
 #[utoipa::path(post, path = "/start_session", operation_id = "session_api_start_session", tag = "session API",
     request_body(content = UserForm, content_type = "multipart/form-data"),
     responses((status = 200, body = StartSessionResponse), (status = 422, body = DetailBody),
@@ -120,7 +122,7 @@ pub async fn start_session(caller: Caller, form: FormFields) -> Result<Json<Star
     }
     let metadata = BTreeMap::from([(USER_KEY.to_owned(), user.0.clone()), (API_KEY.to_owned(), "session".to_owned())]);
     let request = SessionRequest { language: LANGUAGE.into(), metadata: Some(metadata), ..Default::default() };
-    let extras = SessionExtras { notebook: Some(notebook(&user)), mounts: Vec::new() };
+    let extras = SessionExtras { notebook: Some(notebook(&user)), mounts: Vec::new(), output: Some(user.0.clone()) };
     let created = caller.manager.create_with(caller.owner.clone(), request, extras).await?;
     // Two starts at once for one user: the oldest session is the user's, the others go.
     if let Some(first) = find(&caller, &user)

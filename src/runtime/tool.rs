@@ -144,8 +144,9 @@ pub fn keep_tail(buf: &mut Vec<u8>, more: &[u8], max: usize) {
 }
 
 /// The file tool's `collect` (`images/shared/files`), which both readers run: each file is a line
-/// `{"path": P, "size": N}` and then N raw bytes; the last line is `{"end": true, "skipped": K}`; a
-/// refusal is `{"ok": false, "message": M}`. Each reader decides what a line is and checks it.
+/// `{"path": P, "size": N}` and then N raw bytes; the last line is `{"end": true, "skipped": K,
+/// "started": T}` (T: when the walk began, by the clock file times come from); a refusal is
+/// `{"ok": false, "message": M}`. Each reader decides what a line is and checks it.
 pub mod collect {
     use serde::Deserialize;
 
@@ -156,6 +157,7 @@ pub mod collect {
         pub size: Option<u64>,
         pub end: Option<bool>,
         pub skipped: Option<u64>,
+        pub started: Option<f64>,
         pub ok: Option<bool>,
         pub message: Option<String>,
     }

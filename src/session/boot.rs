@@ -20,8 +20,8 @@ use crate::packages::{self, spec::Ecosystem};
 use crate::runtime::{ContainerRuntime, ContainerSpec, Resources, labels};
 
 use super::kernel_host::BootPlan;
-use super::model::{Owner, SessionId, SessionSettings};
-use super::policy;
+use super::model::{OutputCaps, Owner, SessionId, SessionSettings};
+use super::{outputs, policy};
 
 /// Turns a session's settings into the plan of its boots.
 pub struct BootPlanner {
@@ -36,6 +36,8 @@ pub struct BootPlanner {
     pub npm_registry: Option<String>,
     /// Mounted read-only at `/mnt/data`, when set.
     pub datasets_dir: Option<PathBuf>,
+    /// The caps of a session API user's output folder (its tmpfs's inodes follow the file cap).
+    pub user_output: OutputCaps,
     /// Run directories live here (`rundir.rs`).
     pub runs_dir: PathBuf,
     /// Tracks the exit watchers each boot starts, so shutdown waits for them.
@@ -80,6 +82,9 @@ impl BootPlanner {
             ("/tmp".to_owned(), tmpfs("")),
             (images::HOME.to_owned(), tmpfs(",uid=1000,gid=1000,mode=0700")),
         ]);
+        if self.datasets_dir.is_some() {
+            tmpfs_mounts.insert(outputs::OUTPUT_MOUNT.to_owned(), self.output_tmpfs(s, size));
+        }
         let mut binds = Vec::new();
         if Ecosystem::of(&s.language) == Some(Ecosystem::Python) {
             // Installed packages (src/packages/): the shared wheel cache read-only, and a directory of the
@@ -129,6 +134,21 @@ impl BootPlanner {
         }
     }
 
+    /// `/mnt/data/output`, over the read-only datasets folder (whose `output/` holds the users' folders on
+    /// the host). A session API user's session writes there (an eighth of its memory at most, and inodes
+    /// for twice the folder's file cap, so its copy out walks a bounded tree); every other session gets it
+    /// empty and read-only, so no session reads another's results.
+    fn output_tmpfs(&self, s: &SessionSettings, size_mb: u64) -> String {
+        match s.output {
+            Some(_) => {
+                let size = (size_mb / 2).max(4);
+                let inodes = self.user_output.max_files.saturating_mul(2).saturating_add(16);
+                format!("rw,nosuid,nodev,noexec,size={size}m,nr_inodes={inodes},uid=1000,gid=1000,mode=0755")
+            }
+            None => "ro,nosuid,nodev,noexec,size=4k,nr_inodes=16,mode=0555".to_owned(),
+        }
+    }
+
     /// The read-only mounts of a session: the datasets folder, then the adapter's.
     fn binds(&self, s: &SessionSettings) -> Vec<String> {
         let datasets = self.datasets_dir.iter().map(|d| (d.clone(), policy::DATASETS_MOUNT.to_owned()));
@@ -156,4 +176,55 @@ impl BootPlanner {
 /// ENOSPC for the code that writes, never an out-of-memory kill of the kernel.
 pub fn tmpfs_mb(configured_max: u64, memory_mb: u64) -> u64 {
     configured_max.min(memory_mb / 4).max(8)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::runtime::fake::FakeRuntime;
+    use crate::session::model::SessionRequest;
+
+    fn planner(datasets: Option<&str>) -> BootPlanner {
+        let cli = crate::config::Cli::try_parse_from(["kernelbox", "serve"]).unwrap();
+        let crate::config::Command::Serve(args) = cli.command else { unreachable!() };
+        BootPlanner {
+            runtime: Arc::new(FakeRuntime::new()),
+            limits: args.limits.validate().unwrap(),
+            catalog: Catalog::new("x/"),
+            instance: "test".into(),
+            wheels_dir: "/state/wheels".into(),
+            npm_registry: None,
+            datasets_dir: datasets.map(PathBuf::from),
+            user_output: OutputCaps { max_bytes: 256 << 20, max_files: 1000 },
+            runs_dir: "/state/sessions".into(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    fn plan(p: &BootPlanner, output: Option<&str>) -> crate::runtime::ContainerSpec {
+        let request = SessionRequest { language: "python_scientific".into(), ..Default::default() };
+        let mut settings = policy::settle(&p.catalog, &p.limits, request).unwrap();
+        settings.output = output.map(str::to_owned);
+        p.plan(&SessionId::new(), &Owner("o".into()), &settings, Utc::now(), false).spec
+    }
+
+    #[test]
+    fn the_output_folder_is_writable_only_for_its_user_and_the_datasets_stay_read_only() {
+        let p = planner(Some("/state/datasets"));
+        let theirs = plan(&p, None);
+        assert!(theirs.binds.contains(&"/state/datasets:/mnt/data:ro".to_owned()), "{:?}", theirs.binds);
+        assert!(theirs.tmpfs["/mnt/data/output"].starts_with("ro,"), "empty and read-only elsewhere");
+        let users = plan(&p, Some("user_test"));
+        assert!(users.binds.contains(&"/state/datasets:/mnt/data:ro".to_owned()));
+        // 512 MB by default: /tmp and the home get 128 MB each, the output folder half that.
+        assert_eq!(
+            users.tmpfs["/mnt/data/output"],
+            "rw,nosuid,nodev,noexec,size=64m,nr_inodes=2016,uid=1000,gid=1000,mode=0755"
+        );
+        assert!(users.tmpfs["/tmp"].contains("size=128m"));
+        let none = plan(&planner(None), Some("user_test"));
+        assert!(!none.tmpfs.contains_key("/mnt/data/output") && !none.binds.iter().any(|b| b.contains("/mnt/data")));
+    }
 }

@@ -425,35 +425,116 @@ pub async fn collect(
     max_bytes: u64,
     since: f64,
 ) -> Result<(Vec<Collected>, u64), FileError> {
-    let args = [max_files.to_string(), max_bytes.to_string(), format!("{since:.3}")];
-    let exec = start(runtime, container, &["collect", HOME, &args[0], &args[1], &args[2]]).await?;
-    let mut out = tool_output(exec.output);
+    let mut collecting = Collecting::start(runtime, container, HOME, max_files, max_bytes, since).await?;
     let mut files = Vec::new();
-    let mut total: u64 = 0;
-    loop {
-        let line = line(&mut out, 64 << 10).await?;
+    while let Some((path, size)) = collecting.next_file().await? {
+        let mut content = BytesMut::with_capacity(size as usize);
+        while let Some(chunk) = collecting.chunk().await? {
+            content.extend_from_slice(&chunk);
+        }
+        files.push(Collected { path, content: content.freeze() });
+    }
+    Ok((files, collecting.skipped()))
+}
+
+/// The file tool's `collect` as it runs: the regular files under a folder of the container modified at or
+/// after a time, hidden ones excepted, one after another, each its path and size, then its bytes in
+/// pieces, never held whole. Everything the tool sends is attacker input: a line is bounded before it is
+/// buffered, and more than `max_files` files or `max_bytes` bytes in all, whatever the tool says, is an
+/// error. Paths are as the tool sends them: the caller checks them before they name anything.
+pub struct Collecting {
+    out: ToolOutput,
+    /// Kept open until the tool is done, as for a download.
+    _stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    /// Bytes of the current file not read yet.
+    left: u64,
+    files: usize,
+    total: u64,
+    max_files: usize,
+    max_bytes: u64,
+    /// Set at the end: the files the tool skipped over its limits.
+    skipped: Option<u64>,
+    /// Set at the end: when the tool began its walk (epoch seconds, the clock of file times), if it said.
+    started: Option<f64>,
+}
+
+impl Collecting {
+    /// Starts `collect` under `root` (an absolute path in the container).
+    pub async fn start(
+        runtime: &dyn ContainerRuntime,
+        container: &str,
+        root: &str,
+        max_files: usize,
+        max_bytes: u64,
+        since: f64,
+    ) -> Result<Collecting, FileError> {
+        // `since` as its shortest exact text: Python reads back the same number (no rounding up that would
+        // skip a file changed right at it).
+        let args = [max_files.to_string(), max_bytes.to_string(), since.to_string()];
+        let exec = start(runtime, container, &["collect", root, &args[0], &args[1], &args[2]]).await?;
+        Ok(Collecting::read(exec, max_files, max_bytes))
+    }
+
+    /// Reads a `collect` already started (tests give it a scripted one).
+    pub fn read(exec: ExecProcess, max_files: usize, max_bytes: u64) -> Collecting {
+        Collecting {
+            out: tool_output(exec.output),
+            _stdin: exec.stdin,
+            left: 0,
+            files: 0,
+            total: 0,
+            max_files,
+            max_bytes,
+            skipped: None,
+            started: None,
+        }
+    }
+
+    /// The next file's path and size (what is left of the one before is read and dropped first), or `None`
+    /// at the end.
+    pub async fn next_file(&mut self) -> Result<Option<(String, u64)>, FileError> {
+        while self.chunk().await?.is_some() {}
+        if self.skipped.is_some() {
+            return Ok(None);
+        }
+        let line = line(&mut self.out, 64 << 10).await?;
         let item: tool::collect::Item =
             serde_json::from_slice(&line).map_err(|e| FileError::Tool(format!("collect: {e}")))?;
         if item.ok == Some(false) {
             return Err(FileError::Tool(item.message.unwrap_or_default()));
         }
         if item.end == Some(true) {
-            return Ok((files, item.skipped.unwrap_or(0)));
+            self.skipped = Some(item.skipped.unwrap_or(0));
+            self.started = item.started.filter(|t| t.is_finite() && *t >= 0.0);
+            return Ok(None);
         }
         let (Some(path), Some(size)) = (item.path, item.size) else {
             return Err(FileError::Tool("collect: an entry without path or size".into()));
         };
-        total += size;
-        if files.len() >= max_files || total > max_bytes {
+        self.files += 1;
+        self.total = self.total.saturating_add(size);
+        if self.files > self.max_files || self.total > self.max_bytes {
             return Err(FileError::Tool("collect: the tool went over its limits".into()));
         }
-        let mut content = BytesMut::with_capacity(size as usize);
-        let mut left = size;
+        self.left = size;
+        Ok(Some((path, size)))
+    }
+
+    /// The next piece of the current file, `None` once it is all read.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, FileError> {
         let ended = || FileError::Tool("collect: a file ended early".into());
-        while let Some(chunk) = out.body_chunk(&mut left).await.map_err(|e| read_failure(e).unwrap_or_else(ended))? {
-            content.extend_from_slice(&chunk);
-        }
-        files.push(Collected { path, content: content.freeze() });
+        self.out.body_chunk(&mut self.left).await.map_err(|e| read_failure(e).unwrap_or_else(ended))
+    }
+
+    /// How many files the tool skipped over its limits (known at the end).
+    pub fn skipped(&self) -> u64 {
+        self.skipped.unwrap_or(0)
+    }
+
+    /// When the tool began its walk, by the clock file times come from (known at the end; an older tool
+    /// does not say): the `since` of a next collect that misses nothing changed meanwhile.
+    pub fn started(&self) -> Option<f64> {
+        self.started
     }
 }
 

@@ -18,6 +18,7 @@ use super::error::SessionError;
 use super::handle::{Inbox, Session};
 use super::model::{Owner, SessionId, SessionLimits, SessionSettings};
 use super::notebook_store::NotebookStore;
+use super::outputs::{FolderLocks, OutputCopier};
 use super::records::StateDirs;
 use super::registry::Registry;
 
@@ -26,6 +27,8 @@ pub struct Launcher {
     pub registry: Arc<Registry>,
     pub planner: Arc<BootPlanner>,
     pub notebooks: Arc<NotebookStore>,
+    /// Shared by every session's output copier: one copy per user folder at a time.
+    pub output_locks: Arc<FolderLocks>,
     pub dirs: StateDirs,
     /// Tracks session tasks, so shutdown waits for them.
     pub tracker: TaskTracker,
@@ -61,8 +64,15 @@ impl Launcher {
     ) -> oneshot::Receiver<Result<(), SessionError>> {
         let (ready_tx, ready) = oneshot::channel();
         let planner = &self.planner;
+        let outputs = match (&planner.datasets_dir, &session.settings.output) {
+            (Some(datasets), Some(user)) => {
+                Some(OutputCopier::new(datasets, user, planner.user_output, self.output_locks.clone()))
+            }
+            _ => None,
+        };
         let actor = Actor {
             notebook: self.notebooks.open(&session),
+            outputs,
             session: session.clone(),
             plan: planner.plan(&session.id, &session.owner, &session.settings, session.created_at, false),
             host: None,

@@ -87,7 +87,8 @@ impl SessionManager {
             instance: config.instance.clone(),
             wheels_dir: packages.cache_dir(),
             npm_registry: config.packages.npm_registry.clone(),
-            datasets_dir: config.storage.datasets_dir.clone(),
+            datasets_dir: config.storage.datasets.resolve(&config.state_dir),
+            user_output: config.storage.user_output,
             runs_dir: dirs.runs.clone(),
             tracker: tracker.clone(),
         });
@@ -98,6 +99,7 @@ impl SessionManager {
                 registry: registry.clone(),
                 planner: planner.clone(),
                 notebooks,
+                output_locks: Default::default(),
                 dirs: dirs.clone(),
                 tracker: tracker.clone(),
             },
@@ -151,6 +153,11 @@ impl SessionManager {
         &self.config.storage
     }
 
+    /// The datasets folder sessions see at `/mnt/data`, if there is one.
+    pub fn datasets_dir(&self) -> Option<&std::path::Path> {
+        self.launcher.planner.datasets_dir.as_deref()
+    }
+
     /// Starts a session: a container, a booted kernel, a task. Returns once the kernel answers. If the
     /// caller goes away first, the session is closed and its task removes whatever it made.
     pub async fn create(self: &Arc<Self>, owner: Owner, req: SessionRequest) -> Result<SessionInfo, SessionError> {
@@ -169,6 +176,8 @@ impl SessionManager {
         let mut settings = policy::settle(&self.config.catalog, &self.config.limits, req)?;
         settings.notebook = extras.notebook;
         settings.mounts = extras.mounts;
+        // No datasets folder, no output folder: the session's /mnt/data does not exist.
+        settings.output = extras.output.filter(|_| self.launcher.planner.datasets_dir.is_some());
         let language = settings.language.clone();
         // A quota that is full fails here, before a pooled kernel or a create of the key's budget is spent.
         self.registry.check_admit(&owner, &self.config.limits)?;

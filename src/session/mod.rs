@@ -2,8 +2,9 @@
 //! session is known by ([`handle`]), the task that runs its kernel ([`actor`]), the bridge between a
 //! container and its kernel ([`kernel_host`]) and the run directory the service owns for it
 //! ([`rundir`]), the Jupyter clients attached to a kernel ([`peers`]), the operator's rules as pure
-//! functions ([`policy`]), the per-key limits on what costs ([`costs`]), what an earlier run left behind ([`recovery`]) and the records adoption reads
-//! ([`records`]), and the plain data they share ([`model`]).
+//! functions ([`policy`]), the per-key limits on what costs ([`costs`]), what an earlier run left behind
+//! ([`recovery`]) and the records adoption reads ([`records`]), the session API's output folders on the
+//! host ([`outputs`]), and the plain data they share ([`model`]).
 //!
 //! Architecture invariant: this module never speaks HTTP and never calls bollard; it reaches Docker only
 //! through [`crate::runtime::ContainerRuntime`] and kernels only through [`crate::kernel`].
@@ -21,6 +22,7 @@ pub mod manager;
 pub mod model;
 pub mod notebook;
 pub mod notebook_store;
+pub mod outputs;
 pub mod peers;
 pub mod policy;
 pub mod pool;
@@ -35,8 +37,8 @@ pub use error::SessionError;
 pub use handle::{PeerLink, Pending, Session};
 pub use manager::SessionManager;
 pub use model::{
-    ExecStatus, ExecuteResult, ManagerConfig, Mount, Owner, ReapReport, SessionExtras, SessionId, SessionInfo,
-    SessionRequest, SessionStatus, Storage, Submission,
+    ExecStatus, ExecuteResult, ManagerConfig, Mount, OutputCaps, Owner, ReapReport, SessionExtras, SessionId,
+    SessionInfo, SessionRequest, SessionStatus, Storage, Submission,
 };
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use std::path::PathBuf;
 
-use crate::config::{Limits, PoolConfig};
+use crate::config::{DatasetsDir, Limits, PoolConfig};
 use crate::images::Catalog;
 use crate::kernel::{ErrorInfo, Output};
 use crate::packages::PackageConfig;
@@ -85,6 +85,10 @@ pub struct SessionSettings {
     /// Service-owned host directories mounted read-only into the container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<Mount>,
+    /// The session API's user whose output folder this session fills: `/mnt/data/output` is writable and
+    /// copied to `<datasets>/output/<user>/` (`outputs.rs`). `None`: read-only and empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 /// A host directory that only the service writes, mounted read-only into a session.
@@ -95,11 +99,13 @@ pub struct Mount {
 }
 
 /// What an adapter may ask for beyond a `/v1` request: a named notebook that outlives the session (the
-/// session API's `<user>/notebook_<user>.ipynb`) and read-only mounts of service-owned folders.
+/// session API's `<user>/notebook_<user>.ipynb`), read-only mounts of service-owned folders, and a user's
+/// output folder (the session API's `/mnt/data/output`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SessionExtras {
     pub notebook: Option<String>,
     pub mounts: Vec<Mount>,
+    pub output: Option<String>,
 }
 
 impl SessionSettings {
@@ -239,6 +245,14 @@ pub struct ExecuteResult {
     pub stream_events_dropped: u64,
 }
 
+impl ExecuteResult {
+    /// Adds a line of the service's own to the execution's stderr (an output of its own, at the end).
+    pub fn note(&mut self, text: String) {
+        self.stderr.push_str(&text);
+        self.outputs.push(Output::Stream { name: "stderr".into(), text });
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -289,12 +303,33 @@ pub struct Storage {
     pub notebooks_dir: Option<PathBuf>,
     /// How a deployment names the notebooks folder to its users (the session API's `notebook_path`).
     pub notebooks_public_path: String,
-    /// Mounted read-only at `/mnt/data` in every session, when set.
-    pub datasets_dir: Option<PathBuf>,
+    /// Mounted read-only at `/mnt/data` in every session (`<state>/datasets` unless named, or none).
+    pub datasets: DatasetsDir,
+    /// The caps of each session API user's output folder, `<datasets>/output/<user>/`.
+    pub user_output: OutputCaps,
 }
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { notebooks_dir: None, notebooks_public_path: "/mnt/jupyter_sessions".into(), datasets_dir: None }
+        Storage {
+            notebooks_dir: None,
+            notebooks_public_path: "/mnt/jupyter_sessions".into(),
+            datasets: DatasetsDir::default(),
+            user_output: OutputCaps::default(),
+        }
+    }
+}
+
+/// What one user's output folder may hold; a file past either cap is not copied out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputCaps {
+    pub max_bytes: u64,
+    pub max_files: u64,
+}
+
+impl Default for OutputCaps {
+    /// `--user-output-max-mb` and `--user-output-max-files`'s defaults.
+    fn default() -> Self {
+        OutputCaps { max_bytes: 256 << 20, max_files: 1000 }
     }
 }

@@ -48,12 +48,19 @@ pub fn settle(catalog: &Catalog, l: &Limits, req: SessionRequest) -> Result<Sess
         metadata,
         notebook: None,
         mounts: Vec::new(),
+        output: None,
     })
 }
 
 /// Checks an adapter's extras: a notebook path inside the notebooks folder, mounts of absolute host
-/// folders at absolute container paths under `/mnt` that shadow nothing of the start contract.
+/// folders at absolute container paths under `/mnt` that shadow nothing of the start contract (nor the
+/// datasets folder), an output folder's user that is one plain name.
 pub fn check_extras(extras: &SessionExtras) -> Result<(), SessionError> {
+    if let Some(user) = &extras.output
+        && !super::outputs::valid_user_folder(user)
+    {
+        return Err(SessionError::Invalid(format!("output folder {user:?}: 1 to 64 of [A-Za-z0-9_.-], not hidden")));
+    }
     if let Some(nb) = &extras.notebook {
         let tidy = crate::session::files::FilePath::parse(nb)
             .map_err(|e| SessionError::Invalid(format!("notebook path: {e}")))?;
@@ -70,6 +77,7 @@ pub fn check_extras(extras: &SessionExtras) -> Result<(), SessionError> {
             && m.container.len() > 5
             && plain(&m.container)
             && m.container != DATASETS_MOUNT
+            && !m.container.starts_with(&format!("{DATASETS_MOUNT}/"))
             && m.container != crate::packages::WHEELS_MOUNT
             && !m.container.starts_with(&format!("{}/", crate::packages::WHEELS_MOUNT));
         if !ok {
@@ -290,5 +298,24 @@ mod tests {
             assert!(settle(&catalog, &l, r).is_err(), "{reserved}");
         }
         assert!(req(|r| r.env = Some(BTreeMap::from([("GOOD_NAME".into(), "ok".into())]))).is_ok());
+    }
+
+    #[test]
+    fn extras_shadow_nothing_and_name_one_output_folder() {
+        let mount = |container: &str| SessionExtras {
+            mounts: vec![super::super::model::Mount { host: "/srv/files/k".into(), container: container.into() }],
+            ..Default::default()
+        };
+        assert!(check_extras(&mount("/mnt/files")).is_ok());
+        for shadowing in
+            ["/mnt/data", "/mnt/data/output", "/mnt/data/x", "/mnt/wheels", "/mnt/wheels/x", "/kernel", "/mnt/"]
+        {
+            assert!(check_extras(&mount(shadowing)).is_err(), "{shadowing}");
+        }
+        let output = |user: &str| SessionExtras { output: Some(user.into()), ..Default::default() };
+        assert!(check_extras(&output("user_test")).is_ok());
+        for bad in ["", "..", ".x", "a/b", "../x", "a\nb"] {
+            assert!(check_extras(&output(bad)).is_err(), "{bad:?}");
+        }
     }
 }

@@ -123,13 +123,14 @@ impl WarmPool {
     }
 
     /// Whether a request can be served by a pooled kernel: one booted with the language's defaults can
-    /// take other memory and CPU limits (Docker updates them), but not environment variables, mounts or
-    /// another tmpfs size (both fixed at create time).
+    /// take other memory and CPU limits (Docker updates them), but not environment variables, mounts, an
+    /// output folder or another tmpfs size (all fixed at create time).
     pub fn poolable(&self, settings: &SessionSettings) -> bool {
         let p = &self.planner;
         self.config.targets.get(&settings.language).is_some_and(|&n| n > 0)
             && settings.env.is_empty()
             && settings.mounts.is_empty()
+            && settings.output.is_none()
             && p.tmpfs_mb(settings.memory_mb) == p.tmpfs_mb(p.limits.default_memory_mb)
     }
 

@@ -102,7 +102,7 @@ async fn the_datasets_folder_is_mounted_read_only_at_mnt_data() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(datasets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut options = AppOptions::default();
-    options.storage.datasets_dir = Some(datasets.path().to_path_buf());
+    options.storage.datasets = kernelbox::config::DatasetsDir::At(datasets.path().to_path_buf());
     let app = spawn_app_with(options).await;
     let id = app.start("python").await;
     let v = app
@@ -113,5 +113,9 @@ async fn the_datasets_folder_is_mounted_read_only_at_mnt_data() {
         .await;
     let text: String = v["stdout"].as_str().unwrap().to_owned();
     assert_eq!(text, "sepal,petal\n5.1,1.4\nrefused 30\n", "{v}");
-    assert_eq!(std::fs::read_dir(datasets.path()).unwrap().count(), 1, "nothing new on the host");
+    let mut names: Vec<String> =
+        std::fs::read_dir(datasets.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["iris.csv", "output"], "nothing new on the host but the output folders' mountpoint");
+    assert_eq!(std::fs::read_dir(datasets.path().join("output")).unwrap().count(), 0, "and it is empty");
 }

@@ -59,7 +59,8 @@ impl Actor {
         // Checked by the manager; a command that bypassed it gets no answers rather than unbounded ones.
         let answers = Answers::new(stdin, ask_for_input && events.is_some()).unwrap_or_default();
         let mut input = InputState { answers, waiting: None, refused: None };
-        let result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned, &mut input).await;
+        let mut result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned, &mut input).await;
+        self.copy_outputs(Some(&mut result)).await;
         self.record(&code, &result);
         let _ = reply.send(result);
     }

@@ -23,6 +23,7 @@ use super::handle::{Control, Inbox, Session};
 use super::kernel_host::{BootPlan, KernelHost};
 use super::model::{ExecuteResult, SessionStatus};
 use super::notebook::NotebookHandle;
+use super::outputs::OutputCopier;
 use super::peers::{PeerEvent, Peers};
 
 mod execute;
@@ -39,8 +40,16 @@ pub enum Start {
     Ready(Box<KernelHost>),
 }
 
+/// How long the copy of the output folder after an execution may take before it is cut (what it did not
+/// copy goes with the next one).
+const COPY_AFTER_EXECUTION: Duration = Duration::from_secs(60);
+/// The same at the session's end (shutdown waits 10 s for all sessions at once).
+const COPY_AT_END: Duration = Duration::from_secs(5);
+
 pub struct Actor {
     pub notebook: Option<NotebookHandle>,
+    /// The session API's output folder: copied out after each execution and at the end.
+    pub outputs: Option<OutputCopier>,
     pub session: Arc<Session>,
     pub plan: BootPlan,
     pub host: Option<KernelHost>,
@@ -181,6 +190,8 @@ impl Actor {
         }
         self.peers.close_all("the kernel's session ended");
         self.inbox.peers.close();
+        // Whatever ends the session (DELETE, the reaper, shutdown), its output folder is copied a last time.
+        self.copy_outputs(None).await;
         let kept = self.session.keep_on_exit();
         if let Some(host) = self.host.take() {
             if kept && host.is_alive() {
@@ -195,6 +206,55 @@ impl Actor {
             && !kept
         {
             let _ = std::fs::remove_file(handle.notebook.path());
+        }
+    }
+
+    /// Copies the session API's output folder out (`outputs.rs`), bounded in time: after an execution
+    /// (`result`; a DELETE cuts it short and the last copy takes over) or at the end (`None`). What was not
+    /// copied is logged and, after an execution, said in its stderr; the execution never fails for it.
+    pub(super) async fn copy_outputs(&mut self, result: Option<&mut ExecuteResult>) {
+        let (Some(copier), Some(host)) = (self.outputs.as_mut(), self.host.as_ref()) else { return };
+        if !host.is_alive() {
+            return;
+        }
+        let (container, runtime) = (host.container_id.clone(), self.plan.runtime.clone());
+        let cancel = self.session.cancel.clone();
+        let limit = if result.is_some() { COPY_AFTER_EXECUTION } else { COPY_AT_END };
+        let copy = tokio::time::timeout(limit, copier.copy(runtime.as_ref(), &container));
+        let outcome = if result.is_some() {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                outcome = copy => outcome,
+            }
+        } else {
+            copy.await
+        };
+        let id = &self.session.id;
+        let note = match outcome {
+            Ok(Ok(report)) => {
+                let skipped = report.over_cap + report.refused;
+                metrics::counter!("kernelbox_user_output_files_total", "outcome" => "copied").increment(report.copied);
+                metrics::counter!("kernelbox_user_output_files_total", "outcome" => "skipped").increment(skipped);
+                if skipped > 0 {
+                    tracing::warn!(session_id = %id, copied = report.copied, over_cap = report.over_cap, refused = report.refused, names = ?report.quoted, "files of /mnt/data/output were not copied out");
+                }
+                report.note(copier.caps())
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(session_id = %id, error = %e, "could not copy /mnt/data/output out");
+                Some(format!("[kernelbox: /mnt/data/output was not copied out: {e}]\n"))
+            }
+            Err(_) => {
+                tracing::warn!(session_id = %id, limit_s = limit.as_secs(), "copying /mnt/data/output out took too long; cut");
+                Some(format!(
+                    "[kernelbox: /mnt/data/output: the copy out was cut after {} s; what it missed goes with the next one]\n",
+                    limit.as_secs()
+                ))
+            }
+        };
+        if let (Some(result), Some(note)) = (result, note) {
+            result.note(note);
         }
     }
 
