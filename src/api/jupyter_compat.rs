@@ -442,6 +442,7 @@ mod tests {
             outputs,
             stdout: String::new(),
             stderr: String::new(),
+            streams_abridged: false,
             error: None,
             duration_ms: 1,
             truncated: false,

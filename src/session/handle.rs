@@ -434,6 +434,7 @@ impl ExecuteResult {
             outputs: Vec::new(),
             stdout: String::new(),
             stderr: String::new(),
+            streams_abridged: false,
             error: None,
             duration_ms,
             truncated: false,

@@ -219,13 +219,19 @@ pub struct ExecuteResult {
     pub status: ExecStatus,
     pub execution_count: Option<u64>,
     pub outputs: Vec<Output>,
-    /// All stdout stream text, concatenated.
+    /// All stdout stream text, concatenated: the text of the `stream` outputs again. When the printed
+    /// text does not fit twice within the output cap, `stdout` and `stderr` keep their beginning with a
+    /// marker (`streams_abridged`); `outputs` has the whole text.
     pub stdout: String,
     pub stderr: String,
+    /// `stdout` or `stderr` was abridged (see `stdout`); nothing of the output is lost.
+    #[serde(skip_serializing_if = "is_false")]
+    pub streams_abridged: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     pub duration_ms: u64,
-    /// Something was cut or dropped to keep the response within the output cap.
+    /// Something the code printed or showed was cut or dropped to keep the response within the output
+    /// cap (abridged `stdout`/`stderr` are not: see `streams_abridged`).
     pub truncated: bool,
     /// Why, when `status` is `killed`: `out_of_memory`, `exited with code N`, `restarted`, `session_deleted`,
     /// `reaped`, `service_shutdown` or `client_gone`.
@@ -241,6 +247,10 @@ pub struct ExecuteResult {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One execution to queue.

@@ -19,6 +19,7 @@ mod languages;
 mod lifecycle;
 mod mcp;
 mod notebooks;
+mod output_cap;
 mod packages;
 mod pool;
 mod process;

@@ -8,7 +8,6 @@ use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
-use crate::kernel::execution::stream_text;
 use crate::kernel::stdin::{self, Answer, Answers};
 use crate::kernel::wire::Message;
 use crate::kernel::{ErrorInfo, Event, ExecutionTracker, InputRequest, KernelError, ReplyStatus, Report};
@@ -388,7 +387,8 @@ pub(super) async fn wait_exit(exit: Option<&mut tokio::sync::watch::Receiver<Opt
 }
 
 fn finish(ending: Ending, tracker: Option<ExecutionTracker>, elapsed: Duration) -> ExecuteResult {
-    let Report { reply, outputs, error, truncated } = tracker.map(ExecutionTracker::into_report).unwrap_or_default();
+    let Report { reply, outputs, stdout, stderr, streams_abridged, error, truncated } =
+        tracker.map(ExecutionTracker::into_report).unwrap_or_default();
     let execution_count = reply.and_then(|r| r.1);
     let (status, killed_reason, kernel_restarted) = match ending {
         Ending::Complete => match reply.map(|r| r.0) {
@@ -405,8 +405,9 @@ fn finish(ending: Ending, tracker: Option<ExecutionTracker>, elapsed: Duration) 
     ExecuteResult {
         status,
         execution_count,
-        stdout: stream_text(&outputs, "stdout"),
-        stderr: stream_text(&outputs, "stderr"),
+        stdout,
+        stderr,
+        streams_abridged,
         outputs,
         error,
         duration_ms: elapsed.as_millis() as u64,
