@@ -352,6 +352,13 @@ pub struct LimitArgs {
     /// How often the idle reaper runs, seconds.
     #[arg(long, env = "KERNELBOX_REAP_INTERVAL_S", default_value_t = 30)]
     pub reap_interval_s: u64,
+    /// Automatic restarts of a kernel that died on its own, at most this many within
+    /// --auto-restart-window-s (then the session stays dead); 0 turns them off for every session.
+    #[arg(long, env = "KERNELBOX_AUTO_RESTART_LIMIT", default_value_t = 5)]
+    pub auto_restart_limit: usize,
+    /// The window of --auto-restart-limit, seconds.
+    #[arg(long, env = "KERNELBOX_AUTO_RESTART_WINDOW_S", default_value_t = 300)]
+    pub auto_restart_window_s: u64,
 }
 
 /// The checked session limits the service runs with.
@@ -376,6 +383,9 @@ pub struct Limits {
     pub interrupt_grace: Duration,
     pub start_timeout: Duration,
     pub reap_interval: Duration,
+    /// Automatic restarts of a kernel that died: at most this many within `auto_restart_window`.
+    pub auto_restart_limit: usize,
+    pub auto_restart_window: Duration,
 }
 
 /// A configuration value that cannot work.
@@ -408,6 +418,7 @@ impl LimitArgs {
         check(self.output_limit_bytes >= 1024, "--output-limit-bytes must be at least 1024")?;
         check(self.max_upload_mb >= 1, "--max-upload-mb must be at least 1")?;
         check(self.reap_interval_s >= 1, "--reap-interval-s must be at least 1")?;
+        check(self.auto_restart_window_s >= 1, "--auto-restart-window-s must be at least 1")?;
         let s = Duration::from_secs;
         Ok(Limits {
             default_memory_mb: self.default_memory_mb,
@@ -429,6 +440,8 @@ impl LimitArgs {
             interrupt_grace: s(self.interrupt_grace_s),
             start_timeout: s(self.start_timeout_s),
             reap_interval: s(self.reap_interval_s),
+            auto_restart_limit: self.auto_restart_limit,
+            auto_restart_window: s(self.auto_restart_window_s),
         })
     }
 }

@@ -58,7 +58,9 @@ impl Actor {
         // Checked by the manager; a command that bypassed it gets no answers rather than unbounded ones.
         let answers = Answers::new(stdin, ask_for_input && events.is_some()).unwrap_or_default();
         let mut input = InputState { answers, waiting: None, refused: None };
-        let result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned, &mut input).await;
+        let mut result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned, &mut input).await;
+        // The kernel died under it and is being restarted automatically: its state is gone.
+        result.kernel_restarted |= self.pending_restart.is_some();
         self.record(&code, &result);
         let _ = reply.send(result);
     }

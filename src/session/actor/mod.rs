@@ -9,6 +9,9 @@
 //! (`peers.rs`) whether or not a `/v1` execution is running. Work whose caller has gone is skipped
 //! (queued) or interrupted (running, `/v1`). In every wait, cancellation, the container's death, control requests and deadlines
 //! come before the kernel's messages, so a kernel that always has a message ready cannot starve them.
+//!
+//! `execute.rs` is one execution; `restart.rs` the restarts (a client's, and the automatic one after the
+//! kernel died).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,10 +27,13 @@ use super::kernel_host::{BootPlan, KernelHost};
 use super::model::{ExecuteResult, SessionStatus};
 use super::notebook::NotebookHandle;
 use super::peers::{PeerEvent, Peers};
+use super::policy::{RestartBound, RestartHistory};
 
 mod execute;
+mod restart;
 
 use execute::{Ending, recv_kernel, wait_exit};
+pub use restart::Refit;
 
 /// How the session's task begins.
 pub enum Start {
@@ -39,24 +45,53 @@ pub enum Start {
     Ready(Box<KernelHost>),
 }
 
+/// The session's task (see the module doc); built by [`Actor::new`], run by [`Actor::run`].
 pub struct Actor {
-    pub notebook: Option<NotebookHandle>,
-    pub session: Arc<Session>,
-    pub plan: BootPlan,
-    pub host: Option<KernelHost>,
-    pub inbox: Inbox,
-    pub output_limit: usize,
-    pub interrupt_grace: Duration,
+    notebook: Option<NotebookHandle>,
+    session: Arc<Session>,
+    plan: BootPlan,
+    host: Option<KernelHost>,
+    inbox: Inbox,
+    output_limit: usize,
+    interrupt_grace: Duration,
     /// How long an execution keeps listening after its reply and idle status (`Language::late_output`).
-    pub late_output: Duration,
+    late_output: Duration,
     /// Jupyter clients attached to the kernel.
-    pub peers: Peers,
+    peers: Peers,
     /// The kernel connection failed outside an execution while the container lives on: it is not read
     /// again until a restart gives a new one (else a broken connection would be polled in a loop).
-    pub link_broken: bool,
+    link_broken: bool,
+    /// The operator's bound on automatic restarts, and this session's recent ones.
+    restart_bound: RestartBound,
+    restarts: RestartHistory,
+    /// The kernel died and is restarted automatically by the serve loop (how it died).
+    pending_restart: Option<String>,
+    /// Puts the session's packages into a new container.
+    refit: Arc<dyn Refit>,
 }
 
 impl Actor {
+    /// The task of `session`, before it starts.
+    pub fn new(session: Arc<Session>, inbox: Inbox, plan: BootPlan, settings: ActorSettings) -> Self {
+        let ActorSettings { notebook, output_limit, interrupt_grace, late_output, restart_bound, refit } = settings;
+        Actor {
+            notebook,
+            session,
+            plan,
+            host: None,
+            inbox,
+            output_limit,
+            interrupt_grace,
+            late_output,
+            peers: Peers::default(),
+            link_broken: false,
+            restart_bound,
+            restarts: RestartHistory::default(),
+            pending_restart: None,
+            refit,
+        }
+    }
+
     /// The whole life of the session. `ready` hears once whether the kernel came up.
     pub async fn run(mut self, start: Start, ready: oneshot::Sender<Result<(), SessionError>>) {
         let cancel = self.session.cancel.clone();
@@ -69,6 +104,7 @@ impl Actor {
             Ok(host) => {
                 self.took(&host);
                 self.host = Some(host);
+                self.session.set_status(SessionStatus::Idle);
                 let _ = ready.send(Ok(()));
                 self.serve().await;
             }
@@ -82,6 +118,10 @@ impl Actor {
     async fn serve(&mut self) {
         let cancel = self.session.cancel.clone();
         loop {
+            if let Some(died) = self.pending_restart.take() {
+                self.restart_after_death(died).await;
+                continue;
+            }
             let alive = self.host.as_ref().is_some_and(KernelHost::is_alive);
             let read_kernel = alive && !self.link_broken && self.peers.is_active();
             let (exit, client) = match self.host.as_mut() {
@@ -212,6 +252,7 @@ impl Actor {
         }
     }
 
+    /// A kernel is the session's now (its caller sets the status).
     fn took(&mut self, host: &KernelHost) {
         self.link_broken = false;
         self.session.update(|s| {
@@ -219,41 +260,16 @@ impl Actor {
             s.container_id = host.container_id.clone();
             s.kernel = Some(host.info.clone());
         });
-        self.session.set_status(SessionStatus::Idle);
     }
+}
 
-    fn on_death(&mut self) {
-        let reason = self.exit_reason();
-        tracing::warn!(session_id = %self.session.id, %reason, "the kernel died");
-        self.session.update(|s| s.dead_reason = Some(reason.clone()));
-        self.session.set_status(SessionStatus::Dead);
-        self.peers.status("dead");
-        // A dead container is of no use; remove it now so nothing lingers.
-        if let Some(host) = self.host.take() {
-            let plan = self.plan.clone();
-            self.plan.tracker.spawn(async move { plan.remove(&host.container_id).await });
-        }
-    }
-
-    async fn restart(&mut self) -> Result<(), SessionError> {
-        self.session.set_status(SessionStatus::Restarting);
-        self.peers.status("restarting");
-        let cancel = self.session.cancel.clone();
-        let result = match self.host.take() {
-            Some(host) => self.plan.restart(host, &cancel).await,
-            None => self.plan.boot(&cancel).await,
-        };
-        match result {
-            Ok(host) => {
-                self.took(&host);
-                self.host = Some(host);
-                Ok(())
-            }
-            Err(e) => {
-                self.session.update(|s| s.dead_reason = Some(format!("restart failed: {e}")));
-                self.session.set_status(SessionStatus::Dead);
-                Err(e)
-            }
-        }
-    }
+/// What a session's task runs with, besides its session, inbox and boot plan.
+pub struct ActorSettings {
+    pub notebook: Option<NotebookHandle>,
+    pub output_limit: usize,
+    pub interrupt_grace: Duration,
+    /// How long an execution keeps listening after its reply and idle status (`Language::late_output`).
+    pub late_output: Duration,
+    pub restart_bound: RestartBound,
+    pub refit: Arc<dyn Refit>,
 }
