@@ -5,6 +5,7 @@ mod helpers;
 
 mod abuse;
 mod api_surface;
+mod auto_restart;
 mod compat_jupyter;
 mod compat_session;
 mod compose;
