@@ -76,6 +76,7 @@ impl Launcher {
                 .map(|l| l.late_output())
                 .unwrap_or_default(),
             restart_bound: RestartBound { max: l.auto_restart_limit, window: l.auto_restart_window },
+            max_timeout: l.max_timeout,
             refit: self.refit.clone(),
         };
         let actor = Actor::new(session.clone(), inbox, plan, settings);

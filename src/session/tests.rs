@@ -256,6 +256,25 @@ async fn past_the_bound_a_dying_kernel_stays_dead_until_a_client_restarts_it() {
 }
 
 #[tokio::test]
+async fn an_adopted_kernel_busy_with_a_cell_is_busy_until_it_ends_and_executions_wait() {
+    let h = harness_keeping(&[], true);
+    let id = h.start().await;
+    let m = h.manager.clone();
+    let cut_off = m.submit(&owner(), &id, "sleep:2".into(), None, false).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.manager.shutdown().await;
+    assert_eq!(cut_off.wait().await.unwrap().killed_reason.as_deref(), Some("service_shutdown"));
+
+    let again = SessionManager::new(h.runtime.clone(), config(&[], h._dir.path()));
+    assert_eq!(again.recover().await.unwrap(), (1, 0), "adopted, busy or not");
+    assert_eq!(again.get(&owner(), &id).unwrap().info().status, SessionStatus::Busy);
+    let r = again.execute(&owner(), &id, "print:next".into(), None).await.unwrap();
+    assert_eq!((r.status, r.stdout.as_str()), (ExecStatus::Ok, "next\n"));
+    assert_eq!(r.execution_count, Some(2), "it ran after the cell from before the adoption, in the same kernel");
+    assert_eq!(again.get(&owner(), &id).unwrap().info().status, SessionStatus::Idle);
+}
+
+#[tokio::test]
 async fn delete_removes_the_container_and_the_directory() {
     let h = harness(&[]);
     let id = h.start().await;

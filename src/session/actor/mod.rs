@@ -11,7 +11,7 @@
 //! come before the kernel's messages, so a kernel that always has a message ready cannot starve them.
 //!
 //! `execute.rs` is one execution; `restart.rs` the restarts (a client's, and the automatic one after the
-//! kernel died).
+//! kernel died); `orphan.rs` a cell an adopted kernel was running when this run of the service found it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,9 +30,11 @@ use super::peers::{PeerEvent, Peers};
 use super::policy::{RestartBound, RestartHistory};
 
 mod execute;
+mod orphan;
 mod restart;
 
 use execute::{Ending, recv_kernel, wait_exit};
+use orphan::Orphan;
 pub use restart::Refit;
 
 /// How the session's task begins.
@@ -66,6 +68,10 @@ pub struct Actor {
     restarts: RestartHistory,
     /// The kernel died and is restarted automatically by the serve loop (how it died).
     pending_restart: Option<String>,
+    /// A cell an adopted kernel was running (the session is busy until it ends).
+    orphan: Option<Orphan>,
+    /// How long such a cell may still run: the longest execution the operator allows.
+    max_timeout: Duration,
     /// Puts the session's packages into a new container.
     refit: Arc<dyn Refit>,
 }
@@ -73,7 +79,8 @@ pub struct Actor {
 impl Actor {
     /// The task of `session`, before it starts.
     pub fn new(session: Arc<Session>, inbox: Inbox, plan: BootPlan, settings: ActorSettings) -> Self {
-        let ActorSettings { notebook, output_limit, interrupt_grace, late_output, restart_bound, refit } = settings;
+        let ActorSettings { notebook, output_limit, interrupt_grace, late_output, restart_bound, max_timeout, refit } =
+            settings;
         Actor {
             notebook,
             session,
@@ -88,6 +95,8 @@ impl Actor {
             restart_bound,
             restarts: RestartHistory::default(),
             pending_restart: None,
+            orphan: None,
+            max_timeout,
             refit,
         }
     }
@@ -95,16 +104,29 @@ impl Actor {
     /// The whole life of the session. `ready` hears once whether the kernel came up.
     pub async fn run(mut self, start: Start, ready: oneshot::Sender<Result<(), SessionError>>) {
         let cancel = self.session.cancel.clone();
+        let mut busy_until = None;
         let booted = match start {
             Start::Fresh => self.plan.boot(&cancel).await,
-            Start::Adopt { container_id, boot } => self.plan.adopt(container_id, &boot, &cancel).await,
+            Start::Adopt { container_id, boot } => {
+                self.plan.adopt(container_id, &boot, &cancel).await.map(|(host, busy)| {
+                    busy_until = busy;
+                    host
+                })
+            }
             Start::Ready(host) => Ok(*host),
         };
         match booted {
             Ok(host) => {
                 self.took(&host);
                 self.host = Some(host);
-                self.session.set_status(SessionStatus::Idle);
+                match busy_until {
+                    Some(marker) => {
+                        tracing::info!(session_id = %self.session.id, "adopted a kernel busy with a cell; it may finish");
+                        self.orphan = Some(Orphan::new(marker, self.max_timeout));
+                        self.session.set_status(SessionStatus::Busy);
+                    }
+                    None => self.session.set_status(SessionStatus::Idle),
+                }
                 let _ = ready.send(Ok(()));
                 self.serve().await;
             }
@@ -123,7 +145,8 @@ impl Actor {
                 continue;
             }
             let alive = self.host.as_ref().is_some_and(KernelHost::is_alive);
-            let read_kernel = alive && !self.link_broken && self.peers.is_active();
+            let read_kernel = alive && !self.link_broken && (self.peers.is_active() || self.orphan.is_some());
+            let orphan_deadline = self.orphan.as_ref().map(Orphan::deadline);
             let (exit, client) = match self.host.as_mut() {
                 Some(h) => (Some(&mut h.exit), Some(&mut h.client)),
                 None => (None, None),
@@ -142,16 +165,25 @@ impl Actor {
                         }
                     }
                 },
+                _ = sleep_until_some(orphan_deadline), if orphan_deadline.is_some() => self.orphan_overdue().await,
                 Some(event) = self.inbox.peers.recv() => self.on_peer(event).await,
-                Some(cmd) = self.inbox.commands.recv() => self.run_command(cmd).await,
+                // Executions wait while a cell from before the adoption runs, as behind any execution.
+                Some(cmd) = self.inbox.commands.recv(), if self.orphan.is_none() => self.run_command(cmd).await,
                 received = recv_kernel(client), if read_kernel => match received {
-                    Ok((channel, msg)) => self.for_peers(channel, &msg),
+                    Ok((channel, msg)) => {
+                        self.for_peers(channel, &msg);
+                        self.orphan_ended(channel, &msg);
+                    }
                     Err(e) => {
                         if let Ending::Killed(reason) = self.killed_or(format!("lost the kernel connection: {e}")).await
                             && self.host.is_some()
                         {
                             tracing::warn!(session_id = %self.session.id, %reason, "the kernel connection failed; it is read again after a restart");
                             self.link_broken = true;
+                            // A cell from before the adoption can no longer be seen to end: stop waiting.
+                            if self.orphan.take().is_some() && self.session.snapshot().status == SessionStatus::Busy {
+                                self.session.set_status(SessionStatus::Idle);
+                            }
                         }
                     }
                 },
@@ -195,7 +227,9 @@ impl Actor {
                 Some("idle") => Some(SessionStatus::Idle),
                 _ => None,
             };
+            // While a cell from before the adoption runs, its end (not a status) makes the session idle.
             if let Some(now) = now
+                && self.orphan.is_none()
                 && matches!(self.session.snapshot().status, SessionStatus::Idle | SessionStatus::Busy)
             {
                 self.session.set_status(now);
@@ -271,5 +305,15 @@ pub struct ActorSettings {
     /// How long an execution keeps listening after its reply and idle status (`Language::late_output`).
     pub late_output: Duration,
     pub restart_bound: RestartBound,
+    /// The longest execution the operator allows (`--max-timeout-s`).
+    pub max_timeout: Duration,
     pub refit: Arc<dyn Refit>,
+}
+
+/// Resolves at `deadline` (never, without one).
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }

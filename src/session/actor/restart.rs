@@ -33,6 +33,7 @@ impl Actor {
     pub(super) fn on_death(&mut self) {
         let reason = self.exit_reason();
         tracing::warn!(session_id = %self.session.id, %reason, "the kernel died");
+        self.orphan = None;
         // A dead container is of no use; remove it now so nothing lingers.
         if let Some(host) = self.host.take() {
             let plan = self.plan.clone();
@@ -85,6 +86,7 @@ impl Actor {
     /// A client's restart, or the one after an ignored interrupt: in the same container when it lives
     /// (its files stay), else in a new one.
     pub(super) async fn restart(&mut self) -> Result<(), SessionError> {
+        self.orphan = None;
         self.session.set_status(SessionStatus::Restarting);
         self.peers.status("restarting");
         let cancel = self.session.cancel.clone();
