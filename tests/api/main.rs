@@ -6,6 +6,7 @@ mod helpers;
 mod abuse;
 mod api_surface;
 mod auto_restart;
+mod busy_adoption;
 mod compat_jupyter;
 mod compat_session;
 mod compose;
