@@ -397,16 +397,25 @@ impl KernelClient {
                     return Ok(Adopted { info: info.clone(), busy_until: Some(marker) });
                 }
             }
-            let answered = shell_info.is_some() || control_info.is_some();
-            if !answered && Instant::now() >= next_ask {
-                asked = self.ask_info(Channel::Control, deadline).await?;
+            // Asked again until something answers on control, or (idle) until IOPub has spoken: the
+            // status of a request sent before the subscription was in place is lost.
+            let asking = match (&shell_info, &control_info) {
+                (None, None) => Some(Channel::Control),
+                (Some(_), _) => Some(Channel::Shell),
+                (None, Some(_)) => None,
+            };
+            if let Some(channel) = asking
+                && Instant::now() >= next_ask
+            {
+                let id = self.ask_info(channel, deadline).await?;
+                if channel == Channel::Control {
+                    asked = id;
+                }
                 next_ask = Instant::now() + KERNEL_INFO_INTERVAL;
             }
-            let wake = match (answered, &shell_info) {
-                (false, _) => next_ask,
-                (true, None) => settle.unwrap_or(deadline),
-                // Only IOPub is awaited.
-                (true, Some(_)) => deadline,
+            let wake = match asking {
+                Some(_) => next_ask,
+                None => settle.unwrap_or(deadline),
             };
             match self.recv_before(wake, deadline).await? {
                 Some((Channel::IOPub, _)) => iopub_seen = true,
