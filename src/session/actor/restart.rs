@@ -109,11 +109,13 @@ impl Actor {
         }
     }
 
-    /// A restarted kernel takes over; a new container first gets the session's packages again.
+    /// A restarted kernel takes over; a new container first gets the session's packages again (the
+    /// session is busy meanwhile: an install may outlast the reaper's patience with a restart).
     async fn serve_new(&mut self, host: KernelHost, new_container: bool) {
         self.took(&host);
         self.host = Some(host);
         if new_container {
+            self.session.set_status(SessionStatus::Busy);
             let (refit, cancel) = (self.refit.clone(), self.session.cancel.clone());
             tokio::select! {
                 _ = refit.refit(&self.session) => {}
