@@ -275,6 +275,25 @@ async fn an_adopted_kernel_busy_with_a_cell_is_busy_until_it_ends_and_executions
 }
 
 #[tokio::test]
+async fn a_cell_from_before_the_adoption_is_interrupted_past_the_longest_execution_allowed() {
+    let h = harness_keeping(&[], true);
+    let id = h.start().await;
+    let cut_off = h.manager.submit(&owner(), &id, "sleep:600".into(), None, false).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.manager.shutdown().await;
+    drop(cut_off);
+
+    let flags = ["--max-timeout-s", "1", "--default-timeout-s", "1"];
+    let again = SessionManager::new(h.runtime.clone(), config(&flags, h._dir.path()));
+    again.recover().await.unwrap();
+    assert_eq!(again.get(&owner(), &id).unwrap().info().status, SessionStatus::Busy);
+    let started = std::time::Instant::now();
+    let r = again.execute(&owner(), &id, "print:next".into(), None).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
+    assert_eq!((r.stdout.as_str(), r.execution_count), ("next\n", Some(2)), "interrupted, not restarted");
+}
+
+#[tokio::test]
 async fn delete_removes_the_container_and_the_directory() {
     let h = harness(&[]);
     let id = h.start().await;
