@@ -494,6 +494,13 @@ pub struct LimitArgs {
     /// MiB one API key may upload at once, above its per-minute rate (never less than --max-upload-mb).
     #[arg(long, env = "KERNELBOX_UPLOAD_LIMIT_MB_BURST", default_value_t = 1024)]
     pub upload_limit_mb_burst: u64,
+    /// Automatic restarts of a kernel that died on its own, at most this many within
+    /// --auto-restart-window-s (then the session stays dead); 0 turns them off for every session.
+    #[arg(long, env = "KERNELBOX_AUTO_RESTART_LIMIT", default_value_t = 5)]
+    pub auto_restart_limit: usize,
+    /// The window of --auto-restart-limit, seconds.
+    #[arg(long, env = "KERNELBOX_AUTO_RESTART_WINDOW_S", default_value_t = 300)]
+    pub auto_restart_window_s: u64,
 }
 
 /// The checked session limits the service runs with.
@@ -520,6 +527,9 @@ pub struct Limits {
     pub reap_interval: Duration,
     /// Per-key limits on what costs: creates, installs, upload bytes.
     pub costs: CostLimits,
+    /// Automatic restarts of a kernel that died: at most this many within `auto_restart_window`.
+    pub auto_restart_limit: usize,
+    pub auto_restart_window: Duration,
 }
 
 /// A configuration value that cannot work.
@@ -562,6 +572,7 @@ impl LimitArgs {
                 self.upload_limit_mb_burst.max(self.max_upload_mb).saturating_mul(1 << 20),
             )?,
         };
+        check(self.auto_restart_window_s >= 1, "--auto-restart-window-s must be at least 1")?;
         let s = Duration::from_secs;
         Ok(Limits {
             default_memory_mb: self.default_memory_mb,
@@ -584,6 +595,8 @@ impl LimitArgs {
             start_timeout: s(self.start_timeout_s),
             reap_interval: s(self.reap_interval_s),
             costs,
+            auto_restart_limit: self.auto_restart_limit,
+            auto_restart_window: s(self.auto_restart_window_s),
         })
     }
 }

@@ -15,7 +15,7 @@ use super::state::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::kernel::{Event, Output};
 use crate::session::manager::SavedImage;
-use crate::session::{ExecuteResult, Pending, Submission};
+use crate::session::{ExecuteResult, Pending, Streamed, Submission};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -107,7 +107,10 @@ async fn respond(caller: &Caller, id: &str, mut result: ExecuteResult, images: I
 /// (`output`, `update`, `clear`, `input_request`, then one `result`) while the code runs. An
 /// `input_request` event (`{prompt, password}`) means the code waits for input: answer it with
 /// `POST /v1/sessions/{id}/input`; unanswered, the execution ends at its timeout. A display that can be updated
-/// carries `transient.display_id`, as in Jupyter; an `update` replaces every display with its id.
+/// carries `transient.display_id`, as in Jupyter; an `update` replaces every display with its id. An
+/// `auto_restart` event (`AutoRestartNotice`: `{phase, reason, auto_restarts}`) says the session's kernel
+/// died and is restarted automatically (`restarting`, then `restarted`) or stays `dead`, while the
+/// execution is queued or runs (one that was running when the kernel died ends `killed`).
 #[utoipa::path(post, path = "/v1/sessions/{id}/execute", request_body = ExecuteRequest, tag = "execute",
     responses((status = 200, body = ExecuteResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn execute(
@@ -164,17 +167,22 @@ fn events(pending: Pending, finish: Finish) -> impl Stream<Item = Result<SseEven
         let finish = finish.clone();
         async move {
             let mut pending = pending?;
-            let sse = match pending.next_event().await {
-                Some(Event::Output { output, display_id }) => {
+            let sse = match pending.next_streamed().await {
+                Some(Streamed::AutoRestart(notice)) => {
+                    (SseEvent::default().event("auto_restart").json_data(&notice), Some(pending))
+                }
+                Some(Streamed::Event(Event::Output { output, display_id })) => {
                     let sse = SseEvent::default().event("output").json_data(Shown::new(&output, display_id.as_deref()));
                     (sse, Some(pending))
                 }
-                Some(Event::Updated { output, display_id }) => (
+                Some(Streamed::Event(Event::Updated { output, display_id })) => (
                     SseEvent::default().event("update").json_data(Shown::new(&output, Some(&display_id))),
                     Some(pending),
                 ),
-                Some(Event::Cleared) => (Ok(SseEvent::default().event("clear").data("{}")), Some(pending)),
-                Some(Event::InputRequested(asked)) => {
+                Some(Streamed::Event(Event::Cleared)) => {
+                    (Ok(SseEvent::default().event("clear").data("{}")), Some(pending))
+                }
+                Some(Streamed::Event(Event::InputRequested(asked))) => {
                     (SseEvent::default().event("input_request").json_data(&asked), Some(pending))
                 }
                 None => {

@@ -246,6 +246,9 @@ mod tests {
             kernel: None,
             dead_reason: None,
             executions: 0,
+            auto_restart: true,
+            auto_restarts: 0,
+            last_auto_restart: None,
         };
         assert_eq!(kernel_name(&info("python", &[(KERNEL_NAME_KEY, "python3")])), "python3");
         assert_eq!(kernel_name(&info("python", &[])), "python");

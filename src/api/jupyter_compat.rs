@@ -177,8 +177,13 @@ pub async fn execute(
         false => Vec::new(),
     };
     let metadata = BTreeMap::from([("kernelbox.api".to_owned(), "jupyter".to_owned())]);
-    let request =
-        SessionRequest { language: req.execution_environment.clone(), metadata: Some(metadata), ..Default::default() };
+    // One execution, then the session ends: a kernel that dies answers `killed`, nothing restarts it.
+    let request = SessionRequest {
+        language: req.execution_environment.clone(),
+        metadata: Some(metadata),
+        auto_restart: Some(false),
+        ..Default::default()
+    };
     let extras = SessionExtras { notebook: None, mounts, output: None };
     let info = caller.manager.create_with(caller.owner.clone(), request, extras).await?;
     let _close = CloseSession { manager: caller.manager.clone(), owner: caller.owner.clone(), id: info.id.to_string() };
@@ -482,6 +487,7 @@ mod tests {
             outputs,
             stdout: String::new(),
             stderr: String::new(),
+            streams_abridged: false,
             error: None,
             duration_ms: 1,
             truncated: false,

@@ -21,7 +21,13 @@ use super::{
         gateway::version, gateway::kernelspecs, gateway::list, gateway::start, gateway::get, gateway::delete,
         gateway::interrupt, gateway::restart, kernel_ws::channels,
     ),
-    components(schemas(crate::error::ErrorBody, compat::DetailBody, crate::kernel::Output, crate::kernel::ErrorInfo)),
+    components(schemas(
+        crate::error::ErrorBody,
+        compat::DetailBody,
+        crate::kernel::Output,
+        crate::kernel::ErrorInfo,
+        crate::session::AutoRestartNotice
+    )),
     modifiers(&Security),
 )]
 pub struct ApiDoc;

@@ -31,6 +31,9 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 /// How often `wait_ready` asks again: a `kernel_info_request` sent before IOPub was subscribed still gets
 /// its reply, but its IOPub status may be lost.
 const KERNEL_INFO_INTERVAL: Duration = Duration::from_millis(500);
+/// How long an adopted kernel's shell may take to answer after its control channel did, before the kernel
+/// counts as busy with a cell. A wrong guess corrects itself: the shell's answer then comes a little later.
+const SHELL_SETTLE: Duration = Duration::from_millis(500);
 
 /// What went wrong talking to a kernel.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +209,16 @@ impl Link {
     }
 }
 
+/// What a kernel that an earlier run of the service left is doing (see [`KernelClient::wait_adopted`]).
+#[derive(Debug)]
+pub struct Adopted {
+    /// The `kernel_info_reply` content.
+    pub info: Value,
+    /// `Some(msg_id)` while a cell started before the adoption runs: the kernel answers shell requests in
+    /// order, so the reply to this `kernel_info_request` comes when that cell has ended.
+    pub busy_until: Option<String>,
+}
+
 /// Connected, handshaken connections to one kernel.
 pub struct KernelClient {
     /// Signs what we send and checks what we read.
@@ -344,24 +357,100 @@ impl KernelClient {
                 return Ok(info.clone());
             }
             if Instant::now() >= next_send {
-                pending = timeout_at(deadline, self.send(Channel::Shell, "kernel_info_request", json!({})))
-                    .await
-                    .map_err(|_| KernelError::Timeout)??;
+                pending = self.ask_info(Channel::Shell, deadline).await?;
                 next_send = Instant::now() + KERNEL_INFO_INTERVAL;
             }
-            match timeout_at(next_send.min(deadline), self.recv()).await {
-                Ok(Ok((Channel::IOPub, _))) => iopub_seen = true,
-                Ok(Ok((Channel::Shell, msg))) if msg.msg_type() == "kernel_info_reply" => {
-                    if info.is_none() || msg.parent_msg_id() == Some(pending.as_str()) {
-                        info = Some(msg.content);
-                    }
+            match self.recv_before(next_send, deadline).await? {
+                Some((Channel::IOPub, _)) => iopub_seen = true,
+                Some((Channel::Shell, msg))
+                    if msg.msg_type() == "kernel_info_reply"
+                        && (info.is_none() || msg.parent_msg_id() == Some(pending.as_str())) =>
+                {
+                    info = Some(msg.content);
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) if Instant::now() >= deadline => return Err(KernelError::Timeout),
-                Err(_) => {}
+                _ => {}
             }
         }
+    }
+
+    /// Waits until a kernel that an earlier run of the service left answers, busy or not. One
+    /// `kernel_info` goes on shell: answered (and a message seen on IOPub, so the subscription is live),
+    /// the kernel is idle. `kernel_info` on the control channel, which a kernel answers while a cell runs
+    /// on shell, shows it alive: if shell has not answered within [`SHELL_SETTLE`] of it, the kernel runs a
+    /// cell, and the shell reply will mark the cell's end ([`Adopted::busy_until`]). A kernel that answers
+    /// neither by `deadline` is not alive.
+    pub async fn wait_adopted(&mut self, deadline: Instant) -> Result<Adopted, KernelError> {
+        let marker = self.ask_info(Channel::Shell, deadline).await?;
+        let (mut shell_info, mut control_info, mut iopub_seen) = (None::<Value>, None::<Value>, false);
+        let mut asked = String::new();
+        let mut next_ask = Instant::now();
+        let mut settle: Option<Instant> = None;
+        loop {
+            if iopub_seen && let Some(info) = shell_info.take() {
+                return Ok(Adopted { info, busy_until: None });
+            }
+            // Busy: IOPub need not have spoken (Deno publishes nothing for a control request); by the time
+            // the cell ends and the next execution starts, the subscription is long in place.
+            if let Some(info) = &control_info {
+                let until = *settle.get_or_insert_with(|| (Instant::now() + SHELL_SETTLE).min(deadline));
+                if Instant::now() >= until && shell_info.is_none() {
+                    return Ok(Adopted { info: info.clone(), busy_until: Some(marker) });
+                }
+            }
+            // Asked again until something answers on control, or (idle) until IOPub has spoken: the
+            // status of a request sent before the subscription was in place is lost.
+            let asking = match (&shell_info, &control_info) {
+                (None, None) => Some(Channel::Control),
+                (Some(_), _) => Some(Channel::Shell),
+                (None, Some(_)) => None,
+            };
+            if let Some(channel) = asking
+                && Instant::now() >= next_ask
+            {
+                let id = self.ask_info(channel, deadline).await?;
+                if channel == Channel::Control {
+                    asked = id;
+                }
+                next_ask = Instant::now() + KERNEL_INFO_INTERVAL;
+            }
+            let wake = match asking {
+                Some(_) => next_ask,
+                None => settle.unwrap_or(deadline),
+            };
+            match self.recv_before(wake, deadline).await? {
+                Some((Channel::IOPub, _)) => iopub_seen = true,
+                Some((Channel::Shell, msg)) if msg.parent_msg_id() == Some(marker.as_str()) => {
+                    shell_info = Some(msg.content);
+                }
+                Some((Channel::Control, msg))
+                    if msg.msg_type() == "kernel_info_reply"
+                        && (control_info.is_none() || msg.parent_msg_id() == Some(asked.as_str())) =>
+                {
+                    control_info = Some(msg.content);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next message, or `None` when `wake` comes first; a timeout once `deadline` has passed.
+    async fn recv_before(
+        &mut self,
+        wake: Instant,
+        deadline: Instant,
+    ) -> Result<Option<(Channel, Message)>, KernelError> {
+        match timeout_at(wake.min(deadline), self.recv()).await {
+            Ok(received) => received.map(Some),
+            Err(_) if Instant::now() >= deadline => Err(KernelError::Timeout),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Sends a `kernel_info_request` on `channel` by `deadline`; returns its `msg_id`.
+    async fn ask_info(&mut self, channel: Channel, deadline: Instant) -> Result<String, KernelError> {
+        timeout_at(deadline, self.send(channel, "kernel_info_request", json!({})))
+            .await
+            .map_err(|_| KernelError::Timeout)?
     }
 
     /// Waits until the kernel side has closed all four connections, reading and discarding what it still

@@ -93,6 +93,11 @@ pub struct Report {
     /// Status and execution count of the `execute_reply`, once it came.
     pub reply: Option<(ReplyStatus, Option<u64>)>,
     pub outputs: Vec<Output>,
+    /// The stream outputs' text again, by name, within what was left of the cap (see `cap.rs`).
+    pub stdout: String,
+    pub stderr: String,
+    /// `stdout` or `stderr` keeps only its beginning (`outputs` has the whole text).
+    pub streams_abridged: bool,
     /// The first error output, or else the reply's error (see [`ERROR_RESERVE`]).
     pub error: Option<ErrorInfo>,
     /// Something was cut or dropped.
@@ -234,15 +239,17 @@ impl ExecutionTracker {
         self.truncated
     }
 
-    /// Everything the response carries: the outputs, and the error to report (the first error output, or
-    /// the reply's error within what is left of the budget, or else cut to [`ERROR_RESERVE`]).
+    /// Everything the response carries: the outputs, the error to report (the first error output, or the
+    /// reply's error within what is left of the budget, or else cut to [`ERROR_RESERVE`]), and then
+    /// `stdout`/`stderr` within what is left after that.
     pub fn into_report(mut self) -> Report {
         let outputs = self.outputs();
         let error = first_error(&outputs).or_else(|| {
             let error = self.reply.as_mut()?.error.take()?;
             Some(self.report_reply_error(error))
         });
-        Report { reply: self.reply(), outputs, error, truncated: self.truncated }
+        let (stdout, stderr, streams_abridged) = self.stream_fields(&outputs);
+        Report { reply: self.reply(), outputs, stdout, stderr, streams_abridged, error, truncated: self.truncated }
     }
 }
 

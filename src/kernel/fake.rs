@@ -169,15 +169,27 @@ async fn serve(
                     if msg.msg_type() == "interrupt_request" {
                         interrupt.notify_one();
                     }
+                    // Like ipykernel: control is answered while shell is busy, between busy and idle.
+                    let status = |state: &str| match publish(&msg, "status", json!({"execution_state": state})) {
+                        Out::IOPub(m) => encode(&m),
+                        _ => unreachable!("a status is published"),
+                    };
                     let reply = reply_to(&msg, &reply_type, json!({"status": "ok"}));
-                    if control.send(encode(&reply)).await.is_err() { return true; }
+                    let sent = async {
+                        iopub.send(status("busy")).await?;
+                        control.send(encode(&reply)).await?;
+                        iopub.send(status("idle")).await
+                    };
+                    if sent.await.is_err() { return true; }
                 }
                 None => return true,
             },
             Some(out) = out_rx.recv() => {
+                // Like a kernel's ROUTER, a reply for a client that is gone (an earlier run of the
+                // service) is dropped; the connections' end is what the monitors report.
                 let result = match out {
-                    Out::Shell(m) => shell.send(encode(&m)).await,
-                    Out::Stdin(m) => stdin.send(encode(&m)).await,
+                    Out::Shell(m) => { let _ = shell.send(encode(&m)).await; Ok(()) }
+                    Out::Stdin(m) => { let _ = stdin.send(encode(&m)).await; Ok(()) }
                     Out::IOPub(m) => iopub.send(encode(&m)).await,
                 };
                 if result.is_err() { return true; }

@@ -16,7 +16,7 @@ pub mod stdin;
 pub mod wire;
 pub mod zmtp;
 
-pub use client::{Channel, KernelClient, KernelError, KernelListener};
+pub use client::{Adopted, Channel, KernelClient, KernelError, KernelListener};
 pub use connection::ConnectionInfo;
 pub use execution::{ErrorInfo, Event, ExecutionTracker, Output, ReplyStatus, Report};
 pub use stdin::InputRequest;

@@ -1,6 +1,8 @@
 //! The session handle: what the registry holds for one session, shared by the manager, the API and the
 //! session's own task. It owns the session's mutable state (a std mutex, never held across `.await`), the
-//! senders of its task's inbox, and the marks that decide its life (in use, closing, finished).
+//! senders of its task's inbox, the marks that decide its life (in use, closing, finished), and the
+//! broadcast that tells the streams open on the session of automatic restarts (bounded: a stream that
+//! falls behind loses the oldest notices).
 //!
 //! The types a caller gets back from queueing work ([`Pending`]) live here too, so that the manager and
 //! the actor depend on this module and not on each other.
@@ -10,15 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::kernel::Event;
 
 use super::error::SessionError;
 use super::model::{
-    ExecStatus, ExecuteResult, KernelInfo, Owner, SessionId, SessionInfo, SessionLimits, SessionSettings,
-    SessionStatus, Submission,
+    AutoRestart, AutoRestartNotice, ExecStatus, ExecuteResult, KernelInfo, Owner, SessionId, SessionInfo,
+    SessionLimits, SessionSettings, SessionStatus, Submission,
 };
 use super::peers::{self, PeerEvent, PeerId, PeerOutbox};
 
@@ -33,6 +35,9 @@ pub struct SessionState {
     pub dead_reason: Option<String>,
     pub executions: u64,
     pub kernel: Option<KernelInfo>,
+    /// Automatic restarts so far, and the latest.
+    pub auto_restarts: u64,
+    pub last_auto_restart: Option<AutoRestart>,
 }
 
 /// How long output events wait for a streaming client: beyond this many, events are dropped from the
@@ -44,6 +49,8 @@ pub const MAX_TRANSFERS: usize = 4;
 pub const CONTROL_DEPTH: usize = 4;
 /// Messages from attached Jupyter clients waiting for the session's task (the clients wait beyond).
 pub const PEER_EVENTS: usize = 64;
+/// Automatic-restart notices waiting for one stream; a stream that falls further behind loses the oldest.
+pub const NOTICES: usize = 16;
 
 /// A queued execution, as the session's task receives it.
 pub struct ExecuteCommand {
@@ -119,6 +126,8 @@ pub struct Session {
     input: Mutex<Option<oneshot::Sender<String>>>,
     /// Attached Jupyter clients' messages to the session's task.
     peer_events: mpsc::Sender<PeerEvent>,
+    /// Automatic restarts told to every stream open on the session (its executions' SSE streams).
+    notices: broadcast::Sender<AutoRestartNotice>,
     /// Jupyter clients attached now (the gateway's `connections`).
     connections: AtomicUsize,
     next_peer: AtomicU64,
@@ -136,6 +145,7 @@ impl Session {
         let (commands_tx, commands) = mpsc::channel(queue_depth.max(1));
         let (control_tx, control) = mpsc::channel(CONTROL_DEPTH);
         let (peers_tx, peers) = mpsc::channel(PEER_EVENTS);
+        let (notices, _) = broadcast::channel(NOTICES);
         let now = Utc::now();
         let session = Arc::new(Session {
             id,
@@ -151,6 +161,8 @@ impl Session {
                 dead_reason: None,
                 executions: 0,
                 kernel: None,
+                auto_restarts: 0,
+                last_auto_restart: None,
             }),
             in_use: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
@@ -166,6 +178,7 @@ impl Session {
             notebook_lock: Arc::new(Mutex::new(())),
             input: Mutex::new(None),
             peer_events: peers_tx,
+            notices,
             connections: AtomicUsize::new(0),
             next_peer: AtomicU64::new(1),
         });
@@ -188,6 +201,11 @@ impl Session {
 
     pub fn snapshot(&self) -> SessionState {
         self.state.lock().unwrap().clone()
+    }
+
+    /// Tells the streams open now (none listening is fine).
+    pub(super) fn notify(&self, notice: AutoRestartNotice) {
+        let _ = self.notices.send(notice);
     }
 
     pub fn in_use(&self) -> bool {
@@ -240,12 +258,12 @@ impl Session {
     ) -> Result<Pending, SessionError> {
         let Submission { code, stream, stdin, ask_for_input, .. } = submission;
         let (reply, result) = oneshot::channel();
-        let (events, events_rx) = match stream {
+        let (events, events_rx, notices) = match stream {
             true => {
                 let (tx, rx) = mpsc::channel(STREAM_EVENTS);
-                (Some(tx), Some(rx))
+                (Some(tx), Some(rx), Some(self.notices.subscribe()))
             }
-            false => (None, None),
+            false => (None, None, None),
         };
         let command = ExecuteCommand {
             code,
@@ -257,7 +275,7 @@ impl Session {
             reply,
         };
         self.queue(command, depth)?;
-        Ok(Pending::new(in_use, result, events_rx))
+        Ok(Pending { _in_use: in_use, result, events: events_rx, notices })
     }
 
     /// Queues an execution; a full queue is the caller's problem (429).
@@ -346,6 +364,9 @@ impl Session {
             kernel: s.kernel,
             dead_reason: s.dead_reason,
             executions: s.executions,
+            auto_restart: self.settings.auto_restart,
+            auto_restarts: s.auto_restarts,
+            last_auto_restart: s.last_auto_restart,
         }
     }
 }
@@ -396,17 +417,20 @@ pub struct Pending {
     _in_use: InUse,
     result: oneshot::Receiver<ExecuteResult>,
     events: Option<mpsc::Receiver<Event>>,
+    /// For streaming: the session's automatic restarts while the execution is queued or runs.
+    notices: Option<broadcast::Receiver<AutoRestartNotice>>,
+}
+
+/// What a stream carries before its result.
+#[derive(Debug)]
+pub enum Streamed {
+    /// An output, an update, a prompt.
+    Event(Event),
+    /// The session's kernel died and is restarted automatically (or stays dead).
+    AutoRestart(AutoRestartNotice),
 }
 
 impl Pending {
-    pub(super) fn new(
-        in_use: InUse,
-        result: oneshot::Receiver<ExecuteResult>,
-        events: Option<mpsc::Receiver<Event>>,
-    ) -> Self {
-        Pending { _in_use: in_use, result, events }
-    }
-
     /// The result. A session removed under a queued execution answers it with `killed`, so an error here
     /// means the session's task ended without a word (a bug): reported as closing.
     pub async fn wait(self) -> Result<ExecuteResult, SessionError> {
@@ -417,6 +441,27 @@ impl Pending {
     /// after it for the result, which always comes.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.as_mut()?.recv().await
+    }
+
+    /// For streaming: like [`Pending::next_event`], with the session's automatic restarts among the
+    /// events (a notice first when both are ready: the death comes before the result it causes).
+    pub async fn next_streamed(&mut self) -> Option<Streamed> {
+        let events = self.events.as_mut()?;
+        loop {
+            let Some(notices) = self.notices.as_mut() else {
+                return events.recv().await.map(Streamed::Event);
+            };
+            tokio::select! {
+                biased;
+                notice = notices.recv() => match notice {
+                    Ok(notice) => return Some(Streamed::AutoRestart(notice)),
+                    // Missed ones are older news than what follows.
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => self.notices = None,
+                },
+                event = events.recv() => return event.map(Streamed::Event),
+            }
+        }
     }
 
     /// The result of a stream: like [`Pending::wait`], but never fails: a stream always ends with a result.
@@ -434,6 +479,7 @@ impl ExecuteResult {
             outputs: Vec::new(),
             stdout: String::new(),
             stderr: String::new(),
+            streams_abridged: false,
             error: None,
             duration_ms,
             truncated: false,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::packages::spec::{self, Ecosystem, Spec};
 use crate::packages::{InstallReport, PackageError, Packages};
 
+use super::actor::Refit;
 use super::boot::BootPlanner;
 use super::error::SessionError;
 use super::handle::Session;
@@ -84,5 +85,11 @@ impl Installs {
         if let Some(specs) = records::read::<Vec<String>>(&self.installed_dir, session.id.as_str()) {
             *session.packages.lock().unwrap() = specs;
         }
+    }
+}
+
+impl Refit for Installs {
+    fn refit<'a>(&'a self, session: &'a Session) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(self.reinstall(session))
     }
 }

@@ -86,8 +86,8 @@ impl BootPlan {
         metrics::counter!("kernelbox_container_starts_total").increment(1);
         let exit = self.watch_exit(&container_id);
         let deadline = Instant::now() + self.start_timeout;
-        match connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await {
-            Ok((client, kinfo, connected)) => {
+        match connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel, Readiness::Fresh).await {
+            Ok(Connected { client, info: kinfo, at: connected, .. }) => {
                 // Where a cold start goes: the container, the kernel's boot until its four connections
                 // are in, and its first answers (kernel_info and IOPub).
                 let phases = [
@@ -120,28 +120,25 @@ impl BootPlan {
 
     /// Reconnects to a container an earlier run of the service left running. Its run directory was
     /// written by that service, never by the sandbox; the service binds its sockets anew and the
-    /// container's relays connect to them again.
+    /// container's relays connect to them again. A kernel busy with a cell is alive too (it answers on
+    /// its control channel): the second value is then the `msg_id` whose reply marks the cell's end.
     pub async fn adopt(
         &self,
         container_id: String,
         boot: &str,
         cancel: &CancellationToken,
-    ) -> Result<KernelHost, SessionError> {
+    ) -> Result<(KernelHost, Option<String>), SessionError> {
         let attempt = async {
             let (dir, info) = RunDir::open(&self.runs_dir, &rundir::dir_name(&self.session_id, boot))?;
             let listener = KernelListener::bind(dir.path(), &info)?;
             let exit = self.watch_exit(&container_id);
             // start-kernel retries its connections every few hundred milliseconds.
             let deadline = Instant::now() + Duration::from_secs(15).min(self.start_timeout);
-            let (client, kinfo, _) = connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await?;
-            Ok::<_, SessionError>(KernelHost {
-                container_id: container_id.clone(),
-                client,
-                listener,
-                dir,
-                info: kinfo,
-                exit,
-            })
+            let connected =
+                connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel, Readiness::Adopted).await?;
+            let Connected { client, info: kinfo, busy_until, .. } = connected;
+            let host = KernelHost { container_id: container_id.clone(), client, listener, dir, info: kinfo, exit };
+            Ok::<_, SessionError>((host, busy_until))
         };
         match attempt.await {
             Ok(host) => Ok(host),
@@ -170,10 +167,10 @@ impl BootPlan {
                 _ = cancel.cancelled() => return Err(SessionError::Closing),
             }
             let info = connection::read_connection_file(dir.path())?;
-            connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel).await
+            connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel, Readiness::Fresh).await
         };
         match attempt.await {
-            Ok((client, info, _)) => Ok(KernelHost { container_id, client, listener, dir, info, exit }),
+            Ok(Connected { client, info, .. }) => Ok(KernelHost { container_id, client, listener, dir, info, exit }),
             Err(e) => {
                 self.remove(&container_id).await;
                 Err(e)
@@ -218,6 +215,25 @@ pub fn death_reason(exit: &ExitInfo) -> String {
     if exit.oom_killed { "out_of_memory".into() } else { format!("exited with code {}", exit.exit_code) }
 }
 
+/// What a kernel must show before it is served.
+#[derive(Debug, Clone, Copy)]
+enum Readiness {
+    /// A new kernel: it answers on shell (and IOPub is live).
+    Fresh,
+    /// A kernel an earlier run left: it answers on control, busy or not (see `KernelClient::wait_adopted`).
+    Adopted,
+}
+
+/// A kernel connected and answering.
+struct Connected {
+    client: KernelClient,
+    info: KernelInfo,
+    /// An adopted kernel busy with a cell: the `msg_id` whose reply marks the cell's end.
+    busy_until: Option<String>,
+    /// When its four connections were in.
+    at: Instant,
+}
+
 /// Accepts the kernel's four connections and waits until it answers, whichever comes first of that, the
 /// deadline, the container's death and `cancel`.
 async fn connect(
@@ -227,15 +243,22 @@ async fn connect(
     deadline: Instant,
     mut exit: watch::Receiver<Option<ExitInfo>>,
     cancel: &CancellationToken,
-) -> Result<(KernelClient, KernelInfo, Instant), SessionError> {
+    readiness: Readiness,
+) -> Result<Connected, SessionError> {
     let exit_now = exit.clone();
     let attempt = async {
         let mut client = timeout_at(deadline, listener.accept(&info.key, *wire))
             .await
             .map_err(|_| SessionError::KernelStart("the kernel did not connect in time".into()))??;
-        let connected = Instant::now();
-        let reply = client.wait_ready(deadline).await?;
-        Ok::<_, SessionError>((client, KernelInfo::from_reply(&reply), connected))
+        let at = Instant::now();
+        let (reply, busy_until) = match readiness {
+            Readiness::Fresh => (client.wait_ready(deadline).await?, None),
+            Readiness::Adopted => {
+                let adopted = client.wait_adopted(deadline).await?;
+                (adopted.info, adopted.busy_until)
+            }
+        };
+        Ok::<_, SessionError>(Connected { client, info: KernelInfo::from_reply(&reply), busy_until, at })
     };
     tokio::select! {
         result = attempt => result.map_err(|e| match e {

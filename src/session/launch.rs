@@ -12,13 +12,14 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
-use super::actor::{Actor, Start};
+use super::actor::{Actor, ActorSettings, Refit, Start};
 use super::boot::BootPlanner;
 use super::error::SessionError;
 use super::handle::{Inbox, Session};
 use super::model::{Owner, SessionId, SessionLimits, SessionSettings};
 use super::notebook_store::NotebookStore;
 use super::outputs::{FolderLocks, OutputCopier};
+use super::policy::RestartBound;
 use super::records::StateDirs;
 use super::registry::Registry;
 
@@ -32,6 +33,8 @@ pub struct Launcher {
     pub dirs: StateDirs,
     /// Tracks session tasks, so shutdown waits for them.
     pub tracker: TaskTracker,
+    /// Puts a session's packages into the new container an automatic or dead-session restart gives it.
+    pub refit: Arc<dyn Refit>,
 }
 
 impl Launcher {
@@ -70,23 +73,23 @@ impl Launcher {
             }
             _ => None,
         };
-        let actor = Actor {
+        let plan = planner.plan(&session.id, &session.owner, &session.settings, session.created_at, false);
+        let l = &planner.limits;
+        let settings = ActorSettings {
             notebook: self.notebooks.open(&session),
             outputs,
-            session: session.clone(),
-            plan: planner.plan(&session.id, &session.owner, &session.settings, session.created_at, false),
-            host: None,
-            inbox,
-            output_limit: planner.limits.output_limit_bytes,
-            interrupt_grace: planner.limits.interrupt_grace,
+            output_limit: l.output_limit_bytes,
+            interrupt_grace: l.interrupt_grace,
             late_output: planner
                 .catalog
                 .language(&session.settings.language)
                 .map(|l| l.late_output())
                 .unwrap_or_default(),
-            peers: Default::default(),
-            link_broken: false,
+            restart_bound: RestartBound { max: l.auto_restart_limit, window: l.auto_restart_window },
+            max_timeout: l.max_timeout,
+            refit: self.refit.clone(),
         };
+        let actor = Actor::new(session.clone(), inbox, plan, settings);
         let leave = Deregister { registry: self.registry.clone(), session, dirs: self.dirs.clone() };
         self.tracker.spawn(async move {
             let _leave = leave;

@@ -60,7 +60,7 @@ pub struct SessionManager {
     launcher: Launcher,
     pool: Arc<WarmPool>,
     transfers: Transfers,
-    installs: Installs,
+    installs: Arc<Installs>,
     /// The per-key limits on what costs: creates, installs, upload bytes.
     costs: Costs,
     /// Tracks every task the manager's parts spawn, so shutdown waits for them.
@@ -94,6 +94,7 @@ impl SessionManager {
         });
         let notebooks_dir = config.storage.notebooks_dir.clone().unwrap_or_else(|| config.state_dir.join("notebooks"));
         let notebooks = Arc::new(NotebookStore { dir: notebooks_dir, catalog: config.catalog.clone() });
+        let installs = Arc::new(Installs { packages, planner: planner.clone(), installed_dir: dirs.installed.clone() });
         Arc::new(SessionManager {
             launcher: Launcher {
                 registry: registry.clone(),
@@ -102,6 +103,7 @@ impl SessionManager {
                 output_locks: Default::default(),
                 dirs: dirs.clone(),
                 tracker: tracker.clone(),
+                refit: installs.clone(),
             },
             pool: Arc::new(WarmPool {
                 pool: Pool::default(),
@@ -117,7 +119,7 @@ impl SessionManager {
                 registry: registry.clone(),
                 max_upload_bytes: config.limits.max_upload_bytes,
             },
-            installs: Installs { packages, planner, installed_dir: dirs.installed },
+            installs,
             costs: Costs::new(&config.limits.costs),
             registry,
             config,
@@ -357,17 +359,12 @@ impl SessionManager {
         self.registry.get(owner, id)?.request_interrupt()
     }
 
-    /// A fresh kernel (state gone, files kept); a dead session gets a new container. A caller that
-    /// leaves before the restart begins cancels it.
+    /// A fresh kernel (state gone, files kept); a dead session gets a new container, with its installed
+    /// packages put back by its task. A caller that leaves before the restart begins cancels it.
     pub async fn restart(&self, owner: &Owner, id: &str) -> Result<SessionInfo, SessionError> {
         let (session, _in_use) = self.registry.get_in_use(owner, id)?;
-        let before = session.snapshot().container_id;
         let done = session.request_restart()?;
         done.await.map_err(|_| SessionError::Closing)??;
-        if session.snapshot().container_id != before {
-            // A dead session got a new container: its tmpfs (and the packages in it) did not survive.
-            self.installs.reinstall(&session).await;
-        }
         Ok(session.info())
     }
 

@@ -34,11 +34,11 @@ pub mod transfers;
 pub mod warm_pool;
 
 pub use error::SessionError;
-pub use handle::{PeerLink, Pending, Session};
+pub use handle::{PeerLink, Pending, Session, Streamed};
 pub use manager::SessionManager;
 pub use model::{
-    ExecStatus, ExecuteResult, ManagerConfig, Mount, OutputCaps, Owner, ReapReport, SessionExtras, SessionId,
-    SessionInfo, SessionRequest, SessionStatus, Storage, Submission,
+    AutoRestart, AutoRestartNotice, AutoRestartPhase, ExecStatus, ExecuteResult, ManagerConfig, Mount, OutputCaps,
+    Owner, ReapReport, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus, Storage, Submission,
 };
 
 #[cfg(test)]

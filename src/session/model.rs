@@ -66,6 +66,10 @@ pub struct SessionRequest {
     pub env: Option<BTreeMap<String, String>>,
     /// Free-form labels for the client's own use (returned as given).
     pub metadata: Option<BTreeMap<String, String>>,
+    /// Restart the kernel by itself when it dies (it exits, crashes or runs out of memory), as Jupyter's
+    /// server does; at most `--auto-restart-limit` times within `--auto-restart-window-s`, then the
+    /// session stays `dead`. Default true.
+    pub auto_restart: Option<bool>,
 }
 
 /// The settings a session runs with, after defaults and checks.
@@ -89,6 +93,14 @@ pub struct SessionSettings {
     /// copied to `<datasets>/output/<user>/` (`outputs.rs`). `None`: read-only and empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// A kernel that dies is restarted by the session's task (within the operator's bound). Sessions
+    /// made before the setting existed have it on.
+    #[serde(default = "on")]
+    pub auto_restart: bool,
+}
+
+fn on() -> bool {
+    true
 }
 
 /// A host directory that only the service writes, mounted read-only into a session.
@@ -194,6 +206,44 @@ pub struct SessionInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_reason: Option<String>,
     pub executions: u64,
+    /// Whether a kernel that dies is restarted automatically (the session's setting).
+    pub auto_restart: bool,
+    /// Automatic restarts so far (each a new kernel with fresh state, in a new container).
+    pub auto_restarts: u64,
+    /// The latest automatic restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_auto_restart: Option<AutoRestart>,
+}
+
+/// One automatic restart: when the kernel died and why.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct AutoRestart {
+    pub at: DateTime<Utc>,
+    /// How the kernel died: `out_of_memory`, `exited with code N`.
+    pub reason: String,
+}
+
+/// Where an automatic restart is, as streaming clients hear of it (the `auto_restart` SSE event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AutoRestartPhase {
+    /// The kernel died; a new one is starting (the session is `restarting`).
+    Restarting,
+    /// The new kernel is ready: its state is fresh, the files of the old container are gone.
+    Restarted,
+    /// No automatic restart: the bound is reached or the restart failed; the session is `dead` until a
+    /// client restarts it.
+    Dead,
+}
+
+/// An automatic restart's news for the streams open on the session.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct AutoRestartNotice {
+    pub phase: AutoRestartPhase,
+    /// How the kernel died (`restarting`, `restarted`), or why it stays dead (`dead`).
+    pub reason: String,
+    /// Automatic restarts of the session so far.
+    pub auto_restarts: u64,
 }
 
 /// How an execution ended.
@@ -225,19 +275,26 @@ pub struct ExecuteResult {
     pub status: ExecStatus,
     pub execution_count: Option<u64>,
     pub outputs: Vec<Output>,
-    /// All stdout stream text, concatenated.
+    /// All stdout stream text, concatenated: the text of the `stream` outputs again. When the printed
+    /// text does not fit twice within the output cap, `stdout` and `stderr` keep their beginning with a
+    /// marker (`streams_abridged`); `outputs` has the whole text.
     pub stdout: String,
     pub stderr: String,
+    /// `stdout` or `stderr` was abridged (see `stdout`); nothing of the output is lost.
+    #[serde(skip_serializing_if = "is_false")]
+    pub streams_abridged: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     pub duration_ms: u64,
-    /// Something was cut or dropped to keep the response within the output cap.
+    /// Something the code printed or showed was cut or dropped to keep the response within the output
+    /// cap (abridged `stdout`/`stderr` are not: see `streams_abridged`).
     pub truncated: bool,
     /// Why, when `status` is `killed`: `out_of_memory`, `exited with code N`, `restarted`, `session_deleted`,
     /// `reaped`, `service_shutdown` or `client_gone`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub killed_reason: Option<String>,
-    /// The kernel ignored the interrupt and was restarted: its state is gone.
+    /// The kernel was restarted: it ignored the interrupt after a timeout, or it died (`killed`) and is
+    /// restarted automatically. Its state is gone.
     pub kernel_restarted: bool,
     /// Output events a streaming client did not read in time and so did not get as events (the result
     /// still carries every output within the cap). Always 0 for a plain JSON call.
@@ -255,6 +312,10 @@ impl ExecuteResult {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One execution to queue.

@@ -229,6 +229,7 @@ mod tests {
             outputs,
             stdout: String::new(),
             stderr: String::new(),
+            streams_abridged: false,
             error: None,
             duration_ms: 3,
             truncated: false,

@@ -1,7 +1,9 @@
 //! The operator's rules as pure functions: what a session may ask for ([`settle`]), whether one more fits
-//! ([`admit`]), and when the reaper removes one ([`reap_reason`]). No I/O, no state: table tests below.
+//! ([`admit`]), when the reaper removes one ([`reap_reason`]), and whether a kernel that died is restarted
+//! automatically ([`RestartHistory::after_death`]). No I/O, no clock (callers pass `now`): table tests
+//! below.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -49,6 +51,7 @@ pub fn settle(catalog: &Catalog, l: &Limits, req: SessionRequest) -> Result<Sess
         notebook: None,
         mounts: Vec::new(),
         output: None,
+        auto_restart: req.auto_restart.unwrap_or(true),
     })
 }
 
@@ -205,9 +208,90 @@ pub fn reap_reason(now: DateTime<Utc>, v: &ReapView, rules: ReapRules) -> Option
     }
 }
 
+/// The operator's bound on automatic restarts: at most `max` within any `window` (`max` 0: none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RestartBound {
+    pub max: usize,
+    pub window: Duration,
+}
+
+/// What becomes of a kernel that died on its own (it exited, crashed or was killed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AfterDeath {
+    /// Restart it now, in a new container (the container died with it).
+    Restart,
+    /// The session asked for no automatic restarts (or the operator allows none): it stays dead.
+    Off,
+    /// It was restarted `max` times within the window already: it stays dead until a client restarts it.
+    BoundReached,
+}
+
+/// When a session's recent automatic restarts happened: at most the bound's `max` are remembered, so a
+/// kernel that dies in a loop costs no memory.
+#[derive(Debug, Default)]
+pub struct RestartHistory {
+    recent: VecDeque<DateTime<Utc>>,
+}
+
+impl RestartHistory {
+    /// Decides for a kernel that died at `now`, in a session whose setting is `enabled`; a restart it
+    /// allows is remembered.
+    pub fn after_death(&mut self, now: DateTime<Utc>, enabled: bool, bound: RestartBound) -> AfterDeath {
+        if !enabled || bound.max == 0 {
+            return AfterDeath::Off;
+        }
+        let window = chrono::Duration::from_std(bound.window).unwrap_or(chrono::TimeDelta::MAX);
+        while self.recent.front().is_some_and(|&t| now - t >= window) {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= bound.max {
+            return AfterDeath::BoundReached;
+        }
+        self.recent.push_back(now);
+        AfterDeath::Restart
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn automatic_restarts_are_bounded_within_a_sliding_window() {
+        use AfterDeath::*;
+        let bound = RestartBound { max: 3, window: Duration::from_secs(600) };
+        let t0 = Utc::now();
+        let at = |minutes: i64| t0 + chrono::Duration::minutes(minutes);
+        let mut h = RestartHistory::default();
+        // (minutes after the first death) → decision: three within ten minutes, then dead until the
+        // oldest leaves the window.
+        let table: &[(i64, AfterDeath)] = &[
+            (0, Restart),
+            (1, Restart),
+            (2, Restart),
+            (3, BoundReached),
+            (9, BoundReached),
+            (10, Restart),
+            (11, Restart),
+            (11, BoundReached),
+            (30, Restart),
+        ];
+        for &(minutes, want) in table {
+            assert_eq!(h.after_death(at(minutes), true, bound), want, "a death at minute {minutes}");
+        }
+        assert!(h.recent.len() <= bound.max, "the history stays within the bound");
+    }
+
+    #[test]
+    fn no_automatic_restart_when_the_session_or_the_operator_says_none() {
+        let bound = RestartBound { max: 3, window: Duration::from_secs(600) };
+        let mut h = RestartHistory::default();
+        assert_eq!(h.after_death(Utc::now(), false, bound), AfterDeath::Off);
+        let none = RestartBound { max: 0, ..bound };
+        assert_eq!(h.after_death(Utc::now(), true, none), AfterDeath::Off);
+        assert!(h.recent.is_empty(), "a death that is not restarted is not counted");
+        assert_eq!(h.after_death(Utc::now(), true, bound), AfterDeath::Restart);
+    }
 
     const HOUR: Duration = Duration::from_secs(3600);
     const RULES: ReapRules =

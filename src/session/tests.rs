@@ -167,7 +167,8 @@ async fn executions_queue_in_order_and_a_full_queue_is_refused() {
 #[tokio::test]
 async fn a_dead_container_is_noticed_and_restart_replaces_it() {
     let h = harness(&[]);
-    let id = h.start().await;
+    let no_auto_restart = SessionRequest { auto_restart: Some(false), ..python() };
+    let id = h.manager.create(owner(), no_auto_restart).await.unwrap().id.to_string();
     let container = h.container(&id);
     let running = {
         let m = h.manager.clone();
@@ -187,6 +188,109 @@ async fn a_dead_container_is_noticed_and_restart_replaces_it() {
     assert_eq!(info.status, SessionStatus::Idle);
     assert_ne!(h.container(&id), container, "a new container");
     assert_eq!(h.run(&id, "1").await.status, ExecStatus::Ok);
+}
+
+/// Waits (bounded) until the session's view satisfies `what`.
+async fn until(h: &Harness, id: &str, what: impl Fn(&SessionInfo) -> bool) -> SessionInfo {
+    for _ in 0..200 {
+        let info = h.manager.get(&owner(), id).unwrap().info();
+        if what(&info) {
+            return info;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never so: {:?}", h.manager.get(&owner(), id).unwrap().info());
+}
+
+#[tokio::test]
+async fn a_kernel_that_dies_is_restarted_automatically_and_streams_hear_of_it() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    let container = h.container(&id);
+    let m = h.manager.clone();
+    let running = m.submit(&owner(), &id, "sleep:30".into(), None, true).unwrap();
+    let mut queued = m.submit(&owner(), &id, "print:after".into(), None, true).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.runtime.kill(&container, false);
+
+    let r = tokio::time::timeout(Duration::from_secs(5), running.finish()).await.expect("answered at once");
+    assert_eq!((r.status, r.killed_reason.as_deref()), (ExecStatus::Killed, Some("exited with code 137")));
+    assert!(r.kernel_restarted, "the result says the state is gone");
+    // The queued execution's stream hears of the restart, then runs in the new kernel.
+    let mut heard = Vec::new();
+    while let Some(item) = queued.next_streamed().await {
+        match item {
+            Streamed::AutoRestart(notice) => heard.push((notice.phase, notice.reason, notice.auto_restarts)),
+            Streamed::Event(_) => break,
+        }
+    }
+    let died = "exited with code 137".to_owned();
+    let expected = [(AutoRestartPhase::Restarting, died.clone(), 1), (AutoRestartPhase::Restarted, died.clone(), 1)];
+    assert_eq!(heard, expected);
+    let r = queued.finish().await;
+    assert_eq!((r.status, r.stdout.as_str(), r.execution_count), (ExecStatus::Ok, "after\n", Some(1)));
+
+    let info = h.manager.get(&owner(), &id).unwrap().info();
+    assert_eq!((info.status, info.auto_restarts), (SessionStatus::Idle, 1));
+    assert_eq!(info.last_auto_restart.map(|r| r.reason), Some(died));
+    assert_ne!(h.container(&id), container, "a new container");
+    assert_eq!(h.runtime.container_ids().len(), 1, "the dead one is gone");
+}
+
+#[tokio::test]
+async fn past_the_bound_a_dying_kernel_stays_dead_until_a_client_restarts_it() {
+    let h = harness(&["--auto-restart-limit", "2", "--auto-restart-window-s", "600"]);
+    let id = h.start().await;
+    for restarts in 1..=2 {
+        h.runtime.kill(&h.container(&id), true);
+        until(&h, &id, |i| i.auto_restarts == restarts && i.status == SessionStatus::Idle).await;
+    }
+    h.runtime.kill(&h.container(&id), true);
+    let info = until(&h, &id, |i| i.status == SessionStatus::Dead).await;
+    assert_eq!(info.auto_restarts, 2);
+    let why = info.dead_reason.unwrap();
+    assert!(why.starts_with("out_of_memory; not restarted automatically"), "{why}");
+    assert_eq!(h.run(&id, "1").await.status, ExecStatus::Killed, "a dead kernel answers at once");
+    assert!(h.runtime.container_ids().is_empty(), "nothing runs for a dead session");
+    assert_eq!(h.manager.restart(&owner(), &id).await.unwrap().status, SessionStatus::Idle);
+}
+
+#[tokio::test]
+async fn an_adopted_kernel_busy_with_a_cell_is_busy_until_it_ends_and_executions_wait() {
+    let h = harness_keeping(&[], true);
+    let id = h.start().await;
+    let m = h.manager.clone();
+    let cut_off = m.submit(&owner(), &id, "sleep:2".into(), None, false).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.manager.shutdown().await;
+    assert_eq!(cut_off.wait().await.unwrap().killed_reason.as_deref(), Some("service_shutdown"));
+
+    let again = SessionManager::new(h.runtime.clone(), config(&[], h._dir.path()));
+    assert_eq!(again.recover().await.unwrap(), (1, 0), "adopted, busy or not");
+    assert_eq!(again.get(&owner(), &id).unwrap().info().status, SessionStatus::Busy);
+    let r = again.execute(&owner(), &id, "print:next".into(), None).await.unwrap();
+    assert_eq!((r.status, r.stdout.as_str()), (ExecStatus::Ok, "next\n"));
+    assert_eq!(r.execution_count, Some(2), "it ran after the cell from before the adoption, in the same kernel");
+    assert_eq!(again.get(&owner(), &id).unwrap().info().status, SessionStatus::Idle);
+}
+
+#[tokio::test]
+async fn a_cell_from_before_the_adoption_is_interrupted_past_the_longest_execution_allowed() {
+    let h = harness_keeping(&[], true);
+    let id = h.start().await;
+    let cut_off = h.manager.submit(&owner(), &id, "sleep:600".into(), None, false).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.manager.shutdown().await;
+    drop(cut_off);
+
+    let flags = ["--max-timeout-s", "1", "--default-timeout-s", "1"];
+    let again = SessionManager::new(h.runtime.clone(), config(&flags, h._dir.path()));
+    again.recover().await.unwrap();
+    assert_eq!(again.get(&owner(), &id).unwrap().info().status, SessionStatus::Busy);
+    let started = std::time::Instant::now();
+    let r = again.execute(&owner(), &id, "print:next".into(), None).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
+    assert_eq!((r.stdout.as_str(), r.execution_count), ("next\n", Some(2)), "interrupted, not restarted");
 }
 
 #[tokio::test]

@@ -376,14 +376,20 @@ async fn send_text(ws: &mut Socket, text: &str) {
     ws.send(Ws::Text(text.into())).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn clients_see_a_restart_and_are_closed_when_the_kernel_ends() {
-    let app = app().await;
-    let kernel = start_kernel(&app, "python").await;
-    let (mut ws, _) = connect(&app, &kernel, KEY, "", false).await.unwrap();
+/// A python kernel with `x = 1` run over a connection (`query`: its session id, if any).
+async fn kernel_with_state(app: &TestApp, query: &str) -> (String, Socket) {
+    let kernel = start_kernel(app, "python").await;
+    let (mut ws, _) = connect(app, &kernel, KEY, query, false).await.unwrap();
     let cell = execute("s", "x = 1");
     send(&mut ws, &cell).await;
     read_until(&mut ws, is_idle_for(cell["header"]["msg_id"].as_str().unwrap())).await;
+    (kernel, ws)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_see_a_restart_and_are_closed_when_the_kernel_ends() {
+    let app = app().await;
+    let (kernel, mut ws) = kernel_with_state(&app, "").await;
 
     // A client's busy cell makes the session busy in `/v1` too.
     let long = execute("s", "import time; time.sleep(3)");
@@ -515,4 +521,38 @@ async fn a_client_that_never_reads_is_let_go_and_the_kernel_serves_on() {
     let last = rest.last().unwrap();
     eprintln!("the client that never read: {} messages, then {last}", rest.len() - 1);
     assert!(last.get("closed").is_some() || last.get("error").is_some(), "{last}");
+}
+
+/// True at the status `state` that the service itself sends (its username is `kernelbox`).
+fn is_service_status(state: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |m| {
+        m["msg_type"] == "status" && m["content"]["execution_state"] == state && m["header"]["username"] == "kernelbox"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kernel_shut_down_by_a_client_is_restarted_and_the_client_sees_it() {
+    let app = app().await;
+    let (kernel, mut ws) = kernel_with_state(&app, "?session_id=s").await;
+
+    // The client's own shutdown_request reaches the kernel, which exits; as Jupyter's server does, the
+    // service restarts it and tells the client: restarting, then starting, then idle.
+    send(&mut ws, &request("control", "shutdown_request", "s", json!({"restart": false}))).await;
+    let started = Instant::now();
+    read_until(&mut ws, is_service_status("restarting")).await;
+    let msgs = read_until(&mut ws, is_service_status("idle")).await;
+    eprintln!("FIGURE a kernel shut down over the websocket: back (idle) after {:?}", started.elapsed());
+    assert!(msgs.iter().any(is_service_status("starting")), "{:?}", types(&msgs));
+
+    // The same connection goes on with the new kernel.
+    let cell = execute("s", "print('x' in dir())");
+    send(&mut ws, &cell).await;
+    let msgs = read_until(&mut ws, is_idle_for(cell["header"]["msg_id"].as_str().unwrap())).await;
+    assert_eq!(stdout(&msgs), "False\n");
+    assert_eq!(kernel_model(&app, &kernel).await["execution_state"], "idle");
+    let session = kernelbox::api::gateway::session_id(&kernel).unwrap();
+    let view = app.client.get(app.url(&format!("/v1/sessions/{session}"))).bearer_auth(KEY).send().await.unwrap();
+    let view: Value = view.json().await.unwrap();
+    assert_eq!(view["auto_restarts"], 1, "{view}");
+    assert_eq!(view["last_auto_restart"]["reason"], "exited with code 0", "{view}");
 }

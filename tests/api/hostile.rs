@@ -1241,7 +1241,8 @@ async fn hostile_docker_unreachable_is_503_and_recovers_by_itself() {
     let docker_host = format!("unix://{}", proxy.path.display());
     let service = service_process(&instance, dir.path(), &[], &[("DOCKER_HOST", docker_host)]).await;
     let api = Api::of_process(&service);
-    let neighbour = api.start(json!({"language": "python"})).await;
+    // Without automatic restarts, so that its death at the end shows as `dead`.
+    let neighbour = api.start(json!({"language": "python", "auto_restart": false})).await;
     api.assert_alive(&neighbour, "before").await;
 
     proxy.cut().await;

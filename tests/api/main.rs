@@ -5,6 +5,8 @@ mod helpers;
 
 mod abuse;
 mod api_surface;
+mod auto_restart;
+mod busy_adoption;
 mod compat_jupyter;
 mod compat_session;
 mod compose;
@@ -22,6 +24,7 @@ mod lifecycle;
 mod limits;
 mod mcp;
 mod notebooks;
+mod output_cap;
 mod packages;
 mod pool;
 mod process;

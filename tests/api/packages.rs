@@ -109,7 +109,8 @@ print(sorted(os.listdir("/sys/class/net")))
 #[tokio::test(flavor = "multi_thread")]
 async fn packages_come_back_when_a_dead_session_gets_a_new_container() {
     let app = spawn_app().await;
-    let id = app.start("python").await;
+    // Restarted by hand (automatic restarts reinstall too: `auto_restart.rs`).
+    let id = app.start_with(json!({"language": "python", "auto_restart": false})).await;
     install_ok(&app, &id, &["six"]).await;
     let first = app.containers().await;
     let _ = app.exec_with(&id, json!({"code": "import os\nos._exit(3)"})).await;
@@ -477,7 +478,7 @@ async fn an_adopted_session_gets_its_packages_again_in_a_new_container() {
 
     let mut first =
         spawn_app_with(AppOptions { keep_sessions: true, instance: shared.options(), ..Default::default() }).await;
-    let id = first.start("python").await;
+    let id = first.start_with(serde_json::json!({"language": "python", "auto_restart": false})).await;
     install_ok(&first, &id, &["six"]).await;
     let record = shared.dir.path().join("installed").join(format!("{id}.json"));
     assert_eq!(std::fs::read_to_string(&record).unwrap(), r#"["six"]"#);

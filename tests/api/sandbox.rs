@@ -55,7 +55,8 @@ print(json.dumps({
 #[tokio::test(flavor = "multi_thread")]
 async fn a_memory_bomb_is_killed_as_out_of_memory_and_the_session_can_restart() {
     let app = spawn_app().await;
-    let id = app.start_with(json!({"language": "python", "memory_mb": 128})).await;
+    // Without automatic restarts (see `auto_restart.rs` for them): dead until restarted.
+    let id = app.start_with(json!({"language": "python", "memory_mb": 128, "auto_restart": false})).await;
     let r = app.exec(&id, "x = bytearray(1024 * 1024 * 1024)").await;
     assert_eq!(r["status"], "killed", "{r}");
     assert_eq!(r["killed_reason"], "out_of_memory");
@@ -74,7 +75,7 @@ async fn a_memory_bomb_is_killed_as_out_of_memory_and_the_session_can_restart() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_killed_from_outside_is_noticed_at_once() {
     let app = spawn_app().await;
-    let id = app.start("python").await;
+    let id = app.start_with(json!({"language": "python", "auto_restart": false})).await;
     let container = app.containers().await.pop().unwrap().id;
     let status = std::process::Command::new("docker").args(["kill", &container]).output().unwrap();
     assert!(status.status.success());

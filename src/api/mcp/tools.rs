@@ -201,7 +201,13 @@ impl KernelboxMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let owner = owner(&ctx)?;
-        let request = SessionRequest { language: args.language, timeout_s: args.timeout_s, ..Default::default() };
+        // One execution, then the session ends: nothing to restart a dead kernel for.
+        let request = SessionRequest {
+            language: args.language,
+            timeout_s: args.timeout_s,
+            auto_restart: Some(false),
+            ..Default::default()
+        };
         let info = match self.manager.create(owner.clone(), request).await {
             Ok(info) => info,
             Err(e) => return Ok(failed(e)),

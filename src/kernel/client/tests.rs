@@ -124,6 +124,27 @@ async fn stdin_requests_reach_us_because_shell_and_stdin_share_an_identity() {
 }
 
 #[tokio::test]
+async fn an_adopted_kernel_is_alive_busy_or_not_and_its_busy_cell_ends_with_the_shell_reply() {
+    let s = setup();
+    let (_fake, mut client) = s.kernel(WireLimits::default()).await;
+    assert!(client.wait_adopted(soon()).await.unwrap().busy_until.is_none(), "idle: shell answers at once");
+
+    // A cell runs: control answers, shell only once the cell is over.
+    let cell = client.execute("sleep:1.5", false).await.unwrap();
+    let adopted = client.wait_adopted(soon()).await.expect("alive while busy");
+    let marker = adopted.busy_until.expect("busy");
+    let (mut cell_replied, mut marker_replied) = (false, false);
+    while !marker_replied {
+        let (channel, msg) = timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap();
+        if channel == Channel::Shell {
+            cell_replied |= msg.parent_msg_id() == Some(cell.as_str());
+            marker_replied = msg.parent_msg_id() == Some(marker.as_str());
+        }
+    }
+    assert!(cell_replied, "the marker's reply comes after the cell's");
+}
+
+#[tokio::test]
 async fn an_interrupt_goes_over_control() {
     let s = setup();
     let (_fake, mut client) = s.kernel(WireLimits::default()).await;

@@ -15,8 +15,12 @@
 //!
 //! - each new output is charged its whole serialized size plus one byte (the separator in the array), so
 //!   even an empty bundle costs its skeleton (about 50 bytes) and the number of outputs is bounded;
-//! - stream text and error outputs are charged twice, because the response carries them twice (stream text
-//!   also in `stdout`/`stderr`, the first error also as `error`);
+//! - stream text is charged once: the whole cap is there for what the code prints. The response's
+//!   `stdout`/`stderr` repeat it only within what is left at the end ([`ExecutionTracker::stream_fields`]):
+//!   whole when it fits, else the beginning of each with a marker (`streams_abridged`), so a print of
+//!   900 KiB comes back whole in `outputs` under a 1 MiB cap;
+//! - error outputs are charged twice, because the response carries the first one twice (also as
+//!   `error`, which clients read for the failure);
 //! - `display_data` and `execute_result` are charged data *and* metadata; a bundle that does not fit keeps
 //!   the MIME types that do (`text/plain` first, then the metadata, then the others) and gets a short note,
 //!   reserved within the budget;
@@ -31,9 +35,10 @@
 //! Stream text and errors that do not fit are cut with a marker, and then the output is *closed*: no new
 //! output is kept until a `clear_output` (updates still are, within the budget). An output that does not
 //! fit even cut (not its skeleton, or not a bundle's note) is dropped. So the response (outputs, `stdout`,
-//! `stderr`, `error`) stays within `cap + `[`CAP_SLACK`]: the slack covers one closing marker (twice) and
-//! the reply's brief error. `truncated` is set whenever anything was cut or dropped, including by the wire
-//! layer (`Message::dropped_bytes`). Events carry only what was kept; over time an SSE stream can carry
+//! `stderr`, `error`) stays within `cap + `[`CAP_SLACK`]: the slack covers one closing marker (twice, for
+//! an error), the reply's brief error and the markers of abridged `stdout`/`stderr`. `truncated` is set
+//! whenever anything the code printed or showed was cut or dropped, including by the wire layer
+//! (`Message::dropped_bytes`); abridged `stdout`/`stderr` are not that (`outputs` has the whole text). Events carry only what was kept; over time an SSE stream can carry
 //! more than the cap (updates and clears give bytes back), but never more than the cap at once.
 //!
 //! # Displays sharing an id
@@ -48,11 +53,10 @@
 use serde_json::{Map, Value, json};
 
 use super::json_size::{json_len, json_prefix, json_str_len};
-use super::{ErrorInfo, Event, ExecutionTracker, Output};
+use super::{ErrorInfo, Event, ExecutionTracker, Output, stream_text};
 
-/// How many times the response carries stream text (`outputs` and `stdout`/`stderr`) and an error output
-/// (`outputs` and `error`).
-const COPIES: usize = 2;
+/// How many times the response carries an error output (`outputs` and `error`).
+const ERROR_COPIES: usize = 2;
 
 /// The reply's error, when it is reported and the budget is spent, is cut to this many bytes of JSON.
 pub const ERROR_RESERVE: usize = 1024;
@@ -60,8 +64,9 @@ pub const ERROR_RESERVE: usize = 1024;
 /// An upper bound on the note added to a bundle that lost MIME types (see [`omission_note`]).
 const NOTE_MAX: usize = 1024;
 
-/// How far past the cap a response may go: one closing marker, carried twice, and the reply's error in its
-/// brief form ([`ERROR_RESERVE`] and a marker), and the outputs array's brackets.
+/// How far past the cap a response may go: one closing marker (carried twice for an error), the reply's
+/// error in its brief form ([`ERROR_RESERVE`] and a marker), the markers of abridged `stdout`/`stderr`
+/// and the outputs array's brackets.
 pub const CAP_SLACK: usize = 2048;
 
 /// The data and metadata of a display, with their serialized size (the two maps' JSON).
@@ -121,12 +126,39 @@ impl ExecutionTracker {
 
     /// The reply's error as the report carries it when no error output was kept: whole if it fits in what
     /// is left of the budget, or else cut to [`ERROR_RESERVE`], so a failure is always reported, briefly.
+    /// What it takes is charged (within the cap), so `stdout`/`stderr` get only what is left after it.
     pub(super) fn report_reply_error(&mut self, error: ErrorInfo) -> ErrorInfo {
-        if json_len(&error) <= self.room() {
-            return error;
+        let error = if json_len(&error) <= self.room() {
+            error
+        } else {
+            self.truncated = true;
+            cut_error(error, self.room().max(ERROR_RESERVE), &self.marker())
+        };
+        self.used = self.used.saturating_add(json_len(&error)).min(self.cap);
+        error
+    }
+
+    /// The response's `stdout` and `stderr` (the text of the stream outputs, concatenated by name), within
+    /// what is left of the budget once everything else is charged: both whole when they fit; otherwise a
+    /// field that fits in half of what is left stays whole, and the other (or each, in half) keeps its
+    /// beginning with a marker. The last value says whether one was abridged.
+    pub(super) fn stream_fields(&self, outputs: &[Output]) -> (String, String, bool) {
+        let (stdout, stderr) = (stream_text(outputs, "stdout"), stream_text(outputs, "stderr"));
+        let (out_len, err_len, room) = (json_str_len(&stdout), json_str_len(&stderr), self.room());
+        if out_len.saturating_add(err_len) <= room {
+            return (stdout, stderr, false);
         }
-        self.truncated = true;
-        cut_error(error, self.room().max(ERROR_RESERVE), &self.marker())
+        let half = room / 2;
+        let (out_room, err_room) = match (out_len <= half, err_len <= half) {
+            (true, _) => (out_len, room - out_len),
+            (_, true) => (room - err_len, err_len),
+            _ => (half, room - half),
+        };
+        let abridge = |text: String, len: usize, room: usize, name: &str| match len <= room {
+            true => text,
+            false => format!("{}{}", json_prefix(&text, room), abridged_marker(name)),
+        };
+        (abridge(stdout, out_len, out_room, "stdout"), abridge(stderr, err_len, err_room, "stderr"), true)
     }
 
     /// `clear_output`: clears now, or (`wait`) when the next output comes, so a display redrawn in a loop
@@ -178,13 +210,13 @@ impl ExecutionTracker {
         // Consecutive stream output of one name is one output, as a notebook shows it.
         let merge = matches!(self.slots.last(), Some(Slot::Output(Output::Stream { name: last, .. })) if *last == name);
         let skeleton = if merge { 0 } else { output_len(&Output::Stream { name: name.clone(), text: String::new() }) };
-        let cost = skeleton.saturating_add(json_str_len(&text).saturating_mul(COPIES));
+        let cost = skeleton.saturating_add(json_str_len(&text));
         let text = if cost <= self.room() {
             self.used += cost;
             text
         } else if skeleton <= self.room() {
-            let fits = json_prefix(&text, (self.room() - skeleton) / COPIES);
-            self.used += skeleton + json_str_len(fits) * COPIES;
+            let fits = json_prefix(&text, self.room() - skeleton);
+            self.used += skeleton + json_str_len(fits);
             let cut = fits.to_owned() + &self.marker();
             self.closed = true;
             self.truncated = true;
@@ -304,13 +336,13 @@ impl ExecutionTracker {
         let empty = ErrorInfo { ename: String::new(), evalue: String::new(), traceback: Vec::new() };
         // What the output adds to the `error` field's shape: `"output_type":"error",` and a separator.
         let extra = output_len(&error_output(empty.clone())) - json_len(&empty);
-        let cost = json_len(&error).saturating_mul(COPIES).saturating_add(extra);
+        let cost = json_len(&error).saturating_mul(ERROR_COPIES).saturating_add(extra);
         let error = if cost <= self.room() {
             self.used += cost;
             error
-        } else if extra + json_len(&empty) * COPIES <= self.room() {
-            let cut = cut_error(error, (self.room() - extra) / COPIES, &self.marker());
-            self.used = (self.used + extra + json_len(&cut) * COPIES).min(self.cap);
+        } else if extra + json_len(&empty) * ERROR_COPIES <= self.room() {
+            let cut = cut_error(error, (self.room() - extra) / ERROR_COPIES, &self.marker());
+            self.used = (self.used + extra + json_len(&cut) * ERROR_COPIES).min(self.cap);
             self.closed = true;
             self.truncated = true;
             cut
@@ -377,6 +409,11 @@ impl ExecutionTracker {
     }
 }
 
+/// What ends an abridged `stdout`/`stderr` (under 128 bytes of JSON, within the slack).
+fn abridged_marker(name: &str) -> String {
+    format!("\n[kernelbox: {name} abridged to keep the response within the output cap; `outputs` has the whole text]\n")
+}
+
 fn error_output(e: ErrorInfo) -> Output {
     Output::Error { ename: e.ename, evalue: e.evalue, traceback: e.traceback }
 }
@@ -439,6 +476,13 @@ pub(super) fn output_len(output: &Output) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_abridged_marker_is_within_its_bound() {
+        for name in ["stdout", "stderr"] {
+            assert!(json_str_len(&abridged_marker(name)) < 128, "CAP_SLACK counts on it");
+        }
+    }
 
     #[test]
     fn the_omission_note_is_bounded_whatever_the_names() {

@@ -59,10 +59,7 @@ fn x(n: usize) -> String {
 /// What the tracker bounds: the response's outputs, `stdout`, `stderr` and `error`, as the actor
 /// builds them.
 fn response_len(report: &Report) -> usize {
-    json_len(&report.outputs)
-        + json_len(&stream_text(&report.outputs, "stdout"))
-        + json_len(&stream_text(&report.outputs, "stderr"))
-        + json_len(&report.error)
+    json_len(&report.outputs) + json_len(&report.stdout) + json_len(&report.stderr) + json_len(&report.error)
 }
 
 /// A table row: messages in, whether the report says `truncated`, and a check of the report.
@@ -319,22 +316,56 @@ fn every_output_costs_at_least_its_skeleton() {
     );
 }
 
+/// The whole text printed, as the outputs carry it.
+fn printed(report: &Report, name: &str) -> String {
+    stream_text(&report.outputs, name)
+}
+
 #[test]
-fn stream_text_is_counted_for_both_places_the_response_carries_it() {
+fn printed_text_is_counted_once_and_stdout_stderr_repeat_it_within_what_is_left() {
     check(
         CAP,
         vec![
+            Case {
+                name: "stdout of 0.9× the cap: whole in the outputs, stdout abridged",
+                messages: vec![stream("stdout", x(CAP * 9 / 10))],
+                truncated: false,
+                check: |r| {
+                    assert_eq!(printed(r, "stdout"), x(CAP * 9 / 10), "the outputs carry every byte");
+                    assert!(r.streams_abridged);
+                    assert!(r.stdout.starts_with(&x(CAP / 20)) && r.stdout.len() < CAP / 5, "{}", r.stdout.len());
+                    assert!(r.stdout.ends_with("`outputs` has the whole text]\n"), "a marker says where the rest is");
+                },
+            },
+            Case {
+                name: "stdout and stderr of 1/3 of the cap each: whole in the outputs, both fields abridged",
+                messages: vec![stream("stdout", x(CAP / 3)), stream("stderr", x(CAP / 3))],
+                truncated: false,
+                check: |r| {
+                    assert_eq!((printed(r, "stdout").len(), printed(r, "stderr").len()), (CAP / 3, CAP / 3));
+                    assert!(r.streams_abridged && r.stdout.contains("[kernelbox: stdout abridged"));
+                    assert!(r.stderr.contains("[kernelbox: stderr abridged"));
+                },
+            },
+            Case {
+                name: "a big stdout and a small stderr: the small one stays whole",
+                messages: vec![stream("stdout", x(CAP * 3 / 4)), stream("stderr", "warning\n".into())],
+                truncated: false,
+                check: |r| {
+                    assert_eq!(r.stderr, "warning\n");
+                    assert!(r.streams_abridged && r.stdout.len() < CAP / 4);
+                },
+            },
+            Case {
+                name: "stdout and stderr of 1/5 of the cap each: every field whole",
+                messages: vec![stream("stdout", x(CAP / 5)), stream("stderr", x(CAP / 5))],
+                truncated: false,
+                check: |r| {
+                    assert!(!r.streams_abridged);
+                    assert_eq!((r.stdout.clone(), r.stderr.clone()), (printed(r, "stdout"), printed(r, "stderr")));
+                },
+            },
             case("stdout of 2× the cap", vec![stream("stdout", x(2 * CAP))], true),
-            case(
-                "stdout and stderr of 1/5 of the cap each",
-                vec![stream("stdout", x(CAP / 5)), stream("stderr", x(CAP / 5))],
-                false,
-            ),
-            case(
-                "stdout and stderr of 1/3 of the cap each: 4/3 of the cap in the response",
-                vec![stream("stdout", x(CAP / 3)), stream("stderr", x(CAP / 3))],
-                true,
-            ),
             case("newlines count as their escapes", vec![stream("stdout", "\n".repeat(CAP))], true),
             case(
                 "10,000 displays with long ids of their own (ids are held, so charged)",
@@ -532,7 +563,7 @@ fn an_error_reply_carries_the_error() {
 #[test]
 fn stream_text_past_the_cap_is_cut_with_a_marker_and_then_dropped() {
     let skeleton = output_len(&Output::Stream { name: "stdout".into(), text: String::new() });
-    let mut t = ExecutionTracker::new(ID.into(), skeleton + 2 * 10);
+    let mut t = ExecutionTracker::new(ID.into(), skeleton + 10);
     feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "0123456789abcdef"}));
     let more = feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "more"}));
     assert!(more.is_empty());
@@ -545,7 +576,7 @@ fn stream_text_past_the_cap_is_cut_with_a_marker_and_then_dropped() {
 #[test]
 fn the_cap_never_splits_a_character() {
     let skeleton = output_len(&Output::Stream { name: "stdout".into(), text: String::new() });
-    let mut t = ExecutionTracker::new(ID.into(), skeleton + 2 * 5);
+    let mut t = ExecutionTracker::new(ID.into(), skeleton + 5);
     feed(&mut t, Channel::IOPub, "stream", json!({"name": "stdout", "text": "ééé"}));
     assert!(stream_text(&t.outputs(), "stdout").starts_with("éé\n"));
 }

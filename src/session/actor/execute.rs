@@ -8,7 +8,6 @@ use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
-use crate::kernel::execution::stream_text;
 use crate::kernel::stdin::{self, Answer, Answers};
 use crate::kernel::wire::Message;
 use crate::kernel::{ErrorInfo, Event, ExecutionTracker, InputRequest, KernelError, ReplyStatus, Report};
@@ -60,6 +59,8 @@ impl Actor {
         let answers = Answers::new(stdin, ask_for_input && events.is_some()).unwrap_or_default();
         let mut input = InputState { answers, waiting: None, refused: None };
         let mut result = self.execute(&code, timeout, events, &mut reply, interrupt_when_abandoned, &mut input).await;
+        // The kernel died under it and is being restarted automatically: its state is gone.
+        result.kernel_restarted |= self.pending_restart.is_some();
         self.copy_outputs(Some(&mut result)).await;
         self.record(&code, &result);
         let _ = reply.send(result);
@@ -389,7 +390,8 @@ pub(super) async fn wait_exit(exit: Option<&mut tokio::sync::watch::Receiver<Opt
 }
 
 fn finish(ending: Ending, tracker: Option<ExecutionTracker>, elapsed: Duration) -> ExecuteResult {
-    let Report { reply, outputs, error, truncated } = tracker.map(ExecutionTracker::into_report).unwrap_or_default();
+    let Report { reply, outputs, stdout, stderr, streams_abridged, error, truncated } =
+        tracker.map(ExecutionTracker::into_report).unwrap_or_default();
     let execution_count = reply.and_then(|r| r.1);
     let (status, killed_reason, kernel_restarted) = match ending {
         Ending::Complete => match reply.map(|r| r.0) {
@@ -406,8 +408,9 @@ fn finish(ending: Ending, tracker: Option<ExecutionTracker>, elapsed: Duration) 
     ExecuteResult {
         status,
         execution_count,
-        stdout: stream_text(&outputs, "stdout"),
-        stderr: stream_text(&outputs, "stderr"),
+        stdout,
+        stderr,
+        streams_abridged,
         outputs,
         error,
         duration_ms: elapsed.as_millis() as u64,

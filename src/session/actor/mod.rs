@@ -9,6 +9,9 @@
 //! (`peers.rs`) whether or not a `/v1` execution is running. Work whose caller has gone is skipped
 //! (queued) or interrupted (running, `/v1`). In every wait, cancellation, the container's death, control requests and deadlines
 //! come before the kernel's messages, so a kernel that always has a message ready cannot starve them.
+//!
+//! `execute.rs` is one execution; `restart.rs` the restarts (a client's, and the automatic one after the
+//! kernel died); `orphan.rs` a cell an adopted kernel was running when this run of the service found it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +28,15 @@ use super::model::{ExecuteResult, SessionStatus};
 use super::notebook::NotebookHandle;
 use super::outputs::OutputCopier;
 use super::peers::{PeerEvent, Peers};
+use super::policy::{RestartBound, RestartHistory};
 
 mod execute;
+mod orphan;
+mod restart;
 
 use execute::{Ending, recv_kernel, wait_exit};
+use orphan::Orphan;
+pub use restart::Refit;
 
 /// How the session's task begins.
 pub enum Start {
@@ -46,38 +54,97 @@ const COPY_AFTER_EXECUTION: Duration = Duration::from_secs(60);
 /// The same at the session's end (shutdown waits 10 s for all sessions at once).
 const COPY_AT_END: Duration = Duration::from_secs(5);
 
+/// The session's task (see the module doc); built by [`Actor::new`], run by [`Actor::run`].
 pub struct Actor {
-    pub notebook: Option<NotebookHandle>,
+    notebook: Option<NotebookHandle>,
     /// The session API's output folder: copied out after each execution and at the end.
-    pub outputs: Option<OutputCopier>,
-    pub session: Arc<Session>,
-    pub plan: BootPlan,
-    pub host: Option<KernelHost>,
-    pub inbox: Inbox,
-    pub output_limit: usize,
-    pub interrupt_grace: Duration,
+    outputs: Option<OutputCopier>,
+    session: Arc<Session>,
+    plan: BootPlan,
+    host: Option<KernelHost>,
+    inbox: Inbox,
+    output_limit: usize,
+    interrupt_grace: Duration,
     /// How long an execution keeps listening after its reply and idle status (`Language::late_output`).
-    pub late_output: Duration,
+    late_output: Duration,
     /// Jupyter clients attached to the kernel.
-    pub peers: Peers,
+    peers: Peers,
     /// The kernel connection failed outside an execution while the container lives on: it is not read
     /// again until a restart gives a new one (else a broken connection would be polled in a loop).
-    pub link_broken: bool,
+    link_broken: bool,
+    /// The operator's bound on automatic restarts, and this session's recent ones.
+    restart_bound: RestartBound,
+    restarts: RestartHistory,
+    /// The kernel died and is restarted automatically by the serve loop (how it died).
+    pending_restart: Option<String>,
+    /// A cell an adopted kernel was running (the session is busy until it ends).
+    orphan: Option<Orphan>,
+    /// How long such a cell may still run: the longest execution the operator allows.
+    max_timeout: Duration,
+    /// Puts the session's packages into a new container.
+    refit: Arc<dyn Refit>,
 }
 
 impl Actor {
+    /// The task of `session`, before it starts.
+    pub fn new(session: Arc<Session>, inbox: Inbox, plan: BootPlan, settings: ActorSettings) -> Self {
+        let ActorSettings {
+            notebook,
+            outputs,
+            output_limit,
+            interrupt_grace,
+            late_output,
+            restart_bound,
+            max_timeout,
+            refit,
+        } = settings;
+        Actor {
+            notebook,
+            outputs,
+            session,
+            plan,
+            host: None,
+            inbox,
+            output_limit,
+            interrupt_grace,
+            late_output,
+            peers: Peers::default(),
+            link_broken: false,
+            restart_bound,
+            restarts: RestartHistory::default(),
+            pending_restart: None,
+            orphan: None,
+            max_timeout,
+            refit,
+        }
+    }
+
     /// The whole life of the session. `ready` hears once whether the kernel came up.
     pub async fn run(mut self, start: Start, ready: oneshot::Sender<Result<(), SessionError>>) {
         let cancel = self.session.cancel.clone();
+        let mut busy_until = None;
         let booted = match start {
             Start::Fresh => self.plan.boot(&cancel).await,
-            Start::Adopt { container_id, boot } => self.plan.adopt(container_id, &boot, &cancel).await,
+            Start::Adopt { container_id, boot } => {
+                self.plan.adopt(container_id, &boot, &cancel).await.map(|(host, busy)| {
+                    busy_until = busy;
+                    host
+                })
+            }
             Start::Ready(host) => Ok(*host),
         };
         match booted {
             Ok(host) => {
                 self.took(&host);
                 self.host = Some(host);
+                match busy_until {
+                    Some(marker) => {
+                        tracing::info!(session_id = %self.session.id, "adopted a kernel busy with a cell; it may finish");
+                        self.orphan = Some(Orphan::new(marker, self.max_timeout));
+                        self.session.set_status(SessionStatus::Busy);
+                    }
+                    None => self.session.set_status(SessionStatus::Idle),
+                }
                 let _ = ready.send(Ok(()));
                 self.serve().await;
             }
@@ -91,8 +158,13 @@ impl Actor {
     async fn serve(&mut self) {
         let cancel = self.session.cancel.clone();
         loop {
+            if let Some(died) = self.pending_restart.take() {
+                self.restart_after_death(died).await;
+                continue;
+            }
             let alive = self.host.as_ref().is_some_and(KernelHost::is_alive);
-            let read_kernel = alive && !self.link_broken && self.peers.is_active();
+            let read_kernel = alive && !self.link_broken && (self.peers.is_active() || self.orphan.is_some());
+            let orphan_deadline = self.orphan.as_ref().map(Orphan::deadline);
             let (exit, client) = match self.host.as_mut() {
                 Some(h) => (Some(&mut h.exit), Some(&mut h.client)),
                 None => (None, None),
@@ -111,16 +183,25 @@ impl Actor {
                         }
                     }
                 },
+                _ = sleep_until_some(orphan_deadline), if orphan_deadline.is_some() => self.orphan_overdue().await,
                 Some(event) = self.inbox.peers.recv() => self.on_peer(event).await,
-                Some(cmd) = self.inbox.commands.recv() => self.run_command(cmd).await,
+                // Executions wait while a cell from before the adoption runs, as behind any execution.
+                Some(cmd) = self.inbox.commands.recv(), if self.orphan.is_none() => self.run_command(cmd).await,
                 received = recv_kernel(client), if read_kernel => match received {
-                    Ok((channel, msg)) => self.for_peers(channel, &msg),
+                    Ok((channel, msg)) => {
+                        self.for_peers(channel, &msg);
+                        self.orphan_ended(channel, &msg);
+                    }
                     Err(e) => {
                         if let Ending::Killed(reason) = self.killed_or(format!("lost the kernel connection: {e}")).await
                             && self.host.is_some()
                         {
                             tracing::warn!(session_id = %self.session.id, %reason, "the kernel connection failed; it is read again after a restart");
                             self.link_broken = true;
+                            // A cell from before the adoption can no longer be seen to end: stop waiting.
+                            if self.orphan.take().is_some() && self.session.snapshot().status == SessionStatus::Busy {
+                                self.session.set_status(SessionStatus::Idle);
+                            }
                         }
                     }
                 },
@@ -164,7 +245,9 @@ impl Actor {
                 Some("idle") => Some(SessionStatus::Idle),
                 _ => None,
             };
+            // While a cell from before the adoption runs, its end (not a status) makes the session idle.
             if let Some(now) = now
+                && self.orphan.is_none()
                 && matches!(self.session.snapshot().status, SessionStatus::Idle | SessionStatus::Busy)
             {
                 self.session.set_status(now);
@@ -272,6 +355,7 @@ impl Actor {
         }
     }
 
+    /// A kernel is the session's now (its caller sets the status).
     fn took(&mut self, host: &KernelHost) {
         self.link_broken = false;
         self.session.update(|s| {
@@ -279,41 +363,28 @@ impl Actor {
             s.container_id = host.container_id.clone();
             s.kernel = Some(host.info.clone());
         });
-        self.session.set_status(SessionStatus::Idle);
     }
+}
 
-    fn on_death(&mut self) {
-        let reason = self.exit_reason();
-        tracing::warn!(session_id = %self.session.id, %reason, "the kernel died");
-        self.session.update(|s| s.dead_reason = Some(reason.clone()));
-        self.session.set_status(SessionStatus::Dead);
-        self.peers.status("dead");
-        // A dead container is of no use; remove it now so nothing lingers.
-        if let Some(host) = self.host.take() {
-            let plan = self.plan.clone();
-            self.plan.tracker.spawn(async move { plan.remove(&host.container_id).await });
-        }
-    }
+/// What a session's task runs with, besides its session, inbox and boot plan.
+pub struct ActorSettings {
+    pub notebook: Option<NotebookHandle>,
+    /// The session API's output folder, for its sessions.
+    pub outputs: Option<OutputCopier>,
+    pub output_limit: usize,
+    pub interrupt_grace: Duration,
+    /// How long an execution keeps listening after its reply and idle status (`Language::late_output`).
+    pub late_output: Duration,
+    pub restart_bound: RestartBound,
+    /// The longest execution the operator allows (`--max-timeout-s`).
+    pub max_timeout: Duration,
+    pub refit: Arc<dyn Refit>,
+}
 
-    async fn restart(&mut self) -> Result<(), SessionError> {
-        self.session.set_status(SessionStatus::Restarting);
-        self.peers.status("restarting");
-        let cancel = self.session.cancel.clone();
-        let result = match self.host.take() {
-            Some(host) => self.plan.restart(host, &cancel).await,
-            None => self.plan.boot(&cancel).await,
-        };
-        match result {
-            Ok(host) => {
-                self.took(&host);
-                self.host = Some(host);
-                Ok(())
-            }
-            Err(e) => {
-                self.session.update(|s| s.dead_reason = Some(format!("restart failed: {e}")));
-                self.session.set_status(SessionStatus::Dead);
-                Err(e)
-            }
-        }
+/// Resolves at `deadline` (never, without one).
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
