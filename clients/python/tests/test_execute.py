@@ -251,7 +251,9 @@ def test_a_full_queue_is_queue_full(url: str, api_key: str, session: Session) ->
 
 
 def test_out_of_memory_is_an_exception_with_the_result_and_the_session_restarts(kb: Kernelbox) -> None:
-    with kb.session("python", memory_mb=128) as s:
+    # Without automatic restarts the session stays dead until the client restarts it.
+    with kb.session("python", memory_mb=128, auto_restart=False) as s:
+        assert s.info().auto_restart is False
         with pytest.raises(OutOfMemory) as e:
             s.run("x = bytearray(1024 * 1024 * 1024)")
         assert isinstance(e.value, ExecutionKilled)
@@ -259,6 +261,18 @@ def test_out_of_memory_is_an_exception_with_the_result_and_the_session_restarts(
         assert s.info().status == "dead"
         s.restart()
         assert s.run("6 * 7").text == "42"
+
+
+def test_out_of_memory_is_restarted_by_the_service_by_default(kb: Kernelbox) -> None:
+    with kb.session("python", memory_mb=128) as s:
+        assert s.info().auto_restart is True
+        with pytest.raises(OutOfMemory) as e:
+            s.run("x = bytearray(1024 * 1024 * 1024)")
+        assert e.value.result.status == "killed"
+        # The next execution waits for the new kernel and runs in it.
+        assert s.run("6 * 7").text == "42"
+        info = s.info()
+        assert info.auto_restarts == 1 and info.status == "idle"
 
 
 def test_run_code_is_one_shot_in_any_language(kb: Kernelbox) -> None:

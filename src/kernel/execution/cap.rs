@@ -17,7 +17,7 @@
 //!   even an empty bundle costs its skeleton (about 50 bytes) and the number of outputs is bounded;
 //! - stream text is charged once: the whole cap is there for what the code prints. The response's
 //!   `stdout`/`stderr` repeat it only within what is left at the end ([`ExecutionTracker::stream_fields`]):
-//!   whole when it fits, else the beginning of each with a marker (`streams_abridged`), so a print of
+//!   whole when it fits, else the beginning and end of each with a marker between (`streams_abridged`), so a print of
 //!   900 KiB comes back whole in `outputs` under a 1 MiB cap;
 //! - error outputs are charged twice, because the response carries the first one twice (also as
 //!   `error`, which clients read for the failure);
@@ -52,7 +52,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::json_size::{json_len, json_prefix, json_str_len};
+use super::json_size::{json_len, json_prefix, json_str_len, json_suffix};
 use super::{ErrorInfo, Event, ExecutionTracker, Output, stream_text};
 
 /// How many times the response carries an error output (`outputs` and `error`).
@@ -61,12 +61,17 @@ const ERROR_COPIES: usize = 2;
 /// The reply's error, when it is reported and the budget is spent, is cut to this many bytes of JSON.
 pub const ERROR_RESERVE: usize = 1024;
 
+/// What an abridged `stdout`/`stderr` always keeps of its end, even when nothing is left of the budget:
+/// enough for the closing marker of a cut output (or the kernel's note of what it dropped), so a client
+/// that reads only `stdout` still learns that the output was truncated.
+const KEPT_TAIL: usize = 128;
+
 /// An upper bound on the note added to a bundle that lost MIME types (see [`omission_note`]).
 const NOTE_MAX: usize = 1024;
 
 /// How far past the cap a response may go: one closing marker (carried twice for an error), the reply's
 /// error in its brief form ([`ERROR_RESERVE`] and a marker), the markers of abridged `stdout`/`stderr`
-/// and the outputs array's brackets.
+/// and the [`KEPT_TAIL`] each keeps, and the outputs array's brackets.
 pub const CAP_SLACK: usize = 2048;
 
 /// The data and metadata of a display, with their serialized size (the two maps' JSON).
@@ -141,7 +146,7 @@ impl ExecutionTracker {
     /// The response's `stdout` and `stderr` (the text of the stream outputs, concatenated by name), within
     /// what is left of the budget once everything else is charged: both whole when they fit; otherwise a
     /// field that fits in half of what is left stays whole, and the other (or each, in half) keeps its
-    /// beginning with a marker. The last value says whether one was abridged.
+    /// beginning and end with a marker between. The last value says whether one was abridged.
     pub(super) fn stream_fields(&self, outputs: &[Output]) -> (String, String, bool) {
         let (stdout, stderr) = (stream_text(outputs, "stdout"), stream_text(outputs, "stderr"));
         let (out_len, err_len, room) = (json_str_len(&stdout), json_str_len(&stderr), self.room());
@@ -156,7 +161,14 @@ impl ExecutionTracker {
         };
         let abridge = |text: String, len: usize, room: usize, name: &str| match len <= room {
             true => text,
-            false => format!("{}{}", json_prefix(&text, room), abridged_marker(name)),
+            // The beginning and the end, the marker between: the end is where a program's last words
+            // are (its result, its error, the kernel's note of what it dropped).
+            false => {
+                let head = json_prefix(&text, room / 2);
+                let tail_room = (room - json_str_len(head)).max(KEPT_TAIL);
+                let tail = json_suffix(&text[head.len()..], tail_room);
+                format!("{head}{}{tail}", abridged_marker(name))
+            }
         };
         (abridge(stdout, out_len, out_room, "stdout"), abridge(stderr, err_len, err_room, "stderr"), true)
     }

@@ -62,6 +62,18 @@ pub(super) fn json_prefix(s: &str, max: usize) -> &str {
     s
 }
 
+/// The longest suffix of `s` whose JSON-escaped size is at most `max` (never splits a character).
+pub(super) fn json_suffix(s: &str, max: usize) -> &str {
+    let mut size = 0;
+    for (i, c) in s.char_indices().rev() {
+        size += json_char_len(c);
+        if size > max {
+            return &s[i + c.len_utf8()..];
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +89,8 @@ mod tests {
             for max in 0..=json_str_len(s) {
                 let prefix = json_prefix(s, max);
                 assert!(json_str_len(prefix) <= max && s.starts_with(prefix));
+                let suffix = json_suffix(s, max);
+                assert!(json_str_len(suffix) <= max && s.ends_with(suffix));
             }
         }
         let v = json!({"a": [1, 2.5, null, true], "b": {"c": "d\n"}});

@@ -333,8 +333,9 @@ fn printed_text_is_counted_once_and_stdout_stderr_repeat_it_within_what_is_left(
                 check: |r| {
                     assert_eq!(printed(r, "stdout"), x(CAP * 9 / 10), "the outputs carry every byte");
                     assert!(r.streams_abridged);
-                    assert!(r.stdout.starts_with(&x(CAP / 20)) && r.stdout.len() < CAP / 5, "{}", r.stdout.len());
-                    assert!(r.stdout.ends_with("`outputs` has the whole text]\n"), "a marker says where the rest is");
+                    assert!(r.stdout.starts_with(&x(CAP / 40)) && r.stdout.len() < CAP / 5, "{}", r.stdout.len());
+                    assert!(r.stdout.contains("`outputs` has the whole text]\n"), "a marker says where the rest is");
+                    assert!(r.stdout.ends_with(&x(CAP / 40)), "and the end of the text follows it");
                 },
             },
             Case {
@@ -366,6 +367,16 @@ fn printed_text_is_counted_once_and_stdout_stderr_repeat_it_within_what_is_left(
                 },
             },
             case("stdout of 2× the cap", vec![stream("stdout", x(2 * CAP))], true),
+            Case {
+                name: "stdout of 2× the cap: cut in the outputs, and stdout still ends with the cut's marker",
+                messages: vec![stream("stdout", x(2 * CAP))],
+                truncated: true,
+                check: |r| {
+                    assert!(r.streams_abridged);
+                    assert!(r.stdout.contains("[kernelbox: stdout abridged"), "{}", r.stdout);
+                    assert!(r.stdout.trim_end().ends_with("bytes reached]"), "{}", r.stdout);
+                },
+            },
             case("newlines count as their escapes", vec![stream("stdout", "\n".repeat(CAP))], true),
             case(
                 "10,000 displays with long ids of their own (ids are held, so charged)",

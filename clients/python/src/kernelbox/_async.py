@@ -154,6 +154,7 @@ class AsyncKernelbox:
         idle_timeout_s: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, str]] = None,
+        auto_restart: Optional[bool] = None,
     ) -> AsyncSession:
         """Starts a session; ``async with await kb.session(...) as s:`` deletes it when the block ends."""
         call = _calls.create(
@@ -164,6 +165,7 @@ class AsyncKernelbox:
             idle_timeout_s=idle_timeout_s,
             env=env,
             metadata=metadata,
+            auto_restart=auto_restart,
         )
         info = await self._call(call)
         return AsyncSession(self, info.id, info)

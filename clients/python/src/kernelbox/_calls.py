@@ -45,6 +45,7 @@ def create(
     idle_timeout_s: Optional[int],
     env: Optional[Mapping[str, str]],
     metadata: Optional[Mapping[str, str]],
+    auto_restart: Optional[bool],
 ) -> Call[SessionInfo]:
     body = session_request(
         language,
@@ -54,6 +55,7 @@ def create(
         idle_timeout_s=idle_timeout_s,
         env=env,
         metadata=metadata,
+        auto_restart=auto_restart,
     )
     return Call("POST", "/v1/sessions", lambda r: SessionInfo.from_json(r.json()), json=body, read_timeout=BOOT_WAIT)
 

@@ -227,6 +227,7 @@ def session_request(
     idle_timeout_s: Optional[int],
     env: Optional[Mapping[str, str]],
     metadata: Optional[Mapping[str, str]],
+    auto_restart: Optional[bool] = None,
 ) -> Dict[str, Any]:
     body: Dict[str, Any] = {"language": language}
     for key, value in (
@@ -241,6 +242,8 @@ def session_request(
         body["env"] = dict(env)
     if metadata is not None:
         body["metadata"] = dict(metadata)
+    if auto_restart is not None:
+        body["auto_restart"] = auto_restart
     return body
 
 

@@ -157,6 +157,7 @@ class Kernelbox:
         idle_timeout_s: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, str]] = None,
+        auto_restart: Optional[bool] = None,
     ) -> Session:
         """Starts a session (a private kernel in its own container) and returns once its kernel is ready.
         Use it in a ``with`` block to have it deleted at the end, also when the block raises."""
@@ -168,6 +169,7 @@ class Kernelbox:
             idle_timeout_s=idle_timeout_s,
             env=env,
             metadata=metadata,
+            auto_restart=auto_restart,
         )
         info = self._call(call)
         return Session(self, info.id, info)

@@ -468,6 +468,9 @@ class SessionInfo:
     executions: int
     kernel: Optional[Json]
     dead_reason: Optional[str]
+    #: Whether the service restarts a kernel that dies (within its bound), and how often it did.
+    auto_restart: bool
+    auto_restarts: int
     raw: Json = field(repr=False)
 
     @classmethod
@@ -485,6 +488,8 @@ class SessionInfo:
             executions=_int(d.get("executions")),
             kernel=kernel if isinstance(kernel, dict) else None,
             dead_reason=_opt_str(d.get("dead_reason")),
+            auto_restart=d.get("auto_restart") is not False,
+            auto_restarts=_int(d.get("auto_restarts", 0)),
             raw=d,
         )
 
