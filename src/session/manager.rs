@@ -420,12 +420,10 @@ impl SessionManager {
 
     fn recovery(&self) -> Recovery<'_> {
         Recovery {
-            runtime: self.runtime().as_ref(),
             instance: &self.config.instance,
             launcher: &self.launcher,
             pool: &self.pool,
             installs: &self.installs,
-            packages: &self.installs.packages,
         }
     }
 

@@ -11,7 +11,6 @@
 use chrono::{DateTime, Utc};
 
 use crate::images::Catalog;
-use crate::packages::Packages;
 use crate::runtime::{ContainerRuntime, ContainerSummary, labels};
 
 use super::actor::Start;
@@ -24,16 +23,18 @@ use super::{pool, records, rundir};
 
 /// What recovery works with, lent by the manager.
 pub struct Recovery<'a> {
-    pub runtime: &'a dyn ContainerRuntime,
     /// The containers of this instance are the ones looked at.
     pub instance: &'a str,
     pub launcher: &'a Launcher,
     pub pool: &'a WarmPool,
     pub installs: &'a Installs,
-    pub packages: &'a Packages,
 }
 
 impl Recovery<'_> {
+    fn runtime(&self) -> &dyn ContainerRuntime {
+        self.launcher.planner.runtime.as_ref()
+    }
+
     fn catalog(&self) -> &Catalog {
         &self.launcher.planner.catalog
     }
@@ -47,7 +48,7 @@ impl Recovery<'_> {
 /// Adopts the running containers of this instance whose kernel answers, removes the rest and any run
 /// directory no session needs. Returns (adopted, removed).
 pub async fn recover(r: &Recovery<'_>) -> Result<(usize, usize), SessionError> {
-    let found = r.runtime.list(labels::INSTANCE, Some(r.instance)).await?;
+    let found = r.runtime().list(labels::INSTANCE, Some(r.instance)).await?;
     let mut removed = 0;
     let mut adopting = Vec::new();
     for container in found {
@@ -62,7 +63,7 @@ pub async fn recover(r: &Recovery<'_>) -> Result<(usize, usize), SessionError> {
             }
             Err(why) => {
                 tracing::info!(container = %container.id, why, "removing a container left by an earlier run");
-                r.runtime.remove(&container.id).await?;
+                r.runtime().remove(&container.id).await?;
                 removed += 1;
             }
         }
@@ -121,7 +122,7 @@ fn adoptable(r: &Recovery<'_>, c: &ContainerSummary) -> Result<Adoptable, &'stat
 /// Removes containers of this instance whose session the registry does not know, and run directories
 /// no session needs. Returns how many containers it removed.
 pub async fn sweep_orphans(r: &Recovery<'_>) -> usize {
-    let found = match r.runtime.list(labels::INSTANCE, Some(r.instance)).await {
+    let found = match r.runtime().list(labels::INSTANCE, Some(r.instance)).await {
         Ok(found) => found,
         Err(e) => {
             tracing::warn!(error = %e, "orphan sweep: could not list containers");
@@ -134,12 +135,12 @@ pub async fn sweep_orphans(r: &Recovery<'_>) -> usize {
         // kernel's id is the pool's from before its boot until the registry holds it), so a container
         // whose id is unknown belongs to nobody.
         let known = c.labels.get(labels::SESSION).is_some_and(|s| r.knows(s))
-            || c.labels.get(labels::FETCHER).is_some_and(|f| r.packages.is_live_fetcher(f));
+            || c.labels.get(labels::FETCHER).is_some_and(|f| r.installs.packages.is_live_fetcher(f));
         if known {
             continue;
         }
         tracing::warn!(container = %c.id, "removing an orphaned container");
-        match r.runtime.remove(&c.id).await {
+        match r.runtime().remove(&c.id).await {
             Ok(()) => {
                 removed += 1;
                 metrics::counter!("kernelbox_orphans_removed_total").increment(1);
