@@ -72,7 +72,7 @@ impl BootPlanner {
         if pooled {
             labels.insert(labels::POOL.to_owned(), s.language.clone());
         }
-        let size = tmpfs_mb(l.tmpfs_mb, s.memory_mb);
+        let size = self.tmpfs_mb(s.memory_mb);
         let tmpfs = |extra: &str| format!("rw,nosuid,nodev,size={size}m{extra}");
         let mut env: Vec<String> = s.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         // The kernel-side output cap (python images): beyond it the kernel drops output before it is
@@ -165,17 +165,12 @@ impl BootPlanner {
         }
     }
 
-    /// The size of each of a session's two tmpfs mounts under the operator's maximum.
+    /// The size of each of a session's two tmpfs mounts (`/tmp` and the working directory). Their pages
+    /// count against the session's memory limit, so both together get at most half of it: a full disk is
+    /// then ENOSPC for the code that writes, never an out-of-memory kill of the kernel.
     pub fn tmpfs_mb(&self, memory_mb: u64) -> u64 {
-        tmpfs_mb(self.limits.tmpfs_mb, memory_mb)
+        self.limits.tmpfs_mb.min(memory_mb / 4).max(8)
     }
-}
-
-/// The size of each of a session's two tmpfs mounts (`/tmp` and the working directory). Their pages count
-/// against the session's memory limit, so both together get at most half of it: a full disk is then
-/// ENOSPC for the code that writes, never an out-of-memory kill of the kernel.
-pub fn tmpfs_mb(configured_max: u64, memory_mb: u64) -> u64 {
-    configured_max.min(memory_mb / 4).max(8)
 }
 
 #[cfg(test)]
