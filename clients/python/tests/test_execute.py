@@ -237,9 +237,13 @@ def test_a_full_queue_is_queue_full(url: str, api_key: str, session: Session) ->
     depth = int(env("KERNELBOX_TEST_QUEUE_DEPTH"))
     impatient = Kernelbox(url, api_key=api_key, retry=Retry(max_retries=0))
     same = impatient.get(session.id)
-    running = same.stream("import time\nwhile True: time.sleep(0.05)", timeout=3600)
+    running = same.stream("import time\nprint('up', flush=True)\nwhile True: time.sleep(0.05)", timeout=3600)
     queued = [same.stream("1") for _ in range(depth)]
     with running:
+        # Until the kernel has taken it, the running execution itself still waits in the queue.
+        for event in running:
+            if isinstance(event, OutputEvent) and isinstance(event.output, Stream):
+                break
         for q in queued:
             q.__enter__()
         with pytest.raises(QueueFull) as e:
