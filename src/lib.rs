@@ -14,6 +14,8 @@
 //! - [`telemetry`] — the log setup.
 //! - [`text`] — text helpers (terminal escapes out); a leaf that imports nothing of the crate.
 //! - [`rate`] — token buckets keyed by API key or address, which every rate limit is made of; a leaf.
+//! - [`node`] — what a node is to a cluster: its tag (the end of every id it hands out), what its agent
+//!   reports; a leaf.
 
 pub mod api;
 pub mod config;
@@ -21,6 +23,7 @@ pub mod error;
 pub mod images;
 pub mod kernel;
 pub mod links;
+pub mod node;
 pub mod packages;
 pub mod rate;
 pub mod reaper;
