@@ -53,6 +53,28 @@ pub enum Command {
         #[command(flatten)]
         images: ImageArgs,
     },
+    /// Cluster tools (certificates for the link between API replicas and agents).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Make a cluster CA, the agents' server certificate and the API replicas' client certificate, with
+    /// their keys, in a new folder (nothing there is ever overwritten).
+    Certs {
+        /// Where to write ca.pem, ca-key.pem, agent.pem, agent-key.pem, api.pem and api-key.pem.
+        #[arg(long)]
+        out: PathBuf,
+        /// The agent service's DNS name, which API replicas check the agents' certificate for.
+        #[arg(long, default_value = "kernelbox-agent")]
+        agent_name: String,
+        /// How long the certificates are valid, in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]

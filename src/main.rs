@@ -1,4 +1,4 @@
-//! The `kernelbox` command: `serve`, `images build`, `images list`. Thin: parse, set up logging, call the
+//! The `kernelbox` command: `serve`, `images build`, `images list`, `cluster certs`. Thin: parse, set up logging, call the
 //! library.
 
 use std::io::Write;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use kernelbox::config::{Cli, Command, DatasetsDir, ImageArgs, ImagesCommand, LogFormat};
+use kernelbox::config::{Cli, ClusterCommand, Command, DatasetsDir, ImageArgs, ImagesCommand, LogFormat};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::{ImageBuilder, human_size, print_summary};
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -50,6 +50,17 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Cluster { command: ClusterCommand::Certs { out, agent_name, days } } => {
+            let certs = kernelbox::cluster::certs::ClusterCerts::generate(&agent_name, days)?;
+            for path in certs.write(&out)? {
+                println!("{}", path.display());
+            }
+            eprintln!(
+                "Give agents ca.pem, agent.pem and agent-key.pem, API replicas ca.pem, api.pem and api-key.pem \
+                 (as secrets); keep ca-key.pem offline, for the next certificates."
+            );
             Ok(())
         }
     }
