@@ -352,6 +352,18 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn a_client_leaving_mid_stream_ends_the_agent_stream() {
+            let (_agent, replica, chunks) = cluster().await;
+            let response = client().get(format!("http://{}/events", replica.addr)).send().await.unwrap();
+            let mut body = response.bytes_stream();
+            chunks.send(Ok(Bytes::from("event: output\ndata: 1\n\n"))).await.unwrap();
+            within(body.next()).await.unwrap().unwrap();
+            drop(body);
+            // The replica drops its stream from the agent, and the agent's handler sees its reader gone.
+            within(chunks.closed()).await;
+        }
+
+        #[tokio::test]
         async fn a_websocket_is_bridged_both_ways() {
             let (_agent, replica, _) = cluster().await;
             let (mut socket, response) =
@@ -368,6 +380,29 @@ mod tests {
             socket.close(None).await.unwrap();
             // The agent's side closes too: the bridge ends, and the client sees the end (in time).
             within(async { while let Some(Ok(_)) = socket.next().await {} }).await;
+        }
+
+        #[tokio::test]
+        async fn closing_the_link_ends_bridged_connections() {
+            let (agent, _, _) = cluster().await;
+            let link = crate::cluster::testing::link();
+            let replica_link = link.clone();
+            let router = Router::new().fallback(move |req: Request<Body>| {
+                let link = replica_link.clone();
+                async move { forward(&link, agent.addr, req, &Owner(OWNER.into())).await.unwrap() }
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stop = tokio_util::sync::CancellationToken::new();
+            let _server =
+                tokio::spawn(crate::api::serve::serve(listener, router, Duration::from_secs(5), stop.clone()));
+            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await.unwrap();
+            socket.send(Message::text("ping")).await.unwrap();
+            assert_eq!(within(socket.next()).await.unwrap().unwrap(), Message::text("echo: ping"));
+            within(link.close()).await;
+            // The bridge is gone: the client's connection ends.
+            within(async { while let Some(Ok(_)) = socket.next().await {} }).await;
+            stop.cancel();
         }
 
         #[tokio::test]
