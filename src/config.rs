@@ -507,6 +507,18 @@ mod tests {
     }
 
     #[test]
+    fn cluster_certs_needs_a_folder_and_defaults_the_rest() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["kernelbox", "cluster", "certs"], args].concat());
+        assert!(parse(&[]).is_err(), "--out is required");
+        let Command::Cluster { command: ClusterCommand::Certs { out, agent_name, days } } =
+            parse(&["--out", "/tmp/c"]).unwrap().command
+        else {
+            unreachable!()
+        };
+        assert_eq!((out, agent_name.as_str(), days), (PathBuf::from("/tmp/c"), "kernelbox-agent", 365));
+    }
+
+    #[test]
     fn defaults_work_with_no_flags() {
         let s = serve(&[]);
         assert!(s.listen.ip().is_loopback());
