@@ -14,10 +14,12 @@
 //! - [`telemetry`] — the log setup.
 //! - [`text`] — text helpers (terminal escapes out); a leaf that imports nothing of the crate.
 //! - [`rate`] — token buckets keyed by API key or address, which every rate limit is made of; a leaf.
+//! - [`cluster`] — the `kernelbox api` role: membership, placement, routing and fan-out to the agents.
 //! - [`node`] — what a node is to a cluster: its tag (the end of every id it hands out), what its agent
 //!   reports; a leaf.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod images;
