@@ -188,7 +188,7 @@ impl Routing {
             };
         };
         match target {
-            Target::Local => Err(RouteError::SessionNotFound),
+            Target::Local => Err(RouteError::NoSuchEndpoint),
             Target::NotFound => Err(RouteError::SessionNotFound),
             Target::Session(tag) => self.to_session(&snapshot, tag, parts, payload, Some(&owner)).await,
             Target::Create { language, memory_mb, cpus } => {
@@ -345,11 +345,13 @@ impl Routing {
         let bytes = match payload {
             Payload::Read(bytes) => bytes,
             Payload::Stream(body) => {
-                let (tag, addr) = candidates[0];
-                return self.send_addr(tag, addr, parts, Payload::Stream(body), Some(owner)).await;
+                let Some((tag, addr)) = candidates.first() else {
+                    return Err(RouteError::NoNodeAvailable("no agent is known or answers".into()));
+                };
+                return self.send_addr(*tag, *addr, parts, Payload::Stream(body), Some(owner)).await;
             }
         };
-        let mut last = Err(RouteError::NoNodeAvailable("no candidate".into()));
+        let mut last = Err(RouteError::NoNodeAvailable("no agent is known or answers".into()));
         // The first and one more: "one retry on the next candidate".
         for (i, (tag, addr)) in candidates.iter().take(2).enumerate() {
             let head = copy_head(&parts);

@@ -33,6 +33,9 @@ pub enum RouteError {
     /// The agent answered garbage or broke off.
     #[error("the node {tag} answered something that is not a valid answer: {why}")]
     AgentProtocol { tag: String, why: String },
+    /// A path no API has.
+    #[error("no such endpoint; see /docs")]
+    NoSuchEndpoint,
     /// A body the replica must read to route (a create request) is larger than it reads.
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
@@ -50,6 +53,7 @@ impl RouteError {
     fn parts(&self) -> (StatusCode, &'static str, Option<Duration>) {
         match self {
             RouteError::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found", None),
+            RouteError::NoSuchEndpoint => (StatusCode::NOT_FOUND, "not_found", None),
             RouteError::NodeUnreachable(_) => (StatusCode::SERVICE_UNAVAILABLE, "node_unreachable", Some(RETRY_AFTER)),
             RouteError::SessionLost(_) => (StatusCode::GONE, "session_lost", None),
             RouteError::NoNodeAvailable(_) => {

@@ -113,7 +113,7 @@ pub struct Snapshot {
 }
 
 /// What a tag names now.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub enum Lookup<'a> {
     Up(&'a Member),
     Unreachable(&'a Member),

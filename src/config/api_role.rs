@@ -141,7 +141,7 @@ mod tests {
     use crate::config::{Cli, Command};
 
     fn api(args: &[&str]) -> ApiArgs {
-        let cli = Cli::try_parse_from([&["kernelbox", "api"], args].concat()).unwrap();
+        let cli = Cli::try_parse_from([&["kernelbox", "api"][..], args].concat()).unwrap();
         match cli.command {
             Command::Api(a) => *a,
             _ => unreachable!(),
