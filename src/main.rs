@@ -106,9 +106,13 @@ async fn api(args: kernelbox::config::ApiArgs) -> anyhow::Result<()> {
 
 /// The mutually authenticated link to the agents (`--cluster-ca/--cluster-cert/--cluster-key`,
 /// `--agent-server-name`): `cluster::link`, adapted to `AgentTransport` where the TLS piece is merged.
-fn cluster_link(args: &kernelbox::config::ApiArgs) -> anyhow::Result<Arc<dyn kernelbox::cluster::transport::AgentTransport>> {
+fn cluster_link(
+    args: &kernelbox::config::ApiArgs,
+) -> anyhow::Result<Arc<dyn kernelbox::cluster::transport::AgentTransport>> {
     let (Some(_ca), Some(_cert), Some(_key)) = (&args.cluster_ca, &args.cluster_cert, &args.cluster_key) else {
-        anyhow::bail!("the api role needs --cluster-ca, --cluster-cert and --cluster-key (see `kernelbox cluster certs`)");
+        anyhow::bail!(
+            "the api role needs --cluster-ca, --cluster-cert and --cluster-key (see `kernelbox cluster certs`)"
+        );
     };
     anyhow::bail!("this build has no mutually authenticated agent link yet (cluster::link is merged separately)")
 }

@@ -217,7 +217,8 @@ impl Routing {
             }
             Target::Any => self.to_any(&snapshot, parts, payload, &owner).await,
             Target::OwnerPinned => {
-                let ready: Vec<NodeTag> = snapshot.members.iter().filter(|(_, m)| m.is_ready()).map(|(t, _)| *t).collect();
+                let ready: Vec<NodeTag> =
+                    snapshot.members.iter().filter(|(_, m)| m.is_ready()).map(|(t, _)| *t).collect();
                 let Some(tag) = rendezvous(&owner_key(&owner.0), ready).first().copied() else {
                     return Err(no_live_agent(&snapshot));
                 };
@@ -236,7 +237,7 @@ impl Routing {
     async fn read(&self, body: Body, peek: Peek) -> Result<Bytes, RouteError> {
         let limit = peek.limit();
         match tokio::time::timeout(self.body_read_timeout, axum::body::to_bytes(body, limit)).await {
-            Err(_) => Err(RouteError::BodyUnreadable("it did not arrive in time".into())),
+            Err(_) => Err(RouteError::BodyTimeout),
             Ok(Err(e)) if is_length_limit(&e) => Err(RouteError::TooLarge(limit)),
             Ok(Err(e)) => Err(RouteError::BodyUnreadable(e.to_string())),
             Ok(Ok(bytes)) => Ok(bytes),
@@ -484,5 +485,172 @@ impl ApiRole {
         crate::api::serve::serve(self.listener, self.router, self.header_read_timeout, shutdown).await;
         tracker.close();
         tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::cluster::membership::tests::info;
+    use crate::cluster::transport::TransportError;
+
+    /// Agents at 10.0.0.n: each answers its info, and `answers[n]` (status) to anything else; every
+    /// request other than a probe is recorded as (n, method path).
+    struct Agents {
+        answers: BTreeMap<u8, Option<StatusCode>>,
+        calls: Mutex<Vec<(u8, String)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl AgentTransport for Agents {
+        async fn send(&self, addr: SocketAddr, req: Request) -> Result<Response, TransportError> {
+            let n = match addr.ip() {
+                std::net::IpAddr::V4(ip) => ip.octets()[3],
+                std::net::IpAddr::V6(_) => 0,
+            };
+            if req.uri().path() == crate::node::INFO_PATH {
+                let mut i = info(&format!("0000000{n}"), &format!("n{n}"), true);
+                i.images.insert("python".into(), Some("h".into()));
+                i.usage.sessions = u32::from(n);
+                return Ok(axum::Json(i).into_response());
+            }
+            self.calls.lock().unwrap().push((n, format!("{} {}", req.method(), req.uri().path())));
+            match self.answers.get(&n).copied().flatten() {
+                Some(status) => Ok(status.into_response()),
+                None => Err(TransportError::Connect { addr, why: "refused".into() }),
+            }
+        }
+    }
+
+    async fn replica(answers: &[(u8, Option<StatusCode>)]) -> (Router, Arc<Agents>) {
+        replica_with(answers, |_| {}).await
+    }
+
+    /// A replica whose membership `alter` may change after the first probe.
+    async fn replica_with(
+        answers: &[(u8, Option<StatusCode>)],
+        alter: impl FnOnce(&Membership),
+    ) -> (Router, Arc<Agents>) {
+        let agents = Arc::new(Agents { answers: answers.iter().copied().collect(), calls: Mutex::default() });
+        let addrs = answers.iter().map(|(n, _)| SocketAddr::from(([10, 0, 0, *n], 7443))).collect();
+        let config = MembershipConfig { lost_after: Duration::from_secs(60), probe_timeout: Duration::from_secs(1) };
+        let membership = Arc::new(Membership::new(config, Discovery::Static(addrs), agents.clone()));
+        membership.refresh(Instant::now()).await;
+        alter(&membership);
+        let routing = Routing {
+            membership,
+            policy: Arc::new(Policy::default()),
+            default_memory_mb: 512,
+            default_cpus: 1.0,
+            body_read_timeout: Duration::from_secs(5),
+        };
+        let http = HttpLimits {
+            rate_limit: None,
+            mcp_sessions: crate::config::McpSessionLimits { total: 8, per_key: 8 },
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
+        };
+        (router(routing, Keys::new(&["k".into()]), &http), agents)
+    }
+
+    fn create() -> Request {
+        Request::post("/v1/sessions")
+            .header("x-api-key", "k")
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"language":"python"}"#))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_create_refused_by_the_chosen_node_is_retried_once_on_the_next() {
+        // Node 1 is the least loaded (1 session against 2 and 3): chosen first; it is full.
+        let (app, agents) = replica(&[
+            (1, Some(StatusCode::TOO_MANY_REQUESTS)),
+            (2, Some(StatusCode::CREATED)),
+            (3, Some(StatusCode::CREATED)),
+        ])
+        .await;
+        let response = app.clone().oneshot(create()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        assert_eq!(
+            agents.calls.lock().unwrap().clone(),
+            [(1, "POST /v1/sessions".into()), (2, "POST /v1/sessions".into())]
+        );
+        // Both refuse: the second refusal is the answer, no third try.
+        let (app, agents) =
+            replica(&[(1, Some(StatusCode::SERVICE_UNAVAILABLE)), (2, None), (3, Some(StatusCode::CREATED))]).await;
+        let response = app.oneshot(create()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(agents.calls.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_call_on_a_session_is_not_retried_elsewhere() {
+        let (app, agents) = replica(&[(1, Some(StatusCode::SERVICE_UNAVAILABLE)), (2, Some(StatusCode::OK))]).await;
+        let req = Request::post("/v1/sessions/0123456789abcdef00000001/execute")
+            .header("x-api-key", "k")
+            .body(Body::from("{}"))
+            .unwrap();
+        let response = app.oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            agents.calls.lock().unwrap().clone(),
+            [(1, "POST /v1/sessions/0123456789abcdef00000001/execute".into())]
+        );
+    }
+
+    fn call(method: &str, path: &str) -> Request {
+        Request::builder().method(method).uri(path).header("x-api-key", "k").body(Body::empty()).unwrap()
+    }
+
+    async fn detail(response: Response) -> serde_json::Value {
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lost_nodes_sessions_are_410_delete_204_and_an_unknown_tag_404_in_each_apis_shape() {
+        // Node 2 answered once, then went silent and left DNS for longer than lost_after.
+        let (app, agents) = replica_with(&[(1, Some(StatusCode::OK)), (2, Some(StatusCode::OK))], |m| {
+            let config =
+                MembershipConfig { lost_after: Duration::from_secs(60), probe_timeout: Duration::from_secs(1) };
+            let one = SocketAddr::from(([10, 0, 0, 1], 7443));
+            let round = super::super::membership::Round {
+                resolved: vec![one],
+                probes: vec![(one, Ok(info("00000001", "n1", true)))],
+            };
+            let later = Instant::now() + Duration::from_secs(61);
+            m.set(super::super::membership::next(&m.snapshot(), round, later, &config));
+        })
+        .await;
+        let lost = "/v1/sessions/0123456789abcdef00000002";
+        let response = app.clone().oneshot(call("GET", lost)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::GONE);
+        assert_eq!(detail(response).await["error"]["code"], "session_lost");
+        assert_eq!(app.clone().oneshot(call("DELETE", lost)).await.unwrap().status(), StatusCode::NO_CONTENT);
+        assert_eq!(
+            app.clone()
+                .oneshot(call("DELETE", "/api/kernels/01234567-89ab-cdef-0123-456700000002"))
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::NO_CONTENT
+        );
+        let response = app.clone().oneshot(call("GET", "/jupyter/files/a-0123456789ab00000002-1.txt")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::GONE);
+        assert!(detail(response).await["detail"].as_str().unwrap().contains("lost"), "the /jupyter API's shape");
+        // A tag never seen.
+        let response = app.clone().oneshot(call("DELETE", "/v1/sessions/0123456789abcdef0000000f")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(detail(response).await["error"]["code"], "session_not_found");
+        let response = app.oneshot(call("GET", "/jupyter/files/a-0123456789ab0000000f-1.txt")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert!(detail(response).await["detail"].is_string());
+        assert!(agents.calls.lock().unwrap().is_empty(), "the replica answered all of these itself");
     }
 }

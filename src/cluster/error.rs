@@ -39,7 +39,10 @@ pub enum RouteError {
     /// A body the replica must read to route (a create request) is larger than it reads.
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
-    /// A body the replica must read to route did not arrive in time or broke off.
+    /// A body the replica must read to route did not arrive within the body deadline.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    /// A body the replica must read to route broke off.
     #[error("the request body could not be read: {0}")]
     BodyUnreadable(String),
 }
@@ -56,13 +59,12 @@ impl RouteError {
             RouteError::NoSuchEndpoint => (StatusCode::NOT_FOUND, "not_found", None),
             RouteError::NodeUnreachable(_) => (StatusCode::SERVICE_UNAVAILABLE, "node_unreachable", Some(RETRY_AFTER)),
             RouteError::SessionLost(_) => (StatusCode::GONE, "session_lost", None),
-            RouteError::NoNodeAvailable(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "no_node_available", Some(RETRY_AFTER))
-            }
+            RouteError::NoNodeAvailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_node_available", Some(RETRY_AFTER)),
             RouteError::NoRoom(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", Some(RETRY_AFTER)),
             RouteError::AgentProtocol { .. } => (StatusCode::BAD_GATEWAY, "agent_protocol_error", None),
-            RouteError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", None),
-            RouteError::BodyUnreadable(_) => (StatusCode::BAD_REQUEST, "body_unreadable", None),
+            RouteError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
+            RouteError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout", None),
+            RouteError::BodyUnreadable(_) => (StatusCode::BAD_REQUEST, "invalid_body", None),
         }
     }
 }

@@ -130,7 +130,9 @@ mod tests {
         ];
         let s = next(&Snapshot::default(), Round { resolved: vec![], probes }, t0, &config);
         // d stops answering its probes: unreachable, missing without being asked.
-        let probes = (1..=3).map(|n| (addr(n), Ok(info(&format!("0000000{}", (b'a' + n - 1) as char), &format!("n{n}"), true)))).collect();
+        let probes = (1..=3)
+            .map(|n| (addr(n), Ok(info(&format!("0000000{}", (b'a' + n - 1) as char), &format!("n{n}"), true))))
+            .collect();
         let s = next(&s, Round { resolved: vec![], probes }, t0, &config);
         let agents = FakeAgents(Mutex::new(BTreeMap::from([
             (addr(1), Some((StatusCode::OK, r#"[{"id":"a1"},{"id":"a2"}]"#.into()))),
@@ -151,7 +153,10 @@ mod tests {
         assert!(response.headers().get(MISSING_HEADER).is_none());
         assert_eq!(body(response).await, serde_json::json!([]));
         let tag = NodeTag::parse("0000000a").unwrap();
-        assert_eq!(merged(Answers { lists: vec![], missing: vec![tag] }).unwrap_err(), RouteError::NodeUnreachable(tag));
+        assert_eq!(
+            merged(Answers { lists: vec![], missing: vec![tag] }).unwrap_err(),
+            RouteError::NodeUnreachable(tag)
+        );
         assert!(matches!(merged(Answers { lists: vec![], missing: vec![] }), Err(RouteError::NoNodeAvailable(_))));
     }
 }

@@ -254,6 +254,12 @@ impl Membership {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Replaces the view (tests that need a state only time makes, such as Lost).
+    #[cfg(test)]
+    pub(crate) fn set(&self, snapshot: Snapshot) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+    }
+
     pub fn transport(&self) -> Arc<dyn AgentTransport> {
         self.transport.clone()
     }
@@ -399,7 +405,8 @@ pub(crate) mod tests {
         assert_eq!(s.refused.len(), 1);
         assert_eq!(s.refused[0].0, addr(2));
         // Even when the holder is away, the claim stays refused until the holder is lost.
-        let s = next(&s, round(&[1, 2], &[(2, info("0000000a", "intruder", true))]), t0 + Duration::from_secs(4), &CONFIG);
+        let s =
+            next(&s, round(&[1, 2], &[(2, info("0000000a", "intruder", true))]), t0 + Duration::from_secs(4), &CONFIG);
         assert_eq!(state(&s, "0000000a"), "unreachable");
         assert_eq!(s.members[&tag("0000000a")].info.node_id, "n1");
     }
@@ -451,7 +458,9 @@ pub(crate) mod tests {
         ) -> Result<axum::http::Response<Body>, super::super::transport::TransportError> {
             let answer = self.0.lock().unwrap().get(&addr).cloned().flatten();
             match answer {
-                Some((status, body)) => Ok(axum::http::Response::builder().status(status).body(Body::from(body)).unwrap()),
+                Some((status, body)) => {
+                    Ok(axum::http::Response::builder().status(status).body(Body::from(body)).unwrap())
+                }
                 None => Err(super::super::transport::TransportError::Connect { addr, why: "refused".into() }),
             }
         }
@@ -472,11 +481,7 @@ pub(crate) mod tests {
         for n in 2..=5 {
             assert!(probe(&agents, addr(n), t).await.is_err(), "{n}");
         }
-        let membership = Membership::new(
-            CONFIG,
-            Discovery::Static((1..=5).map(addr).collect()),
-            Arc::new(agents),
-        );
+        let membership = Membership::new(CONFIG, Discovery::Static((1..=5).map(addr).collect()), Arc::new(agents));
         membership.refresh(Instant::now()).await;
         let s = membership.snapshot();
         assert_eq!(s.members.len(), 1);

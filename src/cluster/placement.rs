@@ -156,10 +156,7 @@ pub fn place(
     }
     let warm = |m: &Member| ask.language.and_then(|l| m.info.warm.get(l)).is_some_and(|n| *n > 0);
     roomy.sort_by(|(ta, a), (tb, b)| {
-        warm(*b)
-            .cmp(&warm(*a))
-            .then(load(a).total_cmp(&load(b)))
-            .then(tie(seed, ta).cmp(&tie(seed, tb)))
+        warm(*b).cmp(&warm(*a)).then(load(a).total_cmp(&load(b))).then(tie(seed, ta).cmp(&tie(seed, tb)))
     });
     Ok(roomy.into_iter().map(|(t, m)| (*t, m.addr)).collect())
 }
@@ -243,7 +240,8 @@ mod tests {
     #[test]
     fn ties_go_either_way_and_the_least_loaded_wins() {
         let s = cluster(vec![agent("0000000a", 1, Some("h")), agent("0000000b", 1, Some("h"))]);
-        let winners: std::collections::BTreeSet<_> = (0..32).map(|seed| first(&s, &Policy::default(), seed).unwrap()).collect();
+        let winners: std::collections::BTreeSet<_> =
+            (0..32).map(|seed| first(&s, &Policy::default(), seed).unwrap()).collect();
         assert_eq!(winners.len(), 2, "ties at random");
         let s = cluster(vec![agent("0000000a", 3, Some("h")), agent("0000000b", 1, Some("h"))]);
         for seed in 0..16 {
@@ -345,7 +343,8 @@ mod tests {
 
     #[test]
     fn rendezvous_is_stable_and_moves_only_the_keys_of_a_removed_node() {
-        let tags: Vec<NodeTag> = ["0000000a", "0000000b", "0000000c"].iter().map(|t| NodeTag::parse(t).unwrap()).collect();
+        let tags: Vec<NodeTag> =
+            ["0000000a", "0000000b", "0000000c"].iter().map(|t| NodeTag::parse(t).unwrap()).collect();
         let keys: Vec<String> = (0..300).map(|i| user_key("owner", &format!("user{i}"))).collect();
         let before: Vec<NodeTag> = keys.iter().map(|k| rendezvous(k, tags.clone())[0]).collect();
         // Same inputs, any order: same answer.

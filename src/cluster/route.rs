@@ -102,7 +102,10 @@ pub fn presents_link(method: &Method, path: &str, query: Option<&str>, headers: 
     if path.starts_with("/jupyter/files/signed/") {
         return true;
     }
-    let v1_file = path.strip_prefix("/v1/sessions/").and_then(|rest| rest.split_once('/')).is_some_and(|(_, r)| r.starts_with("files/"));
+    let v1_file = path
+        .strip_prefix("/v1/sessions/")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(_, r)| r.starts_with("files/"));
     v1_file
         && serde_urlencoded::from_str::<Vec<(String, String)>>(query.unwrap_or(""))
             .is_ok_and(|pairs| pairs.iter().any(|(k, _)| k == "signature" || k == "expires"))
@@ -273,11 +276,14 @@ mod tests {
 
     /// An example value for each OpenAPI path parameter, naming node [`TAG`].
     fn fill(path: &str) -> String {
-        path.replace("{id}", if path.starts_with("/api/") { "01234567-89ab-cdef-0123-45670000abcd" } else { "0123456789abcdef0000abcd" })
-            .replace("{name}", "report-0123456789ab0000abcd-1800000000.csv")
-            .replace("{expires}", "1800000000")
-            .replace("{signature}", "c2lnbmF0dXJl")
-            .replace("{path}", "out/a.png")
+        path.replace(
+            "{id}",
+            if path.starts_with("/api/") { "01234567-89ab-cdef-0123-45670000abcd" } else { "0123456789abcdef0000abcd" },
+        )
+        .replace("{name}", "report-0123456789ab0000abcd-1800000000.csv")
+        .replace("{expires}", "1800000000")
+        .replace("{signature}", "c2lnbmF0dXJl")
+        .replace("{path}", "out/a.png")
     }
 
     /// What each route of the public router is routed as (method, path → expected).
@@ -296,7 +302,11 @@ mod tests {
             (_, "/jupyter/execute" | "/jupyter/files" | "/jupyter/files/long-lifetime") => done(Target::OwnerPinned),
             ("post", "/mcp") => Step::Body(Peek::McpOpen),
             (_, "/mcp") => done(Target::Any),
-            (_, p) if p.starts_with("/v1/sessions/{id}") || p.starts_with("/api/kernels/{id}") || p.starts_with("/jupyter/files/") => {
+            (_, p)
+                if p.starts_with("/v1/sessions/{id}")
+                    || p.starts_with("/api/kernels/{id}")
+                    || p.starts_with("/jupyter/files/") =>
+            {
                 done(Target::Session(tag()))
             }
             other => panic!("a route this test does not know: {other:?}: say where it goes"),

@@ -102,8 +102,7 @@ mod tests {
 
     fn snapshot(n: u8) -> Snapshot {
         let config = MembershipConfig { lost_after: Duration::from_secs(60), probe_timeout: Duration::from_secs(1) };
-        let probes =
-            (1..=n).map(|i| (addr(i), Ok(info(&format!("0000000{i}"), &format!("n{i}"), true)))).collect();
+        let probes = (1..=n).map(|i| (addr(i), Ok(info(&format!("0000000{i}"), &format!("n{i}"), true)))).collect();
         next(&Snapshot::default(), Round { resolved: vec![], probes }, Instant::now(), &config)
     }
 

@@ -47,10 +47,17 @@ impl Agent {
             ready: true,
             reasons: vec![],
             capacity: Capacity { max_sessions: 50, memory_mb: 64 * 1024, cpus: 64.0 },
-            usage: Usage { sessions: sessions.len() as u32, memory_mb: 512 * sessions.len() as u64, cpus: sessions.len() as f64 },
+            usage: Usage {
+                sessions: sessions.len() as u32,
+                memory_mb: 512 * sessions.len() as u64,
+                cpus: sessions.len() as f64,
+            },
             owners,
             warm: BTreeMap::new(),
-            images: BTreeMap::from([("python".into(), Some("h1".into())), ("python_scientific".into(), Some("h2".into()))]),
+            images: BTreeMap::from([
+                ("python".into(), Some("h1".into())),
+                ("python_scientific".into(), Some("h2".into())),
+            ]),
         }
     }
 
@@ -64,7 +71,12 @@ impl Agent {
     }
 
     fn users(&self, owner: &str, user: &str) -> Option<Value> {
-        self.sessions.lock().unwrap().iter().find(|(o, s)| o == owner && s["metadata"]["kernelbox.user_id"] == user).map(|(_, s)| s.clone())
+        self.sessions
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(o, s)| o == owner && s["metadata"]["kernelbox.user_id"] == user)
+            .map(|(_, s)| s.clone())
     }
 }
 
@@ -88,7 +100,8 @@ async fn get_one(State(a): State<Agent>, headers: HeaderMap, Path(id): Path<Stri
     let found = a.sessions.lock().unwrap().iter().find(|(o, s)| *o == owner && s["id"] == id).map(|(_, s)| s.clone());
     match found {
         Some(s) => ([("x-answered-by", a.tag.to_string())], Json(s)).into_response(),
-        None => (StatusCode::NOT_FOUND, Json(json!({"error": {"code": "not_found", "message": "no such session"}}))).into_response(),
+        None => (StatusCode::NOT_FOUND, Json(json!({"error": {"code": "not_found", "message": "no such session"}})))
+            .into_response(),
     }
 }
 
@@ -106,7 +119,8 @@ async fn execute(State(a): State<Agent>, headers: HeaderMap, Json(body): Json<Va
     let user = body["user_id"].as_str().unwrap_or("");
     match a.users(&owner, user) {
         Some(_) => Json(json!({"output": format!("ran on {}", a.tag)})).into_response(),
-        None => (StatusCode::NOT_FOUND, Json(json!({"detail": format!("no active session for user_id `{user}`")}))).into_response(),
+        None => (StatusCode::NOT_FOUND, Json(json!({"detail": format!("no active session for user_id `{user}`")})))
+            .into_response(),
     }
 }
 
@@ -156,7 +170,10 @@ async fn spawn_cluster(tags: &[&str]) -> Cluster {
         api_keys: vec!["key-a".into(), "key-b".into()],
         http: crate::helpers::http(&[]).validate().unwrap(),
         discovery: Discovery::Static(addrs),
-        membership: MembershipConfig { lost_after: Duration::from_secs(60), probe_timeout: Duration::from_millis(1500) },
+        membership: MembershipConfig {
+            lost_after: Duration::from_secs(60),
+            probe_timeout: Duration::from_millis(1500),
+        },
         policy: Policy { max_per_owner: Some(40), ..Default::default() },
         default_memory_mb: 512,
         default_cpus: 1.0,
@@ -176,7 +193,12 @@ impl Cluster {
     }
 
     async fn create(&self, key: &str) -> String {
-        let r = self.req(reqwest::Method::POST, "/v1/sessions", key).json(&json!({"language": "python"})).send().await.unwrap();
+        let r = self
+            .req(reqwest::Method::POST, "/v1/sessions", key)
+            .json(&json!({"language": "python"}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201);
         r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
     }
@@ -273,11 +295,21 @@ async fn the_session_api_keeps_one_session_per_user_and_finds_it_after_membershi
     let total: usize = c.agents.iter().map(|(a, _)| a.sessions.lock().unwrap().len()).sum();
     assert_eq!(total, 1, "one session for the user");
     let holder = c.agents.iter().find(|(a, _)| !a.sessions.lock().unwrap().is_empty()).unwrap().0.tag;
-    let r = c.req(reqwest::Method::POST, "/execute", "key-a").json(&json!({"user_id": "u1", "code": "1"})).send().await.unwrap();
+    let r = c
+        .req(reqwest::Method::POST, "/execute", "key-a")
+        .json(&json!({"user_id": "u1", "code": "1"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["output"], format!("ran on {holder}"));
     // Another user's calls, without a session, get the agent's own 404.
-    let r = c.req(reqwest::Method::POST, "/execute", "key-a").json(&json!({"user_id": "u2", "code": "1"})).send().await.unwrap();
+    let r = c
+        .req(reqwest::Method::POST, "/execute", "key-a")
+        .json(&json!({"user_id": "u2", "code": "1"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("u2"));
     // A session placed elsewhere (membership changed since) is still found by asking every node.
@@ -286,7 +318,12 @@ async fn the_session_api_keeps_one_session_per_user_and_finds_it_after_membershi
     let moved = c.agents.iter().find(|(a, _)| a.tag != holder && a.tag != elsewhere.0.tag).unwrap();
     let owner_a = c.agents.iter().find(|(a, _)| a.tag == holder).unwrap().0.sessions.lock().unwrap()[0].0.clone();
     moved.0.create(&owner_a, "python_scientific", json!({"kernelbox.user_id": "u3", "kernelbox.api": "session"}));
-    let r = c.req(reqwest::Method::POST, "/execute", "key-a").json(&json!({"user_id": "u3", "code": "1"})).send().await.unwrap();
+    let r = c
+        .req(reqwest::Method::POST, "/execute", "key-a")
+        .json(&json!({"user_id": "u3", "code": "1"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["output"], format!("ran on {}", moved.0.tag));
 }
