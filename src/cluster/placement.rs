@@ -156,7 +156,7 @@ pub fn place(
     }
     let warm = |m: &Member| ask.language.and_then(|l| m.info.warm.get(l)).is_some_and(|n| *n > 0);
     roomy.sort_by(|(ta, a), (tb, b)| {
-        warm(*b).cmp(&warm(*a)).then(load(a).total_cmp(&load(b))).then(tie(seed, ta).cmp(&tie(seed, tb)))
+        warm(b).cmp(&warm(a)).then(load(a).total_cmp(&load(b))).then(tie(seed, ta).cmp(&tie(seed, tb)))
     });
     Ok(roomy.into_iter().map(|(t, m)| (*t, m.addr)).collect())
 }
