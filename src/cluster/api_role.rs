@@ -160,7 +160,8 @@ async fn route_request(State(routing): State<Routing>, req: Request) -> Response
         Ok(response) => response,
         Err(RouteError::SessionLost(_)) if delete => StatusCode::NO_CONTENT.into_response(),
         Err(e) => {
-            metrics::counter!("kernelbox_route_errors_total", "kind" => e.kind()).increment(1);
+            let node = e.node().unwrap_or_default();
+            metrics::counter!("kernelbox_route_errors_total", "kind" => e.kind(), "node" => node).increment(1);
             if matches!(e, RouteError::AgentProtocol { .. }) {
                 tracing::error!(error = %e, "an agent answered garbage");
             }

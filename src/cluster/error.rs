@@ -53,6 +53,15 @@ impl RouteError {
         self.parts().1
     }
 
+    /// The node the error is about, when there is one (a metrics label).
+    pub fn node(&self) -> Option<String> {
+        match self {
+            RouteError::NodeUnreachable(tag) | RouteError::SessionLost(tag) => Some(tag.to_string()),
+            RouteError::AgentProtocol { tag, .. } => Some(tag.clone()),
+            _ => None,
+        }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str, Option<Duration>) {
         match self {
             RouteError::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found", None),
