@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod api_role;
 mod error;
 mod limits;
 
+pub use api_role::{AgentSource, ApiArgs};
 pub use error::ConfigError;
 use limits::rate_limit;
 pub use limits::{CostLimits, LimitArgs, Limits};
@@ -41,6 +43,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Serve the HTTP API (builds any missing kernel image first).
     Serve(Box<ServeArgs>),
+    /// Serve the API as a cluster replica: no Docker socket; every request routed to the agent that owns
+    /// it over mutual TLS.
+    Api(Box<ApiArgs>),
     /// Exit 0 when a kernelbox server answers on /healthz (the container health check).
     Health {
         #[arg(long, env = "KERNELBOX_HEALTH_ADDR", default_value = "127.0.0.1:8080")]

@@ -14,8 +14,8 @@
 //! - [`telemetry`] — the log setup.
 //! - [`text`] — text helpers (terminal escapes out); a leaf that imports nothing of the crate.
 //! - [`rate`] — token buckets keyed by API key or address, which every rate limit is made of; a leaf.
-//! - [`cluster`] — API replicas and agents as one service: the cluster's certificates, the mutual TLS
-//!   between them, the agents' TLS listener, the replicas' link to agents and the forwarding over it.
+//! - [`cluster`] — API replicas and agents as one service: certificates and the mutual TLS between them,
+//!   the agents' TLS listener, and the `kernelbox api` role: membership, placement, routing, fan-out.
 //! - [`node`] — what a node is to a cluster: its tag (the end of every id it hands out), what its agent
 //!   reports; a leaf.
 

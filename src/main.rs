@@ -24,6 +24,10 @@ async fn main() -> anyhow::Result<()> {
             kernelbox::telemetry::init(cli.log_format);
             serve(*args).await
         }
+        Command::Api(args) => {
+            kernelbox::telemetry::init(cli.log_format);
+            api(*args).await
+        }
         Command::Health { addr } => health(addr).await,
         Command::Images { command, images } => {
             kernelbox::telemetry::init(LogFormat::Pretty);
@@ -64,6 +68,68 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kernelbox api`: a replica that routes every request to the agents.
+async fn api(args: kernelbox::config::ApiArgs) -> anyhow::Result<()> {
+    use kernelbox::cluster::api_role::{ApiRole, ApiRoleSettings};
+    use kernelbox::cluster::membership::{Discovery, MembershipConfig, PROBE_TIMEOUT};
+    use kernelbox::cluster::placement::Policy;
+    use kernelbox::config::AgentSource;
+    args.check_exposure()?;
+    args.check_limits()?;
+    let discovery = match args.agent_source()? {
+        AgentSource::Dns { name, port } => Discovery::Dns { name, port },
+        AgentSource::Static(addrs) => Discovery::Static(addrs),
+    };
+    let settings = ApiRoleSettings {
+        api_keys: args.api_keys.clone(),
+        http: args.http.validate()?,
+        discovery,
+        membership: MembershipConfig { lost_after: args.lost_after(), probe_timeout: PROBE_TIMEOUT },
+        policy: Policy {
+            expected: args.expected_images()?,
+            max_sessions: args.max_sessions,
+            max_per_owner: Some(args.max_sessions_per_owner),
+        },
+        default_memory_mb: args.default_memory_mb,
+        default_cpus: args.default_cpus,
+    };
+    let transport = cluster_link(&args)?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let replica = ApiRole::build(listener, settings, transport).await;
+    let addr = replica.local_addr()?;
+    tracing::info!(%addr, "kernelbox api replica is serving");
+    eprintln!("kernelbox api replica is serving on http://{addr}");
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        trigger.cancel();
+    });
+    replica.run_until_stopped(shutdown).await;
+    Ok(())
+}
+
+/// The mutually authenticated link to the agents (`--cluster-ca/--cluster-cert/--cluster-key`,
+/// `--agent-server-name`): `cluster::link`, adapted to `AgentTransport` where the TLS piece is merged.
+fn cluster_link(
+    args: &kernelbox::config::ApiArgs,
+) -> anyhow::Result<Arc<dyn kernelbox::cluster::transport::AgentTransport>> {
+    let (Some(ca), Some(cert), Some(key)) = (&args.cluster_ca, &args.cluster_cert, &args.cluster_key) else {
+        anyhow::bail!(
+            "the api role needs --cluster-ca, --cluster-cert and --cluster-key (see `kernelbox cluster certs`)"
+        );
+    };
+    let files = kernelbox::cluster::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
+    let tls = kernelbox::cluster::api_client_config(&files)?;
+    let link = kernelbox::cluster::AgentLink::new(tls, &args.agent_server_name)
+        .with_context(|| format!("--agent-server-name {:?}", args.agent_server_name))?;
+    Ok(Arc::new(link))
 }
 
 /// A dependency-free HTTP probe, so the service image needs no curl.

@@ -122,7 +122,8 @@ pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
 
 /// `GET /api/kernels`: the caller's kernels.
 #[utoipa::path(get, path = "/api/kernels", operation_id = "gateway_list_kernels", tag = "jupyter gateway",
-    responses((status = 200, description = "the caller's kernels: `[{id, name, last_activity, execution_state, connections}]`", body = [Object])))]
+    responses((status = 200, description = "the caller's kernels: `[{id, name, last_activity, execution_state, connections}]`", body = [Object],
+        headers(("x-kernelbox-nodes-missing" = String, description = "cluster only, and only when the list is incomplete: the comma-separated tags of the nodes that did not answer")))))]
 pub async fn list(caller: Caller) -> Json<Vec<Value>> {
     let connections =
         |info: &SessionInfo| caller.manager.get(&caller.owner, info.id.as_str()).map_or(0, |s| s.connections());

@@ -21,8 +21,10 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(info)))
 }
 
-/// The caller's sessions.
-#[utoipa::path(get, path = "/v1/sessions", tag = "sessions", responses((status = 200, body = Vec<SessionInfo>)))]
+/// The caller's sessions. Through a cluster's API replica the list is merged from every node; a node that
+/// did not answer in time is named in `x-kernelbox-nodes-missing` (the list is then incomplete).
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions", responses((status = 200, body = Vec<SessionInfo>,
+    headers(("x-kernelbox-nodes-missing" = String, description = "cluster only, and only when the list is incomplete: the comma-separated tags of the nodes that did not answer")))))]
 pub async fn list(caller: Caller) -> Json<Vec<SessionInfo>> {
     Json(caller.manager.list(&caller.owner))
 }

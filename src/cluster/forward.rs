@@ -37,31 +37,16 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 const CREDENTIALS: [HeaderName; 3] =
     [header::AUTHORIZATION, HeaderName::from_static("x-api-key"), HeaderName::from_static(OWNER_HEADER)];
 
-/// Sends `req` to the agent at `addr` on behalf of `owner` and returns the agent's answer, streaming (see
-/// the module doc). Errors are those of [`AgentLink::send`], plus [`LinkError::Protocol`] for a `101` to
-/// a request that asked for no upgrade.
+/// Sends `req` to the agent at `addr` on behalf of `owner` (`None`: a signed link, which the agent checks
+/// itself) and returns the agent's answer, streaming (see the module doc). Errors are those of
+/// [`AgentLink::send`], plus [`LinkError::Protocol`] for a `101` to a request that asked for no upgrade.
 pub async fn forward(
     link: &AgentLink,
     addr: SocketAddr,
-    mut req: Request<Body>,
-    owner: &Owner,
+    req: Request<Body>,
+    owner: Option<&Owner>,
 ) -> Result<Response<Body>, LinkError> {
-    let upgrade = asked_upgrade(req.headers());
-    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let owner = HeaderValue::try_from(owner.0.as_str()).map_err(|e| LinkError::Request(format!("owner: {e}")))?;
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    for name in CREDENTIALS {
-        parts.headers.remove(name);
-    }
-    parts.headers.insert(OWNER_HEADER, owner);
-    // The agent's request is a new one: only method, URI and headers carry over, not this server's
-    // extensions (its connection's upgrade among them).
-    let mut out = Request::new(body);
-    *out.method_mut() = parts.method;
-    *out.uri_mut() = parts.uri;
-    *out.headers_mut() = parts.headers;
-
+    let (out, client_upgrade) = prepare(req, owner);
     let mut response = link.send(addr, out).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
@@ -78,6 +63,28 @@ pub async fn forward(
     strip_hop_by_hop(&mut parts.headers, None);
     let body = if is_event_stream(&parts.headers) { events_ending_in_error(addr, body) } else { body };
     Ok(Response::from_parts(parts, body))
+}
+
+/// `req` as the agent gets it: hop-by-hop headers, the client's credentials and owner claim gone, the
+/// owner the replica checked set; method, URI, `Host` and body as they came. With it, the client's side of
+/// an upgrade it asked for (the agent's request is a new one: none of this server's extensions carry over).
+pub fn prepare(mut req: Request<Body>, owner: Option<&Owner>) -> (Request<Body>, Option<OnUpgrade>) {
+    let upgrade = asked_upgrade(req.headers());
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    for name in CREDENTIALS {
+        parts.headers.remove(name);
+    }
+    // An owner is a digest (hex, or `anonymous`): always a valid header value.
+    if let Some(value) = owner.and_then(|owner| HeaderValue::try_from(owner.0.as_str()).ok()) {
+        parts.headers.insert(OWNER_HEADER, value);
+    }
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = parts.uri;
+    *out.headers_mut() = parts.headers;
+    (out, client_upgrade)
 }
 
 /// The `Upgrade` header's value when the message asks for an upgrade (`Connection` names `upgrade`).
@@ -389,7 +396,7 @@ mod tests {
             let replica_link = link.clone();
             let router = Router::new().fallback(move |req: Request<Body>| {
                 let link = replica_link.clone();
-                async move { forward(&link, agent.addr, req, &Owner(OWNER.into())).await.unwrap() }
+                async move { forward(&link, agent.addr, req, Some(&Owner(OWNER.into()))).await.unwrap() }
             });
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();

@@ -84,7 +84,7 @@ pub async fn spawn_replica(agent: SocketAddr) -> Server {
     let router = Router::new().fallback(move |req: Request<Body>| {
         let link = link.clone();
         async move {
-            match forward(&link, agent, req, &Owner(OWNER.into())).await {
+            match forward(&link, agent, req, Some(&Owner(OWNER.into()))).await {
                 Ok(response) => response,
                 Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
             }

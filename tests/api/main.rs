@@ -7,6 +7,7 @@ mod abuse;
 mod api_surface;
 mod auto_restart;
 mod busy_adoption;
+mod cluster_routing;
 mod compat_jupyter;
 mod compat_session;
 mod compose;
