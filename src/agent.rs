@@ -134,3 +134,141 @@ impl AgentApplication {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cli, Command};
+    use crate::images::Catalog;
+    use crate::node::{INFO_PATH, OWNER_HEADER};
+    use crate::runtime::fake::FakeRuntime;
+    use crate::session::ManagerConfig;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use clap::Parser;
+    use tower::ServiceExt;
+
+    fn settings(state_dir: &std::path::Path) -> Settings {
+        let dir = state_dir.to_str().unwrap();
+        let Command::Serve(args) = Cli::try_parse_from(["kernelbox", "serve", "--state-dir", dir]).unwrap().command
+        else {
+            unreachable!()
+        };
+        Settings {
+            manager: ManagerConfig {
+                limits: args.limits.validate().unwrap(),
+                state_dir: state_dir.to_path_buf(),
+                instance: "unit".into(),
+                catalog: Catalog::new("fake/"),
+                keep_sessions: false,
+                packages: args.packages.validate(None).unwrap(),
+                storage: Default::default(),
+                pool: args.pool_config().unwrap(),
+                node: None,
+                fencing: None,
+            },
+            api_keys: vec!["a key the agent must ignore".into()],
+            http: args.http.validate().unwrap(),
+            files: args.files.validate().unwrap(),
+            links: args.links.validate().unwrap(),
+            shutdown_grace: Duration::from_millis(10),
+        }
+    }
+
+    struct Running {
+        router: axum::Router,
+        health: String,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    }
+
+    async fn start(state_dir: &std::path::Path, runtime: Arc<FakeRuntime>) -> Running {
+        let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent = AgentSettings { node_id: Some("unit-node".into()), lost_after: Duration::from_secs(60) };
+        let app = AgentApplication::new(health, settings(state_dir), agent, runtime).await.unwrap();
+        let (router, health) = (app.cluster_router(), format!("http://{}", app.health_addr().unwrap()));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        Running { router, health, shutdown, task }
+    }
+
+    impl Running {
+        async fn call(&self, path: &str, owner: Option<&str>) -> (StatusCode, serde_json::Value) {
+            let mut request = Request::get(path);
+            if let Some(owner) = owner {
+                request = request.header(OWNER_HEADER, owner);
+            }
+            let response = self.router.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+            (status, serde_json::from_slice(&body).unwrap_or_default())
+        }
+
+        async fn ready(&self) -> bool {
+            self.call(INFO_PATH, None).await.1["ready"] == true
+        }
+
+        async fn readyz(&self) -> u16 {
+            reqwest::get(format!("{}/readyz", self.health)).await.unwrap().status().as_u16()
+        }
+    }
+
+    async fn until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if check().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_agent_on_one_state_directory_waits_and_takes_over_when_the_first_exits() {
+        let dir = tempfile::Builder::new().prefix("kba").tempdir_in("/tmp").unwrap();
+        let runtime = Arc::new(FakeRuntime::new());
+        let first = start(dir.path(), runtime.clone()).await;
+        assert!(until(Duration::from_secs(10), async || first.ready().await).await);
+        assert_eq!(first.readyz().await, 200);
+        let (status, sessions) = first.call("/v1/sessions", Some("a")).await;
+        assert_eq!((status, sessions), (StatusCode::OK, serde_json::json!([])), "the owner header is the caller");
+
+        let second = start(dir.path(), runtime.clone()).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (_, info) = second.call(INFO_PATH, None).await;
+        assert_eq!(info["ready"], false, "{info}");
+        assert!(info["reasons"][0].as_str().unwrap().contains("lock"), "{info}");
+        let (status, v) = second.call("/v1/sessions", Some("a")).await;
+        assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready")));
+        assert_eq!(second.readyz().await, 503);
+
+        first.shutdown.cancel();
+        first.task.await.unwrap().unwrap();
+        assert!(until(Duration::from_secs(5), async || second.ready().await).await, "took over");
+        assert_eq!(second.readyz().await, 200);
+        second.shutdown.cancel();
+        second.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn outside_a_swarm_an_agent_starts_only_with_a_node_id() {
+        let dir = tempfile::Builder::new().prefix("kba").tempdir_in("/tmp").unwrap();
+        let runtime = Arc::new(FakeRuntime::new());
+        let new = |node_id: Option<&str>| {
+            let runtime = runtime.clone();
+            let agent = AgentSettings { node_id: node_id.map(str::to_owned), lost_after: Duration::ZERO };
+            let settings = settings(dir.path());
+            async move {
+                let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                AgentApplication::new(health, settings, agent, runtime).await
+            }
+        };
+        assert!(matches!(new(None).await, Err(ServeError::NotInSwarm)));
+        let named = new(Some("elsewhere")).await.unwrap();
+        assert_eq!(named.node_tag(), NodeTag::from_node_id("elsewhere"));
+        runtime.set_swarm_node_id(Some("swarm-node-1"));
+        assert_eq!(new(None).await.unwrap().node_tag(), NodeTag::from_node_id("swarm-node-1"));
+        assert!(named.settings.api_keys.is_empty() && named.settings.manager.fencing.is_none(), "0 turns fencing off");
+    }
+}
