@@ -54,7 +54,8 @@ impl AgentApplication {
         };
         let tag = NodeTag::from_node_id(&node_id);
         settings.manager.node = Some(tag);
-        settings.manager.fencing = (!agent.lost_after.is_zero()).then_some(FenceConfig { lost_after: agent.lost_after });
+        settings.manager.fencing =
+            (!agent.lost_after.is_zero()).then_some(FenceConfig { lost_after: agent.lost_after });
         // No API keys on an agent: its callers are API replicas, authenticated by their certificate.
         settings.api_keys.clear();
         let reporter = Arc::new(NodeReporter::new(tag, node_id));

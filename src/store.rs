@@ -95,7 +95,8 @@ impl FileStore {
             return Err(std::io::Error::other(format!("{} is not a directory", root.display())));
         }
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
-        let store = FileStore { root: root.to_owned(), node: None, max_bytes, max_files, usage: Mutex::new(Usage::default()) };
+        let store =
+            FileStore { root: root.to_owned(), node: None, max_bytes, max_files, usage: Mutex::new(Usage::default()) };
         let mut usage = Usage::default();
         store.each_file(|path, name, meta| {
             if name.starts_with(TMP_PREFIX) {
@@ -379,7 +380,9 @@ fn parse_name_as(name: &str, mut random_ok: impl FnMut(&str) -> bool) -> Option<
     let expiry = parts.next()?;
     let random = parts.next()?;
     let stem = parts.next()?;
-    (random_ok(random) && !stem.is_empty() && expiry.bytes().all(|b| b.is_ascii_digit())).then(|| expiry.parse().ok()).flatten()
+    (random_ok(random) && !stem.is_empty() && expiry.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| expiry.parse().ok())
+        .flatten()
 }
 
 #[cfg(test)]

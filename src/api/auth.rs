@@ -125,9 +125,15 @@ fn owner_from_header(headers: &HeaderMap) -> Result<Owner, ApiError> {
             true => ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "owner_required",
-                format!("this is a cluster agent: every request names its owner in `{OWNER_HEADER}` (set by an API replica)"),
+                format!(
+                    "this is a cluster agent: every request names its owner in `{OWNER_HEADER}` (set by an API replica)"
+                ),
             ),
-            false => ApiError::new(StatusCode::BAD_REQUEST, "invalid_owner", format!("`{OWNER_HEADER}` is given more than once")),
+            false => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_owner",
+                format!("`{OWNER_HEADER}` is given more than once"),
+            ),
         });
     };
     let owner = value.as_bytes();

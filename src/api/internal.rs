@@ -79,7 +79,9 @@ pub fn health_router(agent: Agent) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
         .route("/readyz", get(readyz))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "this listener serves /healthz and /readyz only") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "this listener serves /healthz and /readyz only")
+        })
         .with_state(agent)
 }
 

@@ -232,7 +232,8 @@ impl SessionManager {
             let image = self.config.catalog.language(&language).expect("checked by settle").image.clone();
             return Err(SessionError::ImageMissing(image));
         }
-        let (session, inbox) = self.launcher.new_session(SessionId::new_on(self.config.node), owner, settings, Utc::now());
+        let (session, inbox) =
+            self.launcher.new_session(SessionId::new_on(self.config.node), owner, settings, Utc::now());
         self.registry.reserve(&session, &self.config.limits)?;
         let ready = self.launcher.spawn(session.clone(), inbox, Start::Fresh);
         match Launcher::until_ready(&session, ready).await {
@@ -505,7 +506,10 @@ impl SessionManager {
     /// Closes every session as lost and persists the tombstones.
     fn fence(&self, now: DateTime<Utc>) -> Vec<Arc<Session>> {
         let (sessions, tombstones) = self.registry.fence_all("session_lost", now);
-        tracing::warn!(sessions = sessions.len(), "fencing: out of contact with the API tier for longer than lost_after; removing every session it held");
+        tracing::warn!(
+            sessions = sessions.len(),
+            "fencing: out of contact with the API tier for longer than lost_after; removing every session it held"
+        );
         metrics::counter!("kernelbox_sessions_fenced_total").increment(sessions.len() as u64);
         if let Err(e) = tombstones.save(&self.config.state_dir) {
             tracing::error!(error = %e, "could not write the tombstones; fenced ids answer session_lost until the service restarts");

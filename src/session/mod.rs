@@ -42,8 +42,9 @@ pub use error::SessionError;
 pub use handle::{PeerLink, Pending, Session, Streamed};
 pub use manager::SessionManager;
 pub use model::{
-    AutoRestart, AutoRestartNotice, AutoRestartPhase, ExecStatus, ExecuteResult, FenceConfig, ManagerConfig, Mount, OutputCaps,
-    Owner, ReapReport, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus, Storage, Submission,
+    AutoRestart, AutoRestartNotice, AutoRestartPhase, ExecStatus, ExecuteResult, FenceConfig, ManagerConfig, Mount,
+    OutputCaps, Owner, ReapReport, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus, Storage,
+    Submission,
 };
 
 #[cfg(test)]

@@ -27,8 +27,8 @@ use tokio::time::Instant;
 pub use crate::config::PoolConfig;
 
 use super::kernel_host::KernelHost;
-use crate::node::NodeTag;
 use super::model::{Owner, SessionId, SessionSettings};
+use crate::node::NodeTag;
 
 /// A kernel booted ahead of demand.
 pub struct Pooled {

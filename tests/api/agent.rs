@@ -36,12 +36,8 @@ impl TestAgent {
         let tag = app.node_tag();
         let router = app.cluster_router();
         let shutdown = CancellationToken::new();
-        let serving = tokio::spawn(kernelbox::api::serve::serve(
-            cluster,
-            router,
-            Duration::from_secs(10),
-            shutdown.clone(),
-        ));
+        let serving =
+            tokio::spawn(kernelbox::api::serve::serve(cluster, router, Duration::from_secs(10), shutdown.clone()));
         let token = shutdown.clone();
         let running = tokio::spawn(async move { app.run_until_stopped(token).await.expect("the agent runs") });
         TestAgent {
@@ -59,7 +55,13 @@ impl TestAgent {
         r.is_ok_and(|r| r.status() == 200)
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, owner: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        owner: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut request = self.client.request(method, format!("{}{path}", self.cluster));
         if let Some(owner) = owner {
             request = request.header(OWNER_HEADER, owner);
@@ -119,9 +121,8 @@ async fn an_agent_tags_its_ids_trusts_the_owner_header_and_fences_itself_after_a
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (status, v) = agent.call(Method::GET, &format!("/v1/sessions/{id}"), Some("a"), None).await;
     assert_eq!((status, v["error"]["code"].as_str()), (410, Some("session_lost")), "{v}");
-    let (status, v) = agent
-        .call(Method::POST, &format!("/v1/sessions/{id}/execute"), Some("a"), Some(json!({"code": "1"})))
-        .await;
+    let (status, v) =
+        agent.call(Method::POST, &format!("/v1/sessions/{id}/execute"), Some("a"), Some(json!({"code": "1"}))).await;
     assert_eq!(status, 410, "{v}");
     let (status, _) = agent.call(Method::DELETE, &format!("/v1/sessions/{id}"), Some("a"), None).await;
     assert_eq!(status, 204, "deleting a lost session succeeds");
