@@ -117,6 +117,26 @@ async fn an_agent_tags_its_ids_trusts_the_owner_header_and_fences_itself_after_a
     let info = agent.info().await;
     assert_eq!((info.usage.sessions, info.owners.get("a").copied()), (1, Some(1)), "{info:?}");
 
+    // Every other id this node hands out names it too: a gateway kernel id, a /jupyter stored file.
+    let (status, v) = agent.call(Method::POST, "/api/kernels", Some("a"), Some(json!({"name": "python3"}))).await;
+    assert_eq!(status, 201, "{v}");
+    let kernel = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(NodeTag::suffix_of(&kernel.replace('-', "")), Some(agent.tag), "{kernel}");
+    let (status, _) = agent.call(Method::DELETE, &format!("/api/kernels/{kernel}"), Some("a"), None).await;
+    assert_eq!(status, 204);
+    let upload = json!({"filename": "data", "extension": "csv", "content": "MSwy"});
+    let (status, v) = agent.call(Method::PUT, "/jupyter/files", Some("a"), Some(upload)).await;
+    assert_eq!(status, 200, "{v}");
+    let url = v["url"].as_str().unwrap().to_owned();
+    let name = url.rsplit('/').next().unwrap();
+    assert_eq!(kernelbox::store::node_of(name), Some(agent.tag), "{url}");
+    // A signed link opens the file with no owner named (an API replica has none to name for a link).
+    let r = agent.client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "1,2");
+    let (status, _) = agent.call(Method::GET, &format!("/jupyter/files/{name}"), Some("b"), None).await;
+    assert_eq!(status, 404, "another owner's file");
+
     // No request from the API tier for longer than lost_after: the next one fences.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (status, v) = agent.call(Method::GET, &format!("/v1/sessions/{id}"), Some("a"), None).await;
