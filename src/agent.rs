@@ -81,8 +81,14 @@ impl AgentApplication {
 
     /// Serves health at once; waits for the state directory's lock (retried every second); then builds
     /// what `serve` builds (adoption, then fencing of what was held through a gap) and opens the cluster
-    /// router; runs until `shutdown`, then stops every session as `serve` does.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ServeError> {
+    /// router; runs until `shutdown`, then, as `serve` does, gives the calls in flight on `cluster` (the
+    /// task serving [`cluster_router`](Self::cluster_router), which stops accepting on the same token) the
+    /// grace period, cuts the rest and stops every session.
+    pub async fn run_until_stopped<T>(
+        self,
+        shutdown: CancellationToken,
+        cluster: tokio::task::JoinHandle<T>,
+    ) -> Result<(), ServeError> {
         let AgentApplication { health, settings, runtime, agent } = self;
         let header_read_timeout = settings.http.header_read_timeout;
         let health = tokio::spawn(api::serve::serve(
@@ -103,6 +109,11 @@ impl AgentApplication {
         .await
         .map_err(|source| ServeError::Lock { path: state_dir.display().to_string(), source })?;
         let Some(_lock) = locked else {
+            // Stopped while waiting: no session was touched; what is in flight gets `not_ready` anyway.
+            let abort = cluster.abort_handle();
+            if tokio::time::timeout(settings.shutdown_grace, cluster).await.is_err() {
+                abort.abort();
+            }
             let _ = health.await;
             return Ok(());
         };
@@ -123,9 +134,17 @@ impl AgentApplication {
                 }
             }
         });
-        shutdown.cancelled().await;
-        tracing::info!("shutting down: waiting for in-flight calls");
-        tokio::time::sleep(settings.shutdown_grace).await;
+        let mut cluster = std::pin::pin!(cluster);
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = &mut cluster => tracing::error!("the cluster listener stopped by itself"),
+        }
+        tracing::info!("shutting down: no new requests; waiting for in-flight calls");
+        let finished_in_time = tokio::time::timeout(settings.shutdown_grace, &mut cluster).await.is_ok();
+        if !finished_in_time {
+            cluster.abort();
+        }
+        shutdown.cancel();
         let _ = stamper.await;
         let _ = scheduler.shutdown().await;
         manager.shutdown().await;
@@ -189,7 +208,8 @@ mod tests {
         let app = AgentApplication::new(health, settings(state_dir), agent, runtime).await.unwrap();
         let (router, health) = (app.cluster_router(), format!("http://{}", app.health_addr().unwrap()));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        let serving = tokio::spawn(std::future::pending::<()>());
+        let task = tokio::spawn(app.run_until_stopped(shutdown.clone(), serving));
         Running { router, health, shutdown, task }
     }
 
@@ -243,6 +263,10 @@ mod tests {
         let (status, v) = second.call("/v1/sessions", Some("a")).await;
         assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready")));
         assert_eq!(second.readyz().await, 503);
+        let third = start(dir.path(), runtime.clone()).await;
+        third.shutdown.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(5), third.task).await;
+        assert!(stopped.is_ok_and(|r| r.unwrap().is_ok()), "an agent stopped while it waits just stops");
 
         first.shutdown.cancel();
         first.task.await.unwrap().unwrap();

@@ -39,14 +39,14 @@ impl TestAgent {
         let serving =
             tokio::spawn(kernelbox::api::serve::serve(cluster, router, Duration::from_secs(10), shutdown.clone()));
         let token = shutdown.clone();
-        let running = tokio::spawn(async move { app.run_until_stopped(token).await.expect("the agent runs") });
+        let running = tokio::spawn(async move { app.run_until_stopped(token, serving).await.expect("the agent runs") });
         TestAgent {
             cluster: format!("http://{cluster_addr}"),
             health: format!("http://{health_addr}"),
             tag,
             client: reqwest::Client::new(),
             shutdown,
-            tasks: vec![serving, running],
+            tasks: vec![running],
         }
     }
 
