@@ -46,6 +46,9 @@ pub enum Command {
     /// Serve the API as a cluster replica: no Docker socket; every request routed to the agent that owns
     /// it over mutual TLS.
     Api(Box<ApiArgs>),
+    /// Serve one node of a cluster: everything `serve` does, for API replicas only (mutual TLS on
+    /// `--cluster-listen`; `--listen` serves /healthz and /readyz only).
+    Agent(Box<AgentArgs>),
     /// Exit 0 when a kernelbox server answers on /healthz (the container health check).
     Health {
         #[arg(long, env = "KERNELBOX_HEALTH_ADDR", default_value = "127.0.0.1:8080")]
@@ -118,6 +121,40 @@ pub struct ImageArgs {
     /// (default: the file named by PIP_CERT or SSL_CERT_FILE, if set).
     #[arg(long, env = "KERNELBOX_EXTRA_CA_BUNDLE")]
     pub extra_ca_bundle: Option<PathBuf>,
+}
+
+/// `kernelbox agent`: `serve`'s flags, and the cluster's.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Where API replicas reach this agent (mutual TLS only; never publish this port).
+    #[arg(long, env = "KERNELBOX_CLUSTER_LISTEN", default_value = "0.0.0.0:7443")]
+    pub cluster_listen: SocketAddr,
+    /// The cluster CA's certificate (PEM): API replicas' client certificates must chain to it.
+    #[arg(long, env = "KERNELBOX_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// This agent's server certificate (PEM).
+    #[arg(long, env = "KERNELBOX_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+    /// This agent's private key (PEM).
+    #[arg(long, env = "KERNELBOX_CLUSTER_KEY", hide_env_values = true)]
+    pub cluster_key: Option<PathBuf>,
+    /// After this long without a request from the API tier, the sessions held through the gap are removed
+    /// and their ids answer `session_lost` (0: never). Must exceed Swarm's down detection (~15 s).
+    #[arg(long, env = "KERNELBOX_LOST_AFTER_S", default_value_t = 60)]
+    pub lost_after_s: u64,
+    /// The node's name when the engine is not in a Swarm (tests; other engines). Default: the engine's
+    /// Swarm node ID; without either the agent refuses to start.
+    #[arg(long, env = "KERNELBOX_NODE_ID")]
+    pub node_id: Option<String>,
+}
+
+impl AgentArgs {
+    /// `--lost-after-s` as a duration (zero: fencing off).
+    pub fn lost_after(&self) -> Duration {
+        Duration::from_secs(self.lost_after_s)
+    }
 }
 
 #[derive(Debug, Clone, Args)]

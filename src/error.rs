@@ -107,6 +107,7 @@ impl From<SessionError> for ApiError {
         let message = e.to_string();
         let (status, code) = match &e {
             E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            E::Lost(_) => (StatusCode::GONE, "session_lost"),
             E::UnknownLanguage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_language"),
             E::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             E::ImageMissing(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_missing"),
@@ -171,5 +172,15 @@ mod tests {
         assert!(v["detail"].as_str().unwrap().starts_with("too many package installs"), "{v}");
         let (_, retry_after, _) = parts(ApiError::from(SessionError::QueueFull(8)).into_response()).await;
         assert_eq!(retry_after, "", "only a limit with a refill says when to retry");
+    }
+
+    #[tokio::test]
+    async fn a_session_lost_to_fencing_is_gone_in_both_shapes() {
+        let lost = || SessionError::Lost("0123456789abcdef0123abcd".into());
+        let (status, _, v) = parts(ApiError::from(lost()).into_response()).await;
+        assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::GONE, Some("session_lost")));
+        let (status, _, v) = parts(DetailError::from(lost()).into_response()).await;
+        assert_eq!(status, StatusCode::GONE);
+        assert!(v["detail"].as_str().unwrap().contains("was lost"), "{v}");
     }
 }

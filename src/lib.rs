@@ -1,6 +1,8 @@
 //! kernelbox runs untrusted code in stateful Jupyter kernels, one hardened Docker container per session.
 //!
 //! The module map (ARCHITECTURE.md says more):
+//! - [`agent`] — the `kernelbox agent` role: [`Application`]'s service on a cluster node, behind its state
+//!   directory's lock, with the owner trusted from an API replica's header, its node's info and fencing.
 //! - [`config`] — flags and environment → checked settings.
 //! - [`api`] — the axum HTTP API; handlers only translate requests ([`error`] is its error shape).
 //! - [`session`] — the session registry, lifecycle and per-session actors: the single owner of session state.
@@ -19,6 +21,7 @@
 //! - [`node`] — what a node is to a cluster: its tag (the end of every id it hands out), what its agent
 //!   reports; a leaf.
 
+pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod config;
@@ -45,6 +48,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::AppState;
 use crate::session::{ManagerConfig, SessionManager};
 
+pub use agent::{AgentApplication, AgentSettings};
+
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -64,6 +69,15 @@ pub enum ServeError {
     Reaper(#[from] tokio_cron_scheduler::JobSchedulerError),
     #[error("the HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
+    #[error(
+        "the Docker engine is not an active member of a Swarm, so this node has no Swarm node ID to be known by; \
+         join the Swarm, or name the node with --node-id"
+    )]
+    NotInSwarm,
+    #[error("could not ask the Docker engine for its Swarm node ID: {0}")]
+    Engine(#[from] runtime::RuntimeError),
+    #[error("could not lock the state directory {path}: {source}")]
+    Lock { path: String, source: std::io::Error },
 }
 
 /// Everything [`run`] needs besides the listener and the runtime.
@@ -99,53 +113,11 @@ impl Application {
         settings: Settings,
         runtime: Arc<dyn runtime::ContainerRuntime>,
     ) -> Result<Self, ServeError> {
-        let state_dir = settings.manager.state_dir.clone();
-        prepare_state_dir(&state_dir)
-            .map_err(|source| ServeError::StateDir { path: state_dir.display().to_string(), source })?;
-        if let Some(datasets) = settings.manager.storage.datasets.resolve(&state_dir) {
-            session::outputs::prepare(&datasets)
-                .map_err(|source| ServeError::Datasets { path: datasets.display().to_string(), source })?;
-        }
-        // Before anything is adopted or started: a secret that cannot be had stops the start.
-        let signer = match settings.links.max_lifetime {
-            Some(max_lifetime) => {
-                let secret = match &settings.links.secret {
-                    Some(secret) => links::configured_secret(&secret.0)?,
-                    None => links::state_secret(&state_dir)?,
-                };
-                Some(Arc::new(links::UrlSigner::new(&secret, max_lifetime)))
-            }
-            None => None,
-        };
-        api::system::prometheus();
-        let reap_every = settings.manager.limits.reap_interval;
-        let manager = SessionManager::new(runtime, settings.manager);
-        let wheels = manager.packages().cache_dir();
-        manager
-            .packages()
-            .prepare()
-            .map_err(|source| ServeError::StateDir { path: wheels.display().to_string(), source })?;
-        let (adopted, removed) = manager.recover().await?;
-        tracing::info!(adopted, removed, "recovered sessions from an earlier run");
-        let files_dir = settings.files.dir.clone().unwrap_or_else(|| state_dir.join("files"));
-        let store = store::FileStore::open(&files_dir, settings.files.max_bytes, settings.files.max_files)
-            .map_err(|source| ServeError::FileStore { path: files_dir.display().to_string(), source })?;
-        let store = Arc::new(store);
-        manager.start_pool();
-        let scheduler = reaper::start(manager.clone(), reap_every).await?;
-        reaper::add_store_sweep(&scheduler, store.clone(), reap_every).await?;
         let keys = api::auth::Keys::new(&settings.api_keys);
-        let state = AppState { manager: manager.clone(), store: store.clone(), links: signer };
-        let router = api::router(state, keys, &settings.http);
-        Ok(Application {
-            listener,
-            manager,
-            store,
-            scheduler,
-            router,
-            header_read_timeout: settings.http.header_read_timeout,
-            shutdown_grace: settings.shutdown_grace,
-        })
+        let header_read_timeout = settings.http.header_read_timeout;
+        let shutdown_grace = settings.shutdown_grace;
+        let Built { manager, store, scheduler, router } = Built::build(settings, runtime, keys).await?;
+        Ok(Application { listener, manager, store, scheduler, router, header_read_timeout, shutdown_grace })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -191,9 +163,73 @@ impl Application {
     }
 }
 
+/// What serving takes, in either role: the manager (sessions adopted), the file store, the reaper, the
+/// router.
+pub(crate) struct Built {
+    pub(crate) manager: Arc<SessionManager>,
+    pub(crate) store: Arc<store::FileStore>,
+    pub(crate) scheduler: tokio_cron_scheduler::JobScheduler,
+    pub(crate) router: axum::Router,
+}
+
+impl Built {
+    /// Prepares the state directory, adopts or removes what an earlier run left (on an agent, then fences
+    /// what it held through a gap), starts the reaper; the router takes its owners from `keys`.
+    pub(crate) async fn build(
+        settings: Settings,
+        runtime: Arc<dyn runtime::ContainerRuntime>,
+        keys: api::auth::Keys,
+    ) -> Result<Self, ServeError> {
+        let state_dir = settings.manager.state_dir.clone();
+        prepare_state_dir(&state_dir)
+            .map_err(|source| ServeError::StateDir { path: state_dir.display().to_string(), source })?;
+        if let Some(datasets) = settings.manager.storage.datasets.resolve(&state_dir) {
+            session::outputs::prepare(&datasets)
+                .map_err(|source| ServeError::Datasets { path: datasets.display().to_string(), source })?;
+        }
+        // Before anything is adopted or started: a secret that cannot be had stops the start.
+        let signer = match settings.links.max_lifetime {
+            Some(max_lifetime) => {
+                let secret = match &settings.links.secret {
+                    Some(secret) => links::configured_secret(&secret.0)?,
+                    None => links::state_secret(&state_dir)?,
+                };
+                Some(Arc::new(links::UrlSigner::new(&secret, max_lifetime)))
+            }
+            None => None,
+        };
+        api::system::prometheus();
+        let reap_every = settings.manager.limits.reap_interval;
+        let node = settings.manager.node;
+        let manager = SessionManager::new(runtime, settings.manager);
+        let wheels = manager.packages().cache_dir();
+        manager
+            .packages()
+            .prepare()
+            .map_err(|source| ServeError::StateDir { path: wheels.display().to_string(), source })?;
+        let (adopted, removed) = manager.recover().await?;
+        tracing::info!(adopted, removed, "recovered sessions from an earlier run");
+        let fenced = manager.fence_stale().await;
+        if fenced > 0 {
+            tracing::warn!(fenced, "removed the sessions held through a loss of contact longer than lost_after");
+        }
+        let files_dir = settings.files.dir.clone().unwrap_or_else(|| state_dir.join("files"));
+        let store = store::FileStore::open(&files_dir, settings.files.max_bytes, settings.files.max_files)
+            .map_err(|source| ServeError::FileStore { path: files_dir.display().to_string(), source })?
+            .on_node(node);
+        let store = Arc::new(store);
+        manager.start_pool();
+        let scheduler = reaper::start(manager.clone(), reap_every).await?;
+        reaper::add_store_sweep(&scheduler, store.clone(), reap_every).await?;
+        let state = AppState { manager: manager.clone(), store: store.clone(), links: signer };
+        let router = api::router(state, keys, &settings.http);
+        Ok(Built { manager, store, scheduler, router })
+    }
+}
+
 /// The state directory (made 0700 if missing) and its `sessions` folder, private to the service (0700):
 /// containers reach their own run directory through its read-only mount, never through these paths.
-fn prepare_state_dir(state_dir: &std::path::Path) -> std::io::Result<()> {
+pub(crate) fn prepare_state_dir(state_dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let runs = state_dir.join("sessions");
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&runs)?;

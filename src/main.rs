@@ -28,6 +28,10 @@ async fn main() -> anyhow::Result<()> {
             kernelbox::telemetry::init(cli.log_format);
             api(*args).await
         }
+        Command::Agent(args) => {
+            kernelbox::telemetry::init(cli.log_format);
+            agent(*args).await
+        }
         Command::Health { addr } => health(addr).await,
         Command::Images { command, images } => {
             kernelbox::telemetry::init(LogFormat::Pretty);
@@ -169,8 +173,8 @@ async fn image_builder(args: &ImageArgs) -> anyhow::Result<ImageBuilder> {
     })
 }
 
-async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
-    args.check_exposure()?;
+/// Checks the flags `serve` and `agent` share, builds missing images, and makes the library's settings.
+async fn prepare(args: &kernelbox::config::ServeArgs) -> anyhow::Result<(kernelbox::Settings, ImageBuilder)> {
     let limits = args.limits.validate()?;
     let packages = args.packages.validate(args.images.pip_index_url.clone().or_else(context::detect_pip_index))?;
     let http = args.http.validate()?;
@@ -199,18 +203,6 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
         let summaries = builder.build(&[], false, &mut err).await.context("building the kernel images")?;
         print_summary(&summaries, &mut err);
     }
-    let listener =
-        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    if args.api_keys.iter().all(|k| k.trim().is_empty()) {
-        if addr.ip().is_loopback() {
-            tracing::warn!("no API keys configured: listening on loopback only, and every caller is the same owner");
-        } else {
-            tracing::warn!("no API keys configured and --insecure-no-auth set: anyone who reaches {addr} can run code");
-        }
-    }
-    tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "kernelbox is serving");
-    eprintln!("kernelbox is serving on http://{addr} (interactive docs: http://{addr}/docs)");
     let settings = kernelbox::Settings {
         manager: ManagerConfig {
             limits,
@@ -229,6 +221,8 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
                 },
             },
             pool,
+            node: None,
+            fencing: None,
         },
         api_keys: args.api_keys.clone(),
         http,
@@ -236,6 +230,11 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
         links,
         shutdown_grace: Duration::from_secs(10),
     };
+    Ok((settings, builder))
+}
+
+/// A token cancelled by Ctrl-C or SIGTERM.
+fn stop_on_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
@@ -245,6 +244,54 @@ async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
         trigger.cancel();
     });
-    kernelbox::run(listener, settings, builder.runtime.clone(), shutdown).await?;
+    shutdown
+}
+
+async fn serve(args: kernelbox::config::ServeArgs) -> anyhow::Result<()> {
+    args.check_exposure()?;
+    let (settings, builder) = prepare(&args).await?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    if args.api_keys.iter().all(|k| k.trim().is_empty()) {
+        if addr.ip().is_loopback() {
+            tracing::warn!("no API keys configured: listening on loopback only, and every caller is the same owner");
+        } else {
+            tracing::warn!("no API keys configured and --insecure-no-auth set: anyone who reaches {addr} can run code");
+        }
+    }
+    tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "kernelbox is serving");
+    eprintln!("kernelbox is serving on http://{addr} (interactive docs: http://{addr}/docs)");
+    kernelbox::run(listener, settings, builder.runtime.clone(), stop_on_signal()).await?;
+    Ok(())
+}
+
+/// `kernelbox agent`: the node's service, for API replicas over mutual TLS; `--listen` serves health only.
+async fn agent(args: kernelbox::config::AgentArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.serve.api_keys.iter().all(|k| k.trim().is_empty()),
+        "an agent takes no API keys: API replicas check them and name the owner"
+    );
+    let (Some(ca), Some(cert), Some(key)) = (&args.cluster_ca, &args.cluster_cert, &args.cluster_key) else {
+        anyhow::bail!("an agent needs --cluster-ca, --cluster-cert and --cluster-key (see `kernelbox cluster certs`)");
+    };
+    let files = kernelbox::cluster::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
+    let tls = kernelbox::cluster::agent_server_config(&files)?;
+    let (settings, builder) = prepare(&args.serve).await?;
+    let header_read_timeout = settings.http.header_read_timeout;
+    let cluster = tokio::net::TcpListener::bind(args.cluster_listen)
+        .await
+        .with_context(|| format!("binding {}", args.cluster_listen))?;
+    let health = tokio::net::TcpListener::bind(args.serve.listen)
+        .await
+        .with_context(|| format!("binding {}", args.serve.listen))?;
+    let agent_settings = kernelbox::AgentSettings { node_id: args.node_id.clone(), lost_after: args.lost_after() };
+    let app = kernelbox::AgentApplication::new(health, settings, agent_settings, builder.runtime.clone()).await?;
+    tracing::info!(node_tag = %app.node_tag(), cluster = %args.cluster_listen, "kernelbox agent starting");
+    // The cluster router is served over mutual TLS only, never plain: it trusts the owner header.
+    let shutdown = stop_on_signal();
+    let serving =
+        kernelbox::cluster::serve_mtls(cluster, app.cluster_router(), tls, shutdown.clone(), header_read_timeout);
+    app.run_until_stopped(shutdown, tokio::spawn(serving)).await?;
     Ok(())
 }

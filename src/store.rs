@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::node::NodeTag;
 use crate::session::Owner;
 
 /// Where a session sees its owner's stored files (read-only).
@@ -75,6 +76,9 @@ struct Usage {
 
 pub struct FileStore {
     root: PathBuf,
+    /// On a cluster's agent, the node's tag: it follows the random part of every name the store makes, so
+    /// that a file id names its node. `None`: single-node names.
+    node: Option<NodeTag>,
     /// The cap on all owners' files together.
     max_bytes: u64,
     max_files: u64,
@@ -91,7 +95,8 @@ impl FileStore {
             return Err(std::io::Error::other(format!("{} is not a directory", root.display())));
         }
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
-        let store = FileStore { root: root.to_owned(), max_bytes, max_files, usage: Mutex::new(Usage::default()) };
+        let store =
+            FileStore { root: root.to_owned(), node: None, max_bytes, max_files, usage: Mutex::new(Usage::default()) };
         let mut usage = Usage::default();
         store.each_file(|path, name, meta| {
             if name.starts_with(TMP_PREFIX) {
@@ -107,6 +112,11 @@ impl FileStore {
 
     /// The owner's folder, created (0755: the session's user reads it through its read-only mount) if
     /// missing. The path a session mounts at [`MOUNT_POINT`].
+    /// The same store, making and serving the names of the node tagged `node`.
+    pub fn on_node(self, node: Option<NodeTag>) -> Self {
+        FileStore { node, ..self }
+    }
+
     pub fn owner_dir(&self, owner: &Owner) -> std::io::Result<PathBuf> {
         let dir = self.root.join(owner_dir_name(owner)?);
         match DirBuilder::new().mode(0o755).create(&dir) {
@@ -148,7 +158,7 @@ impl FileStore {
             )));
         }
         let expires_at = now + lifetime.as_secs() as i64;
-        let name = stored_name(filename, extension, expires_at);
+        let name = stored_name_on(filename, extension, expires_at, self.node);
         self.reserve(size)?;
         let written = self.write(owner, &name, content);
         if written.is_err() {
@@ -200,7 +210,7 @@ impl FileStore {
     /// Opens `owner`'s file `name` for reading, if it exists and has not expired at `now`. Another owner's
     /// file is `NotFound` too.
     pub fn open_file(&self, owner: &Owner, name: &str, now: i64) -> Result<(File, u64), StoreError> {
-        let expires_at = parse_name(name).ok_or(StoreError::NotFound)?;
+        let expires_at = parse_name_on(name, self.node).ok_or(StoreError::NotFound)?;
         if expires_at <= now {
             return Err(StoreError::NotFound);
         }
@@ -228,7 +238,9 @@ impl FileStore {
             let remove = if name.starts_with(TMP_PREFIX) {
                 meta.modified().is_ok_and(|m| m < stale_tmp)
             } else {
-                parse_name(name).is_none_or(|expires_at| expires_at <= now)
+                // Either shape: a file is removed when it expires, never for its name's node part.
+                parse_name_as(name, |random| random_part(random, None) || random_part(random, self.node))
+                    .is_none_or(|expires_at| expires_at <= now)
             };
             if remove && std::fs::remove_file(path).is_ok() && !name.starts_with(TMP_PREFIX) {
                 report.removed += 1;
@@ -265,6 +277,17 @@ impl FileStore {
         Ok(())
     }
 
+    /// The owners with a folder in the store (the candidates of a cluster agent's signed links).
+    pub fn owners(&self) -> Vec<Owner> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().to_str().map(|name| Owner(name.to_owned())))
+            .filter(|owner| owner_dir_name(owner).is_ok())
+            .collect()
+    }
+
     /// Bytes and files stored now (reservations of writes in flight included).
     pub fn usage(&self) -> (u64, u64) {
         let usage = self.usage.lock().expect("usage lock");
@@ -287,6 +310,11 @@ fn random_hex() -> String {
 /// [`MAX_STEM`] characters, `file` when nothing is left), the extension `[A-Za-z0-9]` (at most
 /// [`MAX_EXT`]; none when nothing is left).
 pub fn stored_name(filename: &str, extension: &str, expires_at: i64) -> String {
+    stored_name_on(filename, extension, expires_at, None)
+}
+
+/// [`stored_name`] on the node tagged `node`: the 12 random hex digits are followed by the tag (20 in all).
+pub fn stored_name_on(filename: &str, extension: &str, expires_at: i64, node: Option<NodeTag>) -> String {
     let stem: String = filename
         .chars()
         .take(MAX_STEM)
@@ -295,7 +323,8 @@ pub fn stored_name(filename: &str, extension: &str, expires_at: i64) -> String {
     let stem = if stem.trim_matches('_').is_empty() { "file".to_owned() } else { stem };
     let ext: String =
         extension.trim_start_matches('.').chars().filter(|c| c.is_ascii_alphanumeric()).take(MAX_EXT).collect();
-    let mut name = format!("{stem}-{}-{expires_at}", random_hex());
+    let tag = node.as_ref().map_or("", NodeTag::as_str);
+    let mut name = format!("{stem}-{}{tag}-{expires_at}", random_hex());
     if !ext.is_empty() {
         name.push('.');
         name.push_str(&ext);
@@ -303,8 +332,39 @@ pub fn stored_name(filename: &str, extension: &str, expires_at: i64) -> String {
     name
 }
 
-/// A stored file's expiry from its name, or `None` when the name is not one the store makes.
+/// A stored file's expiry from its name, or `None` when the name is not one a single-node store makes.
 pub fn parse_name(name: &str) -> Option<i64> {
+    parse_name_on(name, None)
+}
+
+/// A stored file's expiry from its name, or `None` when the name is not one the store of node `node`
+/// makes (on an agent: its tag after the 12 random hex digits; single node: none).
+pub fn parse_name_on(name: &str, node: Option<NodeTag>) -> Option<i64> {
+    parse_name_as(name, |random| random_part(random, node))
+}
+
+/// The tag of the node whose store made `name` (`None`: a single-node name, or not a stored name): what
+/// an API replica routes a `/jupyter` file by.
+pub fn node_of(name: &str) -> Option<NodeTag> {
+    let mut tag = None;
+    parse_name_as(name, |random| {
+        tag = random.get(12..).and_then(NodeTag::parse);
+        random_part(random, tag)
+    })?;
+    tag
+}
+
+/// Whether `random` is the random part of a name of node `node`'s store.
+fn random_part(random: &str, node: Option<NodeTag>) -> bool {
+    let (hex, tag) = random.split_at_checked(12).unwrap_or((random, "?"));
+    let tag_ok = match node {
+        Some(node) => tag == node.as_str(),
+        None => tag.is_empty(),
+    };
+    hex.len() == 12 && hex.bytes().all(|b| b.is_ascii_hexdigit()) && tag_ok
+}
+
+fn parse_name_as(name: &str, mut random_ok: impl FnMut(&str) -> bool) -> Option<i64> {
     if name.is_empty() || name.len() > 255 || name.starts_with('.') {
         return None;
     }
@@ -320,8 +380,9 @@ pub fn parse_name(name: &str) -> Option<i64> {
     let expiry = parts.next()?;
     let random = parts.next()?;
     let stem = parts.next()?;
-    let hex = random.len() == 12 && random.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex && !stem.is_empty() && expiry.bytes().all(|b| b.is_ascii_digit())).then(|| expiry.parse().ok()).flatten()
+    (random_ok(random) && !stem.is_empty() && expiry.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| expiry.parse().ok())
+        .flatten()
 }
 
 #[cfg(test)]
@@ -341,6 +402,33 @@ mod tests {
         let mut v = Vec::new();
         f.read_to_end(&mut v)?;
         Ok(v)
+    }
+
+    #[test]
+    fn on_an_agent_names_carry_the_node_tag_and_only_its_own_shape_is_served() {
+        let tag = NodeTag::parse("0123abcd").unwrap();
+        let name = stored_name_on("data", "csv", NOW, Some(tag));
+        let random = name.strip_prefix("data-").unwrap().split('-').next().unwrap();
+        assert_eq!((random.len(), &random[12..]), (20, "0123abcd"), "{name}");
+        assert_eq!(parse_name_on(&name, Some(tag)), Some(NOW));
+        assert_eq!(node_of(&name), Some(tag), "what a replica routes by");
+        assert_eq!(parse_name(&name), None, "a single node does not serve it");
+        assert_eq!(parse_name_on(&name, NodeTag::parse("89abcdef")), None, "nor another node");
+        let single = stored_name("data", "csv", NOW);
+        assert_eq!(parse_name_on(&single, Some(tag)), None);
+        assert_eq!(node_of(&single), None);
+    }
+
+    #[test]
+    fn an_agents_store_keeps_its_files_until_they_expire_and_serves_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let tag = NodeTag::parse("0123abcd").unwrap();
+        let store = FileStore::open(dir.path(), 1 << 20, 100).unwrap().on_node(Some(tag));
+        let o = owner("a");
+        let f = store.put(&o, "data", "csv", b"1,2", MIN20, NOW).unwrap();
+        assert_eq!(store.sweep(NOW + 60).removed, 0, "not expired, not swept for its name");
+        assert_eq!(read(&store, &o, &f.name, NOW + 60).unwrap(), b"1,2");
+        assert_eq!(store.sweep(NOW + 1200).removed, 1);
     }
 
     #[test]

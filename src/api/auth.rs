@@ -15,25 +15,60 @@ use subtle::ConstantTimeEq;
 
 use super::rate_limit::{RateLimiter, client_key};
 use crate::error::ApiError;
+use crate::node::OWNER_HEADER;
 use crate::session::Owner;
 
-/// The configured keys, kept as SHA-256 digests so that comparison also hides their lengths.
+/// The configured keys, kept as SHA-256 digests so that comparison also hides their lengths; or, on a
+/// cluster's agent, no keys at all: the owner is the digest an authenticated API replica passes in
+/// [`OWNER_HEADER`] (trusted because the agent's router is served only over mutual TLS).
 #[derive(Clone, Default)]
 pub struct Keys {
     digests: Vec<[u8; 32]>,
+    /// An agent's mode: the owner is [`OWNER_HEADER`], required on every keyed route.
+    trust_owner_header: bool,
 }
+
+/// The longest owner digest an API replica may pass.
+const MAX_OWNER: usize = 64;
 
 impl Keys {
     pub fn new(keys: &[String]) -> Self {
-        Keys { digests: keys.iter().filter(|k| !k.trim().is_empty()).map(|k| sha256(k.trim())).collect() }
+        Keys {
+            digests: keys.iter().filter(|k| !k.trim().is_empty()).map(|k| sha256(k.trim())).collect(),
+            trust_owner_header: false,
+        }
     }
 
+    /// An agent's: no API keys; the owner is the [`OWNER_HEADER`] an API replica sets after its own key
+    /// check.
+    pub fn trusting_owner_header() -> Self {
+        Keys { digests: Vec::new(), trust_owner_header: true }
+    }
+
+    /// Whether this is an agent's: the owner comes from [`OWNER_HEADER`].
+    pub fn trusts_owner_header(&self) -> bool {
+        self.trust_owner_header
+    }
+
+    /// Whether requests speak for no key at all (everyone is `anonymous`).
     pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
+        self.digests.is_empty() && !self.trust_owner_header
+    }
+
+    /// Whether the request names its owner the way this server reads it (a key, or on an agent the owner
+    /// header), valid or not: such a request is never taken for a signed link's.
+    pub fn presented(&self, headers: &HeaderMap) -> bool {
+        match self.trust_owner_header {
+            true => headers.contains_key(OWNER_HEADER),
+            false => presents_key(headers),
+        }
     }
 
     /// The owner the request speaks for, or why not.
     pub fn owner(&self, headers: &HeaderMap) -> Result<Owner, ApiError> {
+        if self.trust_owner_header {
+            return owner_from_header(headers);
+        }
         if self.digests.is_empty() {
             return Ok(Owner("anonymous".into()));
         }
@@ -67,14 +102,49 @@ impl Keys {
         }
     }
 
-    /// Every owner a request can act for: one per key (`anonymous` without keys). A signed link is
-    /// checked against each.
+    /// Every owner a request can act for: one per key (`anonymous` without keys; on an agent, none known
+    /// in advance). A signed link is checked against each.
     pub fn owners(&self) -> Vec<Owner> {
+        if self.trust_owner_header {
+            return Vec::new();
+        }
         match self.digests.is_empty() {
             true => vec![Owner("anonymous".into())],
             false => self.digests.iter().map(owner_of).collect(),
         }
     }
+}
+
+/// The owner an API replica named in [`OWNER_HEADER`]: 1 to 64 ASCII letters and digits (a key's digest,
+/// or `anonymous`), else a 400 that says so; a missing one is a 401.
+fn owner_from_header(headers: &HeaderMap) -> Result<Owner, ApiError> {
+    let mut values = headers.get_all(OWNER_HEADER).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        let missing = !headers.contains_key(OWNER_HEADER);
+        return Err(match missing {
+            true => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "owner_required",
+                format!(
+                    "this is a cluster agent: every request names its owner in `{OWNER_HEADER}` (set by an API replica)"
+                ),
+            ),
+            false => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_owner",
+                format!("`{OWNER_HEADER}` is given more than once"),
+            ),
+        });
+    };
+    let owner = value.as_bytes();
+    if owner.is_empty() || owner.len() > MAX_OWNER || !owner.iter().all(u8::is_ascii_alphanumeric) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_owner",
+            format!("`{OWNER_HEADER}` must be 1 to {MAX_OWNER} ASCII letters and digits (an owner digest)"),
+        ));
+    }
+    Ok(Owner(String::from_utf8_lossy(owner).into_owned()))
 }
 
 /// Whether the request carries an API key (valid or not) in one of the headers [`Keys::owner`] reads.
@@ -166,6 +236,30 @@ mod tests {
         assert!(!a.0.contains("alpha"));
         assert_eq!(keys.owners(), [a, b], "the candidates for a signed link");
         assert_eq!(Keys::new(&[]).owners(), [Owner("anonymous".into())]);
+    }
+
+    #[test]
+    fn an_agent_trusts_the_owner_header_and_nothing_else() {
+        let keys = Keys::trusting_owner_header();
+        assert_eq!(keys.owner(&headers(OWNER_HEADER, "a")).unwrap(), Owner("a".into()));
+        assert_eq!(keys.owner(&headers(OWNER_HEADER, "0123456789abcdef")).unwrap(), Owner("0123456789abcdef".into()));
+        assert_eq!(keys.owner(&HeaderMap::new()).unwrap_err().status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            keys.owner(&headers("authorization", "Bearer alpha")).unwrap_err().status,
+            StatusCode::UNAUTHORIZED,
+            "an API key means nothing to an agent"
+        );
+        for bad in ["", "../x", "a b", "é", &"a".repeat(65)] {
+            let mut h = HeaderMap::new();
+            h.insert(OWNER_HEADER, axum::http::HeaderValue::from_bytes(bad.as_bytes()).unwrap());
+            assert_eq!(keys.owner(&h).unwrap_err().status, StatusCode::BAD_REQUEST, "{bad:?}");
+        }
+        let mut two = headers(OWNER_HEADER, "a");
+        two.append(OWNER_HEADER, "b".parse().unwrap());
+        assert_eq!(keys.owner(&two).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert!(!keys.is_empty() && keys.owners().is_empty());
+        assert!(keys.presented(&headers(OWNER_HEADER, "a")));
+        assert!(!keys.presented(&headers("x-api-key", "alpha")), "a key is not how an agent's caller is named");
     }
 
     #[test]

@@ -22,7 +22,8 @@ use serde_json::{Value, json};
 
 use super::state::{AppState, Caller};
 use crate::error::{ApiError, ErrorBody};
-use crate::session::{SessionInfo, SessionRequest, SessionStatus};
+use crate::node::NodeTag;
+use crate::session::{SessionError, SessionInfo, SessionRequest, SessionStatus};
 
 /// The Jupyter server version this API answers as (what `GET /api` reports).
 const API_VERSION: &str = "2.14.2";
@@ -42,24 +43,39 @@ fn kernel_name(info: &SessionInfo) -> &str {
     }
 }
 
-/// A session id as a Jupyter kernel id: `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxx0000`... in UUID shape.
+/// A single-node session id as a Jupyter kernel id: `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxx0000`... in UUID
+/// shape.
 pub fn kernel_id(session: &str) -> String {
-    let hex = format!("{session}00000000");
+    kernel_id_on(session, None)
+}
+
+/// A session id as a Jupyter kernel id, in UUID shape: its 24 hex digits and 8 more, `00000000` on a single
+/// node, the node's tag on a cluster's agent (so any API replica routes the kernel id alone).
+pub fn kernel_id_on(session: &str, node: Option<NodeTag>) -> String {
+    let suffix = node.as_ref().map_or("00000000", NodeTag::as_str);
+    let hex = format!("{session}{suffix}");
     format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
-/// The session id behind a kernel id (`None` for anything not in [`kernel_id`]'s shape).
+/// The session id behind a single-node kernel id (`None` for anything not in [`kernel_id`]'s shape).
 pub fn session_id(kernel: &str) -> Option<String> {
+    session_id_on(kernel, None)
+}
+
+/// The session id behind a kernel id of node `node` (`None` for anything not in [`kernel_id_on`]'s shape
+/// for that node: another node's suffix, or `00000000` on an agent, is no kernel of this one).
+pub fn session_id_on(kernel: &str, node: Option<NodeTag>) -> Option<String> {
+    let suffix = node.as_ref().map_or("00000000", NodeTag::as_str);
     let hex: String = kernel.split('-').collect();
     let parts: Vec<usize> = kernel.split('-').map(str::len).collect();
-    (parts == [8, 4, 4, 4, 12] && hex.len() == 32 && hex.ends_with("00000000"))
+    (parts == [8, 4, 4, 4, 12] && hex.len() == 32 && hex.ends_with(suffix))
         .then(|| hex[..24].to_owned())
         .filter(|id| crate::session::SessionId::parse(id).is_some())
 }
 
 /// A kernel's model. `last_activity` is written with microseconds and `Z`, the one form Jupyter's gateway
 /// client parses.
-fn model(info: &SessionInfo, connections: usize) -> Value {
+fn model(info: &SessionInfo, connections: usize, node: Option<NodeTag>) -> Value {
     let state = match info.status {
         SessionStatus::Starting => "starting",
         SessionStatus::Idle => "idle",
@@ -68,7 +84,7 @@ fn model(info: &SessionInfo, connections: usize) -> Value {
         SessionStatus::Dead => "dead",
     };
     json!({
-        "id": kernel_id(info.id.as_str()),
+        "id": kernel_id_on(info.id.as_str(), node),
         "name": kernel_name(info),
         "last_activity": info.last_used_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         "execution_state": state,
@@ -80,9 +96,17 @@ pub(super) fn not_found(kernel: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no kernel with id {kernel}"))
 }
 
-/// The session behind a kernel id of the caller's.
-pub(super) fn session(kernel: &str) -> Result<String, ApiError> {
-    session_id(kernel).ok_or_else(|| not_found(kernel))
+/// The session behind a kernel id of the caller's, on this node.
+pub(super) fn session(kernel: &str, node: Option<NodeTag>) -> Result<String, ApiError> {
+    session_id_on(kernel, node).ok_or_else(|| not_found(kernel))
+}
+
+/// A failed lookup of a kernel: a session lost to fencing says so (410), anything else is no kernel.
+fn missing(kernel: &str) -> impl Fn(SessionError) -> ApiError + '_ {
+    move |e| match e {
+        SessionError::Lost(_) => e.into(),
+        _ => not_found(kernel),
+    }
 }
 
 /// `GET /api`: the version, as a Jupyter server says it.
@@ -127,7 +151,8 @@ pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
 pub async fn list(caller: Caller) -> Json<Vec<Value>> {
     let connections =
         |info: &SessionInfo| caller.manager.get(&caller.owner, info.id.as_str()).map_or(0, |s| s.connections());
-    Json(caller.manager.list(&caller.owner).iter().map(|info| model(info, connections(info))).collect())
+    let node = caller.manager.node();
+    Json(caller.manager.list(&caller.owner).iter().map(|info| model(info, connections(info), node)).collect())
 }
 
 /// What `POST /api/kernels` takes. `env` (Jupyter's `KERNEL_*` variables) is accepted and not passed on.
@@ -150,10 +175,11 @@ pub async fn start(caller: Caller, body: axum::body::Bytes) -> Result<Response, 
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("not a kernel request: {e}")))?,
     };
     let request = session_request(req.name.as_deref().unwrap_or(PYTHON3));
+    let node = caller.manager.node();
     let info = caller.manager.create(caller.owner, request).await?;
-    let body = model(&info, 0);
+    let body = model(&info, 0, node);
     let mut response = (StatusCode::CREATED, Json(body)).into_response();
-    if let Ok(location) = HeaderValue::from_str(&format!("/api/kernels/{}", kernel_id(info.id.as_str()))) {
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/kernels/{}", kernel_id_on(info.id.as_str(), node))) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
@@ -175,15 +201,17 @@ fn session_request(name: &str) -> SessionRequest {
 #[utoipa::path(get, path = "/api/kernels/{id}", operation_id = "gateway_get_kernel", tag = "jupyter gateway",
     responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
 pub async fn get(caller: Caller, Path(kernel): Path<String>) -> Result<Json<Value>, ApiError> {
-    let session = caller.manager.get(&caller.owner, &session(&kernel)?).map_err(|_| not_found(&kernel))?;
-    Ok(Json(model(&session.info(), session.connections())))
+    let node = caller.manager.node();
+    let session = caller.manager.get(&caller.owner, &session(&kernel, node)?).map_err(missing(&kernel))?;
+    Ok(Json(model(&session.info(), session.connections(), node)))
 }
 
 /// `DELETE /api/kernels/{id}`: ends the kernel and its container.
 #[utoipa::path(delete, path = "/api/kernels/{id}", operation_id = "gateway_delete_kernel", tag = "jupyter gateway",
     responses((status = 204, description = "ended, its container gone"), (status = 404, body = ErrorBody)))]
 pub async fn delete(caller: Caller, Path(kernel): Path<String>) -> Result<StatusCode, ApiError> {
-    caller.manager.delete(&caller.owner, &session(&kernel)?).await.map_err(|_| not_found(&kernel))?;
+    let id = session(&kernel, caller.manager.node())?;
+    caller.manager.delete(&caller.owner, &id).await.map_err(missing(&kernel))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -191,7 +219,7 @@ pub async fn delete(caller: Caller, Path(kernel): Path<String>) -> Result<Status
 #[utoipa::path(post, path = "/api/kernels/{id}/interrupt", operation_id = "gateway_interrupt_kernel", tag = "jupyter gateway",
     responses((status = 204, description = "interrupt sent"), (status = 404, body = ErrorBody)))]
 pub async fn interrupt(caller: Caller, Path(kernel): Path<String>) -> Result<StatusCode, ApiError> {
-    caller.manager.interrupt(&caller.owner, &session(&kernel)?)?;
+    caller.manager.interrupt(&caller.owner, &session(&kernel, caller.manager.node())?)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -199,10 +227,11 @@ pub async fn interrupt(caller: Caller, Path(kernel): Path<String>) -> Result<Sta
 #[utoipa::path(post, path = "/api/kernels/{id}/restart", operation_id = "gateway_restart_kernel", tag = "jupyter gateway",
     responses((status = 200, description = "the kernel, restarted", body = Object), (status = 404, body = ErrorBody)))]
 pub async fn restart(caller: Caller, Path(kernel): Path<String>, _headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    let id = session(&kernel)?;
+    let node = caller.manager.node();
+    let id = session(&kernel, node)?;
     let info = caller.manager.restart(&caller.owner, &id).await?;
     let connections = caller.manager.get(&caller.owner, &id).map_or(0, |s| s.connections());
-    Ok(Json(model(&info, connections)))
+    Ok(Json(model(&info, connections, node)))
 }
 
 #[cfg(test)]
@@ -218,6 +247,20 @@ mod tests {
         assert_eq!(session_id("01234567-89ab-cdef-0123-456700000001"), None);
         assert_eq!(session_id("0123456789abcdef0123456700000000"), None);
         assert_eq!(session_id("../../etc"), None);
+    }
+
+    #[test]
+    fn on_an_agent_a_kernel_id_ends_with_the_node_tag_and_only_that_tag_is_read_back() {
+        let tag = NodeTag::parse("0123abcd").unwrap();
+        let id = "0123456789abcdef0123abcd";
+        let kernel = kernel_id_on(id, Some(tag));
+        assert_eq!(kernel, "01234567-89ab-cdef-0123-abcd0123abcd");
+        assert_eq!(NodeTag::suffix_of(&kernel.replace('-', "")), Some(tag), "what a replica routes by");
+        assert_eq!(session_id_on(&kernel, Some(tag)).as_deref(), Some(id));
+        assert_eq!(session_id_on(&kernel, None), None, "a single node takes only its own shape");
+        assert_eq!(session_id_on("01234567-89ab-cdef-0123-abcd00000000", Some(tag)), None);
+        let other = NodeTag::parse("89abcdef").unwrap();
+        assert_eq!(session_id_on(&kernel, Some(other)), None, "another node's kernel is no kernel here");
     }
 
     #[test]

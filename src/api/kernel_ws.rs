@@ -60,7 +60,7 @@ pub async fn channels(
     Query(query): Query<ChannelsQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let id = gateway::session(&kernel)?;
+    let id = gateway::session(&kernel, caller.manager.node())?;
     let upgrade = upgrade.map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, "websocket_required", format!("this endpoint is a WebSocket: {e}"))
     })?;

@@ -19,6 +19,7 @@ pub mod execute;
 pub mod extract;
 pub mod files;
 pub mod gateway;
+pub mod internal;
 pub mod json_errors;
 pub mod jupyter_compat;
 pub mod kernel_ws;

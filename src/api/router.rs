@@ -12,7 +12,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use super::signed::{LinkForm, SignedAccess};
+use super::signed::{Candidates, LinkForm, SignedAccess};
 use super::state::AppState;
 use super::{
     auth, body, compat, docs, execute, files, gateway, json_errors, jupyter_compat, kernel_ws, mcp, packages,
@@ -27,8 +27,23 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
 /// The API: `/v1` behind the API key, the request limit (when on) and the body limits (in that order, so a
 /// stranger neither spends a key's budget nor gets a body read), the rest open; every error in the JSON
 /// shape.
+///
+/// On a cluster's agent (`keys` trusting the owner header) the owner of every keyed route is the header
+/// an API replica set, and a signed link is checked against the owners with something on this node.
 pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
-    let owners: Arc<[crate::session::Owner]> = keys.owners().into();
+    let owners = match keys.trusts_owner_header() {
+        true => {
+            let (manager, store) = (state.manager.clone(), state.store.clone());
+            Candidates::Known(Arc::new(move || {
+                let mut owners = manager.owners();
+                owners.extend(store.owners());
+                owners.sort_by(|a, b| a.0.cmp(&b.0));
+                owners.dedup();
+                owners
+            }))
+        }
+        false => Candidates::Fixed(keys.owners().into()),
+    };
     let access = auth::Access { keys, limiter: http.rate_limit.map(|l| Arc::new(rate_limit::RateLimiter::new(l))) };
     // A file download opens with the key or with a signed link (see `signed.rs`).
     let key_or_link = |form| {
@@ -95,7 +110,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .layer(axum::middleware::from_fn_with_state(access.clone(), auth::require_key));
     // MCP for agents: the same keys and limits; rmcp reads (and bounds) its own bodies; its MCP sessions
     // are bounded per key and in total, and counted in /metrics.
-    let mcp_sessions = Arc::new(mcp::BoundedSessions::new(http.mcp_sessions));
+    let mcp_sessions = Arc::new(mcp::BoundedSessions::new(http.mcp_sessions).on_node(state.manager.node()));
     let mcp = Router::new()
         .route_service("/mcp", mcp::service(state.manager.clone(), mcp_sessions.clone()))
         .layer(axum::middleware::from_fn(mcp::bounded))

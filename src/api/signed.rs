@@ -47,8 +47,27 @@ pub struct SignedAccess {
     /// `None`: this server signs no links, and accepts none.
     pub signer: Option<Arc<UrlSigner>>,
     /// Every owner the server knows: the candidates a link is checked against.
-    pub owners: Arc<[Owner]>,
+    pub owners: Candidates,
     pub form: LinkForm,
+}
+
+/// The owners a link may have been made for.
+#[derive(Clone)]
+pub enum Candidates {
+    /// One per API key (or `anonymous`): a single node's.
+    Fixed(Arc<[Owner]>),
+    /// Those with something on this node now (sessions, stored files): a cluster agent's, which has no
+    /// keys; a link is only ever made for such an owner, by this node.
+    Known(Arc<dyn Fn() -> Vec<Owner> + Send + Sync>),
+}
+
+impl Candidates {
+    fn owners(&self) -> Arc<[Owner]> {
+        match self {
+            Candidates::Fixed(owners) => owners.clone(),
+            Candidates::Known(known) => known().into(),
+        }
+    }
 }
 
 /// A link as presented: what it says it grants.
@@ -63,7 +82,7 @@ struct Presented {
 pub async fn key_or_link(State(signed): State<SignedAccess>, mut req: Request, next: Next) -> Response {
     let uri = req.extensions().get::<OriginalUri>().map_or_else(|| req.uri().clone(), |o| o.0.clone());
     let reads = req.method() == Method::GET || req.method() == Method::HEAD;
-    let presented = match auth::presents_key(req.headers()) || !reads {
+    let presented = match signed.access.keys.presented(req.headers()) || !reads {
         true => None,
         false => presented(signed.form, &uri),
     };
@@ -75,8 +94,8 @@ pub async fn key_or_link(State(signed): State<SignedAccess>, mut req: Request, n
     let Some(signer) = &signed.signer else {
         return forbidden("invalid_link", "this server does not accept signed links: send the API key".into());
     };
-    let Some(owner) = signer.owner_of(&signed.owners, &presented.resource, presented.expires, &presented.signature)
-    else {
+    let owners = signed.owners.owners();
+    let Some(owner) = signer.owner_of(&owners, &presented.resource, presented.expires, &presented.signature) else {
         return forbidden(
             "invalid_signature",
             "the link's signature is not valid: it was altered, belongs to another file, or its API key was removed"
@@ -300,7 +319,7 @@ mod tests {
         let keys = auth::Keys::new(keys);
         let owners: Arc<[Owner]> = keys.owners().into();
         let access = Access { keys, limiter: None };
-        let signed = SignedAccess { access, signer, owners, form: LinkForm::Query };
+        let signed = SignedAccess { access, signer, owners: Candidates::Fixed(owners), form: LinkForm::Query };
         let whose = |axum::Extension(owner): axum::Extension<Owner>| async move { owner.0 };
         Router::new()
             .route("/v1/sessions/{id}/files/{*path}", get(whose).put(whose))

@@ -648,7 +648,7 @@ mod tests {
         // A tag never seen.
         let response = app.clone().oneshot(call("DELETE", "/v1/sessions/0123456789abcdef0000000f")).await.unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
-        assert_eq!(detail(response).await["error"]["code"], "session_not_found");
+        assert_eq!(detail(response).await["error"]["code"], "not_found");
         let response = app.oneshot(call("GET", "/jupyter/files/a-0123456789ab0000000f-1.txt")).await.unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         assert!(detail(response).await["detail"].is_string());

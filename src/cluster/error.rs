@@ -64,7 +64,7 @@ impl RouteError {
 
     fn parts(&self) -> (StatusCode, &'static str, Option<Duration>) {
         match self {
-            RouteError::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found", None),
+            RouteError::SessionNotFound => (StatusCode::NOT_FOUND, "not_found", None),
             RouteError::NoSuchEndpoint => (StatusCode::NOT_FOUND, "not_found", None),
             RouteError::NodeUnreachable(_) => (StatusCode::SERVICE_UNAVAILABLE, "node_unreachable", Some(RETRY_AFTER)),
             RouteError::SessionLost(_) => (StatusCode::GONE, "session_lost", None),
@@ -101,7 +101,7 @@ mod tests {
             let api = ApiError::from(e);
             assert_eq!((api.status.as_u16(), api.code, api.retry_after.is_some()), (status, code, retry));
         };
-        check(RouteError::SessionNotFound, 404, "session_not_found", false);
+        check(RouteError::SessionNotFound, 404, "not_found", false);
         check(RouteError::NodeUnreachable(tag), 503, "node_unreachable", true);
         check(RouteError::SessionLost(tag), 410, "session_lost", false);
         check(RouteError::NoNodeAvailable("no agent".into()), 503, "no_node_available", true);

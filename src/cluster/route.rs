@@ -5,7 +5,7 @@
 //! - [`Target::Local`]: the replica answers itself (health, readiness, metrics, docs, unknown paths).
 //! - [`Target::Session`]: the node the id's tag names (`/v1/sessions/{id}/…`, `/api/kernels/{id}/…`,
 //!   `Mcp-Session-Id`, `/jupyter` stored file names, signed links by their session or file).
-//! - [`Target::NotFound`]: an id that cannot name a node (malformed, no tag): 404 `session_not_found`.
+//! - [`Target::NotFound`]: an id that cannot name a node (malformed, no tag): 404 `not_found` (what a single node answers for an unknown session).
 //! - [`Target::Create`]: placement (`POST /v1/sessions`, `POST /api/kernels`, MCP `initialize`).
 //! - [`Target::FanOut`]: every agent, lists merged (`GET /v1/sessions`, `GET /api/kernels`).
 //! - [`Target::Any`]: any ready agent (kernel specs, languages, and bodies too broken to route, so the
@@ -133,21 +133,9 @@ pub fn mcp_tag(id: &str) -> Option<NodeTag> {
     id.rsplit_once('-').and_then(|(rest, tag)| (!rest.is_empty()).then(|| NodeTag::parse(tag)).flatten())
 }
 
-/// A `/jupyter` stored file name (`<stem>-<12 hex + tag>-<expiry>.<ext>` on an agent)'s node, if it has
-/// one.
+/// A `/jupyter` stored file name's node (the store knows its shape: `store::node_of`), if it has one.
 pub fn file_tag(name: &str) -> Option<NodeTag> {
-    if name.len() > 255 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
-        return None;
-    }
-    let base = name.split_once('.').map_or(name, |(b, _)| b);
-    let mut parts = base.rsplitn(3, '-');
-    let expiry = parts.next()?;
-    let random = parts.next()?;
-    let stem = parts.next()?;
-    let shaped = !stem.is_empty() && !expiry.is_empty() && expiry.bytes().all(|b| b.is_ascii_digit());
-    (shaped && random.len() == 20 && random.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| NodeTag::suffix_of(random))
-        .flatten()
+    crate::store::node_of(name)
 }
 
 fn by_tag(tag: Option<NodeTag>) -> Target {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, LocalNodeState};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
     ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
@@ -85,6 +85,15 @@ fn map_err(e: BollardError) -> RuntimeError {
 impl ContainerRuntime for DockerRuntime {
     async fn ping(&self) -> Result<(), RuntimeError> {
         self.docker.ping().await.map(|_| ()).map_err(|e| RuntimeError::Unavailable(e.to_string()))
+    }
+
+    async fn swarm_node_id(&self) -> Result<Option<String>, RuntimeError> {
+        let info = self.docker.info().await.map_err(map_err)?;
+        let Some(swarm) = info.swarm else { return Ok(None) };
+        if swarm.local_node_state != Some(LocalNodeState::ACTIVE) {
+            return Ok(None);
+        }
+        Ok(swarm.node_id.filter(|id| !id.is_empty()))
     }
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {

@@ -33,6 +33,8 @@ struct State {
     down: bool,
     /// How long a new container's kernel takes before it connects.
     boot_delay: Duration,
+    /// The Swarm node ID the engine reports (`None`: not in a Swarm).
+    swarm_node_id: Option<String>,
 }
 
 struct FakeContainer {
@@ -56,6 +58,11 @@ impl FakeRuntime {
             c.kernel = None;
             let _ = c.exit.send(Some(ExitInfo { exit_code: 137, oom_killed }));
         }
+    }
+
+    /// Makes the engine report `id` as its Swarm node ID (`None`: not in a Swarm).
+    pub fn set_swarm_node_id(&self, id: Option<&str>) {
+        self.state.lock().unwrap().swarm_node_id = id.map(str::to_owned);
     }
 
     /// Kernels of containers created from now on connect only after `delay`.
@@ -123,6 +130,11 @@ impl FakeRuntime {
 impl ContainerRuntime for FakeRuntime {
     async fn ping(&self) -> Result<(), RuntimeError> {
         self.check_up()
+    }
+
+    async fn swarm_node_id(&self) -> Result<Option<String>, RuntimeError> {
+        self.check_up()?;
+        Ok(self.state.lock().unwrap().swarm_node_id.clone())
     }
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {

@@ -149,6 +149,9 @@ pub struct Resources {
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// Succeeds when the engine answers.
     async fn ping(&self) -> Result<(), RuntimeError>;
+    /// The engine's Swarm node ID, `None` when the engine is not an active member of a Swarm. An agent's
+    /// node tag is derived from it.
+    async fn swarm_node_id(&self) -> Result<Option<String>, RuntimeError>;
     /// Creates and starts a container; returns its id. On a failed start the container is removed.
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
     /// Removes a container, killing it if needed. A container that is already gone is not an error.

@@ -8,6 +8,10 @@ use crate::runtime::RuntimeError;
 pub enum SessionError {
     #[error("no session with id {0}")]
     NotFound(String),
+    /// The session was removed because its node lost contact with the cluster for too long (fencing):
+    /// its id answers this, never "not found", and never comes back.
+    #[error("session {0} was lost: its node was out of contact with the cluster for too long; start a new one")]
+    Lost(String),
     #[error("unknown language `{0}`; GET /v1/languages lists the languages this server offers")]
     UnknownLanguage(String),
     #[error("{0}")]

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
 use crate::images::Catalog;
+use crate::node::NodeTag;
 use crate::packages::{InstallReport, Packages};
 use crate::runtime::ContainerRuntime;
 
@@ -27,6 +28,7 @@ use super::actor::Start;
 use super::boot::BootPlanner;
 use super::costs::{Costs, Limit};
 use super::error::SessionError;
+use super::fence::{self, ContactClock, Tombstones};
 use super::files::Written;
 use super::handle::{PeerLink, Pending, Session};
 use super::installs::Installs;
@@ -67,6 +69,11 @@ pub struct SessionManager {
     tracker: TaskTracker,
     /// Runs of the reaper never overlap (guards no data).
     reaping: tokio::sync::Mutex<()>,
+    /// An agent's contact clock (`fence.rs`); `None`: fencing is off.
+    contact: Option<Mutex<ContactClock>>,
+    /// The sessions adopted at start were held through a fatal gap: [`SessionManager::fence_stale`]
+    /// removes them.
+    stale_at_start: bool,
 }
 
 impl SessionManager {
@@ -79,7 +86,19 @@ impl SessionManager {
             config.instance.clone(),
         ));
         let tracker = TaskTracker::new();
-        let registry = Arc::new(Registry::default());
+        let now = Utc::now();
+        let registry = Arc::new(match config.node {
+            Some(_) => Registry::with_tombstones(Tombstones::load(&config.state_dir, now)),
+            None => Registry::default(),
+        });
+        let (contact, stale_at_start) = match config.fencing {
+            Some(fencing) => {
+                let persisted = fence::read_last_contact(&config.state_dir);
+                let (clock, stale) = ContactClock::starting(persisted, now, fencing.lost_after);
+                (Some(Mutex::new(clock)), stale)
+            }
+            None => (None, false),
+        };
         let planner = Arc::new(BootPlanner {
             runtime: runtime.clone(),
             limits: config.limits.clone(),
@@ -106,7 +125,7 @@ impl SessionManager {
                 refit: installs.clone(),
             },
             pool: Arc::new(WarmPool {
-                pool: Pool::default(),
+                pool: Pool::on(config.node),
                 config: config.pool.clone(),
                 planner: planner.clone(),
                 dirs: dirs.clone(),
@@ -125,6 +144,8 @@ impl SessionManager {
             config,
             tracker,
             reaping: tokio::sync::Mutex::new(()),
+            contact,
+            stale_at_start,
         })
     }
 
@@ -139,6 +160,11 @@ impl SessionManager {
 
     pub fn catalog(&self) -> &Catalog {
         &self.config.catalog
+    }
+
+    /// The node's tag on a cluster's agent (every id it hands out ends with it); `None` on a single node.
+    pub fn node(&self) -> Option<NodeTag> {
+        self.config.node
     }
 
     pub fn limits(&self) -> &Limits {
@@ -206,7 +232,8 @@ impl SessionManager {
             let image = self.config.catalog.language(&language).expect("checked by settle").image.clone();
             return Err(SessionError::ImageMissing(image));
         }
-        let (session, inbox) = self.launcher.new_session(SessionId::new(), owner, settings, Utc::now());
+        let (session, inbox) =
+            self.launcher.new_session(SessionId::new_on(self.config.node), owner, settings, Utc::now());
         self.registry.reserve(&session, &self.config.limits)?;
         let ready = self.launcher.spawn(session.clone(), inbox, Start::Fresh);
         match Launcher::until_ready(&session, ready).await {
@@ -249,6 +276,28 @@ impl SessionManager {
             self.registry.visible().iter().filter(|s| &s.owner == owner).map(|s| s.info()).collect();
         infos.sort_by_key(|i| i.created_at);
         infos
+    }
+
+    /// What every live session reserves together (closing ones included: their containers still run),
+    /// and how many each owner holds: what a cluster's agent reports of its node.
+    pub fn reserved(&self) -> (crate::node::Usage, BTreeMap<String, u32>) {
+        let mut usage = crate::node::Usage::default();
+        let mut owners = BTreeMap::new();
+        for s in self.registry.all() {
+            usage.sessions += 1;
+            usage.memory_mb += s.settings.memory_mb;
+            usage.cpus += s.settings.cpus;
+            *owners.entry(s.owner.0.clone()).or_insert(0) += 1;
+        }
+        (usage, owners)
+    }
+
+    /// The owners with a session here now (the candidates of a cluster agent's signed links).
+    pub fn owners(&self) -> Vec<Owner> {
+        let mut owners: Vec<Owner> = self.registry.all().iter().map(|s| s.owner.clone()).collect();
+        owners.sort_by(|a, b| a.0.cmp(&b.0));
+        owners.dedup();
+        owners
     }
 
     /// Counts of sessions by language and status (`closing` for those on their way out), for metrics.
@@ -368,9 +417,13 @@ impl SessionManager {
         Ok(session.info())
     }
 
-    /// Ends a session in any state and waits (bounded) until its container is gone.
+    /// Ends a session in any state and waits (bounded) until its container is gone. A session lost to
+    /// fencing is gone already: deleting it succeeds.
     pub async fn delete(&self, owner: &Owner, id: &str) -> Result<(), SessionError> {
-        let session = self.registry.get(owner, id)?;
+        let session = match self.registry.get(owner, id) {
+            Err(SessionError::Lost(_)) => return Ok(()),
+            found => found?,
+        };
         if !session.close("session_deleted", false) {
             return Err(SessionError::NotFound(id.to_owned()));
         }
@@ -424,6 +477,53 @@ impl SessionManager {
             launcher: &self.launcher,
             pool: &self.pool,
             installs: &self.installs,
+        }
+    }
+
+    /// A request from the API tier reached this agent at `now` (every request on its cluster listener).
+    /// When it ends a gap longer than `lost_after`, the API tier has declared this node lost: every
+    /// session held through the gap is removed, its id tombstoned, before the request is served.
+    pub fn contact(&self, now: DateTime<Utc>) {
+        let Some(contact) = &self.contact else { return };
+        let mut clock = contact.lock().unwrap();
+        if clock.touch(now) {
+            // Under the clock's lock: a request right behind this one finds every id tombstoned already.
+            self.fence(now);
+        }
+    }
+
+    /// At start, after adoption: when the persisted contact stamp was older than `lost_after`, removes the
+    /// adopted sessions (held through the gap) and waits (bounded) for their containers to go.
+    pub async fn fence_stale(&self) -> usize {
+        if !self.stale_at_start {
+            return 0;
+        }
+        let sessions = self.fence(Utc::now());
+        futures::future::join_all(sessions.iter().map(|s| s.wait_finished(DELETE_WAIT))).await;
+        sessions.len()
+    }
+
+    /// Closes every session as lost and persists the tombstones.
+    fn fence(&self, now: DateTime<Utc>) -> Vec<Arc<Session>> {
+        let (sessions, tombstones) = self.registry.fence_all("session_lost", now);
+        tracing::warn!(
+            sessions = sessions.len(),
+            "fencing: out of contact with the API tier for longer than lost_after; removing every session it held"
+        );
+        metrics::counter!("kernelbox_sessions_fenced_total").increment(sessions.len() as u64);
+        if let Err(e) = tombstones.save(&self.config.state_dir) {
+            tracing::error!(error = %e, "could not write the tombstones; fenced ids answer session_lost until the service restarts");
+        }
+        sessions
+    }
+
+    /// Writes the contact stamp if it moved (every few seconds, and at shutdown).
+    pub fn persist_contact(&self) {
+        let Some(contact) = &self.contact else { return };
+        let Some(stamp) = contact.lock().unwrap().unsaved() else { return };
+        match fence::write_last_contact(&self.config.state_dir, stamp) {
+            Ok(()) => contact.lock().unwrap().saved(stamp),
+            Err(e) => tracing::warn!(error = %e, "could not write the last-contact stamp"),
         }
     }
 

@@ -2,7 +2,9 @@
 //! session is known by ([`handle`]), the task that runs its kernel ([`actor`]), the bridge between a
 //! container and its kernel ([`kernel_host`]) and the run directory the service owns for it
 //! ([`rundir`]), the Jupyter clients attached to a kernel ([`peers`]), the operator's rules as pure
-//! functions ([`policy`]), the per-key limits on what costs ([`costs`]), what an earlier run left behind
+//! functions ([`policy`]), the per-key limits on what costs ([`costs`]),
+//! an agent's fencing after a loss of contact ([`fence`]), its state directory's lock ([`state_lock`]) and
+//! what it reports of its node ([`node_report`]), what an earlier run left behind
 //! ([`recovery`]) and the records adoption reads ([`records`]), the session API's output folders on the
 //! host ([`outputs`]), and the plain data they share ([`model`]).
 //!
@@ -13,6 +15,7 @@ pub mod actor;
 pub mod boot;
 pub mod costs;
 pub mod error;
+pub mod fence;
 pub mod files;
 pub mod handle;
 pub mod installs;
@@ -20,6 +23,7 @@ pub mod kernel_host;
 pub mod launch;
 pub mod manager;
 pub mod model;
+pub mod node_report;
 pub mod notebook;
 pub mod notebook_store;
 pub mod outputs;
@@ -30,6 +34,7 @@ pub mod records;
 pub mod recovery;
 pub mod registry;
 pub mod rundir;
+pub mod state_lock;
 pub mod transfers;
 pub mod warm_pool;
 
@@ -37,8 +42,9 @@ pub use error::SessionError;
 pub use handle::{PeerLink, Pending, Session, Streamed};
 pub use manager::SessionManager;
 pub use model::{
-    AutoRestart, AutoRestartNotice, AutoRestartPhase, ExecStatus, ExecuteResult, ManagerConfig, Mount, OutputCaps,
-    Owner, ReapReport, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus, Storage, Submission,
+    AutoRestart, AutoRestartNotice, AutoRestartPhase, ExecStatus, ExecuteResult, FenceConfig, ManagerConfig, Mount,
+    OutputCaps, Owner, ReapReport, SessionExtras, SessionId, SessionInfo, SessionRequest, SessionStatus, Storage,
+    Submission,
 };
 
 #[cfg(test)]

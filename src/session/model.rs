@@ -12,15 +12,28 @@ use std::path::PathBuf;
 use crate::config::{DatasetsDir, Limits, PoolConfig};
 use crate::images::Catalog;
 use crate::kernel::{ErrorInfo, Output};
+use crate::node::NodeTag;
 use crate::packages::PackageConfig;
 
-/// A session id: 24 lowercase hex characters (short enough for unix socket paths).
+/// A session id: 24 lowercase hex characters (short enough for unix socket paths). On a cluster's agent the
+/// last 8 are the node's tag, so that any API replica finds the node from the id alone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct SessionId(String);
 
 impl SessionId {
+    /// A fresh single-node id: 24 random hex digits.
     pub fn new() -> Self {
-        SessionId(uuid::Uuid::new_v4().simple().to_string()[..24].to_owned())
+        Self::new_on(None)
+    }
+
+    /// A fresh id for the node tagged `node`: 16 random hex digits and the tag; without a tag (single
+    /// node), 24 random hex digits.
+    pub fn new_on(node: Option<NodeTag>) -> Self {
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        match node {
+            Some(tag) => SessionId(format!("{}{tag}", &random[..16])),
+            None => SessionId(random[..24].to_owned()),
+        }
     }
 
     /// Parses a client-supplied id; anything else than 24 hex characters is no session of ours.
@@ -355,6 +368,17 @@ pub struct ManagerConfig {
     pub packages: PackageConfig,
     pub storage: Storage,
     pub pool: PoolConfig,
+    /// The node's tag on a cluster's agent (every session id ends with it); `None` on a single node.
+    pub node: Option<NodeTag>,
+    /// Fencing after a loss of contact with the API tier (an agent only); `None`: off.
+    pub fencing: Option<FenceConfig>,
+}
+
+/// How an agent fences itself (see `fence.rs`): after more than `lost_after` without a request from the
+/// API tier, the sessions it held are removed and their ids answer `session_lost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FenceConfig {
+    pub lost_after: Duration,
 }
 
 /// Service-owned folders on the host.

@@ -28,6 +28,7 @@ pub use crate::config::PoolConfig;
 
 use super::kernel_host::KernelHost;
 use super::model::{Owner, SessionId, SessionSettings};
+use crate::node::NodeTag;
 
 /// A kernel booted ahead of demand.
 pub struct Pooled {
@@ -58,6 +59,8 @@ pub struct PoolStatus {
 #[derive(Default)]
 pub struct Pool {
     inner: Mutex<Inner>,
+    /// The node's tag on a cluster's agent: a pooled kernel's id is its future session's id.
+    node: Option<NodeTag>,
 }
 
 #[derive(Default)]
@@ -75,6 +78,11 @@ struct Inner {
 const RETRY_DELAY: Duration = Duration::from_secs(15);
 
 impl Pool {
+    /// An empty pool whose kernels' ids end with `node`'s tag (none: single-node ids).
+    pub fn on(node: Option<NodeTag>) -> Self {
+        Pool { inner: Mutex::default(), node }
+    }
+
     /// Whether `id` is a pooled kernel's (booting or ready).
     pub fn knows(&self, id: &str) -> bool {
         self.inner.lock().unwrap().members.contains(id)
@@ -95,7 +103,7 @@ impl Pool {
         if have >= target {
             return None;
         }
-        let id = SessionId::new();
+        let id = SessionId::new_on(self.node);
         *inner.booting.entry(language.to_owned()).or_default() += 1;
         inner.members.insert(id.to_string());
         Some(id)

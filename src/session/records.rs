@@ -101,6 +101,33 @@ pub fn read<T: DeserializeOwned>(dir: &Path, id: &str) -> Option<T> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Writes `dir/name` whole or not at all: a fresh temporary file (`O_EXCL|O_NOFOLLOW`) renamed into
+/// place, which replaces a link planted there rather than following it.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let temporary = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let written = create(&temporary)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&temporary, dir.join(name)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
+}
+
+/// Reads a regular file of at most `max` bytes without following a link (`None`: absent, a link, not a
+/// regular file, too large).
+pub fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > max {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
 pub fn remove(dir: &Path, id: &str) {
     let _ = std::fs::remove_file(path(dir, id));
 }

@@ -96,6 +96,9 @@ fn adoptable(r: &Recovery<'_>, c: &ContainerSummary) -> Result<Adoptable, &'stat
     }
     let label = |key: &str| c.labels.get(key);
     let id = label(labels::SESSION).and_then(|s| SessionId::parse(s)).ok_or("no session id")?;
+    if r.launcher.registry.is_tombstoned(&id) {
+        return Err("its session was lost to fencing");
+    }
     let boot = label(labels::BOOT).cloned().ok_or("no boot id (made by an older version)")?;
     if label(labels::POOL).is_some() {
         // A pooled kernel: its owner is what the service wrote when a session claimed it.

@@ -9,7 +9,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use chrono::{DateTime, Utc};
+
 use super::error::SessionError;
+use super::fence::Tombstones;
 use super::handle::{InUse, Session};
 use super::model::{Owner, SessionId};
 use super::policy;
@@ -25,9 +28,17 @@ struct Inner {
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// Sessions removed by fencing (an agent only): their ids answer `session_lost`. Locked after
+    /// `inner` when both are.
+    tombstones: Mutex<Tombstones>,
 }
 
 impl Registry {
+    /// An empty registry that remembers `tombstones` (what an earlier run fenced).
+    pub fn with_tombstones(tombstones: Tombstones) -> Self {
+        Registry { inner: Mutex::default(), tombstones: Mutex::new(tombstones) }
+    }
+
     /// Adds a starting session if the service is open and the quotas allow it. Closing sessions still
     /// count: their containers are not gone yet.
     pub fn reserve(&self, session: &Arc<Session>, limits: &Limits) -> Result<(), SessionError> {
@@ -64,16 +75,46 @@ impl Registry {
     /// The session `id` if `owner` owns it and it is not closing (another owner's session is "not
     /// found", not "forbidden").
     pub fn get(&self, owner: &Owner, id: &str) -> Result<Arc<Session>, SessionError> {
-        Self::find(&self.inner.lock().unwrap(), owner, id)
+        let found = Self::find(&self.inner.lock().unwrap(), owner, id);
+        found.map_err(|e| self.lost_or(owner, id, e))
     }
 
     /// Like [`Registry::get`], and marks the session in use under the same lock, so the reaper (which
     /// picks under this lock too) either sees the mark or has already made the session unfindable.
     pub fn get_in_use(&self, owner: &Owner, id: &str) -> Result<(Arc<Session>, InUse), SessionError> {
         let inner = self.inner.lock().unwrap();
-        let session = Self::find(&inner, owner, id)?;
+        let session = Self::find(&inner, owner, id).map_err(|e| self.lost_or(owner, id, e))?;
         let in_use = session.mark_in_use();
         Ok((session, in_use))
+    }
+
+    /// `Lost` when `owner`'s `id` was fenced, else `otherwise`.
+    fn lost_or(&self, owner: &Owner, id: &str, otherwise: SessionError) -> SessionError {
+        let lost = SessionId::parse(id)
+            .is_some_and(|sid| self.tombstones.lock().unwrap().is_lost(owner, &sid, chrono::Utc::now()));
+        match lost {
+            true => SessionError::Lost(id.to_owned()),
+            false => otherwise,
+        }
+    }
+
+    /// Fencing: closes every session (`reason` in their logs) and keeps a tombstone of each, under one
+    /// lock, so that from this moment each id answers `session_lost`. Returns the sessions (their tasks
+    /// remove their containers) and the tombstones to persist.
+    pub fn fence_all(&self, reason: &'static str, now: DateTime<Utc>) -> (Vec<Arc<Session>>, Tombstones) {
+        let inner = self.inner.lock().unwrap();
+        let mut tombstones = self.tombstones.lock().unwrap();
+        let sessions: Vec<Arc<Session>> = inner.sessions.values().cloned().collect();
+        for session in &sessions {
+            tombstones.bury(session.id.clone(), session.owner.clone(), now);
+            session.close(reason, false);
+        }
+        (sessions, tombstones.clone())
+    }
+
+    /// Whether `id` was fenced (whoever's): adoption removes such a container instead.
+    pub fn is_tombstoned(&self, id: &SessionId) -> bool {
+        self.tombstones.lock().unwrap().contains(id)
     }
 
     fn find(inner: &Inner, owner: &Owner, id: &str) -> Result<Arc<Session>, SessionError> {

@@ -32,6 +32,8 @@ fn config(flags: &[&str], dir: &std::path::Path) -> ManagerConfig {
         packages: args.packages.validate(None).unwrap(),
         storage: Default::default(),
         pool: args.pool_config().unwrap(),
+        node: None,
+        fencing: None,
     }
 }
 
@@ -698,4 +700,101 @@ async fn an_execution_whose_idle_status_is_lost_ends_after_a_quiet_spell_marked_
     assert!(started.elapsed() < Duration::from_secs(30), "it did not wait for its 60 s timeout");
     let r = h.run(&id, "print:after").await;
     assert_eq!((r.status, r.stdout.as_str(), r.truncated), (ExecStatus::Ok, "after\n", false));
+}
+
+/// A cluster agent's manager: node tagged `0123abcd`, fencing after `lost_after`.
+fn agent_config(dir: &std::path::Path, lost_after: Duration, keep_sessions: bool) -> ManagerConfig {
+    ManagerConfig {
+        node: crate::node::NodeTag::parse("0123abcd"),
+        fencing: Some(super::FenceConfig { lost_after }),
+        keep_sessions,
+        ..config(&[], dir)
+    }
+}
+
+fn agent_harness(lost_after: Duration, keep_sessions: bool) -> Harness {
+    let h = harness(&[]);
+    let manager = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), lost_after, keep_sessions));
+    Harness { manager, ..h }
+}
+
+#[tokio::test]
+async fn on_an_agent_every_session_id_ends_with_the_node_tag() {
+    let h = agent_harness(Duration::from_secs(60), false);
+    let id = h.start().await;
+    assert!(id.ends_with("0123abcd") && SessionId::parse(&id).is_some(), "{id}");
+    assert_ne!(h.start().await, id);
+    let single = harness(&[]).start().await;
+    assert_eq!(SessionId::parse(&single).map(|s| s.to_string()), Some(single), "single node: 24 hex as ever");
+}
+
+#[tokio::test]
+async fn contact_after_a_long_gap_fences_every_session_and_its_id_stays_lost() {
+    let h = agent_harness(Duration::from_secs(60), false);
+    let t0 = chrono::Utc::now();
+    h.manager.contact(t0);
+    let id = h.start().await;
+    h.manager.contact(t0 + chrono::Duration::seconds(30));
+    assert!(h.manager.get(&owner(), &id).is_ok(), "a gap within lost_after changes nothing");
+
+    h.manager.contact(t0 + chrono::Duration::seconds(120));
+    assert!(matches!(h.manager.get(&owner(), &id), Err(SessionError::Lost(_))));
+    assert!(matches!(h.manager.submit(&owner(), &id, "1".into(), None, false), Err(SessionError::Lost(_))));
+    assert!(matches!(h.manager.get(&Owner("b".into()), &id), Err(SessionError::NotFound(_))), "not another owner's");
+    h.manager.delete(&owner(), &id).await.expect("deleting a lost session succeeds");
+    h.settles_empty().await;
+    assert!(h.manager.list(&owner()).is_empty());
+
+    // A new session on the same node works; the old id stays lost after a restart too.
+    let fresh = h.start().await;
+    assert!(h.manager.get(&owner(), &fresh).is_ok());
+    let again = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    assert!(matches!(again.get(&owner(), &id), Err(SessionError::Lost(_))), "tombstones are persisted");
+}
+
+#[tokio::test]
+async fn an_agent_that_starts_after_a_long_gap_removes_what_it_adopted() {
+    let h = agent_harness(Duration::from_secs(60), true);
+    let id = h.start().await;
+    // The stamp an earlier run left is two minutes old.
+    super::fence::write_last_contact(h._dir.path(), chrono::Utc::now() - chrono::Duration::seconds(120)).unwrap();
+    h.manager.shutdown().await;
+    assert_eq!(h.runtime.container_ids().len(), 1, "kept for adoption");
+
+    let again = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    assert_eq!(again.recover().await.unwrap(), (1, 0));
+    assert_eq!(again.fence_stale().await, 1);
+    assert!(matches!(again.get(&owner(), &id), Err(SessionError::Lost(_))));
+    assert!(h.runtime.container_ids().is_empty(), "its container is gone");
+}
+
+#[tokio::test]
+async fn an_agent_that_starts_within_lost_after_adopts_and_a_fenced_container_is_never_adopted() {
+    let h = agent_harness(Duration::from_secs(60), true);
+    let kept = h.start().await;
+    h.manager.persist_contact();
+    h.manager.shutdown().await;
+    let again = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), true));
+    assert_eq!(again.recover().await.unwrap(), (1, 0));
+    assert_eq!(again.fence_stale().await, 0, "a fresh stamp fences nothing");
+    assert!(again.get(&owner(), &kept).is_ok());
+
+    // Fenced, but its container could not be removed (still there at the next start): never adopted.
+    again.shutdown().await;
+    assert_eq!(h.runtime.container_ids().len(), 1);
+    let mut tombstones = super::fence::Tombstones::default();
+    tombstones.bury(SessionId::parse(&kept).unwrap(), owner(), chrono::Utc::now());
+    tombstones.save(h._dir.path()).unwrap();
+    let third = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    assert_eq!(third.recover().await.unwrap(), (0, 1), "removed, not adopted");
+    assert!(matches!(third.get(&owner(), &kept), Err(SessionError::Lost(_))));
+    assert!(h.runtime.container_ids().is_empty());
+}
+
+#[tokio::test]
+async fn without_fencing_no_gap_removes_anything() {
+    let h = harness(&[]);
+    let id = h.start().await;
+    h.manager.contact(chrono::Utc::now() + chrono::Duration::days(2));
+    assert!(h.manager.get(&owner(), &id).is_ok());
 }

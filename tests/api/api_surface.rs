@@ -128,6 +128,8 @@ async fn docker_unreachable_is_a_503_that_says_so() {
             packages: kernelbox::packages::PackageConfig::default(),
             storage: Default::default(),
             pool: Default::default(),
+            node: None,
+            fencing: None,
         },
         api_keys: vec![],
         http: http(&[]).validate().unwrap(),

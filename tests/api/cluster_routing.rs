@@ -264,7 +264,7 @@ async fn unknown_tags_malformed_ids_and_missing_keys_get_the_replicas_own_errors
     for path in ["/v1/sessions/0123456789abcdef0000ffff", "/v1/sessions/nope", "/api/kernels/nope"] {
         let r = c.req(reqwest::Method::GET, path, "key-a").send().await.unwrap();
         assert_eq!(r.status(), 404, "{path}");
-        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "session_not_found", "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "not_found", "{path}");
     }
     let r = c.client.get(format!("{}/v1/sessions", c.base)).send().await.unwrap();
     assert_eq!(r.status(), 401);

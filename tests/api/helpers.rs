@@ -171,12 +171,12 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(AppOptions::default()).await
 }
 
-pub async fn spawn_app_with(options: AppOptions) -> TestApp {
+pub async fn spawn_app_with(mut options: AppOptions) -> TestApp {
     if options.images {
         ensure_images().await;
     }
     let runtime = docker().await;
-    let (instance, state_dir, tmp) = match options.instance {
+    let (instance, state_dir, tmp) = match options.instance.take() {
         Some((instance, dir)) => (instance, dir, None),
         None => {
             let tmp = tempfile::Builder::new().prefix("kbt").tempdir_in("/tmp").expect("temp dir");
@@ -184,26 +184,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
             (instance, tmp.path().to_path_buf(), Some(tmp))
         }
     };
-    let settings = Settings {
-        manager: ManagerConfig {
-            limits: options.limits.validate().expect("valid test limits"),
-            state_dir: state_dir.clone(),
-            instance: instance.clone(),
-            catalog: Catalog::new(image_prefix()),
-            keep_sessions: options.keep_sessions,
-            packages: options
-                .packages
-                .validate(std::env::var("KERNELBOX_PIP_INDEX_URL").ok().or_else(context::detect_pip_index))
-                .expect("valid test package settings"),
-            storage: options.storage,
-            pool: options.pool,
-        },
-        api_keys: options.api_keys,
-        http: options.http.validate().expect("valid test HTTP settings"),
-        files: options.files.validate().expect("valid test file store settings"),
-        links: options.links.validate().expect("valid test signed-URL settings"),
-        shutdown_grace: options.shutdown_grace,
-    };
+    let settings = settings(options, &instance, &state_dir);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = Application::build(listener, settings, runtime).await.expect("the app builds");
     let addr = app.local_addr().unwrap();
@@ -228,7 +209,33 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     }
 }
 
-fn uuid_like() -> String {
+/// The service's settings for `options`, with its own instance name and state directory.
+pub fn settings(options: AppOptions, instance: &str, state_dir: &std::path::Path) -> Settings {
+    Settings {
+        manager: ManagerConfig {
+            limits: options.limits.validate().expect("valid test limits"),
+            state_dir: state_dir.to_path_buf(),
+            instance: instance.to_owned(),
+            catalog: Catalog::new(image_prefix()),
+            keep_sessions: options.keep_sessions,
+            packages: options
+                .packages
+                .validate(std::env::var("KERNELBOX_PIP_INDEX_URL").ok().or_else(context::detect_pip_index))
+                .expect("valid test package settings"),
+            storage: options.storage,
+            pool: options.pool,
+            node: None,
+            fencing: None,
+        },
+        api_keys: options.api_keys,
+        http: options.http.validate().expect("valid test HTTP settings"),
+        files: options.files.validate().expect("valid test file store settings"),
+        links: options.links.validate().expect("valid test signed-URL settings"),
+        shutdown_grace: options.shutdown_grace,
+    }
+}
+
+pub fn uuid_like() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod abuse;
+mod agent;
 mod api_surface;
 mod auto_restart;
 mod busy_adoption;

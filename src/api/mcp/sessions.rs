@@ -20,12 +20,15 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
-use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
+use rmcp::transport::streamable_http_server::session::local::{
+    LocalSessionManager, LocalSessionManagerError, SessionConfig,
+};
 use rmcp::transport::streamable_http_server::session::{SessionId as McpSessionId, SessionManager as McpSessions};
 use serde_json::json;
 
 use super::table::{Refusal, Table};
 use crate::config::McpSessionLimits;
+use crate::node::NodeTag;
 use crate::session::Owner;
 
 /// An MCP session without requests for this long is closed by rmcp (its kernels are not: see the `mcp` module doc).
@@ -50,8 +53,11 @@ struct Caller {
 /// rmcp's in-memory MCP sessions, bounded per key and in total.
 pub struct BoundedSessions {
     inner: LocalSessionManager,
-    /// Touched briefly, never across an `.await`.
+    /// Touched briefly, never across an `.await`. Keyed by rmcp's own ids.
     table: Arc<Mutex<Table<McpSessionId>>>,
+    /// On a cluster's agent, the node's tag: clients see `<rmcp id>-<tag>` (so any API replica routes
+    /// the MCP session by its id alone), rmcp and the table its own id. `None`: rmcp's ids as they are.
+    node: Option<NodeTag>,
 }
 
 impl BoundedSessions {
@@ -60,7 +66,33 @@ impl BoundedSessions {
         let mut config = SessionConfig::default();
         config.keep_alive = Some(MCP_KEEP_ALIVE);
         inner.session_config = config;
-        BoundedSessions { inner, table: Arc::new(Mutex::new(Table::new(limits))) }
+        BoundedSessions { inner, table: Arc::new(Mutex::new(Table::new(limits))), node: None }
+    }
+
+    /// The same, for the node tagged `node` (ids as clients see them end with `-<tag>`).
+    pub fn on_node(self, node: Option<NodeTag>) -> Self {
+        BoundedSessions { node, ..self }
+    }
+
+    /// rmcp's id as clients see it.
+    fn outward(&self, id: McpSessionId) -> McpSessionId {
+        match self.node {
+            Some(tag) => format!("{id}-{tag}").into(),
+            None => id,
+        }
+    }
+
+    /// The rmcp id behind an id a client sent; `None` when it is not one of this node's.
+    fn inward(&self, id: &McpSessionId) -> Option<McpSessionId> {
+        match self.node {
+            Some(tag) => id.strip_suffix(tag.as_str())?.strip_suffix('-').filter(|s| !s.is_empty()).map(Into::into),
+            None => Some(id.clone()),
+        }
+    }
+
+    /// [`inward`](Self::inward), or the error rmcp answers an unknown session with.
+    fn known(&self, id: &McpSessionId) -> Result<McpSessionId, McpSessionError> {
+        self.inward(id).ok_or_else(|| McpSessionError::Local(LocalSessionManagerError::SessionNotFound(id.clone())))
     }
 
     /// MCP sessions held now (those being made included), for `/metrics`.
@@ -169,6 +201,8 @@ fn refusal_message(refusal: Refusal) -> String {
 
 type Local = LocalSessionManager;
 type Sse = rmcp::transport::common::server_side_http::ServerSseMessage;
+/// rmcp's stream of a session, owned (its id here is a translated copy, not the caller's).
+type Streamed = std::pin::Pin<Box<dyn Stream<Item = Sse> + Send + Sync + 'static>>;
 
 impl McpSessions for BoundedSessions {
     type Error = McpSessionError;
@@ -178,7 +212,7 @@ impl McpSessions for BoundedSessions {
         // Outside `bounded` (never on the router) the caller is nobody in particular.
         let caller = CALLER.try_with(Caller::clone).ok();
         let owner = caller.as_ref().map_or_else(|| Owner("anonymous".into()), |c| c.owner.clone());
-        let created = self.create_for(&owner).await;
+        let created = self.create_for(&owner).await.map(|(id, transport)| (self.outward(id), transport));
         if let (Err(McpSessionError::Full(refusal)), Some(caller)) = (&created, &caller) {
             let _ = caller.refused.set(*refusal);
         }
@@ -190,17 +224,20 @@ impl McpSessions for BoundedSessions {
         id: &McpSessionId,
         message: ClientJsonRpcMessage,
     ) -> Result<ServerJsonRpcMessage, Self::Error> {
-        Ok(self.inner.initialize_session(id, message).await?)
+        let id = self.known(id)?;
+        Ok(self.inner.initialize_session(&id, message).await?)
     }
 
     async fn has_session(&self, id: &McpSessionId) -> Result<bool, Self::Error> {
-        self.table().begin(id, Instant::now(), false);
-        Ok(self.inner.has_session(id).await?)
+        let Some(id) = self.inward(id) else { return Ok(false) };
+        self.table().begin(&id, Instant::now(), false);
+        Ok(self.inner.has_session(&id).await?)
     }
 
     async fn close_session(&self, id: &McpSessionId) -> Result<(), Self::Error> {
-        self.table().remove(id);
-        Ok(self.inner.close_session(id).await?)
+        let id = self.known(id)?;
+        self.table().remove(&id);
+        Ok(self.inner.close_session(&id).await?)
     }
 
     async fn create_stream(
@@ -208,21 +245,26 @@ impl McpSessions for BoundedSessions {
         id: &McpSessionId,
         message: ClientJsonRpcMessage,
     ) -> Result<impl Stream<Item = Sse> + Send + Sync + 'static, Self::Error> {
-        let in_use = self.in_use(id);
-        Ok(held(self.inner.create_stream(id, message).await?, in_use))
+        let id = self.known(id)?;
+        let in_use = self.in_use(&id);
+        let stream: Streamed = Box::pin(self.inner.create_stream(&id, message).await?);
+        Ok(held(stream, in_use))
     }
 
     async fn accept_message(&self, id: &McpSessionId, message: ClientJsonRpcMessage) -> Result<(), Self::Error> {
-        self.table().begin(id, Instant::now(), false);
-        Ok(self.inner.accept_message(id, message).await?)
+        let id = self.known(id)?;
+        self.table().begin(&id, Instant::now(), false);
+        Ok(self.inner.accept_message(&id, message).await?)
     }
 
     async fn create_standalone_stream(
         &self,
         id: &McpSessionId,
     ) -> Result<impl Stream<Item = Sse> + Send + Sync + 'static, Self::Error> {
-        let in_use = self.in_use(id);
-        Ok(held(self.inner.create_standalone_stream(id).await?, in_use))
+        let id = self.known(id)?;
+        let in_use = self.in_use(&id);
+        let stream: Streamed = Box::pin(self.inner.create_standalone_stream(&id).await?);
+        Ok(held(stream, in_use))
     }
 
     async fn resume(
@@ -230,8 +272,10 @@ impl McpSessions for BoundedSessions {
         id: &McpSessionId,
         last_event_id: String,
     ) -> Result<impl Stream<Item = Sse> + Send + Sync + 'static, Self::Error> {
-        let in_use = self.in_use(id);
-        Ok(held(self.inner.resume(id, last_event_id).await?, in_use))
+        let id = self.known(id)?;
+        let in_use = self.in_use(&id);
+        let stream: Streamed = Box::pin(self.inner.resume(&id, last_event_id).await?);
+        Ok(held(stream, in_use))
     }
 }
 
@@ -336,6 +380,25 @@ mod tests {
     async fn a_closed_session_leaves_the_table() {
         let sessions = BoundedSessions::new(limits(2, 2));
         let a = open(&sessions, "a").await.unwrap();
+        sessions.close_session(&a).await.unwrap();
+        assert_eq!(sessions.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn on_an_agent_clients_see_ids_ending_with_the_node_tag_and_rmcp_its_own() {
+        let tag = NodeTag::parse("0123abcd").unwrap();
+        let sessions = BoundedSessions::new(limits(4, 4)).on_node(Some(tag));
+        let a = open(&sessions, "a").await.unwrap();
+        assert!(a.ends_with("-0123abcd"), "{a}");
+        assert_eq!(NodeTag::suffix_of(&a), Some(tag), "what a replica routes by");
+        assert!(sessions.has_session(&a).await.unwrap());
+        let bare: McpSessionId = a.strip_suffix("-0123abcd").unwrap().into();
+        assert!(sessions.inner.has_session(&bare).await.unwrap(), "rmcp knows its own id");
+        assert!(!sessions.has_session(&bare).await.unwrap(), "an id without the tag is no session here");
+        let elsewhere: McpSessionId = format!("{bare}-89abcdef").into();
+        assert!(!sessions.has_session(&elsewhere).await.unwrap(), "nor one of another node");
+        assert!(sessions.close_session(&elsewhere).await.is_err());
+        assert_eq!(sessions.count(), 1, "closing another node's id closed nothing here");
         sessions.close_session(&a).await.unwrap();
         assert_eq!(sessions.count(), 0);
     }
