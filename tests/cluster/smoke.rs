@@ -20,7 +20,7 @@ use futures::StreamExt;
 use crate::harness::cluster::{LABEL_RUN, leftovers};
 use crate::harness::images::{self, copy_image, kernel_image};
 use crate::harness::proxy::Proxy;
-use crate::harness::swarm::{Placement, ServiceDef};
+use crate::harness::swarm::{Placement, ServiceDef, overlay_mtu};
 use crate::harness::{Cluster, run_id};
 
 const AGENT: &str = "kb-standin-agent";
@@ -81,18 +81,22 @@ async fn sandbox_report(docker: &Docker, image: &str, run: &str) -> anyhow::Resu
         }),
         ..Default::default()
     };
-    let name = format!("kbtest-{run}-sandbox");
-    let options = CreateContainerOptionsBuilder::default().name(&name).build();
+    run_to_end(docker, &format!("kbtest-{run}-sandbox"), body).await
+}
+
+/// Creates, starts and waits for a container; returns its output and removes it.
+async fn run_to_end(docker: &Docker, name: &str, body: ContainerCreateBody) -> anyhow::Result<String> {
+    let options = CreateContainerOptionsBuilder::default().name(name).build();
     docker.create_container(Some(options), body).await?;
-    docker.start_container(&name, None::<bollard::query_parameters::StartContainerOptions>).await?;
-    let mut wait = docker.wait_container(&name, Some(WaitContainerOptionsBuilder::default().build()));
+    docker.start_container(name, None::<bollard::query_parameters::StartContainerOptions>).await?;
+    let mut wait = docker.wait_container(name, Some(WaitContainerOptionsBuilder::default().build()));
     while wait.next().await.is_some() {}
-    let mut logs = docker.logs(&name, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).build()));
+    let mut logs = docker.logs(name, Some(LogsOptionsBuilder::default().stdout(true).stderr(true).build()));
     let mut out = String::new();
     while let Some(chunk) = logs.next().await {
         out.push_str(&chunk?.to_string());
     }
-    docker.remove_container(&name, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await?;
+    docker.remove_container(name, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await?;
     Ok(out)
 }
 
@@ -121,19 +125,41 @@ async fn a_three_node_swarm_runs_sandboxes_and_services_and_takes_a_node_back_af
     let started = Instant::now();
     copy_image(&cluster.host, service_image, &engines).await?;
     report.push(("import: service image into 3 nodes".into(), started.elapsed()));
-    let (code, version) =
-        crate::harness::swarm::exec(&cluster.host, &cluster.node("node1").container, &["true"]).await?;
-    ensure!(code == 0, "a node runs commands: {version}");
+    // The service image runs inside a node.
+    let body = ContainerCreateBody {
+        image: Some(service_image.clone()),
+        cmd: Some(vec!["--version".into()]),
+        labels: Some(HashMap::from([(LABEL_RUN.to_owned(), run.clone())])),
+        host_config: Some(HostConfig { network_mode: Some("none".into()), ..Default::default() }),
+        ..Default::default()
+    };
+    let out = run_to_end(&cluster.node("node1").docker, &format!("kbtest-{run}-version"), body).await?;
+    ensure!(out.starts_with("kernelbox "), "the service image in node1 says {out:?}");
 
     // The sandbox, inside a worker: all our flags hold there too.
     let report_text = sandbox_report(&cluster.node("node2").docker, &python, &run).await?;
     let lines: Vec<&str> = report_text.lines().collect();
     ensure!(lines.first() == Some(&"lo") && lines.get(1) == Some(&"268435456"), "only lo, 256 MiB: {report_text}");
-    ensure!(report_text.contains("NoNewPrivs:\t1") && lines.contains(&"1000"), "no new privileges, uid 1000: {report_text}");
+    ensure!(
+        report_text.contains("NoNewPrivs:\t1") && lines.contains(&"1000"),
+        "no new privileges, uid 1000: {report_text}"
+    );
     ensure!(report_text.contains("Read-only file system"), "read-only root: {report_text}");
 
     // The stand-ins: an agent-shaped global service on the workers, an API-shaped replica on node1.
     let overlay = cluster.create_overlay("kb-internal").await?;
+    let options = cluster
+        .manager()
+        .inspect_network(&overlay, None::<bollard::query_parameters::InspectNetworkOptions>)
+        .await?
+        .options
+        .unwrap_or_default();
+    let mtu = options.get("com.docker.network.driver.mtu").cloned();
+    ensure!(
+        mtu == overlay_mtu(cluster.mtu).map(|m| m.to_string()),
+        "overlay MTU {mtu:?} on a {} underlay",
+        cluster.mtu
+    );
     let secret = cluster.create_secret("kb-standin-secret", b"s3cret").await?;
     cluster.mkdir_on_nodes(STATE_DIR).await?;
     let mut agent = stand_in(AGENT, &python, Placement::GlobalOnWorkers);
@@ -141,11 +167,8 @@ async fn a_three_node_swarm_runs_sandboxes_and_services_and_takes_a_node_back_af
     agent.dnsrr = true;
     agent.binds = vec!["/var/run/docker.sock".into(), STATE_DIR.into()];
     agent.secrets = vec![(secret, "kb-standin-secret".into(), "standin".into())];
-    let mut api = stand_in(
-        API,
-        &python,
-        Placement::Replicated { replicas: 1, constraints: vec!["node.hostname==node1".into()] },
-    );
+    let mut api =
+        stand_in(API, &python, Placement::Replicated { replicas: 1, constraints: vec!["node.hostname==node1".into()] });
     api.networks = vec![overlay.clone()];
     let started = Instant::now();
     cluster.deploy(&agent).await?;
@@ -162,7 +185,11 @@ async fn a_three_node_swarm_runs_sandboxes_and_services_and_takes_a_node_back_af
     }
     // What the agent's task sees: the secret, the socket and its state directory at the same path.
     let (code, out) = cluster
-        .exec_in_task("node2", AGENT, &["sh", "-c", "test -S /var/run/docker.sock && test -d /var/lib/kb-standin && cat /run/secrets/standin"])
+        .exec_in_task(
+            "node2",
+            AGENT,
+            &["sh", "-c", "test -S /var/run/docker.sock && test -d /var/lib/kb-standin && cat /run/secrets/standin"],
+        )
         .await?;
     ensure!(code == 0 && out == "s3cret", "the agent task's mounts and secret: {code} {out}");
     // Discovery inside the overlay: tasks.<agent> names both workers' tasks, reachable from node1's task.
@@ -170,7 +197,9 @@ async fn a_three_node_swarm_runs_sandboxes_and_services_and_takes_a_node_back_af
     ensure!(addrs.len() == 2, "tasks.{AGENT} from node1: {addrs:?}");
     let mut seen = Vec::new();
     for addr in &addrs {
-        let code = format!("import urllib.request; print(urllib.request.urlopen('http://{addr}:{PORT}/node', timeout=5).read().decode())");
+        let code = format!(
+            "import urllib.request; print(urllib.request.urlopen('http://{addr}:{PORT}/node', timeout=5).read().decode())"
+        );
         let (status, out) = cluster.exec_in_task("node1", API, &["python3", "-c", &code]).await?;
         ensure!(status == 0, "node1 → {addr} over the overlay: {out}");
         seen.push(out.trim().to_owned());

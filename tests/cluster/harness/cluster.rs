@@ -324,22 +324,24 @@ impl Drop for Guard {
 pub async fn cleanup_run(host: &Docker, run_id: &str, tmp: &Path) -> anyhow::Result<()> {
     let label = format!("{LABEL_RUN}={run_id}");
     let filters = HashMap::from([("label", vec![label.as_str()])]);
+    let started = Instant::now();
     let mut problems = Vec::new();
+    // In parallel: each node's removal waits on its engine's disk (its volume holds unpacked images).
     let containers =
         host.list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build())).await?;
-    for c in containers {
+    let removals = containers.into_iter().map(|c| async move {
         let id = c.id.unwrap_or_default();
         let options = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
-        if let Err(e) = host.remove_container(&id, Some(options)).await {
-            problems.push(format!("container {id}: {e}"));
-        }
-    }
+        host.remove_container(&id, Some(options)).await.map_err(|e| format!("container {id}: {e}"))
+    });
+    problems.extend(futures::future::join_all(removals).await.into_iter().filter_map(Result::err));
+    let containers_took = started.elapsed();
     let volumes = host.list_volumes(Some(ListVolumesOptionsBuilder::default().filters(&filters).build())).await?;
-    for v in volumes.volumes.unwrap_or_default() {
-        if let Err(e) = host.remove_volume(&v.name, Some(RemoveVolumeOptionsBuilder::default().force(true).build())).await {
-            problems.push(format!("volume {}: {e}", v.name));
-        }
-    }
+    let removals = volumes.volumes.unwrap_or_default().into_iter().map(|v| async move {
+        let options = RemoveVolumeOptionsBuilder::default().force(true).build();
+        host.remove_volume(&v.name, Some(options)).await.map_err(|e| format!("volume {}: {e}", v.name))
+    });
+    problems.extend(futures::future::join_all(removals).await.into_iter().filter_map(Result::err));
     let networks = host.list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filters).build())).await?;
     for n in networks {
         let id = n.id.unwrap_or_default();
@@ -347,6 +349,11 @@ pub async fn cleanup_run(host: &Docker, run_id: &str, tmp: &Path) -> anyhow::Res
             problems.push(format!("network {id}: {e}"));
         }
     }
+    eprintln!(
+        "[cluster] clean-up of {run_id}: containers {:.1} s, volumes and network {:.1} s",
+        containers_took.as_secs_f64(),
+        (started.elapsed() - containers_took).as_secs_f64()
+    );
     if tmp.exists()
         && let Err(e) = std::fs::remove_dir_all(tmp)
     {

@@ -16,7 +16,10 @@ impl Cluster {
     /// Crashes a node: SIGKILL to its container (dockerd, containerd and every task die at once).
     pub async fn kill_node(&self, name: &str) -> anyhow::Result<()> {
         let options = KillContainerOptionsBuilder::default().signal("SIGKILL").build();
-        self.host.kill_container(&self.node(name).container, Some(options)).await.with_context(|| format!("killing {name}"))
+        self.host
+            .kill_container(&self.node(name).container, Some(options))
+            .await
+            .with_context(|| format!("killing {name}"))
     }
 
     /// Boots a stopped or killed node again (its entry removes the stale pid files) and waits until its

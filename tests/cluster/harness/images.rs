@@ -54,10 +54,8 @@ fn host_settings() -> HostSettings {
     HostSettings {
         apt_mirror: std::env::var("KERNELBOX_APT_MIRROR").ok().or_else(context::detect_apt_mirror),
         pip_index_url: std::env::var("KERNELBOX_PIP_INDEX_URL").ok().or_else(context::detect_pip_index),
-        extra_ca: context::detect_extra_ca(
-            std::env::var_os("KERNELBOX_EXTRA_CA_BUNDLE").as_deref().map(Path::new),
-        )
-        .expect("reading the extra CA bundle"),
+        extra_ca: context::detect_extra_ca(std::env::var_os("KERNELBOX_EXTRA_CA_BUNDLE").as_deref().map(Path::new))
+            .expect("reading the extra CA bundle"),
     }
 }
 
@@ -127,8 +125,10 @@ pub async fn ensure_node_image(runtime: &Arc<DockerRuntime>) -> anyhow::Result<b
         return Ok(false);
     }
     eprintln!("[cluster] building {NODE_IMAGE} from {base}");
-    let labels = HashMap::from([(LABEL_CONTENT_HASH.to_owned(), hash), ("kernelbox.test.image".to_owned(), "node".into())]);
-    let request = BuildRequest { tag: NODE_IMAGE.into(), context_tar: context.tar(), build_args: args, labels, no_cache: false };
+    let labels =
+        HashMap::from([(LABEL_CONTENT_HASH.to_owned(), hash), ("kernelbox.test.image".to_owned(), "node".into())]);
+    let request =
+        BuildRequest { tag: NODE_IMAGE.into(), context_tar: context.tar(), build_args: args, labels, no_cache: false };
     let mut progress = |line: &str| {
         if line.starts_with("Step ") {
             eprintln!("[cluster] {line}");
@@ -136,14 +136,15 @@ pub async fn ensure_node_image(runtime: &Arc<DockerRuntime>) -> anyhow::Result<b
     };
     let previous = runtime.image(NODE_IMAGE).await?.map(|i| i.id);
     runtime.build_image(request, &mut progress).await?;
-    remove_replaced(&host_docker().await?, previous).await;
+    remove_replaced(&host_docker().await?, previous, NODE_IMAGE).await;
     Ok(true)
 }
 
 /// Removes the image a rebuild replaced (now untagged), so rebuilds do not pile up on the host. An image
 /// still in use stays.
-async fn remove_replaced(docker: &Docker, previous: Option<String>) {
-    if let Some(id) = previous {
+async fn remove_replaced(docker: &Docker, previous: Option<String>, tag: &str) {
+    let now = docker.inspect_image(tag).await.ok().and_then(|i| i.id);
+    if let Some(id) = previous.filter(|p| Some(p) != now.as_ref()) {
         let _ = docker.remove_image(&id, None::<bollard::query_parameters::RemoveImageOptions>, None).await;
     }
 }
@@ -172,10 +173,8 @@ pub async fn ensure_service_image() -> anyhow::Result<(String, bool)> {
     let base = debian_base(&docker).await?;
     let base_id = docker.inspect_image(&base).await?.id.unwrap_or_default();
     let binary = service_binary(binary_path)?;
-    let files = std::collections::BTreeMap::from([
-        ("Dockerfile".to_owned(), dockerfile),
-        ("kernelbox".to_owned(), binary),
-    ]);
+    let files =
+        std::collections::BTreeMap::from([("Dockerfile".to_owned(), dockerfile), ("kernelbox".to_owned(), binary)]);
     let context = context::Context { files };
     let args = HashMap::from([
         ("BASE_IMAGE".to_owned(), base.clone()),
@@ -188,7 +187,8 @@ pub async fn ensure_service_image() -> anyhow::Result<(String, bool)> {
         return Ok((tag, false));
     }
     eprintln!("[cluster] building {tag} from {base}");
-    let labels = HashMap::from([(LABEL_CONTENT_HASH.to_owned(), hash), ("kernelbox.test.image".to_owned(), "service".into())]);
+    let labels =
+        HashMap::from([(LABEL_CONTENT_HASH.to_owned(), hash), ("kernelbox.test.image".to_owned(), "service".into())]);
     let options = BuildImageOptionsBuilder::default()
         .t(&tag)
         .target("prebuilt")
@@ -213,7 +213,7 @@ pub async fn ensure_service_image() -> anyhow::Result<(String, bool)> {
         }
     }
     docker.inspect_image(&tag).await.with_context(|| format!("the build produced no image {tag}"))?;
-    remove_replaced(&docker, previous.and_then(|i| i.id)).await;
+    remove_replaced(&docker, previous.and_then(|i| i.id), &tag).await;
     Ok((tag, true))
 }
 
@@ -246,7 +246,8 @@ pub async fn copy_image(host: &Docker, image: &str, targets: &[Docker]) -> anyho
         let node = node.clone();
         imports.push(tokio::spawn(async move {
             let body = tokio_stream_from(rx);
-            let mut stream = node.import_image_stream(ImportImageOptionsBuilder::default().quiet(true).build(), body, None);
+            let mut stream =
+                node.import_image_stream(ImportImageOptionsBuilder::default().quiet(true).build(), body, None);
             while let Some(item) = stream.next().await {
                 item?;
             }

@@ -76,7 +76,11 @@ pub async fn label_node(cluster: &Cluster, node: &str, label: &str, value: &str)
     spec.labels.get_or_insert_with(HashMap::new).insert(label.into(), value.into());
     let version = inspected.version.and_then(|v| v.index).unwrap_or_default();
     manager
-        .update_node(&cluster.node(node).swarm_id, spec, UpdateNodeOptionsBuilder::default().version(version as i64).build())
+        .update_node(
+            &cluster.node(node).swarm_id,
+            spec,
+            UpdateNodeOptionsBuilder::default().version(version as i64).build(),
+        )
         .await
         .with_context(|| format!("labelling {node}"))
 }

@@ -222,7 +222,8 @@ impl Cluster {
     /// The nodes (by name) where `service` has a running task.
     pub async fn running_on(&self, service: &str) -> anyhow::Result<Vec<String>> {
         let filters = HashMap::from([("service", vec![service]), ("desired-state", vec!["running"])]);
-        let tasks = self.manager().list_tasks(Some(ListTasksOptionsBuilder::default().filters(&filters).build())).await?;
+        let tasks =
+            self.manager().list_tasks(Some(ListTasksOptionsBuilder::default().filters(&filters).build())).await?;
         let mut names: Vec<String> = tasks
             .into_iter()
             .filter(|t| t.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING))
@@ -273,8 +274,7 @@ impl Cluster {
         if code != 0 {
             return Ok(Vec::new());
         }
-        let mut addrs: Vec<Ipv4Addr> =
-            out.lines().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+        let mut addrs: Vec<Ipv4Addr> = out.lines().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
         addrs.sort();
         addrs.dedup();
         Ok(addrs)
