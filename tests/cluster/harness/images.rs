@@ -180,7 +180,8 @@ pub async fn ensure_service_image() -> anyhow::Result<(String, bool)> {
         ("BASE_IMAGE".to_owned(), base.clone()),
         ("KERNELBOX_BINARY".to_owned(), "kernelbox".to_owned()),
     ]);
-    let hash = context.content_hash(&args, &base_id);
+    // `+exec`: the binary goes in with mode 0755 (see `service_context_tar`), which the hash must say.
+    let hash = context.content_hash(&args, &format!("{base_id}+exec"));
     let tag = SERVICE_IMAGE.to_owned();
     let previous = docker.inspect_image(&tag).await.ok();
     if previous.as_ref().and_then(|i| i.config.as_ref()?.labels.as_ref()?.get(LABEL_CONTENT_HASH)) == Some(&hash) {
@@ -197,7 +198,8 @@ pub async fn ensure_service_image() -> anyhow::Result<(String, bool)> {
         .buildargs(&args)
         .labels(&labels)
         .build();
-    let mut stream = docker.build_image(options, None, Some(bollard::body_full(context.tar().into())));
+    let tar = service_context_tar(&context)?;
+    let mut stream = docker.build_image(options, None, Some(bollard::body_full(tar.into())));
     while let Some(item) = stream.next().await {
         match item {
             Ok(info) => {
@@ -215,6 +217,21 @@ pub async fn ensure_service_image() -> anyhow::Result<(String, bool)> {
     docker.inspect_image(&tag).await.with_context(|| format!("the build produced no image {tag}"))?;
     remove_replaced(&docker, previous.and_then(|i| i.id), &tag).await;
     Ok((tag, true))
+}
+
+/// The service image's build context as a tar: the binary executable (the image builder's own tar marks
+/// only scripts executable), everything else 0644.
+fn service_context_tar(context: &context::Context) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, bytes) in &context.files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(if path == "kernelbox" { 0o755 } else { 0o644 });
+        header.set_mtime(0);
+        header.set_cksum();
+        builder.append_data(&mut header, path, bytes.as_slice())?;
+    }
+    builder.into_inner()
 }
 
 /// The binary for the service image: without its debug information when binutils' `strip` is there
