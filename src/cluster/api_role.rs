@@ -425,9 +425,10 @@ fn copy_head(parts: &Parts) -> Parts {
 
 /// Why no agent can take a request that any agent could: none known, or none answers.
 fn no_live_agent(snapshot: &super::membership::Snapshot) -> RouteError {
-    match snapshot.members.keys().next() {
-        Some(tag) => RouteError::NodeUnreachable(*tag),
-        None => RouteError::NoNodeAvailable("no agent is known or answers".into()),
+    if snapshot.members.is_empty() {
+        RouteError::NoNodeAvailable("no agent is known or answers".into())
+    } else {
+        RouteError::NoNodeAnswers
     }
 }
 

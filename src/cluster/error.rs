@@ -21,6 +21,9 @@ pub enum RouteError {
     /// The node that holds the session did not answer its last probe (or this request).
     #[error("the node {0} holding this session does not answer; retry shortly")]
     NodeUnreachable(NodeTag),
+    /// Nodes are known, but none answers (a request any node could serve, or a list).
+    #[error("no node answers; retry shortly")]
+    NoNodeAnswers,
     /// The node was away longer than `lost_after` and left the cluster: its sessions are gone.
     #[error("the node {0} holding this session was lost: the session is gone; start a new one")]
     SessionLost(NodeTag),
@@ -66,7 +69,9 @@ impl RouteError {
         match self {
             RouteError::SessionNotFound => (StatusCode::NOT_FOUND, "not_found", None),
             RouteError::NoSuchEndpoint => (StatusCode::NOT_FOUND, "not_found", None),
-            RouteError::NodeUnreachable(_) => (StatusCode::SERVICE_UNAVAILABLE, "node_unreachable", Some(RETRY_AFTER)),
+            RouteError::NodeUnreachable(_) | RouteError::NoNodeAnswers => {
+                (StatusCode::SERVICE_UNAVAILABLE, "node_unreachable", Some(RETRY_AFTER))
+            }
             RouteError::SessionLost(_) => (StatusCode::GONE, "session_lost", None),
             RouteError::NoNodeAvailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_node_available", Some(RETRY_AFTER)),
             RouteError::NoRoom(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", Some(RETRY_AFTER)),

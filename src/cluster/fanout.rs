@@ -83,9 +83,10 @@ async fn ask_one(transport: &dyn AgentTransport, addr: SocketAddr, req: Request<
 /// `node_unreachable`.
 pub fn merged(answers: Answers) -> Result<Response, RouteError> {
     if answers.lists.is_empty() {
-        return Err(match answers.missing.first() {
-            Some(tag) => RouteError::NodeUnreachable(*tag),
-            None => RouteError::NoNodeAvailable("no agent is known or answers".into()),
+        return Err(if answers.missing.is_empty() {
+            RouteError::NoNodeAvailable("no agent is known or answers".into())
+        } else {
+            RouteError::NoNodeAnswers
         });
     }
     let items: Vec<Value> = answers.lists.into_iter().flat_map(|(_, list)| list).collect();
@@ -153,10 +154,7 @@ mod tests {
         assert!(response.headers().get(MISSING_HEADER).is_none());
         assert_eq!(body(response).await, serde_json::json!([]));
         let tag = NodeTag::parse("0000000a").unwrap();
-        assert_eq!(
-            merged(Answers { lists: vec![], missing: vec![tag] }).unwrap_err(),
-            RouteError::NodeUnreachable(tag)
-        );
+        assert_eq!(merged(Answers { lists: vec![], missing: vec![tag] }).unwrap_err(), RouteError::NoNodeAnswers);
         assert!(matches!(merged(Answers { lists: vec![], missing: vec![] }), Err(RouteError::NoNodeAvailable(_))));
     }
 }
