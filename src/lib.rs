@@ -48,7 +48,6 @@ use tokio_util::sync::CancellationToken;
 use crate::api::AppState;
 use crate::session::{ManagerConfig, SessionManager};
 
-pub use agent::{AgentApplication, AgentSettings};
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]

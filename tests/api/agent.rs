@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use kernelbox::node::{AgentInfo, INFO_PATH, NodeTag, OWNER_HEADER};
-use kernelbox::{AgentApplication, AgentSettings};
+use kernelbox::agent::{AgentApplication, AgentSettings};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
