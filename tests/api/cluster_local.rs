@@ -4,8 +4,9 @@
 //! API replicas (`ApiRole` over the mTLS `AgentLink`, the agents' addresses static, keys k1 and k2).
 //! Every call goes through a replica: sessions spread over both nodes and are used through either
 //! replica (state, streamed outputs, files, lists, another key, delete), the Jupyter gateway with its
-//! WebSocket, MCP, the session and `/jupyter` APIs; a stopped agent's sessions answer 503 while the
-//! other's keep working; the agent's listener serves nothing to a client without the API certificate.
+//! WebSocket, MCP (run_code, a plot as an image), the session and `/jupyter` APIs; a stopped agent's
+//! sessions answer 503 while the other's keep working; the agent's listener serves nothing to a client
+//! without the API certificate.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -449,6 +450,10 @@ async fn the_jupyter_gateway_and_mcp_work_through_a_replica() {
     let v = c.exec(&c.b, &session, "print(1 + 1)").await;
     assert_eq!(v["stdout"], "2\n", "the restarted kernel runs: {v}");
 
+    // The kernel specs come from any agent.
+    let (status, specs) = status_json(gateway(&c.a, Method::GET, "/api/kernelspecs".into()).await.unwrap()).await;
+    assert_eq!(status, 200, "{specs}");
+    assert!(specs["kernelspecs"]["python3"].is_object(), "{specs}");
     // The kernel list, through either replica, has both (asked of both agents).
     for replica in [&c.a, &c.b] {
         let r = gateway(replica, Method::GET, "/api/kernels".into()).await.unwrap();
@@ -498,6 +503,18 @@ async fn the_jupyter_gateway_and_mcp_work_through_a_replica() {
     assert_eq!(result["isError"], false, "{result}");
     let said: String = result["content"].as_array().unwrap().iter().filter_map(|c| c["text"].as_str()).collect();
     assert!(said.contains("hello from mcp 42"), "{result}");
+    // A plot comes back as image content, through replica B this time.
+    let plot = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()";
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "run_code",
+        "arguments": {"language": "python_scientific", "code": plot}}});
+    let r = mcp(&c.b, Some(&session), call).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let result = answer(&r.text().await.unwrap(), 3)["result"].clone();
+    assert_eq!(result["isError"], false, "{result}");
+    let image = result["content"].as_array().unwrap().iter().find(|c| c["type"] == "image").cloned();
+    let image = image.unwrap_or_else(|| panic!("a plot comes back as image content: {result}"));
+    assert_eq!(image["mimeType"], "image/png");
+    assert!(image["data"].as_str().is_some_and(|d| d.len() > 1000), "a PNG's base64");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
