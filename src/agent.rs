@@ -135,12 +135,19 @@ impl AgentApplication {
             }
         });
         let mut cluster = std::pin::pin!(cluster);
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = &mut cluster => tracing::error!("the cluster listener stopped by itself"),
-        }
+        // The listener stops on the same token: once it is cancelled both branches may be ready, and a
+        // finished JoinHandle must not be polled again (it panics, and the sessions would never stop).
+        let listener_ended = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => false,
+            _ = &mut cluster => {
+                tracing::error!("the cluster listener stopped by itself");
+                true
+            }
+        };
         tracing::info!("shutting down: no new requests; waiting for in-flight calls");
-        let finished_in_time = tokio::time::timeout(settings.shutdown_grace, &mut cluster).await.is_ok();
+        let finished_in_time =
+            listener_ended || tokio::time::timeout(settings.shutdown_grace, &mut cluster).await.is_ok();
         if !finished_in_time {
             cluster.abort();
         }
@@ -274,6 +281,33 @@ mod tests {
         assert_eq!(second.readyz().await, 200);
         second.shutdown.cancel();
         second.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_ends_the_listener_and_the_agent_together_without_a_panic() {
+        // As the binary runs it: the cluster listener stops on the agent's own token, so both are done
+        // at once (select! picks either at random: a few rounds meet both orders).
+        for _ in 0..8 {
+            let dir = tempfile::Builder::new().prefix("kba").tempdir_in("/tmp").unwrap();
+            let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let agent = AgentSettings { node_id: Some("unit-node".into()), lost_after: Duration::ZERO };
+            let runtime = Arc::new(FakeRuntime::new());
+            let app = AgentApplication::new(health, settings(dir.path()), agent, runtime).await.unwrap();
+            let router = app.cluster_router();
+            let shutdown = CancellationToken::new();
+            let stop = shutdown.clone();
+            let serving = tokio::spawn(async move { stop.cancelled().await });
+            let task = tokio::spawn(app.run_until_stopped(shutdown.clone(), serving));
+            let ready = async || {
+                let request = Request::get(INFO_PATH).body(Body::empty()).unwrap();
+                let response = router.clone().oneshot(request).await.unwrap();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap()["ready"] == true
+            };
+            assert!(until(Duration::from_secs(10), ready).await);
+            shutdown.cancel();
+            task.await.expect("no panic").expect("a clean stop");
+        }
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ mod agent;
 mod api_surface;
 mod auto_restart;
 mod busy_adoption;
+mod cluster_local;
 mod cluster_routing;
 mod compat_jupyter;
 mod compat_session;
