@@ -20,7 +20,7 @@ use kernelbox::cluster::placement::Policy;
 use kernelbox::cluster::tls::{agent_server_config_from_pem, api_client_config_from_pem};
 use kernelbox::cluster::{AgentLink, serve_mtls};
 use kernelbox::node::NodeTag;
-use kernelbox::{AgentApplication, AgentSettings};
+use kernelbox::agent::{AgentApplication, AgentSettings};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as Ws;
