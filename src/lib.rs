@@ -48,7 +48,6 @@ use tokio_util::sync::CancellationToken;
 use crate::api::AppState;
 use crate::session::{ManagerConfig, SessionManager};
 
-
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

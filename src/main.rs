@@ -285,8 +285,10 @@ async fn agent(args: kernelbox::config::AgentArgs) -> anyhow::Result<()> {
     let health = tokio::net::TcpListener::bind(args.serve.listen)
         .await
         .with_context(|| format!("binding {}", args.serve.listen))?;
-    let agent_settings = kernelbox::agent::AgentSettings { node_id: args.node_id.clone(), lost_after: args.lost_after() };
-    let app = kernelbox::agent::AgentApplication::new(health, settings, agent_settings, builder.runtime.clone()).await?;
+    let agent_settings =
+        kernelbox::agent::AgentSettings { node_id: args.node_id.clone(), lost_after: args.lost_after() };
+    let app =
+        kernelbox::agent::AgentApplication::new(health, settings, agent_settings, builder.runtime.clone()).await?;
     tracing::info!(node_tag = %app.node_tag(), cluster = %args.cluster_listen, "kernelbox agent starting");
     // The cluster router is served over mutual TLS only, never plain: it trusts the owner header.
     let shutdown = stop_on_signal();

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use kernelbox::node::{AgentInfo, INFO_PATH, NodeTag, OWNER_HEADER};
 use kernelbox::agent::{AgentApplication, AgentSettings};
+use kernelbox::node::{AgentInfo, INFO_PATH, NodeTag, OWNER_HEADER};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use kernelbox::agent::{AgentApplication, AgentSettings};
 use kernelbox::cluster::api_role::{ApiRole, ApiRoleSettings};
 use kernelbox::cluster::certs::ClusterCerts;
 use kernelbox::cluster::membership::{Discovery, Membership, MembershipConfig, PROBE_TIMEOUT};
@@ -20,7 +21,6 @@ use kernelbox::cluster::placement::Policy;
 use kernelbox::cluster::tls::{agent_server_config_from_pem, api_client_config_from_pem};
 use kernelbox::cluster::{AgentLink, serve_mtls};
 use kernelbox::node::NodeTag;
-use kernelbox::agent::{AgentApplication, AgentSettings};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as Ws;
