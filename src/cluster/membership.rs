@@ -22,6 +22,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use tokio_util::sync::CancellationToken;
 
+use super::placement::Ask;
 use super::transport::AgentTransport;
 use crate::node::{AgentInfo, INFO_PATH, NodeTag};
 
@@ -258,6 +259,27 @@ impl Membership {
     #[cfg(test)]
     pub(crate) fn set(&self, snapshot: Snapshot) {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+    }
+
+    /// Counts a session this replica just placed on `tag` in the current view (its usage, its owner's
+    /// count, one warm container of its language fewer) until the next probe reports the truth: without
+    /// it, every create between two probes sees the same loads and a burst lands wherever the tie-break
+    /// sends it.
+    pub fn note_placed(&self, tag: NodeTag, ask: &Ask) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(member) = current.members.get(&tag) else { return };
+        let mut member = member.clone();
+        let info = &mut member.info;
+        info.usage.sessions = info.usage.sessions.saturating_add(1);
+        info.usage.memory_mb = info.usage.memory_mb.saturating_add(ask.memory_mb);
+        info.usage.cpus += ask.cpus;
+        *info.owners.entry(ask.owner.to_owned()).or_default() += 1;
+        if let Some(warm) = ask.language.and_then(|l| info.warm.get_mut(l)) {
+            *warm = warm.saturating_sub(1);
+        }
+        let mut next = Snapshot::clone(&current);
+        next.members.insert(tag, member);
+        *current = Arc::new(next);
     }
 
     pub fn transport(&self) -> Arc<dyn AgentTransport> {
