@@ -139,6 +139,8 @@ pub async fn deploy_kernelbox(cluster: &Cluster, stack: &KernelboxStack) -> anyh
         "--listen",
         "127.0.0.1:8080",
         "--no-build",
+        // As the stack file: a replaced agent task leaves its sessions to its successor.
+        "--keep-sessions",
         "--state-dir",
         AGENT_STATE_DIR,
         "--instance",
