@@ -98,7 +98,12 @@ impl Drop for Proxy {
 /// Relays one client connection: to the next backend that accepts; while that backend has not answered
 /// a byte, what the client sends is kept, and if the backend closes first, the next backend gets it all
 /// again; after the first byte of an answer, bytes flow both ways untouched.
-async fn relay(mut client: TcpStream, backends: &Mutex<Vec<SocketAddr>>, served: &Mutex<Vec<usize>>, next: &AtomicUsize) {
+async fn relay(
+    mut client: TcpStream,
+    backends: &Mutex<Vec<SocketAddr>>,
+    served: &Mutex<Vec<usize>>,
+    next: &AtomicUsize,
+) {
     let attempts = backends.lock().unwrap().len();
     let mut sent = Vec::new();
     let mut client_done = false;
