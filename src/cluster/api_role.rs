@@ -205,7 +205,7 @@ impl Routing {
                     owner: &owner.0,
                 };
                 let candidates = place(&snapshot, &ask, &self.policy, random_seed())?;
-                self.try_in_turn(&candidates, parts, payload, &owner, true).await
+                self.try_in_turn(&candidates, parts, payload, &owner, Some(&ask)).await
             }
             Target::FanOut(_) => {
                 let transport = self.membership.transport();
@@ -281,7 +281,7 @@ impl Routing {
         }
         let n = live.len();
         live.rotate_left((seed % n as u64) as usize);
-        self.try_in_turn(&live, parts, payload, owner, false).await
+        self.try_in_turn(&live, parts, payload, owner, None).await
     }
 
     /// The session API (see `user_session` for the rule).
@@ -314,7 +314,7 @@ impl Routing {
             let order = rendezvous(&key, candidates.iter().map(|(t, _)| *t));
             let ordered: Vec<(NodeTag, SocketAddr)> =
                 order.into_iter().filter_map(|t| candidates.iter().find(|(c, _)| *c == t).copied()).collect();
-            return self.try_in_turn(&ordered, parts, Payload::Read(bytes), owner, true).await;
+            return self.try_in_turn(&ordered, parts, Payload::Read(bytes), owner, Some(&ask)).await;
         }
         let up: Vec<NodeTag> = snapshot.up().map(|(t, _)| *t).collect();
         let Some(first) = rendezvous(&key, up).first().copied() else {
@@ -334,16 +334,18 @@ impl Routing {
         }
     }
 
-    /// Tries `candidates` in order: the next on a connection failure, and (for creates) on a refusal
-    /// (429/503). A streamed body can be sent once only.
+    /// Tries `candidates` in order: the next on a connection failure, and (for creates, which name what
+    /// they `place`) on a refusal (429/503); a create that succeeds is counted in the membership's view
+    /// until the next probe. A streamed body can be sent once only.
     async fn try_in_turn(
         &self,
         candidates: &[(NodeTag, SocketAddr)],
         parts: Parts,
         payload: Payload,
         owner: &Owner,
-        retry_refusal: bool,
+        place: Option<&Ask<'_>>,
     ) -> Result<Response, RouteError> {
+        let retry_refusal = place.is_some();
         let bytes = match payload {
             Payload::Read(bytes) => bytes,
             Payload::Stream(body) => {
@@ -366,6 +368,11 @@ impl Routing {
                 Ok(r) => refused(r),
                 Err(_) => false,
             };
+            if let (Some(ask), Ok(r)) = (place, &result)
+                && r.status().is_success()
+            {
+                self.membership.note_placed(*tag, ask);
+            }
             if !again || i + 1 == candidates.len().min(2) {
                 return result;
             }

@@ -31,8 +31,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The most a [`AgentLink::get_json`] answer may weigh.
 pub const MAX_JSON_BYTES: usize = 1 << 20;
-/// The default wait for a TCP connection to an agent.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The default wait for a TCP connection to an agent: long enough for one retransmitted SYN (Linux sends
+/// the second after 1 s), short enough that a request to a node that just died answers 503
+/// `node_unreachable` within 2 s (every request opens its connection; a dead host sends no reset).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The default wait for the TLS handshake with an agent.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 

@@ -22,6 +22,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use tokio_util::sync::CancellationToken;
 
+use super::placement::Ask;
 use super::transport::AgentTransport;
 use crate::node::{AgentInfo, INFO_PATH, NodeTag};
 
@@ -35,6 +36,9 @@ pub const INFO_LIMIT: usize = 64 * 1024;
 pub const REMEMBERED_TAGS: usize = 4096;
 /// The most addresses probed in one round (a DNS answer is attacker-shaped input too).
 pub const MAX_ADDRESSES: usize = 256;
+/// The most placements a replica remembers between two probes (a burst beyond it is counted by the
+/// probes alone).
+pub const MAX_PENDING_PLACEMENTS: usize = 1024;
 
 /// Where the agents are.
 #[derive(Debug, Clone)]
@@ -242,11 +246,45 @@ pub struct Membership {
     discovery: Discovery,
     transport: Arc<dyn AgentTransport>,
     current: Mutex<Arc<Snapshot>>,
+    /// Sessions this replica placed, with when: counted on top of every probe that began before them
+    /// (such a probe may have missed them), forgotten once a probe began after them. Bounded.
+    placed: Mutex<VecDeque<Placed>>,
+}
+
+/// One session placed by this replica (see [`Membership::note_placed`]).
+#[derive(Debug, Clone)]
+struct Placed {
+    at: Instant,
+    tag: NodeTag,
+    language: Option<String>,
+    memory_mb: u64,
+    cpus: f64,
+    owner: String,
+}
+
+impl Placed {
+    fn apply(&self, snapshot: &mut Snapshot) {
+        let Some(member) = snapshot.members.get_mut(&self.tag) else { return };
+        let info = &mut member.info;
+        info.usage.sessions = info.usage.sessions.saturating_add(1);
+        info.usage.memory_mb = info.usage.memory_mb.saturating_add(self.memory_mb);
+        info.usage.cpus += self.cpus;
+        *info.owners.entry(self.owner.clone()).or_default() += 1;
+        if let Some(warm) = self.language.as_deref().and_then(|l| info.warm.get_mut(l)) {
+            *warm = warm.saturating_sub(1);
+        }
+    }
 }
 
 impl Membership {
     pub fn new(config: MembershipConfig, discovery: Discovery, transport: Arc<dyn AgentTransport>) -> Self {
-        Membership { config, discovery, transport, current: Mutex::new(Arc::new(Snapshot::default())) }
+        Membership {
+            config,
+            discovery,
+            transport,
+            current: Mutex::new(Arc::new(Snapshot::default())),
+            placed: Mutex::new(VecDeque::new()),
+        }
     }
 
     /// The current view (cheap: an `Arc`).
@@ -260,12 +298,37 @@ impl Membership {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
     }
 
+    /// Counts a session this replica just placed on `tag` in the view (its usage, its owner's count, one
+    /// warm container of its language fewer) until a probe that began after it reports the truth: without
+    /// it, every create between two probes sees the same loads and a burst lands wherever the tie-break
+    /// sends it; and a probe already under way when the session was made must not wipe the count out.
+    pub fn note_placed(&self, tag: NodeTag, ask: &Ask) {
+        let placed = Placed {
+            at: Instant::now(),
+            tag,
+            language: ask.language.map(str::to_owned),
+            memory_mb: ask.memory_mb,
+            cpus: ask.cpus,
+            owner: ask.owner.to_owned(),
+        };
+        let mut pending = self.placed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = Snapshot::clone(&current);
+        placed.apply(&mut next);
+        *current = Arc::new(next);
+        if pending.len() == MAX_PENDING_PLACEMENTS {
+            pending.pop_front();
+        }
+        pending.push_back(placed);
+    }
+
     pub fn transport(&self) -> Arc<dyn AgentTransport> {
         self.transport.clone()
     }
 
     /// One round: resolve, probe every address in parallel, fold (at `now`).
     pub async fn refresh(&self, now: Instant) {
+        let began = Instant::now();
         let resolved = self.discovery.resolve().await;
         let old = self.snapshot();
         let mut addrs: BTreeSet<SocketAddr> = resolved.iter().copied().collect();
@@ -281,7 +344,12 @@ impl Membership {
                 tracing::debug!(%addr, why, "probe failed");
             }
         }
-        let new = next(&old, Round { resolved, probes }, now, &self.config);
+        let mut new = next(&old, Round { resolved, probes }, now, &self.config);
+        let mut pending = self.placed.lock().unwrap_or_else(|p| p.into_inner());
+        pending.retain(|p| p.at >= began);
+        for placed in pending.iter() {
+            placed.apply(&mut new);
+        }
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     }
 

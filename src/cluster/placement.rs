@@ -238,6 +238,33 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_between_two_probes_spreads_when_the_replica_counts_what_it_placed() {
+        use crate::cluster::membership::{Discovery, Membership, tests::FakeAgents};
+        let mut a = agent("0000000a", 0, Some("h1"));
+        let mut b = agent("0000000b", 0, Some("h1"));
+        a.warm.insert("python".into(), 1);
+        b.warm.insert("python".into(), 1);
+        let config = MembershipConfig { lost_after: Duration::from_secs(60), probe_timeout: Duration::from_secs(1) };
+        let membership = Membership::new(
+            config,
+            Discovery::Static(Vec::new()),
+            std::sync::Arc::new(FakeAgents(std::sync::Mutex::new(BTreeMap::new()))),
+        );
+        membership.set(cluster(vec![a, b]));
+        let mut counts = BTreeMap::<String, u32>::new();
+        // No probe in between: only the replica's own count of what it placed moves the loads.
+        for seed in 0..8 {
+            let chosen = place(&membership.snapshot(), &ask("o"), &Policy::default(), seed).unwrap()[0].0;
+            membership.note_placed(chosen, &ask("o"));
+            *counts.entry(chosen.to_string()).or_insert(0) += 1;
+        }
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), [4, 4], "{counts:?}");
+        let s = membership.snapshot();
+        let a = &s.members.values().next().unwrap().info;
+        assert_eq!((a.usage.sessions, a.owners["o"], a.warm["python"]), (4, 4, 0));
+    }
+
+    #[test]
     fn ties_go_either_way_and_the_least_loaded_wins() {
         let s = cluster(vec![agent("0000000a", 1, Some("h")), agent("0000000b", 1, Some("h"))]);
         let winners: std::collections::BTreeSet<_> =

@@ -477,6 +477,7 @@ impl SessionManager {
             launcher: &self.launcher,
             pool: &self.pool,
             installs: &self.installs,
+            bury_dead: self.stale_at_start,
         }
     }
 

@@ -28,6 +28,10 @@ pub struct Recovery<'a> {
     pub launcher: &'a Launcher,
     pub pool: &'a WarmPool,
     pub installs: &'a Installs,
+    /// The sessions were held through a gap that fences them (an agent's stale contact stamp at start):
+    /// a session container found dead is tombstoned as it is removed, so its id answers `session_lost`
+    /// as the fenced live ones do, not "not found".
+    pub bury_dead: bool,
 }
 
 impl Recovery<'_> {
@@ -62,6 +66,12 @@ pub async fn recover(r: &Recovery<'_>) -> Result<(usize, usize), SessionError> {
                 adopting.push((session.clone(), r.launcher.spawn(session, inbox, start)));
             }
             Err(why) => {
+                if r.bury_dead
+                    && !container.running
+                    && let Some((id, owner)) = holder(r, &container)
+                {
+                    r.launcher.registry.bury(id, owner, Utc::now());
+                }
                 tracing::info!(container = %container.id, why, "removing a container left by an earlier run");
                 r.runtime().remove(&container.id).await?;
                 removed += 1;
@@ -70,7 +80,11 @@ pub async fn recover(r: &Recovery<'_>) -> Result<(usize, usize), SessionError> {
     }
     let mut adopted = 0;
     for (session, ready) in adopting {
-        match ready.await {
+        let outcome = ready.await;
+        if !matches!(outcome, Ok(Ok(()))) && r.bury_dead {
+            r.launcher.registry.bury(session.id.clone(), session.owner.clone(), Utc::now());
+        }
+        match outcome {
             Ok(Ok(())) => {
                 adopted += 1;
                 tracing::info!(session_id = %session.id, "adopted a session from an earlier run");
@@ -88,6 +102,16 @@ pub async fn recover(r: &Recovery<'_>) -> Result<(usize, usize), SessionError> {
 }
 
 type Adoptable = (SessionId, Owner, SessionSettings, DateTime<Utc>, String);
+
+/// The session a container served and its owner (a claimed pooled kernel's from its claim), if any.
+fn holder(r: &Recovery<'_>, c: &ContainerSummary) -> Option<(SessionId, Owner)> {
+    let id = c.labels.get(labels::SESSION).and_then(|s| SessionId::parse(s))?;
+    if c.labels.contains_key(labels::POOL) {
+        let claim: pool::Claim = records::read(&r.launcher.dirs.claims, id.as_str())?;
+        return Some((id, claim.owner));
+    }
+    Some((id, Owner(c.labels.get(labels::OWNER)?.clone())))
+}
 
 /// Whether a container can be adopted, from its labels alone.
 fn adoptable(r: &Recovery<'_>, c: &ContainerSummary) -> Result<Adoptable, &'static str> {

@@ -112,6 +112,12 @@ impl Registry {
         (sessions, tombstones.clone())
     }
 
+    /// Tombstones a session that is gone already (its container died with the node during a gap that
+    /// fences it): its id answers `session_lost`, like those [`fence_all`](Self::fence_all) closes.
+    pub fn bury(&self, id: SessionId, owner: Owner, now: DateTime<Utc>) {
+        self.tombstones.lock().unwrap().bury(id, owner, now);
+    }
+
     /// Whether `id` was fenced (whoever's): adoption removes such a container instead.
     pub fn is_tombstoned(&self, id: &SessionId) -> bool {
         self.tombstones.lock().unwrap().contains(id)

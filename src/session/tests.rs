@@ -769,6 +769,24 @@ async fn an_agent_that_starts_after_a_long_gap_removes_what_it_adopted() {
 }
 
 #[tokio::test]
+async fn a_session_whose_container_died_with_its_node_through_a_long_gap_stays_lost() {
+    let h = agent_harness(Duration::from_secs(60), true);
+    let id = h.start().await;
+    super::fence::write_last_contact(h._dir.path(), chrono::Utc::now() - chrono::Duration::seconds(120)).unwrap();
+    h.manager.shutdown().await;
+    // The node went down with its containers: at the next start the session's container is not running.
+    let container = h.runtime.container_ids().pop().expect("kept for adoption");
+    h.runtime.kill(&container, false);
+
+    let again = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    assert_eq!(again.recover().await.unwrap(), (0, 1), "removed, not adopted");
+    again.fence_stale().await;
+    assert!(matches!(again.get(&owner(), &id), Err(SessionError::Lost(_))), "lost, not not-found");
+    let third = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    assert!(matches!(third.get(&owner(), &id), Err(SessionError::Lost(_))), "its tombstone is persisted");
+}
+
+#[tokio::test]
 async fn an_agent_that_starts_within_lost_after_adopts_and_a_fenced_container_is_never_adopted() {
     let h = agent_harness(Duration::from_secs(60), true);
     let kept = h.start().await;

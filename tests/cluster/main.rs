@@ -8,3 +8,5 @@ mod harness;
 mod smoke;
 
 mod smoke_faults;
+
+mod scenarios;

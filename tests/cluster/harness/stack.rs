@@ -33,6 +33,11 @@ pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const AGENT_PORT: u16 = 7443;
 /// The API replicas' port, published in host mode on their nodes.
 pub const API_PORT: u16 = 8080;
+/// The services' health-check interval. Swarm lists a task in `tasks.<service>` only once it is healthy,
+/// so a restarted agent is out of the replicas' view for about one interval: it must stay well under
+/// lost_after (the stack file's 10 s against its 60 s; here 1 s against 10 s), or an agent restart
+/// costs its node's sessions.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// The node label that says where API replicas run.
 pub const API_NODE_LABEL: &str = "kernelbox.api";
 
@@ -126,9 +131,16 @@ pub async fn deploy_kernelbox(cluster: &Cluster, stack: &KernelboxStack) -> anyh
     agent.dnsrr = true;
     agent.binds = vec![DOCKER_SOCKET.into(), AGENT_STATE_DIR.into()];
     agent.secrets = vec![secret("ca.pem"), secret("agent.pem"), secret("agent-key.pem")];
+    agent.health_interval = Some(HEALTH_INTERVAL);
     agent.args = [
         "agent",
+        // The image's environment says 0.0.0.0:8080 (for `serve`); the agent's plain listener serves only
+        // health, for the container's own health check: loopback.
+        "--listen",
+        "127.0.0.1:8080",
         "--no-build",
+        // As the stack file: a replaced agent task leaves its sessions to its successor.
+        "--keep-sessions",
         "--state-dir",
         AGENT_STATE_DIR,
         "--instance",
@@ -164,6 +176,7 @@ pub async fn deploy_kernelbox(cluster: &Cluster, stack: &KernelboxStack) -> anyh
     api.networks = vec![OVERLAY.into()];
     api.host_ports = vec![(API_PORT, API_PORT)];
     api.secrets = vec![secret("ca.pem"), secret("api.pem"), secret("api-key.pem")];
+    api.health_interval = Some(HEALTH_INTERVAL);
     api.args = [
         "api",
         "--listen",

@@ -12,9 +12,9 @@ use base64::Engine as _;
 use bollard::Docker;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{
-    EndpointPortConfig, EndpointPortConfigPublishModeEnum, EndpointSpec, EndpointSpecModeEnum, ExecConfig, Mount,
-    MountType, NetworkAttachmentConfig, NetworkCreateRequest, SecretSpec, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile,
+    EndpointPortConfig, EndpointPortConfigPublishModeEnum, EndpointSpec, EndpointSpecModeEnum, ExecConfig,
+    HealthConfig, Mount, MountType, NetworkAttachmentConfig, NetworkCreateRequest, SecretSpec, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile,
     TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum,
     TaskState,
 };
@@ -59,6 +59,9 @@ pub struct ServiceDef {
     pub secrets: Vec<(String, String, String)>,
     /// (container port, published port), published in host mode on the node that runs the task.
     pub host_ports: Vec<(u16, u16)>,
+    /// The image's health check run this often instead (Swarm puts a task in DNS only once it is healthy,
+    /// so this bounds how long a restarted task stays out of `tasks.<service>`).
+    pub health_interval: Option<Duration>,
 }
 
 impl ServiceDef {
@@ -75,6 +78,7 @@ impl ServiceDef {
             binds: Vec::new(),
             secrets: Vec::new(),
             host_ports: Vec::new(),
+            health_interval: None,
         }
     }
 
@@ -141,6 +145,12 @@ impl ServiceDef {
                     labels: Some(labels),
                     mounts: Some(mounts),
                     secrets: Some(secrets),
+                    // No test: the image's own, at this interval.
+                    health_check: self.health_interval.map(|every| HealthConfig {
+                        interval: Some(every.as_nanos() as i64),
+                        start_interval: Some(every.as_nanos() as i64),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 placement: Some(TaskSpecPlacement { constraints: Some(constraints), ..Default::default() }),
