@@ -102,6 +102,7 @@ async fn run_to_end(docker: &Docker, name: &str, body: ContainerCreateBody) -> a
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_three_node_swarm_runs_sandboxes_and_services_and_takes_a_node_back_after_a_crash() -> anyhow::Result<()> {
+    let _serial = crate::harness::one_cluster_at_a_time().await;
     let run = run_id();
     let mut report = Vec::<(String, Duration)>::new();
     let cluster = Cluster::start(&run, 3).await.map_err(|e| anyhow::anyhow!("starting the cluster: {e:?}"))?;

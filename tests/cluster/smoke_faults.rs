@@ -16,6 +16,7 @@ use crate::harness::{Cluster, run_id};
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_or_cut_off_node_goes_down_and_comes_back_and_a_container_in_a_node_can_be_killed()
 -> anyhow::Result<()> {
+    let _serial = crate::harness::one_cluster_at_a_time().await;
     let run = run_id();
     let cluster = Cluster::start(&run, 3).await?;
     let mut report = Vec::<(&str, Duration)>::new();
