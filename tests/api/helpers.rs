@@ -197,7 +197,9 @@ pub async fn spawn_app_with(mut options: AppOptions) -> TestApp {
     });
     TestApp {
         base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
+        // Idle connections are dropped well before the service closes them (`--header-read-timeout-s`,
+        // 15 s): a request sent on one the service is closing at that moment fails with no answer at all.
+        client: reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(5)).build().expect("a client"),
         manager,
         store,
         instance,
