@@ -359,6 +359,7 @@ impl Routing {
         // The first and one more: "one retry on the next candidate".
         for (i, (tag, addr)) in candidates.iter().take(2).enumerate() {
             let head = copy_head(&parts);
+            let sent = std::time::Instant::now();
             let result = self.send_addr(*tag, *addr, head, Payload::Read(bytes.clone()), Some(owner)).await;
             let refused = |r: &Response| {
                 retry_refusal && matches!(r.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
@@ -371,7 +372,7 @@ impl Routing {
             if let (Some(ask), Ok(r)) = (place, &result)
                 && r.status().is_success()
             {
-                self.membership.note_placed(*tag, ask);
+                self.membership.note_placed(*tag, ask, sent);
             }
             if !again || i + 1 == candidates.len().min(2) {
                 return result;

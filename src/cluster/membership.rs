@@ -299,12 +299,14 @@ impl Membership {
     }
 
     /// Counts a session this replica just placed on `tag` in the view (its usage, its owner's count, one
-    /// warm container of its language fewer) until a probe that began after it reports the truth: without
-    /// it, every create between two probes sees the same loads and a burst lands wherever the tie-break
-    /// sends it; and a probe already under way when the session was made must not wipe the count out.
-    pub fn note_placed(&self, tag: NodeTag, ask: &Ask) {
+    /// warm container of its language fewer) until a probe that began after the create was `sent` reports
+    /// the truth: without it, every create between two probes sees the same loads and a burst lands
+    /// wherever the tie-break sends it. A probe begun before the create was sent cannot count it and must
+    /// not wipe the count out; one begun after it can (an agent registers a session the moment its create
+    /// arrives), so the count is dropped then, never applied on top of a report that already has it.
+    pub fn note_placed(&self, tag: NodeTag, ask: &Ask, sent: Instant) {
         let placed = Placed {
-            at: Instant::now(),
+            at: sent,
             tag,
             language: ask.language.map(str::to_owned),
             memory_mb: ask.memory_mb,

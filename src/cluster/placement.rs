@@ -255,7 +255,7 @@ mod tests {
         // No probe in between: only the replica's own count of what it placed moves the loads.
         for seed in 0..8 {
             let chosen = place(&membership.snapshot(), &ask("o"), &Policy::default(), seed).unwrap()[0].0;
-            membership.note_placed(chosen, &ask("o"));
+            membership.note_placed(chosen, &ask("o"), Instant::now());
             *counts.entry(chosen.to_string()).or_insert(0) += 1;
         }
         assert_eq!(counts.values().copied().collect::<Vec<_>>(), [4, 4], "{counts:?}");
