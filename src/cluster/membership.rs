@@ -22,7 +22,6 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use tokio_util::sync::CancellationToken;
 
-use super::placement::Ask;
 use super::transport::AgentTransport;
 use crate::node::{AgentInfo, INFO_PATH, NodeTag};
 
@@ -249,6 +248,16 @@ pub struct Membership {
     /// Sessions this replica placed, with when: counted on top of every probe that began before them
     /// (such a probe may have missed them), forgotten once a probe began after them. Bounded.
     placed: Mutex<VecDeque<Placed>>,
+}
+
+/// What a new session needs (placement weighs it; the view counts it once placed).
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// `None`: no kernel yet (an MCP session), any ready agent will do.
+    pub language: Option<&'a str>,
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub owner: &'a str,
 }
 
 /// One session placed by this replica (see [`Membership::note_placed`]).

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use super::error::RouteError;
+pub use super::membership::Ask;
 use super::membership::{Member, Snapshot};
 use crate::node::NodeTag;
 
@@ -25,16 +26,6 @@ pub struct Policy {
     pub max_sessions: Option<u32>,
     /// Sessions per owner in the whole cluster (soft).
     pub max_per_owner: Option<u32>,
-}
-
-/// What a new session needs.
-#[derive(Debug, Clone, Copy)]
-pub struct Ask<'a> {
-    /// `None`: no kernel yet (an MCP session), any ready agent will do.
-    pub language: Option<&'a str>,
-    pub memory_mb: u64,
-    pub cpus: f64,
-    pub owner: &'a str,
 }
 
 /// Why no agent can take a session.
