@@ -477,17 +477,19 @@ impl HttpArgs {
 impl ServeArgs {
     /// Refuses to listen beyond loopback without API keys.
     pub fn check_exposure(&self) -> Result<(), ConfigError> {
-        if self.api_keys.iter().all(|k| k.trim().is_empty())
-            && !self.listen.ip().is_loopback()
-            && !self.insecure_no_auth
-        {
-            return Err(ConfigError(format!(
-                "refusing to listen on {} without API keys: set --api-key/KERNELBOX_API_KEYS, or listen on 127.0.0.1",
-                self.listen
-            )));
-        }
-        Ok(())
+        check_exposure(self.listen, &self.api_keys, self.insecure_no_auth)
     }
+}
+
+/// Refuses to listen beyond loopback without API keys, unless told it is safe (`--insecure-no-auth`):
+/// the rule of every role that takes API keys (`serve`, `api`).
+fn check_exposure(listen: SocketAddr, api_keys: &[String], insecure_no_auth: bool) -> Result<(), ConfigError> {
+    if api_keys.iter().all(|k| k.trim().is_empty()) && !listen.ip().is_loopback() && !insecure_no_auth {
+        return Err(ConfigError(format!(
+            "refusing to listen on {listen} without API keys: set --api-key/KERNELBOX_API_KEYS, or listen on 127.0.0.1"
+        )));
+    }
+    Ok(())
 }
 
 /// How many kernels to keep ready per language, and how many may boot at once.

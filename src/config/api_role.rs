@@ -77,16 +77,7 @@ pub enum AgentSource {
 impl ApiArgs {
     /// Refuses to listen beyond loopback without API keys.
     pub fn check_exposure(&self) -> Result<(), ConfigError> {
-        if self.api_keys.iter().all(|k| k.trim().is_empty())
-            && !self.listen.ip().is_loopback()
-            && !self.insecure_no_auth
-        {
-            return Err(ConfigError(format!(
-                "refusing to listen on {} without API keys: set --api-key/KERNELBOX_API_KEYS, or listen on 127.0.0.1",
-                self.listen
-            )));
-        }
-        Ok(())
+        super::check_exposure(self.listen, &self.api_keys, self.insecure_no_auth)
     }
 
     /// `--agents` or `--agent-addrs`, exactly one.
