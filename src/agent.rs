@@ -166,10 +166,8 @@ impl AgentApplication {
 mod tests {
     use super::*;
     use crate::config::{Cli, Command};
-    use crate::images::Catalog;
     use crate::node::{INFO_PATH, OWNER_HEADER};
     use crate::runtime::fake::FakeRuntime;
-    use crate::session::ManagerConfig;
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
     use clap::Parser;
@@ -182,18 +180,7 @@ mod tests {
             unreachable!()
         };
         Settings {
-            manager: ManagerConfig {
-                limits: args.limits.validate().unwrap(),
-                state_dir: state_dir.to_path_buf(),
-                instance: "unit".into(),
-                catalog: Catalog::new("fake/"),
-                keep_sessions: false,
-                packages: args.packages.validate(None).unwrap(),
-                storage: Default::default(),
-                pool: args.pool_config().unwrap(),
-                node: None,
-                fencing: None,
-            },
+            manager: crate::session::tests::config(&["--state-dir", dir], state_dir),
             api_keys: vec!["a key the agent must ignore".into()],
             http: args.http.validate().unwrap(),
             files: args.files.validate().unwrap(),

@@ -19,7 +19,9 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
-fn config(flags: &[&str], dir: &std::path::Path) -> ManagerConfig {
+/// A manager's configuration as `kernelbox serve <flags>` makes it, on the fake image prefix (also the
+/// agent's tests' base).
+pub(crate) fn config(flags: &[&str], dir: &std::path::Path) -> ManagerConfig {
     let mut argv = vec!["kernelbox", "serve"];
     argv.extend_from_slice(flags);
     let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
