@@ -157,7 +157,8 @@ impl AgentApplication {
         manager.shutdown().await;
         manager.persist_contact();
         let _ = health.await;
-        tracing::info!("stopped");
+        // The lock goes with this function's return: a successor may serve from the next moment.
+        tracing::info!("agent stopped; releasing the state directory's lock");
         Ok(())
     }
 }

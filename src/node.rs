@@ -103,6 +103,17 @@ pub struct AgentInfo {
     pub warm: BTreeMap<String, u32>,
     /// Per language: the content hash of the image this node has, `None` when it has none.
     pub images: BTreeMap<String, Option<String>>,
+    /// Per language with a pool: creates the pool served and those that found it empty, since the
+    /// agent started (an older agent reports none).
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolCounts>,
+}
+
+/// A node's pool of one language, counted since its agent started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolCounts {
+    pub hits: u64,
+    pub misses: u64,
 }
 
 /// A node's limits, as its agent enforces them.
@@ -166,6 +177,7 @@ mod tests {
             owners: BTreeMap::new(),
             warm: BTreeMap::from([("python".into(), 1)]),
             images: BTreeMap::from([("python".into(), Some("abc".into())), ("java".into(), None)]),
+            pools: BTreeMap::from([("python".into(), PoolCounts { hits: 3, misses: 1 })]),
         };
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<AgentInfo>(&json).unwrap(), info);

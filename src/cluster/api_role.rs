@@ -24,8 +24,8 @@ use tokio_util::task::TaskTracker;
 
 use super::error::RouteError;
 use super::fanout::{ask_all, merged};
-use super::membership::{Discovery, Lookup, Member, Membership, MembershipConfig, NodeState};
-use super::placement::{Ask, Policy, owner_key, place, rendezvous, user_key};
+use super::membership::{Discovery, Lookup, Member, Membership, MembershipConfig, NodeState, Reservation};
+use super::placement::{Ask, NoPlace, Policy, owner_key, place, rendezvous, user_key};
 use super::route::{self, Peek, Step, Target};
 use super::transport::{AgentTransport, TransportError};
 use super::user_session::{self, Found};
@@ -117,23 +117,38 @@ async fn compat_shapes(req: Request, next: Next) -> Response {
     if compat { compat::detail_errors(response).await } else { response }
 }
 
-/// Fails while no agent is Up.
+/// Fails while no agent is Up. Says, per node, its state and why it is not ready or lacks a language's
+/// image (what its agent last reported), so an operator sees why a node gets no sessions.
 async fn readyz(State(routing): State<Routing>) -> Response {
     let snapshot = routing.membership.snapshot();
     let up = snapshot.up().count();
     let ready = snapshot.members.values().filter(|m| m.is_ready()).count();
+    let nodes: serde_json::Map<String, serde_json::Value> = snapshot
+        .members
+        .iter()
+        .map(|(tag, m)| {
+            let state = match m.state {
+                NodeState::Up => "up",
+                NodeState::Unreachable => "unreachable",
+            };
+            let node = serde_json::json!({"state": state, "ready": m.is_ready(), "reasons": m.info.reasons});
+            (tag.to_string(), node)
+        })
+        .collect();
     let body = serde_json::json!({
         "ready": up > 0,
         "agents_up": up,
         "agents_ready": ready,
         "agents_unreachable": snapshot.members.len() - up,
+        "nodes": nodes,
     });
     let status = if up > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
 }
 
-/// Prometheus text: membership by state, each node's sessions and warm containers, plus the counters
-/// (`kernelbox_routed_requests_total{node}`, `kernelbox_route_errors_total{kind}`).
+/// Prometheus text: membership by state, each node's sessions, warm containers and pool hits and misses
+/// (as its agent last reported them), plus the counters (`kernelbox_routed_requests_total{node}`,
+/// `kernelbox_route_errors_total{kind}`).
 async fn metrics(State(routing): State<Routing>) -> Response {
     let snapshot = routing.membership.snapshot();
     let up = snapshot.up().count();
@@ -144,9 +159,18 @@ async fn metrics(State(routing): State<Routing>) -> Response {
         let node = tag.to_string();
         metrics::gauge!("kernelbox_node_up", "node" => node.clone()).set(f64::from(u8::from(m.state == NodeState::Up)));
         metrics::gauge!("kernelbox_node_sessions", "node" => node.clone()).set(f64::from(m.info.usage.sessions));
-        for (language, n) in &m.info.warm {
+        // Every pooled language, so a pool emptied by a burst shows 0 (an agent lists only warm > 0).
+        let pooled = m.info.pools.keys().chain(m.info.warm.keys()).collect::<std::collections::BTreeSet<_>>();
+        for language in pooled {
+            let warm = m.info.warm.get(language).copied().unwrap_or(0);
             metrics::gauge!("kernelbox_node_warm", "node" => node.clone(), "language" => language.clone())
-                .set(f64::from(*n));
+                .set(f64::from(warm));
+        }
+        // The agent's own counters, mirrored per node (they restart from 0 with the agent).
+        for (language, pool) in &m.info.pools {
+            let labels = [("node", node.clone()), ("language", language.clone())];
+            metrics::counter!("kernelbox_node_pool_hits_total", &labels).absolute(pool.hits);
+            metrics::counter!("kernelbox_node_pool_misses_total", &labels).absolute(pool.misses);
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], system::prometheus().render()).into_response()
@@ -204,8 +228,9 @@ impl Routing {
                     cpus: cpus.unwrap_or(self.default_cpus),
                     owner: &owner.0,
                 };
-                let candidates = place(&snapshot, &ask, &self.policy, random_seed())?;
-                self.try_in_turn(&candidates, parts, payload, &owner, Some(&ask)).await
+                let seed = random_seed();
+                let (candidates, reserved) = self.membership.place(&ask, |now| place(now, &ask, &self.policy, seed))?;
+                self.try_in_turn(&candidates, parts, payload, &owner, Some(reserved)).await
             }
             Target::FanOut(_) => {
                 let transport = self.membership.transport();
@@ -310,11 +335,15 @@ impl Routing {
                 cpus: self.default_cpus,
                 owner: &owner.0,
             };
-            let candidates = place(snapshot, &ask, &self.policy, random_seed())?;
-            let order = rendezvous(&key, candidates.iter().map(|(t, _)| *t));
-            let ordered: Vec<(NodeTag, SocketAddr)> =
-                order.into_iter().filter_map(|t| candidates.iter().find(|(c, _)| *c == t).copied()).collect();
-            return self.try_in_turn(&ordered, parts, Payload::Read(bytes), owner, Some(&ask)).await;
+            let seed = random_seed();
+            let (ordered, reserved) = self.membership.place(&ask, |now| {
+                let candidates = place(now, &ask, &self.policy, seed)?;
+                let order = rendezvous(&key, candidates.iter().map(|(t, _)| *t));
+                Ok::<_, NoPlace>(
+                    order.into_iter().filter_map(|t| candidates.iter().find(|(c, _)| *c == t).copied()).collect(),
+                )
+            })?;
+            return self.try_in_turn(&ordered, parts, Payload::Read(bytes), owner, Some(reserved)).await;
         }
         let up: Vec<NodeTag> = snapshot.up().map(|(t, _)| *t).collect();
         let Some(first) = rendezvous(&key, up).first().copied() else {
@@ -334,18 +363,19 @@ impl Routing {
         }
     }
 
-    /// Tries `candidates` in order: the next on a connection failure, and (for creates, which name what
-    /// they `place`) on a refusal (429/503); a create that succeeds is counted in the membership's view
-    /// until the next probe. A streamed body can be sent once only.
+    /// Tries `candidates` in order: the next on a connection failure, and (for creates, which hold the
+    /// `reserved` count of their session in the membership's view) on a refusal (429/503); a create that
+    /// succeeds keeps its count until the probes report it, one that fails gives it back. A streamed body
+    /// can be sent once only.
     async fn try_in_turn(
         &self,
         candidates: &[(NodeTag, SocketAddr)],
         parts: Parts,
         payload: Payload,
         owner: &Owner,
-        place: Option<&Ask<'_>>,
+        reserved: Option<Reservation<'_>>,
     ) -> Result<Response, RouteError> {
-        let retry_refusal = place.is_some();
+        let retry_refusal = reserved.is_some();
         let bytes = match payload {
             Payload::Read(bytes) => bytes,
             Payload::Stream(body) => {
@@ -357,9 +387,14 @@ impl Routing {
         };
         let mut last = Err(RouteError::NoNodeAvailable("no agent is known or answers".into()));
         // The first and one more: "one retry on the next candidate".
+        let mut reserved = reserved;
         for (i, (tag, addr)) in candidates.iter().take(2).enumerate() {
             let head = copy_head(&parts);
-            let sent = std::time::Instant::now();
+            if i > 0
+                && let Some(r) = &reserved
+            {
+                r.moved_to(*tag);
+            }
             let result = self.send_addr(*tag, *addr, head, Payload::Read(bytes.clone()), Some(owner)).await;
             let refused = |r: &Response| {
                 retry_refusal && matches!(r.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
@@ -369,10 +404,11 @@ impl Routing {
                 Ok(r) => refused(r),
                 Err(_) => false,
             };
-            if let (Some(ask), Ok(r)) = (place, &result)
+            if let Ok(r) = &result
                 && r.status().is_success()
+                && let Some(r) = reserved.take()
             {
-                self.membership.note_placed(*tag, ask, sent);
+                r.confirm();
             }
             if !again || i + 1 == candidates.len().min(2) {
                 return result;

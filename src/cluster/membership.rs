@@ -244,10 +244,31 @@ pub struct Membership {
     config: MembershipConfig,
     discovery: Discovery,
     transport: Arc<dyn AgentTransport>,
-    current: Mutex<Arc<Snapshot>>,
-    /// Sessions this replica placed, with when: counted on top of every probe that began before them
-    /// (such a probe may have missed them), forgotten once a probe began after them. Bounded.
-    placed: Mutex<VecDeque<Placed>>,
+    view: Mutex<View>,
+}
+
+/// The last probes' picture, and what this replica placed on top of it.
+#[derive(Default)]
+struct View {
+    /// What the last round of probes said.
+    probed: Arc<Snapshot>,
+    /// `probed` with every placement below counted: what placement decides on.
+    current: Arc<Snapshot>,
+    /// Sessions this replica placed: counted from the moment one is chosen (so two creates at once see
+    /// each other), forgotten when its create fails or is cancelled, or once a probe begun after the
+    /// agent answered it reports the truth. Bounded.
+    placed: VecDeque<Placed>,
+    next_id: u64,
+}
+
+impl View {
+    fn recount(&mut self) {
+        let mut current = Snapshot::clone(&self.probed);
+        for placed in &self.placed {
+            placed.apply(&mut current);
+        }
+        self.current = Arc::new(current);
+    }
 }
 
 /// What a new session needs (placement weighs it; the view counts it once placed).
@@ -260,10 +281,12 @@ pub struct Ask<'a> {
     pub owner: &'a str,
 }
 
-/// One session placed by this replica (see [`Membership::note_placed`]).
+/// One session placed by this replica (see [`Membership::place`]).
 #[derive(Debug, Clone)]
 struct Placed {
-    at: Instant,
+    id: u64,
+    /// When the agent said it made the session; `None` while the create is under way.
+    confirmed: Option<Instant>,
     tag: NodeTag,
     language: Option<String>,
     memory_mb: u64,
@@ -287,50 +310,59 @@ impl Placed {
 
 impl Membership {
     pub fn new(config: MembershipConfig, discovery: Discovery, transport: Arc<dyn AgentTransport>) -> Self {
-        Membership {
-            config,
-            discovery,
-            transport,
-            current: Mutex::new(Arc::new(Snapshot::default())),
-            placed: Mutex::new(VecDeque::new()),
-        }
+        Membership { config, discovery, transport, view: Mutex::default() }
     }
 
     /// The current view (cheap: an `Arc`).
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock().current.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replaces the view (tests that need a state only time makes, such as Lost).
     #[cfg(test)]
     pub(crate) fn set(&self, snapshot: Snapshot) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+        let mut view = self.lock();
+        view.probed = Arc::new(snapshot);
+        view.recount();
     }
 
-    /// Counts a session this replica just placed on `tag` in the view (its usage, its owner's count, one
-    /// warm container of its language fewer) until a probe that began after the create was `sent` reports
-    /// the truth: without it, every create between two probes sees the same loads and a burst lands
-    /// wherever the tie-break sends it. A probe begun before the create was sent cannot count it and must
-    /// not wipe the count out; one begun after it can (an agent registers a session the moment its create
-    /// arrives), so the count is dropped then, never applied on top of a report that already has it.
-    pub fn note_placed(&self, tag: NodeTag, ask: &Ask, sent: Instant) {
-        let placed = Placed {
-            at: sent,
-            tag,
-            language: ask.language.map(str::to_owned),
-            memory_mb: ask.memory_mb,
-            cpus: ask.cpus,
-            owner: ask.owner.to_owned(),
-        };
-        let mut pending = self.placed.lock().unwrap_or_else(|p| p.into_inner());
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = Snapshot::clone(&current);
-        placed.apply(&mut next);
-        *current = Arc::new(next);
-        if pending.len() == MAX_PENDING_PLACEMENTS {
-            pending.pop_front();
+    /// Chooses where a new session goes and counts it there at once, in one step: `choose` (placement,
+    /// a pure function) sees every session this replica is placing or has placed since the last probes,
+    /// so a burst of creates, even at the same instant, spreads by their count (without it every create
+    /// between two probes sees the same loads and lands wherever the tie-break sends it). The count
+    /// lasts as long as the returned [`Reservation`] and, once [`Reservation::confirm`]ed, until a probe
+    /// begun after the agent's answer reports the truth; dropping the reservation unconfirmed (the create
+    /// failed, or its caller left) takes it back. A probe begun before the confirmation may already count
+    /// the session too: then it is counted twice until the next probe, never missed.
+    pub fn place<E>(
+        &self,
+        ask: &Ask<'_>,
+        choose: impl FnOnce(&Snapshot) -> Result<Vec<(NodeTag, SocketAddr)>, E>,
+    ) -> Result<(Vec<(NodeTag, SocketAddr)>, Reservation<'_>), E> {
+        let mut view = self.lock();
+        let candidates = choose(&view.current)?;
+        let id = view.next_id;
+        view.next_id += 1;
+        if let Some((tag, _)) = candidates.first() {
+            if view.placed.len() == MAX_PENDING_PLACEMENTS {
+                view.placed.pop_front();
+            }
+            view.placed.push_back(Placed {
+                id,
+                confirmed: None,
+                tag: *tag,
+                language: ask.language.map(str::to_owned),
+                memory_mb: ask.memory_mb,
+                cpus: ask.cpus,
+                owner: ask.owner.to_owned(),
+            });
+            view.recount();
         }
-        pending.push_back(placed);
+        Ok((candidates, Reservation { membership: self, id, settled: false }))
     }
 
     pub fn transport(&self) -> Arc<dyn AgentTransport> {
@@ -341,7 +373,7 @@ impl Membership {
     pub async fn refresh(&self, now: Instant) {
         let began = Instant::now();
         let resolved = self.discovery.resolve().await;
-        let old = self.snapshot();
+        let old = self.lock().probed.clone();
         let mut addrs: BTreeSet<SocketAddr> = resolved.iter().copied().collect();
         addrs.extend(old.members.values().map(|m| m.addr));
         let probes = futures::future::join_all(addrs.into_iter().take(MAX_ADDRESSES).map(|addr| {
@@ -355,13 +387,12 @@ impl Membership {
                 tracing::debug!(%addr, why, "probe failed");
             }
         }
-        let mut new = next(&old, Round { resolved, probes }, now, &self.config);
-        let mut pending = self.placed.lock().unwrap_or_else(|p| p.into_inner());
-        pending.retain(|p| p.at >= began);
-        for placed in pending.iter() {
-            placed.apply(&mut new);
-        }
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        let probed = next(&old, Round { resolved, probes }, now, &self.config);
+        let mut view = self.lock();
+        view.probed = Arc::new(probed);
+        // A placement the agent confirmed before this round began is in its report now.
+        view.placed.retain(|p| p.confirmed.is_none_or(|at| at >= began));
+        view.recount();
     }
 
     /// Refreshes every [`PROBE_INTERVAL`] until `shutdown`.
@@ -373,6 +404,43 @@ impl Membership {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => self.refresh(Instant::now()).await,
             }
+        }
+    }
+}
+
+/// A session being placed on a node, counted in the replica's view (see [`Membership::place`]).
+pub struct Reservation<'a> {
+    membership: &'a Membership,
+    id: u64,
+    settled: bool,
+}
+
+impl Reservation<'_> {
+    fn update(&self, change: impl FnOnce(&mut VecDeque<Placed>)) {
+        let mut view = self.membership.lock();
+        change(&mut view.placed);
+        view.recount();
+    }
+
+    /// The create goes to `tag` instead (the first choice refused it).
+    pub fn moved_to(&self, tag: NodeTag) {
+        let id = self.id;
+        self.update(|placed| placed.iter_mut().filter(|p| p.id == id).for_each(|p| p.tag = tag));
+    }
+
+    /// The agent made the session: it stays counted until the probes report it.
+    pub fn confirm(mut self) {
+        self.settled = true;
+        let (id, now) = (self.id, Instant::now());
+        self.update(|placed| placed.iter_mut().filter(|p| p.id == id).for_each(|p| p.confirmed = Some(now)));
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            let id = self.id;
+            self.update(|placed| placed.retain(|p| p.id != id));
         }
     }
 }
@@ -395,6 +463,7 @@ pub(crate) mod tests {
             owners: BTreeMap::new(),
             warm: BTreeMap::new(),
             images: BTreeMap::new(),
+            pools: BTreeMap::new(),
         }
     }
 
@@ -565,5 +634,35 @@ pub(crate) mod tests {
         let s = membership.snapshot();
         assert_eq!(s.members.len(), 1);
         assert!(s.any_up());
+    }
+
+    #[tokio::test]
+    async fn a_placement_counts_from_its_choice_until_a_probe_after_its_confirmation_reports_it() {
+        let report = |sessions: u32| {
+            let mut i = info("0000000a", "n1", true);
+            i.usage.sessions = sessions;
+            Some((StatusCode::OK, serde_json::to_string(&i).unwrap()))
+        };
+        let agents = Arc::new(FakeAgents(Mutex::new(BTreeMap::from([(addr(1), report(0))]))));
+        let membership = Membership::new(CONFIG, Discovery::Static(vec![addr(1)]), agents.clone());
+        membership.refresh(Instant::now()).await;
+        let sessions = |m: &Membership| m.snapshot().members.values().map(|m| m.info.usage.sessions).sum::<u32>();
+        let ask = Ask { language: Some("python"), memory_mb: 512, cpus: 0.5, owner: "o" };
+        let choose = |s: &Snapshot| Ok::<_, ()>(s.members.iter().map(|(t, m)| (*t, m.addr)).collect());
+
+        let (_, first) = membership.place(&ask, choose).unwrap();
+        assert_eq!(sessions(&membership), 1, "counted from the moment it is chosen");
+        first.confirm();
+        // The agent made it; the next probe (begun after the confirmation) reports it: counted once.
+        agents.0.lock().unwrap().insert(addr(1), report(1));
+        membership.refresh(Instant::now()).await;
+        assert_eq!(sessions(&membership), 1);
+
+        // A create under way survives a probe that cannot know it yet; given back when it fails.
+        let (_, second) = membership.place(&ask, choose).unwrap();
+        membership.refresh(Instant::now()).await;
+        assert_eq!(sessions(&membership), 2, "the probe does not wipe out a create under way");
+        drop(second);
+        assert_eq!(sessions(&membership), 1, "a failed or abandoned create is given back");
     }
 }

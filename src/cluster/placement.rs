@@ -244,15 +244,26 @@ mod tests {
         membership.set(cluster(vec![a, b]));
         let mut counts = BTreeMap::<String, u32>::new();
         // No probe in between: only the replica's own count of what it placed moves the loads.
+        let mut reserved = Vec::new();
         for seed in 0..8 {
-            let chosen = place(&membership.snapshot(), &ask("o"), &Policy::default(), seed).unwrap()[0].0;
-            membership.note_placed(chosen, &ask("o"), Instant::now());
-            *counts.entry(chosen.to_string()).or_insert(0) += 1;
+            let (candidates, reservation) =
+                membership.place(&ask("o"), |now| place(now, &ask("o"), &Policy::default(), seed)).unwrap();
+            reserved.push(reservation);
+            *counts.entry(candidates[0].0.to_string()).or_insert(0) += 1;
         }
         assert_eq!(counts.values().copied().collect::<Vec<_>>(), [4, 4], "{counts:?}");
         let s = membership.snapshot();
         let a = &s.members.values().next().unwrap().info;
         assert_eq!((a.usage.sessions, a.owners["o"], a.warm["python"]), (4, 4, 0));
+        // Confirmed creates stay counted; those that failed (dropped unconfirmed) are given back.
+        for (i, reservation) in reserved.into_iter().enumerate() {
+            if i % 2 == 0 {
+                reservation.confirm();
+            }
+        }
+        let s = membership.snapshot();
+        let total: u32 = s.members.values().map(|m| m.info.usage.sessions).sum();
+        assert_eq!(total, 4, "four confirmed, four given back");
     }
 
     #[test]

@@ -222,7 +222,7 @@ impl SessionManager {
             self.pool.release(&pooled.id);
             let ready = self.launcher.spawn(session.clone(), inbox, Start::Ready(Box::new(pooled.host)));
             Launcher::until_ready(&session, ready).await.map_err(|_| SessionError::Closing)??;
-            metrics::counter!("kernelbox_pool_hits_total", "language" => language.clone()).increment(1);
+            self.pool.hit(&language);
             metrics::counter!("kernelbox_sessions_created_total", "language" => language).increment(1);
             tracing::info!(session_id = %session.id, "session started from the pool");
             return Ok(session.info());

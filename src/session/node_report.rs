@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::images::catalog::LABEL_CONTENT_HASH;
-use crate::node::{AgentInfo, Capacity, NodeTag};
+use crate::node::{AgentInfo, Capacity, NodeTag, PoolCounts};
 
 use super::manager::SessionManager;
+use super::pool::PoolStatus;
 
 /// How long image hashes are reused before the engine is asked again.
 pub const IMAGE_CACHE: Duration = Duration::from_secs(5);
@@ -79,6 +80,7 @@ impl NodeReporter {
             owners: BTreeMap::new(),
             warm: BTreeMap::new(),
             images: BTreeMap::new(),
+            pools: BTreeMap::new(),
         }
     }
 
@@ -94,12 +96,17 @@ impl NodeReporter {
             cpus: limits.max_cpus * f64::from(max_sessions),
         };
         let (usage, owners) = manager.reserved();
-        let warm = manager
-            .catalog()
-            .languages
+        let pools: Vec<(String, PoolStatus)> =
+            manager.catalog().languages.iter().map(|l| (l.name.clone(), manager.pool_status(&l.name))).collect();
+        let warm = pools
             .iter()
-            .map(|l| (l.name.clone(), u32::try_from(manager.pool_status(&l.name).ready).unwrap_or(u32::MAX)))
+            .map(|(name, pool)| (name.clone(), u32::try_from(pool.ready).unwrap_or(u32::MAX)))
             .filter(|(_, n)| *n > 0)
+            .collect();
+        let pools = pools
+            .into_iter()
+            .filter(|(_, pool)| pool.target > 0 || pool.hits > 0 || pool.misses > 0)
+            .map(|(name, pool)| (name, PoolCounts { hits: pool.hits, misses: pool.misses }))
             .collect();
         let images = self.images(manager).await;
         let mut reasons = images.reasons.clone();
@@ -118,6 +125,7 @@ impl NodeReporter {
             owners,
             warm,
             images: images.hashes,
+            pools,
         }
     }
 

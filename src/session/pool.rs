@@ -53,6 +53,10 @@ pub struct PoolStatus {
     pub target: usize,
     pub ready: usize,
     pub booting: usize,
+    /// Creates served by a pooled kernel since the service started.
+    pub hits: u64,
+    /// Creates that could have been, but found none ready and started cold.
+    pub misses: u64,
 }
 
 /// The pool's state; the boots themselves are run by the manager.
@@ -71,6 +75,9 @@ struct Inner {
     members: HashSet<String>,
     /// A language whose boot failed is not retried before this.
     retry_after: HashMap<String, Instant>,
+    /// Per language: creates served from the pool, and those that found it empty.
+    hits: HashMap<String, u64>,
+    misses: HashMap<String, u64>,
     closed: bool,
 }
 
@@ -191,7 +198,16 @@ impl Pool {
             target,
             ready: inner.ready.get(language).map_or(0, VecDeque::len),
             booting: inner.booting.get(language).copied().unwrap_or(0),
+            hits: inner.hits.get(language).copied().unwrap_or(0),
+            misses: inner.misses.get(language).copied().unwrap_or(0),
         }
+    }
+
+    /// A create of `language` was served by a pooled kernel (`hit`), or found none ready.
+    pub fn count(&self, language: &str, hit: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        let counts = if hit { &mut inner.hits } else { &mut inner.misses };
+        *counts.entry(language.to_owned()).or_default() += 1;
     }
 }
 
@@ -206,7 +222,11 @@ mod tests {
         let b = pool.begin_boot("python", 2, 3).unwrap();
         assert!(pool.begin_boot("python", 2, 3).is_none(), "two under way is the target");
         assert!(pool.knows(a.as_str()) && pool.knows(b.as_str()), "booting ids are known to the sweep");
-        assert_eq!(pool.status("python", 2), PoolStatus { target: 2, ready: 0, booting: 2 });
+        assert_eq!(pool.status("python", 2), PoolStatus { target: 2, ready: 0, booting: 2, hits: 0, misses: 0 });
+        pool.count("python", true);
+        pool.count("python", false);
+        pool.count("python", false);
+        assert_eq!((pool.status("python", 2).hits, pool.status("python", 2).misses), (1, 2), "hits and misses counted");
         assert!(pool.end_boot("python", &a, None).is_none());
         assert!(!pool.knows(a.as_str()));
         assert!(pool.begin_boot("python", 2, 3).is_none(), "a failed boot waits before the next");

@@ -145,6 +145,7 @@ impl WarmPool {
         }
         self.wake.notify_one();
         let Some(pooled) = found else {
+            self.pool.count(language, false);
             metrics::counter!("kernelbox_pool_misses_total", "language" => language.clone()).increment(1);
             return None;
         };
@@ -176,6 +177,12 @@ impl WarmPool {
     /// The id is the registry's now (or gone): the pool lets it go.
     pub fn release(&self, id: &SessionId) {
         self.pool.release(id.as_str());
+    }
+
+    /// A create of `language` was served by a pooled kernel.
+    pub fn hit(&self, language: &str) {
+        self.pool.count(language, true);
+        metrics::counter!("kernelbox_pool_hits_total", "language" => language.to_owned()).increment(1);
     }
 
     /// Whether `id` is a pooled kernel's, booting or ready.

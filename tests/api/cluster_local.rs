@@ -668,3 +668,50 @@ async fn the_agents_listener_serves_nothing_to_a_client_without_the_api_certific
     let (status, v) = c.call(&c.a, Method::GET, "/v1/sessions", K1).await;
     assert_eq!((status, v), (200, json!([])));
 }
+
+/// Scenario 2b of the cluster: the real clients through one address (a round-robin TCP balancer over both
+/// replicas, so consecutive connections of one client reach different replicas). A Jupyter server with
+/// `--gateway-url` at that address runs the whole front end of `gateway_jupyter` (kernels in two
+/// languages, a plot, interrupt, restart, a notebook) and the reference MCP client its main scenario
+/// (every language, a plot, progress, stdin, files, a package, a stranger refused, a cancel); both pass the
+/// single-node checks unchanged, both replicas served them, and kernels ran on both agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_jupyter_server_and_the_reference_mcp_client_work_through_one_address() {
+    let c = spawn_cluster().await;
+    let addr = |r: &Replica| r.base.trim_start_matches("http://").parse::<SocketAddr>().unwrap();
+    let balancer = crate::proxy::Proxy::start(vec![addr(&c.a), addr(&c.b)]).await.unwrap();
+    // Which agents held kernels, watched from their engines while the clients run.
+    let stop = CancellationToken::new();
+    let watcher = {
+        let (stop, instances) = (stop.clone(), c.agents.iter().map(|a| a.instance.name.clone()).collect::<Vec<_>>());
+        tokio::spawn(async move {
+            let mut held = vec![0usize; instances.len()];
+            while !stop.is_cancelled() {
+                for (i, instance) in instances.iter().enumerate() {
+                    held[i] = held[i].max(instance_containers(instance).await.len());
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            held
+        })
+    };
+    // The agents' probes keep both replicas' views fresh (their own loops run every 2 s).
+    let r = crate::gateway_jupyter::front_end_through(&balancer.url(), K1).await;
+    crate::gateway_jupyter::check_front_end(&r);
+    let r = crate::mcp::reference_client_at(&balancer.url(), "main", K1, K2).await;
+    crate::mcp::check_main_scenario(&r);
+    stop.cancel();
+    let held = watcher.await.unwrap();
+    assert!(held.iter().all(|n| *n > 0), "kernels ran on both agents (most containers seen on each: {held:?})");
+    let served = balancer.served();
+    assert!(served.iter().all(|n| *n > 0), "both replicas served the clients' connections: {served:?}");
+    for agent in &c.agents {
+        let name = agent.instance.name.clone();
+        assert!(
+            eventually(Duration::from_secs(30), || async { instance_containers(&name).await.is_empty() }).await,
+            "every kernel the clients ended is gone from {}",
+            agent.tag
+        );
+    }
+    balancer.stop().await;
+}

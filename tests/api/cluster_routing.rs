@@ -58,6 +58,7 @@ impl Agent {
                 ("python".into(), Some("h1".into())),
                 ("python_scientific".into(), Some("h2".into())),
             ]),
+            pools: BTreeMap::new(),
         }
     }
 

@@ -22,7 +22,7 @@ struct JupyterServer {
     _home: tempfile::TempDir,
 }
 
-async fn jupyter_server(gateway: &str) -> JupyterServer {
+async fn jupyter_server(gateway: &str, key: &str) -> JupyterServer {
     let python = tokio::task::spawn_blocking(|| tool_python("jupyter-server", &[JUPYTER_SERVER])).await.unwrap();
     let home = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -45,7 +45,7 @@ async fn jupyter_server(gateway: &str) -> JupyterServer {
         .arg(format!("--IdentityProvider.token={token}"))
         .arg(format!("--ServerApp.root_dir={}", dir("notebooks").display()))
         .arg(format!("--gateway-url={gateway}"))
-        .arg(format!("--GatewayClient.auth_token={KEY}"))
+        .arg(format!("--GatewayClient.auth_token={key}"))
         .args(["--GatewayClient.request_timeout=180", "--GatewayClient.connect_timeout=60"])
         .env("HOME", home.path())
         .env("JUPYTER_CONFIG_DIR", dir("config"))
@@ -76,7 +76,18 @@ async fn jupyter_server(gateway: &str) -> JupyterServer {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_jupyter_server_runs_its_kernels_on_kernelbox() {
     let app = spawn_app_with(AppOptions { api_keys: vec![KEY.into()], ..Default::default() }).await;
-    let server = jupyter_server(&app.base).await;
+    let r = front_end_through(&app.base, KEY).await;
+    check_front_end(&r);
+    assert!(
+        eventually(Duration::from_secs(10), || async { app.containers().await.is_empty() }).await,
+        "every kernel the server ended is gone from Docker"
+    );
+}
+
+/// Runs `gateway_client.py` through a Jupyter server whose gateway is kernelbox at `gateway` (a single
+/// service, or a cluster's one address) with `key`; returns what the front end saw.
+pub(crate) async fn front_end_through(gateway: &str, key: &str) -> Value {
+    let server = jupyter_server(gateway, key).await;
     let python = tokio::task::spawn_blocking(|| tool_python("jupyter-server", &[JUPYTER_SERVER])).await.unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/gateway_client.py");
     let run =
@@ -92,7 +103,13 @@ async fn a_real_jupyter_server_runs_its_kernels_on_kernelbox() {
     let r: Value =
         serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     eprintln!("what the front end saw through jupyter_server: {r}");
+    r
+}
 
+/// What the front end must have seen: kernelbox's kernel specs, cells run with every message kind, a
+/// plot, an interrupt that keeps state, a restart that does not, bash, a notebook of Jupyter's own
+/// `python3`, and every kernel ended.
+pub(crate) fn check_front_end(r: &Value) {
     let specs = r["kernelspecs"].as_array().unwrap();
     for name in ["python3", "python", "python_scientific", "javascript", "typescript", "java", "bash"] {
         assert!(specs.iter().any(|s| s == name), "the server lists kernelbox's {name}: {specs:?}");
@@ -140,9 +157,4 @@ async fn a_real_jupyter_server_runs_its_kernels_on_kernelbox() {
     assert_eq!(nb["delete_status"], 204);
     assert_eq!((&nb["default_status"], &nb["default_kernel_name"]), (&json!(201), &json!("python3")), "{r}");
     assert_eq!(nb["default_delete_status"], 204);
-
-    assert!(
-        eventually(Duration::from_secs(10), || async { app.containers().await.is_empty() }).await,
-        "every kernel the server ended is gone from Docker"
-    );
 }

@@ -31,6 +31,10 @@ mod output_cap;
 mod packages;
 mod pool;
 mod process;
+/// The cluster tests' round-robin balancer, for the in-process cluster's "one address".
+#[allow(dead_code)]
+#[path = "../cluster/harness/proxy.rs"]
+mod proxy;
 mod python_client;
 mod requests_end_early;
 mod sandbox;

@@ -24,12 +24,16 @@ async fn app_with_keys() -> TestApp {
 
 /// Runs a scenario of `mcp_client.py` with the reference client; returns its JSON report.
 async fn reference_client(app: &TestApp, scenario: &str) -> Value {
+    reference_client_at(&app.base, scenario, KEY, OTHER_KEY).await
+}
+
+/// The reference client against `base` (a single service, or a cluster's one address) with `key`, and
+/// `other` for the scenarios that need a stranger.
+pub(crate) async fn reference_client_at(base: &str, scenario: &str, key: &str, other: &str) -> Value {
     let python = tokio::task::spawn_blocking(|| tool_python("mcp-client", &["mcp==2.3.0"])).await.unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/mcp_client.py");
-    let run = tokio::process::Command::new(python)
-        .args([script, scenario, &app.base, KEY, OTHER_KEY])
-        .kill_on_drop(true)
-        .output();
+    let run =
+        tokio::process::Command::new(python).args([script, scenario, base, key, other]).kill_on_drop(true).output();
     let out = tokio::time::timeout(Duration::from_secs(600), run).await.expect("the client finishes").unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "the MCP client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -47,7 +51,17 @@ fn text(result: &Value) -> String {
 async fn the_reference_client_runs_code_in_every_language_and_sees_only_its_own_sessions() {
     let app = app_with_keys().await;
     let r = reference_client(&app, "main").await;
+    check_main_scenario(&r);
+    assert!(
+        eventually(Duration::from_secs(30), || async { app.containers().await.is_empty() }).await,
+        "run_code and end_session leave no container"
+    );
+}
 
+/// What the reference client's main scenario must have seen: every tool described, code run in every
+/// language, a plot as an image, progress, stdin, errors, files, a package, a stranger refused, a
+/// cancelled call that interrupted, a restart and an end.
+pub(crate) fn check_main_scenario(r: &Value) {
     assert_eq!(r["server"]["name"], "kernelbox");
     let tools = r["tools"].as_object().unwrap();
     for name in [
@@ -111,11 +125,6 @@ async fn the_reference_client_runs_code_in_every_language_and_sees_only_its_own_
     assert_eq!(r["restart"]["is_error"], false, "{}", r["restart"]);
     assert_eq!(r["end"]["is_error"], false, "{}", r["end"]);
     assert_eq!(r["after_end"]["is_error"], true);
-
-    assert!(
-        eventually(Duration::from_secs(30), || async { app.containers().await.is_empty() }).await,
-        "run_code and end_session leave no container"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

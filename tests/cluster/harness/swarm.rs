@@ -18,7 +18,7 @@ use bollard::models::{
     TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum,
     TaskState,
 };
-use bollard::query_parameters::ListTasksOptionsBuilder;
+use bollard::query_parameters::{ListTasksOptionsBuilder, UpdateServiceOptionsBuilder};
 use futures::StreamExt;
 
 use super::cluster::{Cluster, LABEL_RUN};
@@ -227,6 +227,34 @@ impl Cluster {
             .await
             .with_context(|| format!("creating service {}", service.name))?;
         created.id.ok_or_else(|| anyhow!("service {} has no id", service.name))
+    }
+
+    /// Changes the arguments of `service`'s tasks (an operator's `docker service update --args`): Swarm
+    /// replaces each task, one node at a time, stopping the old one first (its default update order).
+    pub async fn update_args(&self, service: &str, args: Vec<String>) -> anyhow::Result<()> {
+        let current = self.manager().inspect_service(service, None).await?;
+        let version =
+            current.version.and_then(|v| v.index).ok_or_else(|| anyhow!("service {service} has no version"))?;
+        let mut spec = current.spec.ok_or_else(|| anyhow!("service {service} has no spec"))?;
+        let container = spec
+            .task_template
+            .as_mut()
+            .and_then(|t| t.container_spec.as_mut())
+            .ok_or_else(|| anyhow!("service {service} has no container spec"))?;
+        container.args = Some(args);
+        let options = UpdateServiceOptionsBuilder::new().version(i32::try_from(version)?).build();
+        let answer = self.manager().update_service(service, spec, options, None).await?;
+        // Without a registry Swarm warns that it cannot pin the image's digest: said, not fatal.
+        if let Some(warnings) = answer.warnings.filter(|w| !w.is_empty()) {
+            eprintln!("[cluster] updating {service}: {warnings:?}");
+        }
+        Ok(())
+    }
+
+    /// The arguments `service`'s tasks run with.
+    pub async fn service_args(&self, service: &str) -> anyhow::Result<Vec<String>> {
+        let current = self.manager().inspect_service(service, None).await?;
+        Ok(current.spec.and_then(|s| s.task_template?.container_spec?.args).unwrap_or_default())
     }
 
     /// The nodes (by name) where `service` has a running task.
