@@ -44,6 +44,14 @@ pub struct LimitArgs {
     pub max_sessions: usize,
     #[arg(long, env = "KERNELBOX_MAX_SESSIONS_PER_OWNER", default_value_t = 20)]
     pub max_sessions_per_owner: usize,
+    /// The most memory all sessions together may be given, MiB (each session's `memory_mb` counts; 0: no
+    /// limit beyond --max-sessions × --max-memory-mb). A create past it is 429. On a cluster's agent, this
+    /// is the node's capacity that placement weighs.
+    #[arg(long, env = "KERNELBOX_MAX_TOTAL_MEMORY_MB", default_value_t = 0)]
+    pub max_total_memory_mb: u64,
+    /// The most CPUs all sessions together may be given (0: no limit beyond --max-sessions × --max-cpus).
+    #[arg(long, env = "KERNELBOX_MAX_TOTAL_CPUS", default_value_t = 0.0)]
+    pub max_total_cpus: f64,
     /// Executions waiting per session before 429.
     #[arg(long, env = "KERNELBOX_QUEUE_DEPTH", default_value_t = 8)]
     pub queue_depth: usize,
@@ -107,6 +115,9 @@ pub struct Limits {
     pub max_lifetime: Duration,
     pub max_sessions: usize,
     pub max_sessions_per_owner: usize,
+    /// What all sessions together may be given: memory (MiB) and CPUs.
+    pub max_total_memory_mb: u64,
+    pub max_total_cpus: f64,
     pub queue_depth: usize,
     pub output_limit_bytes: usize,
     pub max_upload_bytes: u64,
@@ -141,6 +152,14 @@ impl LimitArgs {
             "--default-idle-timeout-s must be in [1, --max-idle-timeout-s]",
         )?;
         check(self.max_sessions >= 1 && self.max_sessions_per_owner >= 1, "session maximums must be at least 1")?;
+        check(
+            self.max_total_memory_mb == 0 || self.max_total_memory_mb >= self.max_memory_mb,
+            "--max-total-memory-mb must be 0 (no limit) or at least --max-memory-mb",
+        )?;
+        check(
+            self.max_total_cpus == 0.0 || (self.max_total_cpus.is_finite() && self.max_total_cpus >= self.max_cpus),
+            "--max-total-cpus must be 0 (no limit) or at least --max-cpus",
+        )?;
         check(self.queue_depth >= 1, "--queue-depth must be at least 1")?;
         check(self.output_limit_bytes >= 1024, "--output-limit-bytes must be at least 1024")?;
         check(self.max_upload_mb >= 1, "--max-upload-mb must be at least 1")?;
@@ -171,6 +190,15 @@ impl LimitArgs {
             max_lifetime: s(self.max_lifetime_s),
             max_sessions: self.max_sessions,
             max_sessions_per_owner: self.max_sessions_per_owner,
+            max_total_memory_mb: match self.max_total_memory_mb {
+                0 => self.max_memory_mb.saturating_mul(self.max_sessions as u64),
+                n => n,
+            },
+            max_total_cpus: if self.max_total_cpus == 0.0 {
+                self.max_cpus * self.max_sessions as f64
+            } else {
+                self.max_total_cpus
+            },
             queue_depth: self.queue_depth,
             output_limit_bytes: self.output_limit_bytes,
             max_upload_bytes: self.max_upload_mb << 20,

@@ -208,7 +208,7 @@ impl SessionManager {
         settings.output = extras.output.filter(|_| self.launcher.planner.datasets_dir.is_some());
         let language = settings.language.clone();
         // A quota that is full fails here, before a pooled kernel or a create of the key's budget is spent.
-        self.registry.check_admit(&owner, &self.config.limits)?;
+        self.registry.check_admit(&owner, &settings, &self.config.limits)?;
         self.costs.spend(&owner, Limit::Creates)?;
         if self.pool.poolable(&settings)
             && let Some(pooled) = self.pool.claim(&owner, &settings).await

@@ -87,13 +87,11 @@ impl NodeReporter {
     /// The whole report, with the manager's views.
     pub async fn info(&self, manager: &SessionManager) -> AgentInfo {
         let limits = manager.limits();
-        let max_sessions = u32::try_from(limits.max_sessions).unwrap_or(u32::MAX);
-        // No node-wide memory or CPU limit exists apart from the per-session maximums: all sessions
-        // together may reserve at most this many of each.
+        // What the agent enforces at create (`policy::admit`), so placement never sends what must be refused.
         let capacity = Capacity {
-            max_sessions,
-            memory_mb: limits.max_memory_mb.saturating_mul(max_sessions as u64),
-            cpus: limits.max_cpus * f64::from(max_sessions),
+            max_sessions: u32::try_from(limits.max_sessions).unwrap_or(u32::MAX),
+            memory_mb: limits.max_total_memory_mb,
+            cpus: limits.max_total_cpus,
         };
         let (usage, owners) = manager.reserved();
         let pools: Vec<(String, PoolStatus)> =

@@ -149,18 +149,40 @@ fn reserved_env(name: &str) -> bool {
     EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
-/// Whether one more session fits: `total` sessions on the server, `owned` of them by the asking key.
-pub fn admit(total: usize, owned: usize, l: &Limits) -> Result<(), SessionError> {
-    if total >= l.max_sessions {
+/// What the sessions on this server hold now, as admission weighs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Held {
+    pub sessions: usize,
+    /// Of them, the asking key's.
+    pub owned: usize,
+    pub memory_mb: u64,
+    pub cpus: f64,
+}
+
+/// Whether one more session, given `memory_mb` and `cpus`, fits beside what is `held`.
+pub fn admit(held: Held, memory_mb: u64, cpus: f64, l: &Limits) -> Result<(), SessionError> {
+    if held.sessions >= l.max_sessions {
         return Err(SessionError::TooMany(format!(
             "the server runs its maximum of {} sessions; end one first",
             l.max_sessions
         )));
     }
-    if owned >= l.max_sessions_per_owner {
+    if held.owned >= l.max_sessions_per_owner {
         return Err(SessionError::TooMany(format!(
             "this API key has its maximum of {} sessions; end one first",
             l.max_sessions_per_owner
+        )));
+    }
+    if held.memory_mb.saturating_add(memory_mb) > l.max_total_memory_mb {
+        return Err(SessionError::TooMany(format!(
+            "the server's sessions hold {} of its {} MiB of memory; {memory_mb} more do not fit now",
+            held.memory_mb, l.max_total_memory_mb
+        )));
+    }
+    if held.cpus + cpus > l.max_total_cpus + 1e-9 {
+        return Err(SessionError::TooMany(format!(
+            "the server's sessions hold {} of its {} CPUs; {cpus} more do not fit now",
+            held.cpus, l.max_total_cpus
         )));
     }
     Ok(())
@@ -350,10 +372,33 @@ mod tests {
     #[test]
     fn admission_counts_the_server_and_the_key() {
         let l = limits();
-        assert!(admit(0, 0, &l).is_ok());
-        assert!(admit(2, 1, &l).is_ok());
-        assert!(matches!(admit(3, 0, &l), Err(SessionError::TooMany(m)) if m.contains("server")));
-        assert!(matches!(admit(2, 2, &l), Err(SessionError::TooMany(m)) if m.contains("API key")));
+        let held = |sessions, owned| Held { sessions, owned, memory_mb: 0, cpus: 0.0 };
+        assert!(admit(held(0, 0), 512, 1.0, &l).is_ok());
+        assert!(admit(held(2, 1), 512, 1.0, &l).is_ok());
+        assert!(matches!(admit(held(3, 0), 512, 1.0, &l), Err(SessionError::TooMany(m)) if m.contains("server")));
+        assert!(matches!(admit(held(2, 2), 512, 1.0, &l), Err(SessionError::TooMany(m)) if m.contains("API key")));
+    }
+
+    #[test]
+    fn admission_weighs_the_memory_and_cpus_all_sessions_hold() {
+        use clap::Parser;
+        let cli = crate::config::Cli::try_parse_from([
+            "kernelbox",
+            "serve",
+            "--max-total-memory-mb",
+            "4096",
+            "--max-total-cpus",
+            "3",
+        ]);
+        let crate::config::Command::Serve(args) = cli.unwrap().command else { unreachable!() };
+        let l = args.limits.validate().unwrap();
+        let held = Held { sessions: 3, owned: 0, memory_mb: 3072, cpus: 2.0 };
+        assert!(admit(held, 1024, 1.0, &l).is_ok(), "exactly full fits");
+        assert!(matches!(admit(held, 1025, 0.5, &l), Err(SessionError::TooMany(m)) if m.contains("MiB")));
+        assert!(matches!(admit(held, 512, 1.5, &l), Err(SessionError::TooMany(m)) if m.contains("CPUs")));
+        // Unset, the totals are what --max-sessions sessions of the largest size would hold.
+        let l = limits();
+        assert_eq!((l.max_total_memory_mb, l.max_total_cpus), (3 * l.max_memory_mb, 3.0 * l.max_cpus));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use super::error::SessionError;
 use super::fence::Tombstones;
 use super::handle::{InUse, Session};
-use super::model::{Owner, SessionId};
+use super::model::{Owner, SessionId, SessionSettings};
 use super::policy;
 use crate::config::Limits;
 
@@ -46,20 +46,31 @@ impl Registry {
         if inner.closed {
             return Err(SessionError::Closing);
         }
-        let owned = inner.sessions.values().filter(|s| s.owner == session.owner).count();
-        policy::admit(inner.sessions.len(), owned, limits)?;
+        let held = Self::held(&inner, &session.owner);
+        policy::admit(held, session.settings.memory_mb, session.settings.cpus, limits)?;
         inner.sessions.insert(session.id.clone(), session.clone());
         Ok(())
     }
 
-    /// Whether `owner` could add a session now (a hint: [`Registry::reserve`] decides).
-    pub fn check_admit(&self, owner: &Owner, limits: &Limits) -> Result<(), SessionError> {
+    /// Whether `owner` could add a session of `settings` now (a hint: [`Registry::reserve`] decides).
+    pub fn check_admit(&self, owner: &Owner, settings: &SessionSettings, limits: &Limits) -> Result<(), SessionError> {
         let inner = self.inner.lock().unwrap();
         if inner.closed {
             return Err(SessionError::Closing);
         }
-        let owned = inner.sessions.values().filter(|s| &s.owner == owner).count();
-        policy::admit(inner.sessions.len(), owned, limits)
+        policy::admit(Self::held(&inner, owner), settings.memory_mb, settings.cpus, limits)
+    }
+
+    /// What the registered sessions hold, `owner`'s counted apart.
+    fn held(inner: &Inner, owner: &Owner) -> policy::Held {
+        let mut held = policy::Held::default();
+        for s in inner.sessions.values() {
+            held.sessions += 1;
+            held.owned += usize::from(&s.owner == owner);
+            held.memory_mb = held.memory_mb.saturating_add(s.settings.memory_mb);
+            held.cpus += s.settings.cpus;
+        }
+        held
     }
 
     /// Adds an adopted session (start-up only; quotas do not apply to what already runs).

@@ -66,3 +66,34 @@ async fn the_session_maximums_are_enforced_with_429() {
     assert_eq!(status, 429, "server-wide maximum");
     assert!(v["error"]["message"].as_str().unwrap().contains("maximum"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_memory_and_cpus_all_sessions_hold_together_are_bounded_with_429() {
+    let app = spawn_app_with(AppOptions {
+        limits: limits(&["--max-memory-mb", "1024", "--max-total-memory-mb", "1536", "--max-total-cpus", "2"]),
+        ..Default::default()
+    })
+    .await;
+    let start = |memory_mb: u64, cpus: f64| {
+        let app = &app;
+        async move {
+            let body = json!({"language": "bash", "memory_mb": memory_mb, "cpus": cpus});
+            app.post("/v1/sessions", body).await
+        }
+    };
+    let (status, first) = start(1024, 1.0).await;
+    assert_eq!(status, 201, "{first}");
+    let (status, v) = start(1024, 0.5).await;
+    assert_eq!(status, 429, "1024 + 1024 MiB is past the 1536 the sessions may hold together: {v}");
+    assert_error_shape(&v, "too_many_sessions");
+    assert!(v["error"]["message"].as_str().unwrap().contains("MiB"), "{v}");
+    let (status, v) = start(512, 1.5).await;
+    assert_eq!(status, 429, "1 + 1.5 CPUs is past the 2 the sessions may hold together: {v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("CPUs"), "{v}");
+    let (status, v) = start(512, 1.0).await;
+    assert_eq!(status, 201, "exactly full fits: {v}");
+    // Room comes back when a session ends.
+    assert_eq!(app.delete(&format!("/v1/sessions/{}", first["id"].as_str().unwrap())).await, 204);
+    let (status, v) = start(1024, 1.0).await;
+    assert_eq!(status, 201, "{v}");
+}
