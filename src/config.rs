@@ -202,13 +202,22 @@ pub struct ServeArgs {
     /// The most files the session API's output folder keeps per user.
     #[arg(long, env = "KERNELBOX_USER_OUTPUT_MAX_FILES", default_value_t = 1000)]
     pub user_output_max_files: u64,
-    /// Kernels kept booted ahead of demand per language, e.g. `python=2,javascript=1` (`none`: no pool).
-    /// A session whose request fits (no `env`; memory that keeps the same tmpfs size) starts from it.
-    #[arg(long, env = "KERNELBOX_POOL", default_value = "python=2")]
+    /// Kernels kept booted ahead of demand per language: `python=2` (always two), or `python=2..8`
+    /// (at least two, more while creates come faster, back to two after a quiet spell); several with
+    /// commas (`none`: no pool). A session whose request fits (no `env`; memory that keeps the same tmpfs
+    /// size) starts from it.
+    #[arg(long, env = "KERNELBOX_POOL", default_value = "python=2..8")]
     pub pool: String,
     /// How many pooled kernels may boot at once (all languages together).
     #[arg(long, env = "KERNELBOX_POOL_MAX_BOOTS", default_value_t = 2)]
     pub pool_max_boots: usize,
+    /// The memory all idle pooled kernels may take together, MiB (each counts --default-memory-mb): the
+    /// floors must fit; what adapts shares the rest.
+    #[arg(long, env = "KERNELBOX_POOL_MEMORY_MB", default_value_t = 4096)]
+    pub pool_memory_mb: u64,
+    /// How long a pool stays above its floor after its last burst of creates, seconds.
+    #[arg(long, env = "KERNELBOX_POOL_QUIET_S", default_value_t = 120)]
+    pub pool_quiet_s: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -442,11 +451,28 @@ pub struct McpSessionLimits {
 impl ServeArgs {
     /// The checked pool settings.
     pub fn pool_config(&self) -> Result<PoolConfig, ConfigError> {
-        let targets = PoolConfig::parse_targets(&self.pool).map_err(|e| ConfigError(format!("--pool: {e}")))?;
+        let bounds = PoolConfig::parse_bounds(&self.pool).map_err(|e| ConfigError(format!("--pool: {e}")))?;
         if self.pool_max_boots == 0 {
             return Err(ConfigError("--pool-max-boots must be at least 1".into()));
         }
-        Ok(PoolConfig { targets, max_boots: self.pool_max_boots })
+        if self.pool_quiet_s == 0 {
+            return Err(ConfigError("--pool-quiet-s must be at least 1".into()));
+        }
+        let floors: u64 = bounds.values().map(|b| b.floor as u64).sum();
+        let floors_mb = floors.saturating_mul(self.limits.default_memory_mb);
+        if floors_mb > self.pool_memory_mb {
+            return Err(ConfigError(format!(
+                "--pool: the floors ({floors} kernels of --default-memory-mb {} MiB) need {floors_mb} MiB, more than \
+                 --pool-memory-mb {}",
+                self.limits.default_memory_mb, self.pool_memory_mb
+            )));
+        }
+        Ok(PoolConfig {
+            bounds,
+            max_boots: self.pool_max_boots,
+            memory_mb: self.pool_memory_mb,
+            quiet: Duration::from_secs(self.pool_quiet_s),
+        })
     }
 }
 
@@ -495,33 +521,67 @@ fn check_exposure(listen: SocketAddr, api_keys: &[String], insecure_no_auth: boo
 /// How many kernels to keep ready per language, and how many may boot at once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
-    pub targets: BTreeMap<String, usize>,
+    /// Per language: the floor and ceiling of its pool's target.
+    pub bounds: BTreeMap<String, PoolBounds>,
     pub max_boots: usize,
+    /// The memory all idle pooled kernels may take together, MiB.
+    pub memory_mb: u64,
+    /// How long a target stays up after the creates that raised it.
+    pub quiet: Duration,
+}
+
+/// One language's pool: `floor` kernels kept ready always, up to `ceiling` while creates come fast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolBounds {
+    pub floor: usize,
+    pub ceiling: usize,
+}
+
+impl PoolBounds {
+    /// A pool of exactly `n`.
+    pub fn fixed(n: usize) -> Self {
+        PoolBounds { floor: n, ceiling: n }
+    }
 }
 
 impl Default for PoolConfig {
     /// No pool.
     fn default() -> Self {
-        PoolConfig { targets: BTreeMap::new(), max_boots: 2 }
+        PoolConfig { bounds: BTreeMap::new(), max_boots: 2, memory_mb: 4096, quiet: Duration::from_secs(120) }
     }
 }
 
 impl PoolConfig {
-    /// Parses `python=2,javascript=1` (`none` or an empty string: no pool).
-    pub fn parse_targets(spec: &str) -> Result<BTreeMap<String, usize>, String> {
-        let mut targets = BTreeMap::new();
+    /// A pool of exactly `n` kernels of each of `languages` (tests, and `--pool lang=n`).
+    pub fn fixed<'a>(languages: impl IntoIterator<Item = (&'a str, usize)>, max_boots: usize) -> Self {
+        let bounds = languages.into_iter().map(|(l, n)| (l.to_owned(), PoolBounds::fixed(n))).collect();
+        PoolConfig { bounds, max_boots, ..PoolConfig::default() }
+    }
+
+    /// Parses `python=2,javascript=0..3` (`none` or an empty string: no pool).
+    pub fn parse_bounds(spec: &str) -> Result<BTreeMap<String, PoolBounds>, String> {
+        let mut bounds = BTreeMap::new();
         if spec.trim() == "none" {
-            return Ok(targets);
+            return Ok(bounds);
         }
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (language, n) = part.split_once('=').ok_or_else(|| format!("`{part}`: expected language=count"))?;
-            let n: usize = n.trim().parse().map_err(|_| format!("`{part}`: the count is not a number"))?;
-            if n > 64 {
-                return Err(format!("`{part}`: at most 64 pooled kernels per language"));
+            let (language, n) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}`: expected language=count or language=min..max"))?;
+            let count = |n: &str| -> Result<usize, String> {
+                let n: usize = n.trim().parse().map_err(|_| format!("`{part}`: the count is not a number"))?;
+                if n > 64 { Err(format!("`{part}`: at most 64 pooled kernels per language")) } else { Ok(n) }
+            };
+            let b = match n.split_once("..") {
+                Some((floor, ceiling)) => PoolBounds { floor: count(floor)?, ceiling: count(ceiling)? },
+                None => PoolBounds::fixed(count(n)?),
+            };
+            if b.floor > b.ceiling {
+                return Err(format!("`{part}`: the floor is above the ceiling"));
             }
-            targets.insert(language.trim().to_owned(), n);
+            bounds.insert(language.trim().to_owned(), b);
         }
-        Ok(targets)
+        Ok(bounds)
     }
 }
 
@@ -530,15 +590,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_parse_from_a_short_list() {
-        assert_eq!(PoolConfig::parse_targets("").unwrap(), BTreeMap::new());
-        assert_eq!(PoolConfig::parse_targets("none").unwrap(), BTreeMap::new());
-        let t = PoolConfig::parse_targets("python=2, javascript=0").unwrap();
-        assert_eq!(t.get("python"), Some(&2));
-        assert_eq!(t.get("javascript"), Some(&0));
-        assert!(PoolConfig::parse_targets("python").is_err());
-        assert!(PoolConfig::parse_targets("python=x").is_err());
-        assert!(PoolConfig::parse_targets("python=65").is_err());
+    fn pool_bounds_parse_from_a_short_list() {
+        assert_eq!(PoolConfig::parse_bounds("").unwrap(), BTreeMap::new());
+        assert_eq!(PoolConfig::parse_bounds("none").unwrap(), BTreeMap::new());
+        let t = PoolConfig::parse_bounds("python=2, javascript=0, java=1..4").unwrap();
+        assert_eq!(t.get("python"), Some(&PoolBounds::fixed(2)));
+        assert_eq!(t.get("javascript"), Some(&PoolBounds::fixed(0)));
+        assert_eq!(t.get("java"), Some(&PoolBounds { floor: 1, ceiling: 4 }));
+        for bad in ["python", "python=x", "python=65", "python=3..2", "python=1..65", "python=..2"] {
+            assert!(PoolConfig::parse_bounds(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_pools_floors_must_fit_their_memory_budget() {
+        let ok = serve(&["--pool", "python=2..8", "--pool-memory-mb", "1024"]).pool_config().unwrap();
+        assert_eq!(ok.bounds["python"], PoolBounds { floor: 2, ceiling: 8 });
+        assert_eq!(ok.memory_mb, 1024);
+        let err = serve(&["--pool", "python=3..8", "--pool-memory-mb", "1024"]).pool_config().unwrap_err();
+        assert!(err.0.contains("1536 MiB"), "{err}");
     }
 
     fn serve(args: &[&str]) -> ServeArgs {

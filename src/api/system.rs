@@ -121,7 +121,7 @@ pub async fn metrics_text(State(state): State<AppState>, mcp_sessions: Arc<Bound
                 .set(n as f64);
         }
         let pool = state.manager.pool_status(&lang.name);
-        if pool.target > 0 {
+        if pool.ceiling > 0 {
             metrics::gauge!("kernelbox_pool_ready", "language" => lang.name.clone()).set(pool.ready as f64);
             metrics::gauge!("kernelbox_pool_target", "language" => lang.name.clone()).set(pool.target as f64);
         }

@@ -132,6 +132,8 @@ impl SessionManager {
                 tracker: tracker.clone(),
                 wake: Notify::new(),
                 stop: CancellationToken::new(),
+                demand: Default::default(),
+                targets: Default::default(),
             }),
             transfers: Transfers {
                 runtime,

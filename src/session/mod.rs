@@ -30,6 +30,7 @@ pub mod outputs;
 pub mod peers;
 pub mod policy;
 pub mod pool;
+pub mod pool_demand;
 pub mod records;
 pub mod recovery;
 pub mod registry;

@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-pub use crate::config::PoolConfig;
+pub use crate::config::{PoolBounds, PoolConfig};
 
 use super::kernel_host::KernelHost;
 use super::model::{Owner, SessionId, SessionSettings};
@@ -49,8 +49,10 @@ pub struct Claim {
 /// The pool's numbers for one language.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PoolStatus {
-    /// Kernels kept ready when possible.
+    /// Kernels kept ready when possible, now: between the floor and the ceiling, following recent creates.
     pub target: usize,
+    pub floor: usize,
+    pub ceiling: usize,
     pub ready: usize,
     pub booting: usize,
     /// Creates served by a pooled kernel since the service started.
@@ -161,6 +163,22 @@ impl Pool {
         (found, dead)
     }
 
+    /// Ready kernels of `language` beyond `target` (counting boots under way), oldest first, taken out
+    /// for removal: a target that fell back after a quiet spell frees their memory.
+    pub fn take_surplus(&self, language: &str, target: usize) -> Vec<Pooled> {
+        let mut guard = self.inner.lock().unwrap();
+        let inner = &mut *guard;
+        let booting = inner.booting.get(language).copied().unwrap_or(0);
+        let mut surplus = Vec::new();
+        if let Some(queue) = inner.ready.get_mut(language) {
+            while queue.len() + booting > target {
+                let Some(pooled) = queue.pop_front() else { break };
+                surplus.push(pooled);
+            }
+        }
+        surplus
+    }
+
     /// The id is no longer the pool's (the registry holds it now, or it is being removed).
     pub fn release(&self, id: &str) {
         self.inner.lock().unwrap().members.remove(id);
@@ -192,10 +210,12 @@ impl Pool {
         all
     }
 
-    pub fn status(&self, language: &str, target: usize) -> PoolStatus {
+    pub fn status(&self, language: &str, target: usize, bounds: PoolBounds) -> PoolStatus {
         let inner = self.inner.lock().unwrap();
         PoolStatus {
             target,
+            floor: bounds.floor,
+            ceiling: bounds.ceiling,
             ready: inner.ready.get(language).map_or(0, VecDeque::len),
             booting: inner.booting.get(language).copied().unwrap_or(0),
             hits: inner.hits.get(language).copied().unwrap_or(0),
@@ -222,11 +242,14 @@ mod tests {
         let b = pool.begin_boot("python", 2, 3).unwrap();
         assert!(pool.begin_boot("python", 2, 3).is_none(), "two under way is the target");
         assert!(pool.knows(a.as_str()) && pool.knows(b.as_str()), "booting ids are known to the sweep");
-        assert_eq!(pool.status("python", 2), PoolStatus { target: 2, ready: 0, booting: 2, hits: 0, misses: 0 });
+        let two = PoolBounds::fixed(2);
+        let status = pool.status("python", 2, two);
+        assert_eq!(status, PoolStatus { target: 2, floor: 2, ceiling: 2, ready: 0, booting: 2, hits: 0, misses: 0 });
         pool.count("python", true);
         pool.count("python", false);
         pool.count("python", false);
-        assert_eq!((pool.status("python", 2).hits, pool.status("python", 2).misses), (1, 2), "hits and misses counted");
+        let status = pool.status("python", 2, two);
+        assert_eq!((status.hits, status.misses), (1, 2), "hits and misses counted");
         assert!(pool.end_boot("python", &a, None).is_none());
         assert!(!pool.knows(a.as_str()));
         assert!(pool.begin_boot("python", 2, 3).is_none(), "a failed boot waits before the next");

@@ -1,10 +1,13 @@
-//! The warm pool at work: the refill loop that keeps each language's ready kernels at their target, the
-//! boots it starts, and the pool's side of a claim (take a live kernel, apply the caller's limits, write
-//! the claim). The bookkeeping itself (who is ready, booting, owned) is [`Pool`] in `pool.rs`; the
-//! manager registers a claimed kernel's session and hands it to its task.
+//! The warm pool at work: the refill loop that keeps each language's ready kernels at their target (which
+//! follows recent creates between the language's floor and ceiling, `pool_demand.rs`), the boots it
+//! starts, the surplus it removes when a target falls back, and the pool's side of a claim (take a live
+//! kernel, apply the caller's limits, write the claim). A create never waits for the pool: it takes a
+//! ready kernel or starts cold. The bookkeeping itself (who is ready, booting, owned) is [`Pool`] in
+//! `pool.rs`; the manager registers a claimed kernel's session and hands it to its task.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::sync::Notify;
@@ -16,7 +19,8 @@ use crate::config::PoolConfig;
 use super::boot::BootPlanner;
 use super::model::{Owner, SessionId, SessionRequest, SessionSettings};
 use super::policy;
-use super::pool::{Claim, Pool, PoolStatus, Pooled};
+use super::pool::{Claim, Pool, PoolBounds, PoolStatus, Pooled};
+use super::pool_demand::Demand;
 use super::records::{self, StateDirs};
 
 /// The owner label of a pooled container (its real owner, once claimed, is in the claims folder).
@@ -34,28 +38,38 @@ pub struct WarmPool {
     pub wake: Notify,
     /// Stops the refill loop and the boots under way.
     pub stop: CancellationToken,
+    /// Recent creates, which the targets follow.
+    pub demand: Mutex<Demand>,
+    /// Each language's target as last computed.
+    pub targets: Mutex<BTreeMap<String, usize>>,
 }
 
 impl WarmPool {
     /// Starts the refill loop (after adoption, so that start-up does not race it).
     pub fn start(self: &Arc<Self>) {
-        if self.config.targets.values().all(|&n| n == 0) {
+        if self.config.bounds.values().all(|b| b.ceiling == 0) {
             return;
         }
         let me = self.clone();
         self.tracker.spawn(async move { me.refill().await });
     }
 
-    /// Keeps each language's pool at its target: replaces dead kernels, starts boots (at most
-    /// `max_boots` at once), and sleeps until a claim or a finished boot wakes it (or 5 s pass).
+    /// Keeps each language's pool at its target: recomputes the targets, replaces dead kernels, removes
+    /// what a fallen target no longer wants, starts boots (at most `max_boots` at once), and sleeps until
+    /// a claim or a finished boot wakes it (or 5 s pass).
     async fn refill(self: Arc<Self>) {
         loop {
             for dead in self.pool.take_dead() {
                 self.remove(dead).await;
             }
-            for (language, &target) in &self.config.targets {
+            let targets = self.retarget(Instant::now());
+            for (language, &target) in &targets {
                 if self.planner.catalog.language(language).is_none() {
                     continue;
+                }
+                for surplus in self.pool.take_surplus(language, target) {
+                    tracing::debug!(%language, target, "removing a pooled kernel past the pool's target");
+                    self.remove(surplus).await;
                 }
                 while let Some(id) = self.pool.begin_boot(language, target, self.config.max_boots) {
                     let me = self.clone();
@@ -69,6 +83,23 @@ impl WarmPool {
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
+    }
+
+    /// Each language's target at `now` (`pool_demand.rs`), kept for [`WarmPool::status`].
+    fn retarget(&self, now: Instant) -> BTreeMap<String, usize> {
+        let cost = self.planner.limits.default_memory_mb;
+        let targets = self.demand.lock().unwrap().targets(
+            &self.config.bounds,
+            |_| cost,
+            self.config.memory_mb,
+            self.config.quiet,
+            now,
+        );
+        for (language, target) in &targets {
+            metrics::gauge!("kernelbox_pool_target", "language" => language.clone()).set(*target as f64);
+        }
+        *self.targets.lock().unwrap() = targets.clone();
+        targets
     }
 
     /// Boots one kernel for the pool with the language's default settings.
@@ -119,7 +150,9 @@ impl WarmPool {
 
     /// The pool's numbers for `language`.
     pub fn status(&self, language: &str) -> PoolStatus {
-        self.pool.status(language, self.config.targets.get(language).copied().unwrap_or(0))
+        let bounds = self.config.bounds.get(language).copied().unwrap_or(PoolBounds::fixed(0));
+        let target = self.targets.lock().unwrap().get(language).copied().unwrap_or(bounds.floor);
+        self.pool.status(language, target, bounds)
     }
 
     /// Whether a request can be served by a pooled kernel: one booted with the language's defaults can
@@ -127,7 +160,7 @@ impl WarmPool {
     /// output folder or another tmpfs size (all fixed at create time).
     pub fn poolable(&self, settings: &SessionSettings) -> bool {
         let p = &self.planner;
-        self.config.targets.get(&settings.language).is_some_and(|&n| n > 0)
+        self.config.bounds.get(&settings.language).is_some_and(|b| b.ceiling > 0)
             && settings.env.is_empty()
             && settings.mounts.is_empty()
             && settings.output.is_none()
@@ -139,6 +172,8 @@ impl WarmPool {
     /// prepared), start cold. The kernel's id stays the pool's until [`WarmPool::release`].
     pub async fn claim(&self, owner: &Owner, settings: &SessionSettings) -> Option<Pooled> {
         let language = &settings.language;
+        // Every create the pool could serve counts towards its target, served or not.
+        self.demand.lock().unwrap().record_create(language, Instant::now());
         let (found, dead) = self.pool.take(language);
         for d in dead {
             self.remove(d).await;

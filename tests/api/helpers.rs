@@ -148,7 +148,7 @@ impl Default for AppOptions {
 
 /// A warm pool of `n` python kernels, booted one at a time.
 pub fn python_pool(n: usize) -> kernelbox::session::pool::PoolConfig {
-    kernelbox::session::pool::PoolConfig { targets: [("python".to_owned(), n)].into_iter().collect(), max_boots: 1 }
+    kernelbox::session::pool::PoolConfig::fixed([("python", n)], 1)
 }
 
 pub struct TestApp {

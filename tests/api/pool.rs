@@ -138,3 +138,55 @@ async fn after_a_sigkill_a_claimed_container_is_adopted_with_its_owner_and_an_un
     assert!(second.terminate(Duration::from_secs(40)).is_some(), "the service stops on SIGTERM");
     assert!(instance_containers(&instance).await.is_empty(), "nothing left after the stop");
 }
+
+/// The pool's status of `language` in `/v1/languages`.
+fn pool_of(languages: &Value, language: &str) -> Value {
+    languages.as_array().unwrap().iter().find(|l| l["name"] == language).map(|l| l["pool"].clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adaptive_pool_rises_under_a_burst_of_creates_and_falls_back_after_a_quiet_spell() {
+    let mut pool = kernelbox::session::pool::PoolConfig::fixed([], 2);
+    pool.bounds.insert("python".into(), kernelbox::session::pool::PoolBounds { floor: 0, ceiling: 3 });
+    pool.quiet = Duration::from_secs(8);
+    let app = spawn_app_with(AppOptions { pool, ..Default::default() }).await;
+    let status = async || pool_of(&app.get("/v1/languages").await.1, "python");
+    let s = status().await;
+    assert_eq!((&s["floor"], &s["ceiling"], &s["target"], &s["ready"]), (&json!(0), &json!(3), &json!(0), &json!(0)));
+
+    // A burst: eight creates back to back. The first find the pool empty (misses, cold starts); their
+    // rate raises the target, the pool boots kernels, and the later creates take them (hits).
+    let mut ids = Vec::new();
+    let mut highest = 0;
+    for _ in 0..8 {
+        ids.push(app.start("python").await);
+        highest = highest.max(status().await["target"].as_u64().unwrap());
+    }
+    assert!(highest >= 2, "the target rose under the burst (highest seen: {highest})");
+    assert!(
+        eventually(Duration::from_secs(60), || async { status().await["ready"].as_u64().unwrap() >= 2 }).await,
+        "the pool filled up to its risen target: {}",
+        status().await
+    );
+    ids.push(app.start("python").await);
+    let s = status().await;
+    assert!(s["misses"].as_u64().unwrap() >= 1 && s["hits"].as_u64().unwrap() >= 1, "hits and misses counted: {s}");
+    for id in &ids {
+        assert_eq!(app.delete(&format!("/v1/sessions/{id}")).await, 204);
+    }
+
+    // Quiet for longer than --pool-quiet-s: back to the floor, the pooled containers removed.
+    assert!(
+        eventually(Duration::from_secs(40), || async {
+            let s = status().await;
+            s["target"] == 0 && s["ready"] == 0
+        })
+        .await,
+        "the target fell back to the floor: {}",
+        status().await
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async { app.containers().await.is_empty() }).await,
+        "the pooled containers went with the fallen target"
+    );
+}
