@@ -27,6 +27,8 @@ def test_languages_list_every_kernel_with_its_pool(kb: Kernelbox) -> None:
     python = languages["python"]
     assert python.available and python.image and python.display_name
     assert python.pool.target >= 0 and python.pool.ready >= 0 and python.pool.booting >= 0
+    assert python.pool.floor <= python.pool.target <= max(python.pool.ceiling, python.pool.floor)
+    assert python.pool.hits >= 0 and python.pool.misses >= 0
     assert python.raw["name"] == "python"
 
 

@@ -496,11 +496,17 @@ class SessionInfo:
 
 @dataclass
 class PoolStatus:
-    """Kernels booted ahead of demand for a language: ``target``, ``ready`` now, ``booting`` now."""
+    """Kernels booted ahead of demand for a language: ``target`` now (between ``floor`` and ``ceiling``,
+    following recent creates), ``ready`` and ``booting`` now, and the ``hits`` and ``misses`` of creates
+    since the server started (0 from a server that does not report them)."""
 
     target: int
     ready: int
     booting: int
+    floor: int = 0
+    ceiling: int = 0
+    hits: int = 0
+    misses: int = 0
 
 
 @dataclass
@@ -524,7 +530,13 @@ class Language:
             display_name=_opt_str(d.get("display_name")),
             language_version=_opt_str(d.get("language_version")),
             pool=PoolStatus(
-                target=_int(pool.get("target")), ready=_int(pool.get("ready")), booting=_int(pool.get("booting"))
+                target=_int(pool.get("target")),
+                ready=_int(pool.get("ready")),
+                booting=_int(pool.get("booting")),
+                floor=_int(pool.get("floor", 0)),
+                ceiling=_int(pool.get("ceiling", 0)),
+                hits=_int(pool.get("hits", 0)),
+                misses=_int(pool.get("misses", 0)),
             ),
             raw=d,
         )
