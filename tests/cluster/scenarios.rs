@@ -32,7 +32,6 @@ use bollard::query_parameters::{ListContainersOptionsBuilder, RemoveImageOptions
 use kernelbox::node::NodeTag;
 use serde_json::{Value, json};
 
-use crate::harness::cluster::LABEL_RUN;
 use crate::harness::stack::{self, AGENT_PORT, AGENT_SERVICE, API_SERVICE, Deployment, KernelboxStack};
 use crate::harness::swarm::{Placement, ServiceDef};
 use crate::harness::{Cluster, run_id};
@@ -559,7 +558,6 @@ async fn node_return(f: &mut Fixture, old: &[String], survivor: &str) -> anyhow:
     }
     ensure!(landed.iter().any(|n| n == "node3"), "no create landed on the returned node3: {landed:?}");
     ensure!(f.api.exec(survivor, "print(n > 0)").await?.trim() == "True", "node2's session kept its state");
-    let _ = LABEL_RUN;
     Ok(())
 }
 
