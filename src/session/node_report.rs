@@ -103,7 +103,7 @@ impl NodeReporter {
             .collect();
         let pools = pools
             .into_iter()
-            .filter(|(_, pool)| pool.target > 0 || pool.hits > 0 || pool.misses > 0)
+            .filter(|(_, pool)| pool.ceiling > 0 || pool.hits > 0 || pool.misses > 0)
             .map(|(name, pool)| (name, PoolCounts { hits: pool.hits, misses: pool.misses }))
             .collect();
         let images = self.images(manager).await;
