@@ -720,6 +720,20 @@ fn agent_harness(lost_after: Duration, keep_sessions: bool) -> Harness {
     Harness { manager, ..h }
 }
 
+/// The agent that starts next on `h`'s engine and state directory (lost_after 60 s), as after a restart.
+fn next_agent(h: &Harness, keep_sessions: bool) -> Arc<SessionManager> {
+    SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), keep_sessions))
+}
+
+/// `h`'s agent stopped with one session kept for adoption, its last contact with the API tier two minutes
+/// old (past lost_after). Returns the session's id.
+async fn stopped_after_a_long_gap(h: &Harness) -> String {
+    let id = h.start().await;
+    super::fence::write_last_contact(h._dir.path(), chrono::Utc::now() - chrono::Duration::seconds(120)).unwrap();
+    h.manager.shutdown().await;
+    id
+}
+
 #[tokio::test]
 async fn on_an_agent_every_session_id_ends_with_the_node_tag() {
     let h = agent_harness(Duration::from_secs(60), false);
@@ -750,20 +764,17 @@ async fn contact_after_a_long_gap_fences_every_session_and_its_id_stays_lost() {
     // A new session on the same node works; the old id stays lost after a restart too.
     let fresh = h.start().await;
     assert!(h.manager.get(&owner(), &fresh).is_ok());
-    let again = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    let again = next_agent(&h, false);
     assert!(matches!(again.get(&owner(), &id), Err(SessionError::Lost(_))), "tombstones are persisted");
 }
 
 #[tokio::test]
 async fn an_agent_that_starts_after_a_long_gap_removes_what_it_adopted() {
     let h = agent_harness(Duration::from_secs(60), true);
-    let id = h.start().await;
-    // The stamp an earlier run left is two minutes old.
-    super::fence::write_last_contact(h._dir.path(), chrono::Utc::now() - chrono::Duration::seconds(120)).unwrap();
-    h.manager.shutdown().await;
+    let id = stopped_after_a_long_gap(&h).await;
     assert_eq!(h.runtime.container_ids().len(), 1, "kept for adoption");
 
-    let again = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    let again = next_agent(&h, false);
     assert_eq!(again.recover().await.unwrap(), (1, 0));
     assert_eq!(again.fence_stale().await, 1);
     assert!(matches!(again.get(&owner(), &id), Err(SessionError::Lost(_))));
@@ -773,18 +784,16 @@ async fn an_agent_that_starts_after_a_long_gap_removes_what_it_adopted() {
 #[tokio::test]
 async fn a_session_whose_container_died_with_its_node_through_a_long_gap_stays_lost() {
     let h = agent_harness(Duration::from_secs(60), true);
-    let id = h.start().await;
-    super::fence::write_last_contact(h._dir.path(), chrono::Utc::now() - chrono::Duration::seconds(120)).unwrap();
-    h.manager.shutdown().await;
+    let id = stopped_after_a_long_gap(&h).await;
     // The node went down with its containers: at the next start the session's container is not running.
     let container = h.runtime.container_ids().pop().expect("kept for adoption");
     h.runtime.kill(&container, false);
 
-    let again = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    let again = next_agent(&h, false);
     assert_eq!(again.recover().await.unwrap(), (0, 1), "removed, not adopted");
     again.fence_stale().await;
     assert!(matches!(again.get(&owner(), &id), Err(SessionError::Lost(_))), "lost, not not-found");
-    let third = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    let third = next_agent(&h, false);
     assert!(matches!(third.get(&owner(), &id), Err(SessionError::Lost(_))), "its tombstone is persisted");
 }
 
@@ -794,7 +803,7 @@ async fn an_agent_that_starts_within_lost_after_adopts_and_a_fenced_container_is
     let kept = h.start().await;
     h.manager.persist_contact();
     h.manager.shutdown().await;
-    let again = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), true));
+    let again = next_agent(&h, true);
     assert_eq!(again.recover().await.unwrap(), (1, 0));
     assert_eq!(again.fence_stale().await, 0, "a fresh stamp fences nothing");
     assert!(again.get(&owner(), &kept).is_ok());
@@ -805,7 +814,7 @@ async fn an_agent_that_starts_within_lost_after_adopts_and_a_fenced_container_is
     let mut tombstones = super::fence::Tombstones::default();
     tombstones.bury(SessionId::parse(&kept).unwrap(), owner(), chrono::Utc::now());
     tombstones.save(h._dir.path()).unwrap();
-    let third = SessionManager::new(h.runtime.clone(), agent_config(h._dir.path(), Duration::from_secs(60), false));
+    let third = next_agent(&h, false);
     assert_eq!(third.recover().await.unwrap(), (0, 1), "removed, not adopted");
     assert!(matches!(third.get(&owner(), &kept), Err(SessionError::Lost(_))));
     assert!(h.runtime.container_ids().is_empty());
