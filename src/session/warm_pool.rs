@@ -95,9 +95,6 @@ impl WarmPool {
             self.config.quiet,
             now,
         );
-        for (language, target) in &targets {
-            metrics::gauge!("kernelbox_pool_target", "language" => language.clone()).set(*target as f64);
-        }
         *self.targets.lock().unwrap() = targets.clone();
         targets
     }
