@@ -16,11 +16,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::internal::{self, Agent};
+use crate::file_lock;
 use crate::node::NodeTag;
 use crate::runtime::ContainerRuntime;
 use crate::session::node_report::NodeReporter;
-use crate::session::{FenceConfig, fence, state_lock};
+use crate::session::{FenceConfig, fence};
 use crate::{Built, ServeError, Settings, api, prepare_state_dir};
+
+/// The state directory's lock file (`file_lock.rs`): one agent per node touches its sessions.
+pub const LOCK_FILE: &str = "agent.lock";
 
 /// What only an agent is told.
 #[derive(Debug, Clone)]
@@ -102,7 +106,7 @@ impl AgentApplication {
             .map_err(|source| ServeError::StateDir { path: state_dir.display().to_string(), source })?;
         agent.reporter.waiting("waiting for the lock on the state directory");
         let reporter = agent.reporter.clone();
-        let locked = state_lock::lock(&state_dir, &shutdown, || {
+        let locked = file_lock::lock(&state_dir.join(LOCK_FILE), &shutdown, || {
             tracing::warn!(state_dir = %state_dir.display(), "another agent holds the state directory; waiting for it to exit");
             reporter.waiting("another agent holds the state directory's lock; waiting for it to exit");
         })

@@ -193,8 +193,14 @@ pub struct ServeArgs {
     /// `<state-dir>/datasets`, made empty; `none`: no /mnt/data). The service makes `output/` in it: the
     /// session API's users' results, `output/<user_id>/`. With compose, the same path inside and outside
     /// the service container.
-    #[arg(long, env = "KERNELBOX_DATASETS_DIR", value_parser = DatasetsDir::parse)]
-    pub datasets_dir: Option<DatasetsDir>,
+    #[arg(long, env = "KERNELBOX_DATASETS_DIR", value_parser = StateFolder::parse)]
+    pub datasets_dir: Option<StateFolder>,
+    /// Where the service keeps each kernel image's runtime tree (its `/usr` and `/opt`, copied out once
+    /// and mounted read-only into every session of that image, so their pages are cached once for all;
+    /// default `<state-dir>/runtimes`; `none`: sessions read the image's own files). With compose, the
+    /// same path inside and outside the service container.
+    #[arg(long, env = "KERNELBOX_RUNTIMES_DIR", value_parser = StateFolder::parse)]
+    pub runtimes_dir: Option<StateFolder>,
     /// The most the session API's output folder keeps per user (`<datasets>/output/<user_id>/`), MiB;
     /// files past it are not copied out (the execution says so).
     #[arg(long, env = "KERNELBOX_USER_OUTPUT_MAX_MB", default_value_t = 256)]
@@ -232,35 +238,36 @@ pub struct ServeArgs {
     pub images: ImageArgs,
 }
 
-/// Where the datasets folder is: `<state-dir>/datasets` unless the operator names one, or none at all.
+/// A folder the service keeps (the datasets folder, the runtime trees): `<state-dir>/<name>` unless the
+/// operator names one, or none at all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum DatasetsDir {
-    /// `<state-dir>/datasets`, made (empty) at start-up.
+pub enum StateFolder {
+    /// `<state-dir>/<name>`, made (empty) at start-up.
     #[default]
     InStateDir,
-    /// No datasets folder: sessions have no `/mnt/data`.
+    /// No such folder: the feature it serves is off.
     Off,
-    /// The operator's folder (absolute, existing).
+    /// The operator's folder (absolute).
     At(PathBuf),
 }
 
-impl DatasetsDir {
+impl StateFolder {
     /// `none`, or an absolute path.
-    pub fn parse(raw: &str) -> Result<DatasetsDir, String> {
+    pub fn parse(raw: &str) -> Result<StateFolder, String> {
         match raw.trim() {
-            "none" => Ok(DatasetsDir::Off),
+            "none" => Ok(StateFolder::Off),
             "" => Err("an empty path: name a folder, or `none`".into()),
-            path if path.starts_with('/') => Ok(DatasetsDir::At(PathBuf::from(path))),
+            path if path.starts_with('/') => Ok(StateFolder::At(PathBuf::from(path))),
             _ => Err("an absolute path, or `none`".into()),
         }
     }
 
-    /// The folder, for a state directory `state_dir`.
-    pub fn resolve(&self, state_dir: &std::path::Path) -> Option<PathBuf> {
+    /// The folder, for a state directory `state_dir` where it is `<state_dir>/<name>` by default.
+    pub fn resolve(&self, state_dir: &std::path::Path, name: &str) -> Option<PathBuf> {
         match self {
-            DatasetsDir::InStateDir => Some(state_dir.join("datasets")),
-            DatasetsDir::Off => None,
-            DatasetsDir::At(dir) => Some(dir.clone()),
+            StateFolder::InStateDir => Some(state_dir.join(name)),
+            StateFolder::Off => None,
+            StateFolder::At(dir) => Some(dir.clone()),
         }
     }
 }
@@ -708,7 +715,7 @@ mod tests {
     #[test]
     fn the_datasets_folder_is_in_the_state_dir_unless_named_or_off() {
         let state = std::path::Path::new("/var/lib/kernelbox");
-        let dir = |args: &[&str]| serve(args).datasets_dir.unwrap_or_default().resolve(state);
+        let dir = |args: &[&str]| serve(args).datasets_dir.unwrap_or_default().resolve(state, "datasets");
         assert_eq!(dir(&[]), Some(PathBuf::from("/var/lib/kernelbox/datasets")));
         assert_eq!(dir(&["--datasets-dir", "none"]), None);
         assert_eq!(dir(&["--datasets-dir", "/srv/data"]), Some(PathBuf::from("/srv/data")));

@@ -8,11 +8,12 @@
 //! - [`session`] — the session registry, lifecycle and per-session actors: the single owner of session state.
 //! - [`kernel`] — the Jupyter wire protocol over ZeroMQ; knows nothing of HTTP or Docker.
 //! - [`runtime`] — the container runtime trait, its Docker implementation (the only bollard user) and a fake.
-//! - [`images`] — the kernel images and their builder.
+//! - [`images`] — the kernel images, their builder, and their runtime trees (shared read-only files).
+//! - [`file_lock`] — a lock file between processes (an agent's state directory, a tree being copied); a leaf.
 //! - [`packages`] — package installs into sessions: spec checks, the wheel cache, the fetchers.
 //! - [`store`] — the `/jupyter` API's files with a lifetime, kept by the service on the host.
 //! - [`links`] — signed file links: the server's secret and the signatures that open one file without a key.
-//! - [`reaper`] — the scheduler jobs that remove idle sessions and expired stored files.
+//! - [`reaper`] — the scheduler jobs that remove idle sessions and expired stored files, and tend the trees.
 //! - [`telemetry`] — the log setup.
 //! - [`text`] — text helpers (terminal escapes out); a leaf that imports nothing of the crate.
 //! - [`rate`] — token buckets keyed by API key or address, which every rate limit is made of; a leaf.
@@ -26,6 +27,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod file_lock;
 pub mod images;
 pub mod kernel;
 pub mod links;
@@ -181,7 +183,7 @@ impl Built {
         let state_dir = settings.manager.state_dir.clone();
         prepare_state_dir(&state_dir)
             .map_err(|source| ServeError::StateDir { path: state_dir.display().to_string(), source })?;
-        if let Some(datasets) = settings.manager.storage.datasets.resolve(&state_dir) {
+        if let Some(datasets) = settings.manager.storage.datasets.resolve(&state_dir, "datasets") {
             session::outputs::prepare(&datasets)
                 .map_err(|source| ServeError::Datasets { path: datasets.display().to_string(), source })?;
         }
@@ -219,6 +221,7 @@ impl Built {
         manager.start_pool();
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
         reaper::add_store_sweep(&scheduler, store.clone(), reap_every).await?;
+        reaper::add_tree_upkeep(&scheduler, manager.clone(), reap_every.max(Duration::from_secs(60))).await?;
         let state = AppState { manager: manager.clone(), store: store.clone(), links: signer };
         let router = api::router(state, keys, &settings.http);
         Ok(Built { manager, store, scheduler, router })

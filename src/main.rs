@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use kernelbox::config::{Cli, ClusterCommand, Command, DatasetsDir, ImageArgs, ImagesCommand, LogFormat};
+use kernelbox::config::{Cli, ClusterCommand, Command, ImageArgs, ImagesCommand, LogFormat, StateFolder};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::{ImageBuilder, human_size, print_summary};
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -181,7 +181,7 @@ async fn prepare(args: &kernelbox::config::ServeArgs) -> anyhow::Result<(kernelb
     let files = args.files.validate()?;
     let links = args.links.validate()?;
     let pool = args.pool_config()?;
-    if let Some(DatasetsDir::At(dir)) = &args.datasets_dir {
+    if let Some(StateFolder::At(dir)) = &args.datasets_dir {
         // Docker would create a missing bind source as an empty root-owned folder: say so instead.
         anyhow::ensure!(
             dir.is_absolute() && dir.is_dir(),
@@ -215,6 +215,7 @@ async fn prepare(args: &kernelbox::config::ServeArgs) -> anyhow::Result<(kernelb
                 notebooks_dir: args.notebooks_dir.clone(),
                 notebooks_public_path: args.notebooks_public_path.clone(),
                 datasets: args.datasets_dir.clone().unwrap_or_default(),
+                runtimes: args.runtimes_dir.clone().unwrap_or_default(),
                 user_output: OutputCaps {
                     max_bytes: args.user_output_max_mb.saturating_mul(1 << 20),
                     max_files: args.user_output_max_files,

@@ -1,5 +1,5 @@
 //! The idle reaper: a tokio-cron-scheduler job that calls [`SessionManager::reap_once`] at a fixed
-//! interval, and the file store's sweep of expired files ([`FileStore::sweep`]), another job. The
+//! interval, the file store's sweep of expired files ([`FileStore::sweep`]), and the runtime trees' upkeep. The
 //! decisions live in `reap_once(now)` and `sweep(now)` so tests drive them directly; the manager keeps
 //! runs from overlapping (the scheduler itself would start a new run while one is still going).
 
@@ -26,6 +26,21 @@ pub async fn start(manager: Arc<SessionManager>, every: Duration) -> Result<JobS
     scheduler.add(job).await?;
     scheduler.start().await?;
     Ok(scheduler)
+}
+
+/// Adds the runtime trees' upkeep (`images/runtime_tree.rs`) to the scheduler: a rebuilt image gets its
+/// new tree, old trees go.
+pub async fn add_tree_upkeep(
+    scheduler: &JobScheduler,
+    manager: Arc<SessionManager>,
+    every: Duration,
+) -> Result<(), JobSchedulerError> {
+    let job = Job::new_repeated_async(every, move |_id, _scheduler| {
+        let manager = manager.clone();
+        Box::pin(async move { manager.tend_runtime_trees().await })
+    })?;
+    scheduler.add(job).await?;
+    Ok(())
 }
 
 /// Adds the file store's sweep (expired files removed) to the scheduler, at the same interval.

@@ -10,8 +10,9 @@ use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, LocalNodeState};
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    BuildImageOptionsBuilder, CreateContainerOptions, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -115,6 +116,49 @@ impl ContainerRuntime for DockerRuntime {
             return Err(map_err(e));
         }
         Ok(created.id)
+    }
+
+    async fn copy_from_image(
+        &self,
+        image: &str,
+        path: &str,
+        labels: HashMap<String, String>,
+        out: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<(), RuntimeError> {
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            // Never run: a command that would do nothing, in the sandbox's shape all the same.
+            cmd: Some(vec!["/bin/true".into()]),
+            labels: Some(labels),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                cap_drop: Some(vec!["ALL".into()]),
+                readonly_rootfs: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = self.docker.create_container(None::<CreateContainerOptions>, body).await.map_err(map_err)?;
+        let options = DownloadFromContainerOptionsBuilder::default().path(path).build();
+        let mut stream = self.docker.download_from_container(&created.id, Some(options));
+        let mut copied = Ok(());
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    if out.send(bytes).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    copied = Err(map_err(e));
+                    break;
+                }
+            }
+        }
+        drop(stream);
+        let removed = self.remove(&created.id).await;
+        copied.and(removed)
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {

@@ -251,6 +251,16 @@ impl ContainerRuntime for FakeRuntime {
         Err(RuntimeError::NotFound(exec_id.to_owned()))
     }
 
+    async fn copy_from_image(
+        &self,
+        image: &str,
+        _path: &str,
+        _labels: HashMap<String, String>,
+        _out: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<(), RuntimeError> {
+        Err(RuntimeError::NotFound(format!("the fake runtime holds no image files: {image}")))
+    }
+
     async fn pull_image(&self, reference: &str, _progress: Progress<'_>) -> Result<(), RuntimeError> {
         Err(RuntimeError::NotFound(format!("no registry in the fake runtime: {reference}")))
     }

@@ -32,6 +32,11 @@ pub mod labels {
     pub const FETCHER: &str = "kernelbox.fetcher";
     /// A kernel booted for the warm pool (the language): its owner is in the service's claims, if any.
     pub const POOL: &str = "kernelbox.pool";
+    /// The runtime tree (`images/runtime_tree.rs`) a session container mounts: the image id's hex. Old
+    /// trees are kept while a container names them.
+    pub const RUNTIME_TREE: &str = "kernelbox.runtime_tree";
+    /// The mark of a container made only to copy an image's files out (never started): the image.
+    pub const EXPORT: &str = "kernelbox.export";
 }
 
 /// What goes wrong in the runtime.
@@ -172,6 +177,16 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecProcess, RuntimeError>;
     /// The exit code of a finished exec, `None` while it runs.
     async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError>;
+    /// Copies the directory `path` out of `image` as a tar stream (Docker's archive API, on a container
+    /// created from the image with `labels` and never started), chunk by chunk into `out`. The container is
+    /// removed before this returns, whatever happened; a closed `out` ends the copy early (`Ok`).
+    async fn copy_from_image(
+        &self,
+        image: &str,
+        path: &str,
+        labels: HashMap<String, String>,
+        out: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<(), RuntimeError>;
     /// Pulls an image from a registry.
     async fn pull_image(&self, reference: &str, progress: Progress<'_>) -> Result<(), RuntimeError>;
     /// Makes an image from a root filesystem tar stream (`docker import`).

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
+use crate::images::runtime_tree::RuntimeTrees;
 use crate::images::{self, Catalog};
 use crate::kernel::WireLimits;
 use crate::packages::{self, spec::Ecosystem};
@@ -42,6 +43,8 @@ pub struct BootPlanner {
     pub runs_dir: PathBuf,
     /// Tracks the exit watchers each boot starts, so shutdown waits for them.
     pub tracker: TaskTracker,
+    /// The images' runtime trees, mounted over their files.
+    pub trees: Arc<RuntimeTrees>,
 }
 
 impl BootPlanner {
@@ -131,6 +134,7 @@ impl BootPlanner {
             start_timeout: l.start_timeout,
             wire: WireLimits::for_output_cap(l.output_limit_bytes),
             tracker: self.tracker.clone(),
+            trees: self.trees.clone(),
         }
     }
 
@@ -195,6 +199,7 @@ mod tests {
             user_output: OutputCaps { max_bytes: 256 << 20, max_files: 1000 },
             runs_dir: "/state/sessions".into(),
             tracker: TaskTracker::new(),
+            trees: RuntimeTrees::new(Arc::new(FakeRuntime::new()), None, "test", &[]),
         }
     }
 

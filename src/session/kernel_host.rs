@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
+use crate::images::runtime_tree::RuntimeTrees;
 use crate::kernel::connection::{self, ConnectionInfo};
 use crate::kernel::{KernelClient, KernelListener, WireLimits};
 use crate::runtime::{ContainerRuntime, ContainerSpec, ExitInfo, RuntimeError, labels};
@@ -62,6 +63,8 @@ pub struct BootPlan {
     pub start_timeout: Duration,
     pub wire: WireLimits,
     pub tracker: tokio_util::task::TaskTracker,
+    /// The image's runtime tree, mounted over its files when it is ready.
+    pub trees: Arc<RuntimeTrees>,
 }
 
 impl BootPlan {
@@ -81,7 +84,7 @@ impl BootPlan {
         spec.binds.insert(0, format!("{}:{}:ro", dir.path().display(), connection::CONTAINER_DIR));
         // Not raced against `cancel`: it runs to its end, and what it made is removed below if need be.
         let began = Instant::now();
-        let container_id = self.runtime.create_and_start(&spec).await?;
+        let container_id = self.create(spec).await?;
         let started = Instant::now();
         metrics::counter!("kernelbox_container_starts_total").increment(1);
         let exit = self.watch_exit(&container_id);
@@ -116,6 +119,37 @@ impl BootPlan {
                 Err(e)
             }
         }
+    }
+
+    /// Creates and starts the container, over the image's runtime tree when it is ready. A create that
+    /// fails with the tree (the image rebuilt and the old one removed, the tree gone) is made once more
+    /// from the image's own files: a tree never makes a boot fail.
+    async fn create(&self, spec: ContainerSpec) -> Result<String, RuntimeError> {
+        let language = spec.labels.get(labels::LANGUAGE).cloned().unwrap_or_default();
+        let boots = |files: &'static str| {
+            metrics::counter!("kernelbox_runtime_tree_boots_total", "language" => language.clone(), "files" => files)
+                .increment(1)
+        };
+        let inside = spec.tmpfs.keys().map(String::as_str).chain(spec.binds.iter().filter_map(|b| b.split(':').nth(1)));
+        if let Some(tree) = self.trees.for_boot(&spec.image, inside) {
+            let mut shared = spec.clone();
+            shared.image = tree.image_id;
+            shared.binds.extend(tree.binds);
+            shared.labels.insert(labels::RUNTIME_TREE.to_owned(), tree.hash);
+            match self.runtime.create_and_start(&shared).await {
+                Ok(id) => {
+                    boots("tree");
+                    return Ok(id);
+                }
+                Err(e) => {
+                    tracing::warn!(session_id = %self.session_id, error = %e, "a boot over the runtime tree failed; booting from the image's files");
+                    self.trees.forget(&spec.image);
+                }
+            }
+        }
+        let id = self.runtime.create_and_start(&spec).await?;
+        boots("image");
+        Ok(id)
     }
 
     /// Reconnects to a container an earlier run of the service left running. Its run directory was

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
 use crate::images::Catalog;
+use crate::images::runtime_tree::{RuntimeTrees, TreeError, TreeMounts};
 use crate::node::NodeTag;
 use crate::packages::{InstallReport, Packages};
 use crate::runtime::ContainerRuntime;
@@ -106,10 +107,16 @@ impl SessionManager {
             instance: config.instance.clone(),
             wheels_dir: packages.cache_dir(),
             npm_registry: config.packages.npm_registry.clone(),
-            datasets_dir: config.storage.datasets.resolve(&config.state_dir),
+            datasets_dir: config.storage.datasets.resolve(&config.state_dir, "datasets"),
             user_output: config.storage.user_output,
             runs_dir: dirs.runs.clone(),
             tracker: tracker.clone(),
+            trees: RuntimeTrees::new(
+                runtime.clone(),
+                config.storage.runtimes.resolve(&config.state_dir, "runtimes"),
+                &config.instance,
+                &[crate::packages::PACKAGES_DIR],
+            ),
         });
         let notebooks_dir = config.storage.notebooks_dir.clone().unwrap_or_else(|| config.state_dir.join("notebooks"));
         let notebooks = Arc::new(NotebookStore { dir: notebooks_dir, catalog: config.catalog.clone() });
@@ -261,6 +268,20 @@ impl SessionManager {
     /// Starts the warm pool's refill loop (after adoption, so that start-up does not race it).
     pub fn start_pool(&self) {
         self.pool.start();
+    }
+
+    /// The runtime trees' upkeep (`images/runtime_tree.rs`): a rebuilt image gets a new tree, and trees
+    /// that no image and no container names are removed.
+    pub async fn tend_runtime_trees(&self) {
+        let images: Vec<String> =
+            self.config.catalog.language_images().iter().map(|i| self.config.catalog.image_ref(i)).collect();
+        self.launcher.planner.trees.tend(&images).await;
+    }
+
+    /// The runtime tree of `language`'s image, made now if need be (tests and the benchmark wait for it).
+    pub async fn runtime_tree(&self, language: &str) -> Result<TreeMounts, TreeError> {
+        let image = self.launcher.planner.image_ref(language);
+        self.launcher.planner.trees.ensure(&image).await
     }
 
     /// The pool's numbers for `language`.
@@ -534,6 +555,7 @@ impl SessionManager {
     /// sessions are refused from the first moment. Bounded in time.
     pub async fn shutdown(&self) {
         self.pool.shutdown().await;
+        self.launcher.planner.trees.shutdown().await;
         let sessions = self.registry.close_all();
         for s in &sessions {
             s.close("service_shutdown", self.config.keep_sessions);

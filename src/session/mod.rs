@@ -3,8 +3,7 @@
 //! container and its kernel ([`kernel_host`]) and the run directory the service owns for it
 //! ([`rundir`]), the Jupyter clients attached to a kernel ([`peers`]), the operator's rules as pure
 //! functions ([`policy`]), the per-key limits on what costs ([`costs`]),
-//! an agent's fencing after a loss of contact ([`fence`]), its state directory's lock ([`state_lock`]) and
-//! what it reports of its node ([`node_report`]), what an earlier run left behind
+//! an agent's fencing after a loss of contact ([`fence`]) and what it reports of its node ([`node_report`]), what an earlier run left behind
 //! ([`recovery`]) and the records adoption reads ([`records`]), the session API's output folders on the
 //! host ([`outputs`]), and the plain data they share ([`model`]).
 //!
@@ -35,7 +34,6 @@ pub mod records;
 pub mod recovery;
 pub mod registry;
 pub mod rundir;
-pub mod state_lock;
 pub mod transfers;
 pub mod warm_pool;
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use std::path::PathBuf;
 
-use crate::config::{DatasetsDir, Limits, PoolConfig};
+use crate::config::{Limits, PoolConfig, StateFolder};
 use crate::images::Catalog;
 use crate::kernel::{ErrorInfo, Output};
 use crate::node::NodeTag;
@@ -389,9 +389,12 @@ pub struct Storage {
     /// How a deployment names the notebooks folder to its users (the session API's `notebook_path`).
     pub notebooks_public_path: String,
     /// Mounted read-only at `/mnt/data` in every session (`<state>/datasets` unless named, or none).
-    pub datasets: DatasetsDir,
+    pub datasets: StateFolder,
     /// The caps of each session API user's output folder, `<datasets>/output/<user>/`.
     pub user_output: OutputCaps,
+    /// Where the runtime trees are kept (`<state>/runtimes` unless named, or none: sessions read their
+    /// image's own files). See `images/runtime_tree.rs`.
+    pub runtimes: StateFolder,
 }
 
 impl Default for Storage {
@@ -399,8 +402,9 @@ impl Default for Storage {
         Storage {
             notebooks_dir: None,
             notebooks_public_path: "/mnt/jupyter_sessions".into(),
-            datasets: DatasetsDir::default(),
+            datasets: StateFolder::default(),
             user_output: OutputCaps::default(),
+            runtimes: StateFolder::default(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The datasets folder: there by default (`<state>/datasets`, made empty) and read-only at `/mnt/data` in
 //! every session, or off with `--datasets-dir none`.
 
-use kernelbox::config::DatasetsDir;
+use kernelbox::config::StateFolder;
 
 use crate::helpers::*;
 
@@ -45,7 +45,7 @@ async fn datasets_a_default_install_has_a_read_only_mnt_data() {
 #[tokio::test(flavor = "multi_thread")]
 async fn datasets_none_turns_mnt_data_off() {
     let mut options = AppOptions::default();
-    options.storage.datasets = DatasetsDir::parse("none").unwrap();
+    options.storage.datasets = StateFolder::parse("none").unwrap();
     let app = spawn_app_with(options).await;
     assert_eq!(app.manager.datasets_dir(), None);
     assert!(!app.state_dir.join("datasets").exists(), "nothing made");

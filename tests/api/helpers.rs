@@ -140,10 +140,19 @@ impl Default for AppOptions {
             instance: None,
             images: true,
             shutdown_grace: Duration::from_secs(5),
-            storage: Default::default(),
+            // One runtimes folder for every test service: each tree is copied once per image.
+            storage: kernelbox::session::Storage {
+                runtimes: kernelbox::config::StateFolder::At(shared_runtimes_dir()),
+                ..Default::default()
+            },
             pool: Default::default(),
         }
     }
+}
+
+/// The runtimes folder the test services share (kept across runs: trees are named by image content).
+pub fn shared_runtimes_dir() -> std::path::PathBuf {
+    target_dir().join("kernelbox-test-runtimes")
 }
 
 /// A warm pool of `n` python kernels, booted one at a time.

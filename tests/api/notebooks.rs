@@ -102,7 +102,7 @@ async fn the_datasets_folder_is_mounted_read_only_at_mnt_data() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(datasets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut options = AppOptions::default();
-    options.storage.datasets = kernelbox::config::DatasetsDir::At(datasets.path().to_path_buf());
+    options.storage.datasets = kernelbox::config::StateFolder::At(datasets.path().to_path_buf());
     let app = spawn_app_with(options).await;
     let id = app.start("python").await;
     let v = app

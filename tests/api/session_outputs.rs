@@ -358,7 +358,7 @@ async fn session_outputs_a_hostile_session_leaves_the_host_untouched_but_within_
 #[tokio::test(flavor = "multi_thread")]
 async fn session_outputs_without_a_datasets_folder_there_is_no_mnt_data() {
     let mut options = AppOptions::default();
-    options.storage.datasets = kernelbox::config::DatasetsDir::Off;
+    options.storage.datasets = kernelbox::config::StateFolder::Off;
     let app = spawn_app_with(options).await;
     assert!(app.manager.datasets_dir().is_none());
     assert_eq!(post_form(&app, "/start_session", &[("user_id", "u")]).await.0, 200);
