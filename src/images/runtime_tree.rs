@@ -184,6 +184,8 @@ impl RuntimeTrees {
     pub async fn ensure(&self, image: &str) -> Result<TreeMounts, TreeError> {
         self.entries.lock().expect("tree entries").insert(image.to_owned(), Entry::Making);
         let made = self.make(image).await;
+        metrics::gauge!("kernelbox_runtime_tree_ready", "image" => image.to_owned())
+            .set(f64::from(u8::from(made.is_ok())));
         let entry = match &made {
             Ok((id, root)) => Entry::Ready { id: id.clone(), root: root.clone() },
             Err(e) => {
@@ -236,9 +238,14 @@ impl RuntimeTrees {
         self.sweep_copiers().await;
     }
 
+    /// Whether a tree is being made: its copy containers are not orphans.
+    pub fn is_copying(&self) -> bool {
+        !self.tracker.is_empty()
+    }
+
     /// Containers of an earlier copy that was cut off (a service killed mid-copy) are removed.
     async fn sweep_copiers(&self) {
-        if !self.tracker.is_empty() {
+        if self.is_copying() {
             return;
         }
         let Ok(found) = self.runtime.list(labels::EXPORT, None).await else { return };
@@ -247,11 +254,14 @@ impl RuntimeTrees {
         }
     }
 
-    /// Stops copies under way (their containers are removed) and waits for them.
+    /// Stops copies under way (their containers are removed) and waits for them, 20 s at most (an engine
+    /// that stopped answering; the upkeep of the next start removes what is left).
     pub async fn shutdown(&self) {
         self.stop.cancel();
         self.tracker.close();
-        self.tracker.wait().await;
+        if tokio::time::timeout(Duration::from_secs(20), self.tracker.wait()).await.is_err() {
+            tracing::warn!("a runtime tree copy did not stop within 20 s");
+        }
     }
 
     async fn make(&self, image: &str) -> Result<(String, PathBuf), TreeError> {
@@ -490,7 +500,8 @@ impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.chunk.is_empty() {
             if self.stop.is_cancelled() {
-                return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "the service is stopping"));
+                // Not `Interrupted`: readers retry those, and this one would never end.
+                return Err(std::io::Error::other("the service is stopping"));
             }
             match self.rx.blocking_recv() {
                 Some(chunk) => self.chunk = chunk,
@@ -602,6 +613,21 @@ mod tests {
         assert!(dir.join("not-a-tree").is_dir(), "not the service's name: not its to remove");
         assert!(!dir.join(format!(".lock-{}", &other[7..])).exists(), "the lock goes with its tree");
         assert!(dir.join(format!(".lock-{}", &ID[7..])).exists());
+    }
+
+    #[test]
+    fn a_copy_cut_off_by_a_stop_ends_its_reader() {
+        let (tx, rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let mut reader = ChannelReader { rx, chunk: bytes::Bytes::new(), stop: stop.clone() };
+        tx.try_send(bytes::Bytes::from_static(b"abc")).unwrap();
+        let mut buf = [0u8; 2];
+        assert_eq!(reader.read(&mut buf).unwrap(), 2);
+        stop.cancel();
+        assert_eq!(reader.read(&mut buf).unwrap(), 1, "what was read is passed on");
+        let mut rest = Vec::new();
+        let err = reader.read_to_end(&mut rest).expect_err("a stop is an error that readers do not retry");
+        assert_ne!(err.kind(), std::io::ErrorKind::Interrupted);
     }
 
     #[tokio::test]

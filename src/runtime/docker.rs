@@ -143,14 +143,20 @@ impl ContainerRuntime for DockerRuntime {
         let options = DownloadFromContainerOptionsBuilder::default().path(path).build();
         let mut stream = self.docker.download_from_container(&created.id, Some(options));
         let mut copied = Ok(());
-        while let Some(chunk) = stream.next().await {
+        loop {
+            // A reader that left ends the copy at once, even while the engine sends nothing.
+            let chunk = tokio::select! {
+                chunk = stream.next() => chunk,
+                _ = out.closed() => break,
+            };
             match chunk {
-                Ok(bytes) => {
+                None => break,
+                Some(Ok(bytes)) => {
                     if out.send(bytes).await.is_err() {
                         break;
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     copied = Err(map_err(e));
                     break;
                 }

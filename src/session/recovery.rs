@@ -162,7 +162,8 @@ pub async fn sweep_orphans(r: &Recovery<'_>) -> usize {
         // kernel's id is the pool's from before its boot until the registry holds it), so a container
         // whose id is unknown belongs to nobody.
         let known = c.labels.get(labels::SESSION).is_some_and(|s| r.knows(s))
-            || c.labels.get(labels::FETCHER).is_some_and(|f| r.installs.packages.is_live_fetcher(f));
+            || c.labels.get(labels::FETCHER).is_some_and(|f| r.installs.packages.is_live_fetcher(f))
+            || (c.labels.contains_key(labels::EXPORT) && r.launcher.planner.trees.is_copying());
         if known {
             continue;
         }

@@ -341,8 +341,12 @@ impl Drop for TestApp {
 }
 
 /// The containers of service instance `instance`, as Docker lists them.
+/// The containers of a service instance: its sessions (pooled kernels included) and package fetchers. Not
+/// the short-lived containers a runtime tree is copied out of (`kernelbox.export`), never started, which
+/// come and go with the first boots of a language; the suite's end checks that none is left either.
 pub async fn instance_containers(instance: &str) -> Vec<kernelbox::runtime::ContainerSummary> {
-    docker().await.list(labels::INSTANCE, Some(instance)).await.unwrap()
+    let all = docker().await.list(labels::INSTANCE, Some(instance)).await.unwrap();
+    all.into_iter().filter(|c| !c.labels.contains_key(labels::EXPORT)).collect()
 }
 
 /// Polls `check` every 100 ms until it holds or `limit` has passed; says whether it held. For things
