@@ -1294,7 +1294,7 @@ def chart(R, path):
     kbm, kgm = (R.get("w4_kb") or {}).get("mem") or {}, (R.get("w4_kg") or {}).get("mem") or {}
     bars(ax[1][1], [("kernelbox (container, runtime tree)", kbm.get("total_pss_mib_median"), "#1c7ed6"),
                     ("Kernel Gateway (a process)", kgm.get("total_pss_mib_median"), "#e8590c")],
-         f"memory per idle python session at {DENSITY[0] if DENSITY else '?'} sessions (PSS)", "MiB")
+         f"idle python session, PSS at {DENSITY[0] if DENSITY else 0} sessions", "MiB")
     M = R["machine"]
     fig.suptitle(f"kernelbox vs Kernel Gateway, one run ({M['date']}, commit {M['commit']}, {M['cores']} cores)")
     fig.tight_layout()
