@@ -445,11 +445,13 @@ fn place(temp: &Path, root: &Path, id: &str) -> Result<(), TreeError> {
     }
 }
 
-/// Unpacks one tar stream of the engine into `dest`. Set-id and sticky bits are dropped and every file is
-/// the service's; entries that would land outside `dest` are refused by the tar reader.
+/// Unpacks one tar stream of the engine into `dest`. Set-id and sticky bits are dropped, nothing is
+/// writable but by its owner, and every file is the service's; entries that would land outside `dest`
+/// are refused by the tar reader.
 fn unpack(reader: ChannelReader, dest: &Path) -> std::io::Result<()> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(false);
+    archive.set_mask(0o022);
     archive.set_preserve_ownerships(false);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(false);

@@ -11,8 +11,9 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-/// What a session sees of its `/usr` and `/opt` (the tree holds `/usr/bin`, `/usr/lib` and `/opt`): a digest of every file's bytes, mode and link target,
-/// the mounts there, and what a write gets.
+/// What a session sees of its `/usr` and `/opt` (the tree holds `/usr/bin`, `/usr/lib` and `/opt`): a
+/// digest of every file's bytes, mode (less set-id bits and group or other write, which a tree drops) and
+/// link target, the mounts there, and what a write gets.
 const PROBE: &str = r#"
 import errno, hashlib, json, os, stat
 digest, files = hashlib.sha256(), 0
@@ -22,7 +23,7 @@ for top in ("/usr", "/opt"):
         for name in sorted(names) + dirs:
             p = os.path.join(root, name)
             st = os.lstat(p)
-            digest.update(p.encode() + b"\0" + oct(stat.S_IMODE(st.st_mode) & 0o777).encode())
+            digest.update(p.encode() + b"\0" + oct(stat.S_IMODE(st.st_mode) & 0o755).encode())
             if stat.S_ISLNK(st.st_mode):
                 digest.update(os.readlink(p).encode())
             elif stat.S_ISREG(st.st_mode):
