@@ -269,11 +269,7 @@ impl RuntimeTrees {
         let id = self.runtime.image(image).await?.ok_or_else(|| TreeError::NoImage(image.to_owned()))?.id;
         let hash = id_hex(&id).ok_or_else(|| TreeError::BadImageId(id.clone()))?.to_owned();
         let root = dir.join(&hash);
-        let found = {
-            let (dir, root, id) = (dir.clone(), root.clone(), id.clone());
-            tokio::task::spawn_blocking(move || find_tree(&dir, &root, &id)).await.map_err(io_join)??
-        };
-        if found {
+        if found(&dir, &root, &id).await? {
             return Ok((id, root));
         }
         // One copy per tree, across every service sharing the folder: the others wait for it.
@@ -282,11 +278,7 @@ impl RuntimeTrees {
             tracing::info!(image, "another service is copying this runtime tree; waiting for it")
         });
         let Some(_lock) = lock.await? else { return Err(TreeError::Stopping) };
-        let found = {
-            let (dir, root, id) = (dir.clone(), root.clone(), id.clone());
-            tokio::task::spawn_blocking(move || find_tree(&dir, &root, &id)).await.map_err(io_join)??
-        };
-        if found {
+        if found(&dir, &root, &id).await? {
             return Ok((id, root));
         }
         let temp = dir.join(format!(".tmp-{hash}-{}", uuid::Uuid::new_v4().simple()));
@@ -396,6 +388,12 @@ fn is_real_dir_below(root: &Path, path: &str) -> bool {
         at.push(c);
         is_real_dir(&at)
     })
+}
+
+/// [`find_tree`], off the async workers.
+async fn found(dir: &Path, root: &Path, id: &str) -> Result<bool, TreeError> {
+    let (dir, root, id) = (dir.to_owned(), root.to_owned(), id.to_owned());
+    tokio::task::spawn_blocking(move || find_tree(&dir, &root, &id)).await.map_err(io_join)?
 }
 
 /// Whether `root` holds the tree of `id`. The folder is made if missing; anything at either name that is
