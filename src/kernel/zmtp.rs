@@ -8,6 +8,10 @@
 //! what to keep, so nothing a peer announces is ever allocated up front. The Jupyter layer on top is
 //! `wire.rs`.
 //!
+//! The buffer is small while a connection is quiet ([`MIN_READ_BUFFER`]: four per session, hundreds of
+//! sessions) and doubles, up to [`READ_BUFFER`], while reads keep filling it (a large frame arriving); it
+//! goes back to the small size once everything read has been handed out at a message boundary.
+//!
 //! Cancel safety: [`ZmtpStream::next_event`] never waits, and [`ZmtpStream::fill`] is a single read into the
 //! owned buffer, so a caller that drops a read future (e.g. in `tokio::select!`) loses no byte. Writes are
 //! queued in an owned buffer and [`ZmtpStream::flush`] resumes where a dropped flush stopped, so a cancelled
@@ -19,9 +23,11 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// The size of the read buffer of one connection: the most a connection holds of what the peer sent
-/// before the layer above has looked at it.
+/// The largest read buffer of one connection: the most a connection holds of what the peer sent before the
+/// layer above has looked at it.
 const READ_BUFFER: usize = 32 * 1024;
+/// The read buffer of a quiet connection; also room for a greeting and a usual READY.
+const MIN_READ_BUFFER: usize = 2 * 1024;
 /// The largest handshake command (the peer's READY) we read; libzmq's is well under 100 bytes.
 const MAX_HANDSHAKE_COMMAND: usize = 8 * 1024;
 /// The greeting is always 64 bytes.
@@ -116,6 +122,8 @@ pub struct ZmtpStream<S> {
     written: usize,
     /// Bytes read from the peer so far (a message still arriving shows as progress here).
     bytes_in: u64,
+    /// The last read filled the buffer: the peer likely has more, so the next read gets a larger one.
+    filled: bool,
 }
 
 impl<S> ZmtpStream<S> {
@@ -131,7 +139,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
     pub async fn handshake(io: S, ours: SocketType, identity: Option<&[u8]>) -> Result<Self, ZmtpError> {
         let mut stream = ZmtpStream {
             io,
-            buf: vec![0; READ_BUFFER].into_boxed_slice(),
+            buf: vec![0; MIN_READ_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
             state: ReadState::Header,
@@ -139,6 +147,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
             out: Vec::new(),
             written: 0,
             bytes_in: 0,
+            filled: false,
         };
         stream.out.extend_from_slice(&greeting());
         stream.flush().await?;
@@ -248,6 +257,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
     /// [`ZmtpError::Truncated`] inside a frame or message).
     pub async fn fill(&mut self) -> Result<(), ZmtpError> {
         self.compact();
+        self.resize();
         let n = self.io.read(&mut self.buf[self.end..]).await?;
         if n == 0 {
             let clean = matches!(self.state, ReadState::Header) && self.start == self.end && !self.in_message;
@@ -255,7 +265,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
         }
         self.end += n;
         self.bytes_in += n as u64;
+        self.filled = self.end == self.buf.len();
         Ok(())
+    }
+
+    /// Before a read: back to the small buffer when nothing is held between messages; a larger one when the
+    /// last read filled it or it is full (a handshake command larger than the small buffer). Keeps every
+    /// byte not yet handed out, so a read cancelled after it loses nothing.
+    fn resize(&mut self) {
+        let quiet = self.start == self.end && matches!(self.state, ReadState::Header) && !self.in_message;
+        let len = self.buf.len();
+        if quiet && len > MIN_READ_BUFFER {
+            self.buf = vec![0; MIN_READ_BUFFER].into_boxed_slice();
+            self.start = 0;
+            self.end = 0;
+        } else if (self.filled || self.end == len) && len < READ_BUFFER {
+            let mut larger = vec![0; (len * 2).min(READ_BUFFER)].into_boxed_slice();
+            larger[..self.end].copy_from_slice(&self.buf[..self.end]);
+            self.buf = larger;
+        }
+        self.filled = false;
+        debug_assert!(self.end < self.buf.len(), "a read always has room");
     }
 
     /// Reads and throws away whatever arrives until the peer closes (or the stream fails). Cancel-safe.
@@ -330,14 +360,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ZmtpStream<S> {
 
     /// Moves unread bytes to the front so a read has room.
     /// Only a partial frame header (or a partial handshake) is left when a caller reads, so this copies
-    /// a few bytes at most.
+    /// a few bytes at most; [`Self::resize`] makes room if that is not enough.
     fn compact(&mut self) {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        debug_assert!(self.end < self.buf.len(), "a read always has room");
     }
 
     async fn read_exact_64(&mut self) -> Result<[u8; GREETING_LEN], ZmtpError> {
@@ -647,6 +676,61 @@ pub(crate) mod tests {
         assert_eq!(s.buf.len(), capacity);
         drop(b);
         assert!(matches!(s.fill().await, Err(ZmtpError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn the_read_buffer_grows_for_a_large_frame_and_shrinks_between_messages() {
+        let (mut s, mut b) = connected(SocketType::Dealer, b"ROUTER").await;
+        assert_eq!(s.buf.len(), MIN_READ_BUFFER, "a quiet connection holds the small buffer");
+        let big = vec![4u8; 200_000];
+        let writer = tokio::spawn(async move {
+            b.write_all(&[frame(&big, true), frame(b"tail", false)].concat()).await.unwrap();
+            b.write_all(&frame(b"next", false)).await.unwrap();
+            b
+        });
+        let mut largest = 0;
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        'message: loop {
+            while let Some(event) = s.next_event().unwrap() {
+                match event {
+                    Event::Start { .. } => frames.push(Vec::new()),
+                    Event::Data(d) => frames.last_mut().unwrap().extend_from_slice(d),
+                    Event::End { more: false } => break 'message,
+                    Event::End { more: true } => {}
+                }
+            }
+            s.fill().await.unwrap();
+            largest = largest.max(s.buf.len());
+        }
+        let lens: Vec<usize> = frames.iter().map(Vec::len).collect();
+        assert_eq!(lens, [200_000, 4]);
+        assert!(frames[0].iter().all(|&b| b == 4) && frames[1] == b"tail", "the frames' bytes arrive intact");
+        assert_eq!(largest, READ_BUFFER, "reads that fill the buffer double it, up to the largest");
+        let _b = writer.await.unwrap();
+        assert_eq!(message(&mut s).await.unwrap(), vec![b"next".to_vec()]);
+        // Waiting for the next message (the read is cancelled: nothing comes).
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(10), s.fill()).await;
+        assert!(waiting.is_err());
+        assert_eq!(s.buf.len(), MIN_READ_BUFFER, "a connection waiting between messages holds the small buffer");
+    }
+
+    #[tokio::test]
+    async fn a_ready_larger_than_the_small_buffer_still_completes_the_handshake() {
+        let (a, mut b) = duplex(1 << 16);
+        let mut bytes = greeting().to_vec();
+        let mut body = vec![5];
+        body.extend_from_slice(b"READY");
+        for (name, value) in [(&b"Socket-Type"[..], &b"ROUTER"[..]), (b"X-Padding", &[b'p'; 6000][..])] {
+            body.push(name.len() as u8);
+            body.extend_from_slice(name);
+            body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            body.extend_from_slice(value);
+        }
+        bytes.push(FLAG_COMMAND | FLAG_LONG);
+        bytes.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        bytes.extend_from_slice(&body);
+        b.write_all(&bytes).await.unwrap();
+        assert!(ZmtpStream::handshake(a, SocketType::Dealer, None).await.is_ok());
     }
 
     #[tokio::test]
