@@ -11,7 +11,17 @@ imported only when the first `debug_request` arrives:
      its constructor's arguments and makes the real `Debugger` the first time it is used. Until then the control thread's wait for stopped
      events waits on an event, at no cost.
 
-Usage (the python descriptors): python -m kernelbox_kernel <ipykernel_launcher's arguments>
+It also runs the kernel without start-kernel's relay: given `--KernelboxApp.connect_to=PREFIX` (the
+descriptors pass the service's "/kernel/k"), the kernel CONNECTS its shell, stdin, control and iopub
+sockets to the unix sockets "PREFIX-<port>" that the service listens on, instead of binding its own for
+start-kernel to relay. ZeroMQ lets either side bind, and ZMTP is the same either way, so the service sees
+the same four connections and the same bytes, one copy and two context switches fewer per message. libzmq
+reconnects on its own (every 100 ms) when the service restarts and binds again. The heartbeat is not
+started (the service does not use it), and shell is also bound privately under /tmp/kernelbox, for the
+debugger's own connection to it (ipykernel connects that to shell's last endpoint).
+
+Usage (the python descriptors): python -m kernelbox_kernel [--KernelboxApp.connect_to=PREFIX]
+<ipykernel_launcher's arguments>
 """
 
 import sys
@@ -102,7 +112,8 @@ class LazyDebugger:
 sys.modules.setdefault(_REAL, _DebuggerModuleStandIn())
 
 from ipykernel.ipkernel import IPythonKernel  # noqa: E402
-from traitlets import Type  # noqa: E402
+from ipykernel.kernelapp import IPKernelApp  # noqa: E402
+from traitlets import Type, Unicode  # noqa: E402
 
 
 class Kernel(IPythonKernel):
@@ -111,8 +122,32 @@ class Kernel(IPythonKernel):
     debugger_class = Type(LazyDebugger, klass=LazyDebugger)
 
 
-def main():
-    from ipykernel import kernelapp
+class KernelboxApp(IPKernelApp):
+    """ipykernel's application, which connects its channels to the service when `connect_to` is set."""
 
-    kernelapp.launch_new_instance(argv=["--IPKernelApp.kernel_class=kernelbox_kernel.Kernel", *sys.argv[1:]])
+    connect_to = Unicode(
+        "",
+        config=True,
+        help="Connect shell, stdin, control and iopub to the unix sockets '<connect_to>-<port>' (ipc) "
+        "instead of binding them.",
+    )
+
+    def _bind_socket(self, s, port):
+        if not self.connect_to:
+            return super()._bind_socket(s, port)
+        if self.transport != "ipc" or not port:
+            raise ValueError("connect_to needs the ipc transport and fixed ports")
+        s.connect(f"ipc://{self.connect_to}-{port}")
+        if s is self.shell_socket:
+            # Bound last, so that it is shell's last endpoint, which the debugger's socket connects to.
+            super()._bind_socket(s, port)
+        return port
+
+    def init_heartbeat(self):
+        if not self.connect_to:
+            super().init_heartbeat()
+
+
+def main():
+    KernelboxApp.launch_instance(argv=["--KernelboxApp.kernel_class=kernelbox_kernel.Kernel", *sys.argv[1:]])
 

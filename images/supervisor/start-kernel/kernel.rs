@@ -1,6 +1,7 @@
-//! The kernel process: what the descriptor says about starting it ("argv", "env", "seed", "transport"),
-//! its private connection file, its start in a process group of its own, signals to that group, and
-//! reaping it. It never touches the service's sockets: relaying to them is the supervisor's.
+//! The kernel process: what the descriptor says about starting it ("argv", "env", "seed", "transport",
+//! "connects"), its private connection file, its start in a process group of its own, signals to that
+//! group, and reaping it. It never touches the service's sockets: relaying to them is the supervisor's,
+//! or, for a kernel that "connects", the kernel's own (its argv gets the service's socket prefix).
 
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -27,6 +28,9 @@ pub struct Kernel {
     /// The service's connection file: the key and signature scheme the kernel's private one keeps.
     conn: Json,
     tcp: bool,
+    /// The descriptor's "connects": the kernel connects its four channels to the service's sockets
+    /// itself (argv's "{service_ip}"), so there is nothing to relay.
+    connects: bool,
     /// The kernel's four sockets, set at each start.
     addrs: Vec<Addr>,
     /// The running kernel, until it has been reaped.
@@ -39,10 +43,12 @@ pub struct Kernel {
 impl Kernel {
     pub fn new(desc: Json, conn: Json) -> Kernel {
         let tcp = desc.get("transport").and_then(Json::as_str).unwrap_or("ipc") == "tcp";
+        let connects = matches!(desc.get("connects"), Some(Json::Bool(true)));
         Kernel {
             desc,
             conn,
             tcp,
+            connects,
             addrs: Vec::new(),
             child: None,
             exited: None,
@@ -50,9 +56,14 @@ impl Kernel {
         }
     }
 
-    /// The kernel's sockets, one per relayed channel (in CHANNELS' order).
+    /// The kernel's sockets, one per relayed channel (in CHANNELS' order); none for a kernel that connects.
     pub fn addrs(&self) -> &[Addr] {
         &self.addrs
+    }
+
+    /// Whether the kernel connects to the service's sockets itself.
+    pub fn connects(&self) -> bool {
+        self.connects
     }
 
     /// The kernel's private connection file; also sets `self.addrs`.
@@ -74,7 +85,11 @@ impl Kernel {
             private.set("transport", Json::Str("ipc".into()));
             private.set("ip", Json::Str(ip.clone()));
             let port = |key: &str| self.conn.get(key).and_then(Json::as_port).unwrap_or(0);
-            self.addrs = CHANNELS.iter().map(|k| Addr::Unix(format!("{}-{}", ip, port(k)))).collect();
+            self.addrs = if self.connects {
+                Vec::new()
+            } else {
+                CHANNELS.iter().map(|k| Addr::Unix(format!("{}-{}", ip, port(k)))).collect()
+            };
             for key in PORT_KEYS.iter() {
                 // A previous kernel's socket files.
                 let _ = std::fs::remove_file(format!("{}-{}", ip, port(key)));
@@ -109,15 +124,24 @@ impl Kernel {
     pub fn spawn(&mut self) -> Result<(), String> {
         self.seed();
         let conn = self.write_conn_file().map_err(|e| format!("private connection file: {}", e))?;
-        let argv: Vec<String> = match self.desc.get("argv") {
-            Some(Json::Arr(items)) => {
-                items.iter().map(|a| a.to_env_string().replace("{connection_file}", &conn)).collect()
-            }
+        let service_ip = self.conn.get("ip").and_then(Json::as_str).unwrap_or("").to_owned();
+        let template: Vec<String> = match self.desc.get("argv") {
+            Some(Json::Arr(items)) => items.iter().map(Json::to_env_string).collect(),
             _ => return Err("the descriptor has no argv".into()),
         };
-        if argv.is_empty() {
+        if template.is_empty() {
             return Err("the descriptor's argv is empty".into());
         }
+        if self.connects && (self.tcp || !template.iter().any(|a| a.contains("{service_ip}"))) {
+            // It would never connect, and the service would wait for it until its start timeout.
+            return Err("the descriptor says \"connects\" but its transport is not ipc or its argv has no \
+                        {service_ip}"
+                .into());
+        }
+        let argv: Vec<String> = template
+            .iter()
+            .map(|a| a.replace("{connection_file}", &conn).replace("{service_ip}", &service_ip))
+            .collect();
         log(&format!("starting kernel: {}", argv.join(" ")));
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).stdin(Stdio::null());

@@ -7,7 +7,8 @@
 //! The image-local descriptor /opt/kernelbox/kernel.json says how to start the kernel: "argv" (a
 //! template; "{connection_file}" is replaced), "transport" ("ipc" or "tcp": what the kernel itself can
 //! bind), "env" (added to the environment), optional "seed" ({"/writable/dir": "/opt/read-only/dir"}:
-//! copied before a start if missing, e.g. a cache built into the image), plus language / display_name /
+//! copied before a start if missing, e.g. a cache built into the image), optional "connects" (true: the
+//! kernel connects to the service's sockets itself, see below), plus language / display_name /
 //! language_version / interrupt_mode for --describe.
 //!
 //! The service's connection file (read-only mount, "ip": "/kernel/k") names four unix sockets
@@ -22,6 +23,12 @@
 //!      a side is not read while the other side cannot take more.
 //!   3. When either side of a relayed connection closes, it closes the other (after passing on what was
 //!      already read, for at most FLUSH) and connects again RETRY later (service first, then kernel).
+//!
+//! A kernel whose descriptor says "connects" (ipykernel through kernelbox's launcher; the transport must
+//! be ipc) gets the service's socket prefix in its argv ("{service_ip}", e.g. "/kernel/k") and connects
+//! its four channels there itself, as ZeroMQ allows either side to bind: there is nothing to relay, and
+//! this program only supervises (signals, restarts, exit status). libzmq reconnects by itself when the
+//! service restarts. Kernels that can only bind (Deno, JJava, bash_kernel) are relayed as above.
 //!
 //! There is no heartbeat relay and no ready file: the service knows the kernel is up when its four
 //! connections arrive and kernel_info is answered.
@@ -65,7 +72,8 @@ use supervisor::Supervisor;
 const USAGE: &str = "usage: start-kernel CONNECTION_FILE | --describe
 
 Runs the kernel described by /opt/kernelbox/kernel.json and relays its shell, iopub, stdin and control
-channels to the unix sockets \"<ip>-<port>\" the service listens on (named by CONNECTION_FILE).
+channels to the unix sockets \"<ip>-<port>\" the service listens on (named by CONNECTION_FILE), or,
+if the descriptor says \"connects\", lets the kernel connect to them itself.
 SIGINT interrupts the kernel's process group, SIGHUP restarts the kernel, SIGTERM stops it; when the
 kernel exits on its own this program exits with its status (128+N for signal N).
 ";

@@ -118,10 +118,15 @@ impl Supervisor {
     }
 
     /// One kernel's lifetime: relays until a command or the kernel's exit. Returns the relays still open.
+    /// A kernel that connects to the service itself has nothing to relay: this only waits.
     fn serve(&mut self) -> Vec<Channel> {
         let started = Instant::now();
+        let relayed = if self.kernel.connects() { 0 } else { CHANNELS.len() };
+        if relayed == 0 {
+            log("the kernel connects to the service's sockets itself: nothing to relay");
+        }
         let mut channels: Vec<Channel> =
-            (0..CHANNELS.len()).map(|_| Channel::Idle { retry_at: started, warned: false }).collect();
+            (0..relayed).map(|_| Channel::Idle { retry_at: started, warned: false }).collect();
         let mut probed = 0; // how many of the kernel's sockets have accepted a connection
         let mut next_probe = started;
         let mut drain_until: Option<Instant> = None; // after the kernel's exit: FLUSH for the last bytes
