@@ -881,7 +881,15 @@ def run_kernelbox(R):
         R["trees_s"] = kb.wait_trees()
         loadavg("w1 kernelbox cold")
         log("w1 kernelbox cold")
+        phases = ("container", "connect", "ready")
+        sums = lambda: {p: (kb.metrics(f'kernelbox_boot_phase_seconds_sum{{phase="{p}"}}'),  # noqa: E731
+                            kb.metrics(f'kernelbox_boot_phase_seconds_count{{phase="{p}"}}')) for p in phases}
+        before = sums()
         R["w1_kb_cold"] = w1_start(kb.create, kb.execute, kb.delete, N_COLD)
+        after = sums()
+        # Where a cold python start goes, from the service's own histogram: mean ms per phase.
+        R["w1_kb_cold_phases"] = {p: (after[p][0] - before[p][0]) * 1000 / max(1, after[p][1] - before[p][1])
+                                  for p in phases}
         R["w1_kb_cold_lang"] = {"python": R["w1_kb_cold"]}
         for name, _, _ in LANGS[1:]:
             log(f"w1 kernelbox cold {name}")
@@ -1236,6 +1244,13 @@ def render(R):
         if s:
             extra.append(f"{label}: create {f(s['create_p50_ms'])} + first execute {f(s['first_execute_p50_ms'])}")
     w("Start split at p50 (create call returned / first execute): " + "; ".join(extra) + ".")
+    ph = R.get("w1_kb_cold_phases")
+    if ph:
+        w("")
+        w(f"Where a cold python start goes (means over the cold starts, the service's `kernelbox_boot_phase_seconds`): "
+          f"the container's create and start {f(ph['container'])}, the kernel's boot until its four connections are in "
+          f"{f(ph['connect'])}, its first answers (kernel_info, IOPub) {f(ph['ready'])}; the rest of the create call "
+          f"is the API, the run directory and the registry.")
     if R.get("trees_s") is not None:
         w("")
         w(f"Runtime trees: ready for every language {R['trees_s']:.0f} s after the cold service started (copied once per "
