@@ -89,7 +89,7 @@ impl Launcher {
             max_timeout: l.max_timeout,
             refit: self.refit.clone(),
         };
-        let actor = Actor::new(session.clone(), inbox, plan, settings);
+        let actor = Box::new(Actor::new(session.clone(), inbox, plan, settings));
         let leave = Deregister { registry: self.registry.clone(), session, dirs: self.dirs.clone() };
         self.tracker.spawn(async move {
             let _leave = leave;

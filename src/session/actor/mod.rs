@@ -120,46 +120,53 @@ impl Actor {
     }
 
     /// The whole life of the session. `ready` hears once whether the kernel came up.
-    pub async fn run(mut self, start: Start, ready: oneshot::Sender<Result<(), SessionError>>) {
-        let cancel = self.session.cancel.clone();
-        let mut busy_until = None;
-        let booted = match start {
-            Start::Fresh => self.plan.boot(&cancel).await,
-            Start::Adopt { container_id, boot } => {
-                self.plan.adopt(container_id, &boot, &cancel).await.map(|(host, busy)| {
-                    busy_until = busy;
-                    host
-                })
-            }
-            Start::Ready(host) => Ok(*host),
-        };
-        match booted {
-            Ok(host) => {
-                self.took(&host);
-                self.host = Some(host);
-                match busy_until {
-                    Some(marker) => {
-                        tracing::info!(session_id = %self.session.id, "adopted a kernel busy with a cell; it may finish");
-                        self.orphan = Some(Orphan::new(marker, self.max_timeout));
-                        self.session.set_status(SessionStatus::Busy);
-                    }
-                    None => self.session.set_status(SessionStatus::Idle),
-                }
+    ///
+    /// The actor is boxed and every step below is a boxed future: a task holds only what its current step
+    /// needs, so an idle session's task stays small (it was 64 KiB a session, all states inline).
+    pub async fn run(mut self: Box<Self>, start: Start, ready: oneshot::Sender<Result<(), SessionError>>) {
+        match Box::pin(self.come_up(start)).await {
+            Ok(()) => {
                 let _ = ready.send(Ok(()));
-                self.serve().await;
+                Box::pin(self.serve()).await;
             }
             Err(e) => {
                 let _ = ready.send(Err(e));
             }
         }
-        self.shut_down().await;
+        Box::pin(self.shut_down()).await;
+    }
+
+    /// Boots or adopts the kernel and takes it as the session's.
+    async fn come_up(&mut self, start: Start) -> Result<(), SessionError> {
+        let cancel = self.session.cancel.clone();
+        let mut busy_until = None;
+        let host = match start {
+            Start::Fresh => self.plan.boot(&cancel).await?,
+            Start::Adopt { container_id, boot } => {
+                let (host, busy) = self.plan.adopt(container_id, &boot, &cancel).await?;
+                busy_until = busy;
+                host
+            }
+            Start::Ready(host) => *host,
+        };
+        self.took(&host);
+        self.host = Some(host);
+        match busy_until {
+            Some(marker) => {
+                tracing::info!(session_id = %self.session.id, "adopted a kernel busy with a cell; it may finish");
+                self.orphan = Some(Orphan::new(marker, self.max_timeout));
+                self.session.set_status(SessionStatus::Busy);
+            }
+            None => self.session.set_status(SessionStatus::Idle),
+        }
+        Ok(())
     }
 
     async fn serve(&mut self) {
         let cancel = self.session.cancel.clone();
         loop {
             if let Some(died) = self.pending_restart.take() {
-                self.restart_after_death(died).await;
+                Box::pin(self.restart_after_death(died)).await;
                 continue;
             }
             let alive = self.host.as_ref().is_some_and(KernelHost::is_alive);
@@ -174,26 +181,26 @@ impl Actor {
                 _ = cancel.cancelled() => break,
                 _ = wait_exit(exit), if alive => self.on_death(),
                 Some(control) = self.inbox.control.recv() => match control {
-                    Control::Interrupt => self.interrupt().await,
+                    Control::Interrupt => Box::pin(self.interrupt()).await,
                     Control::Restart(reply) => {
                         // A restart whose caller left never runs.
                         if !reply.is_closed() {
-                            let result = self.restart().await;
+                            let result = Box::pin(self.restart()).await;
                             let _ = reply.send(result);
                         }
                     }
                 },
-                _ = sleep_until_some(orphan_deadline), if orphan_deadline.is_some() => self.orphan_overdue().await,
-                Some(event) = self.inbox.peers.recv() => self.on_peer(event).await,
+                _ = sleep_until_some(orphan_deadline), if orphan_deadline.is_some() => Box::pin(self.orphan_overdue()).await,
+                Some(event) = self.inbox.peers.recv() => Box::pin(self.on_peer(event)).await,
                 // Executions wait while a cell from before the adoption runs, as behind any execution.
-                Some(cmd) = self.inbox.commands.recv(), if self.orphan.is_none() => self.run_command(cmd).await,
+                Some(cmd) = self.inbox.commands.recv(), if self.orphan.is_none() => Box::pin(self.run_command(cmd)).await,
                 received = recv_kernel(client), if read_kernel => match received {
                     Ok((channel, msg)) => {
                         self.for_peers(channel, &msg);
                         self.orphan_ended(channel, &msg);
                     }
                     Err(e) => {
-                        if let Ending::Killed(reason) = self.killed_or(format!("lost the kernel connection: {e}")).await
+                        if let Ending::Killed(reason) = Box::pin(self.killed_or(format!("lost the kernel connection: {e}"))).await
                             && self.host.is_some()
                         {
                             tracing::warn!(session_id = %self.session.id, %reason, "the kernel connection failed; it is read again after a restart");
