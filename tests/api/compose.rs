@@ -115,20 +115,47 @@ async fn compose_up_serves_the_api_and_down_leaves_nothing() {
 
     let http = reqwest::Client::new();
     let base_url = format!("http://127.0.0.1:{port}");
-    let created =
-        http.post(format!("{base_url}/v1/sessions")).json(&json!({"language": "python"})).send().await.unwrap();
-    assert_eq!(created.status(), 201);
-    let id = created.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    let r: serde_json::Value = http
-        .post(format!("{base_url}/v1/sessions/{id}/execute"))
-        .json(&json!({"code": "print(6*7)"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // A new python session runs `code`; its execute result.
+    let run_in_new_session = |code: &'static str| {
+        let (http, base_url) = (http.clone(), base_url.clone());
+        async move {
+            let created =
+                http.post(format!("{base_url}/v1/sessions")).json(&json!({"language": "python"})).send().await.unwrap();
+            assert_eq!(created.status(), 201);
+            let id = created.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+            let execute = http.post(format!("{base_url}/v1/sessions/{id}/execute")).json(&json!({"code": code}));
+            execute.send().await.unwrap().json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let r = run_in_new_session("print(6*7)").await;
     assert_eq!(r["stdout"], "42\n", "{r}");
+
+    // A sample's value, by its name and labels (in whatever order the exporter writes them).
+    let metric = |text: &str, name: &str, labels: &[&str]| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|label| l.contains(label)))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    // The runtime trees work the same under compose (the state directory bound at the same path): the
+    // first boot started python's copy; once it is ready, the next session runs over it, read-only.
+    let mut ready = false;
+    for _ in 0..360 {
+        let text = http.get(format!("{base_url}/metrics")).send().await.unwrap().text().await.unwrap();
+        if metric(&text, "kernelbox_runtime_tree_ready", &["image=\"kernelbox/kernel-python:latest\""]) == 1.0 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(ready, "python's runtime tree is made under compose");
+    let probe = "import os\ntry:\n    open('/usr/lib/kb-probe', 'w')\nexcept OSError as e:\n    print(e.errno == 30)";
+    let r = run_in_new_session(probe).await;
+    assert_eq!(r["stdout"], "True\n", "a write into the tree is EROFS: {r}");
+    let text = http.get(format!("{base_url}/metrics")).send().await.unwrap().text().await.unwrap();
+    let over_tree =
+        metric(&text, "kernelbox_runtime_tree_boots_total", &["language=\"python\"", "files=\"tree\""]);
+    assert!(over_tree >= 1.0, "a python session booted over the tree under compose");
 
     check(project.run(&["down", "--timeout", "30"]), "compose down");
     let left = instance_containers(&instance).await;
