@@ -153,8 +153,7 @@ async fn compose_up_serves_the_api_and_down_leaves_nothing() {
     let r = run_in_new_session(probe).await;
     assert_eq!(r["stdout"], "True\n", "a write into the tree is EROFS: {r}");
     let text = http.get(format!("{base_url}/metrics")).send().await.unwrap().text().await.unwrap();
-    let over_tree =
-        metric(&text, "kernelbox_runtime_tree_boots_total", &["language=\"python\"", "files=\"tree\""]);
+    let over_tree = metric(&text, "kernelbox_runtime_tree_boots_total", &["language=\"python\"", "files=\"tree\""]);
     assert!(over_tree >= 1.0, "a python session booted over the tree under compose");
 
     check(project.run(&["down", "--timeout", "30"]), "compose down");
