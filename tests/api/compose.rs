@@ -129,20 +129,13 @@ async fn compose_up_serves_the_api_and_down_leaves_nothing() {
     let r = run_in_new_session(json!({"language": "python"}), "print(6*7)").await;
     assert_eq!(r["stdout"], "42\n", "{r}");
 
-    // A sample's value, by its name and labels (in whatever order the exporter writes them).
-    let metric = |text: &str, name: &str, labels: &[&str]| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|label| l.contains(label)))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
     // The runtime trees work the same under compose (the state directory bound at the same path): the
     // first boot started python's copy; once it is ready, a session booted cold (settings the warm pool,
     // booted before the tree, does not hold) runs over it, read-only.
     let mut ready = false;
     for _ in 0..360 {
         let text = http.get(format!("{base_url}/metrics")).send().await.unwrap().text().await.unwrap();
-        if metric(&text, "kernelbox_runtime_tree_ready", &["image=\"kernelbox/kernel-python:latest\""]) == 1.0 {
+        if sample(&text, "kernelbox_runtime_tree_ready{image=\"kernelbox/kernel-python:latest\"}") == Some(1.0) {
             ready = true;
             break;
         }
@@ -154,8 +147,8 @@ async fn compose_up_serves_the_api_and_down_leaves_nothing() {
     let r = run_in_new_session(json!({"language": "python", "memory_mb": 384}), probe).await;
     assert_eq!(r["stdout"], "True\n", "/usr/lib is the tree, mounted read-only: {r}");
     let text = http.get(format!("{base_url}/metrics")).send().await.unwrap().text().await.unwrap();
-    let over_tree = metric(&text, "kernelbox_runtime_tree_boots_total", &["language=\"python\"", "files=\"tree\""]);
-    assert!(over_tree >= 1.0, "a python session booted over the tree under compose");
+    let over_tree = sample(&text, "kernelbox_runtime_tree_boots_total{language=\"python\",files=\"tree\"}");
+    assert!(over_tree.is_some_and(|n| n >= 1.0), "a python session booted over the tree under compose");
 
     check(project.run(&["down", "--timeout", "30"]), "compose down");
     let left = instance_containers(&instance).await;

@@ -246,6 +246,12 @@ pub fn settings(options: AppOptions, instance: &str, state_dir: &std::path::Path
     }
 }
 
+/// The value of one series in a `/metrics` text: the metric's name with its labels as the exporter writes
+/// them (in the order the code gives them), e.g. `kernelbox_pool_hits_total{language="python"}`.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
+}
+
 pub fn uuid_like() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }

@@ -309,9 +309,7 @@ impl<'a> Mcp<'a> {
 /// The value of the gauge `name` in `/metrics`.
 async fn gauge(app: &TestApp, name: &str) -> f64 {
     let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let line =
-        text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
+    sample(&text, name).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
 /// The careless client: 3,000 `initialize` calls of one key that never close their session. Each

@@ -52,10 +52,7 @@ async fn a_session_starts_from_the_pool_with_its_own_limits_and_the_pool_refills
     assert!(pool_ready(async || app.get("/v1/languages").await.1, 1).await, "the pool refills after a claim");
     let (_, metrics) = (200, app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap());
     // The recorder is shared by every app of the test process: other tests' claims count too.
-    let hits = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("kernelbox_pool_hits_total{language=\"python\"} "))
-        .and_then(|v| v.trim().parse::<f64>().ok());
+    let hits = sample(&metrics, "kernelbox_pool_hits_total{language=\"python\"}");
     assert!(hits.is_some_and(|n| n >= 1.0), "{metrics}");
 
     // A request the pool cannot serve starts cold and leaves the pool as it was.
