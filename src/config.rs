@@ -11,11 +11,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod api_role;
 mod error;
 mod limits;
+pub mod oci_runtimes;
 
 pub use api_role::{AgentSource, ApiArgs};
 pub use error::ConfigError;
 use limits::rate_limit;
 pub use limits::{CostLimits, LimitArgs, Limits};
+pub use oci_runtimes::{OciRuntimes, RuntimeRefused};
 
 pub use crate::rate::RateLimit;
 
@@ -211,7 +213,8 @@ pub struct ServeArgs {
     /// Kernels kept booted ahead of demand per language: `python=2` (always two), or `python=2..8`
     /// (at least two, more while creates come faster, back to two after a quiet spell); several with
     /// commas (`none`: no pool). A session whose request fits (no `env`; memory that keeps the same tmpfs
-    /// size) starts from it.
+    /// size) starts from it. `python@runsc=1`: a pool of python kernels under another runtime than
+    /// python's default, for the sessions that ask for it.
     #[arg(long, env = "KERNELBOX_POOL", default_value = "python=2..8")]
     pub pool: String,
     /// How many pooled kernels may boot at once (all languages together).
@@ -459,6 +462,19 @@ impl ServeArgs {
     /// The checked pool settings.
     pub fn pool_config(&self) -> Result<PoolConfig, ConfigError> {
         let bounds = PoolConfig::parse_bounds(&self.pool).map_err(|e| ConfigError(format!("--pool: {e}")))?;
+        // `language@runtime`: a pool of kernels under another runtime than the language's default, which
+        // sessions of the language must be allowed to ask for.
+        let runtimes = self.limits.validate()?.runtimes;
+        for pool in bounds.keys() {
+            if let Some((language, runtime)) = pool.split_once('@') {
+                if !runtimes.allowed_for(language).iter().any(|r| r == runtime) {
+                    return Err(ConfigError(format!(
+                        "--pool: `{pool}`: {language} sessions may not run under `{runtime}` (see --runtime and \
+                         --session-runtimes)"
+                    )));
+                }
+            }
+        }
         if self.pool_max_boots == 0 {
             return Err(ConfigError("--pool-max-boots must be at least 1".into()));
         }
@@ -565,7 +581,8 @@ impl PoolConfig {
         PoolConfig { bounds, max_boots, ..PoolConfig::default() }
     }
 
-    /// Parses `python=2,javascript=0..3` (`none` or an empty string: no pool).
+    /// Parses `python=2,javascript=0..3,python@runsc=1` (`none` or an empty string: no pool). A pool is a
+    /// language (under its default runtime) or `language@runtime`.
     pub fn parse_bounds(spec: &str) -> Result<BTreeMap<String, PoolBounds>, String> {
         let mut bounds = BTreeMap::new();
         if spec.trim() == "none" {

@@ -110,6 +110,7 @@ impl From<SessionError> for ApiError {
             E::Lost(_) => (StatusCode::GONE, "session_lost"),
             E::UnknownLanguage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_language"),
             E::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            E::RuntimeRefused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "runtime_not_allowed"),
             E::ImageMissing(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_missing"),
             E::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
             E::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),

@@ -78,6 +78,8 @@ pub enum ServeError {
     Engine(#[from] runtime::RuntimeError),
     #[error("could not lock the state directory {path}: {source}")]
     Lock { path: String, source: std::io::Error },
+    #[error("the sessions' OCI runtimes cannot work: {}", .0.join("; "))]
+    OciRuntimes(Vec<String>),
 }
 
 /// Everything [`run`] needs besides the listener and the runtime.
@@ -202,6 +204,12 @@ impl Built {
         let reap_every = settings.manager.limits.reap_interval;
         let node = settings.manager.node;
         let manager = SessionManager::new(runtime, settings.manager);
+        // Before anything is adopted: a session must not start under a runtime that cannot run it.
+        let problems = (manager.oci_runtime_problems().await)
+            .map_err(|e| ServeError::OciRuntimes(vec![format!("could not read the engine's runtimes: {e}")]))?;
+        if !problems.is_empty() {
+            return Err(ServeError::OciRuntimes(problems));
+        }
         let wheels = manager.packages().cache_dir();
         manager
             .packages()

@@ -32,6 +32,9 @@ const API_VERSION: &str = "2.14.2";
 pub const PYTHON3: &str = "python3";
 /// The language [`PYTHON3`] starts.
 const PYTHON3_LANGUAGE: &str = "python";
+/// The `env` entry of a kernel start that names the OCI runtime (`runsc`), as the spec's
+/// `metadata.kernelbox.runtimes` allow.
+pub const KERNEL_RUNTIME: &str = "KERNEL_RUNTIME";
 /// The session metadata that says a kernel was started as [`PYTHON3`].
 pub const KERNEL_NAME_KEY: &str = "kernelbox.kernel_name";
 
@@ -121,11 +124,17 @@ pub async fn version() -> Json<Value> {
 #[utoipa::path(get, path = "/api/kernelspecs", operation_id = "gateway_kernelspecs", tag = "jupyter gateway",
     responses((status = 200, description = "`{default, kernelspecs: {name: {name, spec: {display_name, language, ..}}}}`; `python3` is the `python` language", body = Object)))]
 pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
-    let spec = |name: &str, display_name: &str, language: &str| {
+    let runtimes = &state.manager.limits().runtimes;
+    // The runtime a kernel of the spec runs under, and those `KERNEL_RUNTIME` may name, in the metadata.
+    let spec = |name: &str, display_name: &str, language: &str, kernelbox_language: &str| {
         json!({
             "name": name,
             "spec": {
-                "argv": [], "env": {}, "metadata": {}, "interrupt_mode": "message",
+                "argv": [], "env": {}, "interrupt_mode": "message",
+                "metadata": { "kernelbox": {
+                    "runtime": runtimes.default_for(kernelbox_language),
+                    "runtimes": runtimes.allowed_for(kernelbox_language),
+                } },
                 "display_name": display_name, "language": language,
             },
             "resources": {},
@@ -135,11 +144,11 @@ pub async fn kernelspecs(State(state): State<AppState>) -> Json<Value> {
     let mut specs: serde_json::Map<String, Value> = catalog
         .languages
         .iter()
-        .map(|l| (l.name.clone(), spec(&l.name, &l.display_name(), l.programming_language())))
+        .map(|l| (l.name.clone(), spec(&l.name, &l.display_name(), l.programming_language(), &l.name)))
         .collect();
     // The display name most notebooks carry with `python3`, so one opened here shows what it showed there.
     if catalog.language(PYTHON3_LANGUAGE).is_some() {
-        specs.insert(PYTHON3.into(), spec(PYTHON3, "Python 3 (ipykernel)", "python"));
+        specs.insert(PYTHON3.into(), spec(PYTHON3, "Python 3 (ipykernel)", "python", PYTHON3_LANGUAGE));
     }
     Json(json!({ "default": PYTHON3, "kernelspecs": specs }))
 }
@@ -155,7 +164,8 @@ pub async fn list(caller: Caller) -> Json<Vec<Value>> {
     Json(caller.manager.list(&caller.owner).iter().map(|info| model(info, connections(info), node)).collect())
 }
 
-/// What `POST /api/kernels` takes. `env` (Jupyter's `KERNEL_*` variables) is accepted and not passed on.
+/// What `POST /api/kernels` takes. Of `env` (Jupyter's `KERNEL_*` variables, as Enterprise Gateway takes
+/// per-kernel settings), [`KERNEL_RUNTIME`] is read; the rest is accepted and not passed on.
 #[derive(Debug, Default, Deserialize)]
 pub struct StartKernel {
     pub name: Option<String>,
@@ -165,7 +175,7 @@ pub struct StartKernel {
 
 /// `POST /api/kernels`: a new kernel (a session), ready when this answers.
 #[utoipa::path(post, path = "/api/kernels", operation_id = "gateway_start_kernel", tag = "jupyter gateway",
-    request_body(content = Object, description = "`{name, env}`: a name from `/api/kernelspecs` (`python3` is the `python` language; `env` is not passed on); no name: `python3`"),
+    request_body(content = Object, description = "`{name, env}`: a name from `/api/kernelspecs` (`python3` is the `python` language); no name: `python3`. Of `env`, `KERNEL_RUNTIME` names the OCI runtime (one of the spec's `metadata.kernelbox.runtimes`); the rest is not passed on"),
     responses((status = 201, description = "the kernel, ready", body = Object), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn start(caller: Caller, body: axum::body::Bytes) -> Result<Response, ApiError> {
     // Jupyter servers send JSON; an empty body asks for the default kernel.
@@ -174,7 +184,18 @@ pub async fn start(caller: Caller, body: axum::body::Bytes) -> Result<Response, 
         false => serde_json::from_slice(&body)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("not a kernel request: {e}")))?,
     };
-    let request = session_request(req.name.as_deref().unwrap_or(PYTHON3));
+    let mut request = session_request(req.name.as_deref().unwrap_or(PYTHON3));
+    request.runtime = match req.env.get(KERNEL_RUNTIME) {
+        None => None,
+        Some(Value::String(runtime)) => Some(runtime.clone()),
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                format!("env.{KERNEL_RUNTIME} must be a string"),
+            ));
+        }
+    };
     let node = caller.manager.node();
     let info = caller.manager.create(caller.owner, request).await?;
     let body = model(&info, 0, node);
@@ -275,6 +296,7 @@ mod tests {
         let info = |language: &str, metadata: &[(&str, &str)]| SessionInfo {
             id: crate::session::SessionId::parse("0123456789abcdef01234567").unwrap(),
             language: language.into(),
+            runtime: "runc".into(),
             status: SessionStatus::Idle,
             created_at: chrono::Utc::now(),
             last_used_at: chrono::Utc::now(),

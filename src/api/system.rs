@@ -32,16 +32,26 @@ pub struct Readiness {
     pub docker: bool,
     /// Images that are not built.
     pub missing_images: Vec<String>,
+    /// What is wrong with the engine's OCI runtimes (a runtime sessions run under is not registered, or
+    /// not as they need it).
+    pub runtime_problems: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
 
-/// Docker is reachable and every kernel image is present.
+/// Docker is reachable, every kernel image is present and every OCI runtime sessions run under is
+/// registered as they need it.
 #[utoipa::path(get, path = "/readyz", tag = "system", responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let runtime = state.manager.runtime();
     if let Err(e) = runtime.ping().await {
-        let body = Readiness { ready: false, docker: false, missing_images: vec![], message: Some(e.to_string()) };
+        let body = Readiness {
+            ready: false,
+            docker: false,
+            missing_images: vec![],
+            runtime_problems: vec![],
+            message: Some(e.to_string()),
+        };
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
     }
     let catalog = state.manager.catalog();
@@ -51,10 +61,18 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             missing.push(image);
         }
     }
-    let ready = missing.is_empty();
+    let runtime_problems = match state.manager.oci_runtime_problems().await {
+        Ok(problems) => problems,
+        Err(e) => vec![format!("could not read the engine's runtimes: {e}")],
+    };
+    let ready = missing.is_empty() && runtime_problems.is_empty();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let message = (!ready).then(|| "some kernel images are missing: run `kernelbox images build`".to_owned());
-    (status, Json(Readiness { ready, docker: true, missing_images: missing, message }))
+    let message = match (missing.is_empty(), runtime_problems.first()) {
+        (false, _) => Some("some kernel images are missing: run `kernelbox images build`".to_owned()),
+        (true, Some(problem)) => Some(problem.clone()),
+        (true, None) => None,
+    };
+    (status, Json(Readiness { ready, docker: true, missing_images: missing, runtime_problems, message }))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -65,6 +83,11 @@ pub struct LanguageInfo {
     pub language_version: Option<String>,
     /// The image is built and sessions can start.
     pub available: bool,
+    /// The OCI runtime its sessions run under unless they ask (`runc`; `runsc` is gVisor's user-space
+    /// kernel).
+    pub runtime: String,
+    /// The runtimes a session of the language may ask for (`"runtime"` at create), its default first.
+    pub runtimes: Vec<String>,
     /// Kernels booted ahead of demand: a session that fits starts from one in milliseconds.
     pub pool: PoolStatus,
 }
@@ -84,6 +107,8 @@ pub async fn languages(State(state): State<AppState>) -> Json<Vec<LanguageInfo>>
             display_name: label(LABEL_DISPLAY_NAME),
             language_version: label(LABEL_LANGUAGE_VERSION),
             available: image.is_some(),
+            runtime: state.manager.limits().runtimes.default_for(&lang.name).to_owned(),
+            runtimes: state.manager.limits().runtimes.allowed_for(&lang.name),
             pool: state.manager.pool_status(&lang.name),
         });
     }
@@ -102,12 +127,17 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
-/// Prometheus metrics: sessions by language and state, MCP sessions, executions, durations, container
+/// Prometheus metrics: sessions by language and state and by OCI runtime, MCP sessions, executions, durations, container
 /// starts, limits met.
 #[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, content_type = "text/plain")))]
 pub async fn metrics_text(State(state): State<AppState>, mcp_sessions: Arc<BoundedSessions>) -> impl IntoResponse {
     metrics::gauge!("kernelbox_mcp_sessions").set(mcp_sessions.count() as f64);
     let census = state.manager.census();
+    let by_runtime = state.manager.runtime_census();
+    for runtime in state.manager.limits().runtimes.named() {
+        let n = by_runtime.get(runtime).copied().unwrap_or(0);
+        metrics::gauge!("kernelbox_sessions_by_runtime", "runtime" => runtime.to_owned()).set(n as f64);
+    }
     for lang in &state.manager.catalog().languages {
         for status in [
             SessionStatus::Starting,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::error::ConfigError;
+use super::oci_runtimes::OciRuntimes;
 use crate::rate::RateLimit;
 
 /// Per-session defaults and the operator's maximums.
@@ -97,6 +98,15 @@ pub struct LimitArgs {
     /// The window of --auto-restart-limit, seconds.
     #[arg(long, env = "KERNELBOX_AUTO_RESTART_WINDOW_S", default_value_t = 300)]
     pub auto_restart_window_s: u64,
+    /// The OCI runtime each language's sessions run under, as registered with the Docker engine:
+    /// `python=runsc,*=runc` (`*`: every language not named). Default: `runc` for all. gVisor (`runsc`)
+    /// must be registered with `--network=none` and `--fsgofer-host-uds` (README).
+    #[arg(long = "runtime", env = "KERNELBOX_RUNTIME", default_value = "")]
+    pub runtime: String,
+    /// Runtimes a session may ask for by name (`"runtime"` at create), beyond its language's default:
+    /// e.g. `runsc`. Default: none.
+    #[arg(long, env = "KERNELBOX_SESSION_RUNTIMES", default_value = "")]
+    pub session_runtimes: String,
 }
 
 /// The checked session limits the service runs with.
@@ -129,6 +139,8 @@ pub struct Limits {
     /// Automatic restarts of a kernel that died: at most this many within `auto_restart_window`.
     pub auto_restart_limit: usize,
     pub auto_restart_window: Duration,
+    /// The OCI runtime each session runs under, and those a session may ask for.
+    pub runtimes: OciRuntimes,
 }
 
 impl LimitArgs {
@@ -175,6 +187,8 @@ impl LimitArgs {
             )?,
         };
         check(self.auto_restart_window_s >= 1, "--auto-restart-window-s must be at least 1")?;
+        let languages: Vec<&str> = crate::images::catalog::LANGUAGES.iter().map(|(name, _)| *name).collect();
+        let runtimes = OciRuntimes::parse(&self.runtime, &self.session_runtimes, &languages)?;
         let s = Duration::from_secs;
         Ok(Limits {
             default_memory_mb: self.default_memory_mb,
@@ -208,6 +222,7 @@ impl LimitArgs {
             costs,
             auto_restart_limit: self.auto_restart_limit,
             auto_restart_window: s(self.auto_restart_window_s),
+            runtimes,
         })
     }
 }

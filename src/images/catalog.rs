@@ -64,6 +64,16 @@ impl Language {
     }
 }
 
+/// The languages clients can ask for, and the image (folder under `images/`) each runs in.
+pub const LANGUAGES: &[(&str, &str)] = &[
+    ("python", "python"),
+    ("python_scientific", "python_scientific"),
+    ("javascript", "javascript"),
+    ("typescript", "javascript"),
+    ("java", "java"),
+    ("bash", "bash"),
+];
+
 /// An image kernelbox builds, and what it is built on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageDef {
@@ -132,17 +142,12 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn new(prefix: &str) -> Self {
-        let lang = |name: &str, image: &str| Language { name: name.into(), image: image.into() };
         Catalog {
             prefix: prefix.to_owned(),
-            languages: vec![
-                lang("python", "python"),
-                lang("python_scientific", "python_scientific"),
-                lang("javascript", "javascript"),
-                lang("typescript", "javascript"),
-                lang("java", "java"),
-                lang("bash", "bash"),
-            ],
+            languages: LANGUAGES
+                .iter()
+                .map(|(name, image)| Language { name: (*name).into(), image: (*image).into() })
+                .collect(),
         }
     }
 

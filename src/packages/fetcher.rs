@@ -168,6 +168,8 @@ fn container_spec(
         user: "1000:1000".into(),
         working_dir: "/tmp".into(),
         egress_network: Some(config.network.clone()),
+        // The engine's default: a fetcher needs a network, which gVisor as sessions run it has not.
+        oci_runtime: String::new(),
     }
 }
 

@@ -19,7 +19,7 @@ use futures::stream::BoxStream;
 
 use super::{
     BuildRequest, ContainerRuntime, ContainerSpec, ContainerSummary, ExecOutput, ExecProcess, ExecRequest, ExitInfo,
-    ImageInfo, Progress, Resources, RuntimeError,
+    ImageInfo, OciRuntimeInfo, Progress, Resources, RuntimeError,
 };
 
 /// A Docker engine reached through its API socket.
@@ -45,6 +45,7 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
         memory_swap: Some(spec.memory_bytes),
         nano_cpus: Some(spec.nano_cpus),
         pids_limit: Some(spec.pids_limit),
+        runtime: (!spec.oci_runtime.is_empty()).then(|| spec.oci_runtime.clone()),
         // No network, except the egress a package fetcher asks for by name.
         network_mode: Some(spec.egress_network.clone().unwrap_or_else(|| "none".into())),
         cap_drop: Some(vec!["ALL".into()]),
@@ -86,6 +87,22 @@ fn map_err(e: BollardError) -> RuntimeError {
 impl ContainerRuntime for DockerRuntime {
     async fn ping(&self) -> Result<(), RuntimeError> {
         self.docker.ping().await.map(|_| ()).map_err(|e| RuntimeError::Unavailable(e.to_string()))
+    }
+
+    async fn oci_runtimes(&self) -> Result<Vec<OciRuntimeInfo>, RuntimeError> {
+        let info = self.docker.info().await.map_err(map_err)?;
+        let mut runtimes: Vec<OciRuntimeInfo> = info
+            .runtimes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, r)| OciRuntimeInfo {
+                name,
+                path: r.path.unwrap_or_default(),
+                args: r.runtime_args.unwrap_or_default(),
+            })
+            .collect();
+        runtimes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(runtimes)
     }
 
     async fn swarm_node_id(&self) -> Result<Option<String>, RuntimeError> {
@@ -390,5 +407,15 @@ mod tests {
         let (a, b) = (host_config(&session), host_config(&fetcher));
         assert_eq!(b.network_mode.as_deref(), Some("bridge"));
         assert_eq!(HostConfig { network_mode: None, ..a }, HostConfig { network_mode: None, ..b });
+    }
+
+    #[test]
+    fn a_session_under_gvisor_names_its_runtime_and_keeps_every_seal() {
+        let runc = ContainerSpec { memory_bytes: 1 << 30, ..Default::default() };
+        let gvisor = ContainerSpec { oci_runtime: "runsc".into(), ..runc.clone() };
+        let (a, b) = (host_config(&runc), host_config(&gvisor));
+        assert_eq!(a.runtime, None, "empty: the engine's default");
+        assert_eq!(b.runtime.as_deref(), Some("runsc"));
+        assert_eq!(HostConfig { runtime: None, ..a }, HostConfig { runtime: None, ..b });
     }
 }

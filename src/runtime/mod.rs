@@ -37,6 +37,8 @@ pub mod labels {
     pub const RUNTIME_TREE: &str = "kernelbox.runtime_tree";
     /// The mark of a container made only to copy an image's files out (never started): the image.
     pub const EXPORT: &str = "kernelbox.export";
+    /// The OCI runtime a session container runs under (`runc`, `runsc`).
+    pub const OCI_RUNTIME: &str = "kernelbox.runtime";
 }
 
 /// What goes wrong in the runtime.
@@ -75,6 +77,19 @@ pub struct ContainerSpec {
     /// A Docker network with egress, for package fetchers only (`src/packages/`): every session leaves it
     /// `None` and gets `--network none`. The rest of the sandbox applies either way.
     pub egress_network: Option<String>,
+    /// The OCI runtime registered with the engine that runs it (`runc`, `runsc`); empty: the engine's
+    /// default.
+    pub oci_runtime: String,
+}
+
+/// An OCI runtime registered with the engine (`docker info`'s `Runtimes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciRuntimeInfo {
+    pub name: String,
+    /// The binary the engine runs (`runc`, `/usr/bin/runsc`).
+    pub path: String,
+    /// The arguments the engine passes it (gVisor's `--network=none`, `--fsgofer-host-uds`, ...).
+    pub args: Vec<String>,
 }
 
 /// A container as listed.
@@ -154,6 +169,8 @@ pub struct Resources {
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// Succeeds when the engine answers.
     async fn ping(&self) -> Result<(), RuntimeError>;
+    /// The OCI runtimes registered with the engine.
+    async fn oci_runtimes(&self) -> Result<Vec<OciRuntimeInfo>, RuntimeError>;
     /// The engine's Swarm node ID, `None` when the engine is not an active member of a Swarm. An agent's
     /// node tag is derived from it.
     async fn swarm_node_id(&self) -> Result<Option<String>, RuntimeError>;

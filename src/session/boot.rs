@@ -71,6 +71,7 @@ impl BootPlanner {
             (labels::LANGUAGE.to_owned(), s.language.clone()),
             (labels::CREATED.to_owned(), created_at.to_rfc3339()),
             (labels::CONFIG.to_owned(), serde_json::to_string(s).expect("settings serialize")),
+            (labels::OCI_RUNTIME.to_owned(), s.runtime.clone()),
         ]);
         if pooled {
             labels.insert(labels::POOL.to_owned(), s.language.clone());
@@ -125,6 +126,7 @@ impl BootPlanner {
             user: "1000:1000".into(),
             working_dir: images::HOME.into(),
             egress_network: None,
+            oci_runtime: s.runtime.clone(),
         };
         BootPlan {
             runtime: self.runtime.clone(),
@@ -226,5 +228,28 @@ mod tests {
         assert!(users.tmpfs["/tmp"].contains("size=128m"));
         let none = plan(&planner(None), Some("user_test"));
         assert!(!none.tmpfs.contains_key("/mnt/data/output") && !none.binds.iter().any(|b| b.contains("/mnt/data")));
+    }
+
+    #[test]
+    fn a_session_runs_under_its_runtime_and_its_container_says_which() {
+        let p = planner(None);
+        let spec = plan(&p, None);
+        assert_eq!((spec.oci_runtime.as_str(), spec.labels[labels::OCI_RUNTIME].as_str()), ("runc", "runc"));
+        let mut settings = policy::settle(
+            &p.catalog,
+            &p.limits,
+            SessionRequest { language: "bash".into(), runtime: Some("runc".into()), ..Default::default() },
+        )
+        .unwrap();
+        settings.runtime = "runsc".into();
+        let spec = p.plan(&SessionId::new(), &Owner("o".into()), &settings, Utc::now(), false).spec;
+        assert_eq!((spec.oci_runtime.as_str(), spec.labels[labels::OCI_RUNTIME].as_str()), ("runsc", "runsc"));
+        let config: SessionSettings = serde_json::from_str(&spec.labels[labels::CONFIG]).unwrap();
+        assert_eq!(config.runtime, "runsc", "an adopted session keeps its runtime");
+        let old: SessionSettings = serde_json::from_str(
+            r#"{"language":"bash","memory_mb":512,"cpus":1.0,"timeout_s":60,"idle_timeout_s":60,"env":{},"metadata":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.runtime, "runc", "a session made before runtimes existed ran under runc");
     }
 }

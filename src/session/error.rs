@@ -16,6 +16,9 @@ pub enum SessionError {
     UnknownLanguage(String),
     #[error("{0}")]
     Invalid(String),
+    /// The session asked for an OCI runtime the operator does not offer for its language.
+    #[error(transparent)]
+    RuntimeRefused(#[from] crate::config::RuntimeRefused),
     #[error("the image for `{0}` is not built yet; run `kernelbox images build {0}`")]
     ImageMissing(String),
     #[error("{0}")]

@@ -356,6 +356,7 @@ impl Session {
         SessionInfo {
             id: self.id.clone(),
             language: self.settings.language.clone(),
+            runtime: self.settings.runtime.clone(),
             status: s.status,
             created_at: self.created_at,
             last_used_at: s.last_used,

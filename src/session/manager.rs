@@ -180,6 +180,13 @@ impl SessionManager {
         &self.config.limits
     }
 
+    /// What is wrong with the engine's OCI runtimes for the operator's choice (`oci.rs`): empty when
+    /// every runtime a session may run under is registered as it needs to be.
+    pub async fn oci_runtime_problems(&self) -> Result<Vec<String>, SessionError> {
+        let engine = self.runtime().oci_runtimes().await?;
+        Ok(super::oci::problems(&self.config.limits.runtimes, &engine))
+    }
+
     /// The folder the service writes notebooks in.
     pub fn notebooks_dir(&self) -> PathBuf {
         self.launcher.notebooks.dir.clone()
@@ -216,6 +223,8 @@ impl SessionManager {
         // No datasets folder, no output folder: the session's /mnt/data does not exist.
         settings.output = extras.output.filter(|_| self.launcher.planner.datasets_dir.is_some());
         let language = settings.language.clone();
+        let runtime = settings.runtime.clone();
+        let pool = self.pool.pool_of(&settings);
         // A quota that is full fails here, before a pooled kernel or a create of the key's budget is spent.
         self.registry.check_admit(&owner, &settings, &self.config.limits)?;
         self.costs.spend(&owner, Limit::Creates)?;
@@ -231,8 +240,9 @@ impl SessionManager {
             self.pool.release(&pooled.id);
             let ready = self.launcher.spawn(session.clone(), inbox, Start::Ready(Box::new(pooled.host)));
             Launcher::until_ready(&session, ready).await.map_err(|_| SessionError::Closing)??;
-            self.pool.hit(&language);
-            metrics::counter!("kernelbox_sessions_created_total", "language" => language).increment(1);
+            self.pool.hit(&pool);
+            metrics::counter!("kernelbox_sessions_created_total", "language" => language, "runtime" => runtime)
+                .increment(1);
             tracing::info!(session_id = %session.id, "session started from the pool");
             return Ok(session.info());
         }
@@ -247,7 +257,8 @@ impl SessionManager {
         let ready = self.launcher.spawn(session.clone(), inbox, Start::Fresh);
         match Launcher::until_ready(&session, ready).await {
             Ok(Ok(())) => {
-                metrics::counter!("kernelbox_sessions_created_total", "language" => language.clone()).increment(1);
+                metrics::counter!("kernelbox_sessions_created_total", "language" => language.clone(), "runtime" => runtime)
+                    .increment(1);
                 tracing::info!(session_id = %session.id, %language, "session started");
                 Ok(session.info())
             }
@@ -324,6 +335,15 @@ impl SessionManager {
     }
 
     /// Counts of sessions by language and status (`closing` for those on their way out), for metrics.
+    /// Live sessions per OCI runtime.
+    pub fn runtime_census(&self) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for s in self.registry.all() {
+            *counts.entry(s.settings.runtime.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
     pub fn census(&self) -> BTreeMap<(String, &'static str), u64> {
         let mut counts = BTreeMap::new();
         for s in self.registry.all() {

@@ -25,6 +25,7 @@ pub mod model;
 pub mod node_report;
 pub mod notebook;
 pub mod notebook_store;
+pub mod oci;
 pub mod outputs;
 pub mod peers;
 pub mod policy;

@@ -83,6 +83,9 @@ pub struct SessionRequest {
     /// server does; at most `--auto-restart-limit` times within `--auto-restart-window-s`, then the
     /// session stays `dead`. Default true.
     pub auto_restart: Option<bool>,
+    /// The OCI runtime the session's container runs under, e.g. `runsc` (gVisor's user-space kernel):
+    /// one of those `/v1/languages` lists for the language. Default: the language's.
+    pub runtime: Option<String>,
 }
 
 /// The settings a session runs with, after defaults and checks.
@@ -110,10 +113,18 @@ pub struct SessionSettings {
     /// made before the setting existed have it on.
     #[serde(default = "on")]
     pub auto_restart: bool,
+    /// The OCI runtime its container runs under (`runc`, `runsc`). Sessions made before the setting
+    /// existed ran under Docker's default, `runc`.
+    #[serde(default = "runc")]
+    pub runtime: String,
 }
 
 fn on() -> bool {
     true
+}
+
+fn runc() -> String {
+    crate::config::oci_runtimes::DEFAULT_RUNTIME.to_owned()
 }
 
 /// A host directory that only the service writes, mounted read-only into a session.
@@ -207,6 +218,8 @@ pub struct SessionInfo {
     #[schema(value_type = String)]
     pub id: SessionId,
     pub language: String,
+    /// The OCI runtime its container runs under: `runc`, or `runsc` for gVisor's user-space kernel.
+    pub runtime: String,
     pub status: SessionStatus,
     pub created_at: DateTime<Utc>,
     pub last_used_at: DateTime<Utc>,

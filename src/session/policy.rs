@@ -40,7 +40,9 @@ pub fn settle(catalog: &Catalog, l: &Limits, req: SessionRequest) -> Result<Sess
             "metadata: at most 64 entries, keys up to 256 and values up to 4096 bytes".into(),
         ));
     }
+    let runtime = l.runtimes.for_session(&req.language, req.runtime.as_deref())?;
     Ok(SessionSettings {
+        runtime,
         language: req.language,
         memory_mb,
         cpus,
@@ -427,6 +429,9 @@ mod tests {
             assert!(settle(&catalog, &l, r).is_err(), "{reserved}");
         }
         assert!(req(|r| r.env = Some(BTreeMap::from([("GOOD_NAME".into(), "ok".into())]))).is_ok());
+        assert_eq!(req(|_| {}).unwrap().runtime, "runc", "the language's default runtime");
+        assert!(matches!(req(|r| r.runtime = Some("runsc".into())), Err(SessionError::RuntimeRefused(_))));
+        assert!(req(|r| r.runtime = Some("runc".into())).is_ok(), "naming the default is fine");
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl WarmPool {
             }
             let targets = self.retarget(Instant::now());
             for (language, &target) in &targets {
-                if self.planner.catalog.language(language).is_none() {
+                if self.request(language).is_none() {
                     continue;
                 }
                 for surplus in self.pool.take_surplus(language, target) {
@@ -99,10 +99,31 @@ impl WarmPool {
         targets
     }
 
-    /// Boots one kernel for the pool with the language's default settings.
+    /// The request a pool's kernels are booted for: the pool is a language (under its default runtime) or
+    /// `language@runtime`. `None` for a pool of no language this service offers.
+    fn request(&self, pool: &str) -> Option<SessionRequest> {
+        let (language, runtime) = match pool.split_once('@') {
+            Some((language, runtime)) => (language, Some(runtime.to_owned())),
+            None => (pool, None),
+        };
+        self.planner.catalog.language(language)?;
+        Some(SessionRequest { language: language.to_owned(), runtime, ..Default::default() })
+    }
+
+    /// The pool a session's kernel would come from: its language, or `language@runtime` when it runs under
+    /// another runtime than its language's default.
+    pub fn pool_of(&self, settings: &SessionSettings) -> String {
+        match self.planner.limits.runtimes.default_for(&settings.language) == settings.runtime {
+            true => settings.language.clone(),
+            false => format!("{}@{}", settings.language, settings.runtime),
+        }
+    }
+
+    /// Boots one kernel for the pool `language` (a language, or `language@runtime`) with the language's
+    /// default settings.
     async fn boot(&self, language: String, id: SessionId) {
         let started = std::time::Instant::now();
-        let request = SessionRequest { language: language.clone(), ..Default::default() };
+        let request = self.request(&language).expect("a pool of a known language");
         let booted = match policy::settle(&self.planner.catalog, &self.planner.limits, request) {
             Ok(settings) => {
                 let created_at = Utc::now();
@@ -154,10 +175,10 @@ impl WarmPool {
 
     /// Whether a request can be served by a pooled kernel: one booted with the language's defaults can
     /// take other memory and CPU limits (Docker updates them), but not environment variables, mounts, an
-    /// output folder or another tmpfs size (all fixed at create time).
+    /// output folder or another tmpfs size (all fixed at create time). Its runtime picks the pool.
     pub fn poolable(&self, settings: &SessionSettings) -> bool {
         let p = &self.planner;
-        self.config.bounds.get(&settings.language).is_some_and(|b| b.ceiling > 0)
+        self.config.bounds.get(&self.pool_of(settings)).is_some_and(|b| b.ceiling > 0)
             && settings.env.is_empty()
             && settings.mounts.is_empty()
             && settings.output.is_none()
@@ -168,7 +189,7 @@ impl WarmPool {
     /// its running container and writes the claim for `owner`. `None`: none ready (or it could not be
     /// prepared), start cold. The kernel's id stays the pool's until [`WarmPool::release`].
     pub async fn claim(&self, owner: &Owner, settings: &SessionSettings) -> Option<Pooled> {
-        let language = &settings.language;
+        let language = &self.pool_of(settings);
         // Every create the pool could serve counts towards its target, served or not.
         self.demand.lock().unwrap().record_create(language, Instant::now());
         let (found, dead) = self.pool.take(language);

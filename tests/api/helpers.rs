@@ -150,6 +150,40 @@ impl Default for AppOptions {
     }
 }
 
+/// gVisor's OCI runtime, as the test command registers it with the engine (`scripts/gvisor`).
+pub const RUNSC: &str = "runsc";
+
+/// An app whose sessions may ask for `runtime` (`None`: runc only, the default).
+pub fn options_under(runtime: Option<&str>) -> AppOptions {
+    match runtime {
+        Some(runtime) => AppOptions { limits: limits(&["--session-runtimes", runtime]), ..AppOptions::default() },
+        None => AppOptions::default(),
+    }
+}
+
+/// A service process's flags for sessions that may ask for `runtime`.
+pub fn args_under(runtime: Option<&'static str>) -> Vec<&'static str> {
+    match runtime {
+        Some(runtime) => vec!["--session-runtimes", runtime],
+        None => vec![],
+    }
+}
+
+/// Fails, saying why and what to do, unless the engine has gVisor registered as sessions need it (the
+/// test command installs and registers it when it runs as root; never a silent skip).
+pub async fn require_runsc() {
+    let runtimes = kernelbox::runtime::ContainerRuntime::oci_runtimes(&*docker().await).await.expect("docker info");
+    let choice = kernelbox::config::OciRuntimes::parse("", RUNSC, &[]).unwrap();
+    let problems = kernelbox::session::oci::problems(&choice, &runtimes);
+    assert!(
+        problems.is_empty(),
+        "gVisor is not usable here, so the runsc tests cannot run: {}. `scripts/test` installs runsc (Debian's \
+         package) and registers it with the engine when run as root (`scripts/gvisor`); elsewhere, do the two \
+         steps of the README's \"Sessions under gVisor\"",
+        problems.join("; ")
+    );
+}
+
 /// The runtimes folder the test services share (kept across runs: trees are named by image content).
 pub fn shared_runtimes_dir() -> std::path::PathBuf {
     target_dir().join("kernelbox-test-runtimes")

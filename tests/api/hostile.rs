@@ -13,20 +13,31 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 use crate::process::{ProcessOptions, ServiceProcess};
 
+/// The OCI runtime the sessions of an attack run under: `None`, the service's default (runc);
+/// `Some("runsc")`, gVisor (`runsc.rs` runs the attacks that apply again under it).
+pub(crate) type Under = Option<&'static str>;
+
 /// A client for either an in-process app or a service process.
 #[derive(Clone)]
 struct Api {
     client: reqwest::Client,
     base: String,
+    /// Every session it starts asks for this runtime.
+    runtime: Under,
 }
 
 impl Api {
     fn of(app: &TestApp) -> Api {
-        Api { client: app.client.clone(), base: app.base.clone() }
+        Api { client: app.client.clone(), base: app.base.clone(), runtime: None }
     }
 
     fn of_process(p: &ServiceProcess) -> Api {
-        Api { client: p.client.clone(), base: p.base.clone() }
+        Api { client: p.client.clone(), base: p.base.clone(), runtime: None }
+    }
+
+    /// Its sessions run under `runtime`.
+    fn under(self, runtime: Under) -> Api {
+        Api { runtime, ..self }
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -54,7 +65,10 @@ impl Api {
         self.client.delete(url).send().await.expect("request").status().as_u16()
     }
 
-    async fn start(&self, body: Value) -> String {
+    async fn start(&self, mut body: Value) -> String {
+        if let Some(runtime) = self.runtime {
+            body["runtime"] = json!(runtime);
+        }
         let (status, v) = self.post("/v1/sessions", body).await;
         assert_eq!(status, 201, "start session: {v}");
         v["id"].as_str().unwrap().to_owned()
@@ -214,6 +228,10 @@ fn assert_clean_run_dir(state_dir: &Path, session: &str, when: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_planting_links_fifos_and_dirs_in_the_run_directory_fails_through_restart_adoption_and_delete() {
+    planting_in_the_run_directory(None).await
+}
+
+pub(crate) async fn planting_in_the_run_directory(under: Under) {
     let dir = scratch("kbt");
     let instance = new_instance("plant");
     let _guard = InstanceGuard(instance.clone());
@@ -228,8 +246,8 @@ async fn hostile_planting_links_fifos_and_dirs_in_the_run_directory_fails_throug
     let plant = PLANT.replace("SENTINEL", sentinel.to_str().unwrap());
 
     let mut first =
-        spawn_app_with(AppOptions { keep_sessions: true, instance: same_instance(), ..Default::default() }).await;
-    let api = Api::of(&first);
+        spawn_app_with(AppOptions { keep_sessions: true, instance: same_instance(), ..options_under(under) }).await;
+    let api = Api::of(&first).under(under);
     let neighbour = api.start(json!({"language": "python"})).await;
     api.assert_alive(&neighbour, "before").await;
     let attacker = api.start(json!({"language": "python"})).await;
@@ -304,8 +322,8 @@ async fn hostile_planting_links_fifos_and_dirs_in_the_run_directory_fails_throug
     first.cleanup = false;
     first.stop().await;
     let second =
-        spawn_app_with(AppOptions { keep_sessions: false, instance: same_instance(), ..Default::default() }).await;
-    let api = Api::of(&second);
+        spawn_app_with(AppOptions { keep_sessions: false, instance: same_instance(), ..options_under(under) }).await;
+    let api = Api::of(&second).under(under);
     let r = api.exec(&attacker, "print(state)").await;
     assert_eq!(r["stdout"], "kept\n", "adopted with its state: {r}");
     check_host("after adoption", true);
@@ -344,11 +362,15 @@ print(json.dumps(res))
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_five_hundred_garbage_connections_to_the_kernel_sockets() {
+    garbage_connections(None).await
+}
+
+pub(crate) async fn garbage_connections(under: Under) {
     let dir = scratch("kbt");
     let instance = new_instance("conns");
     let _guard = InstanceGuard(instance.clone());
-    let service = service_process(&instance, dir.path(), &[], &[]).await;
-    let api = Api::of_process(&service);
+    let service = service_process(&instance, dir.path(), &args_under(under), &[]).await;
+    let api = Api::of_process(&service).under(under);
     let neighbour = api.start(json!({"language": "python"})).await;
     api.assert_alive(&neighbour, "before").await;
     let attacker = api.start(json!({"language": "python"})).await;
@@ -430,8 +452,12 @@ print('flood-done')
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_kernel_protocol_abuse_garbage_bad_signatures_forged_parents_flood_and_a_stopped_kernel() {
-    let app = spawn_app().await;
-    let api = Api::of(&app);
+    kernel_protocol_abuse(None).await
+}
+
+pub(crate) async fn kernel_protocol_abuse(under: Under) {
+    let app = spawn_app_with(options_under(under)).await;
+    let api = Api::of(&app).under(under);
     let neighbour = api.start(json!({"language": "python"})).await;
     api.assert_alive(&neighbour, "before").await;
     let attacker = api.start(json!({"language": "python"})).await;
@@ -689,8 +715,12 @@ async fn p50_latency(api: &Api, id: &str, runs: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_fork_bomb_is_contained_by_the_pids_limit() {
-    let app = spawn_app().await;
-    let api = Api::of(&app);
+    fork_bomb(None).await
+}
+
+pub(crate) async fn fork_bomb(under: Under) {
+    let app = spawn_app_with(options_under(under)).await;
+    let api = Api::of(&app).under(under);
     let neighbour = api.start(json!({"language": "python"})).await;
     api.assert_alive(&neighbour, "before").await;
     let attacker = api.start(json!({"language": "python"})).await;
@@ -781,8 +811,12 @@ print(json.dumps(res))
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_filling_tmp_and_home_is_enospc_not_a_kill() {
-    let app = spawn_app().await;
-    let api = Api::of(&app);
+    disk_fill(None).await
+}
+
+pub(crate) async fn disk_fill(under: Under) {
+    let app = spawn_app_with(options_under(under)).await;
+    let api = Api::of(&app).under(under);
     let neighbour = api.start(json!({"language": "python"})).await;
     api.assert_alive(&neighbour, "before").await;
     for memory_mb in [512u64, 256] {
@@ -882,8 +916,12 @@ fn docker_gateway() -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_network_reaches_nothing_but_loopback() {
-    let app = spawn_app().await;
-    let api = Api::of(&app);
+    network(None).await
+}
+
+pub(crate) async fn network(under: Under) {
+    let app = spawn_app_with(options_under(under)).await;
+    let api = Api::of(&app).under(under);
     let neighbour = api.start(json!({"language": "python"})).await;
     api.assert_alive(&neighbour, "before").await;
     let attacker = api.start(json!({"language": "python"})).await;
@@ -996,8 +1034,12 @@ print(json.dumps(res))
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_privileges_ptrace_mounts_and_the_neighbours_environment() {
-    let app = spawn_app().await;
-    let api = Api::of(&app);
+    privileges(None).await
+}
+
+pub(crate) async fn privileges(under: Under) {
+    let app = spawn_app_with(options_under(under)).await;
+    let api = Api::of(&app).under(under);
     let secret = format!("xyz-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let neighbour = api.start(json!({"language": "python", "env": {"SECRET": secret}})).await;
     api.assert_alive(&neighbour, "before").await;

@@ -37,6 +37,7 @@ mod process;
 mod proxy;
 mod python_client;
 mod requests_end_early;
+mod runsc;
 mod runtime_tree;
 mod sandbox;
 mod session_outputs;

@@ -43,6 +43,9 @@ pub struct StartSessionArgs {
     pub timeout_s: Option<u64>,
     /// The session is ended after this many seconds without use.
     pub idle_timeout_s: Option<u64>,
+    /// The sandbox's OCI runtime, e.g. `runsc` (gVisor: a user-space kernel between the code and the
+    /// host's): one of the language's `runtimes` in `list_languages` (default: its `runtime`).
+    pub runtime: Option<String>,
 }
 
 /// `execute`'s arguments.
@@ -130,8 +133,9 @@ impl KernelboxMcp {
         KernelboxMcp { manager, tool_router: Self::tool_router() }
     }
 
-    #[tool(description = "List the programming languages this server can run, with their versions. Use a \
-        name from this list as `language` in start_session or run_code.")]
+    #[tool(description = "List the programming languages this server can run, with their versions and \
+        sandbox runtimes. Use a name from this list as `language` in start_session or run_code, and one of \
+        its `runtimes` as start_session's `runtime` (`runsc`: gVisor).")]
     async fn list_languages(&self) -> Result<CallToolResult, ErrorData> {
         let catalog = self.manager.catalog();
         let mut languages = Vec::new();
@@ -143,6 +147,8 @@ impl KernelboxMcp {
                 "display_name": label(crate::images::catalog::LABEL_DISPLAY_NAME),
                 "language_version": label(crate::images::catalog::LABEL_LANGUAGE_VERSION),
                 "available": image.is_some(),
+                "runtime": self.manager.limits().runtimes.default_for(&lang.name),
+                "runtimes": self.manager.limits().runtimes.allowed_for(&lang.name),
             }));
         }
         let text = languages
@@ -169,11 +175,12 @@ impl KernelboxMcp {
             cpus: args.cpus,
             timeout_s: args.timeout_s,
             idle_timeout_s: args.idle_timeout_s,
+            runtime: args.runtime,
             ..Default::default()
         };
         match self.manager.create(owner, request).await {
             Ok(info) => {
-                let text = format!("session {} started ({})", info.id, info.language);
+                let text = format!("session {} started ({}, runtime {})", info.id, info.language, info.runtime);
                 Ok(structured(text, to_value(&info), false))
             }
             Err(e) => Ok(failed(e)),
