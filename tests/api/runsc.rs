@@ -270,7 +270,7 @@ async fn every_language_boots_and_runs_under_gvisor() {
         let id = s["id"].as_str().unwrap();
         let r = app.exec(id, code).await;
         assert_eq!(r["stdout"], expect, "{language}: {r}");
-        assert_eq!(app.delete(id).await, 204);
+        assert_eq!(app.delete(&format!("/v1/sessions/{id}")).await, 204);
     }
 }
 
