@@ -466,13 +466,13 @@ impl ServeArgs {
         // sessions of the language must be allowed to ask for.
         let runtimes = self.limits.validate()?.runtimes;
         for pool in bounds.keys() {
-            if let Some((language, runtime)) = pool.split_once('@') {
-                if !runtimes.allowed_for(language).iter().any(|r| r == runtime) {
-                    return Err(ConfigError(format!(
-                        "--pool: `{pool}`: {language} sessions may not run under `{runtime}` (see --runtime and \
-                         --session-runtimes)"
-                    )));
-                }
+            if let Some((language, runtime)) = pool.split_once('@')
+                && !runtimes.allowed_for(language).iter().any(|r| r == runtime)
+            {
+                return Err(ConfigError(format!(
+                    "--pool: `{pool}`: {language} sessions may not run under `{runtime}` (see --runtime and \
+                     --session-runtimes)"
+                )));
             }
         }
         if self.pool_max_boots == 0 {
@@ -633,6 +633,14 @@ mod tests {
         assert_eq!(ok.memory_mb, 1024);
         let err = serve(&["--pool", "python=3..8", "--pool-memory-mb", "1024"]).pool_config().unwrap_err();
         assert!(err.0.contains("1536 MiB"), "{err}");
+    }
+
+    #[test]
+    fn a_pool_under_another_runtime_needs_sessions_allowed_to_ask_for_it() {
+        let ok = serve(&["--pool", "python=1,python@runsc=1", "--session-runtimes", "runsc"]).pool_config().unwrap();
+        assert_eq!(ok.bounds["python@runsc"], PoolBounds::fixed(1));
+        let err = serve(&["--pool", "python@runsc=1"]).pool_config().unwrap_err();
+        assert!(err.0.contains("may not run under `runsc`"), "{err}");
     }
 
     fn serve(args: &[&str]) -> ServeArgs {
