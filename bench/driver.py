@@ -65,6 +65,7 @@ LANGS = [("python", "python", "1+1"), ("python_scientific", "python_scientific",
 FIRST_CELL = {name: code for name, _, code in LANGS}
 POOLED_ALL = ",".join([f"python={POOL}"] + [f"{name}=2" for name, _, _ in LANGS if name != "python"])
 CREATE_CONCURRENCY = int(ENV.get("KB_BENCH_CREATE_CONCURRENCY", "3"))
+N_GV_IDLE = int(ENV.get("KB_BENCH_GVISOR_IDLE", "20"))  # idle sessions per runtime in the gVisor phase
 CODE = "1+1"
 
 LOADS = []  # (label, loadavg) along the run
@@ -179,6 +180,17 @@ def container_pids(cid, init_pid):
         out = subprocess.run(["docker", "top", cid, "-o", "pid"], capture_output=True, text=True).stdout
         pids = [int(x) for x in out.split()[1:] if x.isdigit()]
     shim = ppid(init_pid)
+    # gVisor's gofer serves the container's files from outside its cgroup: a child of the shim that names
+    # the container on its command line.
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in pids and int(entry) != shim:
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if cmd.startswith(b"runsc") and cid.encode() in cmd:
+                pids.append(int(entry))
     return pids + [shim]
 
 
@@ -256,9 +268,10 @@ class Http:
 
 
 class Kernelbox:
-    def __init__(self, pool, trees=True):
+    def __init__(self, pool, trees=True, extra=()):
         self.pool = pool
         self.trees = trees
+        self.extra = list(extra)
         self.proc = None
         self.local = threading.local()
 
@@ -280,6 +293,7 @@ class Kernelbox:
             "--max-total-memory-mb", "200000",
             "--pool", pool, "--pool-memory-mb", "16384",
         ]
+        args += self.extra
         if not self.trees:
             args += ["--runtimes-dir", "none"]
         elif RUNTIMES:
@@ -954,6 +968,45 @@ def run_kernelbox(R):
         kb.stop()
 
 
+def run_kernelbox_gvisor(R):
+    """gVisor (runsc, as the engine has it registered) beside runc on one service (`--session-runtimes runsc`),
+    each measured the same way one after the other: cold starts, the `1+1` round trip, 8 sessions x 50
+    executes, and the PSS of idle sessions (`memory_mb` 128)."""
+    out = subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"], capture_output=True, text=True)
+    runtimes = json.loads(out.stdout or "{}")
+    if "runsc" not in runtimes:
+        raise RuntimeError("gVisor (runsc) is not registered with the Docker engine: see the README's "
+                           "\"Sessions under gVisor\" (scripts/test registers it as root)")
+    kb = Kernelbox(pool=0, extra=["--session-runtimes", "runsc"])
+    kb.start()
+    G = R["gvisor"] = {"args": runtimes["runsc"].get("runtimeArgs", [])}
+    try:
+        kb.wait_trees(["python"])
+        for rt in ("runc", "runsc"):
+            body = {"language": "python", "runtime": rt}
+            create = lambda body=body: kb.create(body)  # noqa: E731
+            log(f"gvisor: cold starts under {rt}")
+            loadavg(f"gvisor cold {rt}")
+            G[f"cold_{rt}"] = w1_start(create, kb.execute, kb.delete, N_COLD)
+            log(f"gvisor: round trip under {rt}")
+            sid = create()
+            G[f"rtt_{rt}"] = w2_rtt(lambda: kb.execute(sid), N_RTT)
+            kb.delete(sid)
+            log(f"gvisor: 8x50 under {rt}")
+            ids, _ = create_many(create, 8, conc=4)
+            G[f"w3_8_{rt}"] = w3_concurrent([(lambda s=s: kb.execute(s)) for s in ids], 50)
+            delete_many(kb.delete, ids)
+            log(f"gvisor: {N_GV_IDLE} idle sessions under {rt}")
+            ids, s = create_many(lambda rt=rt: kb.create({"language": "python", "runtime": rt, "memory_mb": 128}),
+                                 N_GV_IDLE)
+            time.sleep(3)
+            G[f"idle_{rt}"] = mem_report(session_memory(kb.containers(ids)))
+            G[f"idle_create_{rt}"] = s
+            delete_many(kb.delete, ids)
+    finally:
+        kb.stop()
+
+
 def run_host_floor(R):
     """Workload 2 against ipykernel on the host (the bench venv's, the image's version): no container."""
     from jupyter_client.manager import start_new_kernel
@@ -1179,6 +1232,35 @@ def render(R):
         w(f"| {system} | " + " | ".join(cell(n) for n in [0] + DENSITY) + " |")
     w("")
 
+    # gVisor
+    G = R.get("gvisor")
+    if G:
+        w(f"**gVisor** (runsc `{' '.join(G.get('args', []))}`) beside runc, one service (`--session-runtimes runsc`), "
+          "python, the same workloads one after the other:")
+        w("")
+        w("| workload | runtime | p50 | p95 | throughput | n | errors |")
+        w("|---|---|---|---|---|---|---|")
+        for key, name, unit, nd in (("cold", "start → first `1+1` done, cold", "starts/s", 2),
+                                    ("rtt", f"`1+1` round trip, {N_RTT} sequential", "exec/s", 0),
+                                    ("w3_8", "8 sessions × 50 `1+1` concurrently", "exec/s", 0)):
+            for rt in ("runc", "runsc"):
+                s_ = G.get(f"{key}_{rt}")
+                if s_:
+                    w(f"| {name} | {rt} | {f(s_['p50_ms'])} | {f(s_['p95_ms'])} | {f(s_['throughput_per_s'], unit, nd)} | "
+                      f"{s_['n']} | {s_['errors']} |")
+        w("")
+        w("| PSS per idle python session (`memory_mb` 128), MiB | runtime | process | count | PSS | RSS |")
+        w("|---|---|---|---|---|---|")
+        for rt in ("runc", "runsc"):
+            m = G.get(f"idle_{rt}")
+            if not m:
+                continue
+            for k, v in m["kinds"].items():
+                w(f"| | {rt} | {k} | {v['count']:g} | {v['pss']:.1f} | {v['rss']:.1f} |")
+            w(f"| median of {m['sessions']} | {rt} | **total per session** | | **{m['total_pss_mib_median']:.1f}** "
+              f"(p95 {m['total_pss_mib_p95']:.1f}) | |")
+        w("")
+
     # targets
     def g(k, f_):
         return (R.get(k) or {}).get(f_)
@@ -1346,11 +1428,12 @@ def main():
     except ImportError:
         pass
     t0 = time.time()
-    only = set(ENV.get("KB_BENCH_ONLY", "kernelbox,floor,kg").split(","))
+    only = set(ENV.get("KB_BENCH_ONLY", "kernelbox,gvisor,floor,kg").split(","))
     failures = []
     # The long memory phase first, then the latency workloads of the three close together in time.
     for name, fn in (("kernelbox", lambda: run_kernelbox_density(R)), ("kg", lambda: run_kg_density(R, venv)),
-                     ("kernelbox", lambda: run_kernelbox(R)), ("floor", lambda: run_floor(R)), ("kg", lambda: run_kg(R, venv))):
+                     ("kernelbox", lambda: run_kernelbox(R)), ("gvisor", lambda: run_kernelbox_gvisor(R)),
+                     ("floor", lambda: run_floor(R)), ("kg", lambda: run_kg(R, venv))):
         if name not in only:
             continue
         try:

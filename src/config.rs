@@ -466,9 +466,13 @@ impl ServeArgs {
         // sessions of the language must be allowed to ask for.
         let runtimes = self.limits.validate()?.runtimes;
         for pool in bounds.keys() {
-            if let Some((language, runtime)) = pool.split_once('@')
-                && !runtimes.allowed_for(language).iter().any(|r| r == runtime)
-            {
+            let Some((language, runtime)) = pool.split_once('@') else { continue };
+            if runtimes.default_for(language) == runtime {
+                return Err(ConfigError(format!(
+                    "--pool: `{pool}`: `{runtime}` is {language}'s own runtime; its pool is `{language}`"
+                )));
+            }
+            if !runtimes.allowed_for(language).iter().any(|r| r == runtime) {
                 return Err(ConfigError(format!(
                     "--pool: `{pool}`: {language} sessions may not run under `{runtime}` (see --runtime and \
                      --session-runtimes)"
@@ -641,6 +645,8 @@ mod tests {
         assert_eq!(ok.bounds["python@runsc"], PoolBounds::fixed(1));
         let err = serve(&["--pool", "python@runsc=1"]).pool_config().unwrap_err();
         assert!(err.0.contains("may not run under `runsc`"), "{err}");
+        let err = serve(&["--pool", "python@runc=1"]).pool_config().unwrap_err();
+        assert!(err.0.contains("its pool is `python`"), "{err}");
     }
 
     fn serve(args: &[&str]) -> ServeArgs {

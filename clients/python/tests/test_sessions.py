@@ -30,6 +30,7 @@ def test_languages_list_every_kernel_with_its_pool(kb: Kernelbox) -> None:
     assert python.pool.floor <= python.pool.target <= max(python.pool.ceiling, python.pool.floor)
     assert python.pool.hits >= 0 and python.pool.misses >= 0
     assert python.raw["name"] == "python"
+    assert python.runtime == "runc" and python.runtimes == ["runc"], "this server offers no other runtime"
 
 
 def test_a_session_starts_with_its_limits_and_is_listed_attached_and_deleted(
@@ -41,6 +42,7 @@ def test_a_session_starts_with_its_limits_and_is_listed_attached_and_deleted(
         assert s.last_info is not None
         assert s.last_info.limits.memory_mb == 512 and s.last_info.limits.timeout_s == 30
         assert s.last_info.metadata == {"owner": "tests"}
+        assert s.last_info.runtime == "runc"
         assert s.id in [i.id for i in kb.list()]
         s.run("x = 6 * 7")
 
@@ -109,6 +111,10 @@ def test_bad_requests_are_the_api_s_codes(kb: Kernelbox) -> None:
     with pytest.raises(InvalidRequest) as e2:
         kb.session("python", memory_mb=1_000_000)
     assert e2.value.code == "invalid_request"
+    with pytest.raises(InvalidRequest) as e3:
+        kb.session("python", runtime="runsc")
+    assert e3.value.status == 422 and e3.value.code == "runtime_not_allowed"
+    assert "allowed runtimes are runc" in e3.value.message
 
 
 def test_too_many_sessions_is_an_exception_once_retries_are_spent(url: str, api_key: str) -> None:

@@ -169,6 +169,12 @@ impl Actor {
                 Box::pin(self.restart_after_death(died)).await;
                 continue;
             }
+            // A death seen while the task was elsewhere (forwarding a client's message, waiting out a
+            // broken link): the exit branch below only waits for one still to come.
+            if self.host.as_ref().is_some_and(|h| !h.is_alive()) {
+                self.on_death();
+                continue;
+            }
             let alive = self.host.as_ref().is_some_and(KernelHost::is_alive);
             let read_kernel = alive && !self.link_broken && (self.peers.is_active() || self.orphan.is_some());
             let orphan_deadline = self.orphan.as_ref().map(Orphan::deadline);

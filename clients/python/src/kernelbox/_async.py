@@ -155,6 +155,7 @@ class AsyncKernelbox:
         env: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, str]] = None,
         auto_restart: Optional[bool] = None,
+        runtime: Optional[str] = None,
     ) -> AsyncSession:
         """Starts a session; ``async with await kb.session(...) as s:`` deletes it when the block ends."""
         call = _calls.create(
@@ -166,6 +167,7 @@ class AsyncKernelbox:
             env=env,
             metadata=metadata,
             auto_restart=auto_restart,
+            runtime=runtime,
         )
         info = await self._call(call)
         return AsyncSession(self, info.id, info)

@@ -46,6 +46,7 @@ def create(
     env: Optional[Mapping[str, str]],
     metadata: Optional[Mapping[str, str]],
     auto_restart: Optional[bool],
+    runtime: Optional[str] = None,
 ) -> Call[SessionInfo]:
     body = session_request(
         language,
@@ -56,6 +57,7 @@ def create(
         env=env,
         metadata=metadata,
         auto_restart=auto_restart,
+        runtime=runtime,
     )
     return Call("POST", "/v1/sessions", lambda r: SessionInfo.from_json(r.json()), json=body, read_timeout=BOOT_WAIT)
 

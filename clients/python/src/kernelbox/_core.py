@@ -228,6 +228,7 @@ def session_request(
     env: Optional[Mapping[str, str]],
     metadata: Optional[Mapping[str, str]],
     auto_restart: Optional[bool] = None,
+    runtime: Optional[str] = None,
 ) -> Dict[str, Any]:
     body: Dict[str, Any] = {"language": language}
     for key, value in (
@@ -235,6 +236,7 @@ def session_request(
         ("cpus", cpus),
         ("timeout_s", timeout_s),
         ("idle_timeout_s", idle_timeout_s),
+        ("runtime", runtime),
     ):
         if value is not None:
             body[key] = value

@@ -158,9 +158,11 @@ class Kernelbox:
         env: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, str]] = None,
         auto_restart: Optional[bool] = None,
+        runtime: Optional[str] = None,
     ) -> Session:
         """Starts a session (a private kernel in its own container) and returns once its kernel is ready.
-        Use it in a ``with`` block to have it deleted at the end, also when the block raises."""
+        Use it in a ``with`` block to have it deleted at the end, also when the block raises. ``runtime``
+        asks for an OCI runtime the server offers for the language (``runsc``: gVisor; see ``languages()``)."""
         call = _calls.create(
             language,
             memory_mb=memory_mb,
@@ -170,6 +172,7 @@ class Kernelbox:
             env=env,
             metadata=metadata,
             auto_restart=auto_restart,
+            runtime=runtime,
         )
         info = self._call(call)
         return Session(self, info.id, info)

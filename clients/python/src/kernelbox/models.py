@@ -472,6 +472,8 @@ class SessionInfo:
     auto_restart: bool
     auto_restarts: int
     raw: Json = field(repr=False)
+    #: The OCI runtime its container runs under: ``runc``, or ``runsc`` (gVisor's user-space kernel).
+    runtime: str = "runc"
 
     @classmethod
     def from_json(cls, raw: Any) -> SessionInfo:
@@ -491,6 +493,7 @@ class SessionInfo:
             auto_restart=d.get("auto_restart") is not False,
             auto_restarts=_int(d.get("auto_restarts", 0)),
             raw=d,
+            runtime=_str(d.get("runtime", "runc")),
         )
 
 
@@ -518,6 +521,9 @@ class Language:
     language_version: Optional[str]
     pool: PoolStatus
     raw: Json = field(repr=False)
+    #: The OCI runtime its sessions run under unless they ask, and those they may ask for (default first).
+    runtime: str = "runc"
+    runtimes: List[str] = field(default_factory=lambda: ["runc"])
 
     @classmethod
     def from_json(cls, raw: Any) -> Language:
@@ -539,6 +545,8 @@ class Language:
                 misses=_int(pool.get("misses", 0)),
             ),
             raw=d,
+            runtime=_str(d.get("runtime", "runc")),
+            runtimes=[str(r) for r in d.get("runtimes", ["runc"]) if isinstance(r, str)],
         )
 
 
