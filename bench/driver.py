@@ -137,7 +137,13 @@ def proc_name(pid):
     except OSError:
         return "?"
     if not args:
-        return "?"
+        # gVisor's ptrace platform runs the application in stub processes with no command line of their own.
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            return "?"
+        return "gVisor's ptrace stubs (the application)" if comm == "exe" else comm or "?"
     joined = " ".join(args)
     if "containerd-shim" in args[0]:
         return "containerd-shim-runc-v2"
@@ -180,8 +186,7 @@ def container_pids(cid, init_pid):
         out = subprocess.run(["docker", "top", cid, "-o", "pid"], capture_output=True, text=True).stdout
         pids = [int(x) for x in out.split()[1:] if x.isdigit()]
     shim = ppid(init_pid)
-    # gVisor's gofer serves the container's files from outside its cgroup: a child of the shim that names
-    # the container on its command line.
+    # gVisor's gofer, wherever its cgroup: a child of the shim that names the container on its command line.
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) not in pids and int(entry) != shim:
             try:
