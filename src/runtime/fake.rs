@@ -194,6 +194,11 @@ impl ContainerRuntime for FakeRuntime {
                     (None, None)
                 }
                 "SIGHUP" => (c.kernel.take(), c.dir.clone()),
+                "SIGKILL" => {
+                    c.kernel = None;
+                    let _ = c.exit.send(Some(ExitInfo { exit_code: 137, oom_killed: false }));
+                    (None, None)
+                }
                 _ => (None, None),
             }
         };

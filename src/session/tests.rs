@@ -207,6 +207,36 @@ async fn until(h: &Harness, id: &str, what: impl Fn(&SessionInfo) -> bool) -> Se
 }
 
 #[tokio::test]
+async fn a_kernel_that_answers_shutdown_but_does_not_exit_is_killed_and_restarted_and_clients_hear_of_it() {
+    // The fake kernel answers `shutdown_request` and goes on running, as ipykernel 7 sometimes does.
+    let h = harness(&[]);
+    let id = h.start().await;
+    let container = h.container(&id);
+    let mut client = h.manager.attach(&owner(), &id, Some("c".into())).await.unwrap();
+    let shutdown = crate::kernel::Message::request("shutdown_request", "c", serde_json::json!({"restart": false}));
+    client.send(crate::kernel::Channel::Control, shutdown).await.unwrap();
+
+    let mut seen = Vec::new();
+    let back = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(msg) = client.outbox.recv().await {
+            let state = serde_json::from_slice::<serde_json::Value>(&msg.content).unwrap_or_default();
+            seen.push(format!("{}:{}", msg.msg_type, state["execution_state"].as_str().unwrap_or("")));
+            if seen.iter().any(|s| s == "status:restarting") && seen.last().unwrap() == "status:idle" {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "restarting, then idle again: {seen:?}");
+    assert!(seen.contains(&"shutdown_reply:".to_owned()), "{seen:?}");
+    let info = until(&h, &id, |i| i.status == SessionStatus::Idle).await;
+    assert_eq!(info.auto_restarts, 1);
+    assert!(info.last_auto_restart.unwrap().reason.contains("did not exit within 5 s"));
+    assert_ne!(h.container(&id), container, "a new container");
+    assert_eq!(h.run(&id, "print:back").await.stdout, "back\n");
+}
+
+#[tokio::test]
 async fn a_kernel_that_dies_is_restarted_automatically_and_streams_hear_of_it() {
     let h = harness(&[]);
     let id = h.start().await;

@@ -535,8 +535,9 @@ async fn a_kernel_shut_down_by_a_client_is_restarted_and_the_client_sees_it() {
     let app = app().await;
     let (kernel, mut ws) = kernel_with_state(&app, "?session_id=s").await;
 
-    // The client's own shutdown_request reaches the kernel, which exits; as Jupyter's server does, the
-    // service restarts it and tells the client: restarting, then starting, then idle.
+    // The client's own shutdown_request reaches the kernel, which exits (or, if it hangs after its reply, is
+    // killed 5 s later); as Jupyter's server does, the service restarts it and tells the client:
+    // restarting, then starting, then idle.
     send(&mut ws, &request("control", "shutdown_request", "s", json!({"restart": false}))).await;
     let started = Instant::now();
     read_until(&mut ws, is_service_status("restarting")).await;
@@ -554,5 +555,8 @@ async fn a_kernel_shut_down_by_a_client_is_restarted_and_the_client_sees_it() {
     let view = app.client.get(app.url(&format!("/v1/sessions/{session}"))).bearer_auth(KEY).send().await.unwrap();
     let view: Value = view.json().await.unwrap();
     assert_eq!(view["auto_restarts"], 1, "{view}");
-    assert_eq!(view["last_auto_restart"]["reason"], "exited with code 0", "{view}");
+    // ipykernel 7 sometimes hangs after its shutdown_reply (under load, in its control thread): the
+    // service then kills it after 5 s, as Jupyter's kernel manager does, and says so.
+    let reason = view["last_auto_restart"]["reason"].as_str().unwrap_or_default();
+    assert!(reason == "exited with code 0" || reason.contains("did not exit within 5 s, and was killed"), "{view}");
 }

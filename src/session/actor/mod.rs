@@ -83,7 +83,16 @@ pub struct Actor {
     max_timeout: Duration,
     /// Puts the session's packages into a new container.
     refit: Arc<dyn Refit>,
+    /// The kernel answered a client's `shutdown_request`: its process must exit by then, or its container
+    /// is killed (ipykernel 7 can hang after its reply; Jupyter's kernel manager kills it after 5 s too).
+    exit_expected: Option<tokio::time::Instant>,
+    /// The container was killed for that: the death's reason says so.
+    killed_after_shutdown: bool,
 }
+
+/// How long a kernel that answered `shutdown_request` has to exit before its container is killed (what
+/// jupyter_client's `shutdown_wait_time` gives it).
+const SHUTDOWN_EXIT_WAIT: Duration = Duration::from_secs(5);
 
 impl Actor {
     /// The task of `session`, before it starts.
@@ -116,6 +125,8 @@ impl Actor {
             orphan: None,
             max_timeout,
             refit,
+            exit_expected: None,
+            killed_after_shutdown: false,
         }
     }
 
@@ -178,6 +189,7 @@ impl Actor {
             let alive = self.host.as_ref().is_some_and(KernelHost::is_alive);
             let read_kernel = alive && !self.link_broken && (self.peers.is_active() || self.orphan.is_some());
             let orphan_deadline = self.orphan.as_ref().map(Orphan::deadline);
+            let exit_expected = self.exit_expected.filter(|_| alive);
             let (exit, client) = match self.host.as_mut() {
                 Some(h) => (Some(&mut h.exit), Some(&mut h.client)),
                 None => (None, None),
@@ -197,6 +209,7 @@ impl Actor {
                     }
                 },
                 _ = sleep_until_some(orphan_deadline), if orphan_deadline.is_some() => Box::pin(self.orphan_overdue()).await,
+                _ = sleep_until_some(exit_expected), if exit_expected.is_some() => Box::pin(self.kill_after_shutdown()).await,
                 Some(event) = self.inbox.peers.recv() => Box::pin(self.on_peer(event)).await,
                 // Executions wait while a cell from before the adoption runs, as behind any execution.
                 Some(cmd) = self.inbox.commands.recv(), if self.orphan.is_none() => Box::pin(self.run_command(cmd)).await,
@@ -252,6 +265,12 @@ impl Actor {
     /// A kernel message outside a `/v1` execution: to the attached clients; its IOPub status is the
     /// session's (a client's code running makes the session busy, and so not idle for the reaper).
     fn for_peers(&mut self, channel: crate::kernel::Channel, msg: &Message) {
+        if channel == crate::kernel::Channel::Control
+            && msg.msg_type() == "shutdown_reply"
+            && self.exit_expected.is_none()
+        {
+            self.exit_expected = Some(tokio::time::Instant::now() + SHUTDOWN_EXIT_WAIT);
+        }
         if channel == crate::kernel::Channel::IOPub && msg.msg_type() == "status" {
             let now = match msg.content.get("execution_state").and_then(serde_json::Value::as_str) {
                 Some("busy") => Some(SessionStatus::Busy),
@@ -371,11 +390,27 @@ impl Actor {
     /// A kernel is the session's now (its caller sets the status).
     fn took(&mut self, host: &KernelHost) {
         self.link_broken = false;
+        self.exit_expected = None;
+        self.killed_after_shutdown = false;
         self.session.update(|s| {
             s.dead_reason = None;
             s.container_id = host.container_id.clone();
             s.kernel = Some(host.info.clone());
         });
+    }
+}
+
+impl Actor {
+    /// The kernel answered `shutdown_request` but its process did not exit: its container is killed, and
+    /// the death is handled as any other (restarted automatically, within the bound).
+    async fn kill_after_shutdown(&mut self) {
+        self.exit_expected = None;
+        let Some(container) = self.host.as_ref().map(|h| h.container_id.clone()) else { return };
+        tracing::warn!(session_id = %self.session.id, "the kernel answered shutdown_request but did not exit; killing it");
+        self.killed_after_shutdown = true;
+        if let Err(e) = self.plan.runtime.signal(&container, "SIGKILL").await {
+            tracing::warn!(session_id = %self.session.id, error = %e, "could not kill a kernel that did not exit");
+        }
     }
 }
 

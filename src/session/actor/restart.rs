@@ -31,7 +31,14 @@ impl Actor {
     /// The container stopped (the kernel died with it): says why, removes it, and decides whether the
     /// serve loop restarts it ([`Actor::pending_restart`]) or the session stays dead.
     pub(super) fn on_death(&mut self) {
-        let reason = self.exit_reason();
+        let reason = match std::mem::take(&mut self.killed_after_shutdown) {
+            true => format!(
+                "it answered shutdown_request but did not exit within {} s, and was killed",
+                super::SHUTDOWN_EXIT_WAIT.as_secs()
+            ),
+            false => self.exit_reason(),
+        };
+        self.exit_expected = None;
         tracing::warn!(session_id = %self.session.id, %reason, "the kernel died");
         self.orphan = None;
         // A dead container is of no use; remove it now so nothing lingers.
