@@ -83,6 +83,15 @@ fn map_err(e: BollardError) -> RuntimeError {
     }
 }
 
+impl DockerRuntime {
+    /// How a stopped container ended, as the engine says now.
+    async fn exit_info(&self, id: &str) -> Result<ExitInfo, RuntimeError> {
+        let inspect = self.docker.inspect_container(id, None).await.map_err(map_err)?;
+        let state = inspect.state.unwrap_or_default();
+        Ok(ExitInfo { exit_code: state.exit_code.unwrap_or(-1), oom_killed: state.oom_killed.unwrap_or(false) })
+    }
+}
+
 #[async_trait]
 impl ContainerRuntime for DockerRuntime {
     async fn ping(&self) -> Result<(), RuntimeError> {
@@ -208,9 +217,17 @@ impl ContainerRuntime for DockerRuntime {
         if let Some(Err(e @ BollardError::DockerResponseServerError { .. })) = waited {
             return Err(map_err(e));
         }
-        let inspect = self.docker.inspect_container(id, None).await.map_err(map_err)?;
-        let state = inspect.state.unwrap_or_default();
-        Ok(ExitInfo { exit_code: state.exit_code.unwrap_or(-1), oom_killed: state.oom_killed.unwrap_or(false) })
+        let mut exit = self.exit_info(id).await?;
+        // A SIGKILL may be the cgroup's OOM killer whose event the engine has not handled yet: it marks the
+        // container after the exit at times (seen under gVisor on a loaded host). Look again, briefly.
+        for _ in 0..3 {
+            if exit.exit_code != 137 || exit.oom_killed {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            exit = self.exit_info(id).await?;
+        }
+        Ok(exit)
     }
 
     async fn list(&self, key: &str, value: Option<&str>) -> Result<Vec<ContainerSummary>, RuntimeError> {
