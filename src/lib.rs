@@ -26,6 +26,7 @@ pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod file_lock;
 pub mod images;
