@@ -466,7 +466,7 @@ impl ServeArgs {
         // sessions of the language must be allowed to ask for.
         let runtimes = self.limits.validate()?.runtimes;
         for pool in bounds.keys() {
-            let Some((language, runtime)) = pool.split_once('@') else { continue };
+            let (language, Some(runtime)) = PoolConfig::split_pool(pool) else { continue };
             if runtimes.default_for(language) == runtime {
                 return Err(ConfigError(format!(
                     "--pool: `{pool}`: `{runtime}` is {language}'s own runtime; its pool is `{language}`"
@@ -583,6 +583,14 @@ impl PoolConfig {
     pub fn fixed<'a>(languages: impl IntoIterator<Item = (&'a str, usize)>, max_boots: usize) -> Self {
         let bounds = languages.into_iter().map(|(l, n)| (l.to_owned(), PoolBounds::fixed(n))).collect();
         PoolConfig { bounds, max_boots, ..PoolConfig::default() }
+    }
+
+    /// A pool's name as its language and, for `language@runtime`, the runtime (`None`: the language's own).
+    pub fn split_pool(pool: &str) -> (&str, Option<&str>) {
+        match pool.split_once('@') {
+            Some((language, runtime)) => (language, Some(runtime)),
+            None => (pool, None),
+        }
     }
 
     /// Parses `python=2,javascript=0..3,python@runsc=1` (`none` or an empty string: no pool). A pool is a

@@ -35,8 +35,6 @@ struct State {
     boot_delay: Duration,
     /// The Swarm node ID the engine reports (`None`: not in a Swarm).
     swarm_node_id: Option<String>,
-    /// The OCI runtimes registered beyond `runc`, which every engine has.
-    oci_runtimes: Vec<OciRuntimeInfo>,
 }
 
 struct FakeContainer {
@@ -65,13 +63,6 @@ impl FakeRuntime {
     /// Makes the engine report `id` as its Swarm node ID (`None`: not in a Swarm).
     pub fn set_swarm_node_id(&self, id: Option<&str>) {
         self.state.lock().unwrap().swarm_node_id = id.map(str::to_owned);
-    }
-
-    /// Registers an OCI runtime beside `runc`.
-    pub fn add_oci_runtime(&self, name: &str, path: &str, args: &[&str]) {
-        let info =
-            OciRuntimeInfo { name: name.into(), path: path.into(), args: args.iter().map(|a| a.to_string()).collect() };
-        self.state.lock().unwrap().oci_runtimes.push(info);
     }
 
     /// Kernels of containers created from now on connect only after `delay`.
@@ -142,9 +133,9 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn oci_runtimes(&self) -> Result<Vec<OciRuntimeInfo>, RuntimeError> {
+        // An engine with Docker's own runtime only.
         self.check_up()?;
-        let runc = OciRuntimeInfo { name: "runc".into(), path: "runc".into(), args: vec![] };
-        Ok(std::iter::once(runc).chain(self.state.lock().unwrap().oci_runtimes.clone()).collect())
+        Ok(vec![OciRuntimeInfo { name: "runc".into(), path: "runc".into(), args: vec![] }])
     }
 
     async fn swarm_node_id(&self) -> Result<Option<String>, RuntimeError> {

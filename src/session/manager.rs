@@ -228,8 +228,8 @@ impl SessionManager {
         // A quota that is full fails here, before a pooled kernel or a create of the key's budget is spent.
         self.registry.check_admit(&owner, &settings, &self.config.limits)?;
         self.costs.spend(&owner, Limit::Creates)?;
-        if self.pool.poolable(&settings)
-            && let Some(pooled) = self.pool.claim(&owner, &settings).await
+        if self.pool.poolable(&pool, &settings)
+            && let Some(pooled) = self.pool.claim(&pool, &owner, &settings).await
         {
             let (session, inbox) = self.launcher.new_session(pooled.id.clone(), owner, settings, pooled.created_at);
             if let Err(e) = self.registry.reserve(&session, &self.config.limits) {

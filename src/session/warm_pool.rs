@@ -102,12 +102,13 @@ impl WarmPool {
     /// The request a pool's kernels are booted for: the pool is a language (under its default runtime) or
     /// `language@runtime`. `None` for a pool of no language this service offers.
     fn request(&self, pool: &str) -> Option<SessionRequest> {
-        let (language, runtime) = match pool.split_once('@') {
-            Some((language, runtime)) => (language, Some(runtime.to_owned())),
-            None => (pool, None),
-        };
+        let (language, runtime) = PoolConfig::split_pool(pool);
         self.planner.catalog.language(language)?;
-        Some(SessionRequest { language: language.to_owned(), runtime, ..Default::default() })
+        Some(SessionRequest {
+            language: language.to_owned(),
+            runtime: runtime.map(str::to_owned),
+            ..Default::default()
+        })
     }
 
     /// The pool a session's kernel would come from: its language, or `language@runtime` when it runs under
@@ -175,34 +176,33 @@ impl WarmPool {
 
     /// Whether a request can be served by a pooled kernel: one booted with the language's defaults can
     /// take other memory and CPU limits (Docker updates them), but not environment variables, mounts, an
-    /// output folder or another tmpfs size (all fixed at create time). Its runtime picks the pool.
-    pub fn poolable(&self, settings: &SessionSettings) -> bool {
+    /// output folder or another tmpfs size (all fixed at create time). `pool` is its [`WarmPool::pool_of`].
+    pub fn poolable(&self, pool: &str, settings: &SessionSettings) -> bool {
         let p = &self.planner;
-        self.config.bounds.get(&self.pool_of(settings)).is_some_and(|b| b.ceiling > 0)
+        self.config.bounds.get(pool).is_some_and(|b| b.ceiling > 0)
             && settings.env.is_empty()
             && settings.mounts.is_empty()
             && settings.output.is_none()
             && p.tmpfs_mb(settings.memory_mb) == p.tmpfs_mb(p.limits.default_memory_mb)
     }
 
-    /// The pool's side of a claim: takes a live kernel of the language, applies the caller's limits to
+    /// The pool's side of a claim: takes a live kernel of `pool` ([`WarmPool::pool_of`]), applies the caller's limits to
     /// its running container and writes the claim for `owner`. `None`: none ready (or it could not be
     /// prepared), start cold. The kernel's id stays the pool's until [`WarmPool::release`].
-    pub async fn claim(&self, owner: &Owner, settings: &SessionSettings) -> Option<Pooled> {
-        let language = &self.pool_of(settings);
+    pub async fn claim(&self, pool: &str, owner: &Owner, settings: &SessionSettings) -> Option<Pooled> {
         // Every create the pool could serve counts towards its target, served or not.
-        self.demand.lock().unwrap().record_create(language, Instant::now());
-        let (found, dead) = self.pool.take(language);
+        self.demand.lock().unwrap().record_create(pool, Instant::now());
+        let (found, dead) = self.pool.take(pool);
         for d in dead {
             self.remove(d).await;
         }
         self.wake.notify_one();
         let Some(pooled) = found else {
-            self.pool.count(language, false);
-            metrics::counter!("kernelbox_pool_misses_total", "language" => language.clone()).increment(1);
+            self.pool.count(pool, false);
+            metrics::counter!("kernelbox_pool_misses_total", "language" => pool.to_owned()).increment(1);
             return None;
         };
-        self.gauge(language);
+        self.gauge(pool);
         let container = pooled.host.container_id.clone();
         if pooled.settings.memory_mb != settings.memory_mb || pooled.settings.cpus != settings.cpus {
             let limits = self.planner.resources(settings);

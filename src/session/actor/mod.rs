@@ -186,7 +186,8 @@ impl Actor {
                 self.on_death();
                 continue;
             }
-            let alive = self.host.as_ref().is_some_and(KernelHost::is_alive);
+            // Past the check above, a kernel the task holds is alive.
+            let alive = self.host.is_some();
             let read_kernel = alive && !self.link_broken && (self.peers.is_active() || self.orphan.is_some());
             let orphan_deadline = self.orphan.as_ref().map(Orphan::deadline);
             let exit_expected = self.exit_expected.filter(|_| alive);
@@ -397,20 +398,6 @@ impl Actor {
             s.container_id = host.container_id.clone();
             s.kernel = Some(host.info.clone());
         });
-    }
-}
-
-impl Actor {
-    /// The kernel answered `shutdown_request` but its process did not exit: its container is killed, and
-    /// the death is handled as any other (restarted automatically, within the bound).
-    async fn kill_after_shutdown(&mut self) {
-        self.exit_expected = None;
-        let Some(container) = self.host.as_ref().map(|h| h.container_id.clone()) else { return };
-        tracing::warn!(session_id = %self.session.id, "the kernel answered shutdown_request but did not exit; killing it");
-        self.killed_after_shutdown = true;
-        if let Err(e) = self.plan.runtime.signal(&container, "SIGKILL").await {
-            tracing::warn!(session_id = %self.session.id, error = %e, "could not kill a kernel that did not exit");
-        }
     }
 }
 

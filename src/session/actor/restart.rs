@@ -74,6 +74,18 @@ impl Actor {
         }
     }
 
+    /// The kernel answered `shutdown_request` but its process did not exit: its container is killed, and
+    /// the death is handled as any other (restarted automatically, within the bound).
+    pub(super) async fn kill_after_shutdown(&mut self) {
+        self.exit_expected = None;
+        let Some(container) = self.host.as_ref().map(|h| h.container_id.clone()) else { return };
+        tracing::warn!(session_id = %self.session.id, "the kernel answered shutdown_request but did not exit; killing it");
+        self.killed_after_shutdown = true;
+        if let Err(e) = self.plan.runtime.signal(&container, "SIGKILL").await {
+            tracing::warn!(session_id = %self.session.id, error = %e, "could not kill a kernel that did not exit");
+        }
+    }
+
     /// The automatic restart decided by [`Actor::on_death`]: a new container. On failure the session is
     /// dead; cancelled, it ends.
     pub(super) async fn restart_after_death(&mut self, died: String) {
