@@ -186,16 +186,6 @@ def container_pids(cid, init_pid):
         out = subprocess.run(["docker", "top", cid, "-o", "pid"], capture_output=True, text=True).stdout
         pids = [int(x) for x in out.split()[1:] if x.isdigit()]
     shim = ppid(init_pid)
-    # gVisor's gofer, wherever its cgroup: a child of the shim that names the container on its command line.
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in pids and int(entry) != shim:
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if cmd.startswith(b"runsc") and cid.encode() in cmd:
-                pids.append(int(entry))
     return pids + [shim]
 
 

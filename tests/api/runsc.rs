@@ -13,41 +13,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 use crate::hostile;
-
-/// What the kernel the code talks to says of itself, and what the sandbox looks like from inside.
-const WHO_AM_I: &str = r#"
-import os, json, ctypes, socket
-def cg(*paths):
-    for p in paths:
-        try:
-            return open(p).read().strip()
-        except OSError:
-            pass
-libc = ctypes.CDLL(None, use_errno=True)
-buf = ctypes.create_string_buffer(1 << 16)
-n = libc.klogctl(3, buf, len(buf))  # SYSLOG_ACTION_READ_ALL
-status = dict(l.split(':\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\t' in l)
-try:
-    open('/usr/evil', 'w'); root_writable = True
-except OSError:
-    root_writable = False
-st = os.statvfs('/tmp')
-print(json.dumps({
-    'release': os.uname().release, 'version': os.uname().version,
-    'dmesg': buf.raw[:max(n, 0)].decode(errors='replace'),
-    'uid': os.getuid(), 'interfaces': [n for _, n in socket.if_nameindex()],
-    'cap_eff': status['CapEff'].strip(), 'no_new_privs': status.get('NoNewPrivs', '').strip(),
-    'root_writable': root_writable, 'tmp_mb': st.f_blocks * st.f_frsize // (1 << 20),
-    'memory': cg('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes'),
-    'cwd': os.getcwd(), 'home_writable': os.access(os.getcwd(), os.W_OK), 'greeting': os.environ.get('GREETING'),
-}))
-"#;
-
-async fn who_am_i(app: &TestApp, id: &str) -> Value {
-    let r = app.exec(id, WHO_AM_I).await;
-    assert_eq!(r["status"], "ok", "{r}");
-    serde_json::from_str(r["stdout"].as_str().unwrap().trim()).unwrap()
-}
+use crate::sandbox::sandbox_facts;
 
 fn host_release() -> String {
     let out = std::process::Command::new("uname").arg("-r").output().expect("uname");
@@ -90,7 +56,7 @@ async fn a_session_that_asks_for_gvisor_runs_on_its_kernel_beside_a_neighbour_on
     assert_eq!(container_runtime(&app, &id).await, ("runsc".to_owned(), "runsc".to_owned()));
     assert_eq!(container_runtime(&app, &neighbour).await, ("runc".to_owned(), "runc".to_owned()));
 
-    let inside = who_am_i(&app, &id).await;
+    let inside = sandbox_facts(&app, &id).await;
     eprintln!("FIGURE gVisor from inside: {inside}");
     assert!(inside["dmesg"].as_str().unwrap().contains("gVisor"), "gVisor's kernel log: {inside}");
     assert_ne!(inside["release"], host_release(), "not the host's kernel: {inside}");
@@ -104,7 +70,7 @@ async fn a_session_that_asks_for_gvisor_runs_on_its_kernel_beside_a_neighbour_on
     assert_eq!(inside["home_writable"], true);
     assert_eq!(inside["greeting"], "hi");
 
-    let beside = who_am_i(&app, &neighbour).await;
+    let beside = sandbox_facts(&app, &neighbour).await;
     assert_eq!(beside["release"], host_release(), "the neighbour on runc talks to the host's kernel: {beside}");
     assert!(!beside["dmesg"].as_str().unwrap_or_default().contains("gVisor"), "{beside}");
 
@@ -247,11 +213,11 @@ async fn a_pool_of_gvisor_kernels_serves_the_sessions_that_ask_for_it() {
     let (_, metrics) = app.get("/metrics").await;
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
     assert_eq!(sample(&metrics, r#"kernelbox_pool_hits_total{language="python@runsc"}"#), Some(1.0), "{metrics}");
-    assert!(who_am_i(&app, id).await["dmesg"].as_str().unwrap().contains("gVisor"));
+    assert!(sandbox_facts(&app, id).await["dmesg"].as_str().unwrap().contains("gVisor"));
     // A python session on runc does not take a gVisor kernel.
     let plain = app.start("python").await;
     assert_eq!(app.get(&format!("/v1/sessions/{plain}")).await.1["runtime"], "runc");
-    assert_eq!(who_am_i(&app, &plain).await["release"], host_release());
+    assert_eq!(sandbox_facts(&app, &plain).await["release"], host_release());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,18 +6,21 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_session_has_no_network_no_privileges_and_its_limits() {
-    let app = spawn_app().await;
-    let id = app.start_with(json!({"language": "python", "memory_mb": 300, "env": {"GREETING": "hi"}})).await;
-    let probe = r#"
-import os, socket, json
+/// What the sandbox looks like from inside a session, as one JSON document: the kernel the code talks to
+/// (`release`, its log), uid, interfaces, capabilities, no-new-privs (gVisor's `/proc` has no such line:
+/// empty there), the root's and the home's writability, a connect out, the cgroup limits (none visible
+/// under gVisor), `/tmp`'s size, the working directory and `GREETING` from the environment.
+pub(crate) const SANDBOX_FACTS: &str = r#"
+import os, socket, json, ctypes
 def cg(*paths):
     for p in paths:
         try:
             return open(p).read().strip()
         except OSError:
             pass
+libc = ctypes.CDLL(None, use_errno=True)
+log = ctypes.create_string_buffer(1 << 16)
+log_len = libc.klogctl(3, log, len(log))  # SYSLOG_ACTION_READ_ALL: gVisor's boot lines, EPERM on the host
 status = dict(l.split(':\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\t' in l)
 try:
     open('/usr/evil', 'w'); root_writable = True
@@ -27,18 +30,31 @@ try:
     socket.create_connection(('1.1.1.1', 53), timeout=2); network = True
 except OSError:
     network = False
+st = os.statvfs('/tmp')
 print(json.dumps({
+    'release': os.uname().release, 'dmesg': log.raw[:max(log_len, 0)].decode(errors='replace'),
+    'tmp_mb': st.f_blocks * st.f_frsize // (1 << 20),
     'uid': os.getuid(), 'interfaces': [n for _, n in socket.if_nameindex()],
-    'cap_eff': status['CapEff'].strip(), 'no_new_privs': status['NoNewPrivs'].strip(),
+    'cap_eff': status['CapEff'].strip(), 'no_new_privs': status.get('NoNewPrivs', '').strip(),
     'root_writable': root_writable, 'network': network,
     'memory': cg('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes'),
     'pids': cg('/sys/fs/cgroup/pids.max', '/sys/fs/cgroup/pids/pids.max'),
     'cwd': os.getcwd(), 'home_writable': os.access(os.getcwd(), os.W_OK), 'greeting': os.environ.get('GREETING'),
 }))
 "#;
-    let r = app.exec(&id, probe).await;
+
+/// Runs [`SANDBOX_FACTS`] in session `id`.
+pub(crate) async fn sandbox_facts(app: &TestApp, id: &str) -> serde_json::Value {
+    let r = app.exec(id, SANDBOX_FACTS).await;
     assert_eq!(r["status"], "ok", "{r}");
-    let facts: serde_json::Value = serde_json::from_str(r["stdout"].as_str().unwrap().trim()).unwrap();
+    serde_json::from_str(r["stdout"].as_str().unwrap().trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_has_no_network_no_privileges_and_its_limits() {
+    let app = spawn_app().await;
+    let id = app.start_with(json!({"language": "python", "memory_mb": 300, "env": {"GREETING": "hi"}})).await;
+    let facts = sandbox_facts(&app, &id).await;
     assert_eq!(facts["uid"], 1000, "non-root");
     assert_eq!(facts["interfaces"], json!(["lo"]), "no network interface but loopback");
     assert_eq!(facts["network"], false);
