@@ -9,11 +9,13 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod api_role;
+pub mod egress;
 mod error;
 mod limits;
 pub mod oci_runtimes;
 
 pub use api_role::{AgentSource, ApiArgs};
+pub use egress::{EgressArgs, EgressConfig};
 pub use error::ConfigError;
 use limits::rate_limit;
 pub use limits::{CostLimits, LimitArgs, Limits};
@@ -239,6 +241,8 @@ pub struct ServeArgs {
     pub links: SignedUrlArgs,
     #[command(flatten)]
     pub images: ImageArgs,
+    #[command(flatten)]
+    pub egress: EgressArgs,
 }
 
 /// A folder the service keeps (the datasets folder, the runtime trees): `<state-dir>/<name>` unless the

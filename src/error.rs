@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::egress::allow::ListRefused;
 use crate::packages::PackageError;
 use crate::runtime::RuntimeError;
 use crate::session::SessionError;
@@ -111,6 +112,13 @@ impl From<SessionError> for ApiError {
             E::UnknownLanguage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_language"),
             E::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             E::RuntimeRefused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "runtime_not_allowed"),
+            E::Network(refused) => match refused {
+                ListRefused::Off => (StatusCode::FORBIDDEN, "network_off"),
+                ListRefused::Forbidden { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "network_forbidden"),
+                ListRefused::Invalid { .. } | ListRefused::TooMany { .. } => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "invalid_network")
+                }
+            },
             E::ImageMissing(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_missing"),
             E::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
             E::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),

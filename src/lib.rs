@@ -228,6 +228,7 @@ impl Built {
             .on_node(node);
         let store = Arc::new(store);
         manager.start_pool();
+        manager.start_egress();
         let scheduler = reaper::start(manager.clone(), reap_every).await?;
         reaper::add_store_sweep(&scheduler, store.clone(), reap_every).await?;
         reaper::add_tree_upkeep(&scheduler, manager.clone(), reap_every.max(Duration::from_secs(60))).await?;

@@ -1,13 +1,14 @@
-//! The `kernelbox` command: `serve`, `images build`, `images list`, `cluster certs`. Thin: parse, set up logging, call the
-//! library.
+//! The `kernelbox` command: `serve`, `images build`, `images list`, `cluster certs`, `egress-proxy`. Thin: parse,
+//! set up logging, call the library.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Args, CommandFactory, FromArgMatches};
 use kernelbox::config::{Cli, ClusterCommand, Command, ImageArgs, ImagesCommand, LogFormat, StateFolder};
+use kernelbox::egress::proxy::ProxyArgs;
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::{ImageBuilder, human_size, print_summary};
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -18,7 +19,14 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // `egress-proxy` joins config's commands here: its flags live with the proxy (egress/proxy/config.rs).
+    let proxy = ProxyArgs::augment_args(clap::Command::new("egress-proxy"));
+    let matches = Cli::command().subcommand(proxy).get_matches();
+    if let Some(("egress-proxy", args)) = matches.subcommand() {
+        kernelbox::telemetry::init(args.get_one::<LogFormat>("log_format").copied().unwrap_or(LogFormat::Json));
+        return egress_proxy(ProxyArgs::from_arg_matches(args)?).await;
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Serve(args) => {
             kernelbox::telemetry::init(cli.log_format);
@@ -224,6 +232,7 @@ async fn prepare(args: &kernelbox::config::ServeArgs) -> anyhow::Result<(kernelb
             pool,
             node: None,
             fencing: None,
+            egress: args.egress.validate()?,
         },
         api_keys: args.api_keys.clone(),
         http,
@@ -232,6 +241,16 @@ async fn prepare(args: &kernelbox::config::ServeArgs) -> anyhow::Result<(kernelb
         shutdown_grace: Duration::from_secs(10),
     };
     Ok((settings, builder))
+}
+
+/// `kernelbox egress-proxy`: serves until Ctrl-C or SIGTERM.
+async fn egress_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let config = args.validate()?;
+    let stop = stop_on_signal();
+    tokio::select! {
+        ran = kernelbox::egress::proxy::run(config) => ran,
+        () = stop.cancelled() => Ok(()),
+    }
 }
 
 /// A token cancelled by Ctrl-C or SIGTERM.

@@ -149,6 +149,20 @@ impl FormFields {
             .map(|(_, v)| v.as_str())
             .ok_or_else(|| DetailError::invalid(format!("the form field `{name}` is required")))
     }
+
+    /// Every value of the field `name` (it may repeat), each split at commas, trimmed, empty ones dropped.
+    pub fn list(&self, name: &str) -> Option<Vec<String>> {
+        let mut values = self.0.iter().filter(|(k, _)| k == name).peekable();
+        values.peek()?;
+        Some(
+            values
+                .flat_map(|(_, v)| v.split(','))
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
 }
 
 impl<S: Send + Sync> FromRequest<S> for FormFields {

@@ -110,7 +110,10 @@ async fn respond(caller: &Caller, id: &str, mut result: ExecuteResult, images: I
 /// carries `transient.display_id`, as in Jupyter; an `update` replaces every display with its id. An
 /// `auto_restart` event (`AutoRestartNotice`: `{phase, reason, auto_restarts}`) says the session's kernel
 /// died and is restarted automatically (`restarting`, then `restarted`) or stays `dead`, while the
-/// execution is queued or runs (one that was running when the kernel died ends `killed`).
+/// execution is queued or runs (one that was running when the kernel died ends `killed`). A
+/// `network_blocked` event (`{host, port, reason, count}`) says the code's connection was just refused by
+/// the session's network rules (the result's `network.blocked` has them all): allow the host with
+/// `PUT /v1/sessions/{id}/network` and retry.
 #[utoipa::path(post, path = "/v1/sessions/{id}/execute", request_body = ExecuteRequest, tag = "execute",
     responses((status = 200, body = ExecuteResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn execute(
@@ -170,6 +173,9 @@ fn events(pending: Pending, finish: Finish) -> impl Stream<Item = Result<SseEven
             let sse = match pending.next_streamed().await {
                 Some(Streamed::AutoRestart(notice)) => {
                     (SseEvent::default().event("auto_restart").json_data(&notice), Some(pending))
+                }
+                Some(Streamed::NetworkBlocked(blocked)) => {
+                    (SseEvent::default().event("network_blocked").json_data(&blocked), Some(pending))
                 }
                 Some(Streamed::Event(Event::Output { output, display_id })) => {
                     let sse = SseEvent::default().event("output").json_data(Shown::new(&output, display_id.as_deref()));

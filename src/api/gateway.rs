@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use super::state::{AppState, Caller};
 use crate::error::{ApiError, ErrorBody};
 use crate::node::NodeTag;
+use crate::session::network::NetworkRequest;
 use crate::session::{SessionError, SessionInfo, SessionRequest, SessionStatus};
 
 /// The Jupyter server version this API answers as (what `GET /api` reports).
@@ -35,6 +36,9 @@ const PYTHON3_LANGUAGE: &str = "python";
 /// The `env` entry of a kernel start that names the OCI runtime (`runsc`), as the spec's
 /// `metadata.kernelbox.runtimes` allow.
 pub const KERNEL_RUNTIME: &str = "KERNEL_RUNTIME";
+/// The `env` entry of a kernel start that gives the kernel a network by name: the hosts it may reach,
+/// comma-separated (kernelbox's, in the way of Enterprise Gateway's `KERNEL_*` settings).
+pub const KERNEL_NETWORK_ALLOW: &str = "KERNEL_NETWORK_ALLOW";
 /// The session metadata that says a kernel was started as [`PYTHON3`].
 pub const KERNEL_NAME_KEY: &str = "kernelbox.kernel_name";
 
@@ -165,7 +169,8 @@ pub async fn list(caller: Caller) -> Json<Vec<Value>> {
 }
 
 /// What `POST /api/kernels` takes. Of `env` (Jupyter's `KERNEL_*` variables, as Enterprise Gateway takes
-/// per-kernel settings), [`KERNEL_RUNTIME`] is read; the rest is accepted and not passed on.
+/// per-kernel settings), [`KERNEL_RUNTIME`] and [`KERNEL_NETWORK_ALLOW`] are read; the rest is accepted
+/// and not passed on.
 #[derive(Debug, Default, Deserialize)]
 pub struct StartKernel {
     pub name: Option<String>,
@@ -175,7 +180,7 @@ pub struct StartKernel {
 
 /// `POST /api/kernels`: a new kernel (a session), ready when this answers.
 #[utoipa::path(post, path = "/api/kernels", operation_id = "gateway_start_kernel", tag = "jupyter gateway",
-    request_body(content = Object, description = "`{name, env}`: a name from `/api/kernelspecs` (`python3` is the `python` language); no name: `python3`. Of `env`, `KERNEL_RUNTIME` names the OCI runtime (one of the spec's `metadata.kernelbox.runtimes`); the rest is not passed on"),
+    request_body(content = Object, description = "`{name, env}`: a name from `/api/kernelspecs` (`python3` is the `python` language); no name: `python3`. Of `env`, `KERNEL_RUNTIME` names the OCI runtime (one of the spec's `metadata.kernelbox.runtimes`) and `KERNEL_NETWORK_ALLOW` the hosts the kernel may reach (comma-separated; servers with networks only); the rest is not passed on"),
     responses((status = 201, description = "the kernel, ready", body = Object), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn start(caller: Caller, body: axum::body::Bytes) -> Result<Response, ApiError> {
     // Jupyter servers send JSON; an empty body asks for the default kernel.
@@ -185,17 +190,19 @@ pub async fn start(caller: Caller, body: axum::body::Bytes) -> Result<Response, 
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("not a kernel request: {e}")))?,
     };
     let mut request = session_request(req.name.as_deref().unwrap_or(PYTHON3));
-    request.runtime = match req.env.get(KERNEL_RUNTIME) {
-        None => None,
-        Some(Value::String(runtime)) => Some(runtime.clone()),
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                format!("env.{KERNEL_RUNTIME} must be a string"),
-            ));
-        }
+    let text = |key: &str| match req.env.get(key) {
+        None => Ok(None),
+        Some(Value::String(value)) => Ok(Some(value.clone())),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            format!("env.{key} must be a string"),
+        )),
     };
+    request.runtime = text(KERNEL_RUNTIME)?;
+    request.network = text(KERNEL_NETWORK_ALLOW)?.map(|allow| NetworkRequest {
+        allow: allow.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_owned).collect(),
+    });
     let node = caller.manager.node();
     let info = caller.manager.create(caller.owner, request).await?;
     let body = model(&info, 0, node);

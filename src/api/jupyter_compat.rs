@@ -494,6 +494,7 @@ mod tests {
             killed_reason: None,
             kernel_restarted: false,
             stream_events_dropped: 0,
+            network: None,
         }
     }
 

@@ -25,6 +25,7 @@ pub mod jupyter_compat;
 pub mod kernel_ws;
 pub mod kernel_ws_codec;
 pub mod mcp;
+pub mod network;
 pub mod openapi;
 pub mod packages;
 pub mod rate_limit;

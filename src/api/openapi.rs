@@ -5,7 +5,8 @@
 use utoipa::OpenApi;
 
 use super::{
-    compat, execute, files, gateway, jupyter_compat, kernel_ws, mcp, packages, session_compat, sessions, system,
+    compat, execute, files, gateway, jupyter_compat, kernel_ws, mcp, network, packages, session_compat, sessions,
+    system,
 };
 
 #[derive(OpenApi)]
@@ -13,6 +14,7 @@ use super::{
     info(title = "kernelbox", description = "Run untrusted code in stateful Jupyter kernels, one sealed container per session."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::interrupt, sessions::restart,
+        network::get, network::put,
         packages::install, execute::execute, execute::input, files::list, files::download, files::upload, files::delete, files::notebook, system::healthz, system::readyz, system::languages, system::metrics_text,
         session_compat::start_session, session_compat::execute, session_compat::install_package, session_compat::reset,
         session_compat::end_session, jupyter_compat::list_kernel_specs, jupyter_compat::execute, jupyter_compat::upload,
@@ -26,7 +28,8 @@ use super::{
         compat::DetailBody,
         crate::kernel::Output,
         crate::kernel::ErrorInfo,
-        crate::session::AutoRestartNotice
+        crate::session::AutoRestartNotice,
+        crate::egress::session::Blocked
     )),
     modifiers(&Security),
 )]

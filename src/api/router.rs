@@ -15,7 +15,7 @@ use tower_http::trace::TraceLayer;
 use super::signed::{Candidates, LinkForm, SignedAccess};
 use super::state::AppState;
 use super::{
-    auth, body, compat, docs, execute, files, gateway, json_errors, jupyter_compat, kernel_ws, mcp, packages,
+    auth, body, compat, docs, execute, files, gateway, json_errors, jupyter_compat, kernel_ws, mcp, network, packages,
     rate_limit, session_compat, sessions, signed, system,
 };
 use crate::config::HttpLimits;
@@ -60,6 +60,7 @@ pub fn router(state: AppState, keys: auth::Keys, http: &HttpLimits) -> Router {
         .route("/sessions/{id}/restart", post(sessions::restart))
         .route("/sessions/{id}/packages", post(packages::install))
         .route("/sessions/{id}/notebook", get(files::notebook))
+        .route("/sessions/{id}/network", get(network::get).put(network::put))
         .route("/languages", get(system::languages))
         .layer(axum::middleware::from_fn_with_state(body_limits, body::read_whole))
         // Files stream through, under the upload limit and an idle limit, instead of arriving whole.

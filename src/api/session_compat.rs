@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::compat::{DetailBody, DetailError, FormFields, LaxJson, person_text, traceback_text};
 use super::state::Caller;
+use crate::session::network::NetworkRequest;
 use crate::session::{ExecStatus, SessionExtras, SessionInfo, SessionRequest, SessionStatus};
 
 /// The metadata key that names a session's user.
@@ -105,6 +106,8 @@ pub struct UserForm {
         (status = 429, body = DetailBody), (status = 503, body = DetailBody)))]
 pub async fn start_session(caller: Caller, form: FormFields) -> Result<Json<StartSessionResponse>, DetailError> {
     let user = UserId::parse(form.required("user_id")?)?;
+    // kernelbox's addition: the hosts the session may reach (`network_allow`, repeated or comma-separated).
+    let network = form.list("network_allow").map(|allow| NetworkRequest { allow });
     let answer = || StartSessionResponse {
         message: "Session started successfully",
         notebook_path: format!(
@@ -115,13 +118,17 @@ pub async fn start_session(caller: Caller, form: FormFields) -> Result<Json<Star
     };
     if let Some(existing) = find(&caller, &user) {
         if existing.status != SessionStatus::Dead {
+            // The user's session goes on, with the list it asks for now.
+            if let Some(network) = &network {
+                caller.manager.set_network(&caller.owner, existing.id.as_str(), network)?;
+            }
             return Ok(Json(answer()));
         }
         // A dead kernel (e.g. out of memory) is of no use: the user gets a fresh session.
         let _ = caller.manager.delete(&caller.owner, existing.id.as_str()).await;
     }
     let metadata = BTreeMap::from([(USER_KEY.to_owned(), user.0.clone()), (API_KEY.to_owned(), "session".to_owned())]);
-    let request = SessionRequest { language: LANGUAGE.into(), metadata: Some(metadata), ..Default::default() };
+    let request = SessionRequest { language: LANGUAGE.into(), metadata: Some(metadata), network, ..Default::default() };
     let extras = SessionExtras { notebook: Some(notebook(&user)), mounts: Vec::new(), output: Some(user.0.clone()) };
     let created = caller.manager.create_with(caller.owner.clone(), request, extras).await?;
     // Two starts at once for one user: the oldest session is the user's, the others go.

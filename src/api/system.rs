@@ -35,12 +35,16 @@ pub struct Readiness {
     /// What is wrong with the engine's OCI runtimes (a runtime sessions run under is not registered, or
     /// not as they need it).
     pub runtime_problems: Vec<String>,
+    /// Whether the egress proxy runs (servers with `--egress` only): while it is down every session's
+    /// connection is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
 
-/// Docker is reachable, every kernel image is present and every OCI runtime sessions run under is
-/// registered as they need it.
+/// Docker is reachable, every kernel image is present, every OCI runtime sessions run under is
+/// registered as they need it, and (with `--egress`) the egress proxy runs.
 #[utoipa::path(get, path = "/readyz", tag = "system", responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let runtime = state.manager.runtime();
@@ -50,6 +54,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             docker: false,
             missing_images: vec![],
             runtime_problems: vec![],
+            egress_proxy: None,
             message: Some(e.to_string()),
         };
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
@@ -65,14 +70,20 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Ok(problems) => problems,
         Err(e) => vec![format!("could not read the engine's runtimes: {e}")],
     };
-    let ready = missing.is_empty() && runtime_problems.is_empty();
+    let egress_up = state.manager.networks().map(|n| n.hub.is_up());
+    let egress_proxy = egress_up.map(|up| if up { "up" } else { "down" });
+    let ready = missing.is_empty() && runtime_problems.is_empty() && egress_up != Some(false);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let message = match (missing.is_empty(), runtime_problems.first()) {
-        (false, _) => Some("some kernel images are missing: run `kernelbox images build`".to_owned()),
-        (true, Some(problem)) => Some(problem.clone()),
-        (true, None) => None,
+    let message = match (missing.is_empty(), runtime_problems.first(), egress_up) {
+        (false, _, _) => Some("some kernel images are missing: run `kernelbox images build`".to_owned()),
+        (true, Some(problem), _) => Some(problem.clone()),
+        (true, None, Some(false)) => {
+            Some("the egress proxy is down: sessions' connections are refused until it is back".to_owned())
+        }
+        (true, None, _) => None,
     };
-    (status, Json(Readiness { ready, docker: true, missing_images: missing, runtime_problems, message }))
+    let body = Readiness { ready, docker: true, missing_images: missing, runtime_problems, egress_proxy, message };
+    (status, Json(body))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -2,9 +2,16 @@
 //! allow-list still has no route but to the proxy; the proxy resolves names, and connects only where the
 //! session's list and the operator's bounds allow. Built so far: the allow-list's grammar, the operator's
 //! bounds and the match of a connection against them (`allow`), the addresses never reached once a name
-//! is resolved (`addr`), and the server name read from a TLS ClientHello without terminating it (`sni`).
-//! Pure parts, below `session/`; the proxy role and the sessions' networks come next.
+//! is resolved (`addr`), and the server name read from a TLS ClientHello without terminating it (`sni`):
+//! pure parts, below `session/`. The link between the service and the proxy, its opening line and its
+//! events (`link`), used by both sides; the proxy role itself, `kernelbox egress-proxy` (`proxy`).
 
 pub mod addr;
 pub mod allow;
+pub mod gate;
+pub mod hub;
+pub mod keeper;
+pub mod link;
+pub mod proxy;
+pub mod session;
 pub mod sni;

@@ -144,6 +144,15 @@ impl ContainerRuntime for DockerRuntime {
         Ok(created.id)
     }
 
+    async fn container_address(&self, id: &str, network: &str) -> Result<Option<std::net::IpAddr>, RuntimeError> {
+        let inspect = self.docker.inspect_container(id, None).await.map_err(map_err)?;
+        let address = (inspect.network_settings.and_then(|n| n.networks))
+            .and_then(|mut networks| networks.remove(network))
+            .and_then(|endpoint| endpoint.ip_address)
+            .and_then(|ip| ip.parse().ok());
+        Ok(address)
+    }
+
     async fn copy_from_image(
         &self,
         image: &str,

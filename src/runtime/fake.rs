@@ -143,6 +143,15 @@ impl ContainerRuntime for FakeRuntime {
         Ok(self.state.lock().unwrap().swarm_node_id.clone())
     }
 
+    async fn container_address(&self, id: &str, _network: &str) -> Result<Option<std::net::IpAddr>, RuntimeError> {
+        self.check_up()?;
+        // The fake's containers join no network.
+        match self.state.lock().unwrap().containers.contains_key(id) {
+            true => Ok(None),
+            false => Err(RuntimeError::NotFound(id.to_owned())),
+        }
+    }
+
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         self.check_up()?;
         let dir = kernel_dir(spec);

@@ -176,6 +176,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn swarm_node_id(&self) -> Result<Option<String>, RuntimeError>;
     /// Creates and starts a container; returns its id. On a failed start the container is removed.
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
+    /// A running container's address on a network it joined (`None`: not on it).
+    async fn container_address(&self, id: &str, network: &str) -> Result<Option<std::net::IpAddr>, RuntimeError>;
     /// Removes a container, killing it if needed. A container that is already gone is not an error.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// Sends a signal (e.g. `SIGINT`) to the container's init, which passes it on.

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
+use crate::egress::gate;
 use crate::images::runtime_tree::RuntimeTrees;
 use crate::images::{self, Catalog};
 use crate::kernel::WireLimits;
@@ -22,6 +23,7 @@ use crate::runtime::{ContainerRuntime, ContainerSpec, Resources, labels};
 
 use super::kernel_host::BootPlan;
 use super::model::{OutputCaps, Owner, SessionId, SessionSettings};
+use super::network::Networks;
 use super::{outputs, policy};
 
 /// Turns a session's settings into the plan of its boots.
@@ -45,6 +47,9 @@ pub struct BootPlanner {
     pub tracker: TaskTracker,
     /// The images' runtime trees, mounted over their files.
     pub trees: Arc<RuntimeTrees>,
+    /// Network by name (`network.rs`), when the operator offers it: every session gets its gate and the
+    /// proxy variables (a session without a list has its connections refused, and reported).
+    pub network: Option<Arc<Networks>>,
 }
 
 impl BootPlanner {
@@ -111,6 +116,12 @@ impl BootPlanner {
             // Deno keys its npm cache by registry: the kernel looks where the fetcher put the packages.
             env.push(format!("NPM_CONFIG_REGISTRY={registry}"));
         }
+        let egress = self.network.as_ref().map(|n| (n.attach(id, s), n.hub.clone()));
+        if egress.is_some() {
+            // The proxy variables, but for those the client set itself.
+            let ours = gate::environment(crate::kernel::connection::CONTAINER_DIR);
+            env.extend(ours.into_iter().filter(|v| v.split_once('=').is_some_and(|(k, _)| !s.env.contains_key(k))));
+        }
         let resources = self.resources(s);
         let spec = ContainerSpec {
             name: String::new(),
@@ -137,6 +148,7 @@ impl BootPlanner {
             wire: WireLimits::for_output_cap(l.output_limit_bytes),
             tracker: self.tracker.clone(),
             trees: self.trees.clone(),
+            egress,
         }
     }
 
@@ -202,6 +214,7 @@ mod tests {
             runs_dir: "/state/sessions".into(),
             tracker: TaskTracker::new(),
             trees: RuntimeTrees::new(Arc::new(FakeRuntime::new()), None, "test", &[]),
+            network: None,
         }
     }
 

@@ -19,6 +19,9 @@ pub enum SessionError {
     /// The session asked for an OCI runtime the operator does not offer for its language.
     #[error(transparent)]
     RuntimeRefused(#[from] crate::config::RuntimeRefused),
+    /// A network allow-list the operator's bounds refuse (or networking is off).
+    #[error(transparent)]
+    Network(#[from] crate::egress::allow::ListRefused),
     #[error("the image for `{0}` is not built yet; run `kernelbox images build {0}`")]
     ImageMissing(String),
     #[error("{0}")]

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::egress::session::{Blocked, SessionEgress};
 use crate::kernel::Event;
 
 use super::error::SessionError;
@@ -130,6 +131,8 @@ pub struct Session {
     notices: broadcast::Sender<AutoRestartNotice>,
     /// Jupyter clients attached now (the gateway's `connections`).
     connections: AtomicUsize,
+    /// Its network by name (`src/egress/`), when the server offers it.
+    pub network: Option<Arc<SessionEgress>>,
     next_peer: AtomicU64,
 }
 
@@ -141,6 +144,7 @@ impl Session {
         created_at: DateTime<Utc>,
         limits: SessionLimits,
         queue_depth: usize,
+        network: Option<Arc<SessionEgress>>,
     ) -> (Arc<Session>, Inbox) {
         let (commands_tx, commands) = mpsc::channel(queue_depth.max(1));
         let (control_tx, control) = mpsc::channel(CONTROL_DEPTH);
@@ -181,6 +185,7 @@ impl Session {
             notices,
             connections: AtomicUsize::new(0),
             next_peer: AtomicU64::new(1),
+            network,
         });
         (session, Inbox { commands, control, peers })
     }
@@ -275,7 +280,8 @@ impl Session {
             reply,
         };
         self.queue(command, depth)?;
-        Ok(Pending { _in_use: in_use, result, events: events_rx, notices })
+        let blocked = (stream && self.network.is_some()).then(|| self.network.as_ref().unwrap().notices());
+        Ok(Pending { _in_use: in_use, result, events: events_rx, notices, blocked })
     }
 
     /// Queues an execution; a full queue is the caller's problem (429).
@@ -420,6 +426,8 @@ pub struct Pending {
     events: Option<mpsc::Receiver<Event>>,
     /// For streaming: the session's automatic restarts while the execution is queued or runs.
     notices: Option<broadcast::Receiver<AutoRestartNotice>>,
+    /// For streaming: the session's network refusals as they happen.
+    blocked: Option<broadcast::Receiver<Blocked>>,
 }
 
 /// What a stream carries before its result.
@@ -429,6 +437,8 @@ pub enum Streamed {
     Event(Event),
     /// The session's kernel died and is restarted automatically (or stays dead).
     AutoRestart(AutoRestartNotice),
+    /// The code's connection was refused by its network's rules (it is in the result's report too).
+    NetworkBlocked(Blocked),
 }
 
 impl Pending {
@@ -448,19 +458,27 @@ impl Pending {
     /// events (a notice first when both are ready: the death comes before the result it causes).
     pub async fn next_streamed(&mut self) -> Option<Streamed> {
         let events = self.events.as_mut()?;
+        enum Next {
+            Notice(Result<AutoRestartNotice, broadcast::error::RecvError>),
+            Blocked(Result<Blocked, broadcast::error::RecvError>),
+            Event(Option<Event>),
+        }
         loop {
-            let Some(notices) = self.notices.as_mut() else {
-                return events.recv().await.map(Streamed::Event);
-            };
-            tokio::select! {
+            let next = tokio::select! {
                 biased;
-                notice = notices.recv() => match notice {
-                    Ok(notice) => return Some(Streamed::AutoRestart(notice)),
-                    // Missed ones are older news than what follows.
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => self.notices = None,
-                },
-                event = events.recv() => return event.map(Streamed::Event),
+                notice = recv_or_never(&mut self.notices) => Next::Notice(notice),
+                blocked = recv_or_never(&mut self.blocked) => Next::Blocked(blocked),
+                event = events.recv() => Next::Event(event),
+            };
+            match next {
+                Next::Notice(Ok(notice)) => return Some(Streamed::AutoRestart(notice)),
+                Next::Blocked(Ok(blocked)) => return Some(Streamed::NetworkBlocked(blocked)),
+                // Missed notices are older news than what follows; missed refusals are in the result.
+                Next::Notice(Err(broadcast::error::RecvError::Lagged(_)))
+                | Next::Blocked(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                Next::Notice(Err(broadcast::error::RecvError::Closed)) => self.notices = None,
+                Next::Blocked(Err(broadcast::error::RecvError::Closed)) => self.blocked = None,
+                Next::Event(event) => return event.map(Streamed::Event),
             }
         }
     }
@@ -468,6 +486,14 @@ impl Pending {
     /// The result of a stream: like [`Pending::wait`], but never fails: a stream always ends with a result.
     pub async fn finish(self) -> ExecuteResult {
         self.result.await.unwrap_or_else(|_| ExecuteResult::killed("session_closed", 0))
+    }
+}
+
+/// The next message of a receiver that may be absent (then never).
+async fn recv_or_never<T: Clone>(rx: &mut Option<broadcast::Receiver<T>>) -> Result<T, broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -487,6 +513,7 @@ impl ExecuteResult {
             killed_reason: Some(reason.to_owned()),
             kernel_restarted: false,
             stream_events_dropped: 0,
+            network: None,
         }
     }
 }

@@ -17,6 +17,9 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
+use crate::egress::gate::Gate;
+use crate::egress::hub::EgressHub;
+use crate::egress::session::SessionEgress;
 use crate::images::runtime_tree::RuntimeTrees;
 use crate::kernel::connection::{self, ConnectionInfo};
 use crate::kernel::{KernelClient, KernelListener, WireLimits};
@@ -38,6 +41,8 @@ pub struct KernelHost {
     pub info: KernelInfo,
     /// Becomes `Some` when the container stops.
     pub exit: watch::Receiver<Option<ExitInfo>>,
+    /// The session's way out (`egress/gate.rs`), listening in the run directory while the host lives.
+    _gate: Option<Gate>,
 }
 
 impl KernelHost {
@@ -65,6 +70,8 @@ pub struct BootPlan {
     pub tracker: tokio_util::task::TaskTracker,
     /// The image's runtime tree, mounted over its files when it is ready.
     pub trees: Arc<RuntimeTrees>,
+    /// The session's network and the hub, when the server offers networks: each boot opens its gate.
+    pub egress: Option<(Arc<SessionEgress>, Arc<EgressHub>)>,
 }
 
 impl BootPlan {
@@ -77,6 +84,7 @@ impl BootPlan {
         let info = ConnectionInfo::new_ipc();
         let dir = RunDir::create(&self.runs_dir, &rundir::dir_name(&self.session_id, &boot), &info)?;
         let listener = KernelListener::bind(dir.path(), &info)?;
+        let gate = self.gate(&dir)?;
         let mut spec = self.spec.clone();
         // A fresh name per boot: the container of a dead kernel may still be on its way out.
         spec.name = format!("kernelbox-{}-{boot}", self.session_id);
@@ -109,7 +117,7 @@ impl BootPlan {
                     ready_ms = connected.elapsed().as_millis() as u64,
                     "kernel booted"
                 );
-                Ok(KernelHost { container_id, client, listener, dir, info: kinfo, exit })
+                Ok(KernelHost { container_id, client, listener, dir, info: kinfo, exit, _gate: gate })
             }
             Err(e) => {
                 if !matches!(e, SessionError::Closing) {
@@ -165,13 +173,22 @@ impl BootPlan {
         let attempt = async {
             let (dir, info) = RunDir::open(&self.runs_dir, &rundir::dir_name(&self.session_id, boot))?;
             let listener = KernelListener::bind(dir.path(), &info)?;
+            let gate = self.gate(&dir)?;
             let exit = self.watch_exit(&container_id);
             // start-kernel retries its connections every few hundred milliseconds.
             let deadline = Instant::now() + Duration::from_secs(15).min(self.start_timeout);
             let connected =
                 connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel, Readiness::Adopted).await?;
             let Connected { client, info: kinfo, busy_until, .. } = connected;
-            let host = KernelHost { container_id: container_id.clone(), client, listener, dir, info: kinfo, exit };
+            let host = KernelHost {
+                container_id: container_id.clone(),
+                client,
+                listener,
+                dir,
+                info: kinfo,
+                exit,
+                _gate: gate,
+            };
             Ok::<_, SessionError>((host, busy_until))
         };
         match attempt.await {
@@ -191,7 +208,7 @@ impl BootPlan {
             drop(host);
             return self.boot(cancel).await;
         }
-        let KernelHost { container_id, mut client, listener, dir, exit, .. } = host;
+        let KernelHost { container_id, mut client, listener, dir, exit, _gate: gate, .. } = host;
         let deadline = Instant::now() + self.start_timeout;
         let attempt = async {
             self.runtime.signal(&container_id, "SIGHUP").await?;
@@ -204,11 +221,21 @@ impl BootPlan {
             connect(&listener, &info, &self.wire, deadline, exit.clone(), cancel, Readiness::Fresh).await
         };
         match attempt.await {
-            Ok(Connected { client, info, .. }) => Ok(KernelHost { container_id, client, listener, dir, info, exit }),
+            Ok(Connected { client, info, .. }) => {
+                Ok(KernelHost { container_id, client, listener, dir, info, exit, _gate: gate })
+            }
             Err(e) => {
                 self.remove(&container_id).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Opens the session's gate in a boot's run directory, when the server offers networks.
+    fn gate(&self, dir: &RunDir) -> Result<Option<Gate>, SessionError> {
+        match &self.egress {
+            Some((session, hub)) => Ok(Some(Gate::open(dir.path(), session.clone(), hub.clone())?)),
+            None => Ok(None),
         }
     }
 

@@ -17,6 +17,7 @@ use super::boot::BootPlanner;
 use super::error::SessionError;
 use super::handle::{Inbox, Session};
 use super::model::{Owner, SessionId, SessionLimits, SessionSettings};
+use super::network::Networks;
 use super::notebook_store::NotebookStore;
 use super::outputs::{FolderLocks, OutputCopier};
 use super::policy::RestartBound;
@@ -55,7 +56,8 @@ impl Launcher {
             idle_timeout_s: settings.idle_timeout_s,
             tmpfs_mb: self.planner.tmpfs_mb(settings.memory_mb),
         };
-        Session::new(id, owner, settings, created_at, limits, l.queue_depth)
+        let network = self.planner.network.as_ref().map(|n| n.attach(&id, &settings));
+        Session::new(id, owner, settings, created_at, limits, l.queue_depth, network)
     }
 
     /// Spawns the session's task. The registry entry stays until the task has ended, whatever ends it.
@@ -90,7 +92,12 @@ impl Launcher {
             refit: self.refit.clone(),
         };
         let actor = Box::new(Actor::new(session.clone(), inbox, plan, settings));
-        let leave = Deregister { registry: self.registry.clone(), session, dirs: self.dirs.clone() };
+        let leave = Deregister {
+            registry: self.registry.clone(),
+            session,
+            dirs: self.dirs.clone(),
+            networks: planner.network.clone(),
+        };
         self.tracker.spawn(async move {
             let _leave = leave;
             actor.run(start, ready_tx).await;
@@ -136,6 +143,7 @@ struct Deregister {
     registry: Arc<Registry>,
     session: Arc<Session>,
     dirs: StateDirs,
+    networks: Option<Arc<Networks>>,
 }
 
 impl Drop for Deregister {
@@ -144,6 +152,9 @@ impl Drop for Deregister {
         // is kept for adoption.
         if !self.session.keep_on_exit() {
             self.dirs.forget(self.session.id.as_str());
+        }
+        if let Some(networks) = &self.networks {
+            networks.forget(self.session.id.as_str(), self.session.keep_on_exit());
         }
         self.registry.remove(&self.session.id);
         self.session.finished.cancel();

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
+use crate::egress::hub::EgressHub;
+use crate::egress::keeper::Keeper;
 use crate::images::Catalog;
 use crate::images::runtime_tree::{RuntimeTrees, TreeError, TreeMounts};
 use crate::node::NodeTag;
@@ -38,6 +40,7 @@ use super::model::{
     ExecuteResult, ManagerConfig, Owner, ReapReport, SessionExtras, SessionId, SessionInfo, SessionRequest, Storage,
     Submission,
 };
+use super::network::{NetworkRequest, NetworkView, Networks};
 use super::notebook_store::NotebookStore;
 use super::policy::{self, ReapRules, ReapView};
 use super::pool::{Pool, PoolStatus};
@@ -100,6 +103,8 @@ impl SessionManager {
             }
             None => (None, false),
         };
+        let networks = (config.egress.clone())
+            .map(|egress| Arc::new(Networks { hub: EgressHub::new(egress), dir: dirs.network.clone() }));
         let planner = Arc::new(BootPlanner {
             runtime: runtime.clone(),
             limits: config.limits.clone(),
@@ -117,6 +122,7 @@ impl SessionManager {
                 &config.instance,
                 &[crate::packages::PACKAGES_DIR],
             ),
+            network: networks,
         });
         let notebooks_dir = config.storage.notebooks_dir.clone().unwrap_or_else(|| config.state_dir.join("notebooks"));
         let notebooks = Arc::new(NotebookStore { dir: notebooks_dir, catalog: config.catalog.clone() });
@@ -217,7 +223,15 @@ impl SessionManager {
         extras: SessionExtras,
     ) -> Result<SessionInfo, SessionError> {
         policy::check_extras(&extras)?;
+        let network = match &req.network {
+            Some(request) => {
+                let networks = self.networks().ok_or(crate::egress::allow::ListRefused::Off)?;
+                Some(networks.check(request)?)
+            }
+            None => None,
+        };
         let mut settings = policy::settle(&self.config.catalog, &self.config.limits, req)?;
+        settings.network = network.as_ref().map(|n| n.entries());
         settings.notebook = extras.notebook;
         settings.mounts = extras.mounts;
         // No datasets folder, no output folder: the session's /mnt/data does not exist.
@@ -231,6 +245,13 @@ impl SessionManager {
         if self.pool.poolable(&pool, &settings)
             && let Some(pooled) = self.pool.claim(&pool, &owner, &settings).await
         {
+            // The pooled kernel's network was made with no list: the caller's now.
+            if let (Some(networks), Some(allow)) = (self.networks(), network)
+                && let Err(e) = networks.set(&pooled.id, allow)
+            {
+                self.pool.unclaim(pooled).await;
+                return Err(e);
+            }
             let (session, inbox) = self.launcher.new_session(pooled.id.clone(), owner, settings, pooled.created_at);
             if let Err(e) = self.registry.reserve(&session, &self.config.limits) {
                 self.pool.unclaim(pooled).await;
@@ -274,6 +295,42 @@ impl SessionManager {
     pub async fn notebook(&self, owner: &Owner, id: &str) -> Result<Vec<u8>, SessionError> {
         let session = self.registry.get(owner, id)?;
         self.launcher.notebooks.read(&session).await
+    }
+
+    /// Network by name, when the operator offers it.
+    pub fn networks(&self) -> Option<&Arc<Networks>> {
+        self.launcher.planner.network.as_ref()
+    }
+
+    /// Starts the egress proxy's keeper and the reader of its events (network by name, if offered).
+    pub fn start_egress(&self) {
+        let Some(networks) = self.networks() else { return };
+        let hub = networks.hub.clone();
+        let keeper = Keeper {
+            runtime: self.runtime().clone(),
+            hub: hub.clone(),
+            catalog: self.config.catalog.clone(),
+            instance: self.config.instance.clone(),
+            binary: hub.config.proxy_binary.clone(),
+        };
+        self.tracker.spawn(keeper.run());
+        self.tracker.spawn(hub.report_events());
+    }
+
+    /// A session's network now.
+    pub fn network(&self, owner: &Owner, id: &str) -> Result<NetworkView, SessionError> {
+        let session = self.registry.get(owner, id)?;
+        let networks = self.networks().ok_or(crate::egress::allow::ListRefused::Off)?;
+        Ok(networks.get(&session.id))
+    }
+
+    /// Replaces a running session's allow-list: the next connection follows it, open connections it
+    /// drops are closed.
+    pub fn set_network(&self, owner: &Owner, id: &str, request: &NetworkRequest) -> Result<NetworkView, SessionError> {
+        let session = self.registry.get(owner, id)?;
+        let networks = self.networks().ok_or(crate::egress::allow::ListRefused::Off)?;
+        let allow = networks.check(request)?;
+        networks.set(&session.id, allow)
     }
 
     /// Starts the warm pool's refill loop (after adoption, so that start-up does not race it).
@@ -574,6 +631,10 @@ impl SessionManager {
     /// Stops all sessions: removes their containers, or keeps them for the next run to adopt. New
     /// sessions are refused from the first moment. Bounded in time.
     pub async fn shutdown(&self) {
+        if let Some(networks) = self.networks() {
+            // Every connection ends; the keeper removes the proxy (tracked below).
+            networks.hub.stop();
+        }
         self.pool.shutdown().await;
         self.launcher.planner.trees.shutdown().await;
         let sessions = self.registry.close_all();

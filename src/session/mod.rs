@@ -22,6 +22,7 @@ pub mod kernel_host;
 pub mod launch;
 pub mod manager;
 pub mod model;
+pub mod network;
 pub mod node_report;
 pub mod notebook;
 pub mod notebook_store;

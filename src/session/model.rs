@@ -86,6 +86,10 @@ pub struct SessionRequest {
     /// The OCI runtime the session's container runs under, e.g. `runsc` (gVisor's user-space kernel):
     /// one of those `/v1/languages` lists for the language. Default: the language's.
     pub runtime: Option<String>,
+    /// Network by name, when the operator allows it (`--egress`): the host names the session's code may
+    /// reach through its proxy. Without it the session has no network at all (and may be given one later
+    /// with `PUT /v1/sessions/{id}/network`).
+    pub network: Option<super::network::NetworkRequest>,
 }
 
 /// The settings a session runs with, after defaults and checks.
@@ -117,6 +121,9 @@ pub struct SessionSettings {
     /// existed ran under Docker's default, `runc`.
     #[serde(default = "runc")]
     pub runtime: String,
+    /// The allow-list it started with (`PUT …/network` replaces it; the service records that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Vec<String>>,
 }
 
 fn on() -> bool {
@@ -326,6 +333,10 @@ pub struct ExecuteResult {
     /// still carries every output within the cap). Always 0 for a plain JSON call.
     #[serde(skip_serializing_if = "is_zero")]
     pub stream_events_dropped: u64,
+    /// What the code tried on the network and was refused, and the bytes it moved (sessions of a
+    /// server with `--egress` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::egress::session::NetworkReport>,
 }
 
 impl ExecuteResult {
@@ -385,6 +396,8 @@ pub struct ManagerConfig {
     pub node: Option<NodeTag>,
     /// Fencing after a loss of contact with the API tier (an agent only); `None`: off.
     pub fencing: Option<FenceConfig>,
+    /// Network by name (`src/egress/`); `None`: off, every session has no network.
+    pub egress: Option<crate::config::EgressConfig>,
 }
 
 /// How an agent fences itself (see `fence.rs`): after more than `lost_after` without a request from the

@@ -54,6 +54,8 @@ pub fn settle(catalog: &Catalog, l: &Limits, req: SessionRequest) -> Result<Sess
         mounts: Vec::new(),
         output: None,
         auto_restart: req.auto_restart.unwrap_or(true),
+        // Checked by the manager against the operator's bounds (`network.rs`), which it alone holds.
+        network: None,
     })
 }
 

@@ -21,6 +21,8 @@ pub struct StateDirs {
     pub claims: PathBuf,
     /// The packages each session installed, for a session adopted after a restart.
     pub installed: PathBuf,
+    /// Each session's network allow-list after its last `PUT` (`network.rs`).
+    pub network: PathBuf,
 }
 
 impl StateDirs {
@@ -29,6 +31,7 @@ impl StateDirs {
             runs: state_dir.join("sessions"),
             claims: state_dir.join("claims"),
             installed: state_dir.join("installed"),
+            network: state_dir.join("network"),
         }
     }
 
@@ -36,6 +39,7 @@ impl StateDirs {
     pub fn forget(&self, id: &str) {
         remove(&self.claims, id);
         remove(&self.installed, id);
+        remove(&self.network, id);
     }
 
     /// Removes the run directories and records that no session needs.
@@ -43,6 +47,7 @@ impl StateDirs {
         super::rundir::sweep(&self.runs, &needed);
         sweep(&self.claims, &needed);
         sweep(&self.installed, &needed);
+        sweep(&self.network, &needed);
     }
 }
 

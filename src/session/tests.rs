@@ -36,6 +36,7 @@ pub(crate) fn config(flags: &[&str], dir: &std::path::Path) -> ManagerConfig {
         pool: args.pool_config().unwrap(),
         node: None,
         fencing: None,
+        egress: args.egress.validate().unwrap(),
     }
 }
 
@@ -256,6 +257,7 @@ async fn a_kernel_that_dies_is_restarted_automatically_and_streams_hear_of_it() 
         match item {
             Streamed::AutoRestart(notice) => heard.push((notice.phase, notice.reason, notice.auto_restarts)),
             Streamed::Event(_) => break,
+            Streamed::NetworkBlocked(b) => panic!("no network here: {b:?}"),
         }
     }
     let died = "exited with code 137".to_owned();

@@ -159,6 +159,9 @@ impl WarmPool {
             tracing::warn!(container = %pooled.host.container_id, error = %e, "could not remove a pooled kernel");
         }
         self.pool.release(pooled.id.as_str());
+        if let Some(networks) = &self.planner.network {
+            networks.forget(pooled.id.as_str(), false);
+        }
         // Dropping the host removes its run directory.
     }
 

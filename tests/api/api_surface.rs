@@ -130,6 +130,7 @@ async fn docker_unreachable_is_a_503_that_says_so() {
             pool: Default::default(),
             node: None,
             fencing: None,
+            egress: None,
         },
         api_keys: vec![],
         http: http(&[]).validate().unwrap(),

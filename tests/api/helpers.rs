@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use kernelbox::config::{Cli, Command, FileStoreArgs, HttpArgs, LimitArgs, PackageArgs, SignedUrlArgs};
+use kernelbox::config::{Cli, Command, EgressArgs, FileStoreArgs, HttpArgs, LimitArgs, PackageArgs, SignedUrlArgs};
 use kernelbox::images::Catalog;
 use kernelbox::images::builder::ImageBuilder;
 use kernelbox::images::context::{self, HostSettings, Source};
@@ -93,6 +93,11 @@ pub fn http(overrides: &[&str]) -> HttpArgs {
     serve_args(overrides).http
 }
 
+/// Default network-by-name settings (off), with the given `--flag value` overrides.
+pub fn egress(overrides: &[&str]) -> EgressArgs {
+    serve_args(overrides).egress
+}
+
 /// Default file store settings (the `/jupyter` API's), with the given `--flag value` overrides.
 pub fn files_store(overrides: &[&str]) -> FileStoreArgs {
     serve_args(overrides).files
@@ -123,6 +128,8 @@ pub struct AppOptions {
     pub storage: kernelbox::session::Storage,
     /// The warm pool: none unless a test asks (each pooled kernel is a container on a 2-core machine).
     pub pool: kernelbox::session::pool::PoolConfig,
+    /// Network by name (off unless a test asks: `egress.rs`).
+    pub egress: EgressArgs,
 }
 
 impl Default for AppOptions {
@@ -146,6 +153,7 @@ impl Default for AppOptions {
                 ..Default::default()
             },
             pool: Default::default(),
+            egress: egress(&[]),
         }
     }
 }
@@ -271,6 +279,7 @@ pub fn settings(options: AppOptions, instance: &str, state_dir: &std::path::Path
             pool: options.pool,
             node: None,
             fencing: None,
+            egress: options.egress.validate().expect("valid test egress settings"),
         },
         api_keys: options.api_keys,
         http: options.http.validate().expect("valid test HTTP settings"),

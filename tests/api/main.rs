@@ -15,6 +15,7 @@ mod compat_session;
 mod compose;
 mod datasets;
 mod docs_page;
+mod egress;
 mod execute;
 mod files;
 mod fuzz;

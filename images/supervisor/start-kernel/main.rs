@@ -33,13 +33,27 @@
 //! There is no heartbeat relay and no ready file: the service knows the kernel is up when its four
 //! connections arrive and kernel_info is answered.
 //!
+//! The proxy port (issue 22, network by name; see `egress`). The container has no network but `lo`; for a
+//! session allowed some domains the service sets HTTP_PROXY=http://127.0.0.1:PORT (and the like) for
+//! standard clients, plus KERNELBOX_EGRESS_PORT=PORT and KERNELBOX_EGRESS_SOCKET=/kernel/egress (a unix
+//! socket the SERVICE listens on in the read-only run directory). With both set and well-formed, this
+//! program binds 127.0.0.1:PORT BEFORE the first kernel starts (so the kernel's code cannot take the port
+//! first; if the bind fails it logs and goes on without it), and relays each connection, byte for byte, to
+//! a new connection to the socket; the service passes the bytes on to the egress proxy, which enforces the
+//! allow-list. It understands nothing of HTTP. Fail closed: when the socket does not accept at once, the
+//! client's connection is closed at once. At most 256 are relayed at once; beyond that a connection is
+//! accepted and closed. SIGHUP leaves the port and its connections alone: they belong to the session's
+//! code, not to one kernel, and those of the old kernel's processes end as those processes are killed
+//! (their sockets close); so the port is never unbound, and never free for the new kernel's code to take.
+//! SIGTERM closes them first. Without the variables there is no listener.
+//!
 //! Signals (Docker's --init forwards them to us):
 //!   SIGINT   forwarded to the kernel's process group (Jupyter "signal" interrupt)
-//!   SIGHUP   restart: close every relayed connection (both sides) FIRST, then TERM the kernel's process
-//!            group, KILL it after 2 s, start a fresh kernel with the same key and relay again once it
-//!            is ready. The service waits for EOF on the old connections, so it never mistakes the old
-//!            kernel for the new one.
-//!   SIGTERM  close the connections, stop the kernel, exit 0.
+//!   SIGHUP   restart: close every relayed connection (both sides; the proxy port's stay) FIRST, then TERM
+//!            the kernel's process group, KILL it after 2 s, start a fresh kernel with the same key and
+//!            relay again once it is ready. The service waits for EOF on the old connections, so it never
+//!            mistakes the old kernel for the new one.
+//!   SIGTERM  close the connections (the proxy port's too), stop the kernel, exit 0.
 //! If the kernel exits on its own, this program exits with the same status (128+N for a death by signal
 //! N), so that the container dies with it.
 //!
@@ -50,10 +64,12 @@
 //!
 //! The modules, one thing each: `main` the command line and the order of the first steps; `descriptor`
 //! the image-local descriptor; `seccomp` the filter; `signals` the self-pipe; `supervisor` the poll loop
-//! (connecting, restarts, exit); `kernel` the kernel process; `relay` one relayed connection; `net` the
-//! sockets; `json` the files' format; `sys` the libc declarations.
+//! (connecting, restarts, exit); `kernel` the kernel process; `relay` one relayed connection; `egress`
+//! the proxy port (its listener, its relays, their poll interest and steps); `net` the sockets; `json` the
+//! files' format; `sys` the libc declarations.
 
 mod descriptor;
+mod egress;
 mod json;
 mod kernel;
 mod net;
@@ -66,6 +82,7 @@ mod sys;
 use std::io::{self, Write};
 use std::time::Duration;
 
+use egress::Egress;
 use signals::Signals;
 use supervisor::Supervisor;
 
@@ -76,6 +93,7 @@ channels to the unix sockets \"<ip>-<port>\" the service listens on (named by CO
 if the descriptor says \"connects\", lets the kernel connect to them itself.
 SIGINT interrupts the kernel's process group, SIGHUP restarts the kernel, SIGTERM stops it; when the
 kernel exits on its own this program exits with its status (128+N for signal N).
+With KERNELBOX_EGRESS_PORT and KERNELBOX_EGRESS_SOCKET set, it also relays 127.0.0.1:PORT to that socket.
 ";
 
 /// Relayed channels (no heartbeat).
@@ -123,7 +141,9 @@ fn real_main() -> i32 {
             return 1;
         }
     };
-    let mut sup = match Supervisor::new(desc, &args[1], signals) {
+    // Before the kernel starts, so that its code cannot take the port first.
+    let egress = Egress::from_env();
+    let mut sup = match Supervisor::new(desc, &args[1], signals, egress) {
         Ok(s) => s,
         Err(e) => {
             log(&format!("bad connection file {}: {}", args[1], e));

@@ -1,9 +1,12 @@
 //! The supervisor's loop: one thread, one `poll` over the signal pipe and every relay. It connects each
 //! channel (service first, then kernel; retrying while the kernel lives), turns signals into an
-//! interrupt, a restart or a stop, and ends with the kernel's own exit status.
+//! interrupt, a restart or a stop, and ends with the kernel's own exit status. The proxy port (`egress`),
+//! if any, is served in every wait, also while a kernel starts or stops; a restart leaves it alone, a stop
+//! closes it first.
 
 use std::time::{Duration, Instant};
 
+use crate::egress::Egress;
 use crate::json::{parse_json, Json};
 use crate::kernel::Kernel;
 use crate::log;
@@ -40,12 +43,14 @@ pub struct Supervisor {
     signals: Signals,
     /// Set by a signal: what to do with the running kernel.
     cmd: Option<Cmd>,
+    /// The proxy port and its relays, if the service asked for one; bound before the first kernel starts.
+    egress: Option<Egress>,
     /// Every read goes through this one chunk.
     scratch: Vec<u8>,
 }
 
 impl Supervisor {
-    pub fn new(desc: Json, conn_file: &str, signals: Signals) -> Result<Supervisor, String> {
+    pub fn new(desc: Json, conn_file: &str, signals: Signals, egress: Option<Egress>) -> Result<Supervisor, String> {
         let text = std::fs::read_to_string(conn_file).map_err(|e| e.to_string())?;
         let conn = parse_json(&text)?;
         let ip = conn.get("ip").and_then(Json::as_str).ok_or("no \"ip\"")?.to_owned();
@@ -54,7 +59,8 @@ impl Supervisor {
             let port = conn.get(key).and_then(Json::as_port).ok_or_else(|| format!("no {:?}", key))?;
             service.push(Addr::Unix(format!("{}-{}", ip, port)));
         }
-        Ok(Supervisor { service, kernel: Kernel::new(desc, conn), signals, cmd: None, scratch: vec![0; CHUNK] })
+        let kernel = Kernel::new(desc, conn);
+        Ok(Supervisor { service, kernel, signals, cmd: None, egress, scratch: vec![0; CHUNK] })
     }
 
     /// Reads the self-pipe: SIGINT is forwarded at once, SIGHUP/SIGTERM become a command.
@@ -81,14 +87,28 @@ impl Supervisor {
     }
 
     /// Waits for a signal (or anything else among `fds`) for at most `timeout`; returns the poll results.
+    /// The proxy port's connections are polled and served here too, whatever the caller waits for.
     fn wait(&mut self, fds: &mut Vec<PollFd>, timeout: Duration) {
+        let theirs = fds.len();
         fds.insert(0, PollFd { fd: self.signals.fd(), events: POLLIN, revents: 0 });
+        let mut timeout = timeout;
+        if let Some(egress) = &self.egress {
+            if let Some(deadline) = egress.interest(fds) {
+                // Rounded up, as in `serve`.
+                let due = deadline.saturating_duration_since(Instant::now()) + Duration::from_micros(999);
+                timeout = timeout.min(due);
+            }
+        }
         let ms = timeout.as_millis().min(1000) as c_int;
         // SAFETY: poll over a live slice of pollfd structures.
         unsafe {
             poll(fds.as_mut_ptr(), fds.len() as c_ulong, ms.max(0));
         }
         fds.remove(0);
+        if let Some(egress) = self.egress.as_mut() {
+            egress.step(&fds[theirs..], &mut self.scratch, Instant::now());
+        }
+        fds.truncate(theirs);
         self.handle_signals();
     }
 
@@ -261,6 +281,10 @@ impl Supervisor {
                 }
             };
             let word = if cmd == Cmd::Stop { "stop" } else { "restart" };
+            if cmd == Cmd::Stop {
+                // The proxy's connections go first too. A restart keeps them: see `main`.
+                self.egress = None;
+            }
             log(&format!("{}: stopping kernel pid {}", word, self.kernel.pid()));
             self.stop_kernel();
             if cmd == Cmd::Stop {

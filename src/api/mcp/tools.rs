@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::content::{self, failed, progress_text, render, structured, to_value, tool_error};
+use crate::session::network::NetworkRequest;
 use crate::session::{Owner, SessionManager, SessionRequest, Submission};
 
 /// The largest file `download_file` returns inline; larger ones go through `/v1/sessions/{id}/files`.
@@ -46,6 +47,9 @@ pub struct StartSessionArgs {
     /// The sandbox's OCI runtime, e.g. `runsc` (gVisor: a user-space kernel between the code and the
     /// host's): one of the language's `runtimes` in `list_languages` (default: its `runtime`).
     pub runtime: Option<String>,
+    /// Host names the session's code may reach (`api.example.com`, `*.example.com`, `pypi.org:443`),
+    /// when the server offers networks. Without it the session has no network.
+    pub network_allow: Option<Vec<String>>,
 }
 
 /// `execute`'s arguments.
@@ -176,6 +180,7 @@ impl KernelboxMcp {
             timeout_s: args.timeout_s,
             idle_timeout_s: args.idle_timeout_s,
             runtime: args.runtime,
+            network: args.network_allow.map(|allow| NetworkRequest { allow }),
             ..Default::default()
         };
         match self.manager.create(owner, request).await {

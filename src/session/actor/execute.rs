@@ -81,6 +81,9 @@ impl Actor {
             self.session.set_status(SessionStatus::Busy);
         }
         let mut stream = EventSink { events, dropped: 0 };
+        if let Some(network) = &self.session.network {
+            network.begin_report();
+        }
         let (ending, tracker) = match self.host.as_mut() {
             None => {
                 let reason = self.session.snapshot().dead_reason.unwrap_or_else(|| "unknown".into());
@@ -93,6 +96,7 @@ impl Actor {
         self.session.stop_waiting_for_input();
         let mut result = finish(ending, tracker, started.elapsed());
         result.stream_events_dropped = stream.dropped;
+        result.network = self.session.network.as_ref().map(|n| n.report());
         if let Some(prompt) = input.refused.take()
             && matches!(result.status, ExecStatus::Ok | ExecStatus::Error)
         {
@@ -418,5 +422,6 @@ fn finish(ending: Ending, tracker: Option<ExecutionTracker>, elapsed: Duration) 
         killed_reason,
         kernel_restarted,
         stream_events_dropped: 0,
+        network: None,
     }
 }
