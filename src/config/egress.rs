@@ -57,6 +57,10 @@ pub struct EgressArgs {
     /// refused at start. The address checks still apply.
     #[arg(long = "egress-test-names", env = "KERNELBOX_EGRESS_TEST_NAMES", default_value = "", hide = true)]
     pub test_names: String,
+    /// Names package fetchers may reach besides the package index and npm registry (or, without them,
+    /// pypi.org, files.pythonhosted.org and registry.npmjs.org), e.g. where a mirror's files are.
+    #[arg(long = "egress-package-hosts", env = "KERNELBOX_EGRESS_PACKAGE_HOSTS", value_delimiter = ',')]
+    pub package_hosts: Vec<String>,
     /// The kernelbox binary the proxy's image holds (default: this one).
     #[arg(long = "egress-proxy-binary", env = "KERNELBOX_EGRESS_PROXY_BINARY", hide = true)]
     pub proxy_binary: Option<PathBuf>,
@@ -78,6 +82,8 @@ pub struct EgressConfig {
     pub test_names: BTreeMap<String, IpAddr>,
     /// The kernelbox binary the proxy runs.
     pub proxy_binary: PathBuf,
+    /// Extra names package fetchers may reach.
+    pub package_hosts: Vec<String>,
 }
 
 impl EgressArgs {
@@ -127,6 +133,7 @@ impl EgressArgs {
             proxy_memory_mb: self.proxy_memory_mb,
             test_names,
             proxy_binary: self.proxy_binary.clone().unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
+            package_hosts: self.package_hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect(),
         };
         Ok(Some(config))
     }

@@ -15,13 +15,14 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::images::{FILES_TOOL, HOME};
+use crate::images::{FILES_TOOL, HOME, START_KERNEL};
 use crate::runtime::tool::{KeepStderr, ToolOutput, collect};
 use crate::runtime::{ContainerRuntime, ContainerSpec, ExecRequest, labels};
 use crate::text::strip_ansi;
 
 use super::cache::WheelCache;
 use super::exec;
+use super::fetch_egress::{FetchEgress, FetchGate};
 use super::settings::{PYTHON, PackageConfig};
 use super::spec::{Ecosystem, is_wheel_filename};
 
@@ -135,16 +136,18 @@ fn environment(config: &PackageConfig, ecosystem: Ecosystem) -> Vec<String> {
     env
 }
 
-/// The fetcher's container: the sandbox, plus a network, minus any mount.
+/// The fetcher's container: the sandbox, plus a network, minus any mount; or, through the egress proxy
+/// (`gate`), the sandbox with no network at all and its gate's folder mounted read-only at `/kernel`.
 fn container_spec(
     config: &PackageConfig,
     instance: &str,
     fetch_id: &str,
     image: &str,
     language: &str,
+    gate: Option<&FetchGate>,
 ) -> ContainerSpec {
     let download_mb = config.max_download_bytes >> 20;
-    ContainerSpec {
+    let mut spec = ContainerSpec {
         name: format!("kernelbox-fetch-{fetch_id}"),
         image: image.to_owned(),
         // Idle until removed, and never longer than the fetch's limit (plus a margin) if the service dies.
@@ -170,7 +173,15 @@ fn container_spec(
         egress_network: Some(config.network.clone()),
         // The engine's default: a fetcher needs a network, which gVisor as sessions run it has not.
         oci_runtime: String::new(),
+    };
+    if let Some(gate) = gate {
+        let seconds = (config.timeout.as_secs() + 60).to_string();
+        spec.cmd = vec![START_KERNEL.to_owned(), "--proxy-only".into(), seconds];
+        spec.egress_network = None;
+        spec.binds = vec![format!("{}:{}:ro", gate.dir.display(), crate::kernel::connection::CONTAINER_DIR)];
+        spec.env.extend(gate.environment());
     }
+    spec
 }
 
 /// Where a fetch puts what it downloaded: wheels into the wheel cache; an npm fetch's Deno cache, as one
@@ -192,11 +203,19 @@ pub async fn fetch(
     image: &str,
     language: &str,
     specs: &[String],
+    egress: Option<&FetchEgress>,
 ) -> Result<Fetched, String> {
     let fetch_id = hex::encode(&uuid::Uuid::new_v4().as_bytes()[..8]);
+    // Through the egress proxy when there is one (and no upstream proxy of the operator's to go through).
+    let gate = match egress {
+        Some(egress) if config.proxy.is_none() => {
+            Some(egress.open(&fetch_id).map_err(|e| format!("could not open the fetcher's gate: {e}"))?)
+        }
+        _ => None,
+    };
     live.0.lock().unwrap().insert(fetch_id.clone());
     let mut fetcher = Fetcher { runtime: runtime.clone(), live, fetch_id: fetch_id.clone(), container: None };
-    let spec = container_spec(config, instance, &fetch_id, image, language);
+    let spec = container_spec(config, instance, &fetch_id, image, language, gate.as_ref());
     let id = runtime.create_and_start(&spec).await.map_err(|e| format!("could not start a fetcher: {e}"))?;
     fetcher.container = Some(id.clone());
     metrics::counter!("kernelbox_package_fetchers_started_total").increment(1);
@@ -206,7 +225,17 @@ pub async fn fetch(
         Store::Wheels(cache) => download_wheels(runtime.as_ref(), &id, config, cache, specs).await,
     };
     fetcher.remove().await;
-    outcome
+    // What the proxy refused, for the install's log.
+    let refused = gate.as_ref().map(|g| g.report().blocked).unwrap_or_default();
+    outcome.map(|mut fetched| {
+        for b in refused {
+            fetched.log.push_str(&format!(
+                "\nkernelbox: the fetcher's connection to {}:{} was refused ({})",
+                b.host, b.port, b.reason
+            ));
+        }
+        fetched
+    })
 }
 
 async fn download_wheels(
@@ -360,7 +389,7 @@ mod tests {
     #[test]
     fn a_fetcher_is_sealed_but_for_its_network_and_has_no_mount() {
         let config = PackageConfig { proxy: Some("http://proxy.internal:3128".into()), ..PackageConfig::default() };
-        let spec = container_spec(&config, "inst", "abc", "kb/kernel-python:latest", "python");
+        let spec = container_spec(&config, "inst", "abc", "kb/kernel-python:latest", "python", None);
         assert_eq!(spec.egress_network.as_deref(), Some("bridge"));
         assert!(spec.binds.is_empty(), "no host mount at all");
         assert_eq!(spec.user, "1000:1000");
@@ -369,5 +398,33 @@ mod tests {
         assert!(!spec.labels.contains_key(labels::SESSION));
         assert!(spec.env.contains(&"HTTPS_PROXY=http://proxy.internal:3128".to_owned()));
         assert!(!spec.env.iter().any(|e| e.starts_with("PIP_INDEX_URL")), "pip's default unless configured");
+    }
+
+    #[tokio::test]
+    async fn a_fetcher_through_the_egress_proxy_has_no_network_and_only_its_gate_mounted() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            egress: crate::config::EgressArgs,
+        }
+        let args = Cli::try_parse_from(["kb", "--egress"]).unwrap().egress;
+        let hub = crate::egress::hub::EgressHub::new(args.validate().unwrap().unwrap());
+        let state = tempfile::tempdir().unwrap();
+        let config = PackageConfig::default();
+        let hosts = super::super::fetch_egress::index_hosts(&config, &[]);
+        let egress = FetchEgress::new(hub.clone(), state.path().join("fetchers"), &hosts);
+        assert_eq!(egress.allow.entries(), ["pypi.org", "files.pythonhosted.org", "registry.npmjs.org"]);
+        let gate = egress.open("abc").unwrap();
+        let spec = container_spec(&config, "inst", "abc", "kb/kernel-python:latest", "python", Some(&gate));
+        assert_eq!(spec.egress_network, None, "no network: --network none");
+        assert_eq!(spec.binds, [format!("{}:/kernel:ro", gate.dir.display())]);
+        assert!(gate.dir.join("egress").exists(), "the gate listens in the fetch's own folder");
+        assert_eq!(spec.cmd[..2], [START_KERNEL.to_owned(), "--proxy-only".to_owned()]);
+        assert!(spec.env.contains(&"HTTPS_PROXY=http://127.0.0.1:3128".to_owned()));
+        assert!(hub.get("fetch-abc").is_some());
+        let dir = gate.dir.clone();
+        drop(gate);
+        assert!(!dir.exists() && hub.get("fetch-abc").is_none(), "the folder and the network go with the fetch");
     }
 }

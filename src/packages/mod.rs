@@ -6,8 +6,9 @@
 //!    read-only at [`WHEELS_MOUNT`] in every python session) can satisfy the request. If it can, nothing
 //!    is downloaded and no fetcher is started (`"cached": true`).
 //! 3. Otherwise a [`fetcher`] container made from the session's own image, the only container with a
-//!    network, downloads binary wheels (dependencies included), and the service writes them into the
-//!    cache itself. Concurrent installs needing the same download share one fetch (a bounded map of
+//!    network (with networks by name on, not even that: it goes through the egress proxy to the package
+//!    indexes alone, [`fetch_egress`]), downloads binary wheels (dependencies included), and the service
+//!    writes them into the cache itself. Concurrent installs needing the same download share one fetch (a bounded map of
 //!    shared futures, keyed by image and specs).
 //! 4. [`install::install`] installs the planned wheels into the session's packages directory (a tmpfs on
 //!    the kernel's `PYTHONPATH`), as uid 1000, with no index.
@@ -24,6 +25,7 @@
 
 pub mod cache;
 pub mod exec;
+pub mod fetch_egress;
 pub mod fetcher;
 pub mod install;
 pub mod npm;
@@ -43,6 +45,7 @@ use futures::future::{BoxFuture, Shared};
 use crate::runtime::{ContainerRuntime, RuntimeError};
 
 use self::cache::WheelCache;
+use self::fetch_egress::FetchEgress;
 use self::fetcher::{Fetched, LiveFetchers, Store};
 use self::report::Draft;
 pub use self::report::{InstallReport, PackageResult};
@@ -95,6 +98,8 @@ pub struct Packages {
     fetchers_started: Arc<AtomicU64>,
     /// Wheels that installs under way need: eviction leaves them.
     in_use: Arc<Mutex<HashMap<String, usize>>>,
+    /// Fetchers go through the egress proxy (networks by name on).
+    egress: Option<Arc<FetchEgress>>,
 }
 
 /// Where one install goes: a session's running container, its language and image, and when it began.
@@ -125,7 +130,14 @@ impl Packages {
             live: Arc::default(),
             fetchers_started: Arc::default(),
             in_use: Arc::default(),
+            egress: None,
         }
+    }
+
+    /// Fetchers go through the egress proxy to the package indexes alone.
+    pub fn through_egress(mut self, egress: FetchEgress) -> Self {
+        self.egress = Some(Arc::new(egress));
+        self
     }
 
     /// Makes the cache directory (before any session mounts it).
@@ -344,6 +356,7 @@ impl Packages {
         let instance = self.instance.clone();
         let inflight = self.inflight.clone();
         let started = self.fetchers_started.clone();
+        let egress = self.egress.clone();
         let task = tokio::spawn(async move {
             started.fetch_add(1, Ordering::Relaxed);
             let limit = config.timeout;
@@ -351,7 +364,8 @@ impl Packages {
                 Some(name) => Store::Npm(&npm_cache, name),
                 None => Store::Wheels(&cache),
             };
-            let run = fetcher::fetch(runtime, &config, live, store, &instance, &image, &language, &specs);
+            let run =
+                fetcher::fetch(runtime, &config, live, store, &instance, &image, &language, &specs, egress.as_deref());
             let outcome = match tokio::time::timeout(limit, run).await {
                 Ok(Ok(fetched)) => Ok(Arc::new(fetched)),
                 Ok(Err(e)) => Err(Arc::new(e)),

@@ -24,6 +24,7 @@ use crate::egress::keeper::Keeper;
 use crate::images::Catalog;
 use crate::images::runtime_tree::{RuntimeTrees, TreeError, TreeMounts};
 use crate::node::NodeTag;
+use crate::packages::fetch_egress::{self, FetchEgress};
 use crate::packages::{InstallReport, Packages};
 use crate::runtime::ContainerRuntime;
 
@@ -83,12 +84,16 @@ pub struct SessionManager {
 impl SessionManager {
     pub fn new(runtime: Arc<dyn ContainerRuntime>, config: ManagerConfig) -> Arc<Self> {
         let dirs = StateDirs::new(&config.state_dir);
-        let packages = Arc::new(Packages::new(
-            runtime.clone(),
-            config.packages.clone(),
-            config.state_dir.clone(),
-            config.instance.clone(),
-        ));
+        let networks = (config.egress.clone())
+            .map(|egress| Arc::new(Networks { hub: EgressHub::new(egress), dir: dirs.network.clone() }));
+        let mut packages =
+            Packages::new(runtime.clone(), config.packages.clone(), config.state_dir.clone(), config.instance.clone());
+        if let Some(networks) = &networks {
+            let hosts = fetch_egress::index_hosts(&config.packages, &networks.hub.config.package_hosts);
+            let fetchers = config.state_dir.join("fetchers");
+            packages = packages.through_egress(FetchEgress::new(networks.hub.clone(), fetchers, &hosts));
+        }
+        let packages = Arc::new(packages);
         let tracker = TaskTracker::new();
         let now = Utc::now();
         let registry = Arc::new(match config.node {
@@ -103,8 +108,6 @@ impl SessionManager {
             }
             None => (None, false),
         };
-        let networks = (config.egress.clone())
-            .map(|egress| Arc::new(Networks { hub: EgressHub::new(egress), dir: dirs.network.clone() }));
         let planner = Arc::new(BootPlanner {
             runtime: runtime.clone(),
             limits: config.limits.clone(),

@@ -513,3 +513,24 @@ print(sorted(answers.items()))
     .await;
     assert!(freed, "closed connections are released");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_package_fetcher_goes_through_the_proxy_to_the_index_alone() {
+    let lab = Lab::new().await;
+    let app = lab.app(&[]).await;
+    let id = session(&app, None).await;
+    let (status, report) = app.post(&format!("/v1/sessions/{id}/packages"), json!({"packages": ["six"]})).await;
+    assert_eq!((status, report["ok"].clone()), (200, json!(true)), "{report}");
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let allowed = sample(&metrics, "kernelbox_egress_connections_total{outcome=\"allowed\"}").unwrap_or(0.0);
+    assert!(allowed >= 1.0, "the download went through the proxy: {metrics}");
+    assert_eq!(run(&app, &id, "import six; print(six.__name__)").await.0, "six");
+
+    // With the files' host forbidden by the operator, the fetch fails and says why.
+    let app = lab.app(&["--egress-forbid", "files.pythonhosted.org"]).await;
+    let id = session(&app, None).await;
+    let (status, report) = app.post(&format!("/v1/sessions/{id}/packages"), json!({"packages": ["six"]})).await;
+    assert_eq!((status, report["ok"].clone()), (200, json!(false)), "{report}");
+    let log = report["log"].as_str().unwrap_or_default();
+    assert!(log.contains("files.pythonhosted.org:443 was refused (forbidden)"), "{report}");
+}

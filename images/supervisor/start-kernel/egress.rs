@@ -192,6 +192,42 @@ impl Egress {
     }
 }
 
+/// `start-kernel --proxy-only SECONDS`: the proxy port and nothing else, for a container that runs no kernel
+/// (a package fetcher, whose commands the service runs through Docker's exec API with the proxy
+/// variables). Serves until SIGTERM or SECONDS have passed; 0 then, 2 when the variables are missing.
+pub fn serve_alone(signals: &crate::signals::Signals, seconds: u64) -> i32 {
+    let mut egress = match Egress::from_env() {
+        Some(e) => e,
+        None => {
+            log("--proxy-only: no proxy port (KERNELBOX_EGRESS_SOCKET and KERNELBOX_EGRESS_PORT)");
+            return 2;
+        }
+    };
+    let end = Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut scratch = vec![0u8; crate::CHUNK];
+    let mut sigbuf = [0u8; 32];
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            return 0;
+        }
+        let mut fds = vec![PollFd { fd: signals.fd(), events: POLLIN, revents: 0 }];
+        let mut due = end;
+        if let Some(d) = egress.interest(&mut fds) {
+            due = due.min(d);
+        }
+        let ms = (due.saturating_duration_since(now).as_millis() + 1).min(1000) as crate::sys::c_int;
+        // SAFETY: poll over a live slice of pollfd structures.
+        unsafe {
+            crate::sys::poll(fds.as_mut_ptr(), fds.len() as crate::sys::c_ulong, ms);
+        }
+        if signals.received(&mut sigbuf).contains(&(crate::sys::SIGTERM as u8)) {
+            return 0;
+        }
+        egress.step(&fds[1..], &mut scratch, Instant::now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,7 +86,7 @@ use egress::Egress;
 use signals::Signals;
 use supervisor::Supervisor;
 
-const USAGE: &str = "usage: start-kernel CONNECTION_FILE | --describe
+const USAGE: &str = "usage: start-kernel CONNECTION_FILE | --describe | --proxy-only SECONDS
 
 Runs the kernel described by /opt/kernelbox/kernel.json and relays its shell, iopub, stdin and control
 channels to the unix sockets \"<ip>-<port>\" the service listens on (named by CONNECTION_FILE), or,
@@ -94,6 +94,7 @@ if the descriptor says \"connects\", lets the kernel connect to them itself.
 SIGINT interrupts the kernel's process group, SIGHUP restarts the kernel, SIGTERM stops it; when the
 kernel exits on its own this program exits with its status (128+N for signal N).
 With KERNELBOX_EGRESS_PORT and KERNELBOX_EGRESS_SOCKET set, it also relays 127.0.0.1:PORT to that socket.
+--proxy-only SECONDS: that relay alone (no kernel), until SIGTERM or SECONDS have passed.
 ";
 
 /// Relayed channels (no heartbeat).
@@ -111,6 +112,9 @@ fn log(msg: &str) {
 
 fn real_main() -> i32 {
     let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "--proxy-only" {
+        return proxy_only(&args[2]);
+    }
     if args.len() != 2 || args[1] == "-h" || args[1] == "--help" {
         let _ = io::stderr().write_all(USAGE.as_bytes());
         return 2;
@@ -151,6 +155,28 @@ fn real_main() -> i32 {
         }
     };
     sup.run()
+}
+
+/// `--proxy-only SECONDS`: sealed the same way, the proxy port alone (see `egress::serve_alone`).
+fn proxy_only(seconds: &str) -> i32 {
+    let seconds = match seconds.parse::<u64>() {
+        Ok(s) if s > 0 => s,
+        _ => {
+            let _ = io::stderr().write_all(USAGE.as_bytes());
+            return 2;
+        }
+    };
+    if let Err(e) = seccomp::sandbox() {
+        log(&format!("REFUSING TO START: cannot seal the sandbox: {}", e));
+        return 3;
+    }
+    match Signals::install() {
+        Ok(signals) => egress::serve_alone(&signals, seconds),
+        Err(e) => {
+            log(&format!("cannot install signal handlers: {}", e));
+            1
+        }
+    }
 }
 
 fn main() {
