@@ -40,10 +40,11 @@ pub fn environment(container_dir: &str) -> Vec<String> {
         ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"].iter().map(|k| format!("{k}={proxy}")).collect();
     env.push("NO_PROXY=localhost,127.0.0.1,::1".into());
     env.push("no_proxy=localhost,127.0.0.1,::1".into());
-    // Clients that carry their own roots (requests, pip, Deno) trust the image's system bundle, which holds
-    // the operator's extra CA (an intercepting corporate proxy upstream).
+    // Clients that carry their own roots trust the image's system bundle, which holds the operator's extra
+    // CA (an intercepting corporate proxy upstream): pip and Deno through these (requests' certifi is the
+    // system bundle in the python images; `REQUESTS_CA_BUNDLE` would override a client's own `verify`).
     let bundle = "/etc/ssl/certs/ca-certificates.crt";
-    for key in ["REQUESTS_CA_BUNDLE", "PIP_CERT", "DENO_CERT"] {
+    for key in ["PIP_CERT", "DENO_CERT"] {
         env.push(format!("{key}={bundle}"));
     }
     env.push(format!("KERNELBOX_EGRESS_SOCKET={container_dir}/{SOCKET}"));
@@ -212,8 +213,24 @@ async fn one_way<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-/// The gate's own refusal, in the proxy's shape (a proxy client reads a status line).
+/// The gate's own refusal, in the proxy's shape (a proxy client reads a status line). The client's request
+/// is read first (what arrives within a second, up to 8 KiB): a peer that closes with the request unread
+/// may lose the answer on its way.
 async fn refuse(client: &mut UnixStream, status: u16, reason: &str, message: &str) {
+    let mut head = [0u8; 8192];
+    let mut read = 0;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while read < head.len() {
+            match client.read(&mut head[read..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+            if head[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
     let text = match status {
         429 => "Too Many Requests",
         503 => "Service Unavailable",

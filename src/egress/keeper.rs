@@ -169,7 +169,8 @@ impl Keeper {
             ]),
             memory_bytes: (c.proxy_memory_mb as i64) << 20,
             nano_cpus: 1_000_000_000,
-            pids_limit: 64,
+            // Tokio's workers and the resolver's blocking threads (bounded by the proxy), with room.
+            pids_limit: 256,
             tmpfs: HashMap::new(),
             binds: Vec::new(),
             user: "65534:65534".into(),
