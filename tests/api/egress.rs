@@ -17,8 +17,13 @@ use crate::helpers::*;
 /// one-package index under `/simple/` (`kbtest`, a wheel it makes), `/big/<n>` (n bytes), and otherwise
 /// `hello <Host> via <scheme>`.
 const SERVER: &str = r#"
-import hashlib, http.server, io, os, socketserver, ssl, threading, zipfile
+import hashlib, http.server, io, os, socketserver, ssl, subprocess, threading, zipfile
 open('/tmp/cert.pem', 'w').write(os.environ['CERT_PEM']); open('/tmp/key.pem', 'w').write(os.environ['KEY_PEM'])
+# A git repository served over dumb HTTP at /repo.git/.
+git = lambda *a, cwd='/tmp': subprocess.run(['git', '-c', 'user.name=lab', '-c', 'user.email=lab@lab.test'] + list(a), cwd=cwd, check=True, capture_output=True)
+os.makedirs('/tmp/src'); git('init', '-q', '/tmp/src'); open('/tmp/src/hello.txt', 'w').write('hello from git\n')
+git('add', 'hello.txt', cwd='/tmp/src'); git('commit', '-qm', 'one', cwd='/tmp/src')
+git('clone', '-q', '--bare', '/tmp/src', '/tmp/repo.git'); git('update-server-info', cwd='/tmp/repo.git')
 buf = io.BytesIO()
 with zipfile.ZipFile(buf, 'w') as z:
     z.writestr('kbtest/__init__.py', 'VALUE = 42\n')
@@ -38,6 +43,11 @@ class H(http.server.BaseHTTPRequestHandler):
             body, ct = WHEEL, 'application/octet-stream'
         elif p.startswith('/big/'):
             body = b'x' * int(p[5:])
+        elif p.startswith('/repo.git/') and '..' not in p:
+            path = '/tmp' + p.split('?')[0]
+            if not os.path.isfile(path):
+                self.send_response(404); self.send_header('Content-Length', '0'); self.end_headers(); return
+            body = open(path, 'rb').read(); ct = 'application/octet-stream'
         else:
             scheme = 'https' if isinstance(self.connection, ssl.SSLSocket) else 'http'
             body = ('hello %s via %s' % (self.headers.get('Host'), scheme)).encode()
@@ -87,30 +97,14 @@ impl Lab {
         let leaf = ca.issue("allowed.test", sans, ExtendedKeyUsagePurpose::ServerAuth).unwrap();
         let server = format!("kb-egress-lab-{tag}");
         let mut lab = Lab { network, server: String::new(), ip: String::new(), ca_pem: ca.pair().cert_pem.clone() };
-        let image = format!("{}python:latest", image_prefix());
+        // The bash image: git, and the system's Python (its standard library is all the server needs).
+        let image = format!("{}bash:latest", image_prefix());
         let (cert, key) = (format!("CERT_PEM={}", leaf.cert_pem), format!("KEY_PEM={}", leaf.key_pem));
+        #[rustfmt::skip]
         docker_cli(&[
-            "run",
-            "-d",
-            "--name",
-            &server,
-            "--network",
-            &lab.network,
-            "--user",
-            "0:0",
-            "--label",
-            "kernelbox.test=egress",
-            "--read-only",
-            "--tmpfs",
-            "/tmp",
-            "-e",
-            &cert,
-            "-e",
-            &key,
-            &image,
-            "/opt/kernelbox/venv/bin/python",
-            "-c",
-            SERVER,
+            "run", "-d", "--name", &server, "--network", &lab.network, "--user", "0:0", "--label",
+            "kernelbox.test=egress", "--read-only", "--tmpfs", "/tmp", "-e", "HOME=/tmp", "-e", &cert, "-e", &key,
+            &image, "/usr/bin/python3", "-c", SERVER,
         ]);
         lab.server = server;
         let format = format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", lab.network);
@@ -606,4 +600,39 @@ async fn figure_the_time_an_https_request_takes_through_the_proxy() {
         "FIGURE HTTPS request (new connection each, requests): {proxied:.2} ms through the proxy, {direct:.2} ms direct: +{:.2} ms",
         proxied - direct
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn git_deno_and_java_reach_an_allowed_name_through_the_proxy_variables() {
+    let lab = Lab::new().await;
+    let app = lab.app(&[]).await;
+    let bash = session_in(&app, "bash", &["allowed.test"]).await;
+    let clone = format!(
+        "cat > /tmp/ca.pem <<'EOF'\n{}EOF\ngit -c http.sslCAInfo=/tmp/ca.pem clone -q https://allowed.test/repo.git /tmp/r 2>&1 && cat /tmp/r/hello.txt",
+        lab.ca_pem
+    );
+    assert_eq!(run(&app, &bash, &clone).await.0, "hello from git");
+
+    let deno = session_in(&app, "javascript", &["allowed.test"]).await;
+    let fetch = "console.log(await (await fetch('http://allowed.test/deno')).text())";
+    assert_eq!(run(&app, &deno, fetch).await.0, "hello allowed.test via http");
+    // Plain HTTP through a proxy: the refusal is the proxy's answer, which says why.
+    let refused =
+        "const r = await fetch('http://other.test/'); console.log(r.status, r.headers.get('x-kernelbox-blocked'))";
+    let (out, report) = run(&app, &deno, refused).await;
+    assert_eq!(out, "403 not_allowed", "{report}");
+    assert_eq!(blocked(&report, "other.test"), ["not_allowed"]);
+
+    let java = session_in(&app, "java", &["allowed.test"]).await;
+    let get = r#"
+import java.net.URI;
+import java.net.http.*;
+var client = HttpClient.newHttpClient();
+System.out.println(client.send(HttpRequest.newBuilder(URI.create("http://allowed.test/java")).build(), HttpResponse.BodyHandlers.ofString()).body());
+"#;
+    assert_eq!(run(&app, &java, get).await.0, "hello allowed.test via http");
+}
+
+async fn session_in(app: &TestApp, language: &str, allow: &[&str]) -> String {
+    app.start_with(json!({"language": language, "network": {"allow": allow}})).await
 }
