@@ -74,6 +74,7 @@ pub(crate) fn check_main_scenario(r: &Value) {
         "list_files",
         "install_packages",
         "restart",
+        "set_network",
         "end_session",
     ] {
         let tool = &tools[name];
@@ -122,6 +123,9 @@ pub(crate) fn check_main_scenario(r: &Value) {
 
     assert_eq!(r["after_cancel"]["text"], "yes\n", "state kept: {}", r["after_cancel"]);
     assert!(r["after_cancel"]["seconds"].as_f64().unwrap() < 10.0, "the cancelled code was interrupted");
+    assert!(tools["start_session"]["schema"]["properties"]["network_allow"].is_object());
+    assert_eq!(r["set_network"]["is_error"], true, "{}", r["set_network"]);
+    assert!(text(&r["set_network"]).contains("turned off"), "{}", r["set_network"]);
     assert_eq!(r["restart"]["is_error"], false, "{}", r["restart"]);
     assert_eq!(r["end"]["is_error"], false, "{}", r["end"]);
     assert_eq!(r["after_end"]["is_error"], true);

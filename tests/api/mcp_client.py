@@ -130,6 +130,8 @@ async def main_scenario(base, key, other):
         r = await c.call("execute", session_id=sid, code="print(kept)")
         report["after_cancel"] = {"text": texts(r), "seconds": time.monotonic() - t0}
 
+        # This server offers no networks: the tool says so.
+        report["set_network"] = await c.call("set_network", session_id=sid, allow=["pypi.org"])
         report["restart"] = await c.call("restart", session_id=sid)
         report["end"] = await c.call("end_session", session_id=sid)
         report["after_end"] = await c.call("execute", session_id=sid, code="1")

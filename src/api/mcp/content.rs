@@ -116,6 +116,14 @@ pub fn render(result: &ExecuteResult) -> CallToolResult {
     if result.truncated {
         content.push(ContentBlock::text("[output truncated: the output limit was reached]".to_owned()));
     }
+    if let Some(network) = result.network.as_ref().filter(|n| !n.blocked.is_empty()) {
+        let refused: Vec<String> =
+            network.blocked.iter().map(|b| format!("{}:{} ({})", b.host, b.port, b.reason)).collect();
+        content.push(ContentBlock::text(format!(
+            "[network: refused {}; set_network can allow a host for this session]",
+            refused.join(", ")
+        )));
+    }
     if content.is_empty() {
         content.push(ContentBlock::text("(no output)".to_owned()));
     }

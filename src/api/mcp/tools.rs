@@ -52,6 +52,15 @@ pub struct StartSessionArgs {
     pub network_allow: Option<Vec<String>>,
 }
 
+/// `set_network`'s arguments.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct SetNetworkArgs {
+    /// The session (from `start_session`).
+    pub session_id: String,
+    /// The hosts its code may reach from now on: `api.example.com`, `*.example.com`, `pypi.org:443`.
+    pub allow: Vec<String>,
+}
+
 /// `execute`'s arguments.
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct ExecuteArgs {
@@ -334,6 +343,25 @@ impl KernelboxMcp {
         let owner = owner(&ctx)?;
         match self.manager.restart(&owner, &args.session_id).await {
             Ok(info) => Ok(structured(format!("session {} restarted", info.id), to_value(&info), false)),
+            Err(e) => Ok(failed(e)),
+        }
+    }
+
+    #[tool(description = "Replace the hosts a session's code may reach through its proxy (servers that \
+        offer networks): host names like api.example.com, *.example.com or pypi.org:443. The next connection \
+        follows the new list; an empty list takes every host away. Execute results list what was refused.")]
+    async fn set_network(
+        &self,
+        Parameters(args): Parameters<SetNetworkArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let owner = owner(&ctx)?;
+        let request = NetworkRequest { allow: args.allow };
+        match self.manager.set_network(&owner, &args.session_id, &request) {
+            Ok(view) => {
+                let text = format!("session {} may reach: {}", args.session_id, view.allow.join(", "));
+                Ok(structured(text, to_value(&view), false))
+            }
             Err(e) => Ok(failed(e)),
         }
     }
