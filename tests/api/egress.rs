@@ -636,3 +636,31 @@ System.out.println(client.send(HttpRequest.newBuilder(URI.create("http://allowed
 async fn session_in(app: &TestApp, language: &str, allow: &[&str]) -> String {
     app.start_with(json!({"language": language, "network": {"allow": allow}})).await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_session_api_and_the_gateway_pass_an_allow_list_when_they_start_a_kernel() {
+    let lab = Lab::new().await;
+    let app = lab.app(&[]).await;
+    let fields = [("user_id", "alice"), ("network_allow", "allowed.test")];
+    let (status, body) = crate::compat_session::post_form(&app, "/start_session", &fields).await;
+    assert_eq!(status, 200, "{body}");
+    let kernel = app
+        .client
+        .post(app.url("/api/kernels"))
+        .json(&json!({"name": "python3", "env": {"KERNEL_NETWORK_ALLOW": "allowed.test, other.test"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kernel.status(), 201, "{}", kernel.text().await.unwrap());
+    let bad = app.client.post(app.url("/api/kernels")).json(&json!({"env": {"KERNEL_NETWORK_ALLOW": "*"}})).send();
+    assert_eq!(bad.await.unwrap().status(), 422);
+
+    let (_, sessions) = app.get("/v1/sessions").await;
+    let mut lists = Vec::new();
+    for s in sessions.as_array().unwrap() {
+        let id = s["id"].as_str().unwrap();
+        lists.push(app.get(&format!("/v1/sessions/{id}/network")).await.1["allow"].clone());
+    }
+    lists.sort_by_key(|l| l.as_array().map_or(0, Vec::len));
+    assert_eq!(lists, [json!(["allowed.test"]), json!(["allowed.test", "other.test"])]);
+}
