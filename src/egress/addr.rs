@@ -42,6 +42,9 @@ fn v4_refusal(ip: Ipv4Addr) -> Option<&'static str> {
         "reserved"
     } else if (a == 192 && b == 0 && c == 2) || (a == 198 && b == 51 && c == 100) || (a == 203 && b == 0 && c == 113) {
         "documentation"
+    } else if ip == Ipv4Addr::new(168, 63, 129, 16) {
+        // Azure's host endpoint (WireServer), reachable from a VM's guests like the metadata service.
+        "link_local"
     } else {
         return None;
     })
@@ -119,6 +122,7 @@ mod tests {
             ("127.255.0.9", "loopback"),
             ("::1", "loopback"),
             ("169.254.169.254", "link_local"),
+            ("168.63.129.16", "link_local"),
             ("fe80::1", "link_local"),
             ("10.0.0.1", "private"),
             ("172.17.0.1", "private"),

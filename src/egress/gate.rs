@@ -27,6 +27,9 @@ pub const SOCKET: &str = "egress";
 pub const PROXY_PORT: u16 = 3128;
 /// Each direction's buffer.
 const CHUNK: usize = 16 * 1024;
+/// Refusals answered at once per session (each reads the request for at most a second first); beyond
+/// them a connection is closed without an answer, so a flood costs the service nothing that lasts.
+const REFUSING: usize = 16;
 
 /// A boot's gate: listening while it lives.
 pub struct Gate {
@@ -78,14 +81,37 @@ impl Gate {
 }
 
 async fn serve(listener: UnixListener, session: Arc<SessionEgress>, hub: Arc<EgressHub>, stop: CancellationToken) {
+    let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => {
-                tokio::spawn(connection(stream, session.clone(), hub.clone(), stop.child_token()));
+            Ok((mut stream, _)) => {
+                // The session's bound is checked before anything is spawned for the connection.
+                let conn = hub.next_conn();
+                match session.open(conn, hub.config.max_connections) {
+                    Some(close) => {
+                        let opened = Opened { session: session.clone(), conn, close };
+                        tokio::spawn(connection(stream, opened, hub.clone(), stop.child_token()));
+                    }
+                    None => {
+                        hub.refused(&session, "*", 0, "connection_limit");
+                        if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                            tokio::spawn(async move {
+                                refuse(
+                                    &mut stream,
+                                    429,
+                                    "connection_limit",
+                                    "too many connections open in this session",
+                                )
+                                .await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                }
             }
             Err(e) => {
                 // Out of descriptors, say: wait rather than spin.
@@ -96,30 +122,30 @@ async fn serve(listener: UnixListener, session: Arc<SessionEgress>, hub: Arc<Egr
     }
 }
 
-/// One connection of the session's code.
-async fn connection(mut client: UnixStream, session: Arc<SessionEgress>, hub: Arc<EgressHub>, stop: CancellationToken) {
-    let config = &hub.config;
-    let conn = hub.next_conn();
-    let Some(close) = session.open(conn, config.max_connections) else {
-        hub.refused(&session, "*", 0, "connection_limit");
-        refuse(&mut client, 429, "connection_limit", "too many connections open in this session").await;
-        return;
-    };
-    // Closed on every way out of here.
-    struct Opened<'a>(&'a SessionEgress, u64);
-    impl Drop for Opened<'_> {
-        fn drop(&mut self) {
-            self.0.closed(self.1);
-        }
+/// A connection the session's bound admitted: its slot is given back when it is dropped.
+struct Opened {
+    session: Arc<SessionEgress>,
+    conn: u64,
+    close: CancellationToken,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.session.closed(self.conn);
     }
-    let _opened = Opened(&session, conn);
+}
+
+/// One connection of the session's code.
+async fn connection(mut client: UnixStream, opened: Opened, hub: Arc<EgressHub>, stop: CancellationToken) {
+    let config = &hub.config;
+    let (session, conn, close) = (&opened.session, opened.conn, &opened.close);
     if session.total_bytes() >= config.max_bytes {
-        hub.refused(&session, "*", 0, "byte_limit");
+        hub.refused(session, "*", 0, "byte_limit");
         refuse(&mut client, 403, "byte_limit", "this session moved all the bytes it may").await;
         return;
     }
     let Some(proxy) = hub.proxy() else {
-        hub.refused(&session, "*", 0, "proxy_down");
+        hub.refused(session, "*", 0, "proxy_down");
         refuse(&mut client, 503, "proxy_down", "the egress proxy is down; try again shortly").await;
         return;
     };
@@ -131,12 +157,13 @@ async fn connection(mut client: UnixStream, session: Arc<SessionEgress>, hub: Ar
     let mut upstream = match upstream {
         Ok(Ok(s)) => s,
         _ => {
-            hub.refused(&session, "*", 0, "proxy_down");
+            hub.refused(session, "*", 0, "proxy_down");
             refuse(&mut client, 503, "proxy_down", "the egress proxy does not answer; try again shortly").await;
             return;
         }
     };
     let _ = upstream.set_nodelay(true);
+    link::bound_buffers(&upstream);
     let opening = Opening::Session { session: session.id().to_owned(), conn, allow: session.allow_list().entries() };
     if upstream.write_all(&link::encode_opening(&proxy.token, &opening)).await.is_err() {
         return;
@@ -144,10 +171,10 @@ async fn connection(mut client: UnixStream, session: Arc<SessionEgress>, hub: Ar
     let ended = tokio::select! {
         _ = stop.cancelled() => Ended::Closed,
         _ = close.cancelled() => Ended::Closed,
-        ended = relay(client, upstream, &session, config.max_bytes, config.idle_timeout) => ended,
+        ended = relay(client, upstream, session, config.max_bytes, config.idle_timeout) => ended,
     };
     if ended == Ended::SessionBytes {
-        hub.refused(&session, "*", 0, "byte_limit");
+        hub.refused(session, "*", 0, "byte_limit");
     }
 }
 

@@ -23,10 +23,16 @@ use crate::config::EgressConfig;
 pub(super) const PROXY_CONNECT: Duration = Duration::from_secs(5);
 
 /// Where the running proxy listens, and the secret it takes from the service alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ProxyAddr {
     pub addr: SocketAddr,
     pub token: Arc<str>,
+}
+
+impl std::fmt::Debug for ProxyAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyAddr").field("addr", &self.addr).field("token", &"<secret>").finish()
+    }
 }
 
 /// The sessions' networks and the proxy's state.
@@ -164,7 +170,7 @@ impl EgressHub {
         match event.outcome {
             Outcome::Allowed => {
                 metrics::counter!("kernelbox_egress_connections_total", "outcome" => "allowed").increment(1);
-                session.allowed(event.conn, &event.host, event.port);
+                session.allowed(event.conn, &event.host, event.port, self.policy());
             }
             Outcome::Blocked { reason } => {
                 self.refused(&session, &event.host, event.port, reason.as_str());

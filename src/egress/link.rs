@@ -209,6 +209,29 @@ pub fn decode_event(line: &[u8]) -> Result<Event, LinkError> {
     serde_json::from_slice(line).map_err(LinkError::BadEvent)
 }
 
+/// The kernel's buffers of one side of a relayed connection, each way: with autotuning a peer that reads
+/// fast and then trickles can park megabytes per socket in the kernel, charged to whoever holds it (the
+/// proxy's memory limit, the service). A fixed size turns autotuning off.
+pub const SOCKET_BUFFER: usize = 256 * 1024;
+
+/// Sets [`SOCKET_BUFFER`] both ways on a TCP socket (a failure leaves the kernel's default).
+pub fn bound_buffers(stream: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size = SOCKET_BUFFER as libc::c_int;
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt on a descriptor the stream owns, with a pointer to a live c_int.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,16 +94,20 @@ impl SessionEgress {
         self.allow.lock().unwrap().clone()
     }
 
-    /// Replaces the list; open connections to a target the new list does not allow are closed. Returns
-    /// how many were.
+    /// Replaces the list; open connections to a target the new list does not allow are closed, and so,
+    /// when the new list drops any entry, are those whose target the proxy has not reported yet (they
+    /// carried the old list to it). Returns how many were closed.
     pub fn set_allow_list(&self, allow: AllowList, policy: &NetworkPolicy) -> usize {
-        *self.allow.lock().unwrap() = Arc::new(allow.clone());
+        let old = std::mem::replace(&mut *self.allow.lock().unwrap(), Arc::new(allow.clone()));
+        let dropped_any = old.entries().iter().any(|e| !allow.entries().contains(e));
         let live = self.live.lock().unwrap();
         let mut closed = 0;
         for conn in live.values() {
-            if let Some((host, port)) = &conn.target
-                && !allow.allows(host, *port, policy)
-            {
+            let refused = match &conn.target {
+                Some((host, port)) => !allow.allows(host, *port, policy),
+                None => dropped_any,
+            };
+            if refused && !conn.close.is_cancelled() {
                 conn.close.cancel();
                 closed += 1;
             }
@@ -138,10 +142,15 @@ impl SessionEgress {
         self.live.lock().unwrap().remove(&conn);
     }
 
-    /// The proxy let `conn` through to `host:port`: a later list that drops it closes it.
-    pub(super) fn allowed(&self, conn: u64, host: &str, port: u16) {
+    /// The proxy let `conn` through to `host:port`: a later list that drops it closes it, and so does the
+    /// list now, if it changed since the connection carried it to the proxy.
+    pub(super) fn allowed(&self, conn: u64, host: &str, port: u16, policy: &NetworkPolicy) {
+        let allowed_now = self.allow_list().allows(host, port, policy);
         if let Some(live) = self.live.lock().unwrap().get_mut(&conn) {
             live.target = Some((host.to_owned(), port));
+            if !allowed_now {
+                live.close.cancel();
+            }
         }
     }
 
@@ -219,11 +228,19 @@ mod tests {
         let a = s.open(1, 10).unwrap();
         let b = s.open(2, 10).unwrap();
         let pending = s.open(3, 10).unwrap();
-        s.allowed(1, "a.example", 443);
-        s.allowed(2, "b.example", 443);
-        assert_eq!(s.set_allow_list(list(&["b.example"]), &policy()), 1);
-        assert!(a.is_cancelled() && !b.is_cancelled() && !pending.is_cancelled());
+        s.allowed(1, "a.example", 443, &policy());
+        s.allowed(2, "b.example", 443, &policy());
+        assert_eq!(s.set_allow_list(list(&["b.example"]), &policy()), 2);
+        assert!(a.is_cancelled() && !b.is_cancelled(), "the dropped host's connection closes");
+        assert!(pending.is_cancelled(), "a connection that carried the old list to the proxy closes too");
         assert_eq!(s.allow_list().entries(), vec!["b.example".to_owned()]);
+        // A list that only grows leaves pending connections alone; one the proxy reports later for a host
+        // no longer allowed is closed then.
+        let later = s.open(4, 10).unwrap();
+        assert_eq!(s.set_allow_list(list(&["b.example", "c.example"]), &policy()), 0);
+        assert!(!later.is_cancelled());
+        s.allowed(4, "a.example", 443, &policy());
+        assert!(later.is_cancelled());
     }
 
     #[test]

@@ -277,7 +277,13 @@ impl SessionManager {
         }
         let (session, inbox) =
             self.launcher.new_session(SessionId::new_on(self.config.node), owner, settings, Utc::now());
-        self.registry.reserve(&session, &self.config.limits)?;
+        if let Err(e) = self.registry.reserve(&session, &self.config.limits) {
+            // Its network was attached with the handle: it goes with it.
+            if let Some(networks) = self.networks() {
+                networks.forget(session.id.as_str(), false);
+            }
+            return Err(e);
+        }
         let ready = self.launcher.spawn(session.clone(), inbox, Start::Fresh);
         match Launcher::until_ready(&session, ready).await {
             Ok(Ok(())) => {
@@ -324,7 +330,7 @@ impl SessionManager {
     pub fn network(&self, owner: &Owner, id: &str) -> Result<NetworkView, SessionError> {
         let session = self.registry.get(owner, id)?;
         let networks = self.networks().ok_or(crate::egress::allow::ListRefused::Off)?;
-        Ok(networks.get(&session.id))
+        networks.get(&session.id)
     }
 
     /// Replaces a running session's allow-list: the next connection follows it, open connections it

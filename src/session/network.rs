@@ -67,8 +67,9 @@ impl Networks {
 
     /// Replaces a running session's list (recorded first, so a restart keeps it).
     pub fn set(&self, id: &SessionId, allow: AllowList) -> Result<NetworkView, SessionError> {
+        // Attached at its first boot: a session without one is gone (or going).
+        let session = self.hub.get(id.as_str()).ok_or_else(|| SessionError::NotFound(id.to_string()))?;
         records::replace(&self.dir, id, &allow.entries())?;
-        let session = self.hub.session(id.as_str(), AllowList::default);
         let closed = session.set_allow_list(allow, self.hub.policy());
         if closed > 0 {
             tracing::info!(session_id = %id, closed, "closed the connections the new allow-list drops");
@@ -76,8 +77,9 @@ impl Networks {
         Ok(self.view(&session))
     }
 
-    pub fn get(&self, id: &SessionId) -> NetworkView {
-        self.view(&self.hub.session(id.as_str(), AllowList::default))
+    pub fn get(&self, id: &SessionId) -> Result<NetworkView, SessionError> {
+        let session = self.hub.get(id.as_str()).ok_or_else(|| SessionError::NotFound(id.to_string()))?;
+        Ok(self.view(&session))
     }
 
     fn view(&self, session: &SessionEgress) -> NetworkView {

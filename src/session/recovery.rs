@@ -163,7 +163,9 @@ pub async fn sweep_orphans(r: &Recovery<'_>) -> usize {
         // whose id is unknown belongs to nobody.
         let known = c.labels.get(labels::SESSION).is_some_and(|s| r.knows(s))
             || c.labels.get(labels::FETCHER).is_some_and(|f| r.installs.packages.is_live_fetcher(f))
-            || (c.labels.contains_key(labels::EXPORT) && r.launcher.planner.trees.is_copying());
+            || (c.labels.contains_key(labels::EXPORT) && r.launcher.planner.trees.is_copying())
+            // The egress proxy is its keeper's (`egress/keeper.rs`), which removes it at stop.
+            || c.labels.contains_key(crate::egress::keeper::LABEL);
         if known {
             continue;
         }

@@ -464,6 +464,11 @@ async fn a_dead_proxy_refuses_everything_until_it_is_back() {
     assert_eq!(run(&app, &id, "print(get('https://allowed.test/'))").await.0, "200 hello allowed.test via https");
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(sample(&metrics, "kernelbox_egress_proxy_restarts_total").unwrap_or(0.0) >= 1.0);
+    // The reaper's orphan sweep leaves the proxy alone (it is its keeper's).
+    let before = docker_cli(&["inspect", "-f", "{{.Id}}", &proxy]);
+    app.manager.reap_once(chrono::Utc::now()).await;
+    assert_eq!(docker_cli(&["inspect", "-f", "{{.Id}}", &proxy]), before);
+    assert_eq!(app.get("/readyz").await.1["egress_proxy"], "up");
 }
 
 #[tokio::test(flavor = "multi_thread")]

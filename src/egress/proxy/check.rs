@@ -22,9 +22,11 @@ pub enum Destination {
     Opened(IpAddr),
 }
 
-/// The rules, in order: an address must be in an opened range (else `IpLiteral`); a name the operator
-/// forbids is `Forbidden` (before the list: the operator's word is the reason); a name not on the list
-/// for that port, or no name at all, is `NotAllowed`.
+/// The rules, in order: an address must be in an opened range, and the session must have a network at all
+/// (a list), and the port must be one of the default ports (else `IpLiteral`: an opened range is the
+/// operator's mirror or service, not every port of it, and not for sessions that asked for nothing); a name
+/// the operator forbids is `Forbidden` (before the list: the operator's word is the reason); a name not on
+/// the list for that port, or no name at all, is `NotAllowed`.
 pub fn destination(
     target: &Authority,
     list: &AllowList,
@@ -32,7 +34,8 @@ pub fn destination(
     opened: &[IpNet],
 ) -> Result<Destination, Reason> {
     if let Some(ip) = target.ip() {
-        return match opened.iter().any(|net| net.contains(&ip)) {
+        let default_port = crate::egress::allow::DEFAULT_PORTS.contains(&target.port);
+        return match opened.iter().any(|net| net.contains(&ip)) && !list.is_empty() && default_port {
             true => Ok(Destination::Opened(ip)),
             false => Err(Reason::IpLiteral),
         };
@@ -80,11 +83,20 @@ mod tests {
         assert_eq!(check("localhost", 443), Err(Reason::NotAllowed), "not a name the list could hold");
         assert_eq!(check("127.1", 443), Err(Reason::NotAllowed), "a short address is no name, never resolved");
         assert_eq!(check("secret.example.com", 443), Err(Reason::Forbidden), "forbidden, though on the list");
-        assert_eq!(check("10.1.2.3", 5432), Ok(Destination::Opened("10.1.2.3".parse().unwrap())));
+        assert_eq!(check("10.1.2.3", 443), Ok(Destination::Opened("10.1.2.3".parse().unwrap())));
+        assert_eq!(check("10.1.2.3", 5432), Err(Reason::IpLiteral), "an opened range on its web ports only");
         assert_eq!(check("[fd00::7]", 443), Ok(Destination::Opened("fd00::7".parse().unwrap())));
         assert_eq!(check("10.2.0.1", 443), Err(Reason::IpLiteral));
         assert_eq!(check("93.184.216.34", 443), Err(Reason::IpLiteral));
         assert_eq!(check("[::ffff:10.1.2.3]", 443), Err(Reason::IpLiteral), "not the opened IPv4 range");
+    }
+
+    #[test]
+    fn an_opened_range_is_not_for_a_session_without_a_list() {
+        let policy = NetworkPolicy { enabled: true, max_entries: 8, forbidden: vec![] };
+        let opened = vec!["10.1.0.0/16".parse().unwrap()];
+        let target = Authority { host: "10.1.2.3".into(), port: 443 };
+        assert_eq!(destination(&target, &AllowList::default(), &policy, &opened), Err(Reason::IpLiteral));
     }
 
     #[test]

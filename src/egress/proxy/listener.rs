@@ -46,6 +46,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 /// One link connection, from its opening line on.
 async fn link_connection(mut stream: TcpStream, permit: OwnedSemaphorePermit, shared: &Shared) {
     let _ = stream.set_nodelay(true);
+    link::bound_buffers(&stream);
     let token = shared.config.token.expose();
     let read = tokio::time::timeout(shared.config.head_timeout, link::read_opening(&mut stream, token)).await;
     let (opening, first) = match read {

@@ -17,10 +17,16 @@ use crate::egress::link::Reason;
 
 /// The most addresses of one name tried.
 const MAX_ADDRESSES: usize = 8;
+/// System lookups under way at once. Each holds a blocking thread until the system resolver answers,
+/// which a timeout does not cut short: the permit goes with the thread, so a name whose servers never
+/// answer can hold at most these, and the proxy's threads stay within its pids limit.
+const MAX_LOOKUPS: usize = 32;
 
 /// Resolves and connects, within the operator's bounds.
 #[derive(Debug, Clone)]
 pub struct Resolver {
+    /// Permits for system lookups ([`MAX_LOOKUPS`]).
+    lookups: std::sync::Arc<tokio::sync::Semaphore>,
     /// `.test` names (tests only).
     test_names: BTreeMap<String, IpAddr>,
     /// The ranges the operator opens.
@@ -31,7 +37,7 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(test_names: BTreeMap<String, IpAddr>, opened: Vec<IpNet>, timeout: Duration) -> Resolver {
-        Resolver { test_names, opened, timeout }
+        Resolver { lookups: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)), test_names, opened, timeout }
     }
 
     /// Connects to the destination: `Unresolved`, `PrivateAddress` or `Unreachable` when it cannot.
@@ -43,7 +49,10 @@ impl Resolver {
         let attempts = async {
             for address in addresses {
                 match TcpStream::connect(address).await {
-                    Ok(stream) => return Ok(stream),
+                    Ok(stream) => {
+                        crate::egress::link::bound_buffers(&stream);
+                        return Ok(stream);
+                    }
                     Err(e) => tracing::debug!(%address, error = %e, "egress upstream did not answer"),
                 }
             }
@@ -57,14 +66,25 @@ impl Resolver {
         if name.ends_with(TEST_TLD) {
             return self.test_names.get(name).map(|ip| vec![SocketAddr::new(*ip, port)]).ok_or(Reason::Unresolved);
         }
-        match tokio::time::timeout(self.timeout, tokio::net::lookup_host((name, port))).await {
-            Ok(Ok(found)) => Ok(found.take(MAX_ADDRESSES * 4).collect()),
-            Ok(Err(e)) => {
-                tracing::debug!(name, error = %e, "egress name did not resolve");
-                Err(Reason::Unresolved)
+        let lookup = async {
+            let permit = self.lookups.clone().acquire_owned().await.map_err(|_| Reason::Unresolved)?;
+            // Fully qualified: the resolver's search domains are never tried.
+            let fqdn = format!("{name}.");
+            let found = tokio::task::spawn_blocking(move || {
+                let found = std::net::ToSocketAddrs::to_socket_addrs(&(fqdn.as_str(), port));
+                drop(permit);
+                found.map(|addrs| addrs.take(MAX_ADDRESSES * 4).collect::<Vec<_>>())
+            });
+            match found.await {
+                Ok(Ok(found)) => Ok(found),
+                Ok(Err(e)) => {
+                    tracing::debug!(name, error = %e, "egress name did not resolve");
+                    Err(Reason::Unresolved)
+                }
+                Err(_) => Err(Reason::Unresolved),
             }
-            Err(_) => Err(Reason::Unresolved),
-        }
+        };
+        tokio::time::timeout(self.timeout, lookup).await.unwrap_or(Err(Reason::Unresolved))
     }
 }
 

@@ -41,6 +41,7 @@ from .models import (
     InstallReport,
     Language,
     Listing,
+    NetworkInfo,
     SessionInfo,
     Written,
 )
@@ -156,8 +157,10 @@ class AsyncKernelbox:
         metadata: Optional[Mapping[str, str]] = None,
         auto_restart: Optional[bool] = None,
         runtime: Optional[str] = None,
+        network: Optional[Sequence[str]] = None,
     ) -> AsyncSession:
-        """Starts a session; ``async with await kb.session(...) as s:`` deletes it when the block ends."""
+        """Starts a session; ``async with await kb.session(...) as s:`` deletes it when the block ends. See
+        :meth:`kernelbox.Kernelbox.session` for ``runtime`` and ``network``."""
         call = _calls.create(
             language,
             memory_mb=memory_mb,
@@ -168,6 +171,7 @@ class AsyncKernelbox:
             metadata=metadata,
             auto_restart=auto_restart,
             runtime=runtime,
+            network=network,
         )
         info = await self._call(call)
         return AsyncSession(self, info.id, info)
@@ -310,6 +314,16 @@ class AsyncSession:
     @operation("POST", "/v1/sessions/{id}/interrupt")
     async def interrupt(self) -> None:
         await self.client._call(_calls.interrupt(self.id))
+
+    @operation("GET", "/v1/sessions/{id}/network")
+    async def network(self) -> NetworkInfo:
+        """The session's network now; see :meth:`kernelbox.Session.network`."""
+        return await self.client._call(_calls.network(self.id))
+
+    @operation("PUT", "/v1/sessions/{id}/network")
+    async def set_network(self, allow: Sequence[str]) -> NetworkInfo:
+        """Replaces the names the session's code may reach; see :meth:`kernelbox.Session.set_network`."""
+        return await self.client._call(_calls.set_network(self.id, allow))
 
     @operation("POST", "/v1/sessions/{id}/restart")
     async def restart(self) -> SessionInfo:

@@ -13,11 +13,12 @@ from ._core import (
     file_body,
     file_path,
     json_object,
+    network_request,
     no_content,
     session_request,
 )
 from ._core import session_path as path
-from .models import ExecutionResult, InstallReport, Language, Listing, SessionInfo, Written
+from .models import ExecutionResult, InstallReport, Language, Listing, NetworkInfo, SessionInfo, Written
 
 #: Starting or restarting a kernel may take the service's start timeout (90 s by default) and more
 #: under load; an install its package timeout (300 s by default).
@@ -47,6 +48,7 @@ def create(
     metadata: Optional[Mapping[str, str]],
     auto_restart: Optional[bool],
     runtime: Optional[str] = None,
+    network: Optional[Sequence[str]] = None,
 ) -> Call[SessionInfo]:
     body = session_request(
         language,
@@ -58,6 +60,7 @@ def create(
         metadata=metadata,
         auto_restart=auto_restart,
         runtime=runtime,
+        network=network,
     )
     return Call("POST", "/v1/sessions", lambda r: SessionInfo.from_json(r.json()), json=body, read_timeout=BOOT_WAIT)
 
@@ -128,6 +131,17 @@ def restart(session_id: str) -> Call[SessionInfo]:
 
 def notebook(session_id: str) -> Call[Dict[str, Any]]:
     return Call("GET", path(session_id, "notebook"), json_object)
+
+
+def network(session_id: str) -> Call[NetworkInfo]:
+    return Call("GET", path(session_id, "network"), lambda r: NetworkInfo.from_json(r.json()))
+
+
+def set_network(session_id: str, allow: Sequence[str]) -> Call[NetworkInfo]:
+    """Replaces the list (the same list twice is the same state: retried like any call)."""
+    return Call(
+        "PUT", path(session_id, "network"), lambda r: NetworkInfo.from_json(r.json()), json=network_request(allow)
+    )
 
 
 def upload(session_id: str, file: str, data: FileSource) -> Call[Written]:

@@ -34,12 +34,14 @@ import httpx
 
 from .errors import APIError, ExecutionKilled, KernelboxError, OutOfMemory, TooManyRequests
 from .models import (
+    Blocked,
     ClearEvent,
     Display,
     Event,
     ExecutionError,
     ExecutionResult,
     InputRequest,
+    NetworkBlockedEvent,
     OutputEvent,
     Stream,
     UpdateEvent,
@@ -229,6 +231,7 @@ def session_request(
     metadata: Optional[Mapping[str, str]],
     auto_restart: Optional[bool] = None,
     runtime: Optional[str] = None,
+    network: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     body: Dict[str, Any] = {"language": language}
     for key, value in (
@@ -246,7 +249,17 @@ def session_request(
         body["metadata"] = dict(metadata)
     if auto_restart is not None:
         body["auto_restart"] = auto_restart
+    if network is not None:
+        body["network"] = network_request(network)
     return body
+
+
+def network_request(allow: Sequence[str]) -> Dict[str, Any]:
+    """A session's network as the API takes it: ``{"allow": [...]}``; an empty list is sent as it is (a
+    network with no name on it yet). A lone string is refused rather than sent letter by letter."""
+    if isinstance(allow, (str, bytes)):
+        raise TypeError(f"network takes a list of host names, not a {type(allow).__name__} (write [{allow!r}])")
+    return {"allow": [str(a) for a in allow]}
 
 
 def execute_request(
@@ -360,6 +373,8 @@ class StreamDecoder:
             asked = asked if isinstance(asked, dict) else {}
             prompt = asked.get("prompt")
             return InputRequest(prompt if isinstance(prompt, str) else "", bool(asked.get("password")))
+        if event == "network_blocked":
+            return NetworkBlockedEvent(Blocked.from_json(json.loads(data)))
         if event == "error":
             raise KernelboxError(f"the service could not encode an event: {data}")
         # An event this client does not know (a newer service): skipped, the result still has everything.
@@ -378,7 +393,8 @@ class Callbacks:
     on_error: Optional[Callable[[ExecutionError], object]] = None
     #: Answers a prompt once ``stdin`` has run out; without it such a prompt interrupts the execution.
     on_input: Optional[Callable[[InputRequest], object]] = None
-    #: Every event, as it comes (after the specific callback).
+    #: Every event, as it comes (after the specific callback): ``UpdateEvent``, ``ClearEvent`` and
+    #: ``NetworkBlockedEvent`` only here.
     on_event: Optional[Callable[[Event], object]] = None
 
     def any(self) -> bool:

@@ -40,6 +40,7 @@ from .models import (
     InstallReport,
     Language,
     Listing,
+    NetworkInfo,
     SessionInfo,
     Written,
 )
@@ -159,10 +160,15 @@ class Kernelbox:
         metadata: Optional[Mapping[str, str]] = None,
         auto_restart: Optional[bool] = None,
         runtime: Optional[str] = None,
+        network: Optional[Sequence[str]] = None,
     ) -> Session:
         """Starts a session (a private kernel in its own container) and returns once its kernel is ready.
         Use it in a ``with`` block to have it deleted at the end, also when the block raises. ``runtime``
-        asks for an OCI runtime the server offers for the language (``runsc``: gVisor; see ``languages()``)."""
+        asks for an OCI runtime the server offers for the language (``runsc``: gVisor; see ``languages()``).
+        ``network`` names the hosts its code may reach through the server's egress proxy (``api.example.com``,
+        ``*.example.com``, ``pypi.org:443``; ``[]``: none yet, allowed later with :meth:`Session.set_network`);
+        without it the session has no network. A server that offers none refuses a list (``Forbidden``,
+        ``network_off``); a malformed or forbidden entry is an ``InvalidRequest`` naming it."""
         call = _calls.create(
             language,
             memory_mb=memory_mb,
@@ -173,6 +179,7 @@ class Kernelbox:
             metadata=metadata,
             auto_restart=auto_restart,
             runtime=runtime,
+            network=network,
         )
         info = self._call(call)
         return Session(self, info.id, info)
@@ -336,6 +343,21 @@ class Session:
     def interrupt(self) -> None:
         """Interrupts the running execution, like Ctrl-C; the session keeps its state."""
         self.client._call(_calls.interrupt(self.id))
+
+    @operation("GET", "/v1/sessions/{id}/network")
+    def network(self) -> NetworkInfo:
+        """The session's network now: the names its next connection may reach (``allow``), its open
+        connections, whether the egress proxy is up. ``Forbidden`` (``network_off``) from a server that
+        offers no networks."""
+        return self.client._call(_calls.network(self.id))
+
+    @operation("PUT", "/v1/sessions/{id}/network")
+    def set_network(self, allow: Sequence[str]) -> NetworkInfo:
+        """Replaces the names the session's code may reach (``[]`` takes every name away) and returns the
+        network as it now is. The next connection follows the list; open connections to a host it drops
+        are closed. A malformed entry or one the operator forbids is an ``InvalidRequest`` naming it (the
+        list stays as it was)."""
+        return self.client._call(_calls.set_network(self.id, allow))
 
     @operation("POST", "/v1/sessions/{id}/restart")
     def restart(self) -> SessionInfo:

@@ -3,7 +3,9 @@
 Every error the API answers is `{"error": {"code", "message"}}`; :func:`from_response` turns it into the
 class named after its code (``queue_full`` -> :class:`QueueFull`, a subclass of :class:`TooManyRequests`), so
 callers can catch as narrowly or as broadly as they like. A code this client does not know yet falls back to
-its status's class, never to a bare exception.
+its status's class, never to a bare exception. Some codes share their status's class and are told apart by
+``code``: network by name's ``network_off`` (the server offers no networks) is a :class:`Forbidden`,
+``invalid_network`` and ``network_forbidden`` (the message names the entry) are :class:`InvalidRequest`.
 
 An execution that *ran* is not an API error: an error in the code is a result with ``status == "error"``.
 A kernel killed under it (out of memory, the session deleted) raises :class:`ExecutionKilled`
@@ -359,6 +361,10 @@ _BY_CODE: dict[str, type[APIError]] = {
     "kernel_start_failed": KernelStartFailed,
     "install_timeout": InstallTimeout,
     "disk_full": DiskFull,
+    # Network by name: the status's class (the request, a list of names, says what was refused).
+    "network_off": Forbidden,
+    "invalid_network": InvalidRequest,
+    "network_forbidden": InvalidRequest,
 }
 
 _BY_STATUS: dict[int, type[APIError]] = {

@@ -26,6 +26,7 @@ __all__ = [
     "UpdateEvent",
     "ClearEvent",
     "InputRequest",
+    "NetworkBlockedEvent",
     "Event",
     "SessionLimits",
     "SessionInfo",
@@ -36,6 +37,9 @@ __all__ = [
     "Written",
     "PackageResult",
     "InstallReport",
+    "Blocked",
+    "NetworkReport",
+    "NetworkInfo",
     "strip_ansi",
 ]
 
@@ -274,6 +278,78 @@ class SavedImage:
     raw: Json = field(repr=False)
 
 
+@dataclass
+class Blocked:
+    """A connection the session's network rules refused: the ``host`` and ``port`` the code named, why, and
+    how often (``count``; 1 in a ``network_blocked`` event, the total in a result's report).
+
+    ``reason`` is ``not_allowed`` (the name is not on the session's list: allow it with
+    ``Session.set_network``), ``forbidden`` (the operator forbids it: no list can allow it), ``ip_literal``
+    (an address, not a name), ``private_address`` (the name resolves to an inside address), ``unresolved``,
+    ``unreachable``, ``sni_mismatch``, ``sni_missing``, ``not_tls``, ``host_mismatch``, ``bad_request``,
+    ``connection_limit``, ``byte_limit`` or ``proxy_down``."""
+
+    host: str
+    port: int
+    reason: str
+    count: int
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Blocked:
+        d = _dict(raw)
+        return cls(
+            host=_str(d.get("host")),
+            port=_int(d.get("port")),
+            reason=_str(d.get("reason")),
+            count=_int(d.get("count"), 1),
+            raw=d,
+        )
+
+
+@dataclass
+class NetworkReport:
+    """What an execution's code did on the network (sessions of a server that offers networks): every
+    refusal in ``blocked`` (distinct host, port and reason, at most 100; ``blocked_dropped`` counts the
+    others) and the bytes moved both ways through allowed connections."""
+
+    blocked: List[Blocked]
+    allowed_bytes: int
+    raw: Json = field(repr=False)
+    blocked_dropped: int = 0
+
+    @classmethod
+    def from_json(cls, raw: Any) -> NetworkReport:
+        d = _dict(raw)
+        return cls(
+            blocked=[Blocked.from_json(b) for b in _list(d.get("blocked"))],
+            allowed_bytes=_int(d.get("allowed_bytes")),
+            raw=d,
+            blocked_dropped=_int(d.get("blocked_dropped", 0)),
+        )
+
+
+@dataclass
+class NetworkInfo:
+    """A session's network now: the names its next connection may reach (``allow``), its connections open
+    now, and whether the egress proxy is up (when it is not, every connection is refused)."""
+
+    allow: List[str]
+    open_connections: int
+    proxy_up: bool
+    raw: Json = field(repr=False)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> NetworkInfo:
+        d = _dict(raw)
+        return cls(
+            allow=[a for a in _list(d.get("allow")) if isinstance(a, str)],
+            open_connections=_int(d.get("open_connections")),
+            proxy_up=d.get("proxy_up") is True,
+            raw=d,
+        )
+
+
 ExecStatus = Literal["ok", "error", "timeout", "killed"]
 
 
@@ -281,7 +357,8 @@ ExecStatus = Literal["ok", "error", "timeout", "killed"]
 class ExecutionResult:
     """What an execution returned. ``status`` is ``ok``, ``error`` (the code raised: see ``error``),
     ``timeout`` (interrupted at its time limit, with the output so far; ``kernel_restarted`` if the kernel
-    ignored the interrupt) or ``killed`` (the kernel died: ``killed_reason``)."""
+    ignored the interrupt) or ``killed`` (the kernel died: ``killed_reason``). ``network`` says what the
+    code was refused on the network (None when the server offers no networks)."""
 
     status: str
     outputs: List[Output]
@@ -296,11 +373,14 @@ class ExecutionResult:
     error: Optional[ExecutionError]
     files: List[SavedImage]
     raw: Json = field(repr=False)
+    #: The refusals and bytes of the code's connections (None from a server that offers no networks).
+    network: Optional[NetworkReport] = None
 
     @classmethod
     def from_json(cls, raw: Any) -> ExecutionResult:
         d = _dict(raw)
         err = d.get("error")
+        net = d.get("network")
         return cls(
             status=_str(d.get("status")),
             outputs=[parse_output(o) for o in _list(d.get("outputs"))],
@@ -334,6 +414,7 @@ class ExecutionResult:
                 for f in (_dict(x) for x in _list(d.get("files")))
             ],
             raw=d,
+            network=NetworkReport.from_json(net) if isinstance(net, dict) else None,
         )
 
     @property
@@ -426,7 +507,16 @@ class InputRequest:
     kind: Literal["input_request"] = "input_request"
 
 
-Event = Union[OutputEvent, UpdateEvent, ClearEvent, InputRequest]
+@dataclass
+class NetworkBlockedEvent:
+    """A connection of the code was just refused by the session's network rules (the result's
+    ``network.blocked`` has them all, counted): allow the host with ``Session.set_network`` and retry."""
+
+    blocked: Blocked
+    kind: Literal["network_blocked"] = "network_blocked"
+
+
+Event = Union[OutputEvent, UpdateEvent, ClearEvent, InputRequest, NetworkBlockedEvent]
 
 
 # ---------------------------------------------------------------------------------------------------- sessions
