@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use super::state::{AppState, Caller};
 use crate::error::{ApiError, ErrorBody};
 use crate::node::NodeTag;
-use crate::session::network::NetworkRequest;
+use crate::session::model::NetworkRequest;
 use crate::session::{SessionError, SessionInfo, SessionRequest, SessionStatus};
 
 /// The Jupyter server version this API answers as (what `GET /api` reports).

@@ -6,7 +6,8 @@ use axum::extract::Path;
 use super::extract::ApiJson;
 use super::state::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::session::network::{NetworkRequest, NetworkView};
+use crate::session::model::NetworkRequest;
+use crate::session::network::NetworkView;
 
 /// A session's network: the allow-list its next connection follows, its open connections, and whether
 /// the egress proxy is up. 403 `network_off` when the server offers no networks.

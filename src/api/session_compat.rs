@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::compat::{DetailBody, DetailError, FormFields, LaxJson, person_text, traceback_text};
 use super::state::Caller;
-use crate::session::network::NetworkRequest;
+use crate::session::model::NetworkRequest;
 use crate::session::{ExecStatus, SessionExtras, SessionInfo, SessionRequest, SessionStatus};
 
 /// The metadata key that names a session's user.

@@ -3,18 +3,16 @@
 //! after all, the per-session and per-connection bounds, and the proxy container's own limits
 //! (`EgressArgs` → `EgressConfig`).
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use ipnet::IpNet;
 
 use super::error::ConfigError;
 use crate::egress::addr;
 use crate::egress::allow::{HostPattern, NetworkPolicy};
 use crate::egress::proxy::config::parse_test_names;
+pub use crate::egress::settings::EgressConfig;
 
 /// Network by name: an egress proxy that lets a session reach only the names on its allow-list.
 #[derive(Debug, Clone, Args)]
@@ -64,26 +62,6 @@ pub struct EgressArgs {
     /// The kernelbox binary the proxy's image holds (default: this one).
     #[arg(long = "egress-proxy-binary", env = "KERNELBOX_EGRESS_PROXY_BINARY", hide = true)]
     pub proxy_binary: Option<PathBuf>,
-}
-
-/// The checked egress settings; `None` in the manager's config when the feature is off.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EgressConfig {
-    pub policy: NetworkPolicy,
-    /// The operator's ranges (see [`EgressArgs::allow_cidr`]).
-    pub allow_cidrs: Vec<IpNet>,
-    pub max_connections: usize,
-    pub max_bytes: u64,
-    pub max_connection_bytes: u64,
-    pub idle_timeout: Duration,
-    pub network: String,
-    pub proxy_memory_mb: u64,
-    /// `.test` names and their addresses (tests only).
-    pub test_names: BTreeMap<String, IpAddr>,
-    /// The kernelbox binary the proxy runs.
-    pub proxy_binary: PathBuf,
-    /// Extra names package fetchers may reach.
-    pub package_hosts: Vec<String>,
 }
 
 impl EgressArgs {
@@ -136,13 +114,6 @@ impl EgressArgs {
             package_hosts: self.package_hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect(),
         };
         Ok(Some(config))
-    }
-}
-
-impl EgressConfig {
-    /// The bounds allow-lists are checked against: with the feature off, `enabled: false`.
-    pub fn policy_of(config: Option<&EgressConfig>) -> NetworkPolicy {
-        config.map(|c| c.policy.clone()).unwrap_or_default()
     }
 }
 

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::allow::{AllowList, NetworkPolicy};
 use super::link::{self, MAX_EVENT_LINE, Opening, Outcome};
 use super::session::SessionEgress;
-use crate::config::EgressConfig;
+use super::settings::EgressConfig;
 
 /// How long to wait for the proxy to answer a connect.
 pub(super) const PROXY_CONNECT: Duration = Duration::from_secs(5);

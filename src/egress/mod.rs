@@ -14,4 +14,5 @@ pub mod keeper;
 pub mod link;
 pub mod proxy;
 pub mod session;
+pub mod settings;
 pub mod sni;

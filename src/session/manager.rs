@@ -38,10 +38,10 @@ use super::handle::{PeerLink, Pending, Session};
 use super::installs::Installs;
 use super::launch::Launcher;
 use super::model::{
-    ExecuteResult, ManagerConfig, Owner, ReapReport, SessionExtras, SessionId, SessionInfo, SessionRequest, Storage,
-    Submission,
+    ExecuteResult, ManagerConfig, NetworkRequest, Owner, ReapReport, SessionExtras, SessionId, SessionInfo,
+    SessionRequest, Storage, Submission,
 };
-use super::network::{NetworkRequest, NetworkView, Networks};
+use super::network::{NetworkView, Networks};
 use super::notebook_store::NotebookStore;
 use super::policy::{self, ReapRules, ReapView};
 use super::pool::{Pool, PoolStatus};

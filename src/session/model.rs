@@ -89,7 +89,16 @@ pub struct SessionRequest {
     /// Network by name, when the operator allows it (`--egress`): the host names the session's code may
     /// reach through its proxy. Without it the session has no network at all (and may be given one later
     /// with `PUT /v1/sessions/{id}/network`).
-    pub network: Option<super::network::NetworkRequest>,
+    pub network: Option<NetworkRequest>,
+}
+
+/// A session's network as asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    /// Host names the session's code may reach through its proxy: `api.example.com`, `*.example.com`
+    /// (any name under it), with an optional port (`pypi.org:443`; default 80 and 443).
+    pub allow: Vec<String>,
 }
 
 /// The settings a session runs with, after defaults and checks.

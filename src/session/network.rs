@@ -7,23 +7,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::error::SessionError;
-use super::model::{SessionId, SessionSettings};
+use super::model::{NetworkRequest, SessionId, SessionSettings};
 use super::records;
 use crate::egress::allow::AllowList;
 use crate::egress::hub::EgressHub;
 use crate::egress::session::SessionEgress;
-
-/// A session's network as asked for.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkRequest {
-    /// Host names the session's code may reach through its proxy: `api.example.com`, `*.example.com`
-    /// (any name under it), with an optional port (`pypi.org:443`; default 80 and 443).
-    pub allow: Vec<String>,
-}
 
 /// A session's network as it is now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::content::{self, failed, progress_text, render, structured, to_value, tool_error};
-use crate::session::network::NetworkRequest;
+use crate::session::model::NetworkRequest;
 use crate::session::{Owner, SessionManager, SessionRequest, Submission};
 
 /// The largest file `download_file` returns inline; larger ones go through `/v1/sessions/{id}/files`.

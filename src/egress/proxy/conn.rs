@@ -1,7 +1,5 @@
-//! One session connection, after its opening line: the session's list checked, the client's request head
-//! read (bounded in size and time) and parsed, then handed to `tunnel` (`CONNECT`) or `forward` (plain
-//! HTTP). Also what both share: the checks and the connect to the upstream, the refusals (an HTTP error
-//! with the reason, then a gentle close) and the events.
+//! One session connection as `tunnel` and `forward` share it ([`Link`]): the checks and the connect to the
+//! upstream, the refusals (an HTTP error with the reason, then a gentle close) and the events.
 
 use std::fmt::Display;
 use std::time::Duration;
@@ -11,9 +9,8 @@ use tokio::net::TcpStream;
 
 use super::Shared;
 use super::check::{self, Destination};
-use super::head::{self, Authority, HeadError, ReadError, Request};
+use super::head::Authority;
 use super::relay::{End, Limits};
-use super::{forward, tunnel};
 use crate::egress::allow::AllowList;
 use crate::egress::link::{Event, Outcome, Reason};
 
@@ -31,28 +28,6 @@ pub(super) struct Link<'a> {
     /// What the session may reach (empty when its list was refused).
     pub list: AllowList,
     pub shared: &'a Shared,
-}
-
-/// Serves one session connection; `first`: the client's bytes read with the opening line.
-pub(super) async fn serve(mut client: TcpStream, first: Vec<u8>, link: Link<'_>) {
-    let head_timeout = link.shared.config.head_timeout;
-    let (mut buf, end) = match tokio::time::timeout(head_timeout, head::read(&mut client, first)).await {
-        Ok(Ok(read)) => read,
-        // Asked nothing, or gone: nothing to refuse.
-        Ok(Err(ReadError::Closed { empty: true } | ReadError::Io(_))) => return,
-        Ok(Err(e)) => return link.refuse(&mut client, None, Reason::BadRequest, &e).await,
-        Err(_) => return link.refuse(&mut client, None, Reason::BadRequest, &"the request head took too long").await,
-    };
-    let rest = buf.split_off(end);
-    match head::parse(&buf) {
-        Ok(Request::Connect(target)) => tunnel::serve(&link, client, rest, target).await,
-        Ok(Request::Forward(request)) => forward::serve(&link, client, rest, request).await,
-        Err(HeadError::HostMismatch(target)) => {
-            link.refuse(&mut client, Some(&target), Reason::HostMismatch, &HeadError::HostMismatch(target.clone()))
-                .await
-        }
-        Err(e) => link.refuse(&mut client, None, Reason::BadRequest, &e).await,
-    }
 }
 
 impl Link<'_> {

@@ -9,7 +9,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::Shared;
-use super::conn::{self, Link};
+use super::conn::Link;
+use super::request;
 use crate::egress::allow::AllowList;
 use crate::egress::link::{self, Opening};
 
@@ -68,7 +69,7 @@ async fn link_connection(mut stream: TcpStream, permit: OwnedSemaphorePermit, sh
                 tracing::warn!(%session, error = %e, "a session's allow-list is refused here: it reaches nothing");
                 AllowList::default()
             });
-            conn::serve(stream, first, Link { session, conn, list, shared }).await;
+            request::serve(stream, first, Link { session, conn, list, shared }).await;
             drop(permit);
         }
     }

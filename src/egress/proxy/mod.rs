@@ -7,7 +7,8 @@
 //! buffer and wait is bounded.
 //!
 //! The modules: `config` (flags → [`ProxyConfig`]), `listener` (accepting, the opening line, the
-//! connection limit), `conn` (one session connection: its head, refusals, events), `head` (request
+//! connection limit), `request` (one session connection: its head read and handed on), `conn` (what
+//! `tunnel` and `forward` share: the checks, the connect, refusals, events), `head` (request
 //! heads), `check` (may the session reach that host), `resolve` (names → checked addresses → a socket),
 //! `tunnel` (`CONNECT` and the ClientHello's name), `forward` (plain HTTP), `relay` (the bytes, with the
 //! idle timeout and the byte cap), `events` (the events stream). It must not know the service's state:
@@ -21,6 +22,7 @@ mod forward;
 mod head;
 mod listener;
 mod relay;
+mod request;
 mod resolve;
 mod tunnel;
 
