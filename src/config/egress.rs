@@ -43,9 +43,11 @@ pub struct EgressArgs {
     /// A connection with no byte either way for this long is closed, seconds.
     #[arg(long = "egress-idle-timeout-s", env = "KERNELBOX_EGRESS_IDLE_TIMEOUT_S", default_value_t = 120)]
     pub idle_timeout_s: u64,
-    /// The Docker network the proxy container joins (its only way out). The service connects to the
-    /// proxy on it: with compose, a network the service's container is on.
-    #[arg(long = "egress-network", env = "KERNELBOX_EGRESS_NETWORK", default_value = "bridge")]
+    /// The Docker network the proxy container joins (its only way out), which the service connects to
+    /// it on. Default: one of its own, `kernelbox-egress-<instance>` (a bridge on which containers cannot
+    /// reach each other), made at start and removed at stop. With compose, a network the service's
+    /// container is on.
+    #[arg(long = "egress-network", env = "KERNELBOX_EGRESS_NETWORK", default_value = "")]
     pub network: String,
     /// The proxy container's memory limit, MiB.
     #[arg(long = "egress-proxy-memory-mb", env = "KERNELBOX_EGRESS_PROXY_MEMORY_MB", default_value_t = 256)]
@@ -94,7 +96,7 @@ impl EgressArgs {
         if self.idle_timeout_s == 0 {
             return Err(invalid("egress-idle-timeout-s", "above 0".into()));
         }
-        if self.network.trim().is_empty() || self.network == "none" || self.network == "host" {
+        if self.network == "none" || self.network == "host" {
             return Err(invalid("egress-network", "a Docker bridge network (not none, not host)".into()));
         }
         if self.proxy_memory_mb < 32 {

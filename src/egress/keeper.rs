@@ -53,8 +53,25 @@ enum KeepError {
 }
 
 impl Keeper {
-    /// Runs the proxy until the hub stops, then removes it.
+    /// The proxy's network: the operator's, or one of its own.
+    fn network(&self) -> String {
+        match self.hub.config.network.as_str() {
+            "" => format!("kernelbox-egress-{}", self.instance),
+            named => named.to_owned(),
+        }
+    }
+
+    /// Runs the proxy until the hub stops, then removes it (and its own network).
     pub async fn run(self) {
+        self.keep().await;
+        if self.hub.config.network.is_empty()
+            && let Err(e) = self.runtime.remove_network(&self.network()).await
+        {
+            tracing::warn!(network = %self.network(), error = %e, "could not remove the egress proxy's network");
+        }
+    }
+
+    async fn keep(&self) {
         let stop = self.hub.stop.clone();
         let mut backoff = Duration::from_millis(500);
         self.remove_left_over().await;
@@ -111,12 +128,19 @@ impl Keeper {
     /// Starts one proxy and waits until it listens.
     async fn start(&self) -> Result<(String, ProxyAddr), KeepError> {
         let image = self.image().await?;
+        if self.hub.config.network.is_empty() {
+            let labels = HashMap::from([
+                (labels::INSTANCE.to_owned(), self.instance.clone()),
+                (LABEL.to_owned(), self.instance.clone()),
+            ]);
+            self.runtime.ensure_network(&self.network(), labels).await?;
+        }
         let token = secret();
         let spec = self.spec(&image, &token);
         let id = self.runtime.create_and_start(&spec).await?;
         let ready = async {
-            let ip = (self.runtime.container_address(&id, &self.hub.config.network).await?)
-                .ok_or_else(|| KeepError::NoAddress(self.hub.config.network.clone()))?;
+            let ip = (self.runtime.container_address(&id, &self.network()).await?)
+                .ok_or_else(|| KeepError::NoAddress(self.network()))?;
             let addr = SocketAddr::new(ip, PORT);
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
@@ -175,7 +199,7 @@ impl Keeper {
             binds: Vec::new(),
             user: "65534:65534".into(),
             working_dir: "/".into(),
-            egress_network: Some(c.network.clone()),
+            egress_network: Some(self.network()),
             oci_runtime: String::new(),
         }
     }

@@ -21,6 +21,7 @@ pub struct EgressConfig {
     pub max_bytes: u64,
     pub max_connection_bytes: u64,
     pub idle_timeout: Duration,
+    /// The proxy's network; empty: one of its own (`keeper.rs`).
     pub network: String,
     pub proxy_memory_mb: u64,
     /// `.test` names and their addresses (tests only).

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, LocalNodeState};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, LocalNodeState, NetworkCreateRequest};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptions, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, InspectNetworkOptions, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -142,6 +142,32 @@ impl ContainerRuntime for DockerRuntime {
             return Err(map_err(e));
         }
         Ok(created.id)
+    }
+
+    async fn ensure_network(&self, name: &str, labels: HashMap<String, String>) -> Result<(), RuntimeError> {
+        if self.docker.inspect_network(name, None::<InspectNetworkOptions>).await.is_ok() {
+            return Ok(());
+        }
+        let request = NetworkCreateRequest {
+            name: name.to_owned(),
+            driver: Some("bridge".into()),
+            options: Some(HashMap::from([("com.docker.network.bridge.enable_icc".into(), "false".into())])),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(()),
+            // Made meanwhile by another call: what we wanted.
+            Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        match self.docker.remove_network(name).await {
+            Ok(()) | Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
     }
 
     async fn container_address(&self, id: &str, network: &str) -> Result<Option<std::net::IpAddr>, RuntimeError> {

@@ -143,6 +143,14 @@ impl ContainerRuntime for FakeRuntime {
         Ok(self.state.lock().unwrap().swarm_node_id.clone())
     }
 
+    async fn ensure_network(&self, _name: &str, _labels: HashMap<String, String>) -> Result<(), RuntimeError> {
+        self.check_up()
+    }
+
+    async fn remove_network(&self, _name: &str) -> Result<(), RuntimeError> {
+        self.check_up()
+    }
+
     async fn container_address(&self, id: &str, _network: &str) -> Result<Option<std::net::IpAddr>, RuntimeError> {
         self.check_up()?;
         // The fake's containers join no network.

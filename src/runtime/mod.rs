@@ -176,6 +176,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn swarm_node_id(&self) -> Result<Option<String>, RuntimeError>;
     /// Creates and starts a container; returns its id. On a failed start the container is removed.
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
+    /// Makes a bridge network of ours named `name` (with `labels`) unless one exists: the containers on it
+    /// cannot reach each other (inter-container traffic off); the host reaches them.
+    async fn ensure_network(&self, name: &str, labels: HashMap<String, String>) -> Result<(), RuntimeError>;
+    /// Removes a network (gone already is fine).
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError>;
     /// A running container's address on a network it joined (`None`: not on it).
     async fn container_address(&self, id: &str, network: &str) -> Result<Option<std::net::IpAddr>, RuntimeError>;
     /// Removes a container, killing it if needed. A container that is already gone is not an error.

@@ -669,3 +669,25 @@ async fn the_session_api_and_the_gateway_pass_an_allow_list_when_they_start_a_ke
     lists.sort_by_key(|l| l.as_array().map_or(0, Vec::len));
     assert_eq!(lists, [json!(["allowed.test"]), json!(["allowed.test", "other.test"])]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_gets_a_network_of_its_own_unless_the_operator_names_one() {
+    let args = egress(&["--egress", "--egress-proxy-binary", proxy_binary()]);
+    let app = spawn_app_with(AppOptions { egress: args, ..AppOptions::default() }).await;
+    wait_for_proxy(&app).await;
+    let network = format!("kernelbox-egress-{}", app.instance);
+    let facts = docker_cli(&[
+        "network",
+        "inspect",
+        "-f",
+        r#"{{index .Options "com.docker.network.bridge.enable_icc"}} {{index .Labels "kernelbox.instance"}} {{len .Containers}}"#,
+        &network,
+    ]);
+    assert_eq!(facts, format!("false {} 1", app.instance), "its own bridge, the proxy alone on it");
+    let proxy = format!("kernelbox-egress-{}", app.instance);
+    let on = docker_cli(&["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", &proxy]);
+    assert_eq!(on.trim(), network);
+    app.stop().await;
+    let left = std::process::Command::new("docker").args(["network", "inspect", &network]).output().unwrap();
+    assert!(!left.status.success(), "the network goes with the service");
+}
