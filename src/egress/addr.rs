@@ -68,6 +68,9 @@ fn v6_refusal(ip: Ipv6Addr) -> Option<&'static str> {
     } else if first == 0x0100 && ip.segments()[1..4] == [0, 0, 0] {
         // The discard prefix.
         "reserved"
+    } else if first == 0x0064 && ip.segments()[1] == 0xff9b && ip.segments()[2] == 1 {
+        // Local-use NAT64 (`64:ff9b:1::/48`): its translator's IPv4 side is the operator's network.
+        "private"
     } else {
         return None;
     })
@@ -85,6 +88,10 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
         return Some(tail());
     }
     if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+        return Some(tail());
+    }
+    // SIIT's IPv4-translated addresses (`::ffff:0:a.b.c.d`).
+    if s[..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {
         return Some(tail());
     }
     if s[0] == 0x2002 {
@@ -122,6 +129,8 @@ mod tests {
             ("127.255.0.9", "loopback"),
             ("::1", "loopback"),
             ("169.254.169.254", "link_local"),
+            ("::ffff:0:a00:1", "private"),
+            ("64:ff9b:1::a00:1", "private"),
             ("168.63.129.16", "link_local"),
             ("fe80::1", "link_local"),
             ("10.0.0.1", "private"),
