@@ -57,9 +57,17 @@ struct ClientHello {
 /// Reads until the bytes hold a whole ClientHello, or are not one; never more than [`MAX_HELLO_BYTES`]
 /// (unless the client's first bytes, read with its head, were already more).
 async fn read_hello(client: &mut TcpStream, mut bytes: Vec<u8>) -> Result<ClientHello, &'static str> {
+    let mut parsed_to = 0;
     loop {
-        // Parse only once the first record is whole: a client sending a byte at a time costs one parse.
-        if bytes.len() >= first_record_end(&bytes) {
+        // Parse only when another record is whole (a client sending a byte at a time costs nothing more),
+        // and a hello only in a few records (one, or two with large key shares): at most a few parses of at
+        // most 16 KiB each, however the client splits its bytes.
+        let (whole, records) = whole_records(&bytes);
+        if records > MAX_HELLO_RECORDS {
+            return Err("a ClientHello in too many records");
+        }
+        if whole > parsed_to || (parsed_to == 0 && bytes.len() >= first_record_end(&bytes)) {
+            parsed_to = whole.max(1);
             match sni::client_hello(&bytes) {
                 Hello::Complete(name) => return Ok(ClientHello { bytes, name }),
                 Hello::NotTls => return Err("not a TLS ClientHello"),
@@ -77,6 +85,23 @@ async fn read_hello(client: &mut TcpStream, mut bytes: Vec<u8>) -> Result<Client
         }
         bytes.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// The most TLS records a ClientHello may be split into.
+const MAX_HELLO_RECORDS: usize = 8;
+
+/// Where the last whole TLS record ends, and how many whole records there are.
+fn whole_records(bytes: &[u8]) -> (usize, usize) {
+    let (mut end, mut count) = (0, 0);
+    while let [_, _, _, hi, lo, ..] = bytes[end..] {
+        let next = end + 5 + usize::from(u16::from_be_bytes([hi, lo]));
+        if next > bytes.len() {
+            break;
+        }
+        end = next;
+        count += 1;
+    }
+    (end, count)
 }
 
 /// Where the first TLS record ends, from its header (5 bytes: type, version, length); 0 when there is no
@@ -122,5 +147,16 @@ mod tests {
         assert_eq!(first_record_end(&[0x16, 3, 1, 0x02, 0x00]), 5 + 512);
         assert_eq!(first_record_end(&[0x16, 3, 1, 0xff, 0xff]), 0, "too long: refused by the parse");
         assert_eq!(first_record_end(b"GET / HTTP/1.1"), 0);
+    }
+
+    #[test]
+    fn records_are_counted_whole_and_a_hello_in_many_is_refused_before_it_costs() {
+        let record = |len: usize| [vec![0x16, 3, 1, (len >> 8) as u8, len as u8], vec![0u8; len]].concat();
+        let two = [record(3), record(1)].concat();
+        assert_eq!(whole_records(&two), (two.len(), 2));
+        assert_eq!(whole_records(&two[..two.len() - 1]), (8, 1), "the second is not whole yet");
+        assert_eq!(whole_records(&[0x16, 3]), (0, 0));
+        let many: Vec<u8> = (0..=MAX_HELLO_RECORDS).flat_map(|_| record(1)).collect();
+        assert_eq!(whole_records(&many).1, MAX_HELLO_RECORDS + 1);
     }
 }
