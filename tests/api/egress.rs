@@ -691,3 +691,21 @@ async fn the_proxy_gets_a_network_of_its_own_unless_the_operator_names_one() {
     let left = std::process::Command::new("docker").args(["network", "inspect", &network]).output().unwrap();
     assert!(!left.status.success(), "the network goes with the service");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_deleted_with_connections_open_leaves_no_network_behind() {
+    let lab = Lab::new().await;
+    let app = lab.app(&[]).await;
+    let id = session(&app, Some(&["allowed.test"])).await;
+    app.exec(&id, &lab.prelude()).await;
+    let hold = "import requests\nheld = [requests.Session() for _ in range(3)]\nprint([s.get('https://allowed.test/h', verify=CA).status_code for s in held])";
+    assert_eq!(run(&app, &id, hold).await.0, "[200, 200, 200]");
+    let hub = app.manager.networks().expect("networks are on").hub.clone();
+    let network = hub.get(&id).expect("the session's network");
+    assert_eq!(network.open_connections(), 3, "kept alive by requests' sessions");
+    assert_eq!(app.delete(&format!("/v1/sessions/{id}")).await, 204);
+    assert!(hub.get(&id).is_none(), "the hub forgot it");
+    let closed = eventually(Duration::from_secs(10), || async { network.open_connections() == 0 }).await;
+    assert!(closed, "its connections were closed with it");
+    assert!(!app.state_dir.join("network").join(format!("{id}.json")).exists());
+}
