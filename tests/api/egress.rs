@@ -709,3 +709,24 @@ async fn a_session_deleted_with_connections_open_leaves_no_network_behind() {
     assert!(closed, "its connections were closed with it");
     assert!(!app.state_dir.join("network").join(format!("{id}.json")).exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_under_gvisor_reaches_an_allowed_name_the_same_way() {
+    require_runsc().await;
+    let lab = Lab::new().await;
+    let app = spawn_app_with(AppOptions {
+        egress: lab.flags(&[]),
+        limits: limits(&["--session-runtimes", RUNSC]),
+        ..AppOptions::default()
+    })
+    .await;
+    wait_for_proxy(&app).await;
+    let id =
+        app.start_with(json!({"language": "python", "runtime": RUNSC, "network": {"allow": ["allowed.test"]}})).await;
+    app.exec(&id, &lab.prelude()).await;
+    assert_eq!(run(&app, &id, "print(get('https://allowed.test/g'))").await.0, "200 hello allowed.test via https");
+    let (out, report) = run(&app, &id, "print(get('https://other.test/'))").await;
+    assert_eq!(out, "ERR ProxyError");
+    assert_eq!(blocked(&report, "other.test"), ["not_allowed"]);
+    assert_eq!(run(&app, &id, "import os; print(sorted(os.listdir('/sys/class/net')))").await.0, "['lo']");
+}
