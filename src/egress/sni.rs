@@ -40,31 +40,31 @@ pub fn client_hello(bytes: &[u8]) -> Hello {
     }
 }
 
+/// A real client's first flight for `name` (rustls as the client, no network), for tests here and the
+/// proxy's. The ring provider, as everywhere in the project (rustls deprecates it for lacking post-quantum
+/// key exchange: see `cluster/tls.rs`).
+#[cfg(test)]
+#[allow(deprecated)]
+pub(crate) fn hello_for(name: &str) -> Vec<u8> {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-
-    /// A real client's first flight for `name` (rustls as the client, no network). The ring provider, as
-    /// everywhere in the project (rustls deprecates it for lacking post-quantum key exchange: see
-    /// `cluster/tls.rs`).
-    #[allow(deprecated)]
-    fn hello_for(name: &str) -> Vec<u8> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let server = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-        let mut conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
-        let mut out = Vec::new();
-        while conn.wants_write() {
-            conn.write_tls(&mut out).unwrap();
-        }
-        out
-    }
 
     #[test]
     fn the_name_a_client_asks_for_is_read_from_its_hello() {

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::egress::link::{Event, Opening, Outcome, Reason, decode_event, encode_opening};
+use crate::egress::sni::hello_for;
 
 const TOKEN: &str = "a-test-token-of-at-least-32-characters";
 const TEST_NAMES: &str =
@@ -210,22 +211,6 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     server(move |stream| serve(state.clone(), stream)).await
-}
-
-/// A real client's first flight for `name` (rustls as the client, nothing sent yet).
-fn hello_for(name: &str) -> Vec<u8> {
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let server = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).unwrap();
-    }
-    out
 }
 
 /// Opens a tunnel to `allowed.test:port` and says TLS through it.
