@@ -74,10 +74,11 @@ impl Keeper {
     async fn keep(&self) {
         let stop = self.hub.stop.clone();
         let mut backoff = Duration::from_millis(500);
+        let mut hash = None;
         self.remove_left_over().await;
         while !stop.is_cancelled() {
             let began = Instant::now();
-            match self.start().await {
+            match self.start(&mut hash).await {
                 Ok((id, addr)) => {
                     tracing::info!(container = %id, address = %addr.addr, "the egress proxy is up");
                     self.hub.set_proxy(Some(addr));
@@ -126,8 +127,8 @@ impl Keeper {
     }
 
     /// Starts one proxy and waits until it listens.
-    async fn start(&self) -> Result<(String, ProxyAddr), KeepError> {
-        let image = self.image().await?;
+    async fn start(&self, hash: &mut Option<String>) -> Result<(String, ProxyAddr), KeepError> {
+        let image = self.image(hash).await?;
         if self.hub.config.network.is_empty() {
             let labels = HashMap::from([
                 (labels::INSTANCE.to_owned(), self.instance.clone()),
@@ -205,10 +206,19 @@ impl Keeper {
     }
 
     /// The proxy's image: the base image plus the binary, built when missing or holding another binary.
-    async fn image(&self) -> Result<String, KeepError> {
-        let binary = std::fs::read(&self.binary)
-            .map_err(|source| KeepError::Binary { path: self.binary.display().to_string(), source })?;
-        let hash = format!("sha256:{}", hex::encode(digest::digest(&digest::SHA256, &binary).as_ref()));
+    /// The binary's digest is taken once per run of the service (`hash`); the binary is read again only
+    /// for a build. Both off the async threads.
+    async fn image(&self, hash: &mut Option<String>) -> Result<String, KeepError> {
+        let hash = match hash {
+            Some(hash) => hash.clone(),
+            None => {
+                let binary = self.read_binary().await?;
+                let digest = tokio::task::spawn_blocking(move || digest::digest(&digest::SHA256, &binary))
+                    .await
+                    .expect("hashing does not panic");
+                hash.insert(format!("sha256:{}", hex::encode(digest.as_ref()))).clone()
+            }
+        };
         let tag = self.catalog.image_ref("egress");
         let base = self.catalog.image_ref("base");
         let parent = self.runtime.image(&base).await?.ok_or_else(|| RuntimeError::NotFound(base.clone()))?;
@@ -219,9 +229,11 @@ impl Keeper {
             return Ok(tag);
         }
         tracing::info!(image = %tag, "building the egress proxy's image");
+        let binary = self.read_binary().await?;
+        let context_tar = tokio::task::spawn_blocking(move || context(&binary)).await.expect("a tar in memory");
         let request = BuildRequest {
             tag: tag.clone(),
-            context_tar: context(&binary),
+            context_tar,
             build_args: HashMap::from([("BASE".to_owned(), base)]),
             labels: HashMap::from([(LABEL_BINARY.to_owned(), wanted)]),
             no_cache: false,
@@ -229,6 +241,13 @@ impl Keeper {
         let mut progress = |line: &str| tracing::debug!(line, "egress proxy image");
         self.runtime.build_image(request, &mut progress).await?;
         Ok(tag)
+    }
+}
+
+impl Keeper {
+    async fn read_binary(&self) -> Result<Vec<u8>, KeepError> {
+        let path = self.binary.clone();
+        tokio::fs::read(&path).await.map_err(|source| KeepError::Binary { path: path.display().to_string(), source })
     }
 }
 
